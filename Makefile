@@ -1,0 +1,31 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv sysdeps bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# System packages the tests need (the MQTT broker arrives with the cloud-link work).
+sysdeps:
+	@if [ "$$(id -u)" = 0 ]; then sysctl -q -w net.core.rmem_max=4194304 2>/dev/null || true; fi
+
+demo: venv
+	$(PY) -m agent.cli bench --config configs/bench.yaml --out out/demo --image-size 256K
+
+test: venv sysdeps
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) benchmarks/flash_throughput.py
+
+clean:
+	rm -rf $(VENV) out var .pytest_cache

@@ -1,0 +1,166 @@
+"""CAN segments: a python-can bus, its notifier, and ISO-TP stacks on it.
+
+The bus settings of a segment go unchanged to ``can.Bus(**settings)``, so the same code
+runs on ``socketcan`` (vcan0, can0) and on ``udp_multicast`` where SocketCAN is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import threading
+from typing import Any
+
+import can
+import isotp
+
+from agent.config import SegmentConfig
+from agent.errors import ConfigError, VotaError
+
+__all__ = ["Segment", "frame_time", "isotp_params", "physical_goodput"]
+
+log = logging.getLogger(__name__)
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+def frame_time(data_length: int, bitrate: int, data_bitrate: int | None = None) -> float:
+    """Seconds one data frame with 11-bit id occupies the bus, with average bit stuffing.
+
+    Classic CAN: 47 framing bits + 8 per data byte, about 5 % stuffing on the stuffable
+    part (111 bits for 8 bytes, ~116 with random data). CAN FD with bit-rate switch: about
+    32 bits at the arbitration rate and data, DLC, stuff count and CRC at the data rate.
+    """
+    if data_bitrate is None:
+        bits = 47 + 8 * data_length + math.ceil(0.05 * (34 + 8 * data_length))
+        return bits / bitrate
+    crc = 17 if data_length <= 16 else 21
+    data_bits = (8 * data_length + 1 + 4 + 4 + crc + 1) * 1.03
+    return 32 / bitrate + data_bits / data_bitrate
+
+
+def physical_goodput(tx_data_length: int, bitrate: int, data_bitrate: int | None = None) -> float:
+    """ISO-TP goodput limit in bytes/s: consecutive frames back to back."""
+    return (tx_data_length - 1) / frame_time(tx_data_length, bitrate, data_bitrate)
+
+
+def isotp_params(segment: SegmentConfig) -> dict[str, Any]:
+    """can-isotp parameters for a segment; bus timing emulated through the rate limiter."""
+    params: dict[str, Any] = {
+        "stmin": 0,
+        "blocksize": 0,
+        "tx_data_length": segment.tx_data_length,
+        "tx_data_min_length": 8,
+        "tx_padding": 0xCC,
+        "can_fd": segment.fd,
+        "bitrate_switch": segment.fd and bool(segment.bitrate and segment.bitrate[1]),
+        "max_frame_size": 0x10000,
+        "blocking_send": True,
+        "rx_flowcontrol_timeout": 1000,
+        "rx_consecutive_frame_timeout": 1000,
+    }
+    if segment.bitrate is not None:
+        nominal, data = segment.bitrate
+        per_frame = frame_time(segment.tx_data_length, nominal, data if segment.fd else None)
+        params["rate_limit_enable"] = True
+        params["rate_limit_max_bitrate"] = int(8 * segment.tx_data_length / per_frame)
+        params["rate_limit_window_size"] = 0.05
+    params.update(segment.isotp)
+    return params
+
+
+class Segment:
+    """An open CAN segment. Owns the bus and one notifier; hands out ISO-TP stacks.
+
+    ``shutdown()`` is idempotent and stops stacks, then the notifier, then the bus.
+    """
+
+    def __init__(self, config: SegmentConfig) -> None:
+        self.config = config
+        try:
+            self.bus = can.Bus(**config.bus)
+        except (can.CanError, OSError, ValueError, TypeError, ImportError, NotImplementedError) as exc:
+            raise ConfigError(
+                "segment " + config.name, "bus", f"cannot open CAN bus {config.bus!r}: {exc}"
+            ) from None
+        self._raise_receive_buffer()
+        self.notifier = can.Notifier(self.bus, [], timeout=0.1)
+        self._stacks: list[isotp.NotifierBasedCanStack] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _raise_receive_buffer(self) -> None:
+        """udp_multicast drops datagrams when the socket buffer overflows: make it large."""
+        sock = getattr(getattr(self.bus, "_multicast", None), "_socket", None)
+        if sock is None:
+            return
+        size = self.config.receive_buffer
+        for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
+                return
+            except OSError:
+                continue
+        log.warning("could not raise the receive buffer of segment %s", self.config.name)
+
+    def stack(
+        self, txid: int, rxid: int, *, extended: bool | None = None, **overrides: Any
+    ) -> isotp.NotifierBasedCanStack:
+        """A started ISO-TP stack sending on ``txid`` and receiving ``rxid``."""
+        if extended is None:
+            extended = txid > 0x7FF or rxid > 0x7FF
+        mode = isotp.AddressingMode.Normal_29bits if extended else isotp.AddressingMode.Normal_11bits
+        address = isotp.Address(mode, txid=txid, rxid=rxid)
+        params = isotp_params(self.config)
+        params.update(overrides)
+        try:
+            stack = isotp.NotifierBasedCanStack(self.bus, self.notifier, address=address, params=params)
+        except ValueError as exc:
+            raise ConfigError("segment " + self.config.name, "isotp", str(exc)) from None
+        stack.start()
+        with self._lock:
+            self._stacks.append(stack)
+        return stack
+
+    def release(self, stack: isotp.NotifierBasedCanStack) -> None:
+        with self._lock:
+            if stack in self._stacks:
+                self._stacks.remove(stack)
+        stack.stop()
+
+    def send_frame(self, can_id: int, data: bytes) -> None:
+        """Send one raw frame (padded like the ISO-TP stacks pad theirs)."""
+        if len(data) < 8:
+            data = data + b"\xcc" * (8 - len(data))
+        msg = can.Message(
+            arbitration_id=can_id,
+            data=data,
+            is_extended_id=can_id > 0x7FF,
+            is_fd=len(data) > 8,
+            bitrate_switch=len(data) > 8 and bool(self.config.bitrate and self.config.bitrate[1]),
+        )
+        try:
+            self.bus.send(msg)
+        except can.CanError as exc:
+            raise VotaError(f"segment {self.config.name}: cannot send frame 0x{can_id:X}: {exc}") from exc
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            stacks, self._stacks = self._stacks, []
+        for stack in stacks:
+            try:
+                stack.stop()
+            except Exception:  # noqa: BLE001 - shutdown must not raise
+                log.debug("stack stop failed", exc_info=True)
+        self.notifier.stop(timeout=1.0)
+        self.bus.shutdown()
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

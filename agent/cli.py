@@ -1,0 +1,226 @@
+"""The ``vota`` command line.
+
+Exit codes: 0 done, 1 an operation failed at run time, 2 bad usage, input or
+configuration, 3 a flash finished with at least one failed ECU, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from agent.errors import UsageError, VotaError
+
+__all__ = ["main"]
+
+log = logging.getLogger("vota")
+
+DEFAULT_CONFIG = "configs/bench.yaml"
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 3:
+        # udsoncan and can-isotp log every request at INFO; keep them for -vvv.
+        # udsoncan logs an expected timeout (a rebooting ECU) at ERROR: the flash result says it.
+        for noisy in ("UdsClient", "Connection", "isotp", "can"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"vehicle configuration YAML (default: {DEFAULT_CONFIG})")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug, -vvv library debug)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vota",
+        description="Vehicle-side OTA agent: ECU simulator, gateway flashing with header-only traces, bench.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("ecu-sim", help="run simulated ECUs (UDS servers) until stopped",
+                       description="Run one or more simulated ECUs, each a UDS server over ISO-TP on its own addresses. Stops on SIGINT/SIGTERM.")
+    _add_common(p)
+    p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to simulate (repeatable; default: every configured ECU)")
+    p.add_argument("--state-dir", metavar="DIR", help="where the flash banks live (default: each ECU's sim.state_dir)")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC", help="inject a fault, e.g. bms:36#5:nrc=0x72 (see README)")
+
+    p = sub.add_parser("flash", help="flash ECUs with new images (gateway side)",
+                       description="Run the UDS programming sequence against each named ECU; write per-ECU results and header-only flash traces.")
+    _add_common(p)
+    p.add_argument("images", nargs="+", metavar="ECU=IMAGE[@VERSION]", help="image file for an ECU; VERSION defaults to the file name without suffix")
+    p.add_argument("--out", metavar="DIR", help="directory for results and traces (default: gateway.results_dir/<time>)")
+    p.add_argument("--no-progress", action="store_true", help="do not show progress")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
+    p = sub.add_parser("versions", help="read the identification of every ECU (version collection)",
+                       description="Read part number, software version, serial, supplier software and bootloader version of each ECU.")
+    _add_common(p)
+    p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to read (repeatable; default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("bench", help="run the simulated vehicle bench: ECU simulators + gateway flash",
+                       description="Start an ECU simulator process per ECU, flash each with a generated image through a gateway process, print the result table and write a report directory.")
+    _add_common(p)
+    p.add_argument("--out", default="out/bench", metavar="DIR", help="report directory (default: out/bench)")
+    p.add_argument("--image-size", type=_size, default=256 * 1024, metavar="BYTES", help="size of each generated image, e.g. 1M or 262144 (default: 256K)")
+    p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to flash (repeatable; default: all)")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC", help="inject a fault into an ECU simulator (see README)")
+    p.add_argument("--version", dest="image_version", default="2.0.0", help="software version of the generated images (default: 2.0.0)")
+    return parser
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024 * 1024}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            value = int(float(t[:-1]) * units[t[-1]])
+        else:
+            value = int(t, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
+# ---- commands ------------------------------------------------------------------------------
+def cmd_ecu_sim(args: argparse.Namespace) -> int:
+    from agent.config import load_vehicle_config
+    from agent.faults import parse_fault
+    from ecu_sim.simulator import EcuSimulator
+
+    config = load_vehicle_config(args.config)
+    names = args.ecu or list(config.ecus)
+    if not names:
+        raise UsageError(f"{args.config}: no ECUs configured")
+    faults = [parse_fault(f) for f in args.fault]
+    sim = EcuSimulator(config, names, args.state_dir, faults)
+
+    def stop(signum: int, frame: Any) -> None:
+        sim.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sim.start()
+    print(f"ecu-sim ready: {', '.join(names)}", flush=True)
+    sim.wait()
+    return 0
+
+
+def parse_image_arg(text: str) -> tuple[str, Path, str]:
+    ecu, sep, rest = text.partition("=")
+    if not sep or not ecu or not rest:
+        raise UsageError(f"expected ECU=IMAGE[@VERSION], got {text!r}")
+    path_text, _, version = rest.partition("@")
+    path = Path(path_text)
+    return ecu, path, version or path.stem
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    import time
+
+    from agent.config import load_vehicle_config
+    from gateway.flash import FlashJob, flash_all
+    from gateway.progress import ProgressBoard
+
+    config = load_vehicle_config(args.config)
+    jobs = []
+    for item in args.images:
+        ecu, path, version = parse_image_arg(item)
+        config.ecu(ecu)
+        try:
+            image = path.read_bytes()
+        except FileNotFoundError:
+            raise UsageError(f"{path}: image file not found") from None
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read image ({exc.strerror})") from None
+        if not image:
+            raise UsageError(f"{path}: image file is empty")
+        jobs.append(FlashJob(ecu, image, version, str(path)))
+    out = Path(args.out) if args.out else Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S")
+    board = ProgressBoard([j.ecu for j in jobs], enabled=not args.no_progress)
+    results = flash_all(config, jobs, out, progress=board)
+    board.finish()
+    rows = [r.to_json() for r in results]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_flash_table(rows))
+        print(f"results and traces: {out}")
+    return 0 if all(r.result == "success" for r in results) else 3
+
+
+def format_flash_table(rows: list[dict[str, Any]]) -> str:
+    head = ["ECU", "result", "version", "before", "after", "KiB", "s", "KiB/s", "trace B", "trace %", "failed step / reason"]
+    lines = []
+    for r in rows:
+        kib = r["image_size"] / 1024
+        rate = r["bytes_transferred"] / 1024 / r["duration_s"] if r["duration_s"] else 0.0
+        why = f"{r['failed_step']}: {r['reason']}" if r["result"] != "success" else ""
+        lines.append([r["ecu"], r["result"], r["version"], r["version_before"] or "?", r["version_after"] or "-",
+                      f"{kib:.0f}", f"{r['duration_s']:.1f}", f"{rate:.1f}", str(r["trace_bytes"]),
+                      f"{100 * r['trace_fraction']:.2f}", why])
+    return _table(head, lines)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*r) for r in rows]
+    return "\n".join(line.rstrip() for line in out)
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from agent.config import load_vehicle_config
+    from gateway.inventory import collect_versions
+
+    config = load_vehicle_config(args.config)
+    names = args.ecu or list(config.ecus)
+    for n in names:
+        config.ecu(n)
+    inventory = collect_versions(config, names)
+    if args.json:
+        print(json.dumps(inventory, indent=2))
+    else:
+        head = ["ECU", "segment", "part number", "software", "serial", "supplier sw", "bootloader"]
+        rows = [[e["ecu"], e["segment"]] + [e.get(k) or ("(no response)" if not e["reachable"] else "?")
+                for k in ("part_number", "software_version", "serial", "supplier_software", "bootloader")] for e in inventory]
+        print(_table(head, rows))
+    return 0 if all(e["reachable"] for e in inventory) else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agent.bench import run_bench
+
+    return run_bench(args)
+
+
+COMMANDS = {"ecu-sim": cmd_ecu_sim, "flash": cmd_flash, "versions": cmd_versions, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except VotaError as exc:
+        print(f"vota {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"vota {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

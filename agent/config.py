@@ -1,0 +1,366 @@
+"""Typed configuration of the simulated or real vehicle, loaded from YAML in one place.
+
+One file describes the CAN segments and the ECUs on them; the gateway reads the client side
+of each ECU, the ECU simulator reads the ``sim`` part. Every error names the file, the key
+and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+import yaml
+
+from agent.errors import ConfigError
+
+__all__ = [
+    "SegmentConfig",
+    "EcuSimConfig",
+    "EcuConfig",
+    "GatewayConfig",
+    "VehicleConfig",
+    "load_vehicle_config",
+    "parse_vehicle_config",
+    "load_yaml",
+]
+
+T = TypeVar("T")
+
+
+def load_yaml(path: str | os.PathLike[str]) -> Any:
+    """Read a YAML file; any problem becomes one ConfigError naming the file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, None, "file not found") from None
+    except OSError as exc:
+        raise ConfigError(source, None, f"cannot read file ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(source, None, f"broken YAML{where}: {problem}") from None
+
+
+class _Section:
+    """Reads one mapping of a config file, remembering which keys were used."""
+
+    def __init__(self, source: str, path: str, data: Any) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(source, path or None, f"expected a mapping, got {_kind(data)}")
+        self.source = source
+        self.path = path
+        self.data = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, conv: Callable[[Any], T], default: Any = ..., what: str = "") -> T:
+        self.used.add(name)
+        if name not in self.data or self.data[name] is None:
+            if default is ...:
+                raise ConfigError(self.source, self.key(name), f"missing; expected {what or conv.__name__}")
+            return default  # type: ignore[no-any-return]
+        value = self.data[name]
+        try:
+            return conv(value)
+        except (TypeError, ValueError) as exc:
+            detail = f" ({exc})" if str(exc) else ""
+            raise ConfigError(
+                self.source, self.key(name), f"expected {what or conv.__name__}, got {value!r}{detail}"
+            ) from None
+
+    def section(self, name: str, default: Any = ...) -> "_Section":
+        self.used.add(name)
+        if name not in self.data or self.data[name] is None:
+            if default is ...:
+                raise ConfigError(self.source, self.key(name), "missing; expected a mapping")
+            return _Section(self.source, self.key(name), default)
+        return _Section(self.source, self.key(name), self.data[name])
+
+    def done(self) -> None:
+        unknown = sorted(str(k) for k in self.data if k not in self.used)
+        if unknown:
+            raise ConfigError(self.source, self.key(unknown[0]), "unknown key")
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(value, str):
+        return int(value, 0)
+    if isinstance(value, int):
+        return value
+    raise ValueError(f"{_kind(value)} is not an integer")
+
+
+def _can_id(value: Any) -> int:
+    number = _int(value)
+    if not 0 <= number <= 0x1FFFFFFF:
+        raise ValueError("outside 0..0x1FFFFFFF")
+    return number
+
+
+def _positive(value: Any) -> int:
+    number = _int(value)
+    if number <= 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def _nonneg(value: Any) -> int:
+    number = _int(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError(f"{_kind(value)} is not a string")
+    return str(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{_kind(value)} is not true/false")
+    return value
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def conv(value: Any) -> str:
+        text = _str(value)
+        if text not in options:
+            raise ValueError(f"not one of {', '.join(options)}")
+        return text
+
+    conv.__name__ = " or ".join(options)
+    return conv
+
+
+def _bitrate(value: Any) -> tuple[int, int | None]:
+    """``500000`` or ``"500000/2000000"`` (arbitration/data phase for CAN FD)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        parts = [value]
+    else:
+        parts = [int(p) for p in _str(value).split("/")]
+    if len(parts) not in (1, 2) or any(p <= 0 for p in parts):
+        raise ValueError("expected N or N/M bit/s")
+    return parts[0], (parts[1] if len(parts) == 2 else None)
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """One CAN segment: python-can settings plus ISO-TP framing."""
+
+    name: str
+    bus: dict[str, Any]
+    tx_data_length: int = 8
+    bitrate: tuple[int, int | None] | None = None
+    isotp: dict[str, Any] = field(default_factory=dict)
+    receive_buffer: int = 4 * 1024 * 1024
+
+    @property
+    def fd(self) -> bool:
+        return self.tx_data_length > 8
+
+
+@dataclass(frozen=True)
+class EcuSimConfig:
+    """What the ECU simulator answers and how it behaves (ignored by the gateway)."""
+
+    part_number: str = "VOTA-ECU"
+    serial: str = "SN000000"
+    software_version: str = "1.0.0"
+    supplier_version: str = "SUP-1.0"
+    bootloader_version: str = "BL-1.0"
+    max_block_length: int = 4095
+    erase_ms: int = 500
+    check_ms: int = 100
+    reset_ms: int = 300
+    s3_ms: int = 5000
+    p2_ms: int = 50
+    p2_star_ms: int = 5000
+    pending_interval_ms: int = 1000
+    max_attempts: int = 3
+    lockout_ms: int = 10000
+    state_dir: str = "var/ecu_sim"
+    faults: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EcuConfig:
+    """One ECU as the gateway sees it: addresses, security, memory layout, routines."""
+
+    name: str
+    segment: str
+    request_id: int
+    response_id: int
+    functional_id: int = 0x7DF
+    security_level: int = 1
+    security_secret: str = ""
+    memory_address: int = 0x08000000
+    memory_size: int = 0x200000
+    erase_routine: int = 0xFF00
+    check_memory_routine: int = 0x0202
+    check_dependencies_routine: int = 0xFF01
+    check_memory: str = "crc32"
+    fingerprint_did: int = 0xF15A
+    p2_ms: int = 1000
+    p2_star_ms: int = 6000
+    sim: EcuSimConfig = field(default_factory=EcuSimConfig)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    results_dir: str = "var/gateway"
+    tester_present_ms: int = 2000
+    late_response_grace_ms: int = 1000
+    reset_wait_ms: int = 5000
+    retries: int = 2
+
+
+@dataclass(frozen=True)
+class VehicleConfig:
+    source: str
+    segments: dict[str, SegmentConfig]
+    ecus: dict[str, EcuConfig]
+    gateway: GatewayConfig
+
+    def ecu(self, name: str) -> EcuConfig:
+        try:
+            return self.ecus[name]
+        except KeyError:
+            known = ", ".join(sorted(self.ecus)) or "none"
+            raise ConfigError(self.source, None, f"unknown ECU {name!r} (configured: {known})") from None
+
+
+def _segment(source: str, name: str, sec: _Section) -> SegmentConfig:
+    bus = sec.get("bus", dict, what="a mapping of python-can Bus settings")
+    if "interface" not in bus:
+        raise ConfigError(source, sec.key("bus.interface"), "missing; expected a python-can interface name")
+    tx_dl = sec.get("tx_data_length", _int, 8)
+    if tx_dl not in (8, 12, 16, 20, 24, 32, 48, 64):
+        raise ConfigError(source, sec.key("tx_data_length"), f"expected 8 (classic CAN) or 64 (CAN FD), got {tx_dl}")
+    bitrate = sec.get("bitrate", _bitrate, None, what="bit/s, e.g. 500000 or 500000/2000000")
+    isotp_params = sec.get("isotp", dict, {}, what="a mapping of can-isotp parameters")
+    rcvbuf = sec.get("receive_buffer", _positive, 4 * 1024 * 1024)
+    sec.done()
+    return SegmentConfig(name, dict(bus), tx_dl, bitrate, dict(isotp_params), rcvbuf)
+
+
+def _ecu_sim(sec: _Section) -> EcuSimConfig:
+    d = EcuSimConfig()
+    faults = sec.get("faults", list, [], what="a list of fault specs")
+    cfg = EcuSimConfig(
+        part_number=sec.get("part_number", _str, d.part_number),
+        serial=sec.get("serial", _str, d.serial),
+        software_version=sec.get("software_version", _str, d.software_version),
+        supplier_version=sec.get("supplier_version", _str, d.supplier_version),
+        bootloader_version=sec.get("bootloader_version", _str, d.bootloader_version),
+        max_block_length=sec.get("max_block_length", _positive, d.max_block_length),
+        erase_ms=sec.get("erase_ms", _nonneg, d.erase_ms),
+        check_ms=sec.get("check_ms", _nonneg, d.check_ms),
+        reset_ms=sec.get("reset_ms", _nonneg, d.reset_ms),
+        s3_ms=sec.get("s3_ms", _positive, d.s3_ms),
+        p2_ms=sec.get("p2_ms", _positive, d.p2_ms),
+        p2_star_ms=sec.get("p2_star_ms", _positive, d.p2_star_ms),
+        pending_interval_ms=sec.get("pending_interval_ms", _positive, d.pending_interval_ms),
+        max_attempts=sec.get("max_attempts", _positive, d.max_attempts),
+        lockout_ms=sec.get("lockout_ms", _nonneg, d.lockout_ms),
+        state_dir=sec.get("state_dir", _str, d.state_dir),
+        faults=tuple(_str(f) for f in faults),
+    )
+    sec.done()
+    if cfg.max_block_length < 3:
+        raise ConfigError(sec.source, sec.key("max_block_length"), "must be at least 3")
+    return cfg
+
+
+def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentConfig]) -> EcuConfig:
+    d = EcuConfig(name, "", 0, 0)
+    segment = sec.get("segment", _str)
+    if segment not in segments:
+        raise ConfigError(source, sec.key("segment"), f"unknown segment {segment!r} (configured: {', '.join(sorted(segments))})")
+    memory = sec.section("memory", {})
+    routines = sec.section("routines", {})
+    timing = sec.section("timing", {})
+    cfg = EcuConfig(
+        name=name,
+        segment=segment,
+        request_id=sec.get("request_id", _can_id, what="a CAN id"),
+        response_id=sec.get("response_id", _can_id, what="a CAN id"),
+        functional_id=sec.get("functional_id", _can_id, d.functional_id),
+        security_level=sec.get("security_level", _int, d.security_level),
+        security_secret=sec.get("security_secret", _str, d.security_secret),
+        memory_address=memory.get("address", _nonneg, d.memory_address),
+        memory_size=memory.get("size", _positive, d.memory_size),
+        erase_routine=routines.get("erase", _int, d.erase_routine),
+        check_memory_routine=routines.get("check_memory", _int, d.check_memory_routine),
+        check_dependencies_routine=routines.get("check_dependencies", _int, d.check_dependencies_routine),
+        check_memory=sec.get("check_memory", _choice("crc32", "sha256"), d.check_memory),
+        fingerprint_did=sec.get("fingerprint_did", _int, d.fingerprint_did),
+        p2_ms=timing.get("p2_ms", _positive, d.p2_ms),
+        p2_star_ms=timing.get("p2_star_ms", _positive, d.p2_star_ms),
+        sim=_ecu_sim(sec.section("sim", {})),
+    )
+    for s in (memory, routines, timing):
+        s.done()
+    sec.done()
+    if cfg.security_level % 2 != 1:
+        raise ConfigError(source, sec.key("security_level"), "expected an odd level (the seed request)")
+    if cfg.request_id == cfg.response_id:
+        raise ConfigError(source, sec.key("response_id"), "must differ from request_id")
+    return cfg
+
+
+def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
+    top = _Section(source, "", data)
+    segs = top.section("segments")
+    segments = {str(n): _segment(source, str(n), _Section(source, segs.key(str(n)), v)) for n, v in segs.data.items()}
+    if not segments:
+        raise ConfigError(source, "segments", "at least one segment is needed")
+    segs.used.update(str(n) for n in segs.data)
+    ecus_sec = top.section("ecus", {})
+    ecus = {
+        str(n): _ecu(source, str(n), _Section(source, ecus_sec.key(str(n)), v), segments)
+        for n, v in ecus_sec.data.items()
+    }
+    _check_unique_ids(source, ecus)
+    gw = top.section("gateway", {})
+    d = GatewayConfig()
+    gateway = GatewayConfig(
+        results_dir=gw.get("results_dir", _str, d.results_dir),
+        tester_present_ms=gw.get("tester_present_ms", _positive, d.tester_present_ms),
+        late_response_grace_ms=gw.get("late_response_grace_ms", _nonneg, d.late_response_grace_ms),
+        reset_wait_ms=gw.get("reset_wait_ms", _positive, d.reset_wait_ms),
+        retries=gw.get("retries", _nonneg, d.retries),
+    )
+    gw.done()
+    top.done()
+    return VehicleConfig(source, segments, ecus, gateway)
+
+
+def _check_unique_ids(source: str, ecus: Mapping[str, EcuConfig]) -> None:
+    seen: dict[tuple[str, int], str] = {}
+    for ecu in ecus.values():
+        for key, can_id in (("request_id", ecu.request_id), ("response_id", ecu.response_id)):
+            other = seen.get((ecu.segment, can_id))
+            if other is not None:
+                raise ConfigError(source, f"ecus.{ecu.name}.{key}", f"CAN id 0x{can_id:X} is already used by {other}")
+            seen[(ecu.segment, can_id)] = ecu.name
+
+
+def load_vehicle_config(path: str | os.PathLike[str]) -> VehicleConfig:
+    return parse_vehicle_config(load_yaml(path), str(path))

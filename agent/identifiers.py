@@ -1,0 +1,33 @@
+"""Identifiers and algorithms both ends of a flash agree on: DIDs and the seed/key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+__all__ = ["DID", "security_key"]
+
+
+class DID:
+    BOOT_SOFTWARE = 0xF180
+    PART_NUMBER = 0xF187
+    SOFTWARE_VERSION = 0xF189
+    SERIAL = 0xF18C
+    SUPPLIER_VERSION = 0xF195
+    FINGERPRINT = 0xF15A
+    FINGERPRINT_ALT = 0xF199
+    ACTIVE_SESSION = 0xF186
+    IMAGE_DIGEST = 0xF1A0  # vendor-specific: SHA-256 of the active image
+
+    INVENTORY = {
+        "part_number": PART_NUMBER,
+        "software_version": SOFTWARE_VERSION,
+        "serial": SERIAL,
+        "supplier_software": SUPPLIER_VERSION,
+        "bootloader": BOOT_SOFTWARE,
+    }
+
+
+def security_key(secret: str, seed: bytes) -> bytes:
+    """SecurityAccess key for a seed: the first 4 bytes of HMAC-SHA256(secret, seed)."""
+    return hmac.new(secret.encode(), seed, hashlib.sha256).digest()[:4]

@@ -1,0 +1,280 @@
+"""Header-only interaction traces (D1, D2): the model, the recorder and the reader.
+
+A trace is JSON Lines. Line 1 is the header object; every further line is one exchange,
+a JSON array (compact on purpose: a trace must stay well under 1 % of the image)::
+
+    {"format": "vota-trace", "version": 1, "stage": "flash", "client": "GW", "server": "bms",
+     "packet": "bms", "request_id": 2016, "response_id": 2024, "functional_id": 2015,
+     "started": 1763770000.123456, "columns": ["t", "req", "len", "dt", "rsp", "x"]}
+    [812.3, "3601", 4095, 2.8, "7601"]
+    [815.9, "3602", 4095, null, null, {"sent": false, "err": "..."}]
+
+``t`` ms since ``started`` when the request was handed to ISO-TP; ``req`` the request
+header in hex (never its data: for TransferData only SID and block counter); ``len`` the
+full request length; ``dt`` ms from the request to its final response (null: none came);
+``rsp`` the whole final response in hex; ``x`` optional extras: ``id`` request CAN id and
+``rid`` response CAN id where they differ from the header's, ``sent`` false when the
+request never left, ``func`` true for functional requests, ``pend`` the ms of every 0x78
+response-pending, ``late`` [ms, hex] a response that came after the client gave up,
+``stray`` [[ms, can_id, hex], ...] response frames from other CAN ids, ``pkt`` the deploy
+packet id, ``err`` what went wrong on the client side. The last line may be a trailer
+object ``{"end": true, "exchanges": N, "result": "success"|"failed"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from agent.errors import TraceFormatError
+from agent.storage import atomic_write_text
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "Exchange",
+    "TraceHeader",
+    "TraceRecorder",
+    "Trace",
+    "request_header",
+    "read_trace",
+    "parse_trace",
+]
+
+FORMAT = "vota-trace"
+VERSION = 1
+COLUMNS = ["t", "req", "len", "dt", "rsp", "x"]
+
+# How many leading bytes of a request are its header, per service; the rest is data.
+_HEADER_LENGTH = {
+    0x27: 2,  # SID, sub-function (the key is not recorded)
+    0x2E: 3,  # SID, DID
+    0x31: 4,  # SID, sub-function, routine id
+    0x36: 2,  # SID, block sequence counter
+    0x37: 1,
+    0x3D: 1,
+}
+_DEFAULT_HEADER_LENGTH = 12
+_MAX_RESPONSE = 64
+
+
+def request_header(payload: bytes) -> bytes:
+    if not payload:
+        return b""
+    return payload[: _HEADER_LENGTH.get(payload[0], _DEFAULT_HEADER_LENGTH)]
+
+
+def _ms(seconds: float) -> float:
+    value = round(seconds * 1000.0, 1)
+    return int(value) if value == int(value) else value  # type: ignore[return-value]
+
+
+@dataclass
+class Exchange:
+    """One request (its header only) and what answered it."""
+
+    t: float
+    header: bytes
+    length: int
+    dt: float | None = None
+    response: bytes | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sent(self) -> bool:
+        return bool(self.extra.get("sent", True))
+
+    @property
+    def service(self) -> int | None:
+        return self.header[0] if self.header else None
+
+    def to_json(self) -> list[Any]:
+        row: list[Any] = [self.t, self.header.hex(), self.length, self.dt, self.response.hex() if self.response is not None else None]
+        if self.extra:
+            row.append(self.extra)
+        return row
+
+    @classmethod
+    def from_json(cls, row: Any, line: int) -> "Exchange":
+        if not isinstance(row, list) or len(row) not in (5, 6):
+            raise TraceFormatError(f"line {line}: an exchange must be an array of 5 or 6 items")
+        t, req, length, dt, rsp = row[:5]
+        extra = row[5] if len(row) == 6 else {}
+        try:
+            if not isinstance(extra, dict):
+                raise ValueError("extras must be an object")
+            return cls(
+                float(t),
+                bytes.fromhex(req),
+                int(length),
+                None if dt is None else float(dt),
+                None if rsp is None else bytes.fromhex(rsp),
+                extra,
+            )
+        except (TypeError, ValueError) as exc:
+            raise TraceFormatError(f"line {line}: {exc}") from None
+
+
+@dataclass
+class TraceHeader:
+    stage: str
+    client: str
+    server: str
+    packet: str
+    request_id: int
+    response_id: int
+    functional_id: int | None
+    started: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "format": FORMAT,
+            "version": VERSION,
+            "stage": self.stage,
+            "client": self.client,
+            "server": self.server,
+            "packet": self.packet,
+            "request_id": self.request_id,
+            "response_id": self.response_id,
+            "functional_id": self.functional_id,
+            "started": round(self.started, 6),
+            "columns": COLUMNS,
+        }
+        out.update(self.extra)
+        return out
+
+
+@dataclass
+class Trace:
+    header: TraceHeader
+    exchanges: list[Exchange]
+    trailer: dict[str, Any] | None = None
+
+    def to_text(self) -> str:
+        lines = [json.dumps(self.header.to_json(), separators=(",", ":"))]
+        lines += [json.dumps(e.to_json(), separators=(",", ":")) for e in self.exchanges]
+        if self.trailer is not None:
+            lines.append(json.dumps(self.trailer, separators=(",", ":")))
+        return "\n".join(lines) + "\n"
+
+
+class TraceRecorder:
+    """Collects exchanges as a UDS client makes them; thread-safe enough for one client
+    plus one bus listener (appends and attribute writes only)."""
+
+    def __init__(self, header: TraceHeader, clock: Callable[[], float] = time.time) -> None:
+        self.header = header
+        self.clock = clock
+        self.exchanges: list[Exchange] = []
+
+    def _now(self) -> float:
+        return _ms(self.clock() - self.header.started)
+
+    @property
+    def current(self) -> Exchange | None:
+        return self.exchanges[-1] if self.exchanges else None
+
+    def request(self, payload: bytes, **extra: Any) -> Exchange:
+        exchange = Exchange(self._now(), request_header(payload), len(payload), extra={k: v for k, v in extra.items() if v is not None})
+        self.exchanges.append(exchange)
+        return exchange
+
+    def not_sent(self, error: str) -> None:
+        if self.current is not None:
+            self.current.extra.update(sent=False, err=error)
+
+    def response(self, payload: bytes, can_id: int | None = None) -> None:
+        exchange = self.current
+        if exchange is None:
+            return
+        dt = _ms(self.clock() - self.header.started - exchange.t / 1000.0)
+        payload = payload[:_MAX_RESPONSE]
+        if len(payload) >= 3 and payload[0] == 0x7F and payload[2] == 0x78:
+            exchange.extra.setdefault("pend", []).append(dt)
+            return
+        if exchange.response is not None:
+            exchange.extra.setdefault("more", []).append([dt, payload.hex()])
+            return
+        exchange.dt, exchange.response = dt, payload
+        if can_id is not None and can_id != self.header.response_id:
+            exchange.extra["rid"] = can_id
+
+    def late(self, payload: bytes) -> None:
+        """A response that arrived after the client stopped waiting for it."""
+        exchange = self.current
+        if exchange is None:
+            return
+        dt = _ms(self.clock() - self.header.started - exchange.t / 1000.0)
+        exchange.extra.setdefault("late", []).append([dt, payload[:_MAX_RESPONSE].hex()])
+
+    def stray(self, can_id: int, data: bytes) -> None:
+        exchange = self.current
+        if exchange is None:
+            return
+        dt = _ms(self.clock() - self.header.started - exchange.t / 1000.0)
+        exchange.extra.setdefault("stray", []).append([dt, can_id, data.hex()])
+
+    def note(self, error: str) -> None:
+        if self.current is not None:
+            self.current.extra["err"] = error
+
+    def trace(self, result: str | None = None) -> Trace:
+        trailer = {"end": True, "exchanges": len(self.exchanges), "result": result} if result else None
+        return Trace(self.header, list(self.exchanges), trailer)
+
+    def write(self, path: str | Path, result: str | None = None) -> int:
+        text = self.trace(result).to_text()
+        atomic_write_text(path, text)
+        return len(text.encode())
+
+
+def parse_trace(text: str, source: str = "<trace>") -> Trace:
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise TraceFormatError(f"{source}: empty trace")
+    try:
+        head = json.loads(lines[0])
+    except json.JSONDecodeError:
+        raise TraceFormatError(f"{source}: line 1 is not a JSON trace header") from None
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        raise TraceFormatError(f"{source}: not a {FORMAT} file")
+    if head.get("version") != VERSION:
+        raise TraceFormatError(f"{source}: trace format version {head.get('version')!r} is not supported (this vota reads {VERSION})")
+    known = {"format", "version", "stage", "client", "server", "packet", "request_id", "response_id", "functional_id", "started", "columns"}
+    try:
+        header = TraceHeader(
+            head["stage"], head["client"], head["server"], head.get("packet", head["server"]),
+            int(head["request_id"]), int(head["response_id"]),
+            None if head.get("functional_id") is None else int(head["functional_id"]),
+            float(head["started"]), {k: v for k, v in head.items() if k not in known},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TraceFormatError(f"{source}: bad trace header ({exc})") from None
+    exchanges: list[Exchange] = []
+    trailer = None
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise TraceFormatError(f"{source}: line {number} is not JSON (truncated or garbage)") from None
+        if isinstance(row, dict) and row.get("end"):
+            trailer = row
+            continue
+        exchanges.append(Exchange.from_json(row, number))
+    return Trace(header, exchanges, trailer)
+
+
+def read_trace(path: str | Path) -> Trace:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceFormatError(f"{path}: cannot read trace ({exc})") from None
+    return parse_trace(text, str(path))
+
+
+def iter_exchanges(trace: Trace) -> Iterator[Exchange]:
+    yield from trace.exchanges

@@ -1,0 +1,213 @@
+"""The UDS client side: udsoncan over our ISO-TP stacks, with every exchange traced.
+
+``TracingConnection`` is the udsoncan connection: it sees each request as it is handed to
+ISO-TP, every 0x78 pending and the final response, and records them header-only into a
+``TraceRecorder``. ``StrayListener`` watches the segment for responses that come from a
+CAN id other than the expected one (a misaddressed ECU), which ISO-TP itself would drop.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import can
+import udsoncan
+from udsoncan.client import Client
+from udsoncan.connections import BaseConnection
+from udsoncan.exceptions import (
+    InvalidResponseException,
+    NegativeResponseException,
+    TimeoutException,
+    UnexpectedResponseException,
+)
+
+from agent.canbus import Segment
+from agent.trace import TraceRecorder
+
+__all__ = ["TracingConnection", "StrayListener", "UdsLink", "RawCodec", "describe_failure"]
+
+log = logging.getLogger(__name__)
+
+
+class RawCodec(udsoncan.DidCodec):
+    """A DID codec that passes the bytes through (identification strings, fingerprints)."""
+
+    def encode(self, *values: Any) -> bytes:
+        return bytes(values[0])
+
+    def decode(self, payload: bytes) -> Any:
+        return bytes(payload)
+
+    def __len__(self) -> int:
+        raise udsoncan.DidCodec.ReadAllRemainingData
+
+
+class TracingConnection(BaseConnection):
+    def __init__(self, stack: Any, recorder: TraceRecorder | None, name: str) -> None:
+        super().__init__(name)
+        self.stack = stack
+        self.recorder = recorder
+        self.paused = False
+        self.opened = False
+
+    def _rec(self) -> TraceRecorder | None:
+        return None if self.paused else self.recorder
+
+    def open(self) -> "TracingConnection":
+        self.opened = True
+        return self
+
+    def close(self) -> None:
+        self.opened = False
+
+    def is_open(self) -> bool:
+        return self.opened
+
+    def __enter__(self) -> "TracingConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def specific_send(self, payload: bytes, timeout: float | None = None) -> None:
+        rec = self._rec()
+        if rec is not None:
+            rec.request(payload)
+        try:
+            self.stack.send(payload, send_timeout=timeout)
+        except Exception as exc:
+            if rec is not None:
+                rec.not_sent(f"{type(exc).__name__}: {exc}")
+            raise
+
+    def specific_wait_frame(self, timeout: float | None = None) -> bytes | None:
+        frame = self.stack.recv(block=True, timeout=timeout)
+        if frame is None:
+            raise TimeoutException(f"no response within {timeout} s")
+        frame = bytes(frame)
+        rec = self._rec()
+        if rec is not None:
+            rec.response(frame)
+        return frame
+
+    def drain_late(self, wait: float = 0.0) -> None:
+        """Record responses that arrived after the client gave up (within ``wait`` s)."""
+        frame = self.stack.recv(block=wait > 0, timeout=wait if wait > 0 else None)
+        while frame is not None:
+            rec = self._rec()
+            if rec is not None:
+                rec.late(bytes(frame))
+            frame = self.stack.recv(block=False)
+
+    def empty_rxqueue(self) -> None:
+        self.drain_late()
+        self.stack.stop_receiving()
+        self.stack.clear_rx_queue()
+
+    def empty_txqueue(self) -> None:
+        self.stack.stop_sending()
+        self.stack.clear_tx_queue()
+
+
+class StrayListener(can.Listener):
+    """Records frames that answer the current request but come from a wrong CAN id."""
+
+    def __init__(self, recorder: TraceRecorder, own_ids: set[int]) -> None:
+        self.recorder = recorder
+        self.own_ids = own_ids
+
+    def on_message_received(self, msg: can.Message) -> None:
+        if msg.arbitration_id in self.own_ids or msg.is_error_frame or not msg.data:
+            return
+        exchange = self.recorder.current
+        if exchange is None or exchange.service is None:
+            return
+        data = bytes(msg.data)
+        kind = data[0] >> 4
+        if kind == 0:  # single frame
+            size = data[0] & 0x0F
+            payload = data[1 : 1 + size] if size else data[2 : 2 + data[1]]
+        elif kind == 1:  # first frame
+            payload = data[2:]
+        else:
+            return
+        sid = exchange.service
+        if payload[:1] == bytes((sid + 0x40,)) or payload[:2] == bytes((0x7F, sid)):
+            self.recorder.stray(msg.arbitration_id, payload)
+
+
+def describe_failure(exc: BaseException) -> tuple[str, int | None]:
+    """A one-line reason and the NRC (if any) for a failed request."""
+    if isinstance(exc, NegativeResponseException):
+        code = exc.response.code
+        return f"negative response 0x{code:02X} ({exc.response.code_name})", code
+    if isinstance(exc, TimeoutException):
+        return "no response (timeout)", None
+    if isinstance(exc, InvalidResponseException):
+        return f"malformed response ({exc.response.invalid_reason})", None
+    if isinstance(exc, UnexpectedResponseException):
+        return f"response does not match the request ({exc.response.unexpected_reason if hasattr(exc.response, 'unexpected_reason') else exc})", None
+    return f"request not sent ({type(exc).__name__}: {exc})", None
+
+
+class UdsLink:
+    """A udsoncan client bound to one ECU's physical addresses on a segment."""
+
+    def __init__(
+        self,
+        segment: Segment,
+        request_id: int,
+        response_id: int,
+        *,
+        name: str,
+        recorder: TraceRecorder | None = None,
+        p2: float = 1.0,
+        p2_star: float = 6.0,
+        security: Callable[[int, bytes], bytes] | None = None,
+        dids: dict[int, udsoncan.DidCodec] | None = None,
+        watch_ids: set[int] | None = None,
+    ) -> None:
+        self.segment = segment
+        self.stack = segment.stack(request_id, response_id)
+        self.connection = TracingConnection(self.stack, recorder, name)
+        config = dict(udsoncan.configs.default_client_config)
+        config.update(
+            request_timeout=None,  # never cut a 0x78-pending wait short; P2/P2* bound each wait
+            p2_timeout=p2,
+            p2_star_timeout=p2_star,
+            use_server_timing=False,
+            security_algo=(lambda level, seed, params: security(level, seed)) if security else None,
+            data_identifiers=dict(dids or {}),
+        )
+        self.client = Client(self.connection, config=config)
+        self.client.open()
+        self.listener: StrayListener | None = None
+        if recorder is not None:
+            self.listener = StrayListener(recorder, {request_id, response_id} | (watch_ids or set()))
+            segment.notifier.add_listener(self.listener)
+
+    @contextmanager
+    def untraced(self) -> Iterator[None]:
+        self.connection.paused = True
+        try:
+            yield
+        finally:
+            self.connection.paused = False
+
+    def close(self) -> None:
+        if self.listener is not None:
+            try:
+                self.segment.notifier.remove_listener(self.listener)
+            except ValueError:
+                pass
+            self.listener = None
+        self.client.close()
+        self.segment.release(self.stack)
+
+    def __enter__(self) -> "UdsLink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

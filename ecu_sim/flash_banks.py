@@ -1,0 +1,145 @@
+"""Two flash banks persisted on disk, as an A/B bootloader keeps them.
+
+The active bank is never written. A new image goes into the other bank; it becomes active
+only after it was fully written, verified and the ECU reset. ``meta.json`` is replaced
+atomically at each state change, so a kill at any point leaves the old image active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.storage import atomic_write_json
+
+__all__ = ["FlashBanks", "BankInfo"]
+
+SCHEMA = 1
+
+
+@dataclass
+class BankInfo:
+    state: str  # empty | erased | writing | written | verified | valid
+    version: str = ""
+    size: int = 0
+    sha256: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"state": self.state, "version": self.version, "size": self.size, "sha256": self.sha256}
+
+
+class FlashBanks:
+    def __init__(self, directory: str | os.PathLike[str], factory_version: str) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.meta_path = self.dir / "meta.json"
+        self.active = "a"
+        self.banks = {"a": BankInfo("valid", factory_version), "b": BankInfo("empty")}
+        self.dependencies_ok = False
+        self.pending_version = ""
+        self._handle: Any = None
+        self._load()
+
+    # ---- persistence ------------------------------------------------------------------
+    def _load(self) -> None:
+        if not self.meta_path.exists():
+            self._save()
+            return
+        meta = json.loads(self.meta_path.read_text())
+        self.active = meta["active"]
+        self.banks = {k: BankInfo(**v) for k, v in meta["banks"].items()}
+        inactive = self.banks[self.inactive]
+        if inactive.state in ("erased", "writing", "written", "verified"):
+            # An interrupted programming session: the bootloader discards the half image.
+            self.banks[self.inactive] = BankInfo("empty")
+            self._save()
+
+    def _save(self) -> None:
+        atomic_write_json(
+            self.meta_path,
+            {"schema": SCHEMA, "active": self.active, "banks": {k: v.to_json() for k, v in self.banks.items()}},
+        )
+
+    def path(self, bank: str) -> Path:
+        return self.dir / f"bank_{bank}.bin"
+
+    @property
+    def inactive(self) -> str:
+        return "b" if self.active == "a" else "a"
+
+    @property
+    def active_info(self) -> BankInfo:
+        return self.banks[self.active]
+
+    def active_image(self) -> bytes:
+        path = self.path(self.active)
+        return path.read_bytes() if path.exists() else b""
+
+    # ---- programming ------------------------------------------------------------------
+    def erase(self) -> None:
+        self.close()
+        self.dependencies_ok = False
+        self.banks[self.inactive] = BankInfo("erased")
+        self._save()
+        with open(self.path(self.inactive), "wb"):
+            pass
+
+    @property
+    def erased(self) -> bool:
+        return self.banks[self.inactive].state == "erased"
+
+    def begin_write(self, size: int) -> None:
+        self.banks[self.inactive] = BankInfo("writing", size=size)
+        self._save()
+        self._handle = open(self.path(self.inactive), "r+b")
+        self._handle.truncate(0)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._handle.seek(offset)
+        self._handle.write(data)
+
+    def finish_write(self, written: int) -> None:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self.close()
+        self.banks[self.inactive] = BankInfo("written", size=written)
+        self._save()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def check(self, algorithm: str, expected: bytes) -> bool:
+        """Check memory: the digest of what was written against the value the tester sent."""
+        info = self.banks[self.inactive]
+        if info.state != "written":
+            return False
+        data = self.path(self.inactive).read_bytes()[: info.size]
+        actual = zlib.crc32(data).to_bytes(4, "big") if algorithm == "crc32" else hashlib.sha256(data).digest()
+        if actual != expected:
+            return False
+        self.banks[self.inactive] = BankInfo("verified", self.pending_version, info.size, hashlib.sha256(data).hexdigest())
+        self._save()
+        return True
+
+    def check_dependencies(self) -> bool:
+        self.dependencies_ok = self.banks[self.inactive].state == "verified"
+        return self.dependencies_ok
+
+    def activate_if_ready(self) -> bool:
+        """At reset: switch banks when the new image is complete, verified and consistent."""
+        new = self.inactive
+        if not (self.dependencies_ok and self.banks[new].state == "verified"):
+            return False
+        info = self.banks[new]
+        self.banks[new] = BankInfo("valid", info.version, info.size, info.sha256)
+        self.active = new
+        self.dependencies_ok = False
+        self._save()
+        return True

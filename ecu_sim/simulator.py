@@ -1,0 +1,86 @@
+"""Runs one or more simulated ECUs, each a UDS server on its own addresses."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from agent.canbus import Segment
+from agent.config import VehicleConfig
+from agent.faults import FaultSpec, parse_fault
+from agent.uds_server import UdsServer
+from ecu_sim.flash_banks import FlashBanks
+from ecu_sim.services import SERVICES, EcuState
+
+__all__ = ["EcuSimulator"]
+
+log = logging.getLogger(__name__)
+
+
+class EcuSimulator:
+    """The ECUs of one process: one Segment per CAN segment, one UdsServer per ECU."""
+
+    def __init__(
+        self,
+        config: VehicleConfig,
+        names: list[str],
+        state_dir: str | None = None,
+        faults: list[FaultSpec] | None = None,
+    ) -> None:
+        self.config = config
+        self.ecus = [config.ecu(n) for n in names]
+        self.segments: dict[str, Segment] = {}
+        self.servers: dict[str, UdsServer[EcuState]] = {}
+        self.state_dir = state_dir
+        self.extra_faults = list(faults or [])
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        try:
+            for ecu in self.ecus:
+                if ecu.segment not in self.segments:
+                    self.segments[ecu.segment] = Segment(self.config.segments[ecu.segment])
+                base = Path(self.state_dir or ecu.sim.state_dir)
+                banks = FlashBanks(base / ecu.name, ecu.sim.software_version)
+                faults = [parse_fault(f) for f in ecu.sim.faults] + self.extra_faults
+                mine = [f for f in faults if f.applies_to("flash", ecu.name)]
+                server = UdsServer(
+                    name=ecu.name,
+                    segment=self.segments[ecu.segment],
+                    request_id=ecu.request_id,
+                    response_id=ecu.response_id,
+                    functional_id=ecu.functional_id,
+                    services=SERVICES,
+                    state=EcuState(ecu, banks),
+                    s3=ecu.sim.s3_ms / 1000.0,
+                    pending_interval=ecu.sim.pending_interval_ms / 1000.0,
+                    faults=mine,
+                )
+                self.servers[ecu.name] = server
+                server.start()
+                log.info(
+                    "ECU %s on %s: requests 0x%X, responses 0x%X, software %s%s",
+                    ecu.name,
+                    ecu.segment,
+                    ecu.request_id,
+                    ecu.response_id,
+                    banks.active_info.version,
+                    f", faults {', '.join(f.text for f in mine)}" if mine else "",
+                )
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        for server in self.servers.values():
+            server.stop()
+            server.state.banks.close()
+        for segment in self.segments.values():
+            segment.shutdown()
+
+    def wait(self) -> None:
+        self._stopped.wait()

@@ -1,0 +1,356 @@
+"""Gateway flashing: the standard UDS programming sequence per ECU, traced header-only.
+
+ECUs on different segments flash in parallel; ECUs on one segment one after another.
+Each ECU gets a flash result (D3: failed at the first negative or missing response, with
+the step) and a header-only flash interaction trace (D2).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import threading
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from udsoncan import MemoryLocation
+from udsoncan.exceptions import NegativeResponseException, TimeoutException
+
+from agent.canbus import Segment
+from agent.config import EcuConfig, GatewayConfig, VehicleConfig
+from agent.errors import FlashError, UsageError
+from agent.storage import atomic_write_json
+from agent.trace import TraceHeader, TraceRecorder
+from agent.uds_client import RawCodec, UdsLink, describe_failure
+from agent.identifiers import DID, security_key
+
+__all__ = ["FlashJob", "FlashResult", "flash_all", "EcuFlasher", "STEPS", "fingerprint"]
+
+log = logging.getLogger(__name__)
+
+STEPS = (
+    "extended_session",
+    "dtc_setting_off",
+    "communication_disable",
+    "programming_session",
+    "security_access",
+    "write_fingerprint",
+    "erase",
+    "request_download",
+    "transfer_data",
+    "transfer_exit",
+    "check_memory",
+    "check_dependencies",
+    "ecu_reset",
+    "post_extended_session",
+    "communication_enable",
+    "dtc_setting_on",
+    "default_session",
+    "verify",
+)
+
+Progress = Callable[[str, str, int, int], None]
+
+
+@dataclass(frozen=True)
+class FlashJob:
+    ecu: str
+    image: bytes
+    version: str
+    source: str = ""
+
+
+@dataclass
+class FlashResult:
+    ecu: str
+    result: str  # success | failed
+    version: str
+    image_size: int
+    image_sha256: str
+    failed_step: str | None = None
+    reason: str | None = None
+    nrc: int | None = None
+    version_before: str | None = None
+    version_after: str | None = None
+    started: str = ""
+    duration_s: float = 0.0
+    bytes_transferred: int = 0
+    trace_file: str | None = None
+    trace_bytes: int = 0
+    trace_fraction: float = 0.0
+    schema: str = field(default="vota-flash-result/1")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fingerprint(version: str, today: _dt.date) -> bytes:
+    """WriteDataByIdentifier F15A: date as BCD YYMMDD, length, software version (ASCII)."""
+    text = version.encode("ascii", "replace")[:60]
+    bcd = bytes(int(f"{v:02d}", 16) for v in (today.year % 100, today.month, today.day))
+    return bcd + bytes((len(text),)) + text
+
+
+class EcuFlasher:
+    """Runs the programming sequence against one ECU over an open segment."""
+
+    def __init__(
+        self,
+        segment: Segment,
+        ecu: EcuConfig,
+        gateway: GatewayConfig,
+        job: FlashJob,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.segment = segment
+        self.ecu = ecu
+        self.gateway = gateway
+        self.job = job
+        self.progress = progress or (lambda *a: None)
+        self.stop = stop or threading.Event()
+        started = time.time()
+        self.recorder = TraceRecorder(
+            TraceHeader(
+                stage="flash",
+                client="GW",
+                server=ecu.name,
+                packet=ecu.name,
+                request_id=ecu.request_id,
+                response_id=ecu.response_id,
+                functional_id=ecu.functional_id,
+                started=started,
+                extra={"segment": ecu.segment, "image_size": len(job.image), "image_version": job.version},
+            )
+        )
+        self.step = ""
+        self.max_block = 0
+        self.sent = 0
+
+    # ---- the sequence -----------------------------------------------------------------
+    def run(self) -> FlashResult:
+        job, ecu = self.job, self.ecu
+        digest = hashlib.sha256(job.image).hexdigest()
+        started = time.time()
+        result = FlashResult(ecu.name, "failed", job.version, len(job.image), digest,
+                             started=_dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"))
+        link = UdsLink(
+            self.segment,
+            ecu.request_id,
+            ecu.response_id,
+            name=ecu.name,
+            recorder=self.recorder,
+            p2=ecu.p2_ms / 1000.0,
+            p2_star=ecu.p2_star_ms / 1000.0,
+            security=lambda level, seed: security_key(ecu.security_secret, seed),
+            dids={d: RawCodec() for d in (DID.SOFTWARE_VERSION, DID.IMAGE_DIGEST, ecu.fingerprint_did)},
+            watch_ids={ecu.functional_id},
+        )
+        try:
+            with link.untraced():
+                result.version_before = self._read_version(link)
+            result.version_after = self._sequence(link)
+            result.result = "success"
+        except FlashError as exc:
+            result.failed_step, result.reason, result.nrc = exc.step, exc.reason, exc.nrc
+            log.warning("%s: flash failed at %s: %s", ecu.name, exc.step, exc.reason)
+            if exc.nrc is None and self.gateway.late_response_grace_ms:
+                link.connection.drain_late(self.gateway.late_response_grace_ms / 1000.0)
+        finally:
+            link.close()
+        result.duration_s = round(time.time() - started, 3)
+        result.bytes_transferred = self.sent
+        return result
+
+    def _read_version(self, link: UdsLink) -> str | None:
+        try:
+            response = link.client.read_data_by_identifier(DID.SOFTWARE_VERSION)
+        except Exception:  # noqa: BLE001 - the version is informative only
+            return None
+        return response.service_data.values[DID.SOFTWARE_VERSION].decode("ascii", "replace")
+
+    def _do(self, step: str, action: Callable[[], Any]) -> Any:
+        if self.stop.is_set():
+            raise FlashError(step, "cancelled")
+        self.step = step
+        self.progress(self.ecu.name, step, self.sent, len(self.job.image))
+        attempts = self.gateway.retries + 1
+        for attempt in range(attempts):
+            try:
+                return action()
+            except NegativeResponseException as exc:
+                if exc.response.code == 0x21 and attempt + 1 < attempts:  # busyRepeatRequest
+                    time.sleep(0.1)
+                    continue
+                reason, nrc = describe_failure(exc)
+                raise FlashError(step, reason, nrc) from None
+            except FlashError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every other failure ends this ECU's flash
+                reason, nrc = describe_failure(exc)
+                if isinstance(exc, TimeoutException):
+                    self.recorder.note(reason)
+                raise FlashError(step, reason, nrc) from None
+        raise AssertionError("unreachable")
+
+    def _sequence(self, link: UdsLink) -> str:
+        c, ecu, image = link.client, self.ecu, self.job.image
+        region = MemoryLocation(ecu.memory_address, len(image), 32, 32)
+        if len(image) == 0 or len(image) > ecu.memory_size:
+            raise FlashError("request_download", f"image of {len(image)} bytes does not fit {ecu.memory_size} bytes of memory")
+        self._do("extended_session", lambda: c.change_session(0x03))
+        self._do("dtc_setting_off", lambda: c.control_dtc_setting(0x02))
+        self._do("communication_disable", lambda: c.communication_control(0x03, 0x01))
+        self._do("programming_session", lambda: c.change_session(0x02))
+        self._do("security_access", lambda: c.unlock_security_access(ecu.security_level))
+        self._do("write_fingerprint", lambda: c.write_data_by_identifier(
+            ecu.fingerprint_did, fingerprint(self.job.version, _dt.date.today())))
+        self._do("erase", lambda: self._routine(c, ecu.erase_routine, region.alfid.get_byte() + region.get_address_bytes() + region.get_memorysize_bytes()))
+        response = self._do("request_download", lambda: c.request_download(region))
+        self.max_block = int(response.service_data.max_length)
+        if self.max_block < 3:
+            raise FlashError("request_download", f"maxNumberOfBlockLength {self.max_block} is too small")
+        chunk = self.max_block - 2
+        counter = 1
+        for offset in range(0, len(image), chunk):
+            block = image[offset : offset + chunk]
+            self._do("transfer_data", lambda: c.transfer_data(counter, block))
+            self.sent = offset + len(block)
+            counter = (counter + 1) & 0xFF
+        self._do("transfer_exit", lambda: c.request_transfer_exit())
+        check = zlib.crc32(image).to_bytes(4, "big") if ecu.check_memory == "crc32" else hashlib.sha256(image).digest()
+        self._do("check_memory", lambda: self._routine(c, ecu.check_memory_routine, check))
+        self._do("check_dependencies", lambda: self._routine(c, ecu.check_dependencies_routine, None))
+        self._do("ecu_reset", lambda: c.ecu_reset(0x01))
+        self._wait_after_reset(link)
+        self._do("post_extended_session", lambda: c.change_session(0x03))
+        self._do("communication_enable", lambda: c.communication_control(0x00, 0x03))
+        self._do("dtc_setting_on", lambda: c.control_dtc_setting(0x01))
+        self._do("default_session", lambda: c.change_session(0x01))
+        self.progress(self.ecu.name, "verify", self.sent, len(image))
+        self.step = "verify"
+        with link.untraced():
+            try:
+                got = link.client.read_data_by_identifier(DID.SOFTWARE_VERSION).service_data.values[DID.SOFTWARE_VERSION]
+            except Exception as exc:  # noqa: BLE001
+                raise FlashError("verify", f"cannot read the software version after reset: {describe_failure(exc)[0]}") from None
+        if got.decode("ascii", "replace") != self.job.version:
+            raise FlashError("verify", f"ECU reports software {got.decode('ascii', 'replace')!r} after reset, expected {self.job.version!r}")
+        return self.job.version
+
+    def _routine(self, c: Any, routine: int, data: bytes | None) -> Any:
+        response = c.routine_control(routine, 0x01, data)
+        status = response.service_data.routine_status_record
+        if status and status[0] != 0x00:
+            raise FlashError(self.step, f"routine 0x{routine:04X} reported status 0x{status[0]:02X} (failed)")
+        return response
+
+    def _wait_after_reset(self, link: UdsLink) -> None:
+        """Poll (untraced) until the ECU answers again; note when in the reset exchange."""
+        deadline = time.monotonic() + self.gateway.reset_wait_ms / 1000.0
+        reset_exchange = self.recorder.current
+        p2 = link.client.config["p2_timeout"]
+        link.client.config["p2_timeout"] = 0.1
+        try:
+            with link.untraced():
+                while time.monotonic() < deadline:
+                    try:
+                        link.client.tester_present()
+                        break
+                    except Exception:  # noqa: BLE001 - the ECU is still rebooting
+                        time.sleep(0.02)
+                else:
+                    raise FlashError("ecu_reset", f"ECU did not come back within {self.gateway.reset_wait_ms} ms after reset")
+        finally:
+            link.client.config["p2_timeout"] = p2
+        if reset_exchange is not None:
+            reset_exchange.extra["back"] = round((time.time() - self.recorder.header.started) * 1000.0 - reset_exchange.t, 1)
+
+
+class TesterPresentKeeper:
+    """Sends functional TesterPresent (3E 80, no response) on a segment while it flashes."""
+
+    def __init__(self, segment: Segment, can_id: int, period: float) -> None:
+        self.segment, self.can_id, self.period = segment, can_id, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"tp-{segment.config.name}", daemon=True)
+        self.sent = 0
+
+    def __enter__(self) -> "TesterPresentKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.segment.send_frame(self.can_id, b"\x02\x3e\x80")
+                self.sent += 1
+            except Exception:  # noqa: BLE001 - a missed TesterPresent is not fatal
+                log.debug("TesterPresent send failed", exc_info=True)
+
+
+def flash_all(
+    config: VehicleConfig,
+    jobs: list[FlashJob],
+    out_dir: str | Path,
+    progress: Progress | None = None,
+) -> list[FlashResult]:
+    """Flash every job; write ``<ecu>.trace.jsonl``, ``<ecu>.result.json``, ``summary.json``."""
+    out = Path(out_dir)
+    by_segment: dict[str, list[FlashJob]] = {}
+    for job in jobs:
+        ecu = config.ecu(job.ecu)
+        by_segment.setdefault(ecu.segment, []).append(job)
+    if len({j.ecu for j in jobs}) != len(jobs):
+        raise UsageError("an ECU is named twice in one flash")
+    results: dict[str, FlashResult] = {}
+
+    def run_segment(name: str, seg_jobs: list[FlashJob]) -> None:
+        segment = Segment(config.segments[name])
+        try:
+            period = config.gateway.tester_present_ms / 1000.0
+            functional = config.ecu(seg_jobs[0].ecu).functional_id
+            with TesterPresentKeeper(segment, functional, period):
+                for job in seg_jobs:
+                    flasher = EcuFlasher(segment, config.ecu(job.ecu), config.gateway, job, progress)
+                    result = flasher.run()
+                    trace_path = out / f"{job.ecu}.trace.jsonl"
+                    result.trace_bytes = flasher.recorder.write(trace_path, result.result)
+                    result.trace_file = trace_path.name
+                    result.trace_fraction = round(result.trace_bytes / max(1, len(job.image)), 5)
+                    atomic_write_json(out / f"{job.ecu}.result.json", result.to_json())
+                    results[job.ecu] = result
+                    if progress:
+                        progress(job.ecu, "done" if result.result == "success" else "failed", result.bytes_transferred, len(job.image))
+        finally:
+            segment.shutdown()
+
+    errors: list[BaseException] = []
+
+    def guarded(target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - reported after join
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=guarded, args=(lambda n=n, j=j: run_segment(n, j),), name=f"flash-{n}")
+        for n, j in by_segment.items()
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    ordered = [results[j.ecu] for j in jobs if j.ecu in results]
+    atomic_write_json(out / "summary.json", {"schema": "vota-flash-summary/1", "results": [r.to_json() for r in ordered]})
+    return ordered

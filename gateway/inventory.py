@@ -1,0 +1,75 @@
+"""Version collection (D11): read every ECU's identification DIDs into an inventory."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from agent.canbus import Segment
+from agent.config import EcuConfig, VehicleConfig
+from agent.identifiers import DID
+from agent.uds_client import RawCodec, UdsLink, describe_failure
+
+__all__ = ["collect_versions", "wait_reachable"]
+
+
+def _read_ecu(segment: Segment, ecu: EcuConfig, p2: float) -> dict[str, Any]:
+    entry: dict[str, Any] = {"ecu": ecu.name, "segment": ecu.segment, "request_id": ecu.request_id, "response_id": ecu.response_id}
+    dids = {did: RawCodec() for did in DID.INVENTORY.values()}
+    with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=p2, dids=dids) as link:
+        for key, did in DID.INVENTORY.items():
+            try:
+                value = link.client.read_data_by_identifier(did).service_data.values[did]
+                entry[key] = value.decode("ascii", "replace")
+            except Exception as exc:  # noqa: BLE001 - a silent ECU is reported, not fatal
+                entry[key] = None
+                entry.setdefault("errors", {})[key] = describe_failure(exc)[0]
+                if "timeout" in entry["errors"][key]:
+                    break
+    entry["reachable"] = entry.get("software_version") is not None
+    return entry
+
+
+def _per_segment(config: VehicleConfig, names: list[str], work: Any) -> dict[str, Any]:
+    ecus = [config.ecu(n) for n in names]
+    by_segment: dict[str, list[EcuConfig]] = {}
+    for ecu in ecus:
+        by_segment.setdefault(ecu.segment, []).append(ecu)
+    out: dict[str, Any] = {}
+
+    def run(seg_name: str, seg_ecus: list[EcuConfig]) -> None:
+        with Segment(config.segments[seg_name]) as segment:
+            for ecu in seg_ecus:
+                out[ecu.name] = work(segment, ecu)
+
+    threads = [threading.Thread(target=run, args=item) for item in by_segment.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {n: out[n] for n in names if n in out}
+
+
+def collect_versions(config: VehicleConfig, names: list[str] | None = None, p2: float = 0.5) -> list[dict[str, Any]]:
+    names = names or list(config.ecus)
+    found = _per_segment(config, names, lambda seg, ecu: _read_ecu(seg, ecu, p2))
+    return [found[n] for n in names]
+
+
+def wait_reachable(config: VehicleConfig, names: list[str], timeout: float) -> list[str]:
+    """Wait until every named ECU answers TesterPresent; return those that never did."""
+
+    def probe(segment: Segment, ecu: EcuConfig) -> bool:
+        deadline = time.monotonic() + timeout
+        with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=0.2) as link:
+            while time.monotonic() < deadline:
+                try:
+                    link.client.tester_present()
+                    return True
+                except Exception:  # noqa: BLE001 - not up yet
+                    time.sleep(0.05)
+        return False
+
+    result = _per_segment(config, names, probe)
+    return [n for n in names if not result.get(n)]

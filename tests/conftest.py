@@ -1,0 +1,121 @@
+"""Shared fixtures: unique CAN segments per test, and checks that nothing leaks."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[1] == me and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """No thread or child process started by a test may outlive it."""
+    threads_before = set(threading.enumerate())
+    children_before = _children()
+    yield
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        extra = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        kids = _children() - children_before
+        if not extra and not kids:
+            return
+        time.sleep(0.05)
+    assert not kids, f"child processes leaked: {sorted(kids)}"
+    assert not extra, f"threads leaked: {[t.name for t in extra]}"
+
+
+_rng = random.Random(os.getpid() ^ int(time.time()))
+
+
+def multicast_bus(fd: bool = False) -> dict[str, Any]:
+    """A udp_multicast bus no other test or process on this machine uses."""
+    group = f"239.{_rng.randint(64, 250)}.{_rng.randint(0, 255)}.{_rng.randint(1, 254)}"
+    return {"interface": "udp_multicast", "channel": group, "port": _rng.randint(20000, 60000), "fd": fd}
+
+
+def virtual_bus() -> dict[str, Any]:
+    return {"interface": "virtual", "channel": f"vota-test-{_rng.getrandbits(48):x}"}
+
+
+def ecu_entry(name: str, request_id: int, response_id: int, segment: str = "pt", **sim: Any) -> dict[str, Any]:
+    base_sim = {"erase_ms": 150, "check_ms": 20, "reset_ms": 200, "part_number": f"{name.upper()}-1",
+                "serial": f"SN-{name}", "software_version": "1.0.0"}
+    base_sim.update(sim)
+    return {"segment": segment, "request_id": request_id, "response_id": response_id,
+            "security_secret": f"{name}-secret", "sim": base_sim}
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Write a vehicle config dict as YAML; returns its path."""
+
+    def write(data: dict[str, Any], name: str = "vehicle.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+def vota(*args: str, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run the vota command line as a separate process."""
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
+
+
+class Proc:
+    """A background vota process that is always stopped."""
+
+    def __init__(self, *args: str, log: Path) -> None:
+        self.log = log
+        self._out = open(log, "wb")
+        self.p = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=self._out,
+                                  stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def stop(self, sig_kill: bool = False) -> int:
+        if self.p.poll() is None:
+            self.p.kill() if sig_kill else self.p.terminate()
+        try:
+            code = self.p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            code = self.p.wait()
+        self._out.close()
+        return code
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop()

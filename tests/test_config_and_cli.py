@@ -1,0 +1,131 @@
+"""Bad input of every kind gets one clear line naming the problem, and a meaningful exit code."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.config import load_vehicle_config, parse_vehicle_config
+from agent.errors import ConfigError, UsageError
+from agent.faults import FaultCounter, parse_fault
+from tests.conftest import ecu_entry, multicast_bus, vota
+
+GOOD = {
+    "segments": {"pt": {"bus": {"interface": "virtual", "channel": "x"}}},
+    "ecus": {"vcu": {"segment": "pt", "request_id": 0x7E0, "response_id": 0x7E8}},
+}
+
+
+def test_sample_config_loads():
+    config = load_vehicle_config("configs/bench.yaml")
+    assert set(config.ecus) == {"vcu", "bms", "bcm", "dlp_headlamp"}
+    assert config.segments["powertrain"].bus["interface"] == "udp_multicast"
+    assert config.ecu("bms").check_memory == "sha256"
+
+
+@pytest.mark.parametrize("mutate, key, words", [
+    (lambda d: d["ecus"]["vcu"].update(reqest_id=1), "ecus.vcu.reqest_id", "unknown key"),
+    (lambda d: d["ecus"]["vcu"].pop("request_id"), "ecus.vcu.request_id", "missing"),
+    (lambda d: d["ecus"]["vcu"].update(request_id="seven"), "ecus.vcu.request_id", "expected a CAN id"),
+    (lambda d: d["ecus"]["vcu"].update(segment="body"), "ecus.vcu.segment", "unknown segment 'body'"),
+    (lambda d: d["segments"]["pt"].update(tx_data_length=9), "segments.pt.tx_data_length", "expected 8"),
+    (lambda d: d["segments"]["pt"]["bus"].pop("interface"), "segments.pt.bus.interface", "missing"),
+    (lambda d: d["segments"]["pt"].update(bitrate="fast"), "segments.pt.bitrate", "bit/s"),
+    (lambda d: d["ecus"]["vcu"].update(check_memory="md5"), "ecus.vcu.check_memory", "crc32 or sha256"),
+    (lambda d: d["ecus"]["vcu"].update(sim={"erase_ms": -1}), "ecus.vcu.sim.erase_ms", "negative"),
+    (lambda d: d["ecus"].update(bms={"segment": "pt", "request_id": 0x7E8, "response_id": 0x7F0}),
+     "ecus.bms.request_id", "already used by vcu"),
+    (lambda d: d.update(gatway={}), "gatway", "unknown key"),
+])
+def test_config_errors_name_the_key(mutate, key, words):
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    mutate(data)
+    with pytest.raises(ConfigError) as err:
+        parse_vehicle_config(data, "vehicle.yaml")
+    assert err.value.key == key
+    assert words in str(err.value) and str(err.value).startswith("vehicle.yaml: ")
+
+
+def test_bitrate_forms():
+    data = {**GOOD, "segments": {"pt": {"bus": {"interface": "virtual"}, "bitrate": "500000/2000000", "tx_data_length": 64}}}
+    assert parse_vehicle_config(data).segments["pt"].bitrate == (500000, 2000000)
+
+
+@pytest.mark.parametrize("spec, expect", [
+    ("bms:36#5:nrc=0x72", ("flash", "bms", 0x36, 5, False, "nrc", 0x72)),
+    ("flash:bms:0x31:delay=6000", ("flash", "bms", 0x31, None, False, "delay", 6000)),
+    ("*:36#3+:drop", ("flash", "*", 0x36, 3, True, "drop", None)),
+    ("vcu:27#2:wrong_id=0x6F0", ("flash", "vcu", 0x27, 2, False, "wrong_id", 0x6F0)),
+])
+def test_fault_specs(spec, expect):
+    f = parse_fault(spec)
+    assert (f.stage, f.target, f.service, f.occurrence, f.and_later, f.action, f.arg) == expect
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("bms:36", "expected"),
+    ("bms:36:explode", "action 'explode'"),
+    ("bms:zz:drop", "service 'zz'"),
+    ("bms:36#0:drop", "counts from 1"),
+    ("bms:36:nrc", "needs a value"),
+    ("cloud:bms:36:drop", "stage 'cloud'"),
+])
+def test_bad_fault_specs(spec, words):
+    with pytest.raises(UsageError, match=words):
+        parse_fault(spec)
+
+
+def test_fault_occurrences():
+    counter = FaultCounter([parse_fault("x:36#2:drop"), parse_fault("x:31#2+:malformed")])
+    assert [bool(counter.next(0x36)) for _ in range(4)] == [False, True, False, False]
+    assert [bool(counter.next(0x31)) for _ in range(4)] == [False, True, True, True]
+
+
+def _one_line_error(run, *words):
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    assert "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, run.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_cli_missing_config():
+    _one_line_error(vota("versions", "-c", "nope.yaml"), "nope.yaml", "file not found")
+
+
+def test_cli_broken_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("segments: [\n  pt: {")
+    _one_line_error(vota("ecu-sim", "-c", str(bad)), "bad.yaml", "broken YAML", "line")
+
+
+def test_cli_wrong_key(tmp_path, write_config):
+    data = {"segments": {"pt": {"bus": multicast_bus()}}, "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8) | {"colour": 1}}}
+    _one_line_error(vota("flash", "-c", str(write_config(data)), "vcu=x.bin"), "ecus.vcu.colour", "unknown key")
+
+
+def test_cli_unknown_ecu_and_missing_image(tmp_path, write_config):
+    config = str(write_config({"segments": {"pt": {"bus": multicast_bus()}}, "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8)}}))
+    _one_line_error(vota("flash", "-c", config, f"abs={tmp_path}/x.bin"), "unknown ECU 'abs'", "vcu")
+    _one_line_error(vota("flash", "-c", config, f"vcu={tmp_path}/x.bin"), "x.bin", "not found")
+    _one_line_error(vota("flash", "-c", config, "vcu"), "ECU=IMAGE")
+    _one_line_error(vota("ecu-sim", "-c", config, "--fault", "vcu:36:boom"), "boom")
+    _one_line_error(vota("bench", "-c", config, "--ecu", "nope"), "unknown ECU 'nope'")
+
+
+def test_cli_help_lists_commands():
+    run = vota("--help")
+    assert run.returncode == 0
+    for command in ("ecu-sim", "flash", "versions", "bench"):
+        assert command in run.stdout
+    run = vota("flash", "--help")
+    assert "ECU=IMAGE[@VERSION]" in run.stdout
+
+
+def test_versions_reports_a_silent_ecu(write_config):
+    config = str(write_config({"segments": {"pt": {"bus": multicast_bus()}}, "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8)}}))
+    run = vota("versions", "-c", config)
+    assert run.returncode == 1
+    assert "(no response)" in run.stdout and "Traceback" not in run.stderr

@@ -1,0 +1,204 @@
+"""Exact request and response bytes of every ECU simulator service, NRC paths included.
+
+The simulator runs as a real UDS server on a python-can ``virtual`` bus; the tester
+speaks raw ISO-TP to it.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from agent.identifiers import security_key
+from tests.conftest import ecu_entry, virtual_bus
+from tests.helpers import UdsTester, start_sim
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Iterator[tuple[UdsTester, object]]:
+    data = {
+        "segments": {"pt": {"bus": virtual_bus()}},
+        "ecus": {"bms": ecu_entry("bms", 0x7E1, 0x7E9, s3_ms=400, max_block_length=18, lockout_ms=300)
+                 | {"memory": {"address": 0x1000, "size": 0x10000}}},
+    }
+    config, sim = start_sim(data, ["bms"], str(tmp_path / "state"))
+    tester = UdsTester(config, "bms")
+    try:
+        yield tester, sim
+    finally:
+        tester.close()
+        sim.stop()
+
+
+def test_session_control_bytes(bench):
+    t, _ = bench
+    assert t.ask(b"\x10\x03") == bytes.fromhex("5003 0032 01f4")  # P2 50 ms, P2* 5000 ms
+    assert t.ask(b"\x10\x02") == bytes.fromhex("5002 0032 01f4")
+    assert t.ask(b"\x10\x01") == bytes.fromhex("5001 0032 01f4")
+    assert t.ask(b"\x10\x02") == bytes.fromhex("7f107e")  # programming only from extended
+    assert t.ask(b"\x10\x05") == bytes.fromhex("7f1012")
+    assert t.ask(b"\x10\x03\x00") == bytes.fromhex("7f1013")
+    assert t.ask(b"\x10") == bytes.fromhex("7f1013")
+
+
+def test_unknown_service_and_tester_present(bench):
+    t, _ = bench
+    assert t.ask(b"\x19\x02\xff") == bytes.fromhex("7f1911")
+    assert t.ask(b"\x3e\x00") == bytes.fromhex("7e00")
+    assert t.ask(b"\x3e\x80", timeout=0.3) is None  # suppress positive response
+    assert t.ask(b"\x3e\x01") == bytes.fromhex("7f3e12")
+    assert t.ask(b"\x3e\x00\x00") == bytes.fromhex("7f3e13")
+
+
+def test_functional_addressing_suppresses_some_nrcs(bench):
+    t, _ = bench
+    assert t.ask(b"\x3e\x00", functional=True) == bytes.fromhex("7e00")
+    assert t.ask(b"\x22\xf1\x90", functional=True, timeout=0.3) is None  # 0x31 not sent
+    assert t.ask(b"\x19\x02", functional=True, timeout=0.3) is None  # 0x11 not sent
+
+
+def test_read_data_by_identifier(bench):
+    t, _ = bench
+    assert t.ask(b"\x22\xf1\x87") == b"\x62\xf1\x87BMS-1"
+    assert t.ask(b"\x22\xf1\x89") == b"\x62\xf1\x891.0.0"
+    assert t.ask(b"\x22\xf1\x8c") == b"\x62\xf1\x8cSN-bms"
+    assert t.ask(b"\x22\xf1\x80\xf1\x87") == b"\x62\xf1\x80BL-1.0\xf1\x87BMS-1"
+    assert t.ask(b"\x22\xf1\x95")[:3] == b"\x62\xf1\x95"
+    assert t.ask(b"\x22\xf1\x86") == b"\x62\xf1\x86\x01"
+    assert t.ask(b"\x22\xf1\x90") == bytes.fromhex("7f2231")
+    assert t.ask(b"\x22\xf1") == bytes.fromhex("7f2213")
+
+
+def test_dtc_and_communication_control(bench):
+    t, _ = bench
+    assert t.ask(b"\x85\x02") == bytes.fromhex("7f857f")  # not in the default session
+    assert t.ask(b"\x28\x03\x01") == bytes.fromhex("7f287f")
+    t.ask(b"\x10\x03")
+    assert t.ask(b"\x85\x02") == bytes.fromhex("c502")
+    assert t.ask(b"\x85\x03") == bytes.fromhex("7f8512")
+    assert t.ask(b"\x28\x03\x01") == bytes.fromhex("6803")
+    assert t.ask(b"\x28\x03") == bytes.fromhex("7f2813")
+    assert t.ask(b"\x28\x03\x00") == bytes.fromhex("7f2831")
+    assert t.ask(b"\x85\x81", timeout=0.3) is None  # suppressed positive response
+
+
+def test_security_access_seed_key_attempts_and_lockout(bench):
+    t, _ = bench
+    assert t.ask(b"\x27\x01") == bytes.fromhex("7f277f")
+    t.ask(b"\x10\x03")
+    assert t.ask(b"\x27\x02\x00\x00\x00\x00") == bytes.fromhex("7f2724")  # key without seed
+    assert t.ask(b"\x27\x03") == bytes.fromhex("7f2712")
+    for expected in ("7f2735", "7f2735", "7f2736"):
+        seed = t.ask(b"\x27\x01")
+        assert seed[:2] == b"\x67\x01" and len(seed) == 6
+        assert t.ask(b"\x27\x02\xde\xad\xbe\xef") == bytes.fromhex(expected)
+    assert t.ask(b"\x27\x01") == bytes.fromhex("7f2737")  # lock-out delay running
+    time.sleep(0.35)
+    seed = t.ask(b"\x27\x01")[2:]
+    assert t.ask(b"\x27\x02" + security_key("bms-secret", seed)[:3]) == bytes.fromhex("7f2713")
+    seed = t.ask(b"\x27\x01")[2:]
+    assert t.ask(b"\x27\x02" + security_key("bms-secret", seed)) == bytes.fromhex("6702")
+    assert t.ask(b"\x27\x01") == bytes.fromhex("6701 00000000")  # already unlocked: zero seed
+
+
+def test_programming_preconditions(bench):
+    t, _ = bench
+    t.ask(b"\x10\x03")
+    t.ask(b"\x10\x02")
+    erase = bytes.fromhex("3101ff00 44 00001000 00000100")
+    assert t.ask(erase) == bytes.fromhex("7f3133")  # locked
+    assert t.ask(bytes.fromhex("3400 44 00001000 00000100")) == bytes.fromhex("7f3433")
+    assert t.ask(b"\x2e\xf1\x5a" + b"\x26\x11\x21\x031.1") == bytes.fromhex("7f2e33")
+    assert t.ask(b"\x36\x01\xaa") == bytes.fromhex("7f3624")  # no download active
+    assert t.ask(b"\x37") == bytes.fromhex("7f3724")
+    seed = t.ask(b"\x27\x01")[2:]
+    t.ask(b"\x27\x02" + security_key("bms-secret", seed))
+    assert t.ask(bytes.fromhex("3400 44 00001000 00000100")) == bytes.fromhex("7f3470")  # not erased
+    assert t.ask(bytes.fromhex("3101ff00 44 00100000 00000100")) == bytes.fromhex("7f3131")  # outside memory
+    assert t.ask(bytes.fromhex("3101ff00 44 0000")) == bytes.fromhex("7f3113")
+    assert t.ask(bytes.fromhex("3101abcd")) == bytes.fromhex("7f3131")  # unknown routine
+    assert t.ask(bytes.fromhex("3103ff00")) == bytes.fromhex("7f3112")
+    assert t.ask(bytes.fromhex("3400 44 00001000")) == bytes.fromhex("7f3413")
+
+
+def _download(t: UdsTester, image: bytes) -> None:
+    t.unlock()
+    assert t.ask(b"\x2e\xf1\x5a" + bytes.fromhex("261121") + bytes((3,)) + b"2.5") == bytes.fromhex("6ef15a")
+    erase = bytes.fromhex("3101ff00 44 00001000") + struct.pack(">I", len(image))
+    assert t.ask(erase) == bytes.fromhex("7101ff0000")
+    assert t.pending >= 1  # 0x78 response pending while erasing
+    request = bytes.fromhex("3400 44 00001000") + struct.pack(">I", len(image))
+    assert t.ask(request) == bytes.fromhex("7420 0012")  # maxNumberOfBlockLength 18
+
+
+def test_full_programming_sequence_with_counter_wrap(bench, tmp_path):
+    t, sim = bench
+    chunk = 16  # 18 - SID - counter
+    image = bytes(range(256)) * 17 + b"tail"  # 4356 bytes: 273 blocks, the counter wraps FF -> 00
+    _download(t, image)
+    counter = 1
+    for offset in range(0, len(image), chunk):
+        block = image[offset : offset + chunk]
+        assert t.ask(bytes((0x36, counter)) + block) == bytes((0x76, counter))
+        if offset == chunk * 3:  # a repeated block is acknowledged and not written twice
+            assert t.ask(bytes((0x36, counter)) + b"\xff" * len(block)) == bytes((0x76, counter))
+        counter = (counter + 1) & 0xFF
+    assert counter == (len(image) + chunk - 1) // chunk + 1 & 0xFF
+    assert t.ask(b"\x37") == b"\x77"
+    assert t.ask(b"\x31\x01\x02\x02" + b"\x00\x00\x00\x00") == bytes.fromhex("7101020201")  # wrong CRC
+    crc = zlib.crc32(image).to_bytes(4, "big")
+    assert t.ask(b"\x31\x01\x02\x02" + crc) == bytes.fromhex("7101020200")
+    assert t.ask(b"\x31\x01\x02\x02" + crc[:3]) == bytes.fromhex("7f3113")
+    assert t.ask(bytes.fromhex("3101ff01")) == bytes.fromhex("7101ff0100")
+    assert t.ask(b"\x22\xf1\x89") == b"\x62\xf1\x891.0.0"  # not active before the reset
+    assert t.ask(b"\x11\x01") == b"\x51\x01"
+    assert t.ask(b"\x3e\x00", timeout=0.1) is None  # really silent while resetting
+    time.sleep(0.25)
+    assert t.ask(b"\x22\xf1\x89") == b"\x62\xf1\x892.5"
+    assert t.ask(b"\x22\xf1\x86") == b"\x62\xf1\x86\x01"
+    state = sim.servers["bms"].state
+    assert state.banks.active_image() == image
+
+
+def test_transfer_data_rules(bench):
+    t, _ = bench
+    image = bytes(40)
+    _download(t, image)
+    assert t.ask(b"\x36\x02" + bytes(16)) == bytes.fromhex("7f3673")  # wrong counter
+    assert t.ask(b"\x36\x01" + bytes(17)) == bytes.fromhex("7f3613")  # longer than the block length
+    assert t.ask(b"\x36\x01") == bytes.fromhex("7f3613")  # no data
+    assert t.ask(b"\x36\x01" + bytes(16)) == bytes.fromhex("7601")
+    assert t.ask(b"\x36\x03" + bytes(16)) == bytes.fromhex("7f3673")
+    assert t.ask(b"\x37") == bytes.fromhex("7f3724")  # incomplete
+    assert t.ask(b"\x36\x02" + bytes(16)) == bytes.fromhex("7602")
+    assert t.ask(b"\x36\x03" + bytes(16)) == bytes.fromhex("7f3671")  # more than requested
+    assert t.ask(b"\x34\x00\x44\x00\x00\x10\x00\x00\x00\x00\x10") == bytes.fromhex("7f3422")  # download active
+    assert t.ask(b"\x36\x03" + bytes(8)) == bytes.fromhex("7603")
+    assert t.ask(b"\x37") == b"\x77"
+    assert t.ask(bytes.fromhex("3101ff01")) == bytes.fromhex("7101ff0101")  # not verified yet
+
+
+def test_s3_timeout_returns_to_default_and_locks(bench):
+    t, _ = bench
+    t.unlock()
+    assert t.ask(b"\x22\xf1\x86") == b"\x62\xf1\x86\x02"
+    time.sleep(0.7)
+    assert t.ask(b"\x22\xf1\x86") == b"\x62\xf1\x86\x01"
+    t.ask(b"\x10\x03")
+    assert t.ask(b"\x10\x02")[:2] == b"\x50\x02"
+    assert t.ask(bytes.fromhex("3101ff00 44 00001000 00000010")) == bytes.fromhex("7f3133")  # locked again
+
+
+def test_garbage_on_the_bus_does_not_stop_the_server(bench):
+    t, _ = bench
+    for data in (b"", b"\xff" * 8, b"\x30\x00\x00", b"\x21\x01\x02", b"\x1f\xff\x00", b"\x00\x00"):
+        t.segment.send_frame(t.ecu.request_id, data) if data else t.segment.send_frame(t.ecu.request_id, b"\x00")
+    t.segment.send_frame(0x123, b"\x02\x10\x03")
+    time.sleep(0.1)
+    assert t.ask(b"\x3e\x00") == b"\x7e\x00"
+    assert t.ask(b"\x22\xf1\x89") == b"\x62\xf1\x891.0.0"

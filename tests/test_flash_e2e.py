@@ -1,0 +1,211 @@
+"""End to end across processes: ECU simulators and the gateway on udp_multicast."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.trace import read_trace
+from ecu_sim.flash_banks import FlashBanks
+from tests.conftest import Proc, ecu_entry, multicast_bus, vota
+
+MiB = 1024 * 1024
+
+
+def _wait_ready(proc: Proc, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "ecu-sim ready" in proc.text():
+            return
+        assert proc.p.poll() is None, proc.text()
+        time.sleep(0.05)
+    raise AssertionError(f"ECU simulator not ready: {proc.text()}")
+
+
+def _active_image(state: Path, ecu: str) -> bytes:
+    return FlashBanks(state / ecu, "?").active_image()
+
+
+def test_flash_three_ecus_in_separate_processes(tmp_path, write_config, procs):
+    config = write_config({
+        "segments": {
+            "classic": {"bus": multicast_bus()},
+            "fd": {"bus": multicast_bus(fd=True), "tx_data_length": 64},
+        },
+        "gateway": {"results_dir": str(tmp_path / "gw")},
+        "ecus": {
+            "vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "classic"),
+            "bms": ecu_entry("bms", 0x7E1, 0x7E9, "fd", max_block_length=0x4002) | {"check_memory": "sha256"},
+            "adas": ecu_entry("adas", 0x7E2, 0x7EA, "fd", max_block_length=0x4002),
+        },
+    })
+    state = tmp_path / "state"
+    for ecu in ("vcu", "bms", "adas"):
+        procs.append(Proc("ecu-sim", "-c", str(config), "--ecu", ecu, "--state-dir", str(state), log=tmp_path / f"{ecu}.log"))
+    for p in procs:
+        _wait_ready(p)
+    images = {}
+    args = []
+    for ecu in ("vcu", "bms", "adas"):
+        images[ecu] = os.urandom(MiB)
+        (tmp_path / f"{ecu}.bin").write_bytes(images[ecu])
+        args.append(f"{ecu}={tmp_path / f'{ecu}.bin'}@2.1.{len(args)}")
+    out = tmp_path / "flash"
+    run = vota("flash", "-c", str(config), "--out", str(out), "--json", *args, timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = {r["ecu"]: r for r in json.loads(run.stdout)}
+    for i, ecu in enumerate(("vcu", "bms", "adas")):
+        r = results[ecu]
+        assert r["result"] == "success", r
+        assert (r["version_before"], r["version_after"]) == ("1.0.0", f"2.1.{i}")
+        assert r["bytes_transferred"] == MiB
+        assert r["trace_fraction"] < 0.01
+        assert _active_image(state, ecu) == images[ecu]  # read back from the ECU's active bank
+        saved = json.loads((out / f"{ecu}.result.json").read_text())
+        assert saved["result"] == "success" and saved["image_sha256"] == r["image_sha256"]
+        trace = read_trace(out / f"{ecu}.trace.jsonl")
+        services = [e.service for e in trace.exchanges]
+        assert services[:7] == [0x10, 0x85, 0x28, 0x10, 0x27, 0x27, 0x2E]
+        transfers = [e for e in trace.exchanges if e.service == 0x36]
+        block = 4093 if ecu == "vcu" else 0x4000
+        assert len(transfers) == -(-MiB // block)
+        assert all(len(e.header) == 2 and e.length <= block + 2 for e in transfers)  # header only
+        assert [e.header[1] for e in transfers[:3]] == [1, 2, 3]
+        assert all(e.response == bytes((0x76, e.header[1])) for e in transfers)
+        erase = next(e for e in trace.exchanges if e.header[:4] == b"\x31\x01\xff\x00")
+        assert erase.extra.get("pend"), "erase must show its 0x78 response-pending"
+        assert trace.trailer == {"end": True, "exchanges": len(trace.exchanges), "result": "success"}
+    inventory = vota("versions", "-c", str(config), "--json")
+    assert inventory.returncode == 0, inventory.stderr
+    versions = {e["ecu"]: e["software_version"] for e in json.loads(inventory.stdout)}
+    assert versions == {"vcu": "2.1.0", "bms": "2.1.1", "adas": "2.1.2"}
+
+
+FAULTS = {
+    # ecu: (fault spec, failed step, reason fragment, where the trace shows it)
+    "f_drop": ("f_drop:36#3:drop", "transfer_data", "no response", "no_response"),
+    "f_late": ("f_late:34:delay=1600", "request_download", "no response", "late"),
+    "f_wrongid": ("f_wrongid:27#2:wrong_id=0x6F0", "security_access", "no response", "stray"),
+    "f_malformed": ("f_malformed:37:malformed", "transfer_exit", "malformed", "response"),
+    "f_nrc": ("f_nrc:36#5:nrc=0x72", "transfer_data", "0x72", "response"),
+    "f_mismatch": ("f_mismatch:36#4:mismatch", "transfer_data", "does not match", "response"),
+}
+
+
+def test_each_fault_kind_fails_at_the_right_step(tmp_path, write_config, procs):
+    ecus = {}
+    for i, name in enumerate(FAULTS):
+        segment = "a" if i % 2 == 0 else "b"
+        ecus[name] = ecu_entry(name, 0x700 + i, 0x710 + i, segment, faults=[FAULTS[name][0]])
+    config = write_config({
+        "segments": {"a": {"bus": multicast_bus()}, "b": {"bus": multicast_bus()}},
+        "gateway": {"late_response_grace_ms": 1500},
+        "ecus": ecus,
+    })
+    procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "state"), log=tmp_path / "sim.log"))
+    _wait_ready(procs[0])
+    image = tmp_path / "img.bin"
+    image.write_bytes(os.urandom(40 * 1024))
+    out = tmp_path / "flash"
+    run = vota("flash", "-c", str(config), "--out", str(out), "--json", "--no-progress",
+               *[f"{n}={image}@9.9" for n in FAULTS], timeout=300)
+    assert run.returncode == 3, run.stderr  # 3: at least one ECU failed
+    results = {r["ecu"]: r for r in json.loads(run.stdout)}
+    for name, (spec, step, reason, evidence) in FAULTS.items():
+        r = results[name]
+        assert r["result"] == "failed" and r["failed_step"] == step, (name, r)
+        assert reason in r["reason"], (name, r["reason"])
+        trace = read_trace(out / f"{name}.trace.jsonl")
+        assert trace.trailer["result"] == "failed"
+        last = trace.exchanges[-1]
+        assert last.service == int(spec.split(":")[1].split("#")[0], 16), (name, last)
+        if evidence == "no_response":
+            assert last.response is None and last.dt is None and "timeout" in last.extra["err"]
+            assert last.header == b"\x36\x03"
+        elif evidence == "late":
+            assert last.response is None
+            (late_ms, late_hex), = last.extra["late"]
+            assert late_hex.startswith("7420") and late_ms >= 1500
+        elif evidence == "stray":
+            assert last.response is None
+            (_, can_id, data), = last.extra["stray"]
+            assert can_id == 0x6F0 and data == "6702"
+        elif name == "f_malformed":
+            assert last.response == b"\x7f"
+        elif name == "f_nrc":
+            assert last.header == b"\x36\x05" and last.response == b"\x7f\x36\x72"
+        elif name == "f_mismatch":
+            assert last.header == b"\x36\x04" and last.response == b"\x76\x05"
+    # an ECU simulator that answered with faults is still alive and serving
+    assert procs[0].p.poll() is None
+
+
+def test_killed_ecu_keeps_old_image_and_flashes_again(tmp_path, write_config, procs):
+    config = write_config({"segments": {"pt": {"bus": multicast_bus()}},
+                           "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, erase_ms=50)}})
+    state = tmp_path / "state"
+    sim = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim1.log")
+    procs.append(sim)
+    _wait_ready(sim)
+    image = os.urandom(MiB)
+    (tmp_path / "new.bin").write_bytes(image)
+    flash = Proc("flash", "-c", str(config), "--out", str(tmp_path / "f1"), "--no-progress", f"vcu={tmp_path / 'new.bin'}@3.0.0",
+                 log=tmp_path / "flash1.log")
+    procs.append(flash)
+    meta = state / "vcu" / "meta.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until TransferData is half way
+        bank = state / "vcu" / "bank_b.bin"
+        if bank.exists() and bank.stat().st_size > MiB // 2:
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError("transfer never got half way: " + flash.text())
+    os.kill(sim.p.pid, signal.SIGKILL)
+    sim.stop()
+    assert flash.p.wait(timeout=60) == 3
+    result = json.loads((tmp_path / "f1" / "vcu.result.json").read_text())
+    assert result["result"] == "failed" and result["failed_step"] == "transfer_data"
+    assert json.loads(meta.read_text())["active"] == "a"
+
+    sim2 = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim2.log")
+    procs.append(sim2)
+    _wait_ready(sim2)
+    versions = vota("versions", "-c", str(config), "--json")
+    assert json.loads(versions.stdout)[0]["software_version"] == "1.0.0"  # old image still active
+    again = vota("flash", "-c", str(config), "--out", str(tmp_path / "f2"), "--json", f"vcu={tmp_path / 'new.bin'}@3.0.0")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)[0]["version_after"] == "3.0.0"
+    assert _active_image(state, "vcu") == image
+
+
+def _socketcan_available() -> str | None:
+    import socket
+
+    if not hasattr(socket, "AF_CAN"):
+        return "this Python has no AF_CAN"
+    try:
+        socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW).close()
+    except OSError as exc:
+        return f"the kernel has no SocketCAN ({exc.strerror})"
+    if not Path("/sys/class/net/vcan0").exists():
+        return "no vcan0 interface (ip link add dev vcan0 type vcan && ip link set up vcan0)"
+    return None
+
+
+@pytest.mark.socketcan
+@pytest.mark.skipif(_socketcan_available() is not None, reason=f"SocketCAN missing: {_socketcan_available()}")
+def test_flash_on_vcan0(tmp_path, write_config, procs):
+    config = write_config({"segments": {"vcan": {"bus": {"interface": "socketcan", "channel": "vcan0"}}},
+                           "ecus": {"vcu": ecu_entry("vcu", 0x7A0, 0x7A8)}})
+    procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "st"), log=tmp_path / "sim.log"))
+    _wait_ready(procs[0])
+    (tmp_path / "img.bin").write_bytes(os.urandom(256 * 1024))
+    run = vota("flash", "-c", str(config), "--out", str(tmp_path / "f"), "--json", f"vcu={tmp_path / 'img.bin'}@4.0")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)[0]["version_after"] == "4.0"
