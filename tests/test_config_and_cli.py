@@ -129,3 +129,19 @@ def test_versions_reports_a_silent_ecu(write_config):
     run = vota("versions", "-c", config)
     assert run.returncode == 1
     assert "(no response)" in run.stdout and "Traceback" not in run.stderr
+
+
+def test_bus_timing_emulation_parameters():
+    from agent.canbus import isotp_params, physical_goodput
+    from agent.config import SegmentConfig
+
+    off = isotp_params(SegmentConfig("s", {"interface": "virtual"}))
+    assert "rate_limit_enable" not in off and off["blocking_send"] and off["tx_data_length"] == 8
+    classic = isotp_params(SegmentConfig("s", {"interface": "virtual"}, bitrate=(500000, None)))
+    assert classic["rate_limit_enable"] is True
+    # 8 data bytes per ~116-bit frame at 500 kbit/s: about 275 kbit/s of frame data
+    assert 270_000 < classic["rate_limit_max_bitrate"] < 280_000
+    fd = isotp_params(SegmentConfig("s", {"interface": "virtual"}, tx_data_length=64, bitrate=(500000, 2000000)))
+    assert fd["can_fd"] and fd["bitrate_switch"] and 1_400_000 < fd["rate_limit_max_bitrate"] < 1_600_000
+    assert round(physical_goodput(8, 500000) / 1024, 1) == 29.5
+    assert round(physical_goodput(64, 500000, 2000000) / 1024) == 179

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""UDS flash throughput between separate processes, and the header-only trace size.
+
+Starts one ``vota ecu-sim`` process and runs ``vota flash`` (the gateway) against it over
+python-can's udp_multicast, for classic CAN framing and CAN FD framing, without and with
+bus-timing emulation. Prints, per run: TransferData goodput in KiB/s, CAN frames/s
+(counted from the ISO-TP framing of what was sent), the trace size per MiB flashed and,
+with emulation, the goodput as a fraction of the physical ISO-TP limit.
+
+    .venv/bin/python benchmarks/flash_throughput.py [--size 1M] [--emulated-size 256K] [--runs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from agent.canbus import physical_goodput  # noqa: E402
+from agent.trace import read_trace  # noqa: E402
+
+MODES = [
+    # name, tx_data_length, bitrate, the ECU's maxNumberOfBlockLength (16 KiB on CAN FD, as
+    # FD bootloaders commonly use; "fd 4K blocks" shows what the per-block round trip costs)
+    ("classic", 8, None, 4095),
+    ("fd", 64, None, 0x4002),
+    ("fd 4K blocks", 64, None, 4095),
+    ("classic @500k", 8, "500000", 4095),
+    ("fd @500k/2M", 64, "500000/2000000", 0x4002),
+]
+
+
+def _size(text: str) -> int:
+    text = text.lower()
+    mult = {"k": 1024, "m": 1024 * 1024}.get(text[-1], 1)
+    return int(float(text.rstrip("km")) * mult)
+
+
+def frames_for(request_len: int, dl: int) -> int:
+    """CAN frames ISO-TP needs for one request (blocksize 0: one flow control frame)."""
+    sf_room = 7 if dl == 8 else dl - 2
+    if request_len <= sf_room:
+        return 1
+    ff_room = dl - 2 if request_len <= 4095 else dl - 6
+    rest = request_len - ff_room
+    return 1 + 1 + -(-rest // (dl - 1))  # first frame + flow control + consecutive frames
+
+
+def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, work: Path) -> dict:
+    rng = random.Random()
+    bus = {"interface": "udp_multicast", "channel": f"239.{rng.randint(64, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
+           "port": rng.randint(20000, 60000), "fd": dl > 8}
+    segment = {"bus": bus, "tx_data_length": dl}
+    if bitrate:
+        segment["bitrate"] = bitrate
+    config = {"segments": {"bench": segment},
+              "ecus": {"ecu": {"segment": "bench", "request_id": 0x7E0, "response_id": 0x7E8, "security_secret": "s",
+                               "memory": {"address": 0, "size": 16 * 1024 * 1024},
+                               "sim": {"max_block_length": block, "erase_ms": 100, "check_ms": 10, "reset_ms": 100}}}}
+    cfg = work / f"{name.replace(' ', '_').replace('/', '_')}.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    image = work / "image.bin"
+    image.write_bytes(os.urandom(size))
+    sim = subprocess.Popen([sys.executable, "-m", "agent.cli", "ecu-sim", "-c", str(cfg), "--state-dir", str(work / "state")],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        assert sim.stdout is not None
+        sim.stdout.readline()  # "ecu-sim ready"
+        out = work / f"out-{time.monotonic_ns()}"
+        t0 = time.monotonic()
+        run = subprocess.run([sys.executable, "-m", "agent.cli", "flash", "-c", str(cfg), "--out", str(out), "--json",
+                              "--no-progress", f"ecu={image}@{time.monotonic_ns()}"], capture_output=True, text=True, cwd=ROOT)
+        wall = time.monotonic() - t0
+    finally:
+        sim.terminate()
+        sim.wait()
+    if run.returncode != 0:
+        raise SystemExit(f"{name}: flash failed: {run.stdout} {run.stderr}")
+    result = json.loads(run.stdout)[0]
+    trace = read_trace(out / "ecu.trace.jsonl")
+    transfers = [e for e in trace.exchanges if e.service == 0x36]
+    seconds = (transfers[-1].t + transfers[-1].dt - transfers[0].t) / 1000.0
+    frames = sum(frames_for(e.length, dl) + 1 for e in transfers)  # + the response frame
+    goodput = size / seconds
+    row = {
+        "mode": name,
+        "image_kib": size // 1024,
+        "transfer_s": round(seconds, 2),
+        "goodput_kib_s": round(goodput / 1024, 1),
+        "frames_per_s": round(frames / seconds),
+        "flash_s": result["duration_s"],
+        "wall_s": round(wall, 1),
+        "trace_bytes_per_mib": round(result["trace_bytes"] * 1024 * 1024 / size),
+        "trace_percent": round(100 * result["trace_fraction"], 3),
+    }
+    if bitrate:
+        nominal, _, data = bitrate.partition("/")
+        limit = physical_goodput(dl, int(nominal), int(data) if data else None)
+        row["physical_kib_s"] = round(limit / 1024, 1)
+        row["of_physical"] = f"{100 * goodput / limit:.1f} %"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1M", help="image size without emulation (default 1M)")
+    parser.add_argument("--emulated-size", default="256K", help="image size with bus-timing emulation (default 256K)")
+    parser.add_argument("--runs", type=int, default=1, help="runs per mode (default 1)")
+    parser.add_argument("--mode", action="append", help="only these modes (classic, fd, 'fd 4K blocks', 'classic @500k', 'fd @500k/2M')")
+    parser.add_argument("--json", action="store_true", help="print JSON rows")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vota-bench-") as tmp:
+        for name, dl, bitrate, block in MODES:
+            if args.mode and name not in args.mode:
+                continue
+            size = _size(args.emulated_size if bitrate else args.size)
+            for _ in range(args.runs):
+                rows.append(run_mode(name, dl, bitrate, block, size, Path(tmp)))
+                if not args.json:
+                    print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    head = ["mode", "image_kib", "transfer_s", "goodput_kib_s", "frames_per_s", "trace_bytes_per_mib", "trace_percent",
+            "physical_kib_s", "of_physical"]
+    widths = [max(len(h), *(len(str(r.get(h, ""))) for r in rows)) for h in head]
+    print()
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for r in rows:
+        print("  ".join(str(r.get(h, "")).ljust(w) for h, w in zip(head, widths)))
+
+
+if __name__ == "__main__":
+    main()
