@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv sysdeps bench clean
+.PHONY: demo test venv sysdeps lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,12 @@ sysdeps:
 demo: venv
 	$(PY) -m agent.cli bench --config configs/bench.yaml --out out/demo --image-size 256K
 
-test: venv sysdeps
+test: venv sysdeps lint
 	$(PY) -m pytest -q tests
+
+lint: venv
+	$(PY) -m ruff check agent gateway ecu_sim tbox tests benchmarks
+	$(PY) -m mypy agent gateway ecu_sim tbox
 
 bench: venv
 	$(PY) benchmarks/flash_throughput.py

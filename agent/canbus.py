@@ -10,7 +10,7 @@ import logging
 import math
 import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 import can
 import isotp
@@ -105,7 +105,7 @@ class RoutedStack(isotp.TransportLayer):
         self.rx_relay_queue.put(
             isotp.CanMessage(
                 arbitration_id=msg.arbitration_id,
-                data=msg.data,
+                data=cast(bytes, msg.data),  # a bytearray works and saves a copy per frame
                 extended_id=msg.is_extended_id,
                 is_fd=msg.is_fd,
                 bitrate_switch=msg.bitrate_switch,

@@ -46,32 +46,49 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("ecu-sim", help="run simulated ECUs (UDS servers) until stopped",
-                       description="Run one or more simulated ECUs, each a UDS server over ISO-TP on its own addresses. Stops on SIGINT/SIGTERM.")
+    p = sub.add_parser(
+        "ecu-sim",
+        help="run simulated ECUs (UDS servers) until stopped",
+        description="Run one or more simulated ECUs, each a UDS server over ISO-TP on its own addresses. "
+        "Stops on SIGINT/SIGTERM.",
+    )
     _add_common(p)
     p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to simulate (repeatable; default: every configured ECU)")
     p.add_argument("--state-dir", metavar="DIR", help="where the flash banks live (default: each ECU's sim.state_dir)")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC", help="inject a fault, e.g. bms:36#5:nrc=0x72 (see README)")
 
-    p = sub.add_parser("flash", help="flash ECUs with new images (gateway side)",
-                       description="Run the UDS programming sequence against each named ECU; write per-ECU results and header-only flash traces.")
+    p = sub.add_parser(
+        "flash",
+        help="flash ECUs with new images (gateway side)",
+        description="Run the UDS programming sequence against each named ECU; write per-ECU results and "
+        "header-only flash traces.",
+    )
     _add_common(p)
-    p.add_argument("images", nargs="+", metavar="ECU=IMAGE[@VERSION]", help="image file for an ECU; VERSION defaults to the file name without suffix")
+    p.add_argument("images", nargs="+", metavar="ECU=IMAGE[@VERSION]",
+                   help="image file for an ECU; VERSION defaults to the file name without suffix")
     p.add_argument("--out", metavar="DIR", help="directory for results and traces (default: gateway.results_dir/<time>)")
     p.add_argument("--no-progress", action="store_true", help="do not show progress")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
 
-    p = sub.add_parser("versions", help="read the identification of every ECU (version collection)",
-                       description="Read part number, software version, serial, supplier software and bootloader version of each ECU.")
+    p = sub.add_parser(
+        "versions",
+        help="read the identification of every ECU (version collection)",
+        description="Read part number, software version, serial, supplier software and bootloader version of each ECU.",
+    )
     _add_common(p)
     p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to read (repeatable; default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = sub.add_parser("bench", help="run the simulated vehicle bench: ECU simulators + gateway flash",
-                       description="Start an ECU simulator process per ECU, flash each with a generated image through a gateway process, print the result table and write a report directory.")
+    p = sub.add_parser(
+        "bench",
+        help="run the simulated vehicle bench: ECU simulators + gateway flash",
+        description="Start an ECU simulator process per ECU, flash each with a generated image through a gateway "
+        "process, print the result table and write a report directory.",
+    )
     _add_common(p)
     p.add_argument("--out", default="out/bench", metavar="DIR", help="report directory (default: out/bench)")
-    p.add_argument("--image-size", type=_size, default=256 * 1024, metavar="BYTES", help="size of each generated image, e.g. 1M or 262144 (default: 256K)")
+    p.add_argument("--image-size", type=_size, default=256 * 1024, metavar="BYTES",
+                   help="size of each generated image, e.g. 1M or 262144 (default: 256K)")
     p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to flash (repeatable; default: all)")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC", help="inject a fault into an ECU simulator (see README)")
     p.add_argument("--version", dest="image_version", default="2.0.0", help="software version of the generated images (default: 2.0.0)")
@@ -117,6 +134,10 @@ def cmd_ecu_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def parse_image_arg(text: str) -> tuple[str, Path, str]:
     ecu, sep, rest = text.partition("=")
     if not sep or not ecu or not rest:
@@ -148,6 +169,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
             raise UsageError(f"{path}: image file is empty")
         jobs.append(FlashJob(ecu, image, version, str(path)))
     out = Path(args.out) if args.out else Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S")
+    signal.signal(signal.SIGTERM, _interrupt)
     board = ProgressBoard([j.ecu for j in jobs], enabled=not args.no_progress)
     results = flash_all(config, jobs, out, progress=board)
     board.finish()

@@ -18,7 +18,8 @@ request never left, ``func`` true for functional requests, ``pend`` the ms of ev
 response-pending, ``late`` [ms, hex] a response that came after the client gave up,
 ``stray`` [[ms, can_id, hex], ...] response frames from other CAN ids, ``pkt`` the deploy
 packet id, ``err`` what went wrong on the client side. The last line may be a trailer
-object ``{"end": true, "exchanges": N, "result": "success"|"failed"}``.
+object ``{"end": true, "exchanges": N, "result": "success"|"failed", "tester_present": [ms, ...]}``
+(the functional TesterPresent requests, ``3E 80`` on the functional id, sent meanwhile).
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ class TraceRecorder:
         self.header = header
         self.clock = clock
         self.exchanges: list[Exchange] = []
+        self.tester_present: list[float] = []
 
     def _now(self) -> float:
         return _ms(self.clock() - self.header.started)
@@ -218,12 +220,20 @@ class TraceRecorder:
         dt = _ms(self.clock() - self.header.started - exchange.t / 1000.0)
         exchange.extra.setdefault("stray", []).append([dt, can_id, data.hex()])
 
+    def functional_tester_present(self) -> None:
+        """A functional TesterPresent (3E 80, no response expected) went out on the segment."""
+        self.tester_present.append(self._now())
+
     def note(self, error: str) -> None:
         if self.current is not None:
             self.current.extra["err"] = error
 
     def trace(self, result: str | None = None) -> Trace:
-        trailer = {"end": True, "exchanges": len(self.exchanges), "result": result} if result else None
+        trailer: dict[str, Any] | None = None
+        if result:
+            trailer = {"end": True, "exchanges": len(self.exchanges), "result": result}
+            if self.tester_present:
+                trailer["tester_present"] = list(self.tester_present)
         return Trace(self.header, list(self.exchanges), trailer)
 
     def write(self, path: str | Path, result: str | None = None) -> int:
@@ -247,7 +257,7 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
     known = {"format", "version", "stage", "client", "server", "packet", "request_id", "response_id", "functional_id", "started", "columns"}
     try:
         header = TraceHeader(
-            head["stage"], head["client"], head["server"], head.get("packet", head["server"]),
+            str(head["stage"]), str(head["client"]), str(head["server"]), str(head.get("packet", head["server"])),
             int(head["request_id"]), int(head["response_id"]),
             None if head.get("functional_id") is None else int(head["functional_id"]),
             float(head["started"]), {k: v for k, v in head.items() if k not in known},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, cast
 
 import can
 import udsoncan
@@ -22,6 +22,7 @@ from udsoncan.exceptions import (
     TimeoutException,
     UnexpectedResponseException,
 )
+from udsoncan.typing import ClientConfig
 
 from agent.canbus import Segment
 from agent.trace import TraceRecorder
@@ -148,7 +149,7 @@ def describe_failure(exc: BaseException) -> tuple[str, int | None]:
     if isinstance(exc, InvalidResponseException):
         return f"malformed response ({exc.response.invalid_reason})", None
     if isinstance(exc, UnexpectedResponseException):
-        return f"response does not match the request ({exc.response.unexpected_reason if hasattr(exc.response, 'unexpected_reason') else exc})", None
+        return f"response does not match the request ({getattr(exc.response, 'unexpected_reason', '') or exc})", None
     return f"request not sent ({type(exc).__name__}: {exc})", None
 
 
@@ -166,7 +167,7 @@ class UdsLink:
         p2: float = 1.0,
         p2_star: float = 6.0,
         security: Callable[[int, bytes], bytes] | None = None,
-        dids: dict[int, udsoncan.DidCodec] | None = None,
+        dids: Mapping[int, udsoncan.DidCodec] | None = None,
         watch_ids: set[int] | None = None,
     ) -> None:
         self.segment = segment
@@ -181,7 +182,7 @@ class UdsLink:
             security_algo=(lambda level, seed, params: security(level, seed)) if security else None,
             data_identifiers=dict(dids or {}),
         )
-        self.client = Client(self.connection, config=config)
+        self.client = Client(self.connection, config=cast(ClientConfig, config))
         self.client.open()
         self.listener: StrayListener | None = None
         if recorder is not None:

@@ -137,9 +137,9 @@ def main() -> None:
             "physical_kib_s", "of_physical"]
     widths = [max(len(h), *(len(str(r.get(h, ""))) for r in rows)) for h in head]
     print()
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     for r in rows:
-        print("  ".join(str(r.get(h, "")).ljust(w) for h, w in zip(head, widths)))
+        print("  ".join(str(r.get(h, "")).ljust(w) for h, w in zip(head, widths, strict=True)))
 
 
 if __name__ == "__main__":

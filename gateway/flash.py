@@ -8,6 +8,7 @@ the step) and a header-only flash interaction trace (D2).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import logging
 import threading
@@ -23,10 +24,10 @@ from udsoncan.exceptions import NegativeResponseException, TimeoutException
 from agent.canbus import Segment
 from agent.config import EcuConfig, GatewayConfig, VehicleConfig
 from agent.errors import FlashError, UsageError
+from agent.identifiers import DID, security_key
 from agent.storage import atomic_write_json
 from agent.trace import TraceHeader, TraceRecorder
 from agent.uds_client import RawCodec, UdsLink, describe_failure
-from agent.identifiers import DID, security_key
 
 __all__ = ["FlashJob", "FlashResult", "flash_all", "EcuFlasher", "STEPS", "fingerprint"]
 
@@ -209,7 +210,8 @@ class EcuFlasher:
         self._do("security_access", lambda: c.unlock_security_access(ecu.security_level))
         self._do("write_fingerprint", lambda: c.write_data_by_identifier(
             ecu.fingerprint_did, fingerprint(self.job.version, _dt.date.today())))
-        self._do("erase", lambda: self._routine(c, ecu.erase_routine, region.alfid.get_byte() + region.get_address_bytes() + region.get_memorysize_bytes()))
+        erase_option = region.alfid.get_byte() + region.get_address_bytes() + region.get_memorysize_bytes()
+        self._do("erase", lambda: self._routine(c, ecu.erase_routine, erase_option))
         response = self._do("request_download", lambda: c.request_download(region))
         self.max_block = int(response.service_data.max_length)
         if self.max_block < 3:
@@ -218,7 +220,7 @@ class EcuFlasher:
         counter = 1
         for offset in range(0, len(image), chunk):
             block = image[offset : offset + chunk]
-            self._do("transfer_data", lambda: c.transfer_data(counter, block))
+            self._do("transfer_data", functools.partial(c.transfer_data, counter, block))
             self.sent = offset + len(block)
             counter = (counter + 1) & 0xFF
         self._do("transfer_exit", lambda: c.request_transfer_exit())
@@ -237,9 +239,11 @@ class EcuFlasher:
             try:
                 got = link.client.read_data_by_identifier(DID.SOFTWARE_VERSION).service_data.values[DID.SOFTWARE_VERSION]
             except Exception as exc:  # noqa: BLE001
-                raise FlashError("verify", f"cannot read the software version after reset: {describe_failure(exc)[0]}") from None
-        if got.decode("ascii", "replace") != self.job.version:
-            raise FlashError("verify", f"ECU reports software {got.decode('ascii', 'replace')!r} after reset, expected {self.job.version!r}")
+                reason = describe_failure(exc)[0]
+                raise FlashError("verify", f"cannot read the software version after reset: {reason}") from None
+        reported = got.decode("ascii", "replace")
+        if reported != self.job.version:
+            raise FlashError("verify", f"ECU reports software {reported!r} after reset, expected {self.job.version!r}")
         return self.job.version
 
     def _routine(self, c: Any, routine: int, data: bytes | None) -> Any:
@@ -279,6 +283,7 @@ class TesterPresentKeeper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"tp-{segment.config.name}", daemon=True)
         self.sent = 0
+        self.recorder: TraceRecorder | None = None  # the trace of the ECU being flashed
 
     def __enter__(self) -> "TesterPresentKeeper":
         self._thread.start()
@@ -293,6 +298,9 @@ class TesterPresentKeeper:
             try:
                 self.segment.send_frame(self.can_id, b"\x02\x3e\x80")
                 self.sent += 1
+                recorder = self.recorder
+                if recorder is not None:
+                    recorder.functional_tester_present()
             except Exception:  # noqa: BLE001 - a missed TesterPresent is not fatal
                 log.debug("TesterPresent send failed", exc_info=True)
 
@@ -302,9 +310,15 @@ def flash_all(
     jobs: list[FlashJob],
     out_dir: str | Path,
     progress: Progress | None = None,
+    stop: threading.Event | None = None,
 ) -> list[FlashResult]:
-    """Flash every job; write ``<ecu>.trace.jsonl``, ``<ecu>.result.json``, ``summary.json``."""
+    """Flash every job; write ``<ecu>.trace.jsonl``, ``<ecu>.result.json``, ``summary.json``.
+
+    Setting ``stop`` (or an interrupt in the calling thread) cancels at the next request;
+    the ECUs being flashed get a ``failed`` result with the reason ``cancelled``.
+    """
     out = Path(out_dir)
+    stop = stop or threading.Event()
     by_segment: dict[str, list[FlashJob]] = {}
     for job in jobs:
         ecu = config.ecu(job.ecu)
@@ -318,10 +332,12 @@ def flash_all(
         try:
             period = config.gateway.tester_present_ms / 1000.0
             functional = config.ecu(seg_jobs[0].ecu).functional_id
-            with TesterPresentKeeper(segment, functional, period):
+            with TesterPresentKeeper(segment, functional, period) as keeper:
                 for job in seg_jobs:
-                    flasher = EcuFlasher(segment, config.ecu(job.ecu), config.gateway, job, progress)
+                    flasher = EcuFlasher(segment, config.ecu(job.ecu), config.gateway, job, progress, stop)
+                    keeper.recorder = flasher.recorder
                     result = flasher.run()
+                    keeper.recorder = None
                     trace_path = out / f"{job.ecu}.trace.jsonl"
                     result.trace_bytes = flasher.recorder.write(trace_path, result.result)
                     result.trace_file = trace_path.name
@@ -334,19 +350,32 @@ def flash_all(
             segment.shutdown()
 
     errors: list[BaseException] = []
+    finished = threading.Semaphore(0)
 
-    def guarded(target: Callable[[], None]) -> None:
+    def guarded(name: str, seg_jobs: list[FlashJob]) -> None:
         try:
-            target()
+            run_segment(name, seg_jobs)
         except BaseException as exc:  # noqa: BLE001 - reported after join
             errors.append(exc)
+        finally:
+            finished.release()
 
-    threads = [
-        threading.Thread(target=guarded, args=(lambda n=n, j=j: run_segment(n, j),), name=f"flash-{n}")
-        for n, j in by_segment.items()
-    ]
+    threads = [threading.Thread(target=guarded, args=item, name=f"flash-{item[0]}") for item in by_segment.items()]
     for t in threads:
         t.start()
+    # Wait on a semaphore, not Thread.join: an interrupt inside join() can leave the
+    # thread looking finished while it still writes its results.
+    pending = len(threads)
+    try:
+        while pending:
+            if finished.acquire(timeout=0.2):
+                pending -= 1
+    except BaseException:
+        stop.set()
+        while pending:
+            finished.acquire()
+            pending -= 1
+        raise
     for t in threads:
         t.join()
     if errors:

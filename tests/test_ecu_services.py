@@ -202,3 +202,20 @@ def test_garbage_on_the_bus_does_not_stop_the_server(bench):
     time.sleep(0.1)
     assert t.ask(b"\x3e\x00") == b"\x7e\x00"
     assert t.ask(b"\x22\xf1\x89") == b"\x62\xf1\x891.0.0"
+
+
+def test_reset_and_write_did_nrc_paths(bench):
+    t, _ = bench
+    assert t.ask(b"\x11\x05") == bytes.fromhex("7f1112")
+    assert t.ask(b"\x11\x01\x00") == bytes.fromhex("7f1113")
+    assert t.ask(b"\x2e\xf1\x5a\x26\x11\x21\x00") == bytes.fromhex("7f2e7f")  # default session
+    t.ask(b"\x10\x03")
+    assert t.ask(b"\x2e\xf1\x5a\x26\x11\x21\x00") == bytes.fromhex("7f2e22")  # not programming
+    t.unlock()
+    assert t.ask(b"\x2e\xf1\x90\x26\x11\x21\x00") == bytes.fromhex("7f2e31")  # not a writable DID
+    assert t.ask(b"\x2e\xf1\x5a\x26") == bytes.fromhex("7f2e13")
+    assert t.ask(b"\x2e\xf1\x99\x26\x11\x21\x03" + b"7.7") == bytes.fromhex("6ef199")
+    assert t.ask(b"\x22\xf1\x5a") == b"\x62\xf1\x5a\x26\x11\x21\x037.7"
+    assert t.ask(b"\x11\x81", timeout=0.15) is None  # suppressed positive response, then silent
+    time.sleep(0.3)
+    assert t.ask(b"\x22\xf1\x86") == b"\x62\xf1\x86\x01"  # after reset: default session
