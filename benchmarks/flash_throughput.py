@@ -7,7 +7,7 @@ bus-timing emulation. Prints, per run: TransferData goodput in KiB/s, CAN frames
 (counted from the ISO-TP framing of what was sent), the trace size per MiB flashed and,
 with emulation, the goodput as a fraction of the physical ISO-TP limit.
 
-    .venv/bin/python benchmarks/flash_throughput.py [--size 1M] [--emulated-size 256K] [--runs 1]
+    .venv/bin/python benchmarks/flash_throughput.py [--size 1M] [--emulated-size 1M] [--runs 1] [--mode NAME]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1M", help="image size without emulation (default 1M)")
-    parser.add_argument("--emulated-size", default="256K", help="image size with bus-timing emulation (default 256K)")
+    parser.add_argument("--emulated-size", default="1M", help="image size with bus-timing emulation (default 1M)")
     parser.add_argument("--runs", type=int, default=1, help="runs per mode (default 1)")
     parser.add_argument("--mode", action="append", help="only these modes (classic, fd, 'fd 4K blocks', 'classic @500k', 'fd @500k/2M')")
     parser.add_argument("--json", action="store_true", help="print JSON rows")
