@@ -28,7 +28,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from agent.errors import TraceFormatError
 from agent.storage import atomic_write_text
@@ -285,6 +285,3 @@ def read_trace(path: str | Path) -> Trace:
         raise TraceFormatError(f"{path}: cannot read trace ({exc})") from None
     return parse_trace(text, str(path))
 
-
-def iter_exchanges(trace: Trace) -> Iterator[Exchange]:
-    yield from trace.exchanges

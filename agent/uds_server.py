@@ -97,7 +97,6 @@ class ServerState(Protocol):
 
 
 S = TypeVar("S", bound=ServerState)
-Handler = Callable[[S, Request], "bytes | Outcome | None"]
 
 
 @dataclass(frozen=True)
@@ -106,12 +105,6 @@ class Service(Generic[S]):
     min_length: int = 1
     sessions: frozenset[int] = frozenset({SESSION_DEFAULT, SESSION_PROGRAMMING, SESSION_EXTENDED})
     subfunction: bool = False
-
-
-@dataclass
-class _Timing:
-    s3: float = 5.0
-    pending_interval: float = 1.0
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.errors import VotaError
 from agent.storage import atomic_write_json
 
 __all__ = ["FlashBanks", "BankInfo"]
@@ -50,9 +51,14 @@ class FlashBanks:
         if not self.meta_path.exists():
             self._save()
             return
-        meta = json.loads(self.meta_path.read_text())
-        self.active = meta["active"]
-        self.banks = {k: BankInfo(**v) for k, v in meta["banks"].items()}
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            self.active = meta["active"]
+            self.banks = {k: BankInfo(**v) for k, v in meta["banks"].items()}
+            if self.active not in ("a", "b") or set(self.banks) != {"a", "b"}:
+                raise ValueError("banks must be a and b")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise VotaError(f"{self.meta_path}: unreadable flash bank metadata ({exc})") from None
         inactive = self.banks[self.inactive]
         if inactive.state in ("erased", "writing", "written", "verified"):
             # An interrupted programming session: the bootloader discards the half image.

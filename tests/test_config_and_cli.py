@@ -145,3 +145,14 @@ def test_bus_timing_emulation_parameters():
     assert fd["can_fd"] and fd["bitrate_switch"] and 1_400_000 < fd["rate_limit_max_bitrate"] < 1_600_000
     assert round(physical_goodput(8, 500000) / 1024, 1) == 29.5
     assert round(physical_goodput(64, 500000, 2000000) / 1024) == 179
+
+
+def test_ecu_sim_refuses_corrupt_bank_metadata(tmp_path, write_config):
+    config = str(write_config({"segments": {"pt": {"bus": multicast_bus()}}, "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8)}}))
+    meta = tmp_path / "state" / "vcu" / "meta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text('{"active": "a", "banks": ')
+    run = vota("ecu-sim", "-c", config, "--state-dir", str(tmp_path / "state"), timeout=30)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "meta.json: unreadable flash bank metadata" in run.stderr
+    assert meta.read_text() == '{"active": "a", "banks": '  # evidence kept, nothing overwritten
