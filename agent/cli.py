@@ -80,6 +80,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser(
+        "gateway",
+        help="run the gateway daemon (deploy server on the TBOX link)",
+        description="Run the gateway as a daemon: it receives upgrade packages from the TBOX over ISO-TP/UDS "
+        "(RequestFileTransfer, TransferData, RequestTransferExit). Stops on SIGINT/SIGTERM.",
+    )
+    _add_common(p)
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a fault into the deploy server, e.g. deploy:GW:36#5:nrc=0x72 (see README)")
+
+    p = sub.add_parser(
+        "deploy",
+        help="deploy upgrade packages to the gateway (TBOX side)",
+        description="Send package files to the gateway's deploy server as deploy data packets; write per-package "
+        "deploy results and header-only deploy traces.",
+    )
+    _add_common(p)
+    p.add_argument("packages", nargs="+", metavar="FILE[=NAME]", help="package file, stored on the gateway as NAME (default: file name)")
+    p.add_argument("--sha256", action="append", default=[], metavar="HEX",
+                   help="the package's SHA-256 as the campaign declares it (default: computed from the file); repeat per package")
+    p.add_argument("--resume", action="store_true", help="continue interrupted deploys (RequestFileTransfer ResumeFile)")
+    p.add_argument("--out", default="var/tbox/deploy", metavar="DIR",
+                   help="directory for deploy results and traces (default: var/tbox/deploy)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="do not show progress")
+
+    p = sub.add_parser(
         "bench",
         help="run the simulated vehicle bench: ECU simulators + gateway flash",
         description="Start an ECU simulator process per ECU, flash each with a generated image through a gateway "
@@ -222,13 +248,84 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 0 if all(e["reachable"] for e in inventory) else 1
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from agent.config import load_vehicle_config
+    from agent.faults import parse_fault
+    from gateway.daemon import GatewayDaemon
+
+    config = load_vehicle_config(args.config)
+    daemon = GatewayDaemon(config, [parse_fault(f) for f in args.fault])
+
+    def stop(signum: int, frame: Any) -> None:
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    daemon.start()
+    print("gateway ready", flush=True)
+    daemon.wait()
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from agent.canbus import Segment
+    from agent.config import load_vehicle_config
+    from gateway.progress import ProgressBoard
+    from tbox.deploy import PackageDeployer, file_sha256
+
+    config = load_vehicle_config(args.config)
+    link = config.deploy_link()
+    if args.sha256 and len(args.sha256) != len(args.packages):
+        raise UsageError("give --sha256 once per package, or not at all")
+    items = []
+    for i, item in enumerate(args.packages):
+        path_text, _, name = item.partition("=")
+        path = Path(path_text)
+        if not path.is_file():
+            raise UsageError(f"{path}: package file not found")
+        digest = args.sha256[i].lower() if args.sha256 else file_sha256(path)
+        if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
+            raise UsageError(f"--sha256 {args.sha256[i]!r} is not a SHA-256 in hex")
+        items.append((name or path.name, path, digest))
+    signal.signal(signal.SIGTERM, _interrupt)
+    board = ProgressBoard([n for n, _, _ in items], enabled=not args.no_progress)
+    rows = []
+    with Segment(config.segments[link.segment]) as segment:
+        for name, path, digest in items:
+            deployer = PackageDeployer(segment, link, name, path, digest, resume=args.resume, progress=board)
+            result = deployer.run()
+            deployer.write(args.out, result)
+            rows.append(result.to_json())
+            if result.result != "success":
+                break  # D4: a failed deploy ends the deploy stage
+    board.finish()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        head = ["package", "result", "KiB", "packets", "resumed at", "s", "trace B", "failed step / reason"]
+        table = [[r["package"], r["result"], f"{r['size'] / 1024:.0f}", str(r["packets"]), str(r["resumed_from"]),
+                  f"{r['duration_s']:.1f}", str(r["trace_bytes"]),
+                  f"{r['failed_step']}: {r['reason']}" + (f" (packet {r['failed_packet']})" if r["failed_packet"] is not None else "")
+                  if r["result"] != "success" else ""] for r in rows]
+        print(_table(head, table))
+        print(f"deploy results and traces: {args.out}")
+    return 0 if len(rows) == len(items) and all(r["result"] == "success" for r in rows) else 3
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from agent.bench import run_bench
 
     return run_bench(args)
 
 
-COMMANDS = {"ecu-sim": cmd_ecu_sim, "flash": cmd_flash, "versions": cmd_versions, "bench": cmd_bench}
+COMMANDS = {
+    "ecu-sim": cmd_ecu_sim,
+    "flash": cmd_flash,
+    "versions": cmd_versions,
+    "gateway": cmd_gateway,
+    "deploy": cmd_deploy,
+    "bench": cmd_bench,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ __all__ = [
     "EcuSimConfig",
     "EcuConfig",
     "GatewayConfig",
+    "DeployConfig",
     "VehicleConfig",
     "load_vehicle_config",
     "parse_vehicle_config",
@@ -232,11 +233,30 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class DeployConfig:
+    """The TBOX-gateway link: the TBOX is the UDS client, the gateway's deploy server answers."""
+
+    segment: str
+    request_id: int = 0x7D0
+    response_id: int = 0x7D8
+    max_block_length: int = 4095
+    package_dir: str = "var/gateway/packages"
+    p2_ms: int = 1000
+    p2_star_ms: int = 6000
+
+
+@dataclass(frozen=True)
 class VehicleConfig:
     source: str
     segments: dict[str, SegmentConfig]
     ecus: dict[str, EcuConfig]
     gateway: GatewayConfig
+    deploy: DeployConfig | None = None
+
+    def deploy_link(self) -> DeployConfig:
+        if self.deploy is None:
+            raise ConfigError(self.source, "deploy", "missing; the TBOX-gateway link needs a deploy section")
+        return self.deploy
 
     def ecu(self, name: str) -> EcuConfig:
         try:
@@ -348,8 +368,34 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         retries=gw.get("retries", _nonneg, d.retries),
     )
     gw.done()
+    deploy = _deploy(source, top.section("deploy"), segments) if top.data.get("deploy") is not None else None
+    top.used.add("deploy")
     top.done()
-    return VehicleConfig(source, segments, ecus, gateway)
+    return VehicleConfig(source, segments, ecus, gateway, deploy)
+
+
+def _deploy(source: str, sec: _Section, segments: Mapping[str, SegmentConfig]) -> DeployConfig:
+    d = DeployConfig("")
+    segment = sec.get("segment", _str)
+    if segment not in segments:
+        raise ConfigError(source, sec.key("segment"), f"unknown segment {segment!r} (configured: {', '.join(sorted(segments))})")
+    timing = sec.section("timing", {})
+    cfg = DeployConfig(
+        segment=segment,
+        request_id=sec.get("request_id", _can_id, d.request_id),
+        response_id=sec.get("response_id", _can_id, d.response_id),
+        max_block_length=sec.get("max_block_length", _positive, d.max_block_length),
+        package_dir=sec.get("package_dir", _str, d.package_dir),
+        p2_ms=timing.get("p2_ms", _positive, d.p2_ms),
+        p2_star_ms=timing.get("p2_star_ms", _positive, d.p2_star_ms),
+    )
+    timing.done()
+    sec.done()
+    if cfg.max_block_length < 7:
+        raise ConfigError(source, sec.key("max_block_length"), "must be at least 7 (SID, counter, 4-byte packet id, data)")
+    if cfg.request_id == cfg.response_id:
+        raise ConfigError(source, sec.key("response_id"), "must differ from request_id")
+    return cfg
 
 
 def _check_unique_ids(source: str, ecus: Mapping[str, EcuConfig]) -> None:

@@ -16,8 +16,9 @@ full request length; ``dt`` ms from the request to its final response (null: non
 ``rid`` response CAN id where they differ from the header's, ``sent`` false when the
 request never left, ``func`` true for functional requests, ``pend`` the ms of every 0x78
 response-pending, ``late`` [ms, hex] a response that came after the client gave up,
-``stray`` [[ms, can_id, hex], ...] response frames from other CAN ids, ``pkt`` the deploy
-packet id, ``err`` what went wrong on the client side. The last line may be a trailer
+``stray`` [[ms, can_id, hex], ...] response frames from other CAN ids, ``err`` what went
+wrong on the client side. In the deploy stage a TransferData header is ``36 nn PPPPPPPP``:
+block counter and the deploy packet id (the packet's number within the package). The last line may be a trailer
 object ``{"end": true, "exchanges": N, "result": "success"|"failed", "tester_present": [ms, ...]}``
 (the functional TesterPresent requests, ``3E 80`` on the functional id, sent meanwhile).
 """
@@ -49,23 +50,32 @@ FORMAT = "vota-trace"
 VERSION = 1
 COLUMNS = ["t", "req", "len", "dt", "rsp", "x"]
 
-# How many leading bytes of a request are its header, per service; the rest is data.
+# How many leading bytes of a request are its header, per stage and service; the rest is
+# data and never recorded.
 _HEADER_LENGTH = {
-    0x27: 2,  # SID, sub-function (the key is not recorded)
-    0x2E: 3,  # SID, DID
-    0x31: 4,  # SID, sub-function, routine id
-    0x36: 2,  # SID, block sequence counter
-    0x37: 1,
-    0x3D: 1,
+    "flash": {
+        0x27: 2,  # SID, sub-function (the key is not recorded)
+        0x2E: 3,  # SID, DID
+        0x31: 4,  # SID, sub-function, routine id
+        0x36: 2,  # SID, block sequence counter
+        0x37: 1,
+        0x3D: 1,
+    },
+    "deploy": {
+        0x31: 4,
+        0x36: 6,  # SID, block sequence counter, deploy packet id (4 bytes, big endian)
+        0x37: 1,  # the package digest that follows is data
+        0x38: 0x10000,  # RequestFileTransfer: mode, path, format and sizes are all header
+    },
 }
 _DEFAULT_HEADER_LENGTH = 12
 _MAX_RESPONSE = 64
 
 
-def request_header(payload: bytes) -> bytes:
+def request_header(payload: bytes, stage: str = "flash") -> bytes:
     if not payload:
         return b""
-    return payload[: _HEADER_LENGTH.get(payload[0], _DEFAULT_HEADER_LENGTH)]
+    return payload[: _HEADER_LENGTH.get(stage, {}).get(payload[0], _DEFAULT_HEADER_LENGTH)]
 
 
 def _ms(seconds: float) -> float:
@@ -181,7 +191,8 @@ class TraceRecorder:
         return self.exchanges[-1] if self.exchanges else None
 
     def request(self, payload: bytes, **extra: Any) -> Exchange:
-        exchange = Exchange(self._now(), request_header(payload), len(payload), extra={k: v for k, v in extra.items() if v is not None})
+        header = request_header(payload, self.header.stage)
+        exchange = Exchange(self._now(), header, len(payload), extra={k: v for k, v in extra.items() if v is not None})
         self.exchanges.append(exchange)
         return exchange
 

@@ -25,6 +25,7 @@ __all__ = [
     "ServerState",
     "UdsServer",
     "negative",
+    "BlockCounter",
     "Nrc",
     "SESSION_DEFAULT",
     "SESSION_PROGRAMMING",
@@ -66,6 +67,26 @@ _FUNCTIONAL_SILENT_NRCS = {0x11, 0x12, 0x31, 0x7E, 0x7F}
 
 def negative(sid: int, nrc: int) -> bytes:
     return bytes((0x7F, sid, nrc))
+
+
+@dataclass
+class BlockCounter:
+    """TransferData's blockSequenceCounter: starts at 01, wraps FF -> 00; a repeat of the last
+    accepted block is acknowledged without being written again; anything else is NRC 0x73."""
+
+    expected: int = 1
+    last: int | None = None
+
+    def classify(self, counter: int) -> str:
+        if counter == self.expected:
+            return "next"
+        if counter == self.last:
+            return "repeat"
+        return "wrong"
+
+    def accept(self, counter: int) -> None:
+        self.last = counter
+        self.expected = (counter + 1) & 0xFF
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from agent.uds_server import (
     SESSION_DEFAULT,
     SESSION_EXTENDED,
     SESSION_PROGRAMMING,
+    BlockCounter,
     Nrc,
     Outcome,
     Request,
@@ -48,8 +49,7 @@ class EcuState:
     download_active: bool = False
     download_size: int = 0
     received: int = 0
-    expected_counter: int = 1
-    last_counter: int | None = None
+    counter: BlockCounter = field(default_factory=BlockCounter)
     resets: int = 0
     erased_region: tuple[int, int] | None = field(default=None)
 
@@ -297,7 +297,7 @@ def request_download(s: EcuState, r: Request) -> bytes:
         return negative(0x34, Nrc.UPLOAD_DOWNLOAD_NOT_ACCEPTED)
     s.banks.begin_write(size)
     s.download_active, s.download_size, s.received = True, size, 0
-    s.expected_counter, s.last_counter = 1, None
+    s.counter = BlockCounter()
     return b"\x74\x20" + s.sim.max_block_length.to_bytes(2, "big")
 
 
@@ -307,9 +307,10 @@ def transfer_data(s: EcuState, r: Request) -> bytes:
     if not s.download_active:
         return negative(0x36, Nrc.REQUEST_SEQUENCE_ERROR)
     counter = r.data[1]
-    if counter == s.last_counter and counter != s.expected_counter:
+    kind = s.counter.classify(counter)
+    if kind == "repeat":
         return bytes((0x76, counter))  # a repeated block: acknowledged, not written twice
-    if counter != s.expected_counter:
+    if kind == "wrong":
         return negative(0x36, Nrc.WRONG_BLOCK_SEQUENCE_COUNTER)
     if len(r.data) > s.sim.max_block_length or len(r.data) == 2:
         return negative(0x36, Nrc.INCORRECT_LENGTH)
@@ -318,8 +319,7 @@ def transfer_data(s: EcuState, r: Request) -> bytes:
         return negative(0x36, Nrc.TRANSFER_SUSPENDED)
     s.banks.write(s.received, data)
     s.received += len(data)
-    s.last_counter = counter
-    s.expected_counter = (counter + 1) & 0xFF
+    s.counter.accept(counter)
     return bytes((0x76, counter))
 
 

@@ -1,0 +1,182 @@
+"""Deploy, TBOX -> gateway (D1, D3): send an upgrade package as deploy data packets over
+ISO-TP/UDS and record the header-only deploy interaction trace."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from udsoncan.exceptions import NegativeResponseException
+
+from agent.canbus import Segment
+from agent.config import DeployConfig
+from agent.errors import FlashError
+from agent.trace import TraceHeader, TraceRecorder
+from agent.uds_client import UdsLink, describe_failure
+from gateway.deploy_server import PACKET_HEADER, packet_payload
+
+__all__ = ["DeployResult", "PackageDeployer", "file_sha256", "DEPLOY_STEPS"]
+
+log = logging.getLogger(__name__)
+
+DEPLOY_STEPS = ("extended_session", "request_file_transfer", "transfer_data", "transfer_exit")
+
+Progress = Callable[[str, str, int, int], None]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class DeployResult:
+    package: str
+    result: str  # success | failed
+    size: int
+    sha256: str
+    failed_step: str | None = None
+    reason: str | None = None
+    nrc: int | None = None
+    failed_packet: int | None = None
+    packets: int = 0
+    resumed_from: int = 0
+    bytes_transferred: int = 0
+    started: str = ""
+    duration_s: float = 0.0
+    trace_file: str | None = None
+    trace_bytes: int = 0
+    trace_fraction: float = 0.0
+    schema: str = field(default="vota-deploy-result/1")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PackageDeployer:
+    """Deploys one package file to the gateway under ``name``; ``resume`` continues a
+    package whose deploy was interrupted (RequestFileTransfer ResumeFile)."""
+
+    def __init__(
+        self,
+        segment: Segment,
+        link: DeployConfig,
+        name: str,
+        path: str | Path,
+        sha256: str,
+        *,
+        resume: bool = False,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.segment, self.link, self.name = segment, link, name
+        self.path = Path(path)
+        self.sha256 = sha256
+        self.resume = resume
+        self.progress = progress or (lambda *a: None)
+        self.stop = stop or threading.Event()
+        self.size = self.path.stat().st_size
+        self.recorder = TraceRecorder(
+            TraceHeader(
+                stage="deploy",
+                client="TBOX",
+                server="GW",
+                packet=name,
+                request_id=link.request_id,
+                response_id=link.response_id,
+                functional_id=None,
+                started=time.time(),
+                extra={"segment": link.segment, "package": name, "package_size": self.size, "package_sha256": sha256},
+            )
+        )
+        self.step = ""
+        self.sent = 0
+        self.packet: int | None = None
+
+    def run(self) -> DeployResult:
+        started = time.time()
+        result = DeployResult(self.name, "failed", self.size, self.sha256,
+                              started=_dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"))
+        link = UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway",
+                       recorder=self.recorder, p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0)
+        try:
+            self._sequence(link, result)
+            result.result = "success"
+        except FlashError as exc:
+            result.failed_step, result.reason, result.nrc = exc.step, exc.reason, exc.nrc
+            if exc.step == "transfer_data":
+                result.failed_packet = self.packet
+            log.warning("deploy of %s failed at %s: %s", self.name, exc.step, exc.reason)
+        finally:
+            link.close()
+        result.duration_s = round(time.time() - started, 3)
+        result.bytes_transferred = self.sent - result.resumed_from
+        return result
+
+    def _do(self, step: str, action: Callable[[], Any]) -> Any:
+        if self.stop.is_set():
+            raise FlashError(step, "cancelled")
+        self.step = step
+        self.progress(self.name, step, self.sent, self.size)
+        try:
+            return action()
+        except NegativeResponseException as exc:
+            reason, nrc = describe_failure(exc)
+            raise FlashError(step, reason, nrc) from None
+        except Exception as exc:  # noqa: BLE001 - every failure ends this package's deploy
+            reason, nrc = describe_failure(exc)
+            self.recorder.note(reason)
+            raise FlashError(step, reason, nrc) from None
+
+    def _sequence(self, link: UdsLink, result: DeployResult) -> None:
+        c = link.client
+        self._do("extended_session", lambda: c.change_session(0x03))
+        if self.resume:
+            response = self._do("request_file_transfer", lambda: c.resume_file(self.name, filesize=self.size))
+            position = int(response.service_data.fileposition or 0)
+        else:
+            response = self._do("request_file_transfer", lambda: c.add_file(self.name, filesize=self.size))
+            position = 0
+        max_block = int(response.service_data.max_length)
+        payload = packet_payload(max_block)
+        if payload < 1:
+            raise FlashError("request_file_transfer", f"maxNumberOfBlockLength {max_block} leaves no room for data")
+        if position % payload or position > self.size:
+            raise FlashError("request_file_transfer", f"gateway resumes at byte {position}, not a packet boundary")
+        result.resumed_from = self.sent = position
+        counter = 1
+        with open(self.path, "rb") as handle:
+            handle.seek(position)
+            self.packet = position // payload
+            while self.sent < self.size:
+                data = handle.read(payload)
+                block = self.packet.to_bytes(PACKET_HEADER, "big") + data
+                self._do("transfer_data", functools.partial(c.transfer_data, counter, block))
+                self.sent += len(data)
+                self.packet += 1
+                result.packets += 1
+                counter = (counter + 1) & 0xFF
+        digest = bytes.fromhex(self.sha256)
+        self._do("transfer_exit", lambda: c.request_transfer_exit(digest))
+        self.progress(self.name, "done", self.sent, self.size)
+
+    def write(self, out_dir: str | Path, result: DeployResult) -> None:
+        """Write ``<package>.deploy.trace.jsonl`` and ``<package>.deploy.result.json``."""
+        from agent.storage import atomic_write_json
+
+        out = Path(out_dir)
+        trace_path = out / f"{self.name}.deploy.trace.jsonl"
+        result.trace_bytes = self.recorder.write(trace_path, result.result)
+        result.trace_file = trace_path.name
+        result.trace_fraction = round(result.trace_bytes / max(1, self.size), 5)
+        atomic_write_json(out / f"{self.name}.deploy.result.json", result.to_json())
