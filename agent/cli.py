@@ -106,6 +106,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="do not show progress")
 
     p = sub.add_parser(
+        "campaign",
+        help="make keys, sign and verify upgrade campaigns (what the cloud does)",
+        description="Campaign tools: keygen writes an Ed25519 key pair, sign wraps a campaign JSON in a signed "
+        "envelope, verify checks an envelope as a vehicle would.",
+    )
+    csub = p.add_subparsers(dest="campaign_command", metavar="ACTION")
+    csub.required = True
+    k = csub.add_parser("keygen", help="write an Ed25519 signing key and its public key")
+    k.add_argument("--out", default="keys", metavar="DIR", help="directory for signing.key and signing.pub (default: keys)")
+    k = csub.add_parser("sign", help="sign a campaign JSON file")
+    k.add_argument("campaign", metavar="CAMPAIGN.json")
+    k.add_argument("--key", required=True, metavar="PEM", help="Ed25519 private key (PEM)")
+    k.add_argument("--out", metavar="FILE", help="signed envelope (default: standard output)")
+    k = csub.add_parser("verify", help="verify a signed campaign as a vehicle would")
+    k.add_argument("envelope", metavar="SIGNED.json")
+    k.add_argument("--trusted", action="append", required=True, metavar="PEM", help="trusted public key (repeatable)")
+    k.add_argument("--vin", required=True, help="this vehicle's VIN")
+    k.add_argument("--installed", action="append", default=[], metavar="ECU=VERSION", help="installed version (anti-rollback)")
+    for k in csub.choices.values():
+        k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
         "bench",
         help="run the simulated vehicle bench: ECU simulators + gateway flash",
         description="Start an ECU simulator process per ECU, flash each with a generated image through a gateway "
@@ -312,6 +334,59 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0 if len(rows) == len(items) and all(r["result"] == "success" for r in rows) else 3
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read {what} ({exc.strerror})") from None
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    import datetime as _dt
+    import os
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent import campaign as c
+    from agent.storage import atomic_write_bytes
+
+    if args.campaign_command == "keygen":
+        key = Ed25519PrivateKey.generate()
+        out = Path(args.out)
+        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        atomic_write_bytes(out / "signing.key", private)
+        os.chmod(out / "signing.key", 0o600)
+        atomic_write_bytes(out / "signing.pub", public)
+        print(f"key id {c.key_id(key.public_key())}: {out / 'signing.key'} (keep secret), {out / 'signing.pub'} (give to vehicles)")
+        return 0
+    if args.campaign_command == "sign":
+        key = c.load_private_key(_read(args.key, "key"), args.key)
+        try:
+            doc = json.loads(_read(args.campaign, "campaign"))
+        except ValueError as exc:
+            raise UsageError(f"{args.campaign}: not JSON ({exc})") from None
+        envelope = c.sign_campaign(doc, key)
+        if args.out:
+            atomic_write_bytes(args.out, envelope)
+        else:
+            sys.stdout.write(envelope.decode())
+        return 0
+    trusted = {}
+    for path in args.trusted:
+        trusted_key = c.load_public_key(_read(path, "public key"), path)
+        trusted[c.key_id(trusted_key)] = trusted_key
+    installed = dict(item.partition("=")[::2] for item in args.installed)
+    campaign = c.verify_campaign(_read(args.envelope, "campaign"), trusted, vin=args.vin,
+                                 now=_dt.datetime.now(_dt.timezone.utc), installed=installed)
+    print(f"campaign {campaign.campaign_id} verified: {len(campaign.packages)} package(s), install {campaign.install}, "
+          f"expires {campaign.expires.isoformat()}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from agent.bench import run_bench
 
@@ -324,6 +399,7 @@ COMMANDS = {
     "versions": cmd_versions,
     "gateway": cmd_gateway,
     "deploy": cmd_deploy,
+    "campaign": cmd_campaign,
     "bench": cmd_bench,
 }
 

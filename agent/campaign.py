@@ -1,0 +1,268 @@
+"""Upgrade campaigns: the format, signing and verification (pure: bytes and ``now`` in,
+a verified ``Campaign`` or a ``CampaignRejected`` with a reason code out; no I/O).
+
+A signed campaign is a JSON envelope whose ``payload`` is the campaign JSON, base64-encoded,
+so that the signed bytes are exactly the bytes that travel::
+
+    {"payload_type": "application/vnd.vota.campaign+json",
+     "payload": "<base64 of the campaign JSON>",
+     "signatures": [{"keyid": "<16 hex>", "sig": "<base64 Ed25519 signature>"}]}
+
+The signature covers ``b"vota-campaign-v1\\n" + payload``. The campaign itself::
+
+    {"format": "vota-campaign", "version": 1, "campaign_id": "c-0001",
+     "vin": "LVOTA000000000001", "issued": "2026-11-21T10:00:00Z",
+     "expires": "2026-12-31T00:00:00Z", "install": "immediate" | "confirm",
+     "packages": [{"name": "vcu-2.0.0.bin", "ecu": "vcu", "version": "2.0.0",
+                   "url": "http://.../vcu-2.0.0.bin", "size": 1048576, "sha256": "<hex>"}]}
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.errors import VotaError
+
+__all__ = [
+    "Campaign",
+    "Package",
+    "CampaignRejected",
+    "sign_campaign",
+    "verify_campaign",
+    "key_id",
+    "load_private_key",
+    "load_public_key",
+    "compare_versions",
+    "PAYLOAD_TYPE",
+]
+
+PAYLOAD_TYPE = "application/vnd.vota.campaign+json"
+_DOMAIN = b"vota-campaign-v1\n"
+FORMAT = "vota-campaign"
+VERSION = 1
+MAX_ENVELOPE = 1 << 20
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+class CampaignRejected(VotaError):
+    """A campaign the vehicle must not run; ``reason`` is a stable code for the cloud."""
+
+    REASONS = ("malformed", "unsigned", "untrusted_key", "bad_signature", "expired", "not_yet_valid",
+               "wrong_vehicle", "downgrade", "unknown_ecu")
+
+    def __init__(self, reason: str, message: str, campaign_id: str | None = None) -> None:
+        assert reason in self.REASONS
+        self.reason = reason
+        self.campaign_id = campaign_id
+        super().__init__(f"campaign rejected ({reason}): {message}")
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    ecu: str
+    version: str
+    url: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ecu": self.ecu, "version": self.version, "url": self.url,
+                "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Campaign:
+    campaign_id: str
+    vin: str
+    issued: _dt.datetime
+    expires: _dt.datetime
+    install: str
+    packages: tuple[Package, ...]
+    raw: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.raw)
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_private_key(pem: bytes, source: str = "key") -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise VotaError(f"{source}: not a PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise VotaError(f"{source}: not an Ed25519 private key")
+    return key
+
+
+def load_public_key(pem: bytes, source: str = "key") -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError) as exc:
+        raise VotaError(f"{source}: not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise VotaError(f"{source}: not an Ed25519 public key")
+    return key
+
+
+def sign_campaign(campaign: Mapping[str, Any], key: Ed25519PrivateKey) -> bytes:
+    """The signed envelope for a campaign document (validated first)."""
+    payload = json.dumps(campaign, sort_keys=True, separators=(",", ":")).encode()
+    _parse(payload)  # refuse to sign what a vehicle would refuse to read
+    signature = key.sign(_DOMAIN + payload)
+    envelope = {
+        "payload_type": PAYLOAD_TYPE,
+        "payload": base64.b64encode(payload).decode(),
+        "signatures": [{"keyid": key_id(key.public_key()), "sig": base64.b64encode(signature).decode()}],
+    }
+    return json.dumps(envelope, indent=2).encode() + b"\n"
+
+
+def _time(value: Any, field: str) -> _dt.datetime:
+    if not isinstance(value, str):
+        raise CampaignRejected("malformed", f"{field} must be an ISO 8601 time string")
+    try:
+        parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise CampaignRejected("malformed", f"{field} {value!r} is not an ISO 8601 time") from None
+    if parsed.tzinfo is None:
+        raise CampaignRejected("malformed", f"{field} {value!r} has no time zone")
+    return parsed
+
+
+def _parse(payload: bytes) -> Campaign:
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise CampaignRejected("malformed", "the campaign payload is not JSON") from None
+    if not isinstance(doc, dict):
+        raise CampaignRejected("malformed", "the campaign must be a JSON object")
+    cid = doc.get("campaign_id")
+    cid_text = cid if isinstance(cid, str) else None
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise CampaignRejected("malformed", f"format must be {FORMAT} version {VERSION}", cid_text)
+    known = {"format", "version", "campaign_id", "vin", "issued", "expires", "install", "packages", "description"}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise CampaignRejected("malformed", f"unknown field {unknown[0]!r}", cid_text)
+    if not isinstance(cid, str) or not _NAME.match(cid):
+        raise CampaignRejected("malformed", "campaign_id must be a short name (letters, digits, ._+-)")
+    vin = doc.get("vin")
+    if not isinstance(vin, str) or not vin:
+        raise CampaignRejected("malformed", "vin is missing", cid)
+    install = doc.get("install", "immediate")
+    if install not in ("immediate", "confirm"):
+        raise CampaignRejected("malformed", "install must be immediate or confirm", cid)
+    packages_doc = doc.get("packages")
+    if not isinstance(packages_doc, list) or not packages_doc:
+        raise CampaignRejected("malformed", "packages must be a non-empty list", cid)
+    packages = []
+    for i, p in enumerate(packages_doc):
+        where = f"packages[{i}]"
+        if not isinstance(p, dict) or set(p) != {"name", "ecu", "version", "url", "size", "sha256"}:
+            raise CampaignRejected("malformed", f"{where} needs exactly name, ecu, version, url, size, sha256", cid)
+        if not all(isinstance(p[k], str) and p[k] for k in ("name", "ecu", "version", "url", "sha256")):
+            raise CampaignRejected("malformed", f"{where}: name, ecu, version, url and sha256 must be strings", cid)
+        if not _NAME.match(p["name"]) or p["name"].endswith((".part", ".json")):
+            raise CampaignRejected("malformed", f"{where}.name {p['name']!r} is not a plain file name", cid)
+        if not isinstance(p["size"], int) or isinstance(p["size"], bool) or p["size"] <= 0:
+            raise CampaignRejected("malformed", f"{where}.size must be a positive integer", cid)
+        if not re.fullmatch(r"[0-9a-f]{64}", p["sha256"]):
+            raise CampaignRejected("malformed", f"{where}.sha256 must be 64 lower-case hex digits", cid)
+        if not p["url"].startswith(("http://", "https://")):
+            raise CampaignRejected("malformed", f"{where}.url must be http or https", cid)
+        packages.append(Package(p["name"], p["ecu"], p["version"], p["url"], p["size"], p["sha256"]))
+    if len({p.name for p in packages}) != len(packages) or len({p.ecu for p in packages}) != len(packages):
+        raise CampaignRejected("malformed", "package names and target ECUs must be unique", cid)
+    issued, expires = _time(doc.get("issued"), "issued"), _time(doc.get("expires"), "expires")
+    if expires <= issued:
+        raise CampaignRejected("malformed", "expires must be after issued", cid)
+    return Campaign(cid, vin, issued, expires, install, tuple(packages), doc)
+
+
+def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    parts = re.split(r"[.\-+_]", version)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0 or 1: numeric parts compare as numbers (2.0.10 > 2.0.9)."""
+    ka, kb = _version_key(a), _version_key(b)
+    return (ka > kb) - (ka < kb)
+
+
+def verify_campaign(
+    envelope: bytes,
+    trusted: Mapping[str, Ed25519PublicKey],
+    *,
+    vin: str,
+    now: _dt.datetime,
+    installed: Mapping[str, str] | None = None,
+    known_ecus: set[str] | None = None,
+) -> Campaign:
+    """Verify a signed campaign for this vehicle at ``now`` against the installed versions."""
+    if len(envelope) > MAX_ENVELOPE:
+        raise CampaignRejected("malformed", f"envelope larger than {MAX_ENVELOPE} bytes")
+    try:
+        env = json.loads(envelope)
+    except (ValueError, UnicodeDecodeError):
+        raise CampaignRejected("malformed", "not JSON") from None
+    if not isinstance(env, dict) or env.get("payload_type") != PAYLOAD_TYPE or not isinstance(env.get("payload"), str):
+        raise CampaignRejected("malformed", f"not a signed campaign envelope ({PAYLOAD_TYPE})")
+    try:
+        payload = base64.b64decode(env["payload"], validate=True)
+    except (binascii.Error, ValueError):
+        raise CampaignRejected("malformed", "payload is not base64") from None
+    campaign = _parse(payload)
+    cid = campaign.campaign_id
+    signatures = env.get("signatures")
+    if not isinstance(signatures, list) or not signatures:
+        raise CampaignRejected("unsigned", "the campaign carries no signature", cid)
+    verified = False
+    seen_trusted = False
+    for entry in signatures:
+        if not isinstance(entry, dict):
+            continue
+        key = trusted.get(str(entry.get("keyid")))
+        if key is None:
+            continue
+        seen_trusted = True
+        try:
+            key.verify(base64.b64decode(str(entry.get("sig")), validate=True), _DOMAIN + payload)
+            verified = True
+            break
+        except (InvalidSignature, binascii.Error, ValueError):
+            continue
+    if not seen_trusted:
+        raise CampaignRejected("untrusted_key", "no signature by a trusted key", cid)
+    if not verified:
+        raise CampaignRejected("bad_signature", "the signature does not verify", cid)
+    if campaign.vin != vin:
+        raise CampaignRejected("wrong_vehicle", f"the campaign is for {campaign.vin}, this vehicle is {vin}", cid)
+    if now >= campaign.expires:
+        raise CampaignRejected("expired", f"expired at {campaign.expires.isoformat()}", cid)
+    if now < campaign.issued - _dt.timedelta(minutes=5):
+        raise CampaignRejected("not_yet_valid", f"issued in the future ({campaign.issued.isoformat()})", cid)
+    for p in campaign.packages:
+        if known_ecus is not None and p.ecu not in known_ecus:
+            raise CampaignRejected("unknown_ecu", f"package {p.name} targets unknown ECU {p.ecu!r}", cid)
+        current = (installed or {}).get(p.ecu)
+        if current and compare_versions(p.version, current) < 0:
+            raise CampaignRejected("downgrade", f"{p.ecu}: {p.version} is older than the installed {current}", cid)
+    return campaign

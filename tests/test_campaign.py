@@ -1,0 +1,105 @@
+"""Campaign format, signing and every reason a vehicle refuses one."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime as dt
+import json
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.campaign import CampaignRejected, compare_versions, key_id, sign_campaign, verify_campaign
+from tests.conftest import vota
+
+NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)
+KEY = Ed25519PrivateKey.generate()
+TRUSTED = {key_id(KEY.public_key()): KEY.public_key()}
+DOC = {
+    "format": "vota-campaign", "version": 1, "campaign_id": "c-0001", "vin": "LVOTA000000000001",
+    "issued": "2026-11-21T10:00:00Z", "expires": "2026-12-31T00:00:00Z", "install": "immediate",
+    "packages": [{"name": "vcu-2.0.0.bin", "ecu": "vcu", "version": "2.0.0", "url": "http://127.0.0.1:1/vcu",
+                  "size": 1024, "sha256": "ab" * 32}],
+}
+
+
+def verify(envelope: bytes, **kw):  # type: ignore[no-untyped-def]
+    args = {"vin": "LVOTA000000000001", "now": NOW, "installed": {"vcu": "1.0.0"}, "known_ecus": {"vcu", "bms"}}
+    args.update(kw)
+    return verify_campaign(envelope, TRUSTED, **args)
+
+
+def test_sign_and_verify():
+    campaign = verify(sign_campaign(DOC, KEY))
+    assert campaign.campaign_id == "c-0001" and campaign.packages[0].version == "2.0.0"
+    assert campaign.install == "immediate"
+
+
+def _reason(envelope: bytes, **kw) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(CampaignRejected) as err:
+        verify(envelope, **kw)
+    return err.value.reason
+
+
+def test_rejections():
+    good = sign_campaign(DOC, KEY)
+    env = json.loads(good)
+    assert _reason(good, vin="LOTHER") == "wrong_vehicle"
+    assert _reason(good, now=dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc)) == "expired"
+    assert _reason(good, installed={"vcu": "2.0.10"}) == "downgrade"
+    assert _reason(good, known_ecus={"bms"}) == "unknown_ecu"
+    assert _reason(json.dumps({**env, "signatures": []}).encode()) == "unsigned"
+    other = Ed25519PrivateKey.generate()
+    assert _reason(sign_campaign(DOC, other)) == "untrusted_key"
+    tampered = json.loads(base64.b64decode(env["payload"]))
+    tampered["packages"][0]["sha256"] = "cd" * 32
+    env_t = {**env, "payload": base64.b64encode(json.dumps(tampered).encode()).decode()}
+    assert _reason(json.dumps(env_t).encode()) == "bad_signature"
+    assert _reason(b"not json") == "malformed"
+    assert _reason(b"{}") == "malformed"
+    assert _reason(b"x" * (2 << 20)) == "malformed"
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.update(format="other"),
+    lambda d: d.update(colour="red"),
+    lambda d: d.update(install="sometime"),
+    lambda d: d.update(expires="2026-01-01T00:00:00Z"),
+    lambda d: d.update(issued="yesterday"),
+    lambda d: d["packages"][0].update(size=-1),
+    lambda d: d["packages"][0].update(name="../evil"),
+    lambda d: d["packages"][0].update(sha256="xyz"),
+    lambda d: d["packages"][0].update(url="file:///etc/passwd"),
+    lambda d: d.update(packages=[]),
+])
+def test_malformed_campaigns_cannot_be_signed(mutate):
+    doc = copy.deepcopy(DOC)
+    mutate(doc)
+    with pytest.raises(CampaignRejected) as err:
+        sign_campaign(doc, KEY)
+    assert err.value.reason == "malformed"
+
+
+def test_version_order():
+    assert compare_versions("2.0.10", "2.0.9") == 1
+    assert compare_versions("1.0.0", "1.0.0") == 0
+    assert compare_versions("1.2", "1.10") == -1
+
+
+def test_cli_keygen_sign_verify(tmp_path):
+    assert vota("campaign", "keygen", "--out", str(tmp_path / "keys")).returncode == 0
+    (tmp_path / "c.json").write_text(json.dumps({**DOC, "expires": "2099-01-01T00:00:00Z"}))
+    signed = tmp_path / "c.signed.json"
+    run = vota("campaign", "sign", str(tmp_path / "c.json"), "--key", str(tmp_path / "keys/signing.key"), "--out", str(signed))
+    assert run.returncode == 0, run.stderr
+    ok = vota("campaign", "verify", str(signed), "--trusted", str(tmp_path / "keys/signing.pub"), "--vin", "LVOTA000000000001")
+    assert ok.returncode == 0 and "c-0001 verified" in ok.stdout
+    bad = vota("campaign", "verify", str(signed), "--trusted", str(tmp_path / "keys/signing.pub"), "--vin", "X",
+               "--installed", "vcu=1.0")
+    assert bad.returncode == 1 and "wrong_vehicle" in bad.stderr and "Traceback" not in bad.stderr
+    down = vota("campaign", "verify", str(signed), "--trusted", str(tmp_path / "keys/signing.pub"),
+                "--vin", "LVOTA000000000001", "--installed", "vcu=3.0.0")
+    assert down.returncode == 1 and "downgrade" in down.stderr
+    missing = vota("campaign", "sign", str(tmp_path / "nope.json"), "--key", str(tmp_path / "keys/signing.key"))
+    assert missing.returncode == 2 and "not found" in missing.stderr
