@@ -14,8 +14,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-# System packages the tests need (the MQTT broker arrives with the cloud-link work).
+# System packages the tests need: Mosquitto, the real MQTT broker the tests start.
 sysdeps:
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; fi; \
+	fi
 	@if [ "$$(id -u)" = 0 ]; then sysctl -q -w net.core.rmem_max=4194304 2>/dev/null || true; fi
 
 demo: venv
@@ -25,8 +29,8 @@ test: venv sysdeps lint
 	$(PY) -m pytest -q tests
 
 lint: venv
-	$(PY) -m ruff check agent gateway ecu_sim tbox tests benchmarks
-	$(PY) -m mypy agent gateway ecu_sim tbox
+	$(PY) -m ruff check agent gateway ecu_sim tbox cloud_sim tests benchmarks
+	$(PY) -m mypy agent gateway ecu_sim tbox cloud_sim
 
 bench: venv
 	$(PY) benchmarks/flash_throughput.py

@@ -1,0 +1,242 @@
+"""The cloud link over MQTT 5 (paho-mqtt): one topic tree per vehicle, QoS 1, a retained
+"online" status with an "offline" last will, and store-and-forward through the outbox.
+
+Topic tree (``<prefix>`` is ``vota/v1/<vin>``)::
+
+    <prefix>/status      out, retained   {"state": "online" | "offline"}
+    <prefix>/campaign    in              a signed campaign envelope
+    <prefix>/command     in              {"command": ..., ...}
+    <prefix>/events      out             campaign state changes, progress, rejections
+    <prefix>/inventory   out             version collection (D11)
+    <prefix>/results     out             deploy and flash results
+    <prefix>/traces      out             header-only traces, gzip + base64, split in parts
+
+Every outgoing message is a JSON object ``{"id", "vin", "type", "ts", "body"}``; ``id``
+is stable, so a message delivered twice is recognisably the same message.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import logging
+import queue
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.errors import ConfigError
+from agent.outbox import Outbox
+
+__all__ = ["CloudConfig", "CloudLink", "topic_prefix", "trace_parts", "join_trace_parts", "OUT_KINDS", "IN_KINDS"]
+
+log = logging.getLogger(__name__)
+
+OUT_KINDS = ("events", "inventory", "results", "traces")
+IN_KINDS = ("campaign", "command")
+MAX_INBOUND = 256 * 1024
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    broker: str = "mqtt://127.0.0.1:1883"
+    outbox: str = "var/tbox/outbox.db"
+    topic_root: str = "vota/v1"
+    keepalive: int = 30
+    max_message_bytes: int = 128 * 1024
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 60
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+    def host_port(self) -> tuple[str, int, bool]:
+        url = urlparse(self.broker)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ConfigError("cloud", "broker", f"expected mqtt://host:port or mqtts://host:port, got {self.broker!r}")
+        tls = url.scheme == "mqtts" or self.tls_ca is not None
+        return url.hostname, url.port or (8883 if tls else 1883), tls
+
+
+def topic_prefix(root: str, vin: str) -> str:
+    return f"{root}/{vin}"
+
+
+def trace_parts(trace: bytes, max_bytes: int) -> tuple[str, list[str]]:
+    """gzip a trace and cut its base64 text into parts that fit a message."""
+    packed = base64.b64encode(gzip.compress(trace, compresslevel=9, mtime=0)).decode()
+    room = max(1024, max_bytes - 1024)  # leave room for the JSON around a part
+    return "gzip+base64", [packed[i : i + room] for i in range(0, len(packed), room)] or [""]
+
+
+def join_trace_parts(parts: list[str]) -> bytes:
+    return gzip.decompress(base64.b64decode("".join(parts)))
+
+
+class CloudLink:
+    """Publishes the outbox to the broker and hands inbound messages to ``on_message``."""
+
+    def __init__(
+        self,
+        config: CloudConfig,
+        vin: str,
+        on_message: Callable[[str, bytes], None] | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.config, self.vin = config, vin
+        self.prefix = topic_prefix(config.topic_root, vin)
+        self.outbox = Outbox(config.outbox)
+        self.on_message = on_message or (lambda kind, payload: None)
+        self.host, self.port, tls = config.host_port()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"vota-tbox-{vin}",
+                                  protocol=mqtt.MQTTv5)
+        if tls:
+            self.client.tls_set(ca_certs=config.tls_ca, certfile=config.tls_cert, keyfile=config.tls_key,
+                                tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if config.username:
+            self.client.username_pw_set(config.username, config.password)
+        self.client.will_set(f"{self.prefix}/status", json.dumps({"state": "offline", "vin": vin}), qos=1, retain=True)
+        self.client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
+        self.client.max_inflight_messages_set(20)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+        self.connected = threading.Event()
+        # mid -> (message id, when published); touched by the sender thread only. paho calls
+        # on_publish holding its own lock, so acknowledgements come through a queue.
+        self._inflight: dict[int, tuple[str, float]] = {}
+        self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._sender = threading.Thread(target=self._send_loop, name="cloud-sender", daemon=True)
+
+    # ---- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self.client.connect_async(self.host, self.port, keepalive=self.config.keepalive, clean_start=True)
+        self.client.loop_start()
+        self._sender.start()
+
+    def stop(self, graceful: bool = True) -> None:
+        """Stop; ``graceful`` publishes "offline" first (a kill leaves it to the last will)."""
+        self._stop.set()
+        self._wake.set()
+        if self._sender.is_alive():
+            self._sender.join(timeout=5)
+        if graceful and self.connected.is_set():
+            info = self.client.publish(f"{self.prefix}/status", json.dumps({"state": "offline", "vin": self.vin}), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=2)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.outbox.close()
+
+    # ---- reporting ------------------------------------------------------------------------
+    def report(self, kind: str, body: dict[str, Any], msg_id: str | None = None) -> str:
+        """Store a report in the outbox; it is published when the broker is reachable."""
+        if kind not in OUT_KINDS:
+            raise ValueError(f"unknown report kind {kind!r}")
+        msg_id = msg_id or Outbox.new_id()
+        payload = json.dumps({"id": msg_id, "vin": self.vin, "type": kind, "ts": round(time.time(), 3), "body": body},
+                             separators=(",", ":")).encode()
+        stored = self.outbox.put(f"{self.prefix}/{kind}", payload, msg_id)
+        self._wake.set()
+        return stored
+
+    def report_trace(self, trace_id: str, trace: bytes, meta: dict[str, Any]) -> list[str]:
+        """Compress and (if needed) split a trace; each part is its own outbox message."""
+        encoding, parts = trace_parts(trace, self.config.max_message_bytes)
+        ids = []
+        for i, part in enumerate(parts):
+            body = {**meta, "trace_id": trace_id, "encoding": encoding, "part": i, "parts": len(parts),
+                    "size": len(trace), "data": part}
+            ids.append(self.report("traces", body, msg_id=f"{trace_id}.{i}"))
+        return ids
+
+    # ---- MQTT callbacks --------------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Properties | None) -> None:
+        if reason.is_failure:
+            log.warning("broker %s:%d refused the connection: %s", self.host, self.port, reason)
+            return
+        log.info("connected to %s:%d", self.host, self.port)
+        client.publish(f"{self.prefix}/status", json.dumps({"state": "online", "vin": self.vin}), qos=1, retain=True)
+        client.subscribe([(f"{self.prefix}/{kind}", 1) for kind in IN_KINDS])
+        self.connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Properties | None) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("disconnected from the broker (%s); retrying with backoff", reason)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Properties | None) -> None:
+        self._acks.put((mid, not reason.is_failure))
+        self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        kind = msg.topic.rsplit("/", 1)[-1]
+        if len(msg.payload) > MAX_INBOUND:
+            self.report("events", {"event": "rejected", "topic": kind, "reason": "too_large",
+                                   "detail": f"{len(msg.payload)} bytes, at most {MAX_INBOUND}"})
+            return
+        try:
+            self.on_message(kind, bytes(msg.payload))
+        except Exception:  # noqa: BLE001 - a bad message must not stop the link
+            log.exception("handling a %s message failed", kind)
+
+    # ---- sending ----------------------------------------------------------------------------
+    def _drain_acks(self) -> None:
+        while True:
+            try:
+                mid, ok = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            entry = self._inflight.pop(mid, None)
+            if entry is None:
+                continue
+            if ok:
+                self.outbox.ack(entry[0])
+            else:
+                log.warning("the broker refused message %s; it stays in the outbox", entry[0])
+
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_acks()
+            if not self.connected.is_set():
+                self._wake.wait(0.2)
+                self._wake.clear()
+                continue
+            now = time.monotonic()
+            for mid in [mid for mid, (_, t) in self._inflight.items() if now - t > 30]:
+                del self._inflight[mid]  # never acknowledged: it goes out again, same id
+            room = 20 - len(self._inflight)
+            busy = {msg_id for msg_id, _ in self._inflight.values()}
+            batch = self.outbox.pending(limit=room, exclude=busy) if room > 0 else []
+            if not batch:
+                self._wake.wait(0.2)
+                self._wake.clear()
+                continue
+            for m in batch:
+                if not self.connected.is_set():
+                    break
+                info = self.client.publish(m.topic, m.payload, qos=1, retain=m.retain)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    break
+                self._inflight[info.mid] = (m.id, time.monotonic())
+
+    def pending(self) -> int:
+        """Messages not yet acknowledged by the broker."""
+        return len(self.outbox)

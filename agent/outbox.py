@@ -1,0 +1,84 @@
+"""The store-and-forward outbox: everything the vehicle must report goes here first.
+
+SQLite in WAL mode; a message leaves only when the broker acknowledged it (``ack``). Each
+message has a stable id that travels in its payload, so a message sent twice (a broker
+restart between publish and acknowledgement, a TBOX restart) is one message to the cloud.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Outbox", "OutboxMessage"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    id      TEXT NOT NULL UNIQUE,
+    topic   TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    retain  INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    seq: int
+    id: str
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Outbox:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex
+
+    def put(self, topic: str, payload: bytes, msg_id: str | None = None, retain: bool = False) -> str:
+        """Store a message durably (committed before this returns). A known id is ignored."""
+        msg_id = msg_id or self.new_id()
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO outbox (id, topic, payload, retain, created) VALUES (?, ?, ?, ?, ?)",
+                (msg_id, topic, payload, int(retain), time.time()),
+            )
+        return msg_id
+
+    def pending(self, limit: int = 100, exclude: set[str] | None = None) -> list[OutboxMessage]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, id, topic, payload, retain FROM outbox ORDER BY seq LIMIT ?", (limit + len(exclude or ()),)
+            ).fetchall()
+        out = [OutboxMessage(r[0], r[1], r[2], bytes(r[3]), bool(r[4])) for r in rows]
+        if exclude:
+            out = [m for m in out if m.id not in exclude]
+        return out[:limit]
+
+    def ack(self, msg_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (msg_id,))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

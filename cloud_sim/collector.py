@@ -1,0 +1,107 @@
+"""The stand-in cloud's collector: stores everything vehicles report, per vehicle, once.
+
+Subscribes to ``<root>/+/#``; every message is stored by its stable id (a message that
+arrives twice is stored once), traces are reassembled from their parts. Layout::
+
+    <store>/<vin>/status.json                      last status (online/offline)
+    <store>/<vin>/<type>/<seq>-<id>.json           every report, in arrival order
+    <store>/<vin>/traces/<trace_id>.jsonl          reassembled traces
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.cloud_link import join_trace_parts
+from agent.storage import atomic_write_bytes, atomic_write_json
+
+__all__ = ["Collector"]
+
+log = logging.getLogger(__name__)
+
+
+class Collector:
+    def __init__(self, host: str, port: int, store: str | Path, root: str = "vota/v1", client_id: str = "vota-cloud-collector") -> None:
+        self.store = Path(store)
+        self.root = root
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.reconnect_delay_set(1, 5)
+        self.host, self.port = host, port
+        self.seen: set[str] = set()
+        self.duplicates = 0
+        self.messages: list[dict[str, Any]] = []
+        self.status: dict[str, str] = {}
+        self._parts: dict[str, dict[int, str]] = {}
+        self._lock = threading.Condition()
+        self.connected = threading.Event()
+
+    def start(self) -> None:
+        # A durable session: what vehicles report while the collector is away waits at the broker.
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 24 * 3600
+        self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        client.subscribe(f"{self.root}/+/#", qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        self.connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        parts = msg.topic.split("/")
+        if len(parts) < 4:
+            return
+        vin, kind = parts[-2], parts[-1]
+        try:
+            doc = json.loads(msg.payload)
+        except ValueError:
+            log.warning("not JSON on %s", msg.topic)
+            return
+        with self._lock:
+            if kind == "status":
+                self.status[vin] = doc.get("state", "?")
+                atomic_write_json(self.store / vin / "status.json", doc)
+            elif isinstance(doc, dict) and isinstance(doc.get("id"), str):
+                self._store(vin, kind, doc)
+            self._lock.notify_all()
+
+    def _store(self, vin: str, kind: str, doc: dict[str, Any]) -> None:
+        msg_id = doc["id"]
+        if msg_id in self.seen:
+            self.duplicates += 1
+            return
+        self.seen.add(msg_id)
+        self.messages.append(doc)
+        safe_id = "".join(ch for ch in msg_id if ch.isalnum() or ch in "._-")
+        atomic_write_json(self.store / vin / kind / f"{len(self.messages):06d}-{safe_id}.json", doc)
+        body = doc.get("body") or {}
+        if kind == "traces" and isinstance(body, dict) and "trace_id" in body:
+            trace_id = str(body["trace_id"])
+            got = self._parts.setdefault(trace_id, {})
+            got[int(body["part"])] = str(body["data"])
+            if len(got) == int(body["parts"]):
+                data = join_trace_parts([got[i] for i in range(len(got))])
+                safe = "".join(ch for ch in trace_id if ch.isalnum() or ch in "._-")
+                atomic_write_bytes(self.store / vin / "traces" / f"{safe}.jsonl", data)
+
+    def wait_for(self, predicate: Any, timeout: float) -> bool:
+        """Wait until ``predicate(self)`` holds (checked on every message)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: predicate(self), timeout)

@@ -1,0 +1,151 @@
+"""The MQTT cloud link against a real Mosquitto broker: store and forward, last will,
+trace compression and splitting, inbound messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.cloud_link import CloudConfig, CloudLink
+from cloud_sim.collector import Collector
+from tests.conftest import ROOT
+
+VIN = "LVOTA000000000001"
+
+
+def _link(broker, tmp_path, **kw):  # type: ignore[no-untyped-def]
+    config = CloudConfig(broker=broker.url, outbox=str(tmp_path / "outbox.db"), reconnect_min_s=1, reconnect_max_s=2, **kw)
+    return config
+
+
+def _events(collector: Collector) -> list[int]:
+    return [m["body"]["n"] for m in collector.messages if m["type"] == "events" and "n" in m["body"]]
+
+
+def _drained(link: CloudLink, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while link.pending() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return link.pending() == 0
+
+
+def test_reports_survive_broker_outage_and_tbox_restart(mosquitto, tmp_path):
+    collector = Collector("127.0.0.1", mosquitto.port, tmp_path / "cloud")
+    collector.start()
+    assert collector.connected.wait(10)  # the cloud's durable session exists
+    mosquitto.stop()  # the broker is down when the vehicle starts reporting
+    link = CloudLink(_link(mosquitto, tmp_path), VIN)
+    link.start()
+    try:
+        for n in range(20):
+            link.report("events", {"n": n})
+        time.sleep(1.0)
+        assert link.pending() == 20  # kept, nothing acknowledged
+        mosquitto.start()
+        assert collector.wait_for(lambda c: set(_events(c)) == set(range(20)), 20), _events(collector)
+        assert _drained(link)
+        mosquitto.stop()
+        for n in range(20, 30):
+            link.report("events", {"n": n})
+        link.stop(graceful=False)  # the TBOX goes away with 10 reports unsent ...
+        link = CloudLink(_link(mosquitto, tmp_path), VIN)  # ... and comes back with the same outbox
+        assert link.pending() == 10
+        link.start()
+        mosquitto.start()
+        assert collector.wait_for(lambda c: set(_events(c)) == set(range(30)), 20), _events(collector)
+        assert _drained(link)
+        got = _events(collector)
+        assert len(got) == 30  # each message stored once, whatever the broker delivered twice
+        stored = list((tmp_path / "cloud" / VIN / "events").iterdir())
+        assert len(stored) == 30
+    finally:
+        link.stop()
+        collector.stop()
+
+
+def test_online_status_and_last_will(mosquitto, tmp_path):
+    collector = Collector("127.0.0.1", mosquitto.port, tmp_path / "cloud")
+    collector.start()
+    script = textwrap.dedent(f"""
+        import time, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from agent.cloud_link import CloudConfig, CloudLink
+        link = CloudLink(CloudConfig(broker={mosquitto.url!r}, outbox={str(tmp_path / 'o.db')!r}, keepalive=2), {VIN!r})
+        link.start()
+        link.connected.wait(10)
+        print("up", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"up"
+        assert collector.wait_for(lambda c: c.status.get(VIN) == "online", 10)
+        os.kill(proc.pid, signal.SIGKILL)  # no goodbye: the broker publishes the last will
+        proc.wait()
+        assert collector.wait_for(lambda c: c.status.get(VIN) == "offline", 15)
+        assert json.loads((tmp_path / "cloud" / VIN / "status.json").read_text())["state"] == "offline"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        collector.stop()
+
+
+def test_large_trace_is_compressed_split_and_reassembled(mosquitto, tmp_path):
+    collector = Collector("127.0.0.1", mosquitto.port, tmp_path / "cloud")
+    collector.start()
+    link = CloudLink(_link(mosquitto, tmp_path, max_message_bytes=4096), VIN)
+    link.start()
+    try:
+        rows = [json.dumps([i * 40.1, f"36{i % 256:02x}", 4095, 38.2, f"76{i % 256:02x}"]) for i in range(3000)]
+        trace = ("\n".join(rows) + "\n").encode() + os.urandom(8000).hex().encode()
+        ids = link.report_trace("c-1.vcu.flash", trace, {"campaign_id": "c-1", "ecu": "vcu", "stage": "flash"})
+        assert len(ids) > 3
+        path = tmp_path / "cloud" / VIN / "traces" / "c-1.vcu.flash.jsonl"
+        assert collector.wait_for(lambda c: path.exists(), 20)
+        assert path.read_bytes() == trace
+        parts = [m for m in collector.messages if m["type"] == "traces"]
+        assert all(len(json.dumps(m)) <= 4096 for m in parts)
+        assert sum(len(m["body"]["data"]) for m in parts) < len(trace)  # compressed
+    finally:
+        link.stop()
+        collector.stop()
+
+
+def test_inbound_messages_and_oversized_payloads(mosquitto, tmp_path):
+    received: list[tuple[str, bytes]] = []
+    got = threading.Event()
+
+    def handle(kind: str, payload: bytes) -> None:
+        received.append((kind, payload))
+        got.set()
+
+    collector = Collector("127.0.0.1", mosquitto.port, tmp_path / "cloud")
+    collector.start()
+    link = CloudLink(_link(mosquitto, tmp_path), VIN, on_message=handle)
+    link.start()
+    cloud = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-cloud", protocol=mqtt.MQTTv5)
+    cloud.connect("127.0.0.1", mosquitto.port)
+    cloud.loop_start()
+    try:
+        assert link.connected.wait(10) and collector.connected.wait(10)
+        time.sleep(0.3)  # subscriptions in place
+        cloud.publish(f"vota/v1/{VIN}/command", b'{"command": "confirm_install"}', qos=1).wait_for_publish(5)
+        assert got.wait(10) and received == [("command", b'{"command": "confirm_install"}')]
+        cloud.publish(f"vota/v1/{VIN}/campaign", b"x" * (300 * 1024), qos=1).wait_for_publish(5)
+        assert collector.wait_for(lambda c: any(m["body"].get("reason") == "too_large" for m in c.messages), 10)
+        assert len(received) == 1  # the oversized one never reached the handler
+    finally:
+        cloud.loop_stop()
+        cloud.disconnect()
+        link.stop()
+        collector.stop()
