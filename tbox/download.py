@@ -1,0 +1,117 @@
+"""Package download over HTTP: byte-range resume, size and SHA-256 enforced as it arrives.
+
+The package grows in ``<dest>.part``; only a complete, verified package is renamed to
+``dest``. A server that sends more than the declared size is cut off; an interrupted
+download resumes with ``Range: bytes=N-`` from what is already on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from agent.errors import VotaError
+from agent.storage import fsync_dir
+
+__all__ = ["DownloadError", "download", "DownloadInfo"]
+
+CHUNK = 64 * 1024
+
+
+class DownloadError(VotaError):
+    """``transient``: worth retrying (network); otherwise fatal (wrong content, 404)."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        self.transient = transient
+        super().__init__(message)
+
+
+@dataclass
+class DownloadInfo:
+    resumed_from: int
+    downloaded: int
+
+
+def _partial_digest(part: Path, size: int) -> tuple[int, "hashlib._Hash"]:
+    digest = hashlib.sha256()
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:  # more than the package can hold: start again
+        part.unlink()
+        have = 0
+    if have:
+        with open(part, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return have, digest
+
+
+def download(
+    url: str,
+    dest: str | Path,
+    size: int,
+    sha256: str,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    timeout: float = 30.0,
+    should_stop: Callable[[], bool] | None = None,
+) -> DownloadInfo:
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    if dest.exists():
+        return DownloadInfo(size, 0)  # already downloaded and verified
+    have, digest = _partial_digest(part, size)
+    resumed_from = have
+    if have < size:
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            response = urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have:  # the server says there is nothing after `have`
+                part.unlink(missing_ok=True)
+                raise DownloadError(f"{url}: server refused the range from byte {have}; starting over", True) from None
+            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}", exc.code >= 500) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise DownloadError(f"{url}: {getattr(exc, 'reason', exc)}", True) from None
+        with response:
+            if have and response.status != 206:
+                have, digest, resumed_from = 0, hashlib.sha256(), 0  # no range support: whole file again
+            mode = "ab" if have else "wb"
+            with open(part, mode) as out:
+                try:
+                    while True:
+                        if should_stop is not None and should_stop():
+                            raise DownloadError(f"{url}: stopped", True)
+                        chunk = response.read(CHUNK)
+                        if not chunk:
+                            break
+                        if have + len(chunk) > size:
+                            out.write(chunk[: size - have])
+                            out.flush()
+                            part.unlink(missing_ok=True)
+                            raise DownloadError(f"{url}: the server sent more than the declared {size} bytes", False)
+                        out.write(chunk)
+                        digest.update(chunk)
+                        have += len(chunk)
+                        if progress is not None:
+                            progress(have, size)
+                except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
+                    out.flush()
+                    raise DownloadError(f"{url}: interrupted at byte {have} ({exc})", True) from None
+                finally:
+                    out.flush()
+                    os.fsync(out.fileno())
+        if have < size:
+            raise DownloadError(f"{url}: connection closed at byte {have} of {size}", True)
+    if digest.hexdigest() != sha256:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"{url}: SHA-256 {digest.hexdigest()} does not match the campaign's {sha256}", False)
+    os.replace(part, dest)
+    fsync_dir(dest.parent)
+    return DownloadInfo(resumed_from, size - resumed_from)
