@@ -179,7 +179,7 @@ def _parse(payload: bytes) -> Campaign:
             raise CampaignRejected("malformed", f"{where} needs exactly name, ecu, version, url, size, sha256", cid)
         if not all(isinstance(p[k], str) and p[k] for k in ("name", "ecu", "version", "url", "sha256")):
             raise CampaignRejected("malformed", f"{where}: name, ecu, version, url and sha256 must be strings", cid)
-        if not _NAME.match(p["name"]) or p["name"].endswith((".part", ".json")):
+        if not _NAME.match(p["name"]) or p["name"].endswith((".part", ".part.json")):
             raise CampaignRejected("malformed", f"{where}.name {p['name']!r} is not a plain file name", cid)
         if not isinstance(p["size"], int) or isinstance(p["size"], bool) or p["size"] <= 0:
             raise CampaignRejected("malformed", f"{where}.size must be a positive integer", cid)

@@ -102,11 +102,14 @@ class Request:
 
 @dataclass
 class Outcome:
-    """What a handler answers. ``busy`` seconds of work are covered by 0x78 pending;
-    ``after`` runs once the response is on the bus; ``silent`` seconds follow it."""
+    """What a handler answers. ``busy`` seconds of (simulated) work are covered by 0x78
+    pending; ``work`` is real work run off the handler while 0x78 pendings go out, and
+    returns the final response; ``after`` runs once the response is on the bus; ``silent``
+    seconds follow it."""
 
     response: bytes | None
     busy: float = 0.0
+    work: Callable[[], bytes] | None = None
     after: Callable[[], None] | None = None
     silent: float = 0.0
 
@@ -213,7 +216,9 @@ class UdsServer(Generic[S]):
             request = Request(data, now, functional)
             response, outcome = self._dispatch(request)
             fault = self._faults.next(request.sid)
-        if outcome is not None and outcome.busy > 0 and response is not None:
+        if outcome is not None and outcome.work is not None:
+            response = self._work(stack, request.sid, outcome.work)
+        elif outcome is not None and outcome.busy > 0 and response is not None:
             self._pending(stack, request.sid, outcome.busy)
         with self._lock:
             self._last_activity = self.clock()
@@ -257,6 +262,24 @@ class UdsServer(Generic[S]):
         ):
             return None
         return response
+
+    def _work(self, stack, sid: int, work: Callable[[], bytes]) -> bytes:  # type: ignore[no-untyped-def]
+        result: list[bytes] = []
+
+        def run() -> None:
+            try:
+                result.append(work())
+            except Exception:  # noqa: BLE001 - the client gets an NRC, the server goes on
+                log.exception("%s: work for service 0x%02X failed", self.name, sid)
+                result.append(negative(sid, Nrc.GENERAL_PROGRAMMING_FAILURE))
+
+        worker = threading.Thread(target=run, name=f"work-{self.name}", daemon=True)
+        worker.start()
+        worker.join(0.02)
+        while worker.is_alive():
+            stack.send(negative(sid, Nrc.RESPONSE_PENDING))
+            worker.join(self.pending_interval)
+        return result[0]
 
     def _pending(self, stack, sid: int, busy: float) -> None:  # type: ignore[no-untyped-def]
         deadline = self.clock() + busy

@@ -12,6 +12,11 @@ Request layouts (the deploy protocol, documented in the README):
     38 02 LLLL path                                delete a package
     36 nn PPPPPPPP data                            nn: block counter, P: deploy packet id
     37 <32-byte SHA-256>                           end of package, digest to check
+    38 04 LLLL path 00                             read a file the gateway produced
+    36 nn  ->  76 nn data                          (reading) the next block of the file
+    31 01 0301 manifest                            start installing (flashing) per manifest
+    31 03 0301 [campaign]                          install status: 71 03 0301 SS DDDD TTTT
+    31 01 0302                                     collect the ECU inventory (0x78 meanwhile)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from agent.config import DeployConfig
 from agent.storage import atomic_write_json, fsync_dir
@@ -30,12 +36,38 @@ from agent.uds_server import (
     SESSION_EXTENDED,
     BlockCounter,
     Nrc,
+    Outcome,
     Request,
     Service,
     negative,
 )
 
-__all__ = ["DeployState", "DEPLOY_SERVICES", "PACKET_HEADER", "packet_payload"]
+__all__ = ["DeployState", "DEPLOY_SERVICES", "PACKET_HEADER", "packet_payload", "Installer",
+           "INSTALL_ROUTINE", "INVENTORY_ROUTINE", "InstallStatus"]
+
+INSTALL_ROUTINE = 0x0301
+INVENTORY_ROUTINE = 0x0302
+
+
+class InstallStatus:
+    NONE = 0x00
+    RUNNING = 0x01
+    SUCCEEDED = 0x02
+    FAILED = 0x03
+    REFUSED = 0x04  # the manifest could not be used
+
+
+class Installer(Protocol):
+    """The gateway's port to flashing and version collection (I/O lives behind it)."""
+
+    def start(self, manifest: bytes) -> str | None:
+        """Start installing; None, or why the manifest is refused."""
+
+    def status(self, campaign: str | None) -> tuple[int, int, int]:
+        """(InstallStatus, ECUs done, ECUs in total)."""
+
+    def inventory(self) -> None:
+        """Collect the inventory into ``inventory.json`` in the results directory."""
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +92,30 @@ class _Transfer:
 
 
 @dataclass
+class _Upload:
+    """A file the TBOX reads back (ReadFile): flash results, traces, the inventory."""
+
+    name: str
+    data: bytes
+    offset: int = 0
+    counter: BlockCounter = field(default_factory=BlockCounter)
+    last_block: bytes = b""
+
+
+@dataclass
 class DeployState:
     config: DeployConfig
+    results_dir: str = "var/gateway/results"
+    installer: Installer | None = None
     session: int = SESSION_DEFAULT
     transfer: _Transfer | None = None
+    upload: _Upload | None = None
     accepted: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.dir = Path(self.config.package_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.results = Path(self.results_dir)
 
     @property
     def payload(self) -> int:
@@ -80,6 +127,7 @@ class DeployState:
 
     def abort(self) -> None:
         """Stop receiving; the partial package stays on disk for ResumeFile."""
+        self.upload = None
         if self.transfer is not None:
             self.transfer.handle.close()  # type: ignore[attr-defined]
             self.transfer = None
@@ -126,6 +174,8 @@ def _parse_file_request(data: bytes) -> tuple[int, str, int | None] | None:
     rest = data[4 + length :]
     if mode == 0x02:
         return (mode, path, None) if not rest else None
+    if mode == 0x04:
+        return (mode, path, None) if rest == b"\x00" else None
     if len(rest) < 2 or rest[0] != 0x00:  # dataFormatIdentifier: no compression/encryption
         return None
     width = rest[1]
@@ -139,13 +189,15 @@ def _request_file_transfer(s: DeployState, r: Request) -> bytes:
     if len(r.data) < 2:
         return negative(0x38, Nrc.INCORRECT_LENGTH)
     mode = r.data[1]
-    if mode not in (0x01, 0x02, 0x03, 0x06):
+    if mode not in (0x01, 0x02, 0x03, 0x04, 0x06):
         return negative(0x38, Nrc.OUT_OF_RANGE)
     parsed = _parse_file_request(r.data)
     if parsed is None:
         return negative(0x38, Nrc.INCORRECT_LENGTH)
     _, name, size = parsed
-    if not _NAME.match(name) or name.endswith((".part", ".json")):
+    if mode == 0x04:
+        return _read_file(s, name)
+    if not _NAME.match(name) or name.endswith((".part", ".part.json")):
         return negative(0x38, Nrc.OUT_OF_RANGE)
     if s.transfer is not None:
         return negative(0x38, Nrc.CONDITIONS_NOT_CORRECT)
@@ -194,7 +246,44 @@ def _resume_position(s: DeployState, name: str, size: int) -> int:
     return min(have, size) // s.payload * s.payload
 
 
+def _read_file(s: DeployState, path: str) -> bytes:
+    parts = path.split("/")
+    if not 1 <= len(parts) <= 2 or not all(_NAME.match(p) for p in parts):
+        return negative(0x38, Nrc.OUT_OF_RANGE)
+    if s.transfer is not None or s.upload is not None:
+        return negative(0x38, Nrc.CONDITIONS_NOT_CORRECT)
+    try:
+        data = (s.results / path).read_bytes()
+    except OSError:
+        return negative(0x38, Nrc.OUT_OF_RANGE)
+    s.upload = _Upload(path, data)
+    size = len(data).to_bytes(4, "big")
+    return bytes((0x78, 0x04, 0x02)) + s.config.max_block_length.to_bytes(2, "big") + b"\x00" + b"\x00\x04" + size + size
+
+
+def _send_block(s: DeployState, r: Request) -> bytes:
+    u = s.upload
+    assert u is not None
+    if len(r.data) != 2:
+        return negative(0x36, Nrc.INCORRECT_LENGTH)
+    counter = r.data[1]
+    kind = u.counter.classify(counter)
+    if kind == "repeat":
+        return bytes((0x76, counter)) + u.last_block
+    if kind == "wrong":
+        return negative(0x36, Nrc.WRONG_BLOCK_SEQUENCE_COUNTER)
+    if u.offset >= len(u.data):
+        return negative(0x36, Nrc.REQUEST_SEQUENCE_ERROR)  # nothing left to read
+    room = s.config.max_block_length - 2
+    u.last_block = u.data[u.offset : u.offset + room]
+    u.offset += len(u.last_block)
+    u.counter.accept(counter)
+    return bytes((0x76, counter)) + u.last_block
+
+
 def _transfer_data(s: DeployState, r: Request) -> bytes:
+    if s.upload is not None:
+        return _send_block(s, r)
     t = s.transfer
     if t is None:
         return negative(0x36, Nrc.REQUEST_SEQUENCE_ERROR)
@@ -222,6 +311,13 @@ def _transfer_data(s: DeployState, r: Request) -> bytes:
 
 
 def _transfer_exit(s: DeployState, r: Request) -> bytes:
+    if s.upload is not None:
+        if len(r.data) != 1:
+            return negative(0x37, Nrc.INCORRECT_LENGTH)
+        if s.upload.offset < len(s.upload.data):
+            return negative(0x37, Nrc.REQUEST_SEQUENCE_ERROR)
+        s.upload = None
+        return b"\x77"
     t = s.transfer
     if t is None:
         return negative(0x37, Nrc.REQUEST_SEQUENCE_ERROR)
@@ -247,7 +343,43 @@ def _transfer_exit(s: DeployState, r: Request) -> bytes:
     return b"\x77"
 
 
+def _routine(s: DeployState, r: Request) -> bytes | Outcome:
+    if len(r.data) < 4:
+        return negative(0x31, Nrc.INCORRECT_LENGTH)
+    kind, routine, option = r.data[1], int.from_bytes(r.data[2:4], "big"), r.data[4:]
+    if routine not in (INSTALL_ROUTINE, INVENTORY_ROUTINE) or s.installer is None:
+        return negative(0x31, Nrc.OUT_OF_RANGE)
+    head = bytes((0x71, kind)) + r.data[2:4]
+    installer = s.installer
+    if routine == INVENTORY_ROUTINE:
+        if kind != 0x01:
+            return negative(0x31, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+
+        def collect() -> bytes:
+            installer.inventory()
+            return head + b"\x00"
+
+        return Outcome(None, work=collect)
+    if kind == 0x03:
+        campaign = option.decode("ascii", "replace") if option else None
+        status, done, total = installer.status(campaign)
+        return head + bytes((status,)) + done.to_bytes(2, "big") + total.to_bytes(2, "big")
+    if kind != 0x01:
+        return negative(0x31, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+    name = option.decode("ascii", "replace")
+    if not _NAME.match(name) or not s.path(name).is_file():
+        return negative(0x31, Nrc.OUT_OF_RANGE)
+    if installer.status(None)[0] == InstallStatus.RUNNING:
+        return negative(0x31, Nrc.CONDITIONS_NOT_CORRECT)
+    refused = installer.start(s.path(name).read_bytes())
+    if refused:
+        log.warning("install manifest %s refused: %s", name, refused)
+        return negative(0x31, Nrc.CONDITIONS_NOT_CORRECT)
+    return head + b"\x00"
+
+
 DEPLOY_SERVICES: dict[int, Service[DeployState]] = {
+    0x31: Service(_routine, min_length=4, sessions=EXTENDED, subfunction=True),
     0x10: Service(_session, min_length=2, subfunction=True),
     0x3E: Service(_tester_present, min_length=2, subfunction=True),
     0x38: Service(_request_file_transfer, min_length=2, sessions=EXTENDED),

@@ -1,0 +1,87 @@
+"""The TBOX's side of the gateway link beyond package deploy: start the install, follow it,
+read back flash results, flash traces and the inventory (RequestFileTransfer ReadFile)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from agent.canbus import Segment
+from agent.config import DeployConfig
+from agent.errors import VotaError
+from agent.uds_client import UdsLink, describe_failure
+from gateway.deploy_server import INSTALL_ROUTINE, INVENTORY_ROUTINE, InstallStatus
+
+__all__ = ["GatewayClient", "GatewayError", "InstallStatus"]
+
+
+class GatewayError(VotaError):
+    """The gateway did not do what was asked; ``reason`` says what it answered."""
+
+
+class GatewayClient:
+    def __init__(self, segment: Segment, link: DeployConfig) -> None:
+        self.segment, self.link = segment, link
+
+    def _link(self) -> UdsLink:
+        return UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway",
+                       p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0)
+
+    def _call(self, what: str, fn: Any) -> Any:
+        with self._link() as link:
+            try:
+                link.client.change_session(0x03)
+                return fn(link.client)
+            except VotaError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one error type for the TBOX's state machine
+                raise GatewayError(f"{what}: {describe_failure(exc)[0]}") from None
+
+    def start_install(self, manifest_name: str) -> None:
+        self._call("start install", lambda c: c.routine_control(INSTALL_ROUTINE, 0x01, manifest_name.encode()))
+
+    def install_status(self, campaign: str) -> tuple[int, int, int]:
+        def ask(c: Any) -> tuple[int, int, int]:
+            record = c.routine_control(INSTALL_ROUTINE, 0x03, campaign.encode()).service_data.routine_status_record
+            if len(record) != 5:
+                raise GatewayError(f"install status: unexpected record {record.hex()}")
+            return record[0], int.from_bytes(record[1:3], "big"), int.from_bytes(record[3:5], "big")
+
+        return self._call("install status", ask)  # type: ignore[no-any-return]
+
+    def wait_install(self, campaign: str, timeout: float, poll: float = 0.5, should_stop: Any = None) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            status, _, _ = self.install_status(campaign)
+            if status != InstallStatus.RUNNING:
+                return status
+            if time.monotonic() > deadline:
+                raise GatewayError(f"install of {campaign} still running after {timeout:.0f} s")
+            if should_stop is not None and should_stop():
+                raise GatewayError("stopped while waiting for the install")
+            time.sleep(poll)
+
+    def read_file(self, path: str) -> bytes:
+        def read(c: Any) -> bytes:
+            response = c.read_file(path)
+            size = response.service_data.filesize.uncompressed
+            data = bytearray()
+            counter = 1
+            while len(data) < size:
+                block = c.transfer_data(counter).service_data.parameter_records
+                if not block:
+                    raise GatewayError(f"read {path}: empty block at byte {len(data)} of {size}")
+                data += block
+                counter = (counter + 1) & 0xFF
+            c.request_transfer_exit()
+            if len(data) != size:
+                raise GatewayError(f"read {path}: got {len(data)} bytes, expected {size}")
+            return bytes(data)
+
+        return self._call(f"read {path}", read)  # type: ignore[no-any-return]
+
+    def inventory(self) -> list[dict[str, Any]]:
+        self._call("collect inventory", lambda c: c.routine_control(INVENTORY_ROUTINE, 0x01))
+        doc = json.loads(self.read_file("inventory.json"))
+        return list(doc["ecus"])
