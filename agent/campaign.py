@@ -215,8 +215,10 @@ def verify_campaign(
     now: _dt.datetime,
     installed: Mapping[str, str] | None = None,
     known_ecus: set[str] | None = None,
+    check_time: bool = True,
 ) -> Campaign:
-    """Verify a signed campaign for this vehicle at ``now`` against the installed versions."""
+    """Verify a signed campaign for this vehicle at ``now`` against the installed versions.
+    ``check_time=False`` skips the validity period (re-reading a campaign already running)."""
     if len(envelope) > MAX_ENVELOPE:
         raise CampaignRejected("malformed", f"envelope larger than {MAX_ENVELOPE} bytes")
     try:
@@ -255,9 +257,9 @@ def verify_campaign(
         raise CampaignRejected("bad_signature", "the signature does not verify", cid)
     if campaign.vin != vin:
         raise CampaignRejected("wrong_vehicle", f"the campaign is for {campaign.vin}, this vehicle is {vin}", cid)
-    if now >= campaign.expires:
+    if check_time and now >= campaign.expires:
         raise CampaignRejected("expired", f"expired at {campaign.expires.isoformat()}", cid)
-    if now < campaign.issued - _dt.timedelta(minutes=5):
+    if check_time and now < campaign.issued - _dt.timedelta(minutes=5):
         raise CampaignRejected("not_yet_valid", f"issued in the future ({campaign.issued.isoformat()})", cid)
     for p in campaign.packages:
         if known_ecus is not None and p.ecu not in known_ecus:

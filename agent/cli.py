@@ -90,6 +90,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="inject a fault into the deploy server, e.g. deploy:GW:36#5:nrc=0x72 (see README)")
 
     p = sub.add_parser(
+        "tbox",
+        help="run the TBOX daemon (campaigns from the cloud, download, deploy, install, reports)",
+        description="Run the TBOX as a daemon: take signed campaigns over MQTT, download and verify the packages, "
+        "deploy them to the gateway, trigger the install, and report results and traces through the "
+        "store-and-forward outbox. SIGTERM checkpoints the current step and exits.",
+    )
+    _add_common(p)
+
+    p = sub.add_parser(
         "deploy",
         help="deploy upgrade packages to the gateway (TBOX side)",
         description="Send package files to the gateway's deploy server as deploy data packets; write per-package "
@@ -124,6 +133,41 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--trusted", action="append", required=True, metavar="PEM", help="trusted public key (repeatable)")
     k.add_argument("--vin", required=True, help="this vehicle's VIN")
     k.add_argument("--installed", action="append", default=[], metavar="ECU=VERSION", help="installed version (anti-rollback)")
+    for k in csub.choices.values():
+        k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "cloud",
+        help="the stand-in cloud: serve packages and collect reports, make campaigns, publish to a vehicle",
+        description="A stand-in for the OEM cloud, for benches and tests.",
+    )
+    csub = p.add_subparsers(dest="cloud_command", metavar="ACTION")
+    csub.required = True
+    k = csub.add_parser("serve", help="serve packages over HTTP and store every report (until SIGINT/SIGTERM)")
+    k.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL (default: mqtt://127.0.0.1:1883)")
+    k.add_argument("--store", default="var/cloud/store", metavar="DIR", help="where reports are stored")
+    k.add_argument("--packages", default="var/cloud/packages", metavar="DIR", help="package files to serve")
+    k.add_argument("--http-port", type=int, default=8080, help="HTTP port for packages (default 8080)")
+    k.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5")
+    k = csub.add_parser("campaign", help="make and sign a campaign for package files")
+    k.add_argument("packages", nargs="+", metavar="ECU=FILE@VERSION")
+    k.add_argument("--vin", required=True)
+    k.add_argument("--key", required=True, metavar="PEM", help="the cloud's Ed25519 signing key")
+    k.add_argument("--base-url", required=True, help="URL under which the package files are served")
+    k.add_argument("--id", dest="campaign_id", required=True, help="campaign id")
+    k.add_argument("--install", choices=("immediate", "confirm"), default="immediate")
+    k.add_argument("--valid-days", type=float, default=30.0, help="days until the campaign expires (default 30)")
+    k.add_argument("--out", metavar="FILE", help="signed campaign (default: standard output)")
+    for name, what in (("publish", "a signed campaign file"), ("command", "a command")):
+        k = csub.add_parser(name, help=f"send {what} to a vehicle over MQTT")
+        k.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+        k.add_argument("--vin", required=True)
+        k.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5")
+        if name == "publish":
+            k.add_argument("campaign", metavar="SIGNED.json")
+        else:
+            k.add_argument("command", choices=("confirm_install",))
+            k.add_argument("campaign_id")
     for k in csub.choices.values():
         k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
@@ -277,16 +321,43 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     config = load_vehicle_config(args.config)
     daemon = GatewayDaemon(config, [parse_fault(f) for f in args.fault])
+    return _serve("gateway", daemon.start, daemon.stop)
 
-    def stop(signum: int, frame: Any) -> None:
-        daemon.stop()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    daemon.start()
-    print("gateway ready", flush=True)
-    daemon.wait()
+def _serve(name: str, start: Any, stop: Any, alive: Any = None) -> int:
+    """Run a daemon: READY=1 to systemd once started, WATCHDOG=1 while alive, clean stop."""
+    import threading
+
+    from agent import systemd
+
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    start()
+    print(f"{name} ready", flush=True)
+    systemd.notify("READY=1")
+    interval = systemd.watchdog_interval()
+    try:
+        while not done.wait(interval or 1.0):
+            if interval and (alive is None or alive()):
+                systemd.notify("WATCHDOG=1")
+    finally:
+        systemd.notify("STOPPING=1")
+        stop()
     return 0
+
+
+def cmd_tbox(args: argparse.Namespace) -> int:
+    from agent.config import load_vehicle_config
+    from tbox.daemon import TboxDaemon
+
+    config = load_vehicle_config(args.config)
+    daemon = TboxDaemon(config)
+    return _serve("tbox", daemon.start, daemon.stop, alive=lambda: daemon._worker.is_alive())
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -387,6 +458,41 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cloud(args: argparse.Namespace) -> int:
+    import datetime as _dt
+
+    from agent.campaign import load_private_key
+    from agent.storage import atomic_write_bytes
+    from cloud_sim.cloud import CloudSim, make_campaign, publish
+
+    if args.cloud_command == "serve":
+        sim = CloudSim(args.broker, args.store, args.packages, args.http_port, args.mqtt_version)
+        return _serve(f"cloud (packages at {sim.base_url})", sim.start, sim.stop)
+    if args.cloud_command == "campaign":
+        key = load_private_key(_read(args.key, "key"), args.key)
+        packages = []
+        for item in args.packages:
+            ecu, _, rest = item.partition("=")
+            path_text, _, version = rest.partition("@")
+            if not ecu or not path_text or not version:
+                raise UsageError(f"expected ECU=FILE@VERSION, got {item!r}")
+            packages.append((ecu, Path(path_text), version))
+        envelope = make_campaign(vin=args.vin, packages=packages, base_url=args.base_url, key=key,
+                                 campaign_id=args.campaign_id, install=args.install,
+                                 valid_for=_dt.timedelta(days=args.valid_days))
+        if args.out:
+            atomic_write_bytes(args.out, envelope)
+        else:
+            sys.stdout.write(envelope.decode())
+        return 0
+    if args.cloud_command == "publish":
+        publish(args.broker, args.vin, "campaign", _read(args.campaign, "campaign"), args.mqtt_version)
+        return 0
+    body = json.dumps({"command": args.command, "campaign_id": args.campaign_id, "vin": args.vin}).encode()
+    publish(args.broker, args.vin, "command", body, args.mqtt_version)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from agent.bench import run_bench
 
@@ -398,8 +504,10 @@ COMMANDS = {
     "flash": cmd_flash,
     "versions": cmd_versions,
     "gateway": cmd_gateway,
+    "tbox": cmd_tbox,
     "deploy": cmd_deploy,
     "campaign": cmd_campaign,
+    "cloud": cmd_cloud,
     "bench": cmd_bench,
 }
 

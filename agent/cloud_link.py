@@ -37,7 +37,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.errors import ConfigError
 from agent.outbox import Outbox
 
-__all__ = ["CloudConfig", "CloudLink", "topic_prefix", "trace_parts", "join_trace_parts", "OUT_KINDS", "IN_KINDS"]
+__all__ = ["CloudConfig", "CloudLink", "make_client", "topic_prefix", "trace_parts", "join_trace_parts", "OUT_KINDS", "IN_KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class CloudConfig:
     tls_key: str | None = None
     username: str | None = None
     password: str | None = None
+    mqtt_version: str = "5"  # "5", or "3.1.1" for brokers without MQTT 5 (the demo's embedded one)
 
     def host_port(self) -> tuple[str, int, bool]:
         url = urlparse(self.broker)
@@ -67,6 +68,15 @@ class CloudConfig:
             raise ConfigError("cloud", "broker", f"expected mqtt://host:port or mqtts://host:port, got {self.broker!r}")
         tls = url.scheme == "mqtts" or self.tls_ca is not None
         return url.hostname, url.port or (8883 if tls else 1883), tls
+
+
+def make_client(client_id: str, version: str, clean: bool) -> mqtt.Client:
+    """A paho client for MQTT 5 or 3.1.1 (``clean``: no session kept by the broker)."""
+    if version == "5":
+        return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if version == "3.1.1":
+        return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=clean)
+    raise ConfigError("cloud", "mqtt_version", f"expected 5 or 3.1.1, got {version!r}")
 
 
 def topic_prefix(root: str, vin: str) -> str:
@@ -99,8 +109,7 @@ class CloudLink:
         self.outbox = Outbox(config.outbox)
         self.on_message = on_message or (lambda kind, payload: None)
         self.host, self.port, tls = config.host_port()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"vota-tbox-{vin}",
-                                  protocol=mqtt.MQTTv5)
+        self.client = make_client(client_id or f"vota-tbox-{vin}", config.mqtt_version, clean=True)
         if tls:
             self.client.tls_set(ca_certs=config.tls_ca, certfile=config.tls_cert, keyfile=config.tls_key,
                                 tls_version=ssl.PROTOCOL_TLS_CLIENT)
@@ -124,7 +133,10 @@ class CloudLink:
 
     # ---- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
-        self.client.connect_async(self.host, self.port, keepalive=self.config.keepalive, clean_start=True)
+        if self.config.mqtt_version == "5":
+            self.client.connect_async(self.host, self.port, keepalive=self.config.keepalive, clean_start=True)
+        else:
+            self.client.connect_async(self.host, self.port, keepalive=self.config.keepalive)
         self.client.loop_start()
         self._sender.start()
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 import yaml
 
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.cloud_link import CloudConfig
 
 __all__ = [
     "SegmentConfig",
@@ -22,6 +25,7 @@ __all__ = [
     "EcuConfig",
     "GatewayConfig",
     "DeployConfig",
+    "TboxConfig",
     "VehicleConfig",
     "load_vehicle_config",
     "parse_vehicle_config",
@@ -246,12 +250,35 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class TboxConfig:
+    vin: str
+    state_dir: str = "var/tbox"
+    trusted_keys: tuple[str, ...] = ()
+    max_attempts: int = 3
+    retry_delay_s: float = 2.0
+    install_timeout_s: int = 900
+    cloud: "CloudConfig" = field(default_factory=lambda: _cloud_default())
+
+
+def _cloud_default() -> "CloudConfig":
+    from agent.cloud_link import CloudConfig
+
+    return CloudConfig()
+
+
+@dataclass(frozen=True)
 class VehicleConfig:
     source: str
     segments: dict[str, SegmentConfig]
     ecus: dict[str, EcuConfig]
     gateway: GatewayConfig
     deploy: DeployConfig | None = None
+    tbox: TboxConfig | None = None
+
+    def tbox_config(self) -> TboxConfig:
+        if self.tbox is None:
+            raise ConfigError(self.source, "tbox", "missing; the TBOX needs a tbox section (vin, trusted_keys, cloud)")
+        return self.tbox
 
     def deploy_link(self) -> DeployConfig:
         if self.deploy is None:
@@ -370,8 +397,52 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
     gw.done()
     deploy = _deploy(source, top.section("deploy"), segments) if top.data.get("deploy") is not None else None
     top.used.add("deploy")
+    tbox = _tbox(top.section("tbox")) if top.data.get("tbox") is not None else None
+    top.used.add("tbox")
     top.done()
-    return VehicleConfig(source, segments, ecus, gateway, deploy)
+    return VehicleConfig(source, segments, ecus, gateway, deploy, tbox)
+
+
+def _tbox(sec: _Section) -> TboxConfig:
+    from agent.cloud_link import CloudConfig
+
+    keys = sec.get("trusted_keys", list, [], what="a list of public key files (PEM)")
+    cloud = sec.section("cloud", {})
+    tls = cloud.section("tls", {})
+    d = CloudConfig()
+    cloud_cfg = CloudConfig(
+        broker=cloud.get("broker", _str, d.broker),
+        outbox=cloud.get("outbox", _str, d.outbox),
+        topic_root=cloud.get("topic_root", _str, d.topic_root),
+        keepalive=cloud.get("keepalive", _positive, d.keepalive),
+        max_message_bytes=cloud.get("max_message_bytes", _positive, d.max_message_bytes),
+        reconnect_min_s=cloud.get("reconnect_min_s", _positive, d.reconnect_min_s),
+        reconnect_max_s=cloud.get("reconnect_max_s", _positive, d.reconnect_max_s),
+        tls_ca=tls.get("ca", _str, None),
+        tls_cert=tls.get("cert", _str, None),
+        tls_key=tls.get("key", _str, None),
+        username=cloud.get("username", _str, None),
+        password=cloud.get("password", _str, None),
+        mqtt_version=cloud.get("mqtt_version", _choice("5", "3.1.1"), d.mqtt_version),
+    )
+    tls.done()
+    cloud.done()
+    if not cloud_cfg.broker.startswith(("mqtt://", "mqtts://")):
+        raise ConfigError(sec.source, cloud.key("broker"), f"expected mqtt://host:port or mqtts://host:port, got {cloud_cfg.broker!r}")
+    d2 = TboxConfig("")
+    cfg = TboxConfig(
+        vin=sec.get("vin", _str, what="the vehicle's VIN"),
+        state_dir=sec.get("state_dir", _str, d2.state_dir),
+        trusted_keys=tuple(_str(k) for k in keys),
+        max_attempts=sec.get("max_attempts", _positive, d2.max_attempts),
+        retry_delay_s=float(sec.get("retry_delay_ms", _positive, 2000)) / 1000.0,
+        install_timeout_s=sec.get("install_timeout_s", _positive, d2.install_timeout_s),
+        cloud=cloud_cfg,
+    )
+    sec.done()
+    if not cfg.trusted_keys:
+        raise ConfigError(sec.source, sec.key("trusted_keys"), "at least one trusted campaign signing key is needed")
+    return cfg
 
 
 def _deploy(source: str, sec: _Section, segments: Mapping[str, SegmentConfig]) -> DeployConfig:

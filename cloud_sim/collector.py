@@ -4,7 +4,7 @@ Subscribes to ``<root>/+/#``; every message is stored by its stable id (a messag
 arrives twice is stored once), traces are reassembled from their parts. Layout::
 
     <store>/<vin>/status.json                      last status (online/offline)
-    <store>/<vin>/<type>/<seq>-<id>.json           every report, in arrival order
+    <store>/<vin>/messages/<type>/<seq>-<id>.json  every report, in arrival order
     <store>/<vin>/traces/<trace_id>.jsonl          reassembled traces
 """
 
@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.cloud_link import join_trace_parts
+from agent.cloud_link import join_trace_parts, make_client
 from agent.storage import atomic_write_bytes, atomic_write_json
 
 __all__ = ["Collector"]
@@ -30,10 +29,12 @@ log = logging.getLogger(__name__)
 
 
 class Collector:
-    def __init__(self, host: str, port: int, store: str | Path, root: str = "vota/v1", client_id: str = "vota-cloud-collector") -> None:
+    def __init__(self, host: str, port: int, store: str | Path, root: str = "vota/v1", client_id: str = "vota-cloud-collector",
+                 mqtt_version: str = "5") -> None:
         self.store = Path(store)
         self.root = root
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.mqtt_version = mqtt_version
+        self.client = make_client(client_id, mqtt_version, clean=False)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
@@ -49,9 +50,12 @@ class Collector:
 
     def start(self) -> None:
         # A durable session: what vehicles report while the collector is away waits at the broker.
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 24 * 3600
-        self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
+        if self.mqtt_version == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 24 * 3600
+            self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
+        else:
+            self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
 
     def stop(self) -> None:
@@ -90,7 +94,7 @@ class Collector:
         self.seen.add(msg_id)
         self.messages.append(doc)
         safe_id = "".join(ch for ch in msg_id if ch.isalnum() or ch in "._-")
-        atomic_write_json(self.store / vin / kind / f"{len(self.messages):06d}-{safe_id}.json", doc)
+        atomic_write_json(self.store / vin / "messages" / kind / f"{len(self.messages):06d}-{safe_id}.json", doc)
         body = doc.get("body") or {}
         if kind == "traces" and isinstance(body, dict) and "trace_id" in body:
             trace_id = str(body["trace_id"])

@@ -65,7 +65,7 @@ def test_reports_survive_broker_outage_and_tbox_restart(mosquitto, tmp_path):
         assert _drained(link)
         got = _events(collector)
         assert len(got) == 30  # each message stored once, whatever the broker delivered twice
-        stored = list((tmp_path / "cloud" / VIN / "events").iterdir())
+        stored = list((tmp_path / "cloud" / VIN / "messages" / "events").iterdir())
         assert len(stored) == 30
     finally:
         link.stop()
