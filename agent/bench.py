@@ -1,28 +1,35 @@
-"""``vota bench``: a simulated vehicle on one machine.
+"""``vota bench``: a whole simulated vehicle and a stand-in cloud on one machine.
 
-One ECU simulator process per ECU, a gateway process that flashes them, a result table
-and a report directory (``report.json``, per-ECU results and traces, ECU logs).
+Processes: an MQTT broker (embedded amqtt unless ``--broker`` names one), one ECU simulator
+per ECU, the gateway, the TBOX; this process plays the cloud (package server, campaign
+signing and publishing, collector). It publishes one campaign for the chosen ECUs, shows
+its progress, and writes ``report.json`` with the outcome, the inventory, deploy and flash
+results and the paths of all traces. Every process it started is gone when it returns.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import random
+import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from agent.config import load_vehicle_config
-from agent.errors import VotaError
-from agent.faults import parse_fault
-from agent.storage import atomic_write_json
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-__all__ = ["run_bench", "make_image", "EcuProcesses"]
+from agent.config import load_vehicle_config, load_yaml, parse_vehicle_config
+from agent.errors import UsageError, VotaError
+from agent.faults import parse_fault
+from agent.storage import atomic_write_json, atomic_write_text
+
+__all__ = ["run_bench", "make_image", "Processes"]
 
 
 def make_image(ecu: str, version: str, size: int) -> bytes:
@@ -31,89 +38,201 @@ def make_image(ecu: str, version: str, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-class EcuProcesses:
-    """Starts ``vota ecu-sim`` processes, one per ECU, and stops them for sure."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
-    def __init__(self, config_path: str, names: list[str], state_dir: Path, log_dir: Path, faults: list[str]) -> None:
-        self.config_path, self.names = config_path, names
-        self.state_dir, self.log_dir, self.faults = state_dir, log_dir, faults
+
+class Processes:
+    """Starts vota processes, waits for their "ready" line, and always stops them."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def __enter__(self) -> "EcuProcesses":
+    def start(self, name: str, *args: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for name in self.names:
-            cmd = [sys.executable, "-m", "agent.cli", "ecu-sim", "-c", self.config_path, "--ecu", name,
-                   "--state-dir", str(self.state_dir), "-v"]
-            for f in self.faults:
-                cmd += ["--fault", f]
-            log = open(self.log_dir / f"ecu-{name}.log", "wb")
-            self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
-            log.close()
-        return self
+        with open(self.log_dir / f"{name}.log", "wb") as log:
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=log,
+                                                stderr=subprocess.STDOUT)
 
-    def __exit__(self, *exc: object) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(self.procs)
+        while pending:
+            for name in list(pending):
+                if self.procs[name].poll() is not None:
+                    text = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+                    raise VotaError(f"{name} exited at start-up: {text[-1] if text else 'no output'}")
+                if " ready" in (self.log_dir / f"{name}.log").read_text(errors="replace"):
+                    pending.discard(name)
+            if time.monotonic() > deadline:
+                raise VotaError(f"not ready after {timeout:.0f} s: {', '.join(sorted(pending))} (see {self.log_dir})")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
 
-    def dead(self) -> list[str]:
-        return [n for n, p in self.procs.items() if p.poll() is not None]
+
+def _runtime_config(source: str, out: Path, broker: str, mqtt_version: str, vin: str) -> Path:
+    """The user's configuration with every path moved under ``out`` and the bench's broker/key."""
+    data = load_yaml(source)
+    parse_vehicle_config(data, source)  # errors name the user's file, not the copy
+    if not data.get("deploy") or not data.get("tbox"):
+        raise UsageError(f"{source}: the bench needs the deploy and tbox sections (see configs/bench.yaml)")
+    data.setdefault("gateway", {})["results_dir"] = str(out / "gateway" / "results")
+    data["deploy"]["package_dir"] = str(out / "gateway" / "packages")
+    for ecu in data.get("ecus", {}).values():
+        ecu.setdefault("sim", {})["state_dir"] = str(out / "ecu_state")
+    tbox = data["tbox"]
+    tbox["vin"] = vin
+    tbox["state_dir"] = str(out / "tbox")
+    tbox["trusted_keys"] = [str(out / "keys" / "signing.pub")]
+    cloud = tbox.setdefault("cloud", {})
+    cloud.update(broker=broker, outbox=str(out / "tbox" / "outbox.db"), mqtt_version=mqtt_version,
+                 reconnect_min_s=1, reconnect_max_s=5)
+    path = out / "vehicle.yaml"
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from agent.cli import format_flash_table
-    from gateway.inventory import collect_versions, wait_reachable
+    from cloud_sim.cloud import CloudSim, make_campaign, publish
 
     config = load_vehicle_config(args.config)
     names = args.ecu or list(config.ecus)
     for n in names:
         config.ecu(n)
-    for f in args.fault:
-        parse_fault(f)
-    out = Path(args.out)
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    flash_dir = out / "flash"
+    faults = [parse_fault(f) for f in args.fault]
+    vin = config.tbox_config().vin if config.tbox else "LVOTABENCH0000001"
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("tbox", "gateway", "cloud", "logs", "keys"):  # the ECUs keep their flash banks
+        shutil.rmtree(out / stale, ignore_errors=True)
+    procs = Processes(out / "logs")
+    cloud: CloudSim | None = None
     started = time.time()
-    print(f"bench: {len(names)} ECU simulator processes on {len({config.ecu(n).segment for n in names})} segment(s), "
-          f"{args.image_size // 1024} KiB images", flush=True)
-    with EcuProcesses(args.config, names, out / "ecu_state", out / "logs", args.fault) as sims:
-        missing = wait_reachable(config, names, timeout=20.0)
-        if missing or sims.dead():
-            raise VotaError(f"ECU simulators did not come up: {', '.join(missing or sims.dead())} (see {out / 'logs'})")
-        before = collect_versions(config, names)
-        jobs = []
+    try:
+        if args.broker:
+            broker, mqtt_version = args.broker, args.mqtt_version
+        else:
+            port = _free_port()
+            procs.start("broker", "cloud", "broker", "--port", str(port))
+            broker, mqtt_version = f"mqtt://127.0.0.1:{port}", "3.1.1"
+            procs.wait_ready()
+        key = Ed25519PrivateKey.generate()
+        (out / "keys").mkdir(exist_ok=True)
+        (out / "keys" / "signing.pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        runtime = _runtime_config(args.config, out, broker, mqtt_version, vin)
+        cloud = CloudSim(broker, out / "cloud" / "store", out / "cloud" / "packages", mqtt_version=mqtt_version)
+        cloud.start()
+        if not cloud.collector.connected.wait(15):
+            raise VotaError(f"the cloud cannot reach the broker {broker}")
         for name in names:
-            path = images_dir / f"{name}-{args.image_version}.bin"
+            procs.start(f"ecu-{name}", "ecu-sim", "-c", str(runtime), "--ecu", name,
+                        *[a for f in faults if f.stage == "flash" for a in ("--fault", f.text)])
+        procs.start("gateway", "gateway", "-c", str(runtime),
+                    *[a for f in faults if f.stage == "deploy" for a in ("--fault", f.text)])
+        procs.start("tbox", "tbox", "-c", str(runtime), "-v")
+        procs.wait_ready()
+        print(f"bench: broker {broker}, {len(names)} ECU simulators, gateway, TBOX {vin}; cloud packages at {cloud.base_url}",
+              flush=True)
+        campaign_id = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+        packages = []
+        for name in names:
+            path = out / "cloud" / "packages" / f"{name}-{args.image_version}.bin"
             path.write_bytes(make_image(name, args.image_version, args.image_size))
-            jobs.append(f"{name}={path}@{args.image_version}")
-        cmd = [sys.executable, "-m", "agent.cli", "flash", "-c", args.config, "--out", str(flash_dir), "--json", *jobs]
-        if args.verbose:
-            cmd.append("-" + "v" * args.verbose)
-        gateway = subprocess.run(cmd, stdout=subprocess.PIPE)
-        if gateway.returncode not in (0, 3):
-            raise VotaError(f"the gateway flash process failed with exit code {gateway.returncode}")
-        results: list[dict[str, Any]] = json.loads(gateway.stdout)
-        after = collect_versions(config, names)
-    report = {
-        "schema": "vota-bench-report/1",
-        "started": started,
-        "duration_s": round(time.time() - started, 3),
-        "config": args.config,
+            packages.append((name, path, args.image_version))
+        envelope = make_campaign(vin=vin, packages=packages, base_url=cloud.base_url, key=key, campaign_id=campaign_id)
+        (out / "campaign.signed.json").write_bytes(envelope)
+        publish(broker, vin, "campaign", envelope, mqtt_version)
+        print(f"cloud: campaign {campaign_id} published ({len(packages)} packages of {args.image_size // 1024} KiB)", flush=True)
+        finished = _follow(cloud, vin, campaign_id, args.timeout)
+        report = _report(cloud, out, vin, campaign_id, finished, started, args)
+    except KeyboardInterrupt:
+        print("bench: interrupted; stopping every process", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop()
+        if cloud is not None:
+            cloud.stop()
+    atomic_write_json(out / "report.json", report)
+    _print_report(report)
+    return 0 if report["outcome"] == "success" else 1
+
+
+def _follow(cloud: Any, vin: str, campaign_id: str, timeout: float) -> dict[str, Any] | None:
+    seen = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        messages = list(cloud.collector.messages)
+        for m in messages[seen:]:
+            body = m.get("body") or {}
+            if body.get("campaign_id") not in (campaign_id, None):
+                continue
+            if body.get("event") == "state":
+                print(f"  tbox: {body['state']}", flush=True)
+            elif body.get("event") == "rejected":
+                print(f"  tbox: rejected ({body.get('reason')}): {body.get('detail')}", flush=True)
+                return {"outcome": "rejected", "failure": body}
+            elif m.get("type") == "results":
+                r = body.get("result", {})
+                unit = body.get("package") or body.get("ecu")
+                why = f" at {r.get('failed_step')}: {r.get('reason')}" if r.get("result") != "success" else ""
+                print(f"  {body.get('stage')} {unit}: {r.get('result')}{why}", flush=True)
+        seen = len(messages)
+        done = cloud.finished(vin, campaign_id)
+        if done is not None:
+            return done
+        time.sleep(0.2)
+    return None
+
+
+def _report(cloud: Any, out: Path, vin: str, campaign_id: str, finished: dict[str, Any] | None, started: float,
+            args: argparse.Namespace) -> dict[str, Any]:
+    mine = [m for m in cloud.collector.messages if (m.get("body") or {}).get("campaign_id") == campaign_id]
+    results = [m["body"] for m in mine if m["type"] == "results"]
+    inventory: list[Any] = next((m["body"]["ecus"] for m in mine if m["type"] == "inventory"), [])
+    traces_dir = out / "cloud" / "store" / vin / "traces"
+    traces = sorted(str(p) for p in traces_dir.glob(f"{campaign_id}.*.jsonl")) if traces_dir.exists() else []
+    outcome = (finished or {}).get("outcome") or ("timeout" if finished is None else "failed")
+    return {
+        "schema": "vota-bench-report/2",
+        "campaign_id": campaign_id,
+        "vin": vin,
+        "outcome": outcome,
+        "failure": (finished or {}).get("failure"),
+        "duration_s": round(time.time() - started, 1),
         "image_size": args.image_size,
         "faults": args.fault,
-        "inventory_before": before,
-        "inventory_after": after,
-        "flash": results,
-        "result": "success" if all(r["result"] == "success" for r in results) else "failed",
+        "inventory_before": inventory,
+        "deploy": [{"package": r["package"], **r["result"]} for r in results if r.get("stage") == "deploy"],
+        "flash": [{"ecu": r["ecu"], **r["result"]} for r in results if r.get("stage") == "flash"],
+        "traces": traces,
+        "store": str(out / "cloud" / "store" / vin),
     }
-    atomic_write_json(out / "report.json", report)
-    print(format_flash_table(results))
-    print(f"bench {report['result']} in {report['duration_s']:.1f} s; report: {out / 'report.json'}")
-    return 0 if report["result"] == "success" else 3
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from agent.cli import _table
+
+    rows = [["deploy", d["package"], d["result"], f"{d['size'] // 1024}", f"{d['duration_s']:.1f}",
+             f"{d['failed_step']}: {d['reason']}" if d["result"] != "success" else ""] for d in report["deploy"]]
+    rows += [["flash", f["ecu"], f["result"], f"{f['image_size'] // 1024}", f"{f['duration_s']:.1f}",
+              f"{f['failed_step']}: {f['reason']}" if f["result"] != "success" else f"{f['version_before']} -> {f['version_after']}"]
+             for f in report["flash"]]
+    print(_table(["stage", "package / ECU", "result", "KiB", "s", "detail"], rows))
+    failure = report.get("failure")
+    why = f" ({failure.get('reason')}: {failure.get('detail')})" if isinstance(failure, dict) else ""
+    print(f"campaign {report['campaign_id']}: {report['outcome']}{why} in {report['duration_s']:.1f} s; "
+          f"{len(report['traces'])} traces; report: {Path(report['store']).parents[2] / 'report.json'}")

@@ -158,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--install", choices=("immediate", "confirm"), default="immediate")
     k.add_argument("--valid-days", type=float, default=30.0, help="days until the campaign expires (default 30)")
     k.add_argument("--out", metavar="FILE", help="signed campaign (default: standard output)")
+    k = csub.add_parser("broker", help="run the demo's embedded MQTT broker (amqtt, MQTT 3.1.1)")
+    k.add_argument("--port", type=int, default=1883)
     for name, what in (("publish", "a signed campaign file"), ("command", "a command")):
         k = csub.add_parser(name, help=f"send {what} to a vehicle over MQTT")
         k.add_argument("--broker", default="mqtt://127.0.0.1:1883")
@@ -173,17 +175,22 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="run the simulated vehicle bench: ECU simulators + gateway flash",
-        description="Start an ECU simulator process per ECU, flash each with a generated image through a gateway "
-        "process, print the result table and write a report directory.",
+        help="run a whole simulated vehicle and a stand-in cloud through one campaign",
+        description="Start an MQTT broker (embedded unless --broker), one ECU simulator per ECU, the gateway and the "
+        "TBOX as separate processes; play the cloud: publish a signed campaign, follow it, collect results and "
+        "traces, write DIR/report.json. Exit 0 when the campaign succeeded, 1 when it failed, 2 on bad usage.",
     )
     _add_common(p)
     p.add_argument("--out", default="out/bench", metavar="DIR", help="report directory (default: out/bench)")
+    p.add_argument("--broker", metavar="URL", help="use this MQTT broker (mqtt://host:port) instead of the embedded one")
+    p.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5", help="MQTT version with --broker (default 5)")
     p.add_argument("--image-size", type=_size, default=256 * 1024, metavar="BYTES",
-                   help="size of each generated image, e.g. 1M or 262144 (default: 256K)")
-    p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to flash (repeatable; default: all)")
-    p.add_argument("--fault", action="append", default=[], metavar="SPEC", help="inject a fault into an ECU simulator (see README)")
-    p.add_argument("--version", dest="image_version", default="2.0.0", help="software version of the generated images (default: 2.0.0)")
+                   help="size of each generated package, e.g. 1M or 262144 (default: 256K)")
+    p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to update (repeatable; default: all)")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a fault: flash stage into the ECU simulators, deploy stage into the gateway (see README)")
+    p.add_argument("--version", dest="image_version", default="2.0.0", help="version of the new software (default: 2.0.0)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the campaign (default 600)")
     return parser
 
 
@@ -465,6 +472,11 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     from agent.storage import atomic_write_bytes
     from cloud_sim.cloud import CloudSim, make_campaign, publish
 
+    if args.cloud_command == "broker":
+        from cloud_sim.broker import run_broker
+
+        run_broker("127.0.0.1", args.port, ready=lambda: print(f"broker ready on 127.0.0.1:{args.port}", flush=True))
+        return 0
     if args.cloud_command == "serve":
         sim = CloudSim(args.broker, args.store, args.packages, args.http_port, args.mqtt_version)
         return _serve(f"cloud (packages at {sim.base_url})", sim.start, sim.stop)

@@ -328,7 +328,7 @@ class TboxDaemon:
         atomic_write_json(path, manifest)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         result = PackageDeployer(self.segment, self.link_cfg, name, path, digest).run()
-        if result.result != "success" and result.nrc != 0x22:  # 0x22: already there from before a restart
+        if result.result != "success":
             raise _Retry(f"install manifest: {result.failed_step}: {result.reason}")
         return "awaiting_install"
 

@@ -145,7 +145,8 @@ class PackageDeployer:
             response = self._do("request_file_transfer", lambda: c.resume_file(self.name, filesize=self.size))
             position = int(response.service_data.fileposition or 0)
         else:
-            response = self._do("request_file_transfer", lambda: c.add_file(self.name, filesize=self.size))
+            # ReplaceFile: a package deployed before under the same name is replaced
+            response = self._do("request_file_transfer", lambda: c.replace_file(self.name, filesize=self.size))
             position = 0
         max_block = int(response.service_data.max_length)
         payload = packet_payload(max_block)

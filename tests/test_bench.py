@@ -1,0 +1,42 @@
+"""vota bench: the whole vehicle and the stand-in cloud, with the embedded MQTT broker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import ecu_entry, multicast_bus, vota
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config):
+    config = write_config({
+        "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}, "body": {"bus": multicast_bus()}},
+        "deploy": {"segment": "bb"},
+        "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bcm": ecu_entry("bcm", 0x740, 0x748, "body")},
+        "tbox": {"vin": "LVOTABENCHTEST001", "trusted_keys": ["unused.pub"], "retry_delay_ms": 300},
+    })
+    out = tmp_path / "bench"
+    run = vota("bench", "-c", str(config), "--out", str(out), "--image-size", "32K", "--fault", "vcu:36#2:nrc=0x72",
+               timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr  # the campaign failed, as the fault demands
+    report = json.loads((out / "report.json").read_text())
+    assert report["outcome"] == "failed" and report["failure"]["reason"] == "flash_failed"
+    flash = {f["ecu"]: f for f in report["flash"]}
+    assert flash["vcu"]["result"] == "failed" and flash["vcu"]["failed_step"] == "transfer_data" and flash["vcu"]["nrc"] == 0x72
+    assert flash["bcm"]["result"] == "success" and flash["bcm"]["version_after"] == "2.0.0"
+    assert [d["result"] for d in report["deploy"]] == ["success", "success"]
+    assert len(report["traces"]) == 4  # two deploy traces, two flash traces, all at the cloud
+    assert "campaign bench-" in run.stdout and "flash_failed" in run.stdout
+    assert not _processes_mentioning(str(out))  # every process the bench started is gone
