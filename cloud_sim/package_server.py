@@ -1,8 +1,8 @@
 """The stand-in cloud's package server: static files over HTTP with byte ranges.
 
-``cut_after`` (drop the connection after N bytes of a response) and ``extra_bytes`` (send
-more than the file holds) let tests and the bench misbehave the way real networks and
-servers do.
+``cut_after`` (drop the connection after N bytes of a response), ``extra_bytes`` (send
+more than the file holds) and ``throttle`` (bytes per second) let tests and the bench
+misbehave the way real networks and servers do.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +27,7 @@ class PackageServer:
         self.root = Path(root)
         self.cut_after: int | None = None
         self.extra_bytes = 0
+        self.throttle: int | None = None  # bytes per second, like a slow cellular link
         self.requests: list[dict[str, Any]] = []
         server = self
 
@@ -91,4 +93,15 @@ class PackageServer:
             h.close_connection = True
             h.connection.shutdown(2)  # the network breaks in the middle of the body
             return
-        h.wfile.write(body)
+        rate = self.throttle
+        try:
+            if rate:
+                step = max(1024, rate // 20)
+                for i in range(0, len(body), step):
+                    h.wfile.write(body[i : i + step])
+                    h.wfile.flush()
+                    time.sleep(step / rate)
+                return
+            h.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("client went away during %s", h.path)  # a vehicle that lost power

@@ -177,3 +177,13 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def vehicle(tmp_path: Path, mosquitto: Mosquitto, write_config: Any, procs: list[Proc]) -> Iterator[Any]:
+    """A whole vehicle (TBOX, gateway, ECU simulators) and the stand-in cloud."""
+    from tests.vehicle import Vehicle
+
+    v = Vehicle(tmp_path, mosquitto, write_config, procs)
+    yield v
+    v.close()
