@@ -23,9 +23,14 @@ log = logging.getLogger("vota")
 DEFAULT_CONFIG = "configs/bench.yaml"
 
 
-def _setup_logging(verbose: int) -> None:
+DAEMONS = ("tbox", "gateway", "ecu-sim")
+
+
+def _setup_logging(verbose: int, command: str) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Daemons log to stdout for the journal; the other commands keep stdout for their output.
+    stream = sys.stdout if command in DAEMONS else sys.stderr
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=stream)
     if verbose < 3:
         # udsoncan and can-isotp log every request at INFO; keep them for -vvv.
         # udsoncan logs an expected timeout (a rebooting ECU) at ERROR: the flash result says it.
@@ -526,7 +531,7 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.command)
     try:
         return COMMANDS[args.command](args)
     except VotaError as exc:

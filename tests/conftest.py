@@ -144,8 +144,13 @@ class Mosquitto:
         self.conf = self.dir / "mosquitto.conf"
         # persistence: a broker restart keeps the cloud's durable session and its queued messages
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                             f"persistence true\npersistence_location {self.dir}/\n")
+                             f"persistence true\npersistence_location {self.dir}/\n" + self.user_line())
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def user_line() -> str:
+        """As root, Mosquitto drops to user 'mosquitto', who cannot read the test's files."""
+        return "user root\n" if os.geteuid() == 0 else ""
 
     def start(self) -> None:
         import socket

@@ -46,6 +46,8 @@ def test_bad_campaigns_are_refused_with_the_reason(vehicle):
     assert vehicle.rejected("c-downgrade")["reason"] == "downgrade"
     vehicle.send(vehicle.campaign("c-other", "2.0.0", vin="LSOMEONEELSE00001"))
     assert vehicle.rejected("c-other")["reason"] == "wrong_vehicle"
+    vehicle.send(b"\x00garbage, not a campaign")
+    assert vehicle.rejected(None)["reason"] == "malformed"
     packages = vehicle.packages("2.1.0")
     envelope = vehicle.campaign("c-tampered", "2.1.0", packages=packages)
     packages[1][1].write_bytes(os.urandom(48 * 1024))  # the file on the server is not what was signed
@@ -62,3 +64,14 @@ def test_bad_campaigns_are_refused_with_the_reason(vehicle):
     reasons = sorted(m["body"]["reason"] for m in vehicle.cloud.collector.messages if m["body"].get("topic") == "command")
     assert reasons == ["malformed", "malformed", "malformed", "wrong_vehicle"]
     assert vehicle.tbox.p.poll() is None  # the daemon keeps running
+
+
+def test_loop_guard_ends_a_campaign_that_keeps_failing(vehicle):
+    packages = vehicle.packages("2.2.0")
+    envelope = vehicle.campaign("c-loop", "2.2.0", packages=packages)
+    vehicle.cloud.packages.cut_after = 1000  # every download attempt breaks off: transient, retried
+    vehicle.send(envelope)
+    done = vehicle.finished("c-loop", timeout=60)
+    assert done["outcome"] == "failed" and done["failure"]["reason"] == "loop_guard"
+    attempts = [b["attempt"] for b in vehicle.reports("events", "c-loop") if b.get("state") == "downloading"]
+    assert attempts == [1, 2, 3]  # max_attempts (3) entries, then the guard

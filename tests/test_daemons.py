@@ -1,0 +1,55 @@
+"""The daemons as systemd runs them: sd_notify READY / WATCHDOG / STOPPING, SIGTERM, and
+start-up errors that name the file and key."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from tests.conftest import ROOT, ecu_entry, multicast_bus, vota
+
+
+def test_gateway_speaks_sd_notify_and_stops_on_sigterm(tmp_path, write_config):
+    config = write_config({"segments": {"bb": {"bus": multicast_bus()}},
+                           "deploy": {"segment": "bb", "package_dir": str(tmp_path / "pk")}})
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(15)
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "gateway", "-c", str(config)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert sock.recv(64) == b"READY=1"
+        assert sock.recv(64) == b"WATCHDOG=1"
+        assert sock.recv(64) == b"WATCHDOG=1"
+        proc.send_signal(signal.SIGTERM)
+        while (msg := sock.recv(64)) == b"WATCHDOG=1":
+            pass
+        assert msg == b"STOPPING=1"
+        assert proc.wait(timeout=15) == 0
+        assert b"gateway ready" in proc.stdout.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+
+
+def test_tbox_start_up_errors_name_the_problem(tmp_path, write_config):
+    base = {"segments": {"bb": {"bus": multicast_bus()}}, "deploy": {"segment": "bb"},
+            "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "bb")}}
+    run = vota("tbox", "-c", str(write_config(base)))
+    assert run.returncode == 2 and "tbox: missing" in run.stderr and "Traceback" not in run.stderr
+    run = vota("tbox", "-c", str(write_config({**base, "tbox": {"vin": "X", "trusted_keys": []}})))
+    assert run.returncode == 2 and "tbox.trusted_keys" in run.stderr
+    run = vota("tbox", "-c", str(write_config({**base, "tbox": {"vin": "X", "trusted_keys": ["k.pub"],
+                                                                "cloud": {"broker": "http://x"}}})))
+    assert run.returncode == 2 and "tbox.cloud.broker" in run.stderr
+    run = vota("tbox", "-c", str(write_config({**base, "tbox": {"vin": "X", "trusted_keys": [str(tmp_path / "nope.pub")],
+                                                                "state_dir": str(tmp_path / "t")}})))
+    assert run.returncode == 1 and "nope.pub: cannot read trusted key" in run.stderr
+    assert "Traceback" not in run.stderr
