@@ -11,7 +11,8 @@ a JSON array (compact on purpose: a trace must stay well under 1 % of the image)
 
 ``t`` ms since ``started`` when the request was handed to ISO-TP; ``req`` the request
 header in hex (never its data: for TransferData only SID and block counter); ``len`` the
-full request length; ``dt`` ms from the request to its final response (null: none came);
+full request length; ``dt`` ms from the end of the request's transmission to its final
+response (null: none came), the time P2/P2* limit;
 ``rsp`` the whole final response in hex; ``x`` optional extras: ``id`` request CAN id and
 ``rid`` response CAN id where they differ from the header's, ``sent`` false when the
 request never left, ``func`` true for functional requests, ``pend`` the ms of every 0x78
@@ -93,6 +94,7 @@ class Exchange:
     dt: float | None = None
     response: bytes | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    sent_at: float | None = field(default=None, repr=False, compare=False)  # recording only: end of send
 
     @property
     def sent(self) -> bool:
@@ -196,6 +198,15 @@ class TraceRecorder:
         self.exchanges.append(exchange)
         return exchange
 
+    def sent(self) -> None:
+        """The request is on the bus (blocking ISO-TP send returned): response times count from here."""
+        if self.current is not None:
+            self.current.sent_at = self.clock()
+
+    def _since_sent(self, exchange: Exchange) -> float:
+        start = exchange.sent_at if exchange.sent_at is not None else self.header.started + exchange.t / 1000.0
+        return _ms(self.clock() - start)
+
     def not_sent(self, error: str) -> None:
         if self.current is not None:
             self.current.extra.update(sent=False, err=error)
@@ -204,7 +215,7 @@ class TraceRecorder:
         exchange = self.current
         if exchange is None:
             return
-        dt = _ms(self.clock() - self.header.started - exchange.t / 1000.0)
+        dt = self._since_sent(exchange)
         payload = payload[:_MAX_RESPONSE]
         if len(payload) >= 3 and payload[0] == 0x7F and payload[2] == 0x78:
             exchange.extra.setdefault("pend", []).append(dt)
@@ -221,14 +232,14 @@ class TraceRecorder:
         exchange = self.current
         if exchange is None:
             return
-        dt = _ms(self.clock() - self.header.started - exchange.t / 1000.0)
+        dt = self._since_sent(exchange)
         exchange.extra.setdefault("late", []).append([dt, payload[:_MAX_RESPONSE].hex()])
 
     def stray(self, can_id: int, data: bytes) -> None:
         exchange = self.current
         if exchange is None:
             return
-        dt = _ms(self.clock() - self.header.started - exchange.t / 1000.0)
+        dt = self._since_sent(exchange)
         exchange.extra.setdefault("stray", []).append([dt, can_id, data.hex()])
 
     def functional_tester_present(self) -> None:

@@ -82,6 +82,8 @@ class TracingConnection(BaseConnection):
             if rec is not None:
                 rec.not_sent(f"{type(exc).__name__}: {exc}")
             raise
+        if rec is not None:
+            rec.sent()
 
     def specific_wait_frame(self, timeout: float | None = None) -> bytes | None:
         frame = self.stack.recv(block=True, timeout=timeout)

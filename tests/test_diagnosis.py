@@ -1,0 +1,177 @@
+"""The diagnosis engine on hand-written traces: every check, every cause, both modes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from agent.config import load_yaml
+from agent.diagnosis import CAUSES, StageInput, check_trace, diagnose, parse_rules, render_markdown
+from agent.errors import ConfigError
+from agent.trace import parse_trace
+
+RULES = parse_rules(load_yaml("configs/diagnosis.yaml"), "configs/diagnosis.yaml")
+
+FLASH_HEAD = {"format": "vota-trace", "version": 1, "stage": "flash", "client": "GW", "server": "bms", "packet": "bms",
+              "request_id": 0x7E1, "response_id": 0x7E9, "functional_id": 0x7DF, "started": 0.0}
+DEPLOY_HEAD = {**FLASH_HEAD, "stage": "deploy", "client": "TBOX", "server": "GW", "packet": "vcu.bin",
+               "request_id": 0x7D0, "response_id": 0x7D8, "functional_id": None}
+
+# A clean flash: 3 TransferData blocks of 4095 bytes.
+FLASH = [
+    [0, "1003", 2, 1, "5003003201f4"], [2, "8502", 2, 1, "c502"], [4, "280301", 3, 1, "6803"],
+    [6, "1002", 2, 1, "5002003201f4"], [8, "2701", 2, 1, "670112345678"], [10, "2702", 6, 1, "6702"],
+    [12, "2ef15a", 12, 1, "6ef15a"], [14, "3101ff00", 13, 500, "7101ff0000", {"pend": [3]}],
+    [520, "3400440800000000003000", 11, 2, "74200fff"],
+    [530, "3601", 4095, 30, "7601"], [570, "3602", 4095, 30, "7602"], [610, "3603", 4095, 30, "7603"],
+    [650, "37", 1, 2, "77"], [660, "31010202", 8, 100, "7101020200", {"pend": [2]}],
+    [770, "3101ff01", 4, 1, "7101ff0100"], [780, "1101", 2, 1, "5101", {"back": 300}],
+    [1100, "1003", 2, 1, "5003003201f4"], [1102, "280003", 3, 1, "6800"], [1104, "8501", 2, 1, "c501"],
+    [1106, "1001", 2, 1, "5001003201f4"],
+]
+# A clean deploy: packets 0..2 of 4089 bytes (block 4095 - SID - counter - packet id).
+DEPLOY = [
+    [0, "1003", 2, 1, "5003003201f4"], [2, "3803000776632e62696e0004" + "00003000" * 2, 23, 2, "7803020fff00"],
+    [10, "360100000000", 4095, 25, "7601"], [40, "360200000001", 4095, 25, "7602"], [70, "360300000002", 4095, 25, "7603"],
+    [100, "37", 33, 3, "77"],
+]
+
+
+def trace(rows: list[list[Any]], head: dict[str, Any] = FLASH_HEAD, trailer: str = "failed"):  # type: ignore[no-untyped-def]
+    text = "\n".join(json.dumps(r) for r in [head, *rows, {"end": True, "exchanges": len(rows), "result": trailer}])
+    return parse_trace(text + "\n")
+
+
+def with_row(rows: list[list[Any]], index: int, row: list[Any] | None) -> list[list[Any]]:
+    out = [list(r) for r in rows]
+    if row is None:
+        del out[index]
+    else:
+        out[index] = row
+    return out[: index + 1] if row is not None and row[3] is None else out
+
+
+def one(rows, head=FLASH_HEAD, mode="first"):  # type: ignore[no-untyped-def]
+    findings = check_trace(trace(rows, head), RULES, head["packet"], mode)
+    assert len(findings) == 1, [(f.cause, f.detail) for f in findings]
+    return findings[0]
+
+
+def test_clean_traces_pass():
+    assert check_trace(trace(FLASH, trailer="success"), RULES, "bms", "all") == []
+    assert check_trace(trace(DEPLOY, DEPLOY_HEAD, "success"), RULES, "vcu.bin", "all") == []
+
+
+FLASH_CASES = [
+    # (row index, replacement row, cause, side, unit)
+    (10, [570, "3602", 4095, None, None, {"sent": False, "err": "BlockingSendFailure"}], "request_not_sent", "client", "GW"),
+    (10, [570, "3602", 4095, None, None, {"id": 0x7F1}], "illegal_request_sender", "client", "GW"),
+    (6, [12, "2ef1", 2, 1, "7f2e13"], "illegal_request_length", "client", "GW"),
+    (4, [8, "2705", 2, 1, "7f2712"], "illegal_request_format", "client", "GW"),
+    (10, [570, "3601", 4095 + 10, 1, "7f3613"], "illegal_request_length", "client", "GW"),
+    (10, [570, "3603", 4095, 1, "7f3673"], "illegal_request_flow", "client", "GW"),
+    (8, [520, "37", 1, 1, "7f3724"], "illegal_request_flow", "client", "GW"),
+    (10, [570, "3602", 4095, None, None, {"err": "no response (timeout)"}], "response_not_sent", "server", "bms"),
+    (10, [570, "3602", 4095, None, None, {"late": [[1600, "7602"]]}], "response_timeout", "server", "bms"),
+    (7, [14, "3101ff00", 13, 7200, "7101ff0000", {"pend": [3, 7000]}], "response_timeout", "server", "bms"),
+    (10, [570, "3602", 4095, None, None, {"stray": [[2, 0x6F0, "7602"]]}], "illegal_responder", "server", "bms"),
+    (12, [650, "37", 1, 1, "7f"], "illegal_response_format", "server", "bms"),
+    (10, [570, "3602", 4095, 1, "76"], "illegal_response_format", "server", "bms"),
+    (10, [570, "3602", 4095, 1, "7f3672"], "negative_response", "server", "bms"),
+    (10, [570, "3602", 4095, 1, "7603"], "unmatched_response", "server", "bms"),
+    (0, [0, "1003", 2, 1, "5004003201f4"], "unmatched_response", "server", "bms"),
+]
+
+
+@pytest.mark.parametrize("index, row, cause, side, unit", FLASH_CASES)
+def test_flash_causes(index, row, cause, side, unit):
+    f = one(with_row(FLASH, index, row))
+    assert (f.cause, f.side, f.unit, f.index, f.stage, f.packet) == (cause, side, unit, index, "flash", "bms")
+    assert any(r["index"] == index for r in f.context) and len(f.context) <= 7
+    if cause == "negative_response":
+        assert (f.nrc, f.nrc_name) == (0x72, "GeneralProgrammingFailure")
+
+
+DEPLOY_CASES = [
+    (3, [40, "360200000001", 4095, None, None, {"sent": False}], "request_not_sent", "client", "TBOX", 1),
+    (3, [40, "360200000001", 4095, None, None, {"id": 0x7D1}], "illegal_request_sender", "client", "TBOX", 1),
+    (3, [40, "3602", 4095, 1, "7f3613"], "illegal_request_format", "client", "TBOX", None),
+    (3, [40, "360200000001", 4200, 1, "7f3613"], "illegal_request_length", "client", "TBOX", 1),
+    (3, [40, "360300000001", 4095, 1, "7f3673"], "illegal_request_flow", "client", "TBOX", 1),
+    (3, [40, "360200000002", 4095, 1, "7f3631"], "illegal_request_flow", "client", "TBOX", 2),
+    (3, [40, "360200000001", 4095, None, None], "response_not_sent", "server", "GW", 1),
+    (3, [40, "360200000001", 4095, None, None, {"late": [[2500, "7602"]]}], "response_timeout", "server", "GW", 1),
+    (3, [40, "360200000001", 4095, None, None, {"stray": [[3, 0x7E8, "7602"]]}], "illegal_responder", "server", "GW", 1),
+    (3, [40, "360200000001", 4095, 1, "7f36"], "illegal_response_format", "server", "GW", 1),
+    (3, [40, "360200000001", 4095, 1, "7f3622"], "negative_response", "server", "GW", 1),
+    (3, [40, "360200000001", 4095, 1, "7603"], "unmatched_response", "server", "GW", 1),
+]
+
+
+@pytest.mark.parametrize("index, row, cause, side, unit, packet", DEPLOY_CASES)
+def test_deploy_causes(index, row, cause, side, unit, packet):
+    f = one(with_row(DEPLOY, index, row), DEPLOY_HEAD)
+    assert (f.cause, f.side, f.unit, f.index, f.packet) == (cause, side, unit, index, packet)
+
+
+def test_every_cause_is_covered_in_both_stages():
+    assert {c[2] for c in FLASH_CASES} == set(CAUSES)
+    assert {c[2] for c in DEPLOY_CASES} == set(CAUSES)
+
+
+def test_resumed_deploy_counts_packets_from_the_file_position():
+    rows = [[0, "1003", 2, 1, "5003003201f4"],
+            [2, "3806000776632e62696e0004" + "00003000" * 2, 23, 2, "7806020fff00" + (4089 * 2).to_bytes(8, "big").hex()],
+            [10, "360100000002", 4095, 25, "7601"], [40, "37", 33, 3, "77"]]
+    assert check_trace(trace(rows, DEPLOY_HEAD), RULES, "vcu.bin", "all") == []
+    rows[2] = [10, "360100000001", 4095, 25, "7601"]
+    assert one(rows, DEPLOY_HEAD).detail == "deploy packet 1, expected 2"
+
+
+def test_all_mode_reports_every_failure():
+    rows = [list(r) for r in FLASH]
+    rows[4] = [8, "2701", 2, None, None, {"late": [[1500, "670112345678"]]}]
+    rows[10] = [570, "3602", 4095, 1, "7f3672"]
+    first = check_trace(trace(rows), RULES, "bms", "first")
+    every = check_trace(trace(rows), RULES, "bms", "all")
+    assert [f.cause for f in first] == ["response_timeout"]
+    # both injected faults, then the client going on after a refused block (also illegal)
+    assert [f.cause for f in every] == ["response_timeout", "negative_response", "illegal_request_flow"]
+
+
+def test_d5_stage_selection_and_report():
+    ok_flash = StageInput("flash", "vcu", {"result": "success"}, trace(FLASH, trailer="success"))
+    bad_flash = StageInput("flash", "bms", {"result": "failed"}, trace(with_row(FLASH, 10, [570, "3602", 4095, 1, "7f3672"])))
+    bad_deploy = StageInput("deploy", "vcu.bin", {"result": "failed"},
+                            trace(with_row(DEPLOY, 3, [40, "360200000001", 4095, 1, "7f3622"]), DEPLOY_HEAD))
+    ok_deploy = StageInput("deploy", "bms.bin", {"result": "success"}, trace(DEPLOY, DEPLOY_HEAD, "success"))
+    v = diagnose([ok_deploy, bad_deploy, ok_flash, bad_flash], RULES)
+    assert v.stage == "deploy" and v.abnormal == ["vcu.bin"] and v.cause == "negative_response"  # deploy only
+    v = diagnose([ok_deploy, ok_flash, bad_flash], RULES, campaign_id="c-9")
+    assert v.stage == "flash" and v.abnormal == ["bms"] and v.findings[0].unit == "bms"
+    doc = v.to_json()
+    assert doc["schema"] == "vota-diagnosis/1" and doc["cause"] == "negative_response" and doc["side"] == "server"
+    text = render_markdown(v)
+    assert "`negative_response` 0x72 GeneralProgrammingFailure" in text and ">> #10" in text
+    clean = diagnose([ok_deploy, ok_flash], RULES)
+    assert clean.abnormal == [] and clean.cause is None and "No abnormal package" in render_markdown(clean)
+
+
+def test_unanalysable_input_is_reported_not_crashed():
+    v = diagnose([StageInput("flash", "bms", {"result": "failed"}, None, "bms.trace.jsonl: line 4 is not JSON")], RULES)
+    assert v.findings == [] and v.unanalysed[0]["reason"].endswith("line 4 is not JSON")
+    v = diagnose([StageInput("flash", "bms", {"result": "failed"}, trace(FLASH))], RULES)
+    assert "every exchange passed" in v.unanalysed[0]["reason"]
+
+
+def test_rules_errors_name_the_key():
+    data = load_yaml("configs/diagnosis.yaml")
+    data["causes"]["response.type"] = {"cause": "gremlins", "side": "server"}
+    with pytest.raises(ConfigError, match="causes.response.type"):
+        parse_rules(data, "d.yaml")
+    data = load_yaml("configs/diagnosis.yaml")
+    data["stages"]["flash"]["flow"]["start"]["1003"] = "nowhere"
+    with pytest.raises(ConfigError, match="unknown state 'nowhere'"):
+        parse_rules(data, "d.yaml")
