@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import random
 import shutil
 import socket
@@ -207,6 +208,7 @@ def _report(cloud: Any, out: Path, vin: str, campaign_id: str, finished: dict[st
     traces = sorted(str(p) for p in traces_dir.glob(f"{campaign_id}.*.jsonl")) if traces_dir.exists() else []
     outcome = (finished or {}).get("outcome") or ("timeout" if finished is None else "failed")
     return {
+        "diagnosis": _diagnose(out, campaign_id),
         "schema": "vota-bench-report/2",
         "campaign_id": campaign_id,
         "vin": vin,
@@ -223,6 +225,24 @@ def _report(cloud: Any, out: Path, vin: str, campaign_id: str, finished: dict[st
     }
 
 
+def _diagnose(out: Path, campaign_id: str) -> dict[str, Any] | None:
+    """The verdict for the campaign, from the TBOX's own copy of results and traces."""
+    from agent.diagnosis import diagnose
+    from agent.diagnosis_files import load_inputs, load_rules
+
+    for state in (out / "tbox" / "campaigns").glob("*/state.json"):
+        try:
+            if json.loads(state.read_text()).get("campaign_id") != campaign_id:
+                continue
+            inputs, _, problems = load_inputs(state.parent)
+        except (ValueError, OSError, VotaError):
+            continue
+        verdict = diagnose(inputs, load_rules(), "first", campaign_id)
+        verdict.unanalysed.extend(problems)
+        return verdict.to_json()
+    return None
+
+
 def _print_report(report: dict[str, Any]) -> None:
     from agent.cli import _table
 
@@ -234,5 +254,11 @@ def _print_report(report: dict[str, Any]) -> None:
     print(_table(["stage", "package / ECU", "result", "KiB", "s", "detail"], rows))
     failure = report.get("failure")
     why = f" ({failure.get('reason')}: {failure.get('detail')})" if isinstance(failure, dict) else ""
+    diagnosis = report.get("diagnosis") or {}
+    for f in diagnosis.get("findings", [])[:3]:
+        where = f"packet {f['packet']}" if f["stage"] == "deploy" else f"ECU {f['packet']}"
+        nrc = f" 0x{f['nrc']:02X} {f['nrc_name']}" if f.get("nrc") is not None else ""
+        print(f"diagnosis: {f['cause']}{nrc}: {f['side']} side ({f['unit']}), {f['stage']} of {f['package']}, "
+              f"{where}, request #{f['index']} {f['request']}: {f['detail']}")
     print(f"campaign {report['campaign_id']}: {report['outcome']}{why} in {report['duration_s']:.1f} s; "
           f"{len(report['traces'])} traces; report: {Path(report['store']).parents[2] / 'report.json'}")

@@ -179,6 +179,21 @@ def _parser() -> argparse.ArgumentParser:
         k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
+        "diagnose",
+        help="find the root cause of a failed upgrade from its results and header-only traces",
+        description="Analyse the results and traces of one campaign (a bench --out directory, a TBOX campaign "
+        "directory, or any directory of results and traces): which package failed, in which stage, which side "
+        "and unit, which cause, where. Prints a Markdown report. Exit 0 when the analysis ran (whatever it "
+        "found), 2 when the input or the rules cannot be read.",
+    )
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--mode", choices=("first", "all"), default="first",
+                   help="first: stop at the first failed check (default); all: report every failure")
+    p.add_argument("--json", metavar="FILE", help="also write the verdict as JSON (schema vota-diagnosis/1); - for stdout")
+    p.add_argument("--rules", metavar="YAML", help="validation data and cause mapping (default: configs/diagnosis.yaml)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
         "bench",
         help="run a whole simulated vehicle and a stand-in cloud through one campaign",
         description="Start an MQTT broker (embedded unless --broker), one ECU simulator per ECU, the gateway and the "
@@ -510,6 +525,24 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from agent.diagnosis import diagnose, render_markdown
+    from agent.diagnosis_files import load_inputs, load_rules
+    from agent.storage import atomic_write_json
+
+    rules = load_rules(args.rules)
+    inputs, campaign_id, problems = load_inputs(args.path)
+    verdict = diagnose(inputs, rules, args.mode, campaign_id)
+    verdict.unanalysed.extend(problems)
+    if args.json == "-":
+        print(json.dumps(verdict.to_json(), indent=2))
+        return 0
+    if args.json:
+        atomic_write_json(args.json, verdict.to_json())
+    sys.stdout.write(render_markdown(verdict))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from agent.bench import run_bench
 
@@ -525,6 +558,7 @@ COMMANDS = {
     "deploy": cmd_deploy,
     "campaign": cmd_campaign,
     "cloud": cmd_cloud,
+    "diagnose": cmd_diagnose,
     "bench": cmd_bench,
 }
 

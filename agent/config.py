@@ -257,6 +257,7 @@ class TboxConfig:
     max_attempts: int = 3
     retry_delay_s: float = 2.0
     install_timeout_s: int = 900
+    diagnose: bool = False
     cloud: "CloudConfig" = field(default_factory=lambda: _cloud_default())
 
 
@@ -437,6 +438,7 @@ def _tbox(sec: _Section) -> TboxConfig:
         max_attempts=sec.get("max_attempts", _positive, d2.max_attempts),
         retry_delay_s=float(sec.get("retry_delay_ms", _positive, 2000)) / 1000.0,
         install_timeout_s=sec.get("install_timeout_s", _positive, d2.install_timeout_s),
+        diagnose=sec.get("diagnose", _bool, d2.diagnose),
         cloud=cloud_cfg,
     )
     sec.done()

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 class Collector:
     def __init__(self, host: str, port: int, store: str | Path, root: str = "vota/v1", client_id: str = "vota-cloud-collector",
-                 mqtt_version: str = "5") -> None:
+                 mqtt_version: str = "5", diagnose: bool = True) -> None:
+        self.diagnose = diagnose
         self.store = Path(store)
         self.root = root
         self.mqtt_version = mqtt_version
@@ -44,6 +45,7 @@ class Collector:
         self.duplicates = 0
         self.messages: list[dict[str, Any]] = []
         self.status: dict[str, str] = {}
+        self.verdicts: dict[str, dict[str, Any]] = {}
         self._parts: dict[str, dict[int, str]] = {}
         self._lock = threading.Condition()
         self.connected = threading.Event()
@@ -96,6 +98,9 @@ class Collector:
         safe_id = "".join(ch for ch in msg_id if ch.isalnum() or ch in "._-")
         atomic_write_json(self.store / vin / "messages" / kind / f"{len(self.messages):06d}-{safe_id}.json", doc)
         body = doc.get("body") or {}
+        if self.diagnose and kind == "events" and isinstance(body, dict) and body.get("event") == "finished" \
+                and body.get("outcome") == "failed" and body.get("campaign_id"):
+            self._diagnose(vin, str(body["campaign_id"]))
         if kind == "traces" and isinstance(body, dict) and "trace_id" in body:
             trace_id = str(body["trace_id"])
             got = self._parts.setdefault(trace_id, {})
@@ -104,6 +109,24 @@ class Collector:
                 data = join_trace_parts([got[i] for i in range(len(got))])
                 safe = "".join(ch for ch in trace_id if ch.isalnum() or ch in "._-")
                 atomic_write_bytes(self.store / vin / "traces" / f"{safe}.jsonl", data)
+
+    def _diagnose(self, vin: str, campaign_id: str) -> None:
+        """D10: the cloud analyses a failed campaign and stores the verdict beside its results."""
+        from agent.diagnosis import diagnose, render_markdown
+        from agent.diagnosis_files import inputs_from_store, load_rules
+
+        results = [m["body"] for m in self.messages
+                   if m.get("vin") == vin and m.get("type") == "results" and m["body"].get("campaign_id") == campaign_id]
+        try:
+            verdict = diagnose(inputs_from_store(results, self.store / vin / "traces", campaign_id), load_rules(),
+                               "first", campaign_id)
+        except Exception:  # noqa: BLE001 - a diagnosis problem must not stop collecting
+            log.exception("diagnosis of %s failed", campaign_id)
+            return
+        safe = "".join(ch for ch in campaign_id if ch.isalnum() or ch in "._-")
+        atomic_write_json(self.store / vin / "diagnosis" / f"{safe}.json", verdict.to_json())
+        atomic_write_bytes(self.store / vin / "diagnosis" / f"{safe}.md", render_markdown(verdict).encode())
+        self.verdicts[campaign_id] = verdict.to_json()
 
     def wait_for(self, predicate: Any, timeout: float) -> bool:
         """Wait until ``predicate(self)`` holds (checked on every message)."""

@@ -309,6 +309,19 @@ class TboxDaemon:
                             package=p.name, packet=result.failed_packet)
         return "deployed"
 
+    def _diagnose(self, record: CampaignRecord) -> dict[str, Any] | None:
+        """D10 in the vehicle: analyse the campaign's own results and traces."""
+        from agent.diagnosis import diagnose
+        from agent.diagnosis_files import load_inputs, load_rules
+
+        try:
+            inputs, _, problems = load_inputs(record.dir)
+        except VotaError:
+            return None  # nothing deployed or flashed: the failure itself says why
+        verdict = diagnose(inputs, load_rules(), "first", record.campaign_id)
+        verdict.unanalysed.extend(problems)
+        return verdict.to_json()
+
     def _report_stage(self, record: CampaignRecord, stage: str, unit: str, result: dict[str, Any], trace: Path,
                       meta: dict[str, Any]) -> None:
         cid = record.campaign_id
@@ -375,7 +388,13 @@ class TboxDaemon:
 
     def _finished(self, record: CampaignRecord) -> str:
         cid = record.campaign_id or record.key
-        body = {"event": "finished", "campaign_id": record.campaign_id, "outcome": record.outcome or "failed",
-                "failure": record.failure}
+        body: dict[str, Any] = {"event": "finished", "campaign_id": record.campaign_id, "outcome": record.outcome or "failed",
+                                "failure": record.failure}
+        if self.tbox.diagnose and record.outcome != "success" and record.campaign_id:
+            verdict = self._diagnose(record)
+            if verdict is not None:
+                self.cloud.report("results", {"campaign_id": cid, "stage": "diagnosis", "verdict": verdict},
+                                  msg_id=f"{cid}.diagnosis")
+                body["cause"] = verdict.get("cause")
         self.cloud.report("events", body, msg_id=f"{cid}.finished")
         return "reported"

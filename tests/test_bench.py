@@ -25,7 +25,7 @@ def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config
         "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}, "body": {"bus": multicast_bus()}},
         "deploy": {"segment": "bb"},
         "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bcm": ecu_entry("bcm", 0x740, 0x748, "body")},
-        "tbox": {"vin": "LVOTABENCHTEST001", "trusted_keys": ["unused.pub"], "retry_delay_ms": 300},
+        "tbox": {"vin": "LVOTABENCHTEST001", "trusted_keys": ["unused.pub"], "retry_delay_ms": 300, "diagnose": True},
     })
     out = tmp_path / "bench"
     run = vota("bench", "-c", str(config), "--out", str(out), "--image-size", "32K", "--fault", "vcu:36#2:nrc=0x72",
@@ -40,3 +40,12 @@ def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config
     assert len(report["traces"]) == 4  # two deploy traces, two flash traces, all at the cloud
     assert "campaign bench-" in run.stdout and "flash_failed" in run.stdout
     assert not _processes_mentioning(str(out))  # every process the bench started is gone
+    # D10: the diagnosis ran in the bench (report.json), in the cloud and in the vehicle
+    d = report["diagnosis"]
+    assert (d["stage"], d["cause"], d["side"], d["unit"]) == ("flash", "negative_response", "server", "vcu")
+    assert d["findings"][0]["request"] == "3602" and d["findings"][0]["nrc"] == 0x72
+    assert "diagnosis: negative_response 0x72 GeneralProgrammingFailure: server side (vcu)" in run.stdout
+    cloud = json.loads((out / "cloud" / "store" / "LVOTABENCHTEST001" / "diagnosis" / f"{report['campaign_id']}.json").read_text())
+    assert cloud["cause"] == "negative_response" and cloud["findings"][0]["packet"] == "vcu"
+    vehicle = list((out / "cloud" / "store" / "LVOTABENCHTEST001" / "messages" / "results").glob("*.diagnosis.json"))
+    assert len(vehicle) == 1 and json.loads(vehicle[0].read_text())["body"]["verdict"]["cause"] == "negative_response"

@@ -175,3 +175,34 @@ def test_rules_errors_name_the_key():
     data["stages"]["flash"]["flow"]["start"]["1003"] = "nowhere"
     with pytest.raises(ConfigError, match="unknown state 'nowhere'"):
         parse_rules(data, "d.yaml")
+
+
+def test_cli_on_bad_input(tmp_path):
+    from tests.conftest import vota
+
+    assert vota("diagnose", str(tmp_path / "nope")).returncode == 2
+    (tmp_path / "empty").mkdir()
+    run = vota("diagnose", str(tmp_path / "empty"))
+    assert run.returncode == 2 and "no deploy or flash results" in run.stderr
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "bms.result.json").write_text(json.dumps({"schema": "vota-flash-result/1", "ecu": "bms", "result": "failed",
+                                                   "trace_file": "bms.trace.jsonl"}))
+    good = trace(with_row(FLASH, 10, [570, "3602", 4095, 1, "7f3672"])).to_text()
+    (d / "bms.trace.jsonl").write_text(good[: len(good) // 2])  # truncated in the middle of a line
+    (d / "vcu.result.json").write_text("{not json")
+    run = vota("diagnose", str(d), "--json", str(tmp_path / "v.json"))
+    assert run.returncode == 0 and "Traceback" not in run.stderr
+    verdict = json.loads((tmp_path / "v.json").read_text())
+    reasons = " ".join(u["reason"] for u in verdict["unanalysed"])
+    assert "is not JSON (truncated or garbage)" in reasons and "unreadable result file" in reasons
+    (d / "bms.trace.jsonl").write_text(good.replace('"version":1', '"version":7'))
+    run = vota("diagnose", str(d), "--json", "-")
+    assert "version 7 is not supported" in json.loads(run.stdout)["unanalysed"][0]["reason"]
+    (d / "bms.trace.jsonl").write_text(good)
+    run = vota("diagnose", str(d))
+    assert run.returncode == 0 and "## `negative_response` 0x72 GeneralProgrammingFailure" in run.stdout
+    bad_rules = tmp_path / "rules.yaml"
+    bad_rules.write_text("version: 2\n")
+    run = vota("diagnose", str(d), "--rules", str(bad_rules))
+    assert run.returncode == 2 and "rules.yaml: version" in run.stderr

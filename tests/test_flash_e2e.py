@@ -89,13 +89,13 @@ def test_flash_three_ecus_in_separate_processes(tmp_path, write_config, procs):
 
 
 FAULTS = {
-    # ecu: (fault spec, failed step, reason fragment, where the trace shows it)
-    "f_drop": ("f_drop:36#3:drop", "transfer_data", "no response", "no_response"),
-    "f_late": ("f_late:34:delay=1600", "request_download", "no response", "late"),
-    "f_wrongid": ("f_wrongid:27#2:wrong_id=0x6F0", "security_access", "no response", "stray"),
-    "f_malformed": ("f_malformed:37:malformed", "transfer_exit", "malformed", "response"),
-    "f_nrc": ("f_nrc:36#5:nrc=0x72", "transfer_data", "0x72", "response"),
-    "f_mismatch": ("f_mismatch:36#4:mismatch", "transfer_data", "does not match", "response"),
+    # ecu: (fault spec, failed step, reason fragment, where the trace shows it, diagnosed cause)
+    "f_drop": ("f_drop:36#3:drop", "transfer_data", "no response", "no_response", "response_not_sent"),
+    "f_late": ("f_late:34:delay=1600", "request_download", "no response", "late", "response_timeout"),
+    "f_wrongid": ("f_wrongid:27#2:wrong_id=0x6F0", "security_access", "no response", "stray", "illegal_responder"),
+    "f_malformed": ("f_malformed:37:malformed", "transfer_exit", "malformed", "response", "illegal_response_format"),
+    "f_nrc": ("f_nrc:36#5:nrc=0x72", "transfer_data", "0x72", "response", "negative_response"),
+    "f_mismatch": ("f_mismatch:36#4:mismatch", "transfer_data", "does not match", "response", "unmatched_response"),
 }
 
 
@@ -118,7 +118,7 @@ def test_each_fault_kind_fails_at_the_right_step(tmp_path, write_config, procs):
                *[f"{n}={image}@9.9" for n in FAULTS], timeout=300)
     assert run.returncode == 3, run.stderr  # 3: at least one ECU failed
     results = {r["ecu"]: r for r in json.loads(run.stdout)}
-    for name, (spec, step, reason, evidence) in FAULTS.items():
+    for name, (spec, step, reason, evidence, _) in FAULTS.items():
         r = results[name]
         assert r["result"] == "failed" and r["failed_step"] == step, (name, r)
         assert reason in r["reason"], (name, r["reason"])
@@ -145,6 +145,17 @@ def test_each_fault_kind_fails_at_the_right_step(tmp_path, write_config, procs):
             assert last.header == b"\x36\x04" and last.response == b"\x76\x05"
     # an ECU simulator that answered with faults is still alive and serving
     assert procs[0].p.poll() is None
+    # and the diagnosis names each cause, the ECU at fault and the failing request
+    diagnosis = vota("diagnose", str(out), "--mode", "all", "--json", "-")
+    assert diagnosis.returncode == 0, diagnosis.stderr
+    verdict = json.loads(diagnosis.stdout)
+    assert verdict["stage"] == "flash" and sorted(verdict["abnormal_packages"]) == sorted(FAULTS)
+    found = {f["package"]: f for f in verdict["findings"]}
+    for name, (*_, cause) in FAULTS.items():
+        f = found[name]
+        assert (f["cause"], f["side"], f["unit"], f["packet"]) == (cause, "server", name, name), f
+        last = read_trace(out / f"{name}.trace.jsonl").exchanges[-1]
+        assert f["request"] == last.header.hex() and f["index"] == len(read_trace(out / f"{name}.trace.jsonl").exchanges) - 1
 
 
 def test_killed_ecu_keeps_old_image_and_flashes_again(tmp_path, write_config, procs):

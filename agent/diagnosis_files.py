@@ -1,0 +1,104 @@
+"""Reads the inputs of a diagnosis from disk (the I/O edge of ``agent/diagnosis.py``):
+a bench ``--out`` directory, a TBOX campaign directory, a gateway results directory, or
+any directory holding deploy/flash results with their traces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from agent.config import load_yaml
+from agent.diagnosis import Rules, StageInput, parse_rules
+from agent.errors import TraceFormatError, UsageError
+from agent.trace import parse_trace, read_trace
+
+__all__ = ["load_inputs", "load_rules", "DEFAULT_RULES", "inputs_from_store"]
+
+DEFAULT_RULES = Path(__file__).resolve().parent.parent / "configs" / "diagnosis.yaml"
+
+
+def load_rules(path: str | Path | None = None) -> Rules:
+    source = Path(path) if path else DEFAULT_RULES
+    return parse_rules(load_yaml(source), str(source))
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _trace(path: Path) -> tuple[Any, str | None]:
+    if not path.exists():
+        return None, f"{path.name}: trace missing"
+    try:
+        return read_trace(path), None
+    except TraceFormatError as exc:
+        return None, str(exc)
+
+
+def _campaign_dir(root: Path) -> tuple[Path, str | None]:
+    """A bench directory points at its campaign's TBOX directory; anything else is walked."""
+    report = _json(root / "report.json")
+    if isinstance(report, dict) and report.get("campaign_id"):
+        for state in (root / "tbox" / "campaigns").glob("*/state.json"):
+            doc = _json(state)
+            if isinstance(doc, dict) and doc.get("campaign_id") == report["campaign_id"]:
+                return state.parent, str(report["campaign_id"])
+    state = _json(root / "state.json")
+    if isinstance(state, dict) and state.get("campaign_id"):
+        return root, str(state["campaign_id"])
+    return root, None
+
+
+def load_inputs(path: str | Path) -> tuple[list[StageInput], str | None, list[dict[str, str]]]:
+    """(inputs, campaign id if known, files that could not be read)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"{root}: not a directory of results and traces")
+    base, campaign_id = _campaign_dir(root)
+    found: dict[tuple[str, str], tuple[float, StageInput]] = {}
+    problems: list[dict[str, str]] = []
+    for result_path in sorted(base.rglob("*.result.json")):
+        doc = _json(result_path)
+        if not isinstance(doc, dict) or "result" not in doc:
+            problems.append({"stage": "?", "name": result_path.name, "reason": "unreadable result file"})
+            continue
+        schema = str(doc.get("schema", ""))
+        if schema.startswith("vota-deploy-result"):
+            stage, name = "deploy", str(doc.get("package"))
+            trace_path = result_path.parent / (doc.get("trace_file") or f"{name}.deploy.trace.jsonl")
+        elif schema.startswith("vota-flash-result"):
+            stage, name = "flash", str(doc.get("ecu"))
+            trace_path = result_path.parent / (doc.get("trace_file") or f"{name}.trace.jsonl")
+        else:
+            continue
+        trace, error = _trace(trace_path)
+        stamp = result_path.stat().st_mtime
+        key = (stage, name)
+        if key not in found or found[key][0] < stamp:
+            found[key] = (stamp, StageInput(stage, name, doc, trace, error))
+    if not found and not problems:
+        raise UsageError(f"{root}: no deploy or flash results found")
+    inputs = [v for _, v in sorted(found.values(), key=lambda item: (item[1].stage != "deploy", item[1].name))]
+    return inputs, campaign_id, problems
+
+
+def inputs_from_store(results: list[dict[str, Any]], traces_dir: Path, campaign_id: str) -> list[StageInput]:
+    """Inputs from what the cloud stored: result reports and reassembled traces."""
+    out = []
+    for body in results:
+        stage = body.get("stage")
+        name = str(body.get("package") if stage == "deploy" else body.get("ecu"))
+        path = traces_dir / f"{campaign_id}.{stage}.{name}.jsonl"
+        trace: Any = None
+        error: str | None = f"{path.name}: trace not received"
+        if path.exists():
+            try:
+                trace, error = parse_trace(path.read_text(), path.name), None
+            except (TraceFormatError, OSError, UnicodeDecodeError) as exc:
+                trace, error = None, str(exc)
+        out.append(StageInput(str(stage), name, body.get("result") or {}, trace, error))
+    return out
