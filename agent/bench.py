@@ -139,12 +139,13 @@ def run_bench(args: argparse.Namespace) -> int:
         cloud.start()
         if not cloud.collector.connected.wait(15):
             raise VotaError(f"the cloud cannot reach the broker {broker}")
+        def routed(stage: str, side: str) -> list[str]:
+            return [a for f in faults if f.stage == stage and f.side == side for a in ("--fault", f.text)]
+
         for name in names:
-            procs.start(f"ecu-{name}", "ecu-sim", "-c", str(runtime), "--ecu", name,
-                        *[a for f in faults if f.stage == "flash" for a in ("--fault", f.text)])
-        procs.start("gateway", "gateway", "-c", str(runtime),
-                    *[a for f in faults if f.stage == "deploy" for a in ("--fault", f.text)])
-        procs.start("tbox", "tbox", "-c", str(runtime), "-v")
+            procs.start(f"ecu-{name}", "ecu-sim", "-c", str(runtime), "--ecu", name, *routed("flash", "server"))
+        procs.start("gateway", "gateway", "-c", str(runtime), *routed("deploy", "server"), *routed("flash", "client"))
+        procs.start("tbox", "tbox", "-c", str(runtime), "-v", *routed("deploy", "client"))
         procs.wait_ready()
         print(f"bench: broker {broker}, {len(names)} ECU simulators, gateway, TBOX {vin}; cloud packages at {cloud.base_url}",
               flush=True)

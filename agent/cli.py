@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="directory for results and traces (default: gateway.results_dir/<time>)")
     p.add_argument("--no-progress", action="store_true", help="do not show progress")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a client-side fault into the gateway's flashing, e.g. vcu:36#3:skip_counter (see README)")
 
     p = sub.add_parser(
         "versions",
@@ -92,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
-                   help="inject a fault into the deploy server, e.g. deploy:GW:36#5:nrc=0x72 (see README)")
+                   help="inject a fault: deploy-stage server faults into the deploy server (deploy:GW:36#5:nrc=0x72), "
+                   "flash-stage client faults into the flashing (vcu:36#3:skip_counter); see README")
 
     p = sub.add_parser(
         "tbox",
@@ -102,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         "store-and-forward outbox. SIGTERM checkpoints the current step and exits.",
     )
     _add_common(p)
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a client-side fault into the TBOX's deploys, e.g. deploy:vcu-2.0.bin:36#3:not_sent")
 
     p = sub.add_parser(
         "deploy",
@@ -118,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="directory for deploy results and traces (default: var/tbox/deploy)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="do not show progress")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a client-side fault into the deploy, e.g. deploy:vcu.bin:36#3:bad_length (see README)")
+    p.add_argument("--keep-going", action="store_true", help="deploy the other packages after one failed (benches)")
 
     p = sub.add_parser(
         "campaign",
@@ -208,7 +216,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="size of each generated package, e.g. 1M or 262144 (default: 256K)")
     p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to update (repeatable; default: all)")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
-                   help="inject a fault: flash stage into the ECU simulators, deploy stage into the gateway (see README)")
+                   help="inject a fault where it belongs: flash/server -> ECU simulators, flash/client and "
+                   "deploy/server -> gateway, deploy/client -> TBOX (see README)")
     p.add_argument("--version", dest="image_version", default="2.0.0", help="version of the new software (default: 2.0.0)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the campaign (default 600)")
     return parser
@@ -270,6 +279,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
     import time
 
     from agent.config import load_vehicle_config
+    from agent.faults import parse_fault
     from gateway.flash import FlashJob, flash_all
     from gateway.progress import ProgressBoard
 
@@ -290,7 +300,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S")
     signal.signal(signal.SIGTERM, _interrupt)
     board = ProgressBoard([j.ecu for j in jobs], enabled=not args.no_progress)
-    results = flash_all(config, jobs, out, progress=board)
+    results = flash_all(config, jobs, out, progress=board, faults=[parse_fault(f) for f in args.fault])
     board.finish()
     rows = [r.to_json() for r in results]
     if args.json:
@@ -380,21 +390,24 @@ def _serve(name: str, start: Any, stop: Any, alive: Any = None) -> int:
 
 def cmd_tbox(args: argparse.Namespace) -> int:
     from agent.config import load_vehicle_config
+    from agent.faults import parse_fault
     from tbox.daemon import TboxDaemon
 
     config = load_vehicle_config(args.config)
-    daemon = TboxDaemon(config)
+    daemon = TboxDaemon(config, faults=[parse_fault(f) for f in args.fault])
     return _serve("tbox", daemon.start, daemon.stop, alive=lambda: daemon._worker.is_alive())
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from agent.canbus import Segment
     from agent.config import load_vehicle_config
+    from agent.faults import parse_fault
     from gateway.progress import ProgressBoard
     from tbox.deploy import PackageDeployer, file_sha256
 
     config = load_vehicle_config(args.config)
     link = config.deploy_link()
+    faults = [parse_fault(f) for f in args.fault]
     if args.sha256 and len(args.sha256) != len(args.packages):
         raise UsageError("give --sha256 once per package, or not at all")
     items = []
@@ -412,11 +425,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     rows = []
     with Segment(config.segments[link.segment]) as segment:
         for name, path, digest in items:
-            deployer = PackageDeployer(segment, link, name, path, digest, resume=args.resume, progress=board)
+            deployer = PackageDeployer(segment, link, name, path, digest, resume=args.resume, progress=board,
+                                       faults=faults)
             result = deployer.run()
             deployer.write(args.out, result)
             rows.append(result.to_json())
-            if result.result != "success":
+            if result.result != "success" and not args.keep_going:
                 break  # D4: a failed deploy ends the deploy stage
     board.finish()
     if args.json:

@@ -247,6 +247,7 @@ class DeployConfig:
     package_dir: str = "var/gateway/packages"
     p2_ms: int = 1000
     p2_star_ms: int = 6000
+    late_response_grace_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -461,6 +462,7 @@ def _deploy(source: str, sec: _Section, segments: Mapping[str, SegmentConfig]) -
         package_dir=sec.get("package_dir", _str, d.package_dir),
         p2_ms=timing.get("p2_ms", _positive, d.p2_ms),
         p2_star_ms=timing.get("p2_star_ms", _positive, d.p2_star_ms),
+        late_response_grace_ms=timing.get("late_response_grace_ms", _nonneg, d.late_response_grace_ms),
     )
     timing.done()
     sec.done()

@@ -5,7 +5,9 @@ For every exchange of an abnormal package's trace the checks run in a fixed orde
 (``rules.checks``): the request's validity, identifier, format, length and flow, then the
 response's validity, time, identifier, format, type and match. A failed check maps to a
 cause and a side (``rules.causes``). Mode ``first`` stops at the first failure (the seed's
-order: request 1, response 1, request 2, ...); mode ``all`` reports every failure.
+order: request 1, response 1, request 2, ...); mode ``all`` reports every failure. A
+failed request check ends the checks of that exchange: how a server answers an illegal
+request (not at all, or with an NRC) is no failure of the server.
 """
 
 from __future__ import annotations
@@ -503,7 +505,7 @@ def check_trace(trace: Trace, rules: Rules, name: str, mode: str = "first") -> l
         failed = checker.request(i, e)
         if failed and mode == "first":
             break
-        if e.sent:
+        if e.sent and not failed:  # how a server answers an illegal request is no failure of its own
             before = len(checker.findings)
             checker.response(i, e)
             if mode == "first" and len(checker.findings) > before:

@@ -4,11 +4,17 @@ A spec is one string, the same on the command line and in YAML::
 
     [STAGE:]TARGET:SERVICE[#N[+]]:ACTION[=ARG]
 
-``STAGE`` is ``flash`` (default) or ``deploy``; ``TARGET`` the ECU name (or ``*``);
-``SERVICE`` a UDS service id in hex (``36`` or ``0x36``); ``#N`` the N-th request of that
-service only, ``#N+`` the N-th and every later one, nothing = every one. Server-side
-actions: ``drop``, ``delay=MS``, ``wrong_id[=CANID]``, ``malformed``, ``nrc=CODE``,
-``mismatch``.
+``STAGE`` is ``flash`` (default) or ``deploy``; ``TARGET`` the ECU (flash) or the package
+(deploy), or ``*``; ``GW`` also names the gateway's deploy server and ``TBOX`` the TBOX's
+deploy client; ``SERVICE`` a UDS service id in hex (``36`` or ``0x36``); ``#N`` the N-th
+request of that service (to that target) only, ``#N+`` the N-th and every later one,
+nothing = every one.
+
+Server-side actions (the ECU in flash, the gateway in deploy): ``drop``, ``delay=MS``,
+``wrong_id[=CANID]``, ``malformed``, ``nrc=CODE``, ``mismatch``. Client-side actions (the
+gateway in flash, the TBOX in deploy): ``not_sent`` (a transmit error), ``from_id[=CANID]``
+(sent from a wrong CAN id), ``bad_format``, ``bad_length``, ``skip_counter`` (TransferData
+skips a block counter), ``skip_step`` (the request is left out, the sequence goes on).
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from dataclasses import dataclass
 
 from agent.errors import UsageError
 
-__all__ = ["FaultSpec", "parse_fault", "SERVER_ACTIONS", "FaultCounter"]
+__all__ = ["FaultSpec", "parse_fault", "SERVER_ACTIONS", "CLIENT_ACTIONS", "FaultCounter"]
 
 SERVER_ACTIONS = ("drop", "delay", "wrong_id", "malformed", "nrc", "mismatch")
+CLIENT_ACTIONS = ("not_sent", "from_id", "bad_format", "bad_length", "skip_counter", "skip_step")
 STAGES = ("flash", "deploy")
 _NEEDS_ARG = {"delay", "nrc"}
 
@@ -42,8 +49,12 @@ class FaultSpec:
             return True
         return count >= self.occurrence if self.and_later else count == self.occurrence
 
-    def applies_to(self, stage: str, target: str) -> bool:
-        return self.stage == stage and self.target in ("*", target)
+    @property
+    def side(self) -> str:
+        return "client" if self.action in CLIENT_ACTIONS else "server"
+
+    def applies_to(self, stage: str, target: str, side: str | None = None) -> bool:
+        return self.stage == stage and self.target in ("*", target) and (side is None or self.side == side)
 
 
 def _number(text: str, what: str, spec: str) -> int:
@@ -78,8 +89,8 @@ def parse_fault(spec: str) -> FaultSpec:
     if not 0 < service < 0x100:
         raise UsageError(f"fault spec {spec!r}: service 0x{service:X} is not a UDS service id")
     action, _, arg_text = action_part.partition("=")
-    if action not in SERVER_ACTIONS:
-        raise UsageError(f"fault spec {spec!r}: action {action!r} is not one of {', '.join(SERVER_ACTIONS)}")
+    if action not in SERVER_ACTIONS + CLIENT_ACTIONS:
+        raise UsageError(f"fault spec {spec!r}: action {action!r} is not one of {', '.join(SERVER_ACTIONS + CLIENT_ACTIONS)}")
     arg: int | None = None
     if arg_text:
         arg = _number(arg_text, "argument", spec)
@@ -91,16 +102,21 @@ def parse_fault(spec: str) -> FaultSpec:
 
 
 class FaultCounter:
-    """Counts requests per service and returns the fault (if any) due for this one."""
+    """Counts, per spec, the requests of its service to its target, and returns the fault (if
+    any) due for this request. ``scope`` names the current target (e.g. the package being
+    deployed); specs for ``*`` or one of ``always`` apply whatever it is."""
 
-    def __init__(self, specs: list[FaultSpec]) -> None:
+    def __init__(self, specs: list[FaultSpec], always: tuple[str, ...] = ("*",)) -> None:
         self.specs = specs
+        self.always = always
         self.counts: dict[int, int] = {}
 
-    def next(self, service: int) -> FaultSpec | None:
-        count = self.counts.get(service, 0) + 1
-        self.counts[service] = count
-        for spec in self.specs:
-            if spec.matches(service, count):
-                return spec
-        return None
+    def next(self, service: int, scope: str | None = None) -> FaultSpec | None:
+        due = None
+        for i, spec in enumerate(self.specs):
+            if spec.service != service or (spec.target not in self.always and spec.target != scope):
+                continue
+            self.counts[i] = self.counts.get(i, 0) + 1
+            if due is None and spec.matches(service, self.counts[i]):
+                due = spec
+        return due

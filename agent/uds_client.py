@@ -25,9 +25,10 @@ from udsoncan.exceptions import (
 from udsoncan.typing import ClientConfig
 
 from agent.canbus import Segment
+from agent.faults import FaultCounter, FaultSpec
 from agent.trace import TraceRecorder
 
-__all__ = ["TracingConnection", "StrayListener", "UdsLink", "RawCodec", "describe_failure"]
+__all__ = ["TracingConnection", "ClientFaults", "StrayListener", "UdsLink", "RawCodec", "describe_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,53 @@ class RawCodec(udsoncan.DidCodec):
         raise udsoncan.DidCodec.ReadAllRemainingData
 
 
+class ClientFaults:
+    """Client-side fault injection (tests, benches): what the client puts on the wire.
+
+    ``apply`` returns the action due for this request (if any); ``mangle`` builds the
+    faulty request. The connection does the sending, so the trace records what really
+    went out (or that nothing did)."""
+
+    def __init__(self, specs: list[FaultSpec], scope: str, stage: str, block_length: Callable[[], int | None]) -> None:
+        self.counter = FaultCounter([s for s in specs if s.side == "client"], ("*", "TBOX", "tbox") if stage == "deploy" else ("*",))
+        self.scope, self.stage, self.block_length = scope, stage, block_length
+
+    def due(self, payload: bytes) -> FaultSpec | None:
+        if not payload or payload[:2] == b"\x3e\x80":
+            return None
+        return self.counter.next(payload[0], self.scope)
+
+    def mangle(self, spec: FaultSpec, payload: bytes) -> bytes:
+        sid = payload[0]
+        if spec.action == "bad_format":
+            if sid == 0x36:  # TransferData without its header: no counter (flash), no packet id (deploy)
+                return payload[:2] if self.stage == "deploy" else payload[:1]
+            if sid in _SUBFUNCTION_SERVICES and len(payload) >= 2:
+                return payload[:1] + b"\x7f" + payload[2:]
+            return b"\xba" + payload[1:]  # a service the protocol does not have
+        if spec.action == "bad_length":
+            if sid == 0x36:
+                return payload + bytes(max(16, (self.block_length() or len(payload)) - len(payload) + 16))
+            return payload + bytes(300 if sid == 0x38 else 64)
+        if spec.action == "skip_counter" and sid == 0x36 and len(payload) >= 2:
+            return payload[:1] + bytes(((payload[1] + 1) & 0xFF,)) + payload[2:]
+        return payload
+
+
+_SUBFUNCTION_SERVICES = {0x10, 0x11, 0x27, 0x28, 0x31, 0x38, 0x3E, 0x85}
+
+
 class TracingConnection(BaseConnection):
-    def __init__(self, stack: Any, recorder: TraceRecorder | None, name: str) -> None:
+    def __init__(self, stack: Any, recorder: TraceRecorder | None, name: str, segment: Segment | None = None,
+                 faults: ClientFaults | None = None) -> None:
         super().__init__(name)
         self.stack = stack
         self.recorder = recorder
+        self.segment = segment
+        self.faults = faults
         self.paused = False
         self.opened = False
+        self._fake: bytes | None = None
 
     def _rec(self) -> TraceRecorder | None:
         return None if self.paused else self.recorder
@@ -74,8 +115,30 @@ class TracingConnection(BaseConnection):
 
     def specific_send(self, payload: bytes, timeout: float | None = None) -> None:
         rec = self._rec()
+        fault = self.faults.due(payload) if self.faults is not None and rec is not None else None
+        if fault is not None:
+            log.warning("injecting client fault %s", fault.text)
+            if fault.action == "skip_step":  # left out: the client goes on as if it had been answered
+                self._fake = bytes(((payload[0] + 0x40) & 0xFF,)) + payload[1:4] + (b"\x00" if payload[0] == 0x31 else b"")
+                return
+            payload = self.faults.mangle(fault, payload)  # type: ignore[union-attr]
         if rec is not None:
             rec.request(payload)
+        if fault is not None and fault.action == "not_sent":
+            if rec is not None:
+                rec.not_sent("injected: transmit error")
+            raise OSError("transmit error (injected)")
+        if fault is not None and fault.action == "from_id":
+            wrong = fault.arg if fault.arg is not None else self.stack.address.get_tx_arbitration_id() + 0x10
+            if rec is not None and rec.current is not None:
+                rec.current.extra["id"] = wrong
+            if self.segment is not None:
+                size = len(payload)
+                frame = bytes((size,)) + payload if size <= 7 else bytes((0x10 | (size >> 8), size & 0xFF)) + payload[:6]
+                self.segment.send_frame(wrong, frame)
+            if rec is not None:
+                rec.sent()
+            return
         try:
             self.stack.send(payload, send_timeout=timeout)
         except Exception as exc:
@@ -86,6 +149,9 @@ class TracingConnection(BaseConnection):
             rec.sent()
 
     def specific_wait_frame(self, timeout: float | None = None) -> bytes | None:
+        if self._fake is not None:
+            fake, self._fake = self._fake, None
+            return fake
         frame = self.stack.recv(block=True, timeout=timeout)
         if frame is None:
             raise TimeoutException(f"no response within {timeout} s")
@@ -171,10 +237,11 @@ class UdsLink:
         security: Callable[[int, bytes], bytes] | None = None,
         dids: Mapping[int, udsoncan.DidCodec] | None = None,
         watch_ids: set[int] | None = None,
+        faults: ClientFaults | None = None,
     ) -> None:
         self.segment = segment
         self.stack = segment.stack(request_id, response_id)
-        self.connection = TracingConnection(self.stack, recorder, name)
+        self.connection = TracingConnection(self.stack, recorder, name, segment, faults)
         config = dict(udsoncan.configs.default_client_config)
         config.update(
             request_timeout=None,  # never cut a 0x78-pending wait short; P2/P2* bound each wait

@@ -145,6 +145,8 @@ class UdsServer(Generic[S]):
     s3: float = 5.0
     pending_interval: float = 1.0
     faults: list[FaultSpec] = field(default_factory=list)
+    fault_targets: tuple[str, ...] = ("*",)  # targets whose faults apply to every request
+    fault_scope: Callable[[S], str | None] | None = None  # the current target (e.g. the package)
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
@@ -152,7 +154,7 @@ class UdsServer(Generic[S]):
         self._stop = threading.Event()
         self._silent_until = 0.0
         self._last_activity = self.clock()
-        self._faults = FaultCounter(self.faults)
+        self._faults = FaultCounter(self.faults, self.fault_targets)
         self._threads: list[threading.Thread] = []
         self.physical = self.segment.stack(self.response_id, self.request_id)
         self.functional = (
@@ -214,8 +216,9 @@ class UdsServer(Generic[S]):
                 return
             self._last_activity = now
             request = Request(data, now, functional)
+            scope = self.fault_scope(self.state) if self.fault_scope is not None else None
             response, outcome = self._dispatch(request)
-            fault = self._faults.next(request.sid)
+            fault = self._faults.next(request.sid, scope)
         if outcome is not None and outcome.work is not None:
             response = self._work(stack, request.sid, outcome.work)
         elif outcome is not None and outcome.busy > 0 and response is not None:

@@ -44,7 +44,7 @@ class EcuSimulator:
                 base = Path(self.state_dir or ecu.sim.state_dir)
                 banks = FlashBanks(base / ecu.name, ecu.sim.software_version)
                 faults = [parse_fault(f) for f in ecu.sim.faults] + self.extra_faults
-                mine = [f for f in faults if f.applies_to("flash", ecu.name)]
+                mine = [f for f in faults if f.applies_to("flash", ecu.name, "server")]
                 server = UdsServer(
                     name=ecu.name,
                     segment=self.segments[ecu.segment],
@@ -56,6 +56,7 @@ class EcuSimulator:
                     s3=ecu.sim.s3_ms / 1000.0,
                     pending_interval=ecu.sim.pending_interval_ms / 1000.0,
                     faults=mine,
+                    fault_targets=("*", ecu.name),
                 )
                 self.servers[ecu.name] = server
                 server.start()

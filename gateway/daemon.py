@@ -37,8 +37,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 class GatewayInstaller:
     """Flashes per install manifest in a background thread; status kept on disk too."""
 
-    def __init__(self, config: VehicleConfig, package_dir: Path, results_dir: Path, stop: threading.Event) -> None:
+    def __init__(self, config: VehicleConfig, package_dir: Path, results_dir: Path, stop: threading.Event,
+                 faults: list[FaultSpec] | None = None) -> None:
         self.config, self.package_dir, self.results_dir, self.stop = config, package_dir, results_dir, stop
+        self.faults = faults or []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._campaign: str | None = None
@@ -90,7 +92,7 @@ class GatewayInstaller:
     def _run(self, campaign: str, jobs: list[FlashJob]) -> None:
         out = self.results_dir / campaign
         try:
-            results = flash_all(self.config, jobs, out, progress=self._progress, stop=self.stop)
+            results = flash_all(self.config, jobs, out, progress=self._progress, stop=self.stop, faults=self.faults)
             ok = all(r.result == "success" for r in results) and len(results) == len(jobs)
             self._write_status(campaign, InstallStatus.SUCCEEDED if ok else InstallStatus.FAILED)
             log.info("install %s finished: %s", campaign, "success" if ok else "failed")
@@ -137,11 +139,15 @@ class GatewayDaemon:
     def __init__(self, config: VehicleConfig, faults: list[FaultSpec] | None = None) -> None:
         self.config = config
         self.link = config.deploy_link()
-        self.faults = [f for f in faults or [] if f.stage == "deploy" and f.target in ("*", "GW", "gw", "gateway")]
+        faults = faults or []
+        # deploy stage, server side: the deploy server; flash stage, client side: the flash client
+        self.faults = [f for f in faults if f.stage == "deploy" and f.side == "server"]
+        self.flash_faults = [f for f in faults if f.stage == "flash" and f.side == "client"]
         self.segment: Segment | None = None
         self.server: UdsServer[DeployState] | None = None
         self._stopped = threading.Event()
-        self.installer = GatewayInstaller(config, Path(self.link.package_dir), Path(config.gateway.results_dir), self._stopped)
+        self.installer = GatewayInstaller(config, Path(self.link.package_dir), Path(config.gateway.results_dir), self._stopped,
+                                          self.flash_faults)
 
     def start(self) -> None:
         self.segment = Segment(self.config.segments[self.link.segment])
@@ -155,6 +161,8 @@ class GatewayDaemon:
                 services=DEPLOY_SERVICES,
                 state=DeployState(self.link, self.config.gateway.results_dir, self.installer),
                 faults=self.faults,
+                fault_targets=("*", "GW", "gw", "gateway"),
+                fault_scope=lambda state: state.transfer.name if state.transfer is not None else None,
             )
             self.server.start()
         except BaseException:

@@ -24,10 +24,11 @@ from udsoncan.exceptions import NegativeResponseException, TimeoutException
 from agent.canbus import Segment
 from agent.config import EcuConfig, GatewayConfig, VehicleConfig
 from agent.errors import FlashError, UsageError
+from agent.faults import FaultSpec
 from agent.identifiers import DID, security_key
 from agent.storage import atomic_write_json
 from agent.trace import TraceHeader, TraceRecorder
-from agent.uds_client import RawCodec, UdsLink, describe_failure
+from agent.uds_client import ClientFaults, RawCodec, UdsLink, describe_failure
 
 __all__ = ["FlashJob", "FlashResult", "flash_all", "EcuFlasher", "STEPS", "fingerprint"]
 
@@ -107,9 +108,11 @@ class EcuFlasher:
         job: FlashJob,
         progress: Progress | None = None,
         stop: threading.Event | None = None,
+        faults: list[FaultSpec] | None = None,
     ) -> None:
         self.segment = segment
         self.ecu = ecu
+        self.faults = [f for f in faults or [] if f.applies_to("flash", ecu.name, "client")]
         self.gateway = gateway
         self.job = job
         self.progress = progress or (lambda *a: None)
@@ -150,6 +153,7 @@ class EcuFlasher:
             security=lambda level, seed: security_key(ecu.security_secret, seed),
             dids={d: RawCodec() for d in (DID.SOFTWARE_VERSION, DID.IMAGE_DIGEST, ecu.fingerprint_did)},
             watch_ids={ecu.functional_id},
+            faults=ClientFaults(self.faults, ecu.name, "flash", lambda: self.max_block or None) if self.faults else None,
         )
         try:
             with link.untraced():
@@ -311,6 +315,7 @@ def flash_all(
     out_dir: str | Path,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    faults: list[FaultSpec] | None = None,
 ) -> list[FlashResult]:
     """Flash every job; write ``<ecu>.trace.jsonl``, ``<ecu>.result.json``, ``summary.json``.
 
@@ -334,7 +339,7 @@ def flash_all(
             functional = config.ecu(seg_jobs[0].ecu).functional_id
             with TesterPresentKeeper(segment, functional, period) as keeper:
                 for job in seg_jobs:
-                    flasher = EcuFlasher(segment, config.ecu(job.ecu), config.gateway, job, progress, stop)
+                    flasher = EcuFlasher(segment, config.ecu(job.ecu), config.gateway, job, progress, stop, faults)
                     keeper.recorder = flasher.recorder
                     result = flasher.run()
                     keeper.recorder = None

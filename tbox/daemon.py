@@ -23,6 +23,7 @@ from agent.canbus import Segment
 from agent.cloud_link import CloudLink
 from agent.config import TboxConfig, VehicleConfig
 from agent.errors import VotaError
+from agent.faults import FaultSpec
 from agent.storage import atomic_write_bytes, atomic_write_json
 from gateway.deploy_server import InstallStatus
 from tbox.campaign_state import TERMINAL, CampaignRecord
@@ -50,8 +51,10 @@ class _Retry(Exception):
 
 
 class TboxDaemon:
-    def __init__(self, config: VehicleConfig, now: Callable[[], _dt.datetime] | None = None) -> None:
+    def __init__(self, config: VehicleConfig, now: Callable[[], _dt.datetime] | None = None,
+                 faults: list[FaultSpec] | None = None) -> None:
         self.config = config
+        self.faults = [f for f in faults or [] if f.stage == "deploy" and f.side == "client"]
         self.tbox: TboxConfig = config.tbox_config()
         self.link_cfg = config.deploy_link()
         self.now = now or (lambda: _dt.datetime.now(_dt.timezone.utc))
@@ -295,7 +298,7 @@ class TboxDaemon:
             entry["deploy_started"] = True
             record.save()
             deployer = PackageDeployer(self.segment, self.link_cfg, p.name, self._package_path(record, p.name), p.sha256,
-                                       resume=resume, stop=self._stop)
+                                       resume=resume, stop=self._stop, faults=self.faults)
             result = deployer.run()
             if result.reason == "cancelled":
                 return None  # SIGTERM: checkpointed; the deploy resumes after restart

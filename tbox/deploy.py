@@ -18,8 +18,9 @@ from udsoncan.exceptions import NegativeResponseException
 from agent.canbus import Segment
 from agent.config import DeployConfig
 from agent.errors import FlashError
+from agent.faults import FaultSpec
 from agent.trace import TraceHeader, TraceRecorder
-from agent.uds_client import UdsLink, describe_failure
+from agent.uds_client import ClientFaults, UdsLink, describe_failure
 from gateway.deploy_server import PACKET_HEADER, packet_payload
 
 __all__ = ["DeployResult", "PackageDeployer", "file_sha256", "DEPLOY_STEPS"]
@@ -78,8 +79,11 @@ class PackageDeployer:
         resume: bool = False,
         progress: Progress | None = None,
         stop: threading.Event | None = None,
+        faults: list[FaultSpec] | None = None,
     ) -> None:
         self.segment, self.link, self.name = segment, link, name
+        self.faults = [f for f in faults or [] if f.stage == "deploy" and f.side == "client"]
+        self.max_block = 0
         self.path = Path(path)
         self.sha256 = sha256
         self.resume = resume
@@ -107,8 +111,10 @@ class PackageDeployer:
         started = time.time()
         result = DeployResult(self.name, "failed", self.size, self.sha256,
                               started=_dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"))
+        faults = ClientFaults(self.faults, self.name, "deploy", lambda: self.max_block or None) if self.faults else None
         link = UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway",
-                       recorder=self.recorder, p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0)
+                       recorder=self.recorder, p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0,
+                       faults=faults)
         try:
             self._sequence(link, result)
             result.result = "success"
@@ -117,6 +123,8 @@ class PackageDeployer:
             if exc.step == "transfer_data":
                 result.failed_packet = self.packet
             log.warning("deploy of %s failed at %s: %s", self.name, exc.step, exc.reason)
+            if exc.nrc is None and self.link.late_response_grace_ms:
+                link.connection.drain_late(self.link.late_response_grace_ms / 1000.0)  # a late answer is evidence
         finally:
             link.close()
         result.duration_s = round(time.time() - started, 3)
@@ -148,7 +156,7 @@ class PackageDeployer:
             # ReplaceFile: a package deployed before under the same name is replaced
             response = self._do("request_file_transfer", lambda: c.replace_file(self.name, filesize=self.size))
             position = 0
-        max_block = int(response.service_data.max_length)
+        max_block = self.max_block = int(response.service_data.max_length)
         payload = packet_payload(max_block)
         if payload < 1:
             raise FlashError("request_file_transfer", f"maxNumberOfBlockLength {max_block} leaves no room for data")

@@ -78,8 +78,9 @@ def test_bad_fault_specs(spec, words):
 
 def test_fault_occurrences():
     counter = FaultCounter([parse_fault("x:36#2:drop"), parse_fault("x:31#2+:malformed")])
-    assert [bool(counter.next(0x36)) for _ in range(4)] == [False, True, False, False]
-    assert [bool(counter.next(0x31)) for _ in range(4)] == [False, True, True, True]
+    assert [bool(counter.next(0x36, "x")) for _ in range(4)] == [False, True, False, False]
+    assert [bool(counter.next(0x31, "x")) for _ in range(4)] == [False, True, True, True]
+    assert counter.next(0x36, "y") is None and counter.next(0x36, "x") is None  # 5th for x; y never counts
 
 
 def _one_line_error(run, *words):
