@@ -84,7 +84,7 @@ def _ms(seconds: float) -> float:
     return int(value) if value == int(value) else value  # type: ignore[return-value]
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     """One request (its header only) and what answered it."""
 
@@ -286,13 +286,29 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise TraceFormatError(f"{source}: bad trace header ({exc})") from None
+    body = lines[1:]
+    try:
+        rows = json.loads("[" + ",".join(body) + "]")  # one parse for the whole trace (fast path)
+    except json.JSONDecodeError:
+        rows = None
+    if rows is None or len(rows) != len(body):
+        rows = []  # find the line that is broken, for the message
+        for number, line in enumerate(body, start=2):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise TraceFormatError(f"{source}: line {number} is not JSON (truncated or garbage)") from None
     exchanges: list[Exchange] = []
     trailer = None
-    for number, line in enumerate(lines[1:], start=2):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise TraceFormatError(f"{source}: line {number} is not JSON (truncated or garbage)") from None
+    fromhex = bytes.fromhex
+    for number, row in enumerate(rows, start=2):
+        if type(row) is list and len(row) == 5 and type(row[1]) is str and type(row[4]) is str:
+            try:  # the common record: a request and its response, no extras
+                exchanges.append(Exchange(float(row[0]), fromhex(row[1]), int(row[2]),
+                                          None if row[3] is None else float(row[3]), fromhex(row[4])))
+                continue
+            except (TypeError, ValueError):
+                pass
         if isinstance(row, dict) and row.get("end"):
             trailer = row
             continue
