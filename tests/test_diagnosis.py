@@ -54,8 +54,14 @@ def with_row(rows: list[list[Any]], index: int, row: list[Any] | None) -> list[l
 
 
 def one(rows, head=FLASH_HEAD, mode="first"):  # type: ignore[no-untyped-def]
+    """The finding for the injected fault. These hand-made traces go on after the fault where
+    a real client would have stopped, so mode "all" also reports what follows from it."""
     findings = check_trace(trace(rows, head), RULES, head["packet"], mode)
-    assert len(findings) == 1, [(f.cause, f.detail) for f in findings]
+    if mode == "first":
+        assert len(findings) == 1, [(f.cause, f.detail) for f in findings]
+    else:
+        assert findings and findings == check_trace(trace(rows, head), RULES, head["packet"], "all")
+        assert findings[0] == check_trace(trace(rows, head), RULES, head["packet"], "first")[0]
     return findings[0]
 
 
@@ -85,9 +91,10 @@ FLASH_CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["first", "all"])
 @pytest.mark.parametrize("index, row, cause, side, unit", FLASH_CASES)
-def test_flash_causes(index, row, cause, side, unit):
-    f = one(with_row(FLASH, index, row))
+def test_flash_causes(index, row, cause, side, unit, mode):
+    f = one(with_row(FLASH, index, row), mode=mode)
     assert (f.cause, f.side, f.unit, f.index, f.stage, f.packet) == (cause, side, unit, index, "flash", "bms")
     assert any(r["index"] == index for r in f.context) and len(f.context) <= 7
     if cause == "negative_response":
@@ -110,9 +117,10 @@ DEPLOY_CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["first", "all"])
 @pytest.mark.parametrize("index, row, cause, side, unit, packet", DEPLOY_CASES)
-def test_deploy_causes(index, row, cause, side, unit, packet):
-    f = one(with_row(DEPLOY, index, row), DEPLOY_HEAD)
+def test_deploy_causes(index, row, cause, side, unit, packet, mode):
+    f = one(with_row(DEPLOY, index, row), DEPLOY_HEAD, mode)
     assert (f.cause, f.side, f.unit, f.index, f.packet) == (cause, side, unit, index, packet)
 
 
