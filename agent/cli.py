@@ -187,6 +187,34 @@ def _parser() -> argparse.ArgumentParser:
         k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
+        "content",
+        help="custom service content: vehicle keys, build and sign bundles (what the trust platform does)",
+        description="Owner-customised content bundles: keygen writes a vehicle's X25519 key pair, build packs a "
+        "bundle from a spec (encrypting the items marked encrypt for a vehicle), sign signs its manifest, verify "
+        "checks a bundle as the vehicle would.",
+    )
+    csub = p.add_subparsers(dest="content_command", metavar="ACTION")
+    csub.required = True
+    k = csub.add_parser("keygen", help="write a vehicle's X25519 key pair (vehicle.key, vehicle.pub)")
+    k.add_argument("--out", default="keys", metavar="DIR")
+    k = csub.add_parser("build", help="build an unsigned bundle from a spec (YAML or JSON)")
+    k.add_argument("spec", metavar="SPEC.yaml", help="manifest fields; each item names its file with 'source'")
+    k.add_argument("--vehicle-key", metavar="PEM", help="the vehicle's X25519 public key, for items marked encrypt")
+    k.add_argument("--vin", help="the vehicle the encrypted items are for")
+    k.add_argument("--out", required=True, metavar="BUNDLE.tar")
+    k = csub.add_parser("sign", help="sign a bundle's manifest")
+    k.add_argument("bundle", metavar="BUNDLE.tar")
+    k.add_argument("--key", required=True, metavar="PEM", help="the trust platform's Ed25519 private key")
+    k.add_argument("--out", required=True, metavar="SIGNED.tar")
+    k = csub.add_parser("verify", help="verify a bundle as the vehicle would")
+    k.add_argument("bundle", metavar="SIGNED.tar")
+    k.add_argument("--trusted", action="append", required=True, metavar="PEM")
+    k.add_argument("--vin", required=True)
+    k.add_argument("--installed", type=int, metavar="VERSION", help="the installed version of this bundle id")
+    for k in csub.choices.values():
+        k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
         "diagnose",
         help="find the root cause of a failed upgrade from its results and header-only traces",
         description="Analyse the results and traces of one campaign (a bench --out directory, a TBOX campaign "
@@ -539,6 +567,64 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_content(args: argparse.Namespace) -> int:
+    import datetime as _dt
+    import os
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    from agent import content as c
+    from agent.campaign import key_id, load_private_key, load_public_key
+    from agent.config import load_yaml
+    from agent.storage import atomic_write_bytes
+
+    if args.content_command == "keygen":
+        key = X25519PrivateKey.generate()
+        out = Path(args.out)
+        atomic_write_bytes(out / "vehicle.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                                  serialization.NoEncryption()))
+        os.chmod(out / "vehicle.key", 0o600)
+        atomic_write_bytes(out / "vehicle.pub", key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
+        print(f"{out / 'vehicle.key'} (stays in the vehicle), {out / 'vehicle.pub'} (for the trust platform)")
+        return 0
+    if args.content_command == "build":
+        spec = load_yaml(args.spec)
+        if not isinstance(spec, dict) or not isinstance(spec.get("items"), list):
+            raise UsageError(f"{args.spec}: expected a mapping with an items list")
+        base = Path(args.spec).parent
+        files = {}
+        for item in spec["items"]:
+            if not isinstance(item, dict) or "source" not in item or "id" not in item:
+                raise UsageError(f"{args.spec}: every item needs an id and a source file")
+            files[item["id"]] = _read(str(base / item["source"]), "item file")
+        vehicle = None
+        if args.vehicle_key:
+            pub = serialization.load_pem_public_key(_read(args.vehicle_key, "vehicle key"))
+            if not isinstance(pub, X25519PublicKey):
+                raise UsageError(f"{args.vehicle_key}: not an X25519 public key")
+            vehicle = pub
+        atomic_write_bytes(args.out, c.build_bundle(spec, files, vehicle, args.vin))
+        return 0
+    if args.content_command == "sign":
+        platform_key = load_private_key(_read(args.key, "key"), args.key)
+        atomic_write_bytes(args.out, c.sign_bundle(_read(args.bundle, "bundle"), platform_key))
+        return 0
+    trusted = {}
+    for path in args.trusted:
+        public = load_public_key(_read(path, "public key"), path)
+        trusted[key_id(public)] = public
+    data = _read(args.bundle, "bundle")
+    probe = c.read_archive(data, len(data) + c.SLACK)
+    bid = json.loads(probe.get("manifest.json", b"{}") or b"{}").get("bundle_id", "")
+    bundle = c.verify_bundle(data, trusted, vin=args.vin, now=_dt.datetime.now(_dt.timezone.utc),
+                             installed={bid: args.installed} if args.installed is not None else None)
+    print(f"bundle {bundle.bundle_id} v{bundle.bundle_version} verified: " + ", ".join(
+        f"{i.id} ({i.cls} -> {i.target}, {i.policy}{', encrypted' if i.encryption else ''})" for i in bundle.items))
+    return 0
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from agent.diagnosis import diagnose, render_markdown
     from agent.diagnosis_files import load_inputs, load_rules
@@ -573,6 +659,7 @@ COMMANDS = {
     "campaign": cmd_campaign,
     "cloud": cmd_cloud,
     "diagnose": cmd_diagnose,
+    "content": cmd_content,
     "bench": cmd_bench,
 }
 

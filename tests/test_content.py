@@ -157,3 +157,32 @@ def test_malformed_specs_are_not_built(change):
     with pytest.raises(BundleRejected) as err:
         build_bundle(spec, FILES, VEHICLE.public_key(), VIN)
     assert err.value.reason == "malformed"
+
+
+def test_cli_keygen_build_sign_verify(tmp_path):
+    import yaml
+
+    from tests.conftest import vota
+
+    assert vota("campaign", "keygen", "--out", str(tmp_path / "platform")).returncode == 0
+    assert vota("content", "keygen", "--out", str(tmp_path / "car")).returncode == 0
+    (tmp_path / "heart.bin").write_bytes(FILES["heart"])
+    (tmp_path / "music.apk").write_bytes(FILES["music"])
+    spec = {**SPEC, "items": [{**SPEC["items"][0], "source": "heart.bin"}, {**SPEC["items"][1], "source": "music.apk"}]}
+    spec["config"] = {**SPEC["config"], "expiry": "2099-01-01T00:00:00"}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    run = vota("content", "build", str(tmp_path / "spec.yaml"), "--vehicle-key", str(tmp_path / "car" / "vehicle.pub"),
+               "--vin", VIN, "--out", str(tmp_path / "b.tar"))
+    assert run.returncode == 0, run.stderr
+    run = vota("content", "sign", str(tmp_path / "b.tar"), "--key", str(tmp_path / "platform" / "signing.key"),
+               "--out", str(tmp_path / "b.signed.tar"))
+    assert run.returncode == 0, run.stderr
+    ok = vota("content", "verify", str(tmp_path / "b.signed.tar"), "--trusted", str(tmp_path / "platform" / "signing.pub"),
+              "--vin", VIN)
+    assert ok.returncode == 0 and "heart (resource -> dlp_headlamp, auto, encrypted)" in ok.stdout
+    old = vota("content", "verify", str(tmp_path / "b.signed.tar"), "--trusted", str(tmp_path / "platform" / "signing.pub"),
+               "--vin", VIN, "--installed", "3")
+    assert old.returncode == 1 and "rollback" in old.stderr and "Traceback" not in old.stderr
+    unsigned = vota("content", "verify", str(tmp_path / "b.tar"), "--trusted", str(tmp_path / "platform" / "signing.pub"),
+                    "--vin", VIN)
+    assert unsigned.returncode == 1 and "unsigned" in unsigned.stderr
