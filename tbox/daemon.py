@@ -230,7 +230,7 @@ class TboxDaemon:
             raise _Fail("verify", exc.reason, str(exc)) from None
 
     # ---- states -----------------------------------------------------------------------------
-    def _received(self, record: CampaignRecord) -> str:  # noqa: C901 - one step of the state machine
+    def _received(self, record: CampaignRecord) -> str:
         assert self.gateway is not None
         try:
             inventory = self.gateway.inventory()  # D11: versions before the campaign

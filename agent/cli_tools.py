@@ -1,0 +1,165 @@
+"""The ``vota`` commands that play the cloud and its trust platform: campaign keys and
+signatures, the stand-in cloud, custom service content bundles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from agent.cli import _serve
+from agent.errors import UsageError
+
+__all__ = ["cmd_campaign", "cmd_cloud", "cmd_content", "read_input"]
+
+
+def read_input(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read {what} ({exc.strerror})") from None
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    import datetime as _dt
+    import os
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent import campaign as c
+    from agent.storage import atomic_write_bytes
+
+    if args.campaign_command == "keygen":
+        key = Ed25519PrivateKey.generate()
+        out = Path(args.out)
+        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        atomic_write_bytes(out / "signing.key", private)
+        os.chmod(out / "signing.key", 0o600)
+        atomic_write_bytes(out / "signing.pub", public)
+        print(f"key id {c.key_id(key.public_key())}: {out / 'signing.key'} (keep secret), {out / 'signing.pub'} (give to vehicles)")
+        return 0
+    if args.campaign_command == "sign":
+        key = c.load_private_key(read_input(args.key, "key"), args.key)
+        try:
+            doc = json.loads(read_input(args.campaign, "campaign"))
+        except ValueError as exc:
+            raise UsageError(f"{args.campaign}: not JSON ({exc})") from None
+        envelope = c.sign_campaign(doc, key)
+        if args.out:
+            atomic_write_bytes(args.out, envelope)
+        else:
+            sys.stdout.write(envelope.decode())
+        return 0
+    trusted = {}
+    for path in args.trusted:
+        trusted_key = c.load_public_key(read_input(path, "public key"), path)
+        trusted[c.key_id(trusted_key)] = trusted_key
+    installed = dict(item.partition("=")[::2] for item in args.installed)
+    campaign = c.verify_campaign(read_input(args.envelope, "campaign"), trusted, vin=args.vin,
+                                 now=_dt.datetime.now(_dt.timezone.utc), installed=installed)
+    print(f"campaign {campaign.campaign_id} verified: {len(campaign.packages)} package(s), install {campaign.install}, "
+          f"expires {campaign.expires.isoformat()}")
+    return 0
+
+
+def cmd_cloud(args: argparse.Namespace) -> int:
+    import datetime as _dt
+
+    from agent.campaign import load_private_key
+    from agent.storage import atomic_write_bytes
+    from cloud_sim.cloud import CloudSim, make_campaign, publish
+
+    if args.cloud_command == "broker":
+        from cloud_sim.broker import run_broker
+
+        run_broker("127.0.0.1", args.port, ready=lambda: print(f"broker ready on 127.0.0.1:{args.port}", flush=True))
+        return 0
+    if args.cloud_command == "serve":
+        sim = CloudSim(args.broker, args.store, args.packages, args.http_port, args.mqtt_version)
+        return _serve(f"cloud (packages at {sim.base_url})", sim.start, sim.stop)
+    if args.cloud_command == "campaign":
+        key = load_private_key(read_input(args.key, "key"), args.key)
+        packages = []
+        for item in args.packages:
+            ecu, _, rest = item.partition("=")
+            path_text, _, version = rest.partition("@")
+            if not ecu or not path_text or not version:
+                raise UsageError(f"expected ECU=FILE@VERSION, got {item!r}")
+            packages.append((ecu, Path(path_text), version))
+        envelope = make_campaign(vin=args.vin, packages=packages, base_url=args.base_url, key=key,
+                                 campaign_id=args.campaign_id, install=args.install,
+                                 valid_for=_dt.timedelta(days=args.valid_days))
+        if args.out:
+            atomic_write_bytes(args.out, envelope)
+        else:
+            sys.stdout.write(envelope.decode())
+        return 0
+    if args.cloud_command == "publish":
+        publish(args.broker, args.vin, "campaign", read_input(args.campaign, "campaign"), args.mqtt_version)
+        return 0
+    body = json.dumps({"command": args.command, "campaign_id": args.campaign_id, "vin": args.vin}).encode()
+    publish(args.broker, args.vin, "command", body, args.mqtt_version)
+    return 0
+
+
+def cmd_content(args: argparse.Namespace) -> int:
+    import datetime as _dt
+    import os
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    from agent import content as c
+    from agent.campaign import key_id, load_private_key, load_public_key
+    from agent.config import load_yaml
+    from agent.storage import atomic_write_bytes
+
+    if args.content_command == "keygen":
+        key = X25519PrivateKey.generate()
+        out = Path(args.out)
+        atomic_write_bytes(out / "vehicle.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                                  serialization.NoEncryption()))
+        os.chmod(out / "vehicle.key", 0o600)
+        atomic_write_bytes(out / "vehicle.pub", key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
+        print(f"{out / 'vehicle.key'} (stays in the vehicle), {out / 'vehicle.pub'} (for the trust platform)")
+        return 0
+    if args.content_command == "build":
+        spec = load_yaml(args.spec)
+        if not isinstance(spec, dict) or not isinstance(spec.get("items"), list):
+            raise UsageError(f"{args.spec}: expected a mapping with an items list")
+        base = Path(args.spec).parent
+        files = {}
+        for item in spec["items"]:
+            if not isinstance(item, dict) or "source" not in item or "id" not in item:
+                raise UsageError(f"{args.spec}: every item needs an id and a source file")
+            files[item["id"]] = read_input(str(base / item["source"]), "item file")
+        vehicle = None
+        if args.vehicle_key:
+            pub = serialization.load_pem_public_key(read_input(args.vehicle_key, "vehicle key"))
+            if not isinstance(pub, X25519PublicKey):
+                raise UsageError(f"{args.vehicle_key}: not an X25519 public key")
+            vehicle = pub
+        atomic_write_bytes(args.out, c.build_bundle(spec, files, vehicle, args.vin))
+        return 0
+    if args.content_command == "sign":
+        platform_key = load_private_key(read_input(args.key, "key"), args.key)
+        atomic_write_bytes(args.out, c.sign_bundle(read_input(args.bundle, "bundle"), platform_key))
+        return 0
+    trusted = {}
+    for path in args.trusted:
+        public = load_public_key(read_input(path, "public key"), path)
+        trusted[key_id(public)] = public
+    data = read_input(args.bundle, "bundle")
+    probe = c.read_archive(data, len(data) + c.SLACK)
+    bid = json.loads(probe.get("manifest.json", b"{}") or b"{}").get("bundle_id", "")
+    bundle = c.verify_bundle(data, trusted, vin=args.vin, now=_dt.datetime.now(_dt.timezone.utc),
+                             installed={bid: args.installed} if args.installed is not None else None)
+    print(f"bundle {bundle.bundle_id} v{bundle.bundle_version} verified: " + ", ".join(
+        f"{i.id} ({i.cls} -> {i.target}, {i.policy}{', encrypted' if i.encryption else ''})" for i in bundle.items))
+    return 0
