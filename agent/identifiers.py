@@ -18,6 +18,7 @@ class DID:
     FINGERPRINT_ALT = 0xF199
     ACTIVE_SESSION = 0xF186
     IMAGE_DIGEST = 0xF1A0  # vendor-specific: SHA-256 of the active image
+    ACTIVE_CONTENT = 0xF1C0  # vendor-specific: the owner content being shown (empty: none)
 
     INVENTORY = {
         "part_number": PART_NUMBER,

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from agent.config import EcuConfig
+from agent.file_transfer import NAME, request_file_transfer
+from agent.file_transfer import transfer_data as file_transfer_data
+from agent.file_transfer import transfer_exit as file_transfer_exit
 from agent.identifiers import DID, security_key
 from agent.uds_server import (
     SESSION_DEFAULT,
@@ -24,6 +27,7 @@ from agent.uds_server import (
     Service,
     negative,
 )
+from ecu_sim.content import ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT, ContentStore
 from ecu_sim.flash_banks import FlashBanks
 
 __all__ = ["EcuState", "SERVICES", "security_key", "DID"]
@@ -52,6 +56,7 @@ class EcuState:
     counter: BlockCounter = field(default_factory=BlockCounter)
     resets: int = 0
     erased_region: tuple[int, int] | None = field(default=None)
+    content: ContentStore | None = None
 
     def session_timeout(self) -> None:
         self._leave_session()
@@ -60,6 +65,8 @@ class EcuState:
     def _leave_session(self) -> None:
         self.unlocked = False
         self.seed = None
+        if self.content is not None:
+            self.content.files.abort()
         if self.download_active:
             self.download_active = False
             self.banks.close()
@@ -143,6 +150,7 @@ def _did_value(s: EcuState, did: int) -> bytes | None:
         DID.IMAGE_DIGEST: bytes.fromhex(info.sha256) if info.sha256 else bytes(32),
         DID.FINGERPRINT: s.fingerprint,
         DID.FINGERPRINT_ALT: s.fingerprint,
+        DID.ACTIVE_CONTENT: (s.content.active or "").encode() if s.content is not None else b"",
     }
     return values.get(did)
 
@@ -236,10 +244,30 @@ def _in_memory(s: EcuState, address: int, size: int) -> bool:
     return cfg.memory_address <= address and address + size <= cfg.memory_address + cfg.memory_size and size > 0
 
 
+def _content_routine(s: EcuState, r: Request, routine: int) -> bytes:
+    """Show stored owner content (C6: no software flash), or stop showing it."""
+    if s.content is None:
+        return negative(0x31, Nrc.OUT_OF_RANGE)
+    if r.data[1] != 0x01:
+        return negative(0x31, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+    name = r.data[4:].decode("ascii", "replace")
+    if routine == ROUTINE_SHOW_CONTENT:
+        if not name or not NAME.match(name) or not s.content.files.path(name).is_file():
+            return negative(0x31, Nrc.OUT_OF_RANGE)
+        s.content.show(name)
+    else:
+        if len(r.data) != 4:
+            return negative(0x31, Nrc.INCORRECT_LENGTH)
+        s.content.show(None)
+    return b"\x71" + r.data[1:4] + b"\x00"
+
+
 def routine_control(s: EcuState, r: Request) -> Outcome | bytes:
     if len(r.data) < 4:
         return negative(0x31, Nrc.INCORRECT_LENGTH)
     kind, routine = r.data[1], int.from_bytes(r.data[2:4], "big")
+    if routine in (ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT):
+        return _content_routine(s, r, routine)
     cfg = s.config
     if routine not in (cfg.erase_routine, cfg.check_memory_routine, cfg.check_dependencies_routine):
         return negative(0x31, Nrc.OUT_OF_RANGE)
@@ -333,6 +361,26 @@ def request_transfer_exit(s: EcuState, r: Request) -> bytes:
     return b"\x77"
 
 
+def _request_content_transfer(s: EcuState, r: Request) -> bytes:
+    if s.content is None:
+        return negative(0x38, Nrc.SERVICE_NOT_SUPPORTED)
+    if s.download_active:
+        return negative(0x38, Nrc.CONDITIONS_NOT_CORRECT)
+    return request_file_transfer(s.content.files, r)
+
+
+def _transfer_data_or_content(s: EcuState, r: Request) -> bytes:
+    if s.content is not None and s.content.files.busy:
+        return file_transfer_data(s.content.files, r)
+    return transfer_data(s, r)
+
+
+def _transfer_exit_or_content(s: EcuState, r: Request) -> bytes:
+    if s.content is not None and s.content.files.busy:
+        return file_transfer_exit(s.content.files, r)
+    return request_transfer_exit(s, r)
+
+
 SERVICES: dict[int, Service[EcuState]] = {
     0x10: Service(session_control, min_length=2, subfunction=True),
     0x11: Service(ecu_reset, min_length=2, subfunction=True),
@@ -342,8 +390,9 @@ SERVICES: dict[int, Service[EcuState]] = {
     0x2E: Service(write_data_by_identifier, min_length=4, sessions=NON_DEFAULT),
     0x31: Service(routine_control, min_length=4, sessions=NON_DEFAULT, subfunction=True),
     0x34: Service(request_download, min_length=5, sessions=PROGRAMMING),
-    0x36: Service(transfer_data, min_length=2, sessions=PROGRAMMING),
-    0x37: Service(request_transfer_exit, min_length=1, sessions=PROGRAMMING),
+    0x36: Service(_transfer_data_or_content, min_length=2, sessions=NON_DEFAULT),
+    0x37: Service(_transfer_exit_or_content, min_length=1, sessions=NON_DEFAULT),
+    0x38: Service(_request_content_transfer, min_length=2, sessions=NON_DEFAULT),
     0x3E: Service(tester_present, min_length=2, subfunction=True),
     0x85: Service(control_dtc_setting, min_length=2, sessions=NON_DEFAULT, subfunction=True),
 }

@@ -10,6 +10,7 @@ from agent.canbus import Segment
 from agent.config import VehicleConfig
 from agent.faults import FaultSpec, parse_fault
 from agent.uds_server import UdsServer
+from ecu_sim.content import ContentStore
 from ecu_sim.flash_banks import FlashBanks
 from ecu_sim.services import SERVICES, EcuState
 
@@ -52,7 +53,7 @@ class EcuSimulator:
                     response_id=ecu.response_id,
                     functional_id=ecu.functional_id,
                     services=SERVICES,
-                    state=EcuState(ecu, banks),
+                    state=EcuState(ecu, banks, content=ContentStore(base / ecu.name / "content", ecu.sim.max_block_length)),
                     s3=ecu.sim.s3_ms / 1000.0,
                     pending_interval=ecu.sim.pending_interval_ms / 1000.0,
                     faults=mine,
