@@ -25,6 +25,8 @@ __all__ = [
     "ServerState",
     "UdsServer",
     "negative",
+    "session_response",
+    "tester_present",
     "BlockCounter",
     "Nrc",
     "SESSION_DEFAULT",
@@ -67,6 +69,20 @@ _FUNCTIONAL_SILENT_NRCS = {0x11, 0x12, 0x31, 0x7E, 0x7F}
 
 def negative(sid: int, nrc: int) -> bytes:
     return bytes((0x7F, sid, nrc))
+
+
+def session_response(session: int, p2_ms: int, p2_star_ms: int) -> bytes:
+    """Positive DiagnosticSessionControl response: P2 in ms, P2* in units of 10 ms."""
+    return bytes((0x50, session)) + p2_ms.to_bytes(2, "big") + (p2_star_ms // 10).to_bytes(2, "big")
+
+
+def tester_present(state: object, r: "Request") -> bytes:
+    """TesterPresent (3E 00); the framework handles suppress-positive-response (3E 80)."""
+    if len(r.data) != 2:
+        return negative(0x3E, Nrc.INCORRECT_LENGTH)
+    if r.data[1] != 0x00:
+        return negative(0x3E, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+    return b"\x7e\x00"
 
 
 @dataclass

@@ -26,6 +26,8 @@ from agent.uds_server import (
     Request,
     Service,
     negative,
+    session_response,
+    tester_present,
 )
 from ecu_sim.content import ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT, ContentStore
 from ecu_sim.flash_banks import FlashBanks
@@ -98,17 +100,7 @@ def session_control(s: EcuState, r: Request) -> bytes:
     if target != s.session or target == SESSION_DEFAULT:
         s._leave_session()
     s.session = target
-    p2 = s.sim.p2_ms
-    p2_star = s.sim.p2_star_ms // 10
-    return bytes((0x50, target)) + p2.to_bytes(2, "big") + p2_star.to_bytes(2, "big")
-
-
-def tester_present(s: EcuState, r: Request) -> bytes:
-    if len(r.data) != 2:
-        return negative(0x3E, Nrc.INCORRECT_LENGTH)
-    if r.data[1] != 0x00:
-        return negative(0x3E, Nrc.SUBFUNCTION_NOT_SUPPORTED)
-    return b"\x7e\x00"
+    return session_response(target, s.sim.p2_ms, s.sim.p2_star_ms)
 
 
 def ecu_reset(s: EcuState, r: Request) -> Outcome | bytes:

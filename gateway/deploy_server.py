@@ -44,6 +44,8 @@ from agent.uds_server import (
     Request,
     Service,
     negative,
+    session_response,
+    tester_present,
 )
 
 __all__ = ["DeployState", "DEPLOY_SERVICES", "PACKET_HEADER", "packet_payload", "Installer",
@@ -107,15 +109,7 @@ def _session(s: DeployState, r: Request) -> bytes:
         return negative(0x10, Nrc.SUBFUNCTION_NOT_SUPPORTED)
     s.files.abort()  # a (re)started session ends any transfer; its partial package stays for ResumeFile
     s.session = r.data[1]
-    return bytes((0x50, r.data[1])) + (50).to_bytes(2, "big") + (500).to_bytes(2, "big")
-
-
-def _tester_present(s: DeployState, r: Request) -> bytes:
-    if len(r.data) != 2:
-        return negative(0x3E, Nrc.INCORRECT_LENGTH)
-    if r.data[1] != 0:
-        return negative(0x3E, Nrc.SUBFUNCTION_NOT_SUPPORTED)
-    return b"\x7e\x00"
+    return session_response(r.data[1], 50, 5000)
 
 
 def _routine(s: DeployState, r: Request) -> bytes | Outcome:
@@ -156,7 +150,7 @@ def _routine(s: DeployState, r: Request) -> bytes | Outcome:
 DEPLOY_SERVICES: dict[int, Service[DeployState]] = {
     0x31: Service(_routine, min_length=4, sessions=EXTENDED, subfunction=True),
     0x10: Service(_session, min_length=2, subfunction=True),
-    0x3E: Service(_tester_present, min_length=2, subfunction=True),
+    0x3E: Service(tester_present, min_length=2, subfunction=True),
     0x38: Service(lambda s, r: request_file_transfer(s.files, r), min_length=2, sessions=EXTENDED),
     0x36: Service(lambda s, r: transfer_data(s.files, r), min_length=2, sessions=EXTENDED),
     0x37: Service(lambda s, r: transfer_exit(s.files, r), min_length=1, sessions=EXTENDED),
