@@ -158,27 +158,30 @@ def test_each_fault_kind_fails_at_the_right_step(tmp_path, write_config, procs):
         assert f["request"] == last.header.hex() and f["index"] == len(read_trace(out / f"{name}.trace.jsonl").exchanges) - 1
 
 
-def test_killed_ecu_keeps_old_image_and_flashes_again(tmp_path, write_config, procs):
+def _flash_under_way(tmp_path, write_config, procs, out: str, written: int):  # type: ignore[no-untyped-def]
+    """An ECU simulator and a background 1 MiB flash into it, once ``written`` bytes are in."""
     config = write_config({"segments": {"pt": {"bus": multicast_bus()}},
                            "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, erase_ms=50)}})
     state = tmp_path / "state"
-    sim = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim1.log")
+    sim = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / f"sim-{out}.log")
     procs.append(sim)
     _wait_ready(sim)
     image = os.urandom(MiB)
     (tmp_path / "new.bin").write_bytes(image)
-    flash = Proc("flash", "-c", str(config), "--out", str(tmp_path / "f1"), "--no-progress", f"vcu={tmp_path / 'new.bin'}@3.0.0",
-                 log=tmp_path / "flash1.log")
+    flash = Proc("flash", "-c", str(config), "--out", str(tmp_path / out), "--no-progress",
+                 f"vcu={tmp_path / 'new.bin'}@3.0.0", log=tmp_path / f"flash-{out}.log")
     procs.append(flash)
-    meta = state / "vcu" / "meta.json"
+    bank = state / "vcu" / "bank_b.bin"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # wait until TransferData is half way
-        bank = state / "vcu" / "bank_b.bin"
-        if bank.exists() and bank.stat().st_size > MiB // 2:
-            break
+    while not (bank.exists() and bank.stat().st_size > written):
+        assert time.monotonic() < deadline, "transfer never got that far: " + flash.text()
         time.sleep(0.02)
-    else:
-        raise AssertionError("transfer never got half way: " + flash.text())
+    return config, state, sim, flash, image
+
+
+def test_killed_ecu_keeps_old_image_and_flashes_again(tmp_path, write_config, procs):
+    config, state, sim, flash, image = _flash_under_way(tmp_path, write_config, procs, "f1", MiB // 2)
+    meta = state / "vcu" / "meta.json"
     os.kill(sim.p.pid, signal.SIGKILL)
     sim.stop()
     assert flash.p.wait(timeout=60) == 3
@@ -225,21 +228,7 @@ def test_flash_on_vcan0(tmp_path, write_config, procs):
 
 
 def test_sigterm_cancels_a_flash_cleanly(tmp_path, write_config, procs):
-    config = write_config({"segments": {"pt": {"bus": multicast_bus()}},
-                           "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, erase_ms=50)}})
-    state = tmp_path / "state"
-    sim = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim.log")
-    procs.append(sim)
-    _wait_ready(sim)
-    (tmp_path / "new.bin").write_bytes(os.urandom(MiB))
-    flash = Proc("flash", "-c", str(config), "--out", str(tmp_path / "f"), "--no-progress", f"vcu={tmp_path / 'new.bin'}@3.0.0",
-                 log=tmp_path / "flash.log")
-    procs.append(flash)
-    bank = state / "vcu" / "bank_b.bin"
-    deadline = time.monotonic() + 60
-    while not (bank.exists() and bank.stat().st_size > 64 * 1024):
-        assert time.monotonic() < deadline, flash.text()
-        time.sleep(0.02)
+    _, _, _, flash, _ = _flash_under_way(tmp_path, write_config, procs, "f", 64 * 1024)
     flash.p.terminate()
     assert flash.p.wait(timeout=20) == 130
     result = json.loads((tmp_path / "f" / "vcu.result.json").read_text())
