@@ -98,6 +98,11 @@ def _runtime_config(source: str, out: Path, broker: str, mqtt_version: str, vin:
     tbox["vin"] = vin
     tbox["state_dir"] = str(out / "tbox")
     tbox["trusted_keys"] = [str(out / "keys" / "signing.pub")]
+    content = tbox.setdefault("content", {}) or {}
+    tbox["content"] = content
+    content.update(vehicle_key=str(out / "keys" / "vehicle.key"), trusted_keys=[str(out / "keys" / "platform.pub")])
+    if content.get("app_dir"):
+        content["app_dir"] = str(out / "tbox" / "apps")
     cloud = tbox.setdefault("cloud", {})
     cloud.update(broker=broker, outbox=str(out / "tbox" / "outbox.db"), mqtt_version=mqtt_version,
                  reconnect_min_s=1, reconnect_max_s=5)
@@ -107,9 +112,11 @@ def _runtime_config(source: str, out: Path, broker: str, mqtt_version: str, vin:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from agent.bench_content import content_clock, content_keys, load_content_spec, run_content
     from cloud_sim.cloud import CloudSim, make_campaign, publish
 
     config = load_vehicle_config(args.config)
+    content_spec = load_content_spec(args.content) if args.content else None
     names = args.ecu or list(config.ecus)
     for n in names:
         config.ecu(n)
@@ -134,8 +141,11 @@ def run_bench(args: argparse.Namespace) -> int:
         (out / "keys").mkdir(exist_ok=True)
         (out / "keys" / "signing.pub").write_bytes(key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        platform, vehicle_key = content_keys(out)
         runtime = _runtime_config(args.config, out, broker, mqtt_version, vin)
-        cloud = CloudSim(broker, out / "cloud" / "store", out / "cloud" / "packages", mqtt_version=mqtt_version)
+        cloud = CloudSim(broker, out / "cloud" / "store", out / "cloud" / "packages", mqtt_version=mqtt_version,
+                         platform_key=platform)
+        cloud.vehicle_keys[vin] = vehicle_key.public_key()
         cloud.start()
         if not cloud.collector.connected.wait(15):
             raise VotaError(f"the cloud cannot reach the broker {broker}")
@@ -145,10 +155,24 @@ def run_bench(args: argparse.Namespace) -> int:
         for name in names:
             procs.start(f"ecu-{name}", "ecu-sim", "-c", str(runtime), "--ecu", name, *routed("flash", "server"))
         procs.start("gateway", "gateway", "-c", str(runtime), *routed("deploy", "server"), *routed("flash", "client"))
-        procs.start("tbox", "tbox", "-c", str(runtime), "-v", *routed("deploy", "client"))
+        clock: list[str] = []
+        if content_spec is not None:
+            begin, rate = content_clock(content_spec[0], args.content_seconds)
+            clock = ["--clock", begin.isoformat(timespec="seconds"), "--clock-rate", f"{rate:g}"]
+        procs.start("tbox", "tbox", "-c", str(runtime), "-v", *routed("deploy", "client"), *clock)
         procs.wait_ready()
         print(f"bench: broker {broker}, {len(names)} ECU simulators, gateway, TBOX {vin}; cloud packages at {cloud.base_url}",
               flush=True)
+        if content_spec is not None:
+            print(f"bench: simulated clock from {clock[1]}, {clock[3]} s per second", flush=True)
+            result = run_content(cloud, vin, *content_spec, begin, args.timeout)
+            report = {"schema": "vota-bench-report/2", "vin": vin, "content": result, "outcome": result["outcome"],
+                      "duration_s": round(time.time() - started, 1), "clock": {"start": clock[1], "rate": float(clock[3])},
+                      "store": str(out / "cloud" / "store" / vin)}
+            atomic_write_json(out / "report.json", report)
+            print(f"content {content_spec[0]['bundle_id']}: {result['outcome']} in {report['duration_s']:.1f} s; "
+                  f"report: {out / 'report.json'}", flush=True)
+            return 0 if result["outcome"] == "success" else 1
         campaign_id = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
         packages = []
         for name in names:

@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a client-side fault into the TBOX's deploys, e.g. deploy:vcu-2.0.bin:36#3:not_sent")
+    p.add_argument("--clock", metavar="TIME",
+                   help="run the content schedule on a simulated clock that starts at TIME "
+                   "(ISO 8601 with offset, e.g. 2026-05-20T18:30:00+08:00); benches and tests only")
+    p.add_argument("--clock-rate", type=float, default=1.0, metavar="N",
+                   help="simulated seconds per real second for --clock (default: 1)")
 
     p = sub.add_parser(
         "deploy",
@@ -173,25 +178,35 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--out", metavar="FILE", help="signed campaign (default: standard output)")
     k = csub.add_parser("broker", help="run the demo's embedded MQTT broker (amqtt, MQTT 3.1.1)")
     k.add_argument("--port", type=int, default=1883)
-    for name, what in (("publish", "a signed campaign file"), ("command", "a command")):
+    for name, what in (("publish", "a signed campaign file"), ("command", "a command"),
+                       ("offer-content", "a signed content bundle (its items go to --packages)"),
+                       ("request-content", "the owner's request to download and run offered content")):
         k = csub.add_parser(name, help=f"send {what} to a vehicle over MQTT")
         k.add_argument("--broker", default="mqtt://127.0.0.1:1883")
         k.add_argument("--vin", required=True)
         k.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5")
         if name == "publish":
             k.add_argument("campaign", metavar="SIGNED.json")
-        else:
+        elif name == "command":
             k.add_argument("command", choices=("confirm_install",))
             k.add_argument("campaign_id")
+        elif name == "offer-content":
+            k.add_argument("bundle", metavar="SIGNED.tar")
+            k.add_argument("--packages", default="var/cloud/packages", metavar="DIR", help="the directory vota cloud serve serves")
+            k.add_argument("--base-url", default="http://127.0.0.1:8080/packages", help="URL of that directory")
+            k.add_argument("--request", action="store_true", help="the owner already asked: download at once")
+        else:
+            k.add_argument("bundle_id")
     for k in csub.choices.values():
         k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "content",
-        help="custom service content: vehicle keys, build and sign bundles (what the trust platform does)",
-        description="Owner-customised content bundles: keygen writes a vehicle's X25519 key pair, build packs a "
-        "bundle from a spec (encrypting the items marked encrypt for a vehicle), sign signs its manifest, verify "
-        "checks a bundle as the vehicle would.",
+        help="custom service content: the trust platform's tools, and the vehicle's list/show/accept/decline",
+        description="Owner-customised content bundles. The trust platform's tools: keygen writes a vehicle's X25519 "
+        "key pair, build packs a bundle from a spec (encrypting the items marked encrypt for a vehicle), sign signs "
+        "its manifest, verify checks a bundle as the vehicle would. On the vehicle: list and show what the TBOX was "
+        "offered and runs, accept and decline items (the running TBOX applies the choice and reports it).",
     )
     csub = p.add_subparsers(dest="content_command", metavar="ACTION")
     csub.required = True
@@ -211,8 +226,21 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--trusted", action="append", required=True, metavar="PEM")
     k.add_argument("--vin", required=True)
     k.add_argument("--installed", type=int, metavar="VERSION", help="the installed version of this bundle id")
-    for k in csub.choices.values():
-        k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    k = csub.add_parser("list", help="on the vehicle: the offered and installed content and each item's state")
+    _add_common(k)
+    k.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    k = csub.add_parser("show", help="on the vehicle: one bundle's items, classes, targets, policies and schedule")
+    _add_common(k)
+    k.add_argument("bundle_id")
+    for name, what in (("accept", "confirm a manual item, or ask for one set never to download"),
+                       ("decline", "decline an item (an active one is reverted)")):
+        k = csub.add_parser(name, help=f"on the vehicle: {what}; the running TBOX applies it")
+        _add_common(k)
+        k.add_argument("bundle_id")
+        k.add_argument("item", nargs="?", help=f"the item (default: every {'manual' if name == 'accept' else 'optional'} item)")
+    for name, k in csub.choices.items():
+        if name not in ("list", "show", "accept", "decline"):
+            k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "diagnose",
@@ -248,6 +276,12 @@ def _parser() -> argparse.ArgumentParser:
                    "deploy/server -> gateway, deploy/client -> TBOX (see README)")
     p.add_argument("--version", dest="image_version", default="2.0.0", help="version of the new software (default: 2.0.0)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the campaign (default 600)")
+    p.add_argument("--content", metavar="SPEC.yaml",
+                   help="run an owner-content scenario instead of the campaign: the cloud reviews, signs and offers the "
+                   "content spec (as vota content build reads it), the owner requests it, the TBOX runs it on a "
+                   "simulated clock that covers its schedule in about --content-seconds")
+    p.add_argument("--content-seconds", type=float, default=20.0, metavar="S",
+                   help="real seconds the content's schedule is compressed into (default 20)")
     return parser
 
 
@@ -417,13 +451,15 @@ def _serve(name: str, start: Any, stop: Any, alive: Any = None) -> int:
 
 
 def cmd_tbox(args: argparse.Namespace) -> int:
+    from agent.clock import parse_time, simulated_clock
     from agent.config import load_vehicle_config
     from agent.faults import parse_fault
     from tbox.daemon import TboxDaemon
 
     config = load_vehicle_config(args.config)
-    daemon = TboxDaemon(config, faults=[parse_fault(f) for f in args.fault])
-    return _serve("tbox", daemon.start, daemon.stop, alive=lambda: daemon._worker.is_alive())
+    content_now = simulated_clock(parse_time(args.clock), args.clock_rate) if args.clock else None
+    daemon = TboxDaemon(config, faults=[parse_fault(f) for f in args.fault], content_now=content_now)
+    return _serve("tbox", daemon.start, daemon.stop, alive=daemon.alive)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

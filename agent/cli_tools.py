@@ -102,6 +102,17 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     if args.cloud_command == "publish":
         publish(args.broker, args.vin, "campaign", read_input(args.campaign, "campaign"), args.mqtt_version)
         return 0
+    if args.cloud_command == "offer-content":
+        from cloud_sim.cloud import content_offer
+
+        Path(args.packages).mkdir(parents=True, exist_ok=True)
+        offer = content_offer(read_input(args.bundle, "bundle"), Path(args.packages), args.base_url, args.vin, args.request)
+        publish(args.broker, args.vin, "command", offer, args.mqtt_version)
+        return 0
+    if args.cloud_command == "request-content":
+        body = json.dumps({"command": "content_request", "bundle_id": args.bundle_id, "vin": args.vin}).encode()
+        publish(args.broker, args.vin, "command", body, args.mqtt_version)
+        return 0
     body = json.dumps({"command": args.command, "campaign_id": args.campaign_id, "vin": args.vin}).encode()
     publish(args.broker, args.vin, "command", body, args.mqtt_version)
     return 0
@@ -116,9 +127,10 @@ def cmd_content(args: argparse.Namespace) -> int:
 
     from agent import content as c
     from agent.campaign import key_id, load_private_key, load_public_key
-    from agent.config import load_yaml
     from agent.storage import atomic_write_bytes
 
+    if args.content_command in ("list", "show", "accept", "decline"):
+        return _content_on_vehicle(args)
     if args.content_command == "keygen":
         key = X25519PrivateKey.generate()
         out = Path(args.out)
@@ -130,15 +142,9 @@ def cmd_content(args: argparse.Namespace) -> int:
         print(f"{out / 'vehicle.key'} (stays in the vehicle), {out / 'vehicle.pub'} (for the trust platform)")
         return 0
     if args.content_command == "build":
-        spec = load_yaml(args.spec)
-        if not isinstance(spec, dict) or not isinstance(spec.get("items"), list):
-            raise UsageError(f"{args.spec}: expected a mapping with an items list")
-        base = Path(args.spec).parent
-        files = {}
-        for item in spec["items"]:
-            if not isinstance(item, dict) or "source" not in item or "id" not in item:
-                raise UsageError(f"{args.spec}: every item needs an id and a source file")
-            files[item["id"]] = read_input(str(base / item["source"]), "item file")
+        from agent.bench_content import load_content_spec
+
+        spec, files = load_content_spec(args.spec)
         vehicle = None
         if args.vehicle_key:
             pub = serialization.load_pem_public_key(read_input(args.vehicle_key, "vehicle key"))
@@ -162,4 +168,47 @@ def cmd_content(args: argparse.Namespace) -> int:
                              installed={bid: args.installed} if args.installed is not None else None)
     print(f"bundle {bundle.bundle_id} v{bundle.bundle_version} verified: " + ", ".join(
         f"{i.id} ({i.cls} -> {i.target}, {i.policy}{', encrypted' if i.encryption else ''})" for i in bundle.items))
+    return 0
+
+
+def _content_on_vehicle(args: argparse.Namespace) -> int:
+    """C8: the vehicle side lists, shows, accepts and declines content."""
+    from agent.config import load_vehicle_config
+    from tbox.content_manager import load_records, write_inbox
+
+    state_dir = load_vehicle_config(args.config).tbox_config().state_dir
+    records = load_records(state_dir)
+    if args.content_command == "list":
+        if args.json:
+            print(json.dumps([{k: v for k, v in doc.items() if k != "urls"} for _, doc in records], indent=2))
+            return 0
+        if not records:
+            print("no content offered")
+        for _, doc in records:
+            items = ", ".join(f"{i} {e['status']}" for i, e in doc["items"].items())
+            print(f"{doc['bundle_id']} v{doc['version']}  {doc['status']:<10}  {doc.get('title', '')}  [{items}]")
+        return 0
+    found = [(d, doc) for d, doc in records if doc["bundle_id"] == args.bundle_id]
+    if not found:
+        raise UsageError(f"no content {args.bundle_id!r} on this vehicle (vota content list shows what there is)")
+    directory, doc = found[-1]
+    if args.content_command == "show":
+        manifest = json.loads((directory / "manifest.json").read_text())
+        print(f"{doc['bundle_id']} v{doc['version']}: {doc.get('title', '')} (owner {doc.get('owner', '')}), {doc['status']}"
+              + (f" ({doc.get('reason')}: {doc.get('detail')})" if doc.get("reason") else ""))
+        print(f"  configuration: {json.dumps(manifest.get('config', {}), sort_keys=True)}")
+        for item in manifest["items"]:
+            entry = doc["items"][item["id"]]
+            extra = f", config {json.dumps(item['config'], sort_keys=True)}" if item.get("config") else ""
+            print(f"  {item['id']}: {item['class']} -> {item['target']}, policy {entry['policy']}, {item.get('size', 0)} bytes"
+                  f"{', encrypted' if item.get('encryption') else ''}{extra}: {entry['status']}"
+                  + (f" ({entry.get('reason')})" if entry.get("reason") else ""))
+        return 0
+    if args.item is not None and args.item not in doc["items"]:
+        raise UsageError(f"{args.bundle_id} has no item {args.item!r} (items: {', '.join(doc['items'])})")
+    command = {"command": f"content_{args.content_command}", "bundle_id": args.bundle_id}
+    if args.item is not None:
+        command["item"] = args.item
+    write_inbox(state_dir, command)
+    print(f"{args.content_command} {args.bundle_id}{' ' + args.item if args.item else ''}: handed to the TBOX")
     return 0

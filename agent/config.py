@@ -8,6 +8,7 @@ and what was expected.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
@@ -251,6 +252,22 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class ContentConfig:
+    """Owner-customised content on the TBOX (C1-C8)."""
+
+    vehicle_key: str | None = None  # X25519 private key (PEM) that decrypts owner resource items
+    trusted_keys: tuple[str, ...] = ()  # the trust platform's keys; empty: the campaign keys
+    targets: tuple[tuple[str, str], ...] = ()  # resource target -> ECU that shows it (default: same name)
+    app_dir: str | None = None  # the infotainment app area (default: <state_dir>/apps)
+    light_ecu: str | None = None  # day/night from this ECU's light sensor DID ...
+    light_did: int = 0xF1C1
+    night_below_lux: int = 50
+    night: tuple[str, str] = ("19:00", "06:00")  # ... else from the clock, in the content's time zone
+    max_item_size: int = 64 * 1024 * 1024
+    tick_ms: int = 500
+
+
+@dataclass(frozen=True)
 class TboxConfig:
     vin: str
     state_dir: str = "var/tbox"
@@ -260,6 +277,7 @@ class TboxConfig:
     install_timeout_s: int = 900
     diagnose: bool = False
     cloud: "CloudConfig" = field(default_factory=lambda: _cloud_default())
+    content: ContentConfig = field(default_factory=ContentConfig)
 
 
 def _cloud_default() -> "CloudConfig":
@@ -402,6 +420,10 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
     tbox = _tbox(top.section("tbox")) if top.data.get("tbox") is not None else None
     top.used.add("tbox")
     top.done()
+    if tbox is not None:
+        for key, ecu in [("light_sensor.ecu", tbox.content.light_ecu)] + [(f"targets.{t}", e) for t, e in tbox.content.targets]:
+            if ecu is not None and ecu not in ecus:
+                raise ConfigError(source, f"tbox.content.{key}", f"unknown ECU {ecu!r} (configured: {', '.join(sorted(ecus))})")
     return VehicleConfig(source, segments, ecus, gateway, deploy, tbox)
 
 
@@ -432,6 +454,7 @@ def _tbox(sec: _Section) -> TboxConfig:
     if not cloud_cfg.broker.startswith(("mqtt://", "mqtts://")):
         raise ConfigError(sec.source, cloud.key("broker"), f"expected mqtt://host:port or mqtts://host:port, got {cloud_cfg.broker!r}")
     d2 = TboxConfig("")
+    content = _content(sec.section("content", {}))
     cfg = TboxConfig(
         vin=sec.get("vin", _str, what="the vehicle's VIN"),
         state_dir=sec.get("state_dir", _str, d2.state_dir),
@@ -441,10 +464,42 @@ def _tbox(sec: _Section) -> TboxConfig:
         install_timeout_s=sec.get("install_timeout_s", _positive, d2.install_timeout_s),
         diagnose=sec.get("diagnose", _bool, d2.diagnose),
         cloud=cloud_cfg,
+        content=content,
     )
     sec.done()
     if not cfg.trusted_keys:
         raise ConfigError(sec.source, sec.key("trusted_keys"), "at least one trusted campaign signing key is needed")
+    return cfg
+
+
+def _clock(value: Any) -> str:
+    text = _str(value)
+    if not re.match(r"^([01]\d|2[0-3]):[0-5]\d$", text):
+        raise ValueError(f"expected HH:MM, got {text!r}")
+    return text
+
+
+def _content(sec: _Section) -> ContentConfig:
+    d = ContentConfig()
+    keys = sec.get("trusted_keys", list, [], what="a list of public key files (PEM)")
+    targets = sec.get("targets", dict, {}, what="a mapping of content target -> ECU name")
+    light = sec.section("light_sensor", {})
+    night = sec.section("night", {})
+    cfg = ContentConfig(
+        vehicle_key=sec.get("vehicle_key", _str, None),
+        trusted_keys=tuple(_str(k) for k in keys),
+        targets=tuple((str(k), _str(v)) for k, v in targets.items()),
+        app_dir=sec.get("app_dir", _str, None),
+        light_ecu=light.get("ecu", _str, None),
+        light_did=light.get("did", _int, d.light_did),
+        night_below_lux=light.get("night_below_lux", _nonneg, d.night_below_lux),
+        night=(night.get("from", _clock, d.night[0], what="HH:MM"), night.get("until", _clock, d.night[1], what="HH:MM")),
+        max_item_size=sec.get("max_item_size", _positive, d.max_item_size),
+        tick_ms=sec.get("tick_ms", _positive, d.tick_ms),
+    )
+    light.done()
+    night.done()
+    sec.done()
     return cfg
 
 

@@ -49,7 +49,8 @@ from agent.errors import VotaError
 
 __all__ = [
     "BundleRejected", "Bundle", "Item", "Schedule", "CLASSES", "POLICIES", "MODES",
-    "encrypt_item", "decrypt_item", "build_bundle", "sign_bundle", "read_archive", "verify_bundle", "parse_schedule",
+    "encrypt_item", "decrypt_item", "build_bundle", "sign_bundle", "read_archive", "verify_bundle", "verify_manifest",
+    "check_item", "parse_schedule",
 ]
 
 FORMAT, VERSION = "vota-content", 1
@@ -59,6 +60,7 @@ CLASSES = ("application", "resource", "software")
 POLICIES = ("auto", "manual", "never")
 MODES = ("day", "night", "any")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_FILE = re.compile(r"^items/[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 SLACK = 64 * 1024  # archive overhead allowed beyond the declared item sizes
 
@@ -148,9 +150,11 @@ def _kek(shared: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_KEY_INFO).derive(shared)
 
 
-def encrypt_item(plain: bytes, vehicle: X25519PublicKey, random: Any = os.urandom) -> tuple[bytes, dict[str, Any]]:
-    """AES-256-GCM with a fresh content key, wrapped for the vehicle's X25519 key."""
-    content_key, nonce = random(32), random(12)
+def encrypt_item(plain: bytes, vehicle: X25519PublicKey, random: Any = os.urandom,
+                 content_key: bytes | None = None, nonce: bytes | None = None) -> tuple[bytes, dict[str, Any]]:
+    """AES-256-GCM with a fresh content key (or the given one, to share an item with another
+    vehicle: the same ciphertext, the key wrapped again), wrapped for the vehicle's X25519 key."""
+    content_key, nonce = content_key or random(32), nonce or random(12)
     ciphertext = AESGCM(content_key).encrypt(nonce, plain, None)
     ephemeral = X25519PrivateKey.generate()
     key_nonce = random(12)
@@ -187,9 +191,10 @@ def _tar(members: Mapping[str, bytes]) -> bytes:
 
 
 def build_bundle(spec: Mapping[str, Any], files: Mapping[str, bytes], vehicle: X25519PublicKey | None = None,
-                 vin: str | None = None) -> bytes:
+                 vin: str | None = None, keys: Mapping[str, tuple[bytes, bytes]] | None = None) -> bytes:
     """An unsigned bundle. ``spec`` is the manifest without sizes and digests; items with
-    ``"encrypt": true`` are encrypted for ``vehicle`` (then ``vin`` is written too)."""
+    ``"encrypt": true`` are encrypted for ``vehicle`` (then ``vin`` is written too), with the
+    content key and nonce from ``keys`` when given (the trust platform sharing an item)."""
     manifest = {k: v for k, v in spec.items() if k != "items"}
     manifest.update(format=FORMAT, version=VERSION)
     members: dict[str, bytes] = {}
@@ -200,7 +205,8 @@ def build_bundle(spec: Mapping[str, Any], files: Mapping[str, bytes], vehicle: X
         if item.get("encrypt"):
             if vehicle is None:
                 raise BundleRejected("malformed", f"item {item['id']} is to be encrypted but no vehicle key was given")
-            data, entry["encryption"] = encrypt_item(data, vehicle)
+            key, nonce = (keys or {}).get(item["id"], (None, None))
+            data, entry["encryption"] = encrypt_item(data, vehicle, content_key=key, nonce=nonce)
             manifest["vin"] = vin
         entry["file"] = f"items/{item['id']}.bin"
         entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
@@ -316,29 +322,27 @@ def _parse_manifest(body: bytes) -> dict[str, Any]:
             raise BundleRejected("malformed", f"item {iid}: class must be {'/'.join(CLASSES)}, policy {'/'.join(POLICIES)}", bid)
         if not isinstance(item.get("target"), str) or not item["target"]:
             raise BundleRejected("malformed", f"item {iid}: no target", bid)
+        if "file" in item and (not isinstance(item["file"], str) or not _FILE.match(item["file"])):
+            raise BundleRejected("unsafe_path", f"item {iid}: file {item['file']!r} is not items/<name>", bid)
         if "size" in item and (not isinstance(item["size"], int) or item["size"] < 0):
             raise BundleRejected("malformed", f"item {iid}: size must be a non-negative integer", bid)
         parse_schedule(config, item.get("config"))
     return doc
 
 
-def verify_bundle(
-    data: bytes,
+def verify_manifest(
+    body: bytes,
+    sig_doc: bytes | None,
     trusted: Mapping[str, Ed25519PublicKey],
     *,
     vin: str,
     now: _dt.datetime,
     installed: Mapping[str, int] | None = None,
-    max_size: int | None = None,
 ) -> Bundle:
-    """A bundle the vehicle may run: signed by a trusted key, for this vehicle (when it is
-    encrypted for one), not expired, newer than the installed version of the same bundle
-    id, every item's size and digest as declared, nothing outside the archive."""
-    limit = max_size if max_size is not None else len(data) + SLACK
-    members = read_archive(data, limit)
-    body, sig_doc = members.get("manifest.json"), members.get("manifest.sig.json")
-    if body is None:
-        raise BundleRejected("malformed", "no manifest.json in the bundle")
+    """The signed manifest alone (what a cloud offer carries): signed by a trusted key, for
+    this vehicle (when it is encrypted for one), not expired, newer than the installed
+    version of the same bundle id. The returned bundle has no files yet: each item's file
+    is checked with ``check_item`` when it arrives."""
     doc = _parse_manifest(body)
     bid = doc["bundle_id"]
     if sig_doc is None:
@@ -362,28 +366,54 @@ def verify_bundle(
         raise BundleRejected("rollback", f"version {doc['bundle_version']} is not newer than the installed {previous}", bid)
     config = doc.get("config", {})
     items = []
-    declared = 0
     for item in doc["items"]:
-        schedule = parse_schedule(config, item.get("config"))
-        declared += int(item.get("size", 0))
-        if item.get("policy", "auto") == "never":
-            items.append(Item(item["id"], item["class"], item["target"], str(item.get("file", "")), int(item.get("size", 0)),
-                              str(item.get("sha256", "")), "never", schedule, item.get("encryption"), item))
-            continue
-        content = members.get(str(item.get("file")))
-        if content is None:
-            raise BundleRejected("malformed", f"item {item['id']}: {item.get('file')!r} is not in the archive", bid)
-        if len(content) != item.get("size"):
-            raise BundleRejected("too_large" if len(content) > int(item.get("size", 0)) else "digest_mismatch",
-                                 f"item {item['id']}: {len(content)} bytes, declared {item.get('size')}", bid)
-        if hashlib.sha256(content).hexdigest() != item.get("sha256"):
-            raise BundleRejected("digest_mismatch", f"item {item['id']}: the digest does not match the manifest", bid)
-        items.append(Item(item["id"], item["class"], item["target"], item["file"], item["size"], item["sha256"],
-                          item.get("policy", "auto"), schedule, item.get("encryption"), item))
+        if item.get("policy", "auto") != "never" and not isinstance(item.get("sha256"), str):
+            raise BundleRejected("malformed", f"item {item['id']}: no sha256", bid)
+        items.append(Item(item["id"], item["class"], item["target"], str(item.get("file", "")), int(item.get("size", 0)),
+                          str(item.get("sha256", "")), item.get("policy", "auto"), parse_schedule(config, item.get("config")),
+                          item.get("encryption"), item))
     if all(i.schedule.expiry is not None and now >= i.schedule.expiry for i in items):
         raise BundleRejected("expired", "every item of the bundle has expired", bid)
+    return Bundle(bid, doc["bundle_version"], str(doc.get("owner", "")), str(doc.get("title", "")), doc.get("vin"),
+                  tuple(items), body, {})
+
+
+def check_item(bundle_id: str, item: Item, content: bytes) -> None:
+    """An item's file as the signed manifest declares it (size first, then SHA-256)."""
+    if len(content) != item.size:
+        raise BundleRejected("too_large" if len(content) > item.size else "digest_mismatch",
+                             f"item {item.id}: {len(content)} bytes, declared {item.size}", bundle_id)
+    if hashlib.sha256(content).hexdigest() != item.sha256:
+        raise BundleRejected("digest_mismatch", f"item {item.id}: the digest does not match the manifest", bundle_id)
+
+
+def verify_bundle(
+    data: bytes,
+    trusted: Mapping[str, Ed25519PublicKey],
+    *,
+    vin: str,
+    now: _dt.datetime,
+    installed: Mapping[str, int] | None = None,
+    max_size: int | None = None,
+) -> Bundle:
+    """A whole bundle archive the vehicle may run: the manifest as ``verify_manifest``
+    checks it, every item's size and digest as declared, nothing outside the archive."""
+    limit = max_size if max_size is not None else len(data) + SLACK
+    members = read_archive(data, limit)
+    body = members.get("manifest.json")
+    if body is None:
+        raise BundleRejected("malformed", "no manifest.json in the bundle")
+    bundle = verify_manifest(body, members.get("manifest.sig.json"), trusted, vin=vin, now=now, installed=installed)
+    bid = bundle.bundle_id
+    for item in bundle.items:
+        if item.policy == "never":
+            continue
+        content = members.get(item.file)
+        if content is None:
+            raise BundleRejected("malformed", f"item {item.id}: {item.file!r} is not in the archive", bid)
+        check_item(bid, item, content)
+    declared = sum(i.size for i in bundle.items)
     content_bytes = sum(len(v) for k, v in members.items() if k.startswith("items/"))
     if content_bytes > declared + SLACK:
         raise BundleRejected("too_large", f"{content_bytes} bytes of items, {declared} declared", bid)
-    return Bundle(bid, doc["bundle_version"], str(doc.get("owner", "")), str(doc.get("title", "")), doc.get("vin"),
-                  tuple(items), body, members)
+    return Bundle(bid, bundle.bundle_version, bundle.owner, bundle.title, bundle.vin, bundle.items, body, members)

@@ -19,6 +19,7 @@ class DID:
     ACTIVE_SESSION = 0xF186
     IMAGE_DIGEST = 0xF1A0  # vendor-specific: SHA-256 of the active image
     ACTIVE_CONTENT = 0xF1C0  # vendor-specific: the owner content being shown (empty: none)
+    AMBIENT_LIGHT = 0xF1C1  # vendor-specific: the light sensor, lux as uint16 (day/night for content, C4)
 
     INVENTORY = {
         "part_number": PART_NUMBER,

@@ -3,6 +3,7 @@ vehicle, and serve packages plus the collector (``vota cloud serve``)."""
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import hashlib
 import json
@@ -12,14 +13,18 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from agent.campaign import sign_campaign
 from agent.cloud_link import make_client, topic_prefix
+from agent.content import SLACK, read_archive
 from agent.errors import UsageError, VotaError
+from agent.storage import atomic_write_bytes
 from cloud_sim.collector import Collector
 from cloud_sim.package_server import PackageServer
+from cloud_sim.trust import TrustPlatform
 
-__all__ = ["make_campaign", "publish", "CloudSim", "broker_address"]
+__all__ = ["make_campaign", "publish", "CloudSim", "broker_address", "content_offer"]
 
 
 def broker_address(url: str) -> tuple[str, int]:
@@ -76,14 +81,75 @@ def publish(broker: str, vin: str, kind: str, payload: bytes, mqtt_version: str 
         client.loop_stop()
 
 
-class CloudSim:
-    """Package server + collector: what the bench and tests use as the OEM cloud."""
+def content_offer(bundle: bytes, packages: Path, base_url: str, vin: str, request: bool = False) -> bytes:
+    """The ``content_offer`` command for a signed bundle: the manifest and its signature go in
+    the message, the item files are put where the package server serves them."""
+    members = read_archive(bundle, len(bundle) + SLACK)  # an archive with ../ paths stops here
+    manifest, sig = members.get("manifest.json"), members.get("manifest.sig.json")
+    if manifest is None or sig is None:
+        raise UsageError("not a signed content bundle (vota content sign makes one)")
+    try:
+        doc = json.loads(manifest)
+        items = [(str(i["id"]), str(i.get("file", ""))) for i in doc["items"]]
+        prefix = f"content-{doc['bundle_id']}-v{doc['bundle_version']}-{vin}"
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"the bundle's manifest is not usable ({exc})") from None
+    urls = {}
+    for item_id, file in items:
+        name = f"{prefix}-{item_id}.bin"
+        if file in members:
+            atomic_write_bytes(packages / name, members[file])
+        urls[item_id] = f"{base_url.rstrip('/')}/{name}"
+    return json.dumps({"command": "content_offer", "vin": vin, "manifest": base64.b64encode(manifest).decode(),
+                       "signature": base64.b64encode(sig).decode(), "urls": urls, "request": request}).encode()
 
-    def __init__(self, broker: str, store: str | Path, packages: str | Path, http_port: int = 0, mqtt_version: str = "5") -> None:
+
+class CloudSim:
+    """Package server + collector: what the bench and tests use as the OEM cloud; with a
+    trust platform key, also the content review, signing and offers (C2, C7)."""
+
+    def __init__(self, broker: str, store: str | Path, packages: str | Path, http_port: int = 0, mqtt_version: str = "5",
+                 platform_key: Ed25519PrivateKey | None = None) -> None:
         host, port = broker_address(broker)
         Path(packages).mkdir(parents=True, exist_ok=True)
+        self.broker, self.mqtt_version = broker, mqtt_version
         self.packages = PackageServer(packages, port=http_port)
         self.collector = Collector(host, port, store, mqtt_version=mqtt_version)
+        self.trust = TrustPlatform(platform_key) if platform_key is not None else None
+        self.vehicle_keys: dict[str, X25519PublicKey] = {}
+
+    # ---- content (C2, C3, C7) ----------------------------------------------------------------
+    def offer_bundle(self, vin: str, bundle: bytes, request: bool = False) -> None:
+        publish(self.broker, vin, "command", content_offer(bundle, self.packages.root, self.base_url, vin, request),
+                self.mqtt_version)
+
+    def offer_content(self, bundle_id: str, vin: str, request: bool = False) -> bytes:
+        """Offer approved content to a vehicle (the owner's own, or shared with another
+        owner: the same content, its keys wrapped for this vehicle). Returns the bundle."""
+        if self.trust is None:
+            raise UsageError("the stand-in cloud has no trust platform key")
+        if vin not in self.vehicle_keys:
+            raise UsageError(f"no content key registered for {vin}")
+        bundle = self.trust.bundle_for(bundle_id, vin, self.vehicle_keys[vin])
+        self.offer_bundle(vin, bundle, request)
+        return bundle
+
+    def request_content(self, vin: str, bundle_id: str) -> None:
+        """What the owner's phone sends: download and run the offered content."""
+        publish(self.broker, vin, "command", json.dumps({"command": "content_request", "vin": vin,
+                                                          "bundle_id": bundle_id}).encode(), self.mqtt_version)
+
+    def content_events(self, vin: str, bundle_id: str | None = None) -> list[dict[str, Any]]:
+        return [dict(m["body"]) for m in list(self.collector.messages)
+                if m.get("vin") == vin and isinstance(m.get("body"), dict) and m["body"].get("event") == "content"
+                and (bundle_id is None or m["body"].get("bundle_id") == bundle_id)]
+
+    def content_state(self, vin: str, bundle_id: str) -> dict[str, str]:
+        """The latest status the vehicle reported per item (and ``bundle`` for the bundle)."""
+        out: dict[str, str] = {}
+        for body in self.content_events(vin, bundle_id):
+            out[str(body.get("item") or "bundle")] = str(body["status"])
+        return out
 
     @property
     def base_url(self) -> str:

@@ -7,8 +7,10 @@ Byte layouts follow ISO 14229-1 and the usual OEM flash bootloader (see the READ
 from __future__ import annotations
 
 import hmac
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from agent.config import EcuConfig
@@ -59,6 +61,7 @@ class EcuState:
     resets: int = 0
     erased_region: tuple[int, int] | None = field(default=None)
     content: ContentStore | None = None
+    sensors: Path | None = None  # sensors.json: {"ambient_lux": N}, the simulated light sensor
 
     def session_timeout(self) -> None:
         self._leave_session()
@@ -144,7 +147,21 @@ def _did_value(s: EcuState, did: int) -> bytes | None:
         DID.FINGERPRINT_ALT: s.fingerprint,
         DID.ACTIVE_CONTENT: (s.content.active or "").encode() if s.content is not None else b"",
     }
+    if did == DID.AMBIENT_LIGHT:
+        return _ambient_light(s)
     return values.get(did)
+
+
+def _ambient_light(s: EcuState) -> bytes | None:
+    """The simulated light sensor: fitted when ``sensors.json`` exists in the ECU's state
+    directory (a bench or test writes it), else the DID is not supported."""
+    if s.sensors is None:
+        return None
+    try:
+        lux = json.loads(s.sensors.read_text())["ambient_lux"]
+        return max(0, min(0xFFFF, int(lux))).to_bytes(2, "big")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_data_by_identifier(s: EcuState, r: Request) -> bytes:

@@ -24,6 +24,7 @@ from agent.config import VehicleConfig
 from agent.faults import FaultSpec
 from agent.storage import atomic_write_json
 from agent.uds_server import UdsServer
+from gateway.content_relay import ContentRelay
 from gateway.deploy_server import DEPLOY_SERVICES, DeployState, InstallStatus
 from gateway.flash import FlashJob, flash_all
 from gateway.inventory import collect_versions
@@ -159,7 +160,8 @@ class GatewayDaemon:
                 response_id=self.link.response_id,
                 functional_id=None,
                 services=DEPLOY_SERVICES,
-                state=DeployState(self.link, self.config.gateway.results_dir, self.installer),
+                state=DeployState(self.link, self.config.gateway.results_dir, self.installer,
+                                  relay=ContentRelay(self.config, Path(self.link.package_dir))),
                 faults=self.faults,
                 fault_targets=("*", "GW", "gw", "gateway"),
                 fault_scope=lambda state: state.transfer.name if state.transfer is not None else None,

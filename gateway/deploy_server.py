@@ -17,6 +17,7 @@ Request layouts (the deploy protocol, documented in the README):
     31 01 0301 manifest                            start installing (flashing) per manifest
     31 03 0301 [campaign]                          install status: 71 03 0301 SS DDDD TTTT
     31 01 0302                                     collect the ECU inventory (0x78 meanwhile)
+    31 01 0303 op ecu 00 arg                       owner content on an ECU (gateway/content_relay.py)
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ from agent.uds_server import (
 )
 
 __all__ = ["DeployState", "DEPLOY_SERVICES", "PACKET_HEADER", "packet_payload", "Installer",
-           "INSTALL_ROUTINE", "INVENTORY_ROUTINE", "InstallStatus"]
+           "INSTALL_ROUTINE", "INVENTORY_ROUTINE", "CONTENT_ROUTINE", "InstallStatus", "Relay"]
 
 INSTALL_ROUTINE = 0x0301
 INVENTORY_ROUTINE = 0x0302
+CONTENT_ROUTINE = 0x0303
 
 
 class InstallStatus:
@@ -75,6 +77,13 @@ class Installer(Protocol):
     def inventory(self) -> None:
         """Collect the inventory into ``inventory.json`` in the results directory."""
 
+class Relay(Protocol):
+    """The gateway's port to owner content on its ECUs (``gateway/content_relay.py``)."""
+
+    def run(self, record: bytes) -> tuple[bool, bytes]:
+        """(done, data or the reason it was not)."""
+
+
 log = logging.getLogger(__name__)
 
 EXTENDED = frozenset({SESSION_EXTENDED})
@@ -86,6 +95,7 @@ class DeployState:
     results_dir: str = "var/gateway/results"
     installer: Installer | None = None
     session: int = SESSION_DEFAULT
+    relay: Relay | None = None
 
     def __post_init__(self) -> None:
         self.files = FileStore(Path(self.config.package_dir), self.config.max_block_length, Path(self.results_dir))
@@ -116,6 +126,16 @@ def _routine(s: DeployState, r: Request) -> bytes | Outcome:
     if len(r.data) < 4:
         return negative(0x31, Nrc.INCORRECT_LENGTH)
     kind, routine, option = r.data[1], int.from_bytes(r.data[2:4], "big"), r.data[4:]
+    if routine == CONTENT_ROUTINE and s.relay is not None:
+        if kind != 0x01:
+            return negative(0x31, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+        relay, head = s.relay, bytes((0x71, kind)) + r.data[2:4]
+
+        def relayed() -> bytes:
+            done, data = relay.run(bytes(option))
+            return head + (b"\x00" if done else b"\x01") + data
+
+        return Outcome(None, work=relayed)
     if routine not in (INSTALL_ROUTINE, INVENTORY_ROUTINE) or s.installer is None:
         return negative(0x31, Nrc.OUT_OF_RANGE)
     head = bytes((0x71, kind)) + r.data[2:4]

@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from agent.campaign import Campaign, CampaignRejected, key_id, load_public_key, verify_campaign
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent.campaign import Campaign, CampaignRejected, Package, key_id, load_public_key, verify_campaign
 from agent.canbus import Segment
 from agent.cloud_link import CloudLink
 from agent.config import TboxConfig, VehicleConfig
@@ -26,16 +29,21 @@ from agent.errors import VotaError
 from agent.faults import FaultSpec
 from agent.storage import atomic_write_bytes, atomic_write_json
 from gateway.deploy_server import InstallStatus
+from tbox.apps import AppRegistry
 from tbox.campaign_state import TERMINAL, CampaignRecord
+from tbox.content_exec import AppExecutor, ResourceExecutor, SoftwareExecutor
+from tbox.content_manager import COMMANDS as CONTENT_COMMANDS
+from tbox.content_manager import ContentManager
 from tbox.deploy import PackageDeployer
 from tbox.download import DownloadError, download
-from tbox.gateway_client import GatewayClient, GatewayError
+from tbox.gateway_client import ContentOp, GatewayClient, GatewayError
 
 __all__ = ["TboxDaemon", "COMMANDS"]
 
 log = logging.getLogger(__name__)
 
 COMMANDS = ("confirm_install",)
+LOCAL_CAMPAIGN = "campaign.local.json"  # a campaign the TBOX made itself from a verified content item
 
 
 class _Fail(Exception):
@@ -52,12 +60,13 @@ class _Retry(Exception):
 
 class TboxDaemon:
     def __init__(self, config: VehicleConfig, now: Callable[[], _dt.datetime] | None = None,
-                 faults: list[FaultSpec] | None = None) -> None:
+                 faults: list[FaultSpec] | None = None, content_now: Callable[[], _dt.datetime] | None = None) -> None:
         self.config = config
         self.faults = [f for f in faults or [] if f.stage == "deploy" and f.side == "client"]
         self.tbox: TboxConfig = config.tbox_config()
         self.link_cfg = config.deploy_link()
         self.now = now or (lambda: _dt.datetime.now(_dt.timezone.utc))
+        self.content_now = content_now
         self.state_dir = Path(self.tbox.state_dir)
         self.campaigns_dir = self.state_dir / "campaigns"
         self.trusted = {}
@@ -72,9 +81,54 @@ class TboxDaemon:
         self.gateway: GatewayClient | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._content_wake = threading.Event()
         self._commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._run, name="tbox-worker", daemon=True)
+        self._content_worker = threading.Thread(target=self._run_content, name="tbox-content", daemon=True)
         self.heartbeat = time.monotonic()
+        self.content = self._content_manager()
+
+    def _content_manager(self) -> ContentManager:
+        cfg = self.tbox.content
+        trusted = dict(self.trusted)
+        if cfg.trusted_keys:
+            trusted = {}
+            for path in cfg.trusted_keys:
+                try:
+                    key = load_public_key(Path(path).read_bytes(), path)
+                except OSError as exc:
+                    raise VotaError(f"{path}: cannot read trusted content key ({exc.strerror})") from None
+                trusted[key_id(key)] = key
+        vehicle_key = None
+        if cfg.vehicle_key:
+            try:
+                loaded = serialization.load_pem_private_key(Path(cfg.vehicle_key).read_bytes(), None)
+            except OSError as exc:
+                raise VotaError(f"{cfg.vehicle_key}: cannot read the vehicle content key ({exc.strerror})") from None
+            except ValueError:
+                raise VotaError(f"{cfg.vehicle_key}: not a PEM private key") from None
+            if not isinstance(loaded, X25519PrivateKey):
+                raise VotaError(f"{cfg.vehicle_key}: not an X25519 key (vota content keygen makes one)")
+            vehicle_key = loaded
+        self.apps = AppRegistry(cfg.app_dir or self.state_dir / "apps")
+        light = None
+        if cfg.light_ecu:
+            ecu, did = cfg.light_ecu, cfg.light_did.to_bytes(2, "big")
+            light = lambda: self._gateway().content(ContentOp.READ_DID, ecu, did)  # noqa: E731
+        executors: dict[str, Any] = {"application": AppExecutor(self.apps),
+                                     "software": SoftwareExecutor(self, set(self.config.ecus))}
+        return ContentManager(cfg, self.state_dir, self.tbox.vin, trusted, self._content_report, executors,
+                              self.content_now or self.now,
+                              vehicle_key=vehicle_key, registry=self.apps, light=light, stop=self._stop,
+                              max_attempts=self.tbox.max_attempts)
+
+    def _gateway(self) -> GatewayClient:
+        if self.gateway is None:
+            raise GatewayError("the TBOX is not started")
+        return self.gateway
+
+    def _content_report(self, body: dict[str, Any], msg_id: str) -> None:
+        self.cloud.report("events", body, msg_id=msg_id)
 
     # ---- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -83,18 +137,29 @@ class TboxDaemon:
             CampaignRecord.load(d)  # refuse to start on unreadable state, with the file named
         self.segment = Segment(self.config.segments[self.link_cfg.segment])
         self.gateway = GatewayClient(self.segment, self.link_cfg)
+        self.content.executors["resource"] = ResourceExecutor(
+            self.gateway, self.segment, self.link_cfg, set(self.config.ecus), dict(self.tbox.content.targets),
+            self.state_dir / "content" / "outgoing", self._stop)
+        self.content.start()
         self.cloud.start()
         self._worker.start()
+        self._content_worker.start()
 
     def stop(self) -> None:
         """Finish or checkpoint the current step, then stop (SIGTERM)."""
         self._stop.set()
         self._wake.set()
-        if self._worker.is_alive():
-            self._worker.join(timeout=60)
+        self._content_wake.set()
+        for worker in (self._worker, self._content_worker):
+            if worker.is_alive():
+                worker.join(timeout=60)
         self.cloud.stop()
         if self.segment is not None:
             self.segment.shutdown()
+
+    def alive(self) -> bool:
+        """Both workers run (the systemd watchdog's question)."""
+        return self._worker.is_alive() and self._content_worker.is_alive()
 
     @property
     def stopping(self) -> bool:
@@ -128,6 +193,9 @@ class TboxDaemon:
         command, vin = doc.get("command"), doc.get("vin", self.tbox.vin)
         if vin != self.tbox.vin:
             self._reject(kind, "wrong_vehicle", f"command for {vin}", digest)
+        elif command in CONTENT_COMMANDS:
+            self.content.submit(doc)
+            self._content_wake.set()
         elif command not in COMMANDS or not isinstance(doc.get("campaign_id"), str):
             self._reject(kind, "malformed", f"unknown command {command!r} or no campaign_id", digest)
         else:
@@ -149,6 +217,40 @@ class TboxDaemon:
             else:
                 self._reject("command", "unknown_campaign", f"no open campaign {doc['campaign_id']!r}",
                              hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24], doc["campaign_id"])
+
+    # ---- content (C1-C8) -----------------------------------------------------------------------
+    def _run_content(self) -> None:
+        interval = self.tbox.content.tick_ms / 1000.0
+        while not self._stop.is_set():
+            try:
+                self.content.step()
+            except Exception:  # noqa: BLE001 - one bad bundle must not stop the daemon
+                log.exception("content step failed")
+            self._content_wake.wait(interval)
+            self._content_wake.clear()
+
+    def start_local_campaign(self, campaign_id: str, ecu: str, version: str, data: bytes) -> None:
+        """A ``software`` content item as a campaign through deploy -> flash (C1)."""
+        key = "local-" + hashlib.sha256(campaign_id.encode()).hexdigest()[:18]
+        directory = self.campaigns_dir / key
+        if (directory / "state.json").exists():
+            return
+        name = f"{campaign_id}.bin"
+        atomic_write_bytes(directory / "packages" / name, data)
+        package = {"name": name, "ecu": ecu, "version": version, "url": "", "size": len(data),
+                   "sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write_json(directory / LOCAL_CAMPAIGN, {"campaign_id": campaign_id, "install": "immediate",
+                                                         "packages": [package]})
+        record = CampaignRecord(key, directory)
+        record.packages = {name: {"ecu": ecu, "version": version, "downloaded": True}}
+        record.save()
+        self._wake.set()
+
+    def campaign_outcome(self, campaign_id: str) -> dict[str, Any] | None:
+        for record in self._records():
+            if record.campaign_id == campaign_id and record.state in TERMINAL:
+                return {"outcome": record.outcome, "failure": record.failure, "cause": (record.failure or {}).get("cause")}
+        return None
 
     # ---- the worker -----------------------------------------------------------------------
     def _records(self) -> list[CampaignRecord]:
@@ -223,6 +325,12 @@ class TboxDaemon:
     def _campaign(self, record: CampaignRecord) -> Campaign:
         """The campaign, verified again from its stored envelope (pure and cheap). Expiry was
         checked when it arrived: a campaign that expires while it runs is finished."""
+        local = record.dir / LOCAL_CAMPAIGN
+        if local.exists():  # made by this TBOX from a content item whose bundle it verified
+            doc = json.loads(local.read_text())
+            packages = tuple(Package(**p) for p in doc["packages"])
+            now = self.now()
+            return Campaign(doc["campaign_id"], self.tbox.vin, now, now + _dt.timedelta(days=1), doc["install"], packages, doc)
         try:
             return verify_campaign(record.envelope_path.read_bytes(), self.trusted, vin=self.tbox.vin,
                                    now=self.now(), check_time=False)
@@ -238,8 +346,11 @@ class TboxDaemon:
             raise _Retry(f"inventory: {exc}") from None
         installed = {e["ecu"]: e["software_version"] for e in inventory if e.get("software_version")}
         try:
-            campaign = verify_campaign(record.envelope_path.read_bytes(), self.trusted, vin=self.tbox.vin,
-                                       now=self.now(), installed=installed, known_ecus=set(self.config.ecus))
+            if (record.dir / LOCAL_CAMPAIGN).exists():
+                campaign = self._campaign(record)
+            else:
+                campaign = verify_campaign(record.envelope_path.read_bytes(), self.trusted, vin=self.tbox.vin,
+                                           now=self.now(), installed=installed, known_ecus=set(self.config.ecus))
         except CampaignRejected as exc:
             record.campaign_id = exc.campaign_id
             self._reject("campaign", exc.reason, str(exc), record.key, exc.campaign_id)
@@ -251,7 +362,8 @@ class TboxDaemon:
             record.outcome = "duplicate"
             return "reported"
         record.campaign_id = campaign.campaign_id
-        record.packages = {p.name: {"ecu": p.ecu, "version": p.version} for p in campaign.packages}
+        record.packages = {p.name: {"ecu": p.ecu, "version": p.version, **record.packages.get(p.name, {})}
+                           for p in campaign.packages}
         record.save()
         self.cloud.report("inventory", {"campaign_id": campaign.campaign_id, "ecus": inventory},
                           msg_id=f"{campaign.campaign_id}.inventory")
@@ -299,7 +411,8 @@ class TboxDaemon:
             record.save()
             deployer = PackageDeployer(self.segment, self.link_cfg, p.name, self._package_path(record, p.name), p.sha256,
                                        resume=resume, stop=self._stop, faults=self.faults)
-            result = deployer.run()
+            with self.gateway.lock if self.gateway is not None else threading.RLock():
+                result = deployer.run()
             if result.reason == "cancelled":
                 return None  # SIGTERM: checkpointed; the deploy resumes after restart
             deployer.write(out, result)
@@ -343,7 +456,8 @@ class TboxDaemon:
         path = record.dir / name
         atomic_write_json(path, manifest)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        result = PackageDeployer(self.segment, self.link_cfg, name, path, digest).run()
+        with self._gateway().lock:
+            result = PackageDeployer(self.segment, self.link_cfg, name, path, digest).run()
         if result.result != "success":
             raise _Retry(f"install manifest: {result.failed_step}: {result.reason}")
         return "awaiting_install"
@@ -399,5 +513,7 @@ class TboxDaemon:
                 self.cloud.report("results", {"campaign_id": cid, "stage": "diagnosis", "verdict": verdict},
                                   msg_id=f"{cid}.diagnosis")
                 body["cause"] = verdict.get("cause")
+                if record.failure is not None:
+                    record.failure["cause"] = verdict.get("cause")
         self.cloud.report("events", body, msg_id=f"{cid}.finished")
         return "reported"

@@ -25,10 +25,11 @@ CHUNK = 64 * 1024
 
 
 class DownloadError(VotaError):
-    """``transient``: worth retrying (network); otherwise fatal (wrong content, 404)."""
+    """``transient``: worth retrying (network); otherwise fatal (wrong content, 404), with
+    ``reason`` ``too_large`` or ``digest_mismatch`` when the content is not what was declared."""
 
-    def __init__(self, message: str, transient: bool) -> None:
-        self.transient = transient
+    def __init__(self, message: str, transient: bool, reason: str | None = None) -> None:
+        self.transient, self.reason = transient, reason
         super().__init__(message)
 
 
@@ -95,7 +96,7 @@ def download(
                             out.write(chunk[: size - have])
                             out.flush()
                             part.unlink(missing_ok=True)
-                            raise DownloadError(f"{url}: the server sent more than the declared {size} bytes", False)
+                            raise DownloadError(f"{url}: the server sent more than the declared {size} bytes", False, "too_large")
                         out.write(chunk)
                         digest.update(chunk)
                         have += len(chunk)
@@ -111,7 +112,7 @@ def download(
             raise DownloadError(f"{url}: connection closed at byte {have} of {size}", True)
     if digest.hexdigest() != sha256:
         part.unlink(missing_ok=True)
-        raise DownloadError(f"{url}: SHA-256 {digest.hexdigest()} does not match the campaign's {sha256}", False)
+        raise DownloadError(f"{url}: SHA-256 {digest.hexdigest()} does not match the declared {sha256}", False, "digest_mismatch")
     os.replace(part, dest)
     fsync_dir(dest.parent)
     return DownloadInfo(resumed_from, size - resumed_from)

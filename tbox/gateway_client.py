@@ -4,6 +4,7 @@ read back flash results, flash traces and the inventory (RequestFileTransfer Rea
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -11,25 +12,30 @@ from agent.canbus import Segment
 from agent.config import DeployConfig
 from agent.errors import VotaError
 from agent.uds_client import UdsLink, describe_failure
-from gateway.deploy_server import INSTALL_ROUTINE, INVENTORY_ROUTINE, InstallStatus
+from gateway.content_relay import ContentOp, encode_request
+from gateway.deploy_server import CONTENT_ROUTINE, INSTALL_ROUTINE, INVENTORY_ROUTINE, InstallStatus
 
-__all__ = ["GatewayClient", "GatewayError", "InstallStatus"]
+__all__ = ["GatewayClient", "GatewayError", "InstallStatus", "ContentOp"]
 
 
 class GatewayError(VotaError):
-    """The gateway did not do what was asked; ``reason`` says what it answered."""
+    """The gateway did not do what was asked; ``refused`` when it (or its ECU) said no, rather
+    than the link failing."""
+
+    refused = False
 
 
 class GatewayClient:
     def __init__(self, segment: Segment, link: DeployConfig) -> None:
         self.segment, self.link = segment, link
+        self.lock = threading.RLock()  # one UDS conversation with the gateway at a time (campaigns, content)
 
     def _link(self) -> UdsLink:
         return UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway",
                        p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0)
 
     def _call(self, what: str, fn: Any) -> Any:
-        with self._link() as link:
+        with self.lock, self._link() as link:
             try:
                 link.client.change_session(0x03)
                 return fn(link.client)
@@ -85,3 +91,18 @@ class GatewayClient:
         self._call("collect inventory", lambda c: c.routine_control(INVENTORY_ROUTINE, 0x01))
         doc = json.loads(self.read_file("inventory.json"))
         return list(doc["ecus"])
+
+    def content(self, op: int, ecu: str, arg: bytes = b"") -> bytes:
+        """Owner content on an ECU behind the gateway (routine 0x0303); the ECU's refusal is a
+        GatewayError with ``refused`` set."""
+        def ask(c: Any) -> bytes:
+            record = c.routine_control(CONTENT_ROUTINE, 0x01, encode_request(op, ecu, arg)).service_data.routine_status_record
+            if not record:
+                raise GatewayError("content: empty routine status record")
+            if record[0] != 0x00:
+                error = GatewayError(f"{ecu}: {bytes(record[1:]).decode('ascii', 'replace')}")
+                error.refused = True
+                raise error
+            return bytes(record[1:])
+
+        return self._call(f"content on {ecu}", ask)  # type: ignore[no-any-return]

@@ -192,3 +192,13 @@ def vehicle(tmp_path: Path, mosquitto: Mosquitto, write_config: Any, procs: list
     v = Vehicle(tmp_path, mosquitto, write_config, procs)
     yield v
     v.close()
+
+
+@pytest.fixture
+def bare_vehicle(tmp_path: Path, mosquitto: Mosquitto, write_config: Any, procs: list[Proc]) -> Iterator[Any]:
+    """A whole vehicle and the stand-in cloud; the test starts the TBOX (``start_tbox``)."""
+    from tests.vehicle import Vehicle
+
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, tbox=False)
+    yield v
+    v.close()

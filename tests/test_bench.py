@@ -49,3 +49,20 @@ def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config
     assert cloud["cause"] == "negative_response" and cloud["findings"][0]["packet"] == "vcu"
     vehicle = list((out / "cloud" / "store" / "LVOTABENCHTEST001" / "messages" / "results").glob("*.diagnosis.json"))
     assert len(vehicle) == 1 and json.loads(vehicle[0].read_text())["body"]["verdict"]["cause"] == "negative_response"
+
+
+def test_bench_runs_an_owner_content_scenario(tmp_path):
+    out = tmp_path / "bench"
+    run = vota("bench", "-c", "configs/bench.yaml", "--out", str(out), "--content", "configs/content/may20.yaml",
+               "--content-seconds", "12", timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["outcome"] == "success" and report["content"]["bundle"] == "downloaded"
+    items = report["content"]["items"]
+    assert [e["status"] for e in items["heart"]] == ["scheduled", "active", "scheduled", "expired"]
+    assert [e["status"] for e in items["music"]] == ["active", "expired"]
+    assert "maps" not in items  # policy never: offered, never downloaded
+    assert not (out / "tbox" / "content" / "bundles" / "may20-v1" / "items" / "maps.bin").exists()
+    active = next(e["at"] for e in items["heart"] if e["status"] == "active")
+    assert "2026-05-20T19:00" <= active[:16] < "2026-05-20T23:00"  # inside the evening window, Shanghai time
+    assert not _processes_mentioning(str(out))

@@ -23,7 +23,7 @@ def test_campaign_for_three_ecus_end_to_end(vehicle):
                       "installing", "done"]  # "received" comes before the campaign id is verified
     assert any(b.get("state") == "received" for b in vehicle.reports("events", None))
     (inventory,) = vehicle.reports("inventory", "c-100")
-    assert {e["ecu"]: e["software_version"] for e in inventory["ecus"]} == {e: "1.0.0" for e in ECUS}
+    assert {e["ecu"]: e["software_version"] for e in inventory["ecus"]} == {e: "1.0.0" for e in (*ECUS, "dlp_headlamp")}
     results = vehicle.reports("results", "c-100")
     deploy = {r["package"]: r["result"] for r in results if r["stage"] == "deploy"}
     flash = {r["ecu"]: r["result"] for r in results if r["stage"] == "flash"}

@@ -20,6 +20,25 @@ def test_sample_config_loads():
     assert set(config.ecus) == {"vcu", "bms", "bcm", "dlp_headlamp"}
     assert config.segments["powertrain"].bus["interface"] == "udp_multicast"
     assert config.ecu("bms").check_memory == "sha256"
+    content = config.tbox_config().content
+    assert dict(content.targets)["boot_animation"] == "bcm" and content.night == ("19:00", "06:00")
+
+
+@pytest.mark.parametrize("content, key, words", [
+    ({"targets": {"tail_light": "rear_lamp"}}, "tbox.content.targets.tail_light", "unknown ECU 'rear_lamp'"),
+    ({"light_sensor": {"ecu": "bcm"}}, "tbox.content.light_sensor.ecu", "unknown ECU 'bcm'"),
+    ({"night": {"from": "7pm"}}, "tbox.content.night.from", "HH:MM"),
+    ({"tick_ms": 0}, "tbox.content.tick_ms", "positive"),
+    ({"vehicle_keys": "k"}, "tbox.content.vehicle_keys", "unknown key"),
+])
+def test_content_config_errors_name_the_key(content, key, words):
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    data["tbox"] = {"vin": "V", "trusted_keys": ["k.pub"], "content": content}
+    with pytest.raises(ConfigError) as err:
+        parse_vehicle_config(data, "vehicle.yaml")
+    assert err.value.key == key and words in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize("mutate, key, words", [

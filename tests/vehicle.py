@@ -10,6 +10,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from cloud_sim.cloud import CloudSim, make_campaign, publish
 from tests.conftest import Proc, ecu_entry, multicast_bus
@@ -25,37 +26,54 @@ def _ready(proc: Proc, word: str) -> None:
         time.sleep(0.05)
 
 
+def _pem(key: Any) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 class Vehicle:
-    def __init__(self, tmp: Path, mosquitto: Any, write_config: Any, procs: list[Proc]) -> None:
+    def __init__(self, tmp: Path, mosquitto: Any, write_config: Any, procs: list[Proc], tbox: bool = True,
+                 tbox_extra: dict[str, Any] | None = None, ecu_faults: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.key = Ed25519PrivateKey.generate()
+        self.platform = Ed25519PrivateKey.generate()  # the content trust platform
+        self.vehicle_key = X25519PrivateKey.generate()
         (tmp / "keys").mkdir()
-        (tmp / "keys" / "cloud.pub").write_bytes(self.key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        (tmp / "keys" / "cloud.pub").write_bytes(_pem(self.key))
+        (tmp / "keys" / "platform.pub").write_bytes(_pem(self.platform))
+        (tmp / "keys" / "vehicle.key").write_bytes(self.vehicle_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         self.config = write_config({
             "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}, "body": {"bus": multicast_bus()}},
             "deploy": {"segment": "bb", "package_dir": str(tmp / "gw" / "packages")},
             "gateway": {"results_dir": str(tmp / "gw" / "results")},
             "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt"),
-                     "bcm": ecu_entry("bcm", 0x740, 0x748, "body")},
+                     "bcm": ecu_entry("bcm", 0x740, 0x748, "body"),
+                     "dlp_headlamp": ecu_entry("dlp_headlamp", 0x741, 0x749, "body")},
             "tbox": {"vin": VIN, "state_dir": str(tmp / "tbox"), "trusted_keys": [str(tmp / "keys" / "cloud.pub")],
                      "retry_delay_ms": 300,
+                     "content": {"vehicle_key": str(tmp / "keys" / "vehicle.key"),
+                                 "trusted_keys": [str(tmp / "keys" / "platform.pub")],
+                                 "light_sensor": {"ecu": "bcm"}, "targets": {"boot_animation": "bcm"}, "tick_ms": 200},
+                     **(tbox_extra or {}),
                      "cloud": {"broker": mosquitto.url, "outbox": str(tmp / "tbox" / "outbox.db"),
                                "reconnect_min_s": 1, "reconnect_max_s": 2}},
         })
-        self.cloud = CloudSim(mosquitto.url, tmp / "cloud" / "store", tmp / "cloud" / "packages")
+        self.cloud = CloudSim(mosquitto.url, tmp / "cloud" / "store", tmp / "cloud" / "packages", platform_key=self.platform)
+        self.cloud.vehicle_keys[VIN] = self.vehicle_key.public_key()
         self.cloud.start()
         assert self.cloud.collector.connected.wait(10)
         self.broker = mosquitto.url
         self.procs = procs
-        procs.append(Proc("ecu-sim", "-c", str(self.config), "--state-dir", str(tmp / "ecu"), log=tmp / "ecu.log"))
+        faults = [a for f in ecu_faults for a in ("--fault", f)]
+        procs.append(Proc("ecu-sim", "-c", str(self.config), "--state-dir", str(tmp / "ecu"), *faults, log=tmp / "ecu.log"))
         procs.append(Proc("gateway", "-c", str(self.config), log=tmp / "gw.log"))
         _ready(procs[-2], "ecu-sim ready")
         _ready(procs[-1], "gateway ready")
-        self.tbox = self.start_tbox()
+        if tbox:
+            self.tbox = self.start_tbox()
 
-    def start_tbox(self) -> Proc:
-        tbox = Proc("tbox", "-c", str(self.config), "-v", log=self.tmp / f"tbox-{time.monotonic_ns()}.log")
+    def start_tbox(self, *args: str) -> Proc:
+        tbox = Proc("tbox", "-c", str(self.config), "-v", *args, log=self.tmp / f"tbox-{time.monotonic_ns()}.log")
         self.procs.append(tbox)
         _ready(tbox, "tbox ready")
         return tbox
@@ -97,3 +115,27 @@ class Vehicle:
         self.cloud.stop()
 
 
+
+    # ---- content ---------------------------------------------------------------------------
+    def ecu_state(self, ecu: str) -> Path:
+        return self.tmp / "ecu" / ecu
+
+    def set_light(self, lux: int) -> None:
+        from agent.storage import atomic_write_json
+
+        atomic_write_json(self.ecu_state("bcm") / "sensors.json", {"ambient_lux": lux})
+
+    def shown(self, ecu: str = "dlp_headlamp") -> str | None:
+        """What the ECU simulator shows (its persisted choice, as DID 0xF1C0 reports it)."""
+        import json
+
+        try:
+            return json.loads((self.ecu_state(ecu) / "content" / "active.json").read_text()).get("active")
+        except (OSError, ValueError):
+            return None
+
+    def wait_content(self, bundle_id: str, predicate: Any, timeout: float = 60) -> dict[str, str]:
+        ok = self.cloud.collector.wait_for(lambda c: predicate(self.cloud.content_state(VIN, bundle_id)), timeout)
+        state = self.cloud.content_state(VIN, bundle_id)
+        assert ok, f"content {bundle_id}: {state}\n{self.tbox.text()[-4000:]}"
+        return state

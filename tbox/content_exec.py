@@ -1,0 +1,189 @@
+"""Executors for owner content (C1, C6): one small interface, one executor per item class.
+
+- ``resource`` items go to the ECU that shows them, through the gateway: the material is
+  deployed to the gateway like a package, stored on the ECU by RequestFileTransfer, then
+  shown or stopped by RoutineControl (gateway routine 0x0303). No software is flashed.
+- ``application`` items are installed into the infotainment app area (``tbox/apps.py``).
+- ``software`` items become an upgrade campaign through the deploy -> flash path, with its
+  traces and diagnosis; the item is ``installing`` until the campaign ends.
+
+Executors are idempotent: the manager runs an action first and persists the new state
+after it, so a kill in between runs the action again after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+from agent.canbus import Segment
+from agent.config import DeployConfig
+from agent.content import Item
+from agent.errors import VotaError
+from agent.storage import atomic_write_bytes
+from tbox.apps import AppRegistry
+from tbox.deploy import PackageDeployer
+from tbox.gateway_client import ContentOp, GatewayClient, GatewayError
+
+__all__ = ["Job", "Executor", "ExecFailed", "ExecRetry", "ResourceExecutor", "AppExecutor", "SoftwareExecutor"]
+
+
+class ExecFailed(VotaError):
+    """The item cannot run: it ends ``failed`` with this reason."""
+
+    def __init__(self, reason: str, detail: str, **extra: Any) -> None:
+        self.reason, self.detail, self.extra = reason, detail, extra
+        super().__init__(f"{reason}: {detail}")
+
+
+class ExecRetry(VotaError):
+    """A transient problem (gateway busy or unreachable): the action is tried again later."""
+
+
+@dataclass
+class Job:
+    bundle_id: str
+    version: int
+    item: Item
+    entry: dict[str, Any]  # the item's persisted state; executors may keep notes in it
+    data: Callable[[], bytes]  # the item's plaintext (decrypted on demand)
+
+    @property
+    def name(self) -> str:
+        return f"c-{self.bundle_id}-v{self.version}-{self.item.id}.bin"
+
+
+class Executor(Protocol):
+    def start(self, job: Job) -> str:
+        """Run the item; returns its status after it (``active`` or ``installing``)."""
+
+    def stop(self, job: Job) -> None:
+        """Outside its window or mode: stop showing it (it may start again)."""
+
+    def revert(self, job: Job) -> None:
+        """Expired or declined: undo it."""
+
+    def poll(self, job: Job) -> tuple[str, dict[str, Any]] | None:
+        """For ``installing`` items: the final status and details, or None while running."""
+
+
+class ResourceExecutor:
+    def __init__(self, gateway: GatewayClient, segment: Segment, link: DeployConfig, ecus: set[str],
+                 targets: Mapping[str, str], workdir: Path, stop: threading.Event) -> None:
+        self.gateway, self.segment, self.link, self.ecus = gateway, segment, link, ecus
+        self.targets, self.workdir, self.stop_event = dict(targets), workdir, stop
+
+    def ecu(self, job: Job) -> str:
+        ecu = self.targets.get(job.item.target, job.item.target)
+        if ecu not in self.ecus:
+            raise ExecFailed("unknown_target", f"no ECU shows {job.item.target!r} on this vehicle")
+        return ecu
+
+    def _ask(self, op: int, ecu: str, arg: bytes = b"") -> bytes:
+        try:
+            return self.gateway.content(op, ecu, arg)
+        except GatewayError as exc:
+            if exc.refused:
+                raise ExecFailed("ecu_refused", str(exc)) from None
+            raise ExecRetry(str(exc)) from None
+
+    def start(self, job: Job) -> str:
+        ecu = self.ecu(job)
+        if not job.entry.get("delivered"):
+            path = self.workdir / job.name
+            data = job.data()
+            atomic_write_bytes(path, data)
+            try:
+                with self.gateway.lock:
+                    result = PackageDeployer(self.segment, self.link, job.name, path, hashlib.sha256(data).hexdigest(),
+                                             stop=self.stop_event).run()
+                if result.result != "success":
+                    raise ExecRetry(f"deploy to the gateway: {result.failed_step}: {result.reason}")
+                self._ask(ContentOp.STORE, ecu, job.name.encode())
+            finally:
+                path.unlink(missing_ok=True)
+            job.entry["delivered"] = True
+        self._ask(ContentOp.SHOW, ecu, job.name.encode())
+        return "active"
+
+    def stop(self, job: Job) -> None:
+        self._ask(ContentOp.STOP, self.ecu(job))
+
+    def revert(self, job: Job) -> None:
+        self.stop(job)
+
+    def poll(self, job: Job) -> tuple[str, dict[str, Any]] | None:
+        return "active", {}
+
+
+class AppExecutor:
+    def __init__(self, registry: AppRegistry) -> None:
+        self.registry = registry
+
+    @staticmethod
+    def version(job: Job) -> str:
+        return str(job.item.raw.get("version") or job.version)
+
+    def start(self, job: Job) -> str:
+        try:
+            if self.registry.version(job.item.target) != self.version(job):
+                self.registry.install(job.item.target, self.version(job), job.data())
+        except VotaError as exc:
+            raise ExecFailed("install_failed", str(exc)) from None
+        return "active"
+
+    def stop(self, job: Job) -> None:
+        return None  # an installed app stays installed until its content expires
+
+    def revert(self, job: Job) -> None:
+        if self.registry.version(job.item.target) == self.version(job):
+            self.registry.revert(job.item.target)
+
+    def poll(self, job: Job) -> tuple[str, dict[str, Any]] | None:
+        return "active", {}
+
+
+class CampaignPort(Protocol):
+    def start_local_campaign(self, campaign_id: str, ecu: str, version: str, data: bytes) -> None:
+        """Queue a campaign (deploy -> flash) for ``data``; idempotent per campaign id."""
+
+    def campaign_outcome(self, campaign_id: str) -> dict[str, Any] | None:
+        """None while it runs; else {"outcome", "failure", "cause"}."""
+
+
+class SoftwareExecutor:
+    def __init__(self, campaigns: CampaignPort, ecus: set[str]) -> None:
+        self.campaigns, self.ecus = campaigns, ecus
+
+    @staticmethod
+    def campaign_id(job: Job) -> str:
+        return f"content-{job.bundle_id}-v{job.version}-{job.item.id}"
+
+    def start(self, job: Job) -> str:
+        if job.item.target not in self.ecus:
+            raise ExecFailed("unknown_target", f"no ECU {job.item.target!r} on this vehicle")
+        version = job.item.raw.get("version")
+        if not isinstance(version, str) or not version:
+            raise ExecFailed("malformed", "a software item needs the software version it installs")
+        self.campaigns.start_local_campaign(self.campaign_id(job), job.item.target, version, job.data())
+        job.entry["campaign_id"] = self.campaign_id(job)
+        return "installing"
+
+    def stop(self, job: Job) -> None:
+        return None  # software stays installed; a window means nothing to a flash
+
+    def revert(self, job: Job) -> None:
+        return None  # expiry ends the item; going back needs a campaign of its own
+
+    def poll(self, job: Job) -> tuple[str, dict[str, Any]] | None:
+        outcome = self.campaigns.campaign_outcome(self.campaign_id(job))
+        if outcome is None:
+            return None
+        if outcome.get("outcome") == "success":
+            return "active", {"campaign_id": self.campaign_id(job)}
+        failure = outcome.get("failure") or {}
+        return "failed", {"reason": str(failure.get("reason") or "flash_failed"), "detail": str(failure.get("detail") or ""),
+                          "campaign_id": self.campaign_id(job), "cause": outcome.get("cause")}

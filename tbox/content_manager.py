@@ -1,0 +1,465 @@
+"""Owner-customised content on the TBOX (C2-C5, C7, C8): offers, the owner's request,
+download, verification, decryption, the persisted schedule and every state change
+reported through the store-and-forward outbox.
+
+The cloud offers a bundle as its signed manifest plus one URL per item file; the TBOX
+verifies the manifest at once (trusted trust-platform key, this vehicle, not expired, not
+older than what it has, nothing but ``items/<name>`` paths, no item over the size limit)
+and refuses, with the reason reported, what fails. On the owner's request it downloads
+the items (resumable, each checked against the signed size and SHA-256), except those with
+policy ``never``, checks that encrypted ones decrypt with the vehicle's key, and hands the
+items to the schedule. ``manual`` items wait for ``content_accept``.
+
+State, written atomically (a kill at any line leaves the state before or after a change)::
+
+    <state_dir>/content/installed.json                 {bundle_id: newest version downloaded}: anti-rollback
+    <state_dir>/content/inbox/*.json                   commands from ``vota content accept|decline``
+    <state_dir>/content/bundles/<id>-v<version>/       manifest.json, manifest.sig.json (as offered),
+                                                        state.json, items/<item>.bin (as downloaded)
+
+Bundle statuses: offered -> requested -> downloaded (its items then run) | failed; an older
+version is ``superseded`` when a newer one is downloaded. Item statuses: offered ->
+scheduled <-> active -> expired; installing (software items while their campaign runs);
+declined; failed; superseded.
+
+Commands (MQTT ``command`` topic, or the inbox)::
+
+    {"command": "content_offer", "manifest": "<b64 manifest.json>", "signature": "<b64 manifest.sig.json>",
+     "urls": {"<item>": "http://..."}, "request": false}
+    {"command": "content_request", "bundle_id": "dlp-520"}          the owner's "upgrade" request
+    {"command": "content_accept", "bundle_id": "dlp-520", "item": "music"}   item optional: all
+    {"command": "content_decline", "bundle_id": "dlp-520", "item": "music"}
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent.config import ContentConfig
+from agent.content import Bundle, BundleRejected, Item, check_item, decrypt_item, verify_manifest
+from agent.content_schedule import ItemState, is_night, tick
+from agent.errors import VotaError
+from agent.storage import atomic_write_bytes, atomic_write_json
+from tbox.apps import AppRegistry
+from tbox.content_exec import ExecFailed, ExecRetry, Executor, Job
+from tbox.download import DownloadError, download
+
+__all__ = ["ContentManager", "COMMANDS", "load_records", "write_inbox"]
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("content_offer", "content_request", "content_accept", "content_decline")
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_RUNNING = ("offered", "scheduled", "active")
+SENSOR_CACHE_S = 5.0
+
+
+def load_records(state_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every bundle the TBOX knows, oldest first (for ``vota content list``)."""
+    out = []
+    for d in sorted((Path(state_dir) / "content" / "bundles").glob("*/state.json")):
+        try:
+            doc = json.loads(d.read_text())
+            if doc.get("schema") != 1:
+                raise ValueError(f"schema {doc.get('schema')!r}")
+        except (OSError, ValueError) as exc:
+            raise VotaError(f"{d}: unreadable content state ({exc})") from None
+        out.append((d.parent, doc))
+    return sorted(out, key=lambda r: (r[1]["bundle_id"], r[1]["version"]))
+
+
+def write_inbox(state_dir: str | Path, command: dict[str, Any]) -> Path:
+    """Hand a command to the running TBOX (``vota content accept|decline``)."""
+    inbox = Path(state_dir) / "content" / "inbox"
+    path = inbox / f"{time.time_ns()}.json"
+    atomic_write_json(path, command)
+    return path
+
+
+class ContentManager:
+    def __init__(
+        self,
+        config: ContentConfig,
+        state_dir: str | Path,
+        vin: str,
+        trusted: Mapping[str, Ed25519PublicKey],
+        report: Callable[[dict[str, Any], str], None],
+        executors: Mapping[str, Executor],
+        now: Callable[[], _dt.datetime],
+        *,
+        vehicle_key: X25519PrivateKey | None = None,
+        registry: AppRegistry | None = None,
+        light: Callable[[], bytes] | None = None,
+        stop: threading.Event | None = None,
+        max_attempts: int = 3,
+    ) -> None:
+        self.config, self.vin, self.trusted = config, vin, dict(trusted)
+        self.report_fn, self.executors, self.now = report, dict(executors), now
+        self.vehicle_key, self.registry, self.light = vehicle_key, registry, light
+        self.stop = stop or threading.Event()
+        self.max_attempts = max_attempts
+        self.dir = Path(state_dir) / "content"
+        self.bundles_dir, self.inbox = self.dir / "bundles", self.dir / "inbox"
+        self.installed_path = self.dir / "installed.json"
+        self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._bundles: dict[Path, Bundle] = {}
+        self._lux: tuple[float, float | None] = (-1e9, None)
+        self._next_download = 0.0
+
+    # ---- life cycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self.bundles_dir.mkdir(parents=True, exist_ok=True)
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        for directory, _ in load_records(self.dir.parent):  # refuse to start on unreadable state, file named
+            self._bundle(directory)
+
+    def submit(self, doc: dict[str, Any]) -> None:
+        """A command from the cloud link's thread; run by the next ``step``."""
+        self._queue.put(doc)
+
+    def step(self) -> None:
+        self._commands()
+        for directory, doc in load_records(self.dir.parent):
+            if self.stop.is_set():
+                return
+            try:
+                if doc["status"] == "requested" and time.monotonic() >= self._next_download:
+                    self._download(directory, doc)
+                elif doc["status"] == "downloaded":
+                    self._tick(directory, doc)
+            except VotaError as exc:
+                log.warning("content %s: %s", directory.name, exc)
+
+    # ---- reports ---------------------------------------------------------------------------
+    def _report_bundle(self, doc: dict[str, Any], status: str, **extra: Any) -> None:
+        body = {"event": "content", "bundle_id": doc["bundle_id"], "bundle_version": doc["version"], "status": status, **extra}
+        self.report_fn(body, f"content.{doc['bundle_id']}.v{doc['version']}.{status}.{doc.get('changes', 0)}")
+
+    def _report_item(self, doc: dict[str, Any], item: Item, entry: dict[str, Any], at: _dt.datetime | None = None,
+                     **extra: Any) -> None:
+        entry["changes"] = entry.get("changes", 0) + 1
+        body = {"event": "content", "bundle_id": doc["bundle_id"], "bundle_version": doc["version"], "item": item.id,
+                "class": item.cls, "target": item.target, "status": entry["status"],
+                "at": (at or self.now()).isoformat(timespec="seconds"), **extra}
+        self.report_fn(body, f"content.{doc['bundle_id']}.v{doc['version']}.{item.id}.{entry['changes']}")
+
+    def _reject(self, reason: str, detail: str, bundle_id: str | None, key: str) -> None:
+        log.warning("content refused (%s): %s", reason, detail)
+        self.report_fn({"event": "rejected", "topic": "content", "reason": reason, "detail": detail, "bundle_id": bundle_id},
+                       f"rejected.content.{key}")
+
+    # ---- records ---------------------------------------------------------------------------
+    def installed(self) -> dict[str, int]:
+        try:
+            return {str(k): int(v) for k, v in json.loads(self.installed_path.read_text()).items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise VotaError(f"{self.installed_path}: unreadable ({exc})") from None
+
+    def _save(self, directory: Path, doc: dict[str, Any]) -> None:
+        atomic_write_json(directory / "state.json", doc)
+
+    def _bundle(self, directory: Path) -> Bundle:
+        """The stored manifest, its signature checked again (what is on disk is what was offered)."""
+        bundle = self._bundles.get(directory)
+        if bundle is None:
+            try:
+                body = (directory / "manifest.json").read_bytes()
+                sig = (directory / "manifest.sig.json").read_bytes()
+                bundle = verify_manifest(body, sig, self.trusted, vin=self.vin, now=_EPOCH)
+            except (OSError, BundleRejected) as exc:
+                raise VotaError(f"{directory}: stored manifest unusable ({exc})") from None
+            self._bundles[directory] = bundle
+        return bundle
+
+    def _find(self, bundle_id: Any, statuses: tuple[str, ...] | None = None) -> tuple[Path, dict[str, Any]] | None:
+        found = [(d, doc) for d, doc in load_records(self.dir.parent)
+                 if doc["bundle_id"] == bundle_id and (statuses is None or doc["status"] in statuses)]
+        return found[-1] if found else None
+
+    # ---- commands --------------------------------------------------------------------------
+    def _commands(self) -> None:
+        docs: list[tuple[dict[str, Any], str]] = []
+        while True:
+            try:
+                docs.append((self._queue.get_nowait(), "cloud"))
+            except queue.Empty:
+                break
+        for path in sorted(self.inbox.glob("*.json")) if self.inbox.exists() else []:
+            try:
+                doc = json.loads(path.read_text())
+                docs.append((doc if isinstance(doc, dict) else {}, "inbox"))
+            except (OSError, ValueError):
+                docs.append(({}, "inbox"))
+            path.unlink(missing_ok=True)
+        for doc, origin in docs:
+            key = f"{origin}.{time.time_ns()}"
+            command = doc.get("command")
+            try:
+                if command == "content_offer":
+                    self._offer(doc, key)
+                elif command == "content_request":
+                    self._request(doc, key)
+                elif command in ("content_accept", "content_decline"):
+                    self._choose(doc, command == "content_accept", key)
+                else:
+                    self._reject("malformed", f"unknown content command {command!r}", None, key)
+            except VotaError as exc:
+                self._reject("failed", str(exc), doc.get("bundle_id"), key)
+
+    def _offer(self, doc: dict[str, Any], key: str) -> None:
+        try:
+            body = base64.b64decode(str(doc.get("manifest")), validate=True)
+            sig_field = doc.get("signature")
+            sig = json.dumps(sig_field).encode() if isinstance(sig_field, dict) else \
+                base64.b64decode(str(sig_field), validate=True) if sig_field is not None else None
+        except (binascii.Error, ValueError):
+            self._reject("malformed", "manifest and signature must be base64", None, key)
+            return
+        try:
+            bundle = verify_manifest(body, sig, self.trusted, vin=self.vin, now=self.now(), installed=self.installed())
+            urls = doc.get("urls")
+            if not isinstance(urls, dict) or any(not isinstance(urls.get(i.id), str) for i in bundle.items):
+                raise BundleRejected("malformed", "the offer needs a URL for every item", bundle.bundle_id)
+            for item in bundle.items:
+                if item.size > self.config.max_item_size:
+                    raise BundleRejected("too_large", f"item {item.id}: {item.size} bytes, the limit is "
+                                                      f"{self.config.max_item_size}", bundle.bundle_id)
+        except BundleRejected as exc:
+            self._reject(exc.reason, str(exc), exc.bundle_id, key)
+            return
+        directory = self.bundles_dir / f"{bundle.bundle_id}-v{bundle.bundle_version}"
+        if (directory / "state.json").exists():
+            log.info("content %s offered again; already known", directory.name)
+            return
+        assert sig is not None
+        atomic_write_bytes(directory / "manifest.json", body)
+        atomic_write_bytes(directory / "manifest.sig.json", sig)
+        state = {"schema": 1, "bundle_id": bundle.bundle_id, "version": bundle.bundle_version, "title": bundle.title,
+                 "owner": bundle.owner, "status": "requested" if doc.get("request") else "offered", "changes": 0,
+                 "urls": {i.id: urls[i.id] for i in bundle.items},
+                 "items": {i.id: {"status": "offered", "policy": i.policy, "accepted": False, "changes": 0} for i in bundle.items}}
+        self._save(directory, state)  # the state file last: its existence makes the offer known
+        self._report_bundle(state, "offered", title=bundle.title, owner=bundle.owner, items=[
+            {"item": i.id, "class": i.cls, "target": i.target, "policy": i.policy, "size": i.size} for i in bundle.items])
+        if state["status"] == "requested":
+            self._report_bundle(state, "requested")
+        log.info("content %s v%d offered: %s", bundle.bundle_id, bundle.bundle_version, bundle.title)
+
+    def _request(self, doc: dict[str, Any], key: str) -> None:
+        found = self._find(doc.get("bundle_id"), ("offered", "failed"))
+        if found is None:
+            self._reject("unknown_bundle", f"no offered bundle {doc.get('bundle_id')!r}", doc.get("bundle_id"), key)
+            return
+        directory, state = found
+        state["status"], state["changes"] = "requested", state.get("changes", 0) + 1
+        state.pop("reason", None)
+        self._save(directory, state)
+        self._report_bundle(state, "requested")
+        self._next_download = 0.0
+
+    def _choose(self, doc: dict[str, Any], accept: bool, key: str) -> None:
+        found = self._find(doc.get("bundle_id"), ("offered", "requested", "downloaded"))
+        item_id = doc.get("item")
+        if found is None or (item_id is not None and item_id not in found[1]["items"]):
+            self._reject("unknown_bundle", f"no bundle {doc.get('bundle_id')!r} with item {item_id!r}", doc.get("bundle_id"), key)
+            return
+        directory, state = found
+        bundle = self._bundle(directory)
+        for item in bundle.items:
+            entry = state["items"][item.id]
+            if item_id is None and (accept and entry["policy"] != "manual" or not accept and entry["policy"] == "auto"):
+                continue  # without an item: accept the manual ones, decline the optional ones
+            if item_id is not None and item.id != item_id:
+                continue
+            if accept and entry["status"] in ("offered", "declined"):
+                entry.update(accepted=True, status="offered", policy="manual" if entry["policy"] == "never" else entry["policy"])
+                if state["status"] == "downloaded" and not (directory / "items" / f"{item.id}.bin").exists():
+                    state["status"] = "requested"  # an item that was set never to download is wanted now
+                self._report_item(state, item, entry, accepted=True)
+            elif not accept and entry["status"] in ("offered", "scheduled", "active", "installing"):
+                if entry["status"] == "active":
+                    self._run(directory, state, item, "revert")
+                entry.update(accepted=False, status="declined")
+                self._report_item(state, item, entry)
+        self._save(directory, state)
+
+    # ---- download ----------------------------------------------------------------------------
+    def _wanted(self, entry: dict[str, Any]) -> bool:
+        return bool(entry["policy"] != "never" or entry.get("accepted")) and entry["status"] != "declined"
+
+    def _download(self, directory: Path, state: dict[str, Any]) -> None:
+        bundle = self._bundle(directory)
+        for item in bundle.items:
+            entry = state["items"][item.id]
+            if not self._wanted(entry):
+                continue
+            try:
+                download(state["urls"][item.id], directory / "items" / f"{item.id}.bin", item.size, item.sha256,
+                         should_stop=self.stop.is_set)
+                if item.encryption is not None:
+                    self._plain(directory, bundle, item)
+            except DownloadError as exc:
+                if exc.transient:
+                    log.warning("content %s: %s; will retry", directory.name, exc)
+                    self._next_download = time.monotonic() + 2.0
+                    return
+                self._fail_bundle(directory, state, exc.reason or "download_failed", str(exc))
+                return
+            except BundleRejected as exc:
+                self._fail_bundle(directory, state, exc.reason, str(exc))
+                return
+        previous = self.installed()
+        if previous.get(bundle.bundle_id, -1) < bundle.bundle_version:
+            atomic_write_json(self.installed_path, {**previous, bundle.bundle_id: bundle.bundle_version})
+        for item in bundle.items:  # C5: an app bound to manual updates waits for the owner
+            entry = state["items"][item.id]
+            if item.cls == "application" and self.registry is not None and entry["policy"] == "auto" and \
+                    self.registry.decide(item.target, str(item.raw.get("version") or bundle.bundle_version)).action == "wait_for_owner":
+                entry["policy"] = "manual"
+        state["status"], state["changes"] = "downloaded", state.get("changes", 0) + 1
+        self._save(directory, state)
+        self._report_bundle(state, "downloaded", items=[i.id for i in bundle.items if (directory / "items" / f"{i.id}.bin").exists()])
+        log.info("content %s downloaded and verified", directory.name)
+        self._supersede(bundle, directory)
+
+    def _fail_bundle(self, directory: Path, state: dict[str, Any], reason: str, detail: str) -> None:
+        shutil.rmtree(directory / "items", ignore_errors=True)  # nothing of it runs
+        state.update(status="failed", reason=reason, detail=detail, changes=state.get("changes", 0) + 1)
+        self._save(directory, state)
+        self._report_bundle(state, "failed", reason=reason, detail=detail)
+        log.warning("content %s refused (%s): %s", directory.name, reason, detail)
+
+    def _supersede(self, bundle: Bundle, newest: Path) -> None:
+        for directory, state in load_records(self.dir.parent):
+            if directory == newest or state["bundle_id"] != bundle.bundle_id or state["version"] >= bundle.bundle_version:
+                continue
+            if state["status"] in ("superseded", "failed"):
+                continue
+            old = self._bundle(directory)
+            for item in old.items:
+                entry = state["items"][item.id]
+                if entry["status"] == "active":
+                    self._run(directory, state, item, "revert")
+                if entry["status"] in _RUNNING + ("installing",):
+                    entry["status"] = "superseded"
+                    self._report_item(state, item, entry)
+            state["status"] = "superseded"
+            self._save(directory, state)
+
+    def _plain(self, directory: Path, bundle: Bundle, item: Item) -> bytes:
+        data = (directory / "items" / f"{item.id}.bin").read_bytes()
+        check_item(bundle.bundle_id, item, data)  # again: the disk is not trusted
+        if item.encryption is None:
+            return data
+        if self.vehicle_key is None:
+            raise BundleRejected("cannot_decrypt", f"item {item.id} is encrypted and this vehicle has no content key",
+                                 bundle.bundle_id)
+        return decrypt_item(data, item.encryption, self.vehicle_key)
+
+    # ---- the schedule -------------------------------------------------------------------------
+    def _night(self, item: Item, now: _dt.datetime) -> bool:
+        if item.schedule.mode == "any":
+            return False
+        if self.light is not None and time.monotonic() - self._lux[0] > SENSOR_CACHE_S:
+            try:
+                raw = self.light()
+                lux: float | None = float(int.from_bytes(raw[:2], "big")) if len(raw) >= 2 else None
+            except VotaError as exc:
+                log.info("light sensor not available (%s); day and night from the clock", exc)
+                lux = None
+            self._lux = (time.monotonic(), lux)
+        dusk, dawn = (_dt.time.fromisoformat(t) for t in self.config.night)
+        return is_night(now.astimezone(item.schedule.tz), self._lux[1], self.config.night_below_lux, dusk, dawn)
+
+    def _job(self, directory: Path, state: dict[str, Any], item: Item) -> Job:
+        bundle = self._bundle(directory)
+        return Job(bundle.bundle_id, bundle.bundle_version, item, state["items"][item.id],
+                   lambda: self._plain(directory, bundle, item))
+
+    def _run(self, directory: Path, state: dict[str, Any], item: Item, action: str) -> str | None:
+        """Run one executor action; the item's status after it, or None to try again later."""
+        executor = self.executors.get(item.cls)
+        entry = state["items"][item.id]
+        try:
+            if executor is None:
+                raise ExecFailed("unsupported", f"no executor for {item.cls} items")
+            job = self._job(directory, state, item)
+            if action == "start":
+                status = executor.start(job)
+            elif action == "stop":
+                executor.stop(job)
+                status = "scheduled"
+            else:
+                executor.revert(job)
+                status = None
+            entry.pop("retries", None)
+            return status
+        except ExecRetry as exc:
+            entry["retries"] = entry.get("retries", 0) + 1
+            if entry["retries"] < self.max_attempts * 5:
+                log.warning("content %s/%s %s: %s; will retry", directory.name, item.id, action, exc)
+                return None
+            raise ExecFailed("unreachable", str(exc)) from None
+        except BundleRejected as exc:
+            raise ExecFailed(exc.reason, str(exc)) from None
+
+    def _tick(self, directory: Path, state: dict[str, Any]) -> None:
+        bundle = self._bundle(directory)
+        now = self.now()
+        changed = False
+        for item in bundle.items:
+            entry = state["items"][item.id]
+            old = entry["status"]
+            extra: dict[str, Any] = {}
+            try:
+                if old == "installing":
+                    executor = self.executors.get(item.cls)
+                    polled = executor.poll(self._job(directory, state, item)) if executor is not None else None
+                    if polled is None:
+                        continue
+                    entry["status"], extra = polled
+                elif old in _RUNNING and self._wanted(entry) and (directory / "items" / f"{item.id}.bin").exists():
+                    current = ItemState(item.id, old, entry["policy"], bool(entry.get("accepted")))
+                    new, actions = tick({item.id: current}, {item.id: item.schedule}, now, self._night(item, now))
+                    target = new[item.id].status
+                    for action in actions:
+                        kind = action.action
+                        if kind == "none" and action.status == "expired" and entry.get("ran"):
+                            kind = "revert"  # it ran in an earlier window: undo what stayed (an installed app)
+                        if kind in ("start", "stop", "revert"):
+                            after = self._run(directory, state, item, kind)
+                            if after is None and kind != "revert":
+                                target = old  # try again at the next tick
+                            elif kind == "start" and after is not None:
+                                target = after
+                                entry["ran"] = True
+                    entry["status"] = target
+                    changed = changed or bool(actions)  # retries counted are kept too
+                else:
+                    continue
+            except ExecFailed as exc:
+                entry["status"] = "failed"
+                extra = {"reason": exc.reason, "detail": exc.detail, **exc.extra}
+            if entry["status"] != old:
+                if entry["status"] == "failed":
+                    entry["reason"] = extra.get("reason")
+                self._report_item(state, item, entry, at=now, **extra)
+                changed = True
+                log.info("content %s/%s: %s -> %s", directory.name, item.id, old, entry["status"])
+        if changed:
+            self._save(directory, state)
