@@ -232,6 +232,10 @@ def _parser() -> argparse.ArgumentParser:
     k = csub.add_parser("show", help="on the vehicle: one bundle's items, classes, targets, policies and schedule")
     _add_common(k)
     k.add_argument("bundle_id")
+    k = csub.add_parser("import", help="on the vehicle: hand a signed bundle archive to the TBOX (a workshop, a bench "
+                        "without a cloud); it is verified as a whole and run as if the owner had requested it")
+    _add_common(k)
+    k.add_argument("bundle", metavar="SIGNED.tar")
     for name, what in (("accept", "confirm a manual item, or ask for one set never to download"),
                        ("decline", "decline an item (an active one is reverted)")):
         k = csub.add_parser(name, help=f"on the vehicle: {what}; the running TBOX applies it")
@@ -239,7 +243,7 @@ def _parser() -> argparse.ArgumentParser:
         k.add_argument("bundle_id")
         k.add_argument("item", nargs="?", help=f"the item (default: every {'manual' if name == 'accept' else 'optional'} item)")
     for name, k in csub.choices.items():
-        if name not in ("list", "show", "accept", "decline"):
+        if name not in ("list", "show", "accept", "decline", "import"):
             k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
     p = sub.add_parser(

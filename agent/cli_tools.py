@@ -129,7 +129,7 @@ def cmd_content(args: argparse.Namespace) -> int:
     from agent.campaign import key_id, load_private_key, load_public_key
     from agent.storage import atomic_write_bytes
 
-    if args.content_command in ("list", "show", "accept", "decline"):
+    if args.content_command in ("list", "show", "accept", "decline", "import"):
         return _content_on_vehicle(args)
     if args.content_command == "keygen":
         key = X25519PrivateKey.generate()
@@ -177,6 +177,15 @@ def _content_on_vehicle(args: argparse.Namespace) -> int:
     from tbox.content_manager import load_records, write_inbox
 
     state_dir = load_vehicle_config(args.config).tbox_config().state_dir
+    if args.content_command == "import":
+        import time
+
+        from agent.storage import atomic_write_bytes
+
+        data = read_input(args.bundle, "bundle")
+        atomic_write_bytes(Path(state_dir) / "content" / "inbox" / f"{time.time_ns()}.tar", data)
+        print(f"{args.bundle}: handed to the TBOX ({len(data)} bytes); vota content list shows what it made of it")
+        return 0
     records = load_records(state_dir)
     if args.content_command == "list":
         if args.json:

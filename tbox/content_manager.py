@@ -13,7 +13,8 @@ items to the schedule. ``manual`` items wait for ``content_accept``.
 State, written atomically (a kill at any line leaves the state before or after a change)::
 
     <state_dir>/content/installed.json                 {bundle_id: newest version downloaded}: anti-rollback
-    <state_dir>/content/inbox/*.json                   commands from ``vota content accept|decline``
+    <state_dir>/content/inbox/*.json, *.tar            commands from ``vota content accept|decline``,
+                                                        archives from ``vota content import``
     <state_dir>/content/bundles/<id>-v<version>/       manifest.json, manifest.sig.json (as offered),
                                                         state.json, items/<item>.bin (as downloaded)
 
@@ -49,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.config import ContentConfig
-from agent.content import Bundle, BundleRejected, Item, check_item, decrypt_item, verify_manifest
+from agent.content import Bundle, BundleRejected, Item, check_item, decrypt_item, verify_bundle, verify_manifest
 from agent.content_schedule import ItemState, is_night, tick
 from agent.errors import VotaError
 from agent.storage import atomic_write_bytes, atomic_write_json
@@ -206,6 +207,8 @@ class ContentManager:
             except (OSError, ValueError):
                 docs.append(({}, "inbox"))
             path.unlink(missing_ok=True)
+        for path in sorted(self.inbox.glob("*.tar")) if self.inbox.exists() else []:
+            self._import(path, f"import.{time.time_ns()}")
         for doc, origin in docs:
             key = f"{origin}.{time.time_ns()}"
             command = doc.get("command")
@@ -235,28 +238,49 @@ class ContentManager:
             urls = doc.get("urls")
             if not isinstance(urls, dict) or any(not isinstance(urls.get(i.id), str) for i in bundle.items):
                 raise BundleRejected("malformed", "the offer needs a URL for every item", bundle.bundle_id)
-            for item in bundle.items:
-                if item.size > self.config.max_item_size:
-                    raise BundleRejected("too_large", f"item {item.id}: {item.size} bytes, the limit is "
-                                                      f"{self.config.max_item_size}", bundle.bundle_id)
+            assert sig is not None
+            self._keep(bundle, sig, {i.id: urls[i.id] for i in bundle.items}, bool(doc.get("request")), {})
         except BundleRejected as exc:
             self._reject(exc.reason, str(exc), exc.bundle_id, key)
+
+    def _import(self, path: Path, key: str) -> None:
+        """A whole signed bundle archive from the vehicle side (``vota content import``: a
+        workshop or a bench without a cloud); importing it is the owner's request."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            self._reject("malformed", f"{path.name}: {exc.strerror}", None, key)
             return
+        finally:
+            path.unlink(missing_ok=True)
+        try:
+            bundle = verify_bundle(data, self.trusted, vin=self.vin, now=self.now(), installed=self.installed())
+            sig = bundle.files.get("manifest.sig.json", b"")
+            self._keep(bundle, sig, {}, True, {i.id: bundle.files[i.file] for i in bundle.items if i.file in bundle.files})
+        except BundleRejected as exc:
+            self._reject(exc.reason, str(exc), exc.bundle_id, key)
+
+    def _keep(self, bundle: Bundle, sig: bytes, urls: dict[str, str], request: bool, files: dict[str, bytes]) -> None:
+        """Store a verified offer (and, from an archive, its item files); report it."""
+        for item in bundle.items:
+            if item.size > self.config.max_item_size:
+                raise BundleRejected("too_large", f"item {item.id}: {item.size} bytes, the limit is "
+                                                  f"{self.config.max_item_size}", bundle.bundle_id)
         directory = self.bundles_dir / f"{bundle.bundle_id}-v{bundle.bundle_version}"
         if (directory / "state.json").exists():
             log.info("content %s offered again; already known", directory.name)
             return
-        assert sig is not None
-        atomic_write_bytes(directory / "manifest.json", body)
+        atomic_write_bytes(directory / "manifest.json", bundle.manifest)
         atomic_write_bytes(directory / "manifest.sig.json", sig)
+        for item_id, data in files.items():
+            atomic_write_bytes(directory / "items" / f"{item_id}.bin", data)
         state = {"schema": 1, "bundle_id": bundle.bundle_id, "version": bundle.bundle_version, "title": bundle.title,
-                 "owner": bundle.owner, "status": "requested" if doc.get("request") else "offered", "changes": 0,
-                 "urls": {i.id: urls[i.id] for i in bundle.items},
+                 "owner": bundle.owner, "status": "requested" if request else "offered", "changes": 0, "urls": urls,
                  "items": {i.id: {"status": "offered", "policy": i.policy, "accepted": False, "changes": 0} for i in bundle.items}}
         self._save(directory, state)  # the state file last: its existence makes the offer known
         self._report_bundle(state, "offered", title=bundle.title, owner=bundle.owner, items=[
             {"item": i.id, "class": i.cls, "target": i.target, "policy": i.policy, "size": i.size} for i in bundle.items])
-        if state["status"] == "requested":
+        if request:
             self._report_bundle(state, "requested")
         log.info("content %s v%d offered: %s", bundle.bundle_id, bundle.bundle_version, bundle.title)
 
@@ -308,8 +332,13 @@ class ContentManager:
             entry = state["items"][item.id]
             if not self._wanted(entry):
                 continue
+            url = state["urls"].get(item.id)
+            if url is None and not (directory / "items" / f"{item.id}.bin").exists():
+                entry.update(status="failed", reason="not_in_bundle")  # imported without it, and no cloud to ask
+                self._report_item(state, item, entry, reason="not_in_bundle", detail="the imported archive does not hold it")
+                continue
             try:
-                download(state["urls"][item.id], directory / "items" / f"{item.id}.bin", item.size, item.sha256,
+                download(url or "", directory / "items" / f"{item.id}.bin", item.size, item.sha256,
                          should_stop=self.stop.is_set)
                 if item.encryption is not None:
                     self._plain(directory, bundle, item)

@@ -164,3 +164,42 @@ def test_sharing_rewraps_the_key_and_review_refuses(tmp_path):
     problems = trust.review("bad", now=dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)).problems
     assert any("title" in p for p in problems) and any("windscreen" in p for p in problems)
     assert any("version" in p for p in problems) and any("expires before" in p for p in problems)
+
+
+def _archive(members: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_imported_archives_and_a_newer_version_superseding_the_running_one(car):
+    from agent.content import build_bundle, sign_bundle
+
+    car.at(19, 5)
+    assert car.status("lamp") == "active"
+    inbox = car.tmp / "tbox" / "content" / "inbox"
+    v2 = {**SPEC, "bundle_version": 2, "items": [{"id": "lamp", "class": "resource", "target": "dlp_headlamp", "encrypt": True}]}
+    good = sign_bundle(build_bundle(v2, FILES, car.key.public_key(), VIN), car.platform)
+    members = read_archive(good, 1 << 20)
+    (inbox / "1.tar").write_bytes(_archive({**members, "../../outside.bin": b"x"}))
+    (inbox / "2.tar").write_bytes(_archive({**members, "items/lamp.bin": members["items/lamp.bin"] + b"\0" * 200_000}))
+    (inbox / "3.tar").write_bytes(good)
+    car.at(19, 10)
+    reasons = [r["reason"] for r in car.reports if r["event"] == "rejected"]
+    assert reasons == ["unsafe_path", "too_large"]
+    assert not (car.tmp / "outside.bin").exists() and not (car.tmp / "tbox" / "outside.bin").exists()
+    new = json.loads((car.tmp / "tbox" / "content" / "bundles" / "evening-v2" / "state.json").read_text())
+    assert new["status"] == "downloaded" and new["items"]["lamp"]["status"] == "active"
+    assert car.status() == "superseded" and car.status("lamp") == "superseded"
+    assert [c[:2] for c in car.recorder.calls] == [("start", "lamp"), ("revert", "lamp"), ("start", "lamp")]
+    assert json.loads((car.tmp / "tbox" / "content" / "installed.json").read_text()) == {"evening": 2}
+    (inbox / "4.tar").write_bytes(good)  # the same again: the version is no longer newer
+    car.at(19, 15)
+    assert [r["reason"] for r in car.reports if r["event"] == "rejected"][-1] == "rollback"
