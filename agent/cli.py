@@ -217,6 +217,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--vehicle-key", metavar="PEM", help="the vehicle's X25519 public key, for items marked encrypt")
     k.add_argument("--vin", help="the vehicle the encrypted items are for")
     k.add_argument("--out", required=True, metavar="BUNDLE.tar")
+    k = csub.add_parser("review", help="the trust platform's review of a content spec (exit 1 with the problems)")
+    k.add_argument("spec", metavar="SPEC.yaml")
+    k.add_argument("--at", metavar="TIME", help="review as of this time (ISO 8601 with offset; default: now)")
     k = csub.add_parser("sign", help="sign a bundle's manifest")
     k.add_argument("bundle", metavar="BUNDLE.tar")
     k.add_argument("--key", required=True, metavar="PEM", help="the trust platform's Ed25519 private key")
@@ -236,6 +239,12 @@ def _parser() -> argparse.ArgumentParser:
                         "without a cloud); it is verified as a whole and run as if the owner had requested it")
     _add_common(k)
     k.add_argument("bundle", metavar="SIGNED.tar")
+    k = csub.add_parser("bind", help="on the vehicle: bind an app for automatic or manual updates (C5)")
+    _add_common(k)
+    k.add_argument("app", metavar="APP_ID")
+    mode = k.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--auto", dest="auto_update", action="store_true", help="update without asking")
+    mode.add_argument("--manual", dest="auto_update", action="store_false", help="wait for the owner's confirmation")
     for name, what in (("accept", "confirm a manual item, or ask for one set never to download"),
                        ("decline", "decline an item (an active one is reverted)")):
         k = csub.add_parser(name, help=f"on the vehicle: {what}; the running TBOX applies it")
@@ -243,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
         k.add_argument("bundle_id")
         k.add_argument("item", nargs="?", help=f"the item (default: every {'manual' if name == 'accept' else 'optional'} item)")
     for name, k in csub.choices.items():
-        if name not in ("list", "show", "accept", "decline", "import"):
+        if name not in ("list", "show", "accept", "decline", "import", "bind"):
             k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
     p = sub.add_parser(

@@ -129,7 +129,7 @@ def cmd_content(args: argparse.Namespace) -> int:
     from agent.campaign import key_id, load_private_key, load_public_key
     from agent.storage import atomic_write_bytes
 
-    if args.content_command in ("list", "show", "accept", "decline", "import"):
+    if args.content_command in ("list", "show", "accept", "decline", "import", "bind"):
         return _content_on_vehicle(args)
     if args.content_command == "keygen":
         key = X25519PrivateKey.generate()
@@ -152,6 +152,23 @@ def cmd_content(args: argparse.Namespace) -> int:
                 raise UsageError(f"{args.vehicle_key}: not an X25519 public key")
             vehicle = pub
         atomic_write_bytes(args.out, c.build_bundle(spec, files, vehicle, args.vin))
+        return 0
+    if args.content_command == "review":
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from agent.bench_content import load_content_spec
+        from agent.clock import parse_time
+        from cloud_sim.trust import TrustPlatform
+
+        spec, files = load_content_spec(args.spec)
+        trust = TrustPlatform(Ed25519PrivateKey.generate())  # the review signs nothing
+        trust.submit(spec, files)
+        reviewed = trust.review(str(spec["bundle_id"]), now=parse_time(args.at) if args.at else None)
+        if reviewed.status != "approved":
+            for problem in reviewed.problems:
+                print(f"{args.spec}: {problem}")
+            return 1
+        print(f"{args.spec}: approved ({len(spec['items'])} items)")
         return 0
     if args.content_command == "sign":
         platform_key = load_private_key(read_input(args.key, "key"), args.key)
@@ -185,6 +202,10 @@ def _content_on_vehicle(args: argparse.Namespace) -> int:
         data = read_input(args.bundle, "bundle")
         atomic_write_bytes(Path(state_dir) / "content" / "inbox" / f"{time.time_ns()}.tar", data)
         print(f"{args.bundle}: handed to the TBOX ({len(data)} bytes); vota content list shows what it made of it")
+        return 0
+    if args.content_command == "bind":
+        write_inbox(state_dir, {"command": "content_bind", "app": args.app, "auto_update": args.auto_update})
+        print(f"{args.app}: {'automatic' if args.auto_update else 'manual'} updates, handed to the TBOX")
         return 0
     records = load_records(state_dir)
     if args.content_command == "list":

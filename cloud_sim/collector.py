@@ -98,6 +98,8 @@ class Collector:
         safe_id = "".join(ch for ch in msg_id if ch.isalnum() or ch in "._-")
         atomic_write_json(self.store / vin / "messages" / kind / f"{len(self.messages):06d}-{safe_id}.json", doc)
         body = doc.get("body") or {}
+        if kind == "events" and isinstance(body, dict) and body.get("event") == "content" and body.get("bundle_id"):
+            self._content_state(vin, body)
         if self.diagnose and kind == "events" and isinstance(body, dict) and body.get("event") == "finished" \
                 and body.get("outcome") == "failed" and body.get("campaign_id"):
             self._diagnose(vin, str(body["campaign_id"]))
@@ -109,6 +111,21 @@ class Collector:
                 data = join_trace_parts([got[i] for i in range(len(got))])
                 safe = "".join(ch for ch in trace_id if ch.isalnum() or ch in "._-")
                 atomic_write_bytes(self.store / vin / "traces" / f"{safe}.jsonl", data)
+
+    def _content_state(self, vin: str, body: dict[str, Any]) -> None:
+        """What the owner's app shows: each content item's latest state, per bundle."""
+        safe = "".join(ch for ch in str(body["bundle_id"]) if ch.isalnum() or ch in "._-")
+        path = self.store / vin / "content" / f"{safe}.json"
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            state = {"bundle_id": body["bundle_id"], "items": {}}
+        state["bundle_version"] = body.get("bundle_version")
+        if body.get("item"):
+            state["items"][str(body["item"])] = {k: body[k] for k in ("status", "at", "reason", "detail") if k in body}
+        else:
+            state["status"] = body.get("status")
+        atomic_write_json(path, state)
 
     def _diagnose(self, vin: str, campaign_id: str) -> None:
         """D10: the cloud analyses a failed campaign and stores the verdict beside its results."""

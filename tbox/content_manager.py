@@ -30,6 +30,7 @@ Commands (MQTT ``command`` topic, or the inbox)::
     {"command": "content_request", "bundle_id": "dlp-520"}          the owner's "upgrade" request
     {"command": "content_accept", "bundle_id": "dlp-520", "item": "music"}   item optional: all
     {"command": "content_decline", "bundle_id": "dlp-520", "item": "music"}
+    {"command": "content_bind", "app": "com.example.music", "auto_update": false}   C5 binding
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ __all__ = ["ContentManager", "COMMANDS", "load_records", "write_inbox"]
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("content_offer", "content_request", "content_accept", "content_decline")
+COMMANDS = ("content_offer", "content_request", "content_accept", "content_decline", "content_bind")
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _RUNNING = ("offered", "scheduled", "active")
 SENSOR_CACHE_S = 5.0
@@ -219,6 +220,8 @@ class ContentManager:
                     self._request(doc, key)
                 elif command in ("content_accept", "content_decline"):
                     self._choose(doc, command == "content_accept", key)
+                elif command == "content_bind":
+                    self._bind(doc, key)
                 else:
                     self._reject("malformed", f"unknown content command {command!r}", None, key)
             except VotaError as exc:
@@ -283,6 +286,16 @@ class ContentManager:
         if request:
             self._report_bundle(state, "requested")
         log.info("content %s v%d offered: %s", bundle.bundle_id, bundle.bundle_version, bundle.title)
+
+    def _bind(self, doc: dict[str, Any], key: str) -> None:
+        """C5: the owner binds an app for automatic or manual updates."""
+        app, auto = doc.get("app"), doc.get("auto_update")
+        if self.registry is None or not isinstance(app, str) or not isinstance(auto, bool):
+            self._reject("malformed", "content_bind needs an app id and auto_update true or false", None, key)
+            return
+        self.registry.set_auto_update(app, auto)
+        self.report_fn({"event": "app", "app": app, "auto_update": auto}, f"app.{app}.{key}")
+        log.info("app %s bound for %s updates", app, "automatic" if auto else "manual")
 
     def _request(self, doc: dict[str, Any], key: str) -> None:
         found = self._find(doc.get("bundle_id"), ("offered", "failed"))

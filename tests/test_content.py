@@ -186,3 +186,14 @@ def test_cli_keygen_build_sign_verify(tmp_path):
     unsigned = vota("content", "verify", str(tmp_path / "b.tar"), "--trusted", str(tmp_path / "platform" / "signing.pub"),
                     "--vin", VIN)
     assert unsigned.returncode == 1 and "unsigned" in unsigned.stderr
+
+
+def test_cli_review_of_the_sample_content():
+    from tests.conftest import vota
+
+    run = vota("content", "review", "configs/content/may20.yaml", "--at", "2026-05-01T00:00:00+08:00")
+    assert run.returncode == 0 and "approved (3 items)" in run.stdout, run.stdout + run.stderr
+    late = vota("content", "review", "configs/content/may20.yaml", "--at", "2026-06-01T00:00:00+08:00")
+    assert late.returncode == 1 and "heart: expires before it could run" in late.stdout
+    bad = vota("content", "review", "configs/content/may20.yaml", "--at", "tomorrow")
+    assert bad.returncode == 2 and "ISO 8601" in bad.stderr and "Traceback" not in bad.stderr

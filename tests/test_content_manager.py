@@ -203,3 +203,38 @@ def test_imported_archives_and_a_newer_version_superseding_the_running_one(car):
     (inbox / "4.tar").write_bytes(good)  # the same again: the version is no longer newer
     car.at(19, 15)
     assert [r["reason"] for r in car.reports if r["event"] == "rejected"][-1] == "rollback"
+
+
+def test_an_app_bound_for_manual_updates_waits_for_the_owner(tmp_path):
+    from agent.content import build_bundle, sign_bundle
+    from tbox.apps import AppRegistry
+    from tbox.content_exec import AppExecutor
+
+    server = PackageServer(tmp_path / "served").start()
+    (tmp_path / "served").mkdir(exist_ok=True)
+    platform, key = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
+    registry = AppRegistry(tmp_path / "apps")
+    registry.install("com.example.music", "2.0", b"old")
+    reports: list[dict[str, Any]] = []
+    manager = ContentManager(ContentConfig(), tmp_path / "tbox", VIN, {key_id(platform.public_key()): platform.public_key()},
+                             lambda body, msg_id: reports.append(body), {"application": AppExecutor(registry)},
+                             lambda: dt.datetime(2026, 5, 20, 12, 0, tzinfo=SHANGHAI), vehicle_key=key, registry=registry)
+    manager.start()
+    try:
+        write_inbox(tmp_path / "tbox", {"command": "content_bind", "app": "com.example.music", "auto_update": False})
+        app = {"bundle_id": "apps", "bundle_version": 1, "owner": "o", "title": "apps",
+               "items": [{"id": "music", "class": "application", "target": "com.example.music", "version": "2.1"}]}
+        bundle = sign_bundle(build_bundle(app, {"music": b"new app"}), platform)
+        manager.submit(json.loads(content_offer(bundle, server.root, f"http://127.0.0.1:{server.port}/packages", VIN, True)))
+        manager.step()
+        manager.step()
+        assert registry.version("com.example.music") == "2.0"  # bound manual: the update waits
+        state = json.loads((tmp_path / "tbox" / "content" / "bundles" / "apps-v1" / "state.json").read_text())
+        assert state["items"]["music"] == {**state["items"]["music"], "status": "offered", "policy": "manual"}
+        write_inbox(tmp_path / "tbox", {"command": "content_accept", "bundle_id": "apps"})  # one tap
+        manager.step()
+        manager.step()
+        assert registry.version("com.example.music") == "2.1" and registry.package("com.example.music") == b"new app"
+        assert {"event": "app", "app": "com.example.music", "auto_update": False} in reports
+    finally:
+        server.stop()

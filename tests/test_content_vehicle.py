@@ -112,6 +112,9 @@ def test_boot_animation_across_restarts_and_a_vehicle_that_was_off(bare_vehicle)
     v.tbox = v.start_tbox("--clock", "2026-06-04T07:30:00+08:00")
     v.wait_content("boot-601", lambda s: s.get("anim") == "expired")
     assert v.shown("bcm") is None  # reverted: the default animation again
+    owner_view = json.loads((v.tmp / "cloud" / "store" / VIN / "content" / "boot-601.json").read_text())
+    assert owner_view["status"] == "downloaded" and owner_view["items"]["anim"]["status"] == "expired"
+    assert owner_view["items"]["anim"]["at"].startswith("2026-06-04T07:30")
     show = vota("content", "show", "-c", str(v.config), "boot-601")
     assert "anim: resource -> boot_animation, policy auto" in show.stdout and "expired" in show.stdout
 
