@@ -9,7 +9,10 @@ No software is flashed.
     31 01 0303 03 <ecu> 00            stop showing
     31 01 0303 04 <ecu> 00 <did:2>    read a DID
     ->  71 01 0303 00 <data>          done (data: the DID's value for 04)
-    ->  71 01 0303 01 <reason>        the ECU did not do it; the reason in ASCII
+    ->  71 01 0303 01 <reason>        the ECU refused; the reason in ASCII
+    ->  71 01 0303 02 <reason>        the ECU did not answer (asleep, unplugged): worth trying later
+
+The gateway's copy of stored material is removed once the ECU holds it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ __all__ = ["CONTENT_ROUTINE", "ContentOp", "ContentRelay", "encode_request"]
 log = logging.getLogger(__name__)
 
 
+DONE, REFUSED, SILENT = 0x00, 0x01, 0x02
+
+
 class ContentOp:
     STORE = 0x01
     SHOW = 0x02
@@ -45,24 +51,24 @@ class ContentRelay:
     def __init__(self, config: VehicleConfig, package_dir: Path) -> None:
         self.config, self.package_dir = config, package_dir
 
-    def run(self, record: bytes) -> tuple[bool, bytes]:
-        """(done, data or reason) for one routine option record."""
+    def run(self, record: bytes) -> tuple[int, bytes]:
+        """(status, data or reason) for one routine option record: 0 done, 1 refused, 2 no answer."""
         if len(record) < 3 or b"\x00" not in record[1:]:
-            return False, b"malformed request"
+            return REFUSED, b"malformed request"
         op = record[0]
         ecu_name, _, arg = record[1:].partition(b"\x00")
         ecu = self.config.ecus.get(ecu_name.decode("ascii", "replace"))
         if ecu is None:
-            return False, b"unknown ECU " + ecu_name[:32]
+            return REFUSED, b"unknown ECU " + ecu_name[:32]
         name = arg.decode("ascii", "replace")
         if op in (ContentOp.STORE, ContentOp.SHOW) and not NAME.match(name):
-            return False, b"bad file name"
+            return REFUSED, b"bad file name"
         if op == ContentOp.STORE and not (self.package_dir / name).is_file():
-            return False, b"not deployed to the gateway: " + arg[:64]
+            return REFUSED, b"not deployed to the gateway: " + arg[:64]
         if op == ContentOp.READ_DID and len(arg) != 2:
-            return False, b"a DID is two bytes"
+            return REFUSED, b"a DID is two bytes"
         if op not in (ContentOp.STORE, ContentOp.SHOW, ContentOp.STOP, ContentOp.READ_DID):
-            return False, b"unknown operation"
+            return REFUSED, b"unknown operation"
         with Segment(self.config.segments[ecu.segment]) as segment:
             if op == ContentOp.STORE:
                 return self._store(segment, ecu.name, name)
@@ -71,18 +77,19 @@ class ContentRelay:
                          p2_star=ecu.p2_star_ms / 1000.0, dids={did: RawCodec()} if did else None) as link:
                 try:
                     if op == ContentOp.READ_DID:
-                        return True, bytes(link.client.read_data_by_identifier(did).service_data.values[did])
+                        return DONE, bytes(link.client.read_data_by_identifier(did).service_data.values[did])
                     link.client.change_session(0x03)
                     if op == ContentOp.SHOW:
                         link.client.routine_control(ROUTINE_SHOW_CONTENT, 0x01, arg)
                     else:
                         link.client.routine_control(ROUTINE_STOP_CONTENT, 0x01)
                     log.info("content on %s: %s", ecu.name, f"showing {name}" if op == ContentOp.SHOW else "stopped")
-                    return True, b""
+                    return DONE, b""
                 except Exception as exc:  # noqa: BLE001 - the ECU's answer goes back to the TBOX
-                    return False, describe_failure(exc)[0].encode("ascii", "replace")[:200]
+                    reason, nrc = describe_failure(exc)
+                    return REFUSED if nrc is not None else SILENT, reason.encode("ascii", "replace")[:200]
 
-    def _store(self, segment: Segment, ecu_name: str, name: str) -> tuple[bool, bytes]:
+    def _store(self, segment: Segment, ecu_name: str, name: str) -> tuple[int, bytes]:
         from tbox.deploy import PackageDeployer  # the client side of the same file-transfer protocol
 
         ecu = self.config.ecus[ecu_name]
@@ -92,6 +99,8 @@ class ContentRelay:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         result = PackageDeployer(segment, link, name, path, digest).run()
         if result.result != "success":
-            return False, f"{result.failed_step}: {result.reason}".encode("ascii", "replace")[:200]
+            status = REFUSED if result.nrc is not None else SILENT
+            return status, f"{result.failed_step}: {result.reason}".encode("ascii", "replace")[:200]
+        path.unlink(missing_ok=True)  # the ECU holds it now
         log.info("content %s stored on %s (%d bytes)", name, ecu_name, result.size)
-        return True, b""
+        return DONE, b""

@@ -80,8 +80,8 @@ class Installer(Protocol):
 class Relay(Protocol):
     """The gateway's port to owner content on its ECUs (``gateway/content_relay.py``)."""
 
-    def run(self, record: bytes) -> tuple[bool, bytes]:
-        """(done, data or the reason it was not)."""
+    def run(self, record: bytes) -> tuple[int, bytes]:
+        """(status: 0 done, 1 refused, 2 no answer; data or the reason)."""
 
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,8 @@ def _routine(s: DeployState, r: Request) -> bytes | Outcome:
         relay, head = s.relay, bytes((0x71, kind)) + r.data[2:4]
 
         def relayed() -> bytes:
-            done, data = relay.run(bytes(option))
-            return head + (b"\x00" if done else b"\x01") + data
+            status, data = relay.run(bytes(option))
+            return head + bytes((status,)) + data
 
         return Outcome(None, work=relayed)
     if routine not in (INSTALL_ROUTINE, INVENTORY_ROUTINE) or s.installer is None:

@@ -92,22 +92,31 @@ class ResourceExecutor:
 
     def start(self, job: Job) -> str:
         ecu = self.ecu(job)
-        if not job.entry.get("delivered"):
-            path = self.workdir / job.name
-            data = job.data()
-            atomic_write_bytes(path, data)
+        if job.entry.get("delivered"):
             try:
-                with self.gateway.lock:
-                    result = PackageDeployer(self.segment, self.link, job.name, path, hashlib.sha256(data).hexdigest(),
-                                             stop=self.stop_event).run()
-                if result.result != "success":
-                    raise ExecRetry(f"deploy to the gateway: {result.failed_step}: {result.reason}")
-                self._ask(ContentOp.STORE, ecu, job.name.encode())
-            finally:
-                path.unlink(missing_ok=True)
-            job.entry["delivered"] = True
+                self._ask(ContentOp.SHOW, ecu, job.name.encode())
+                return "active"
+            except ExecFailed:
+                job.entry["delivered"] = False  # the ECU lost it (replaced, reflashed): deliver it again
+        self._deliver(job, ecu)
         self._ask(ContentOp.SHOW, ecu, job.name.encode())
         return "active"
+
+    def _deliver(self, job: Job, ecu: str) -> None:
+        """Deploy the plaintext to the gateway, then have the gateway store it on the ECU."""
+        path = self.workdir / job.name
+        data = job.data()
+        atomic_write_bytes(path, data)
+        try:
+            with self.gateway.lock:
+                result = PackageDeployer(self.segment, self.link, job.name, path, hashlib.sha256(data).hexdigest(),
+                                         stop=self.stop_event).run()
+            if result.result != "success":
+                raise ExecRetry(f"deploy to the gateway: {result.failed_step}: {result.reason}")
+            self._ask(ContentOp.STORE, ecu, job.name.encode())
+        finally:
+            path.unlink(missing_ok=True)  # the plaintext does not stay on the TBOX
+        job.entry["delivered"] = True
 
     def stop(self, job: Job) -> None:
         self._ask(ContentOp.STOP, self.ecu(job))

@@ -67,6 +67,7 @@ COMMANDS = ("content_offer", "content_request", "content_accept", "content_decli
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _RUNNING = ("offered", "scheduled", "active")
 SENSOR_CACHE_S = 5.0
+RETRY_MAX_S = 60.0
 
 
 def load_records(state_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -106,13 +107,11 @@ class ContentManager:
         registry: AppRegistry | None = None,
         light: Callable[[], bytes] | None = None,
         stop: threading.Event | None = None,
-        max_attempts: int = 3,
     ) -> None:
         self.config, self.vin, self.trusted = config, vin, dict(trusted)
         self.report_fn, self.executors, self.now = report, dict(executors), now
         self.vehicle_key, self.registry, self.light = vehicle_key, registry, light
         self.stop = stop or threading.Event()
-        self.max_attempts = max_attempts
         self.dir = Path(state_dir) / "content"
         self.bundles_dir, self.inbox = self.dir / "bundles", self.dir / "inbox"
         self.installed_path = self.dir / "installed.json"
@@ -120,6 +119,7 @@ class ContentManager:
         self._bundles: dict[Path, Bundle] = {}
         self._lux: tuple[float, float | None] = (-1e9, None)
         self._next_download = 0.0
+        self._backoff: dict[tuple[Path, str], float] = {}
 
     # ---- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -140,7 +140,7 @@ class ContentManager:
             try:
                 if doc["status"] == "requested" and time.monotonic() >= self._next_download:
                     self._download(directory, doc)
-                elif doc["status"] == "downloaded":
+                elif doc["status"] == "downloaded" or any(e.get("revert_pending") for e in doc["items"].values()):
                     self._tick(directory, doc)
             except VotaError as exc:
                 log.warning("content %s: %s", directory.name, exc)
@@ -329,8 +329,8 @@ class ContentManager:
                     state["status"] = "requested"  # an item that was set never to download is wanted now
                 self._report_item(state, item, entry, accepted=True)
             elif not accept and entry["status"] in ("offered", "scheduled", "active", "installing"):
-                if entry["status"] == "active":
-                    self._run(directory, state, item, "revert")
+                if entry["status"] == "active" and self._run(directory, state, item, "revert") is None:
+                    entry["revert_pending"] = True  # the ECU did not answer: the tick tries again
                 entry.update(accepted=False, status="declined")
                 self._report_item(state, item, entry)
         self._save(directory, state)
@@ -395,13 +395,14 @@ class ContentManager:
             old = self._bundle(directory)
             for item in old.items:
                 entry = state["items"][item.id]
-                if entry["status"] == "active":
-                    self._run(directory, state, item, "revert")
+                if entry["status"] == "active" and self._run(directory, state, item, "revert") is None:
+                    entry["revert_pending"] = True
                 if entry["status"] in _RUNNING + ("installing",):
                     entry["status"] = "superseded"
                     self._report_item(state, item, entry)
             state["status"] = "superseded"
             self._save(directory, state)
+            shutil.rmtree(directory / "items", ignore_errors=True)
 
     def _plain(self, directory: Path, bundle: Bundle, item: Item) -> bytes:
         data = (directory / "items" / f"{item.id}.bin").read_bytes()
@@ -434,29 +435,31 @@ class ContentManager:
                    lambda: self._plain(directory, bundle, item))
 
     def _run(self, directory: Path, state: dict[str, Any], item: Item, action: str) -> str | None:
-        """Run one executor action; the item's status after it, or None to try again later."""
+        """Run one executor action: the item's status after a start, "" after a stop or a
+        revert, None when it is to be tried again later (the ECU did not answer: backing off,
+        for as long as the item's schedule wants the action)."""
         executor = self.executors.get(item.cls)
         entry = state["items"][item.id]
+        key = (directory, item.id)
+        if time.monotonic() < self._backoff.get(key, 0.0):
+            return None
         try:
             if executor is None:
                 raise ExecFailed("unsupported", f"no executor for {item.cls} items")
             job = self._job(directory, state, item)
-            if action == "start":
-                status = executor.start(job)
-            elif action == "stop":
+            status = executor.start(job) if action == "start" else ""
+            if action == "stop":
                 executor.stop(job)
-                status = "scheduled"
-            else:
+            elif action == "revert":
                 executor.revert(job)
-                status = None
             entry.pop("retries", None)
+            self._backoff.pop(key, None)
             return status
         except ExecRetry as exc:
             entry["retries"] = entry.get("retries", 0) + 1
-            if entry["retries"] < self.max_attempts * 5:
-                log.warning("content %s/%s %s: %s; will retry", directory.name, item.id, action, exc)
-                return None
-            raise ExecFailed("unreachable", str(exc)) from None
+            self._backoff[key] = time.monotonic() + min(RETRY_MAX_S, 0.5 * 2 ** min(entry["retries"], 8))
+            log.warning("content %s/%s %s: %s; will retry", directory.name, item.id, action, exc)
+            return None
         except BundleRejected as exc:
             raise ExecFailed(exc.reason, str(exc)) from None
 
@@ -469,6 +472,11 @@ class ContentManager:
             old = entry["status"]
             extra: dict[str, Any] = {}
             try:
+                if entry.get("revert_pending"):
+                    if self._run(directory, state, item, "revert") is not None:
+                        entry.pop("revert_pending")
+                        changed = True
+                    continue
                 if old == "installing":
                     executor = self.executors.get(item.cls)
                     polled = executor.poll(self._job(directory, state, item)) if executor is not None else None
@@ -485,9 +493,9 @@ class ContentManager:
                             kind = "revert"  # it ran in an earlier window: undo what stayed (an installed app)
                         if kind in ("start", "stop", "revert"):
                             after = self._run(directory, state, item, kind)
-                            if after is None and kind != "revert":
-                                target = old  # try again at the next tick
-                            elif kind == "start" and after is not None:
+                            if after is None:  # try again at a later tick
+                                target = "scheduled" if old == "offered" else old
+                            elif kind == "start":
                                 target = after
                                 entry["ran"] = True
                     entry["status"] = target
@@ -505,3 +513,10 @@ class ContentManager:
                 log.info("content %s/%s: %s -> %s", directory.name, item.id, old, entry["status"])
         if changed:
             self._save(directory, state)
+            self._prune(directory, state)
+
+    def _prune(self, directory: Path, state: dict[str, Any]) -> None:
+        """A bundle whose items have all ended keeps its manifest and state, not its files."""
+        ended = ("expired", "declined", "failed", "superseded")
+        if all(e["status"] in ended or not self._wanted(e) for e in state["items"].values()):
+            shutil.rmtree(directory / "items", ignore_errors=True)

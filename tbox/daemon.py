@@ -119,8 +119,7 @@ class TboxDaemon:
                                      "software": SoftwareExecutor(self, set(self.config.ecus))}
         return ContentManager(cfg, self.state_dir, self.tbox.vin, trusted, self._content_report, executors,
                               self.content_now or self.now,
-                              vehicle_key=vehicle_key, registry=self.apps, light=light, stop=self._stop,
-                              max_attempts=self.tbox.max_attempts)
+                              vehicle_key=vehicle_key, registry=self.apps, light=light, stop=self._stop)
 
     def _gateway(self) -> GatewayClient:
         if self.gateway is None:

@@ -101,7 +101,7 @@ class GatewayClient:
                 raise GatewayError("content: empty routine status record")
             if record[0] != 0x00:
                 error = GatewayError(f"{ecu}: {bytes(record[1:]).decode('ascii', 'replace')}")
-                error.refused = True
+                error.refused = record[0] == 0x01  # 0x02: the ECU did not answer, worth trying later
                 raise error
             return bytes(record[1:])
 

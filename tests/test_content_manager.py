@@ -123,6 +123,7 @@ def test_window_restart_decline_and_a_never_item_accepted_later(car):
     assert car.status("extra") == "scheduled" and car.recorder.calls[-1][:2] == ("stop", "extra")
     car.at(0, 30, day=21)
     assert car.status("extra") == "expired" and car.recorder.calls[-1][:2] == ("revert", "extra")
+    assert not (car.tmp / "tbox" / "content" / "bundles" / "evening-v1" / "items").exists()  # ended: files pruned
     lamp = [(r["status"], r.get("at")) for r in car.reports if r.get("item") == "lamp"]
     assert lamp == [("scheduled", "2026-05-20T18:30:00+08:00"), ("active", "2026-05-20T19:05:00+08:00"),
                     ("declined", "2026-05-20T19:50:00+08:00")]

@@ -256,3 +256,27 @@ def test_software_items_flash_their_ecu_and_a_fault_there_is_diagnosed(tmp_path,
         assert (verdict["cause"], verdict["side"], verdict["unit"]) == ("negative_response", "server", "bcm")
     finally:
         v.close()
+
+
+def test_a_lamp_that_does_not_answer_gets_its_material_when_it_is_back(bare_vehicle):
+    from tests.conftest import Proc
+    from tests.vehicle import _ready
+
+    v = bare_vehicle
+    sim = v.procs[0]
+    assert sim.stop() == 0  # every ECU simulator is off (asleep, unplugged)
+    v.tbox = v.start_tbox()
+    now = {"bundle_id": "now", "bundle_version": 1, "owner": "o", "title": "now",
+           "items": [{"id": "glow", "class": "resource", "target": "dlp_headlamp"}]}
+    v.cloud.offer_bundle(VIN, _signed_offer(v, now, {"glow": b"glow " * 2000}), request=True)
+    v.wait_content("now", lambda s: s.get("glow") == "scheduled")
+    time.sleep(4)  # several attempts: the ECU does not answer, the item is not failed
+    assert v.cloud.content_state(VIN, "now")["glow"] == "scheduled"
+    assert "will retry" in v.tbox.text()
+
+    sim = Proc("ecu-sim", "-c", str(v.config), "--state-dir", str(v.tmp / "ecu"), log=v.tmp / "ecu2.log")
+    v.procs.append(sim)
+    _ready(sim, "ecu-sim ready")
+    v.wait_content("now", lambda s: s.get("glow") == "active", timeout=90)
+    assert v.shown() == "c-now-v1-glow.bin"
+    assert not list((v.tmp / "gw" / "packages").glob("c-now-*"))  # the gateway's copy went once the ECU held it
