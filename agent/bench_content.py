@@ -74,8 +74,9 @@ def content_clock(spec: dict[str, Any], seconds: float) -> tuple[_dt.datetime, f
         raise UsageError(f"content spec: {exc}") from None
     firsts = [m for m in (_first_moment(s) for s in schedules) if m is not None]
     ends = [s.expiry for s in schedules if s.expiry is not None]
-    now = _dt.datetime.now(_dt.timezone.utc)
-    begin = (min(firsts) if firsts else now) - _dt.timedelta(minutes=30)
+    if not firsts:
+        return _dt.datetime.now(_dt.timezone.utc), 1.0
+    begin = min(firsts) - _dt.timedelta(minutes=30)
     if not ends:
         return begin, 1.0
     span = (max(ends) - begin).total_seconds() + 600
@@ -93,6 +94,11 @@ def run_content(cloud: Any, vin: str, spec: dict[str, Any], files: dict[str, byt
     bundle_id = str(spec["bundle_id"])
     cloud.offer_content(bundle_id, vin)
     print(f"cloud: content {bundle_id} reviewed, signed and offered ({len(spec['items'])} items)", flush=True)
+    ends = {}  # item -> the statuses that end its part of the scenario
+    for item in spec["items"]:
+        if item.get("policy", "auto") == "auto":
+            endless = parse_schedule(spec.get("config", {}), item.get("config")).expiry is None
+            ends[str(item["id"])] = FINAL + (("active",) if endless else ())
     seen, requested = 0, False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -109,8 +115,7 @@ def run_content(cloud: Any, vin: str, spec: dict[str, Any], files: dict[str, byt
         state = cloud.content_state(vin, bundle_id)
         if state.get("bundle") == "failed":
             break
-        wanted = [i["id"] for i in spec["items"] if i.get("policy", "auto") == "auto"]
-        if state.get("bundle") == "downloaded" and all(state.get(i) in FINAL for i in wanted):
+        if state.get("bundle") == "downloaded" and all(state.get(i) in done for i, done in ends.items()):
             break
         time.sleep(0.2)
     events = cloud.content_events(vin, bundle_id)
