@@ -326,7 +326,7 @@ class ContentManager:
             if accept and entry["status"] in ("offered", "declined"):
                 entry.update(accepted=True, status="offered", policy="manual" if entry["policy"] == "never" else entry["policy"])
                 if state["status"] == "downloaded" and not (directory / "items" / f"{item.id}.bin").exists():
-                    state["status"] = "requested"  # an item that was set never to download is wanted now
+                    state.update(status="requested", reopened=True)  # an item that was set never to download is wanted now
                 self._report_item(state, item, entry, accepted=True)
             elif not accept and entry["status"] in ("offered", "scheduled", "active", "installing"):
                 if entry["status"] == "active" and self._run(directory, state, item, "revert") is None:
@@ -355,15 +355,18 @@ class ContentManager:
                          should_stop=self.stop.is_set)
                 if item.encryption is not None:
                     self._plain(directory, bundle, item)
-            except DownloadError as exc:
-                if exc.transient:
+            except (DownloadError, BundleRejected) as exc:
+                if isinstance(exc, DownloadError) and exc.transient:
                     log.warning("content %s: %s; will retry", directory.name, exc)
                     self._next_download = time.monotonic() + 2.0
                     return
-                self._fail_bundle(directory, state, exc.reason or "download_failed", str(exc))
-                return
-            except BundleRejected as exc:
-                self._fail_bundle(directory, state, exc.reason, str(exc))
+                reason = (exc.reason if isinstance(exc, BundleRejected) else exc.reason or "download_failed")
+                if state.get("reopened"):  # the rest of the bundle runs already: only this item fails
+                    (directory / "items" / f"{item.id}.bin").unlink(missing_ok=True)
+                    entry.update(status="failed", reason=reason)
+                    self._report_item(state, item, entry, reason=reason, detail=str(exc))
+                    continue
+                self._fail_bundle(directory, state, reason, str(exc))
                 return
         previous = self.installed()
         if previous.get(bundle.bundle_id, -1) < bundle.bundle_version:
@@ -374,6 +377,7 @@ class ContentManager:
                     self.registry.decide(item.target, str(item.raw.get("version") or bundle.bundle_version)).action == "wait_for_owner":
                 entry["policy"] = "manual"
         state["status"], state["changes"] = "downloaded", state.get("changes", 0) + 1
+        state.pop("reopened", None)
         self._save(directory, state)
         self._report_bundle(state, "downloaded", items=[i.id for i in bundle.items if (directory / "items" / f"{i.id}.bin").exists()])
         log.info("content %s downloaded and verified", directory.name)

@@ -239,3 +239,18 @@ def test_an_app_bound_for_manual_updates_waits_for_the_owner(tmp_path):
         assert {"event": "app", "app": "com.example.music", "auto_update": False} in reports
     finally:
         server.stop()
+
+
+def test_a_later_item_that_fails_its_check_does_not_stop_the_running_ones(car):
+    car.at(19, 5)
+    assert car.status("lamp") == "active"
+    served = next(p for p in car.server.root.iterdir() if p.name.endswith("-extra.bin"))
+    served.write_bytes(served.read_bytes()[::-1])  # changed on the server: same size, other bytes
+    write_inbox(car.tmp / "tbox", {"command": "content_accept", "bundle_id": "evening", "item": "extra"})
+    car.at(19, 10)
+    assert car.status() == "downloaded" and car.status("lamp") == "active" and car.status("extra") == "failed"
+    failed = [r for r in car.reports if r.get("item") == "extra" and r["status"] == "failed"]
+    assert failed and failed[0]["reason"] == "digest_mismatch"
+    assert (car.tmp / "tbox" / "content" / "bundles" / "evening-v1" / "items" / "lamp.bin").exists()
+    car.at(23, 30)
+    assert car.status("lamp") == "scheduled"  # the schedule goes on
