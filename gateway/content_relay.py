@@ -8,11 +8,13 @@ No software is flashed.
     31 01 0303 02 <ecu> 00 <file>     show it
     31 01 0303 03 <ecu> 00            stop showing
     31 01 0303 04 <ecu> 00 <did:2>    read a DID
+    31 01 0303 05 <ecu> 00 <file>     delete it from the ECU (RequestFileTransfer DeleteFile)
     ->  71 01 0303 00 <data>          done (data: the DID's value for 04)
     ->  71 01 0303 01 <reason>        the ECU refused; the reason in ASCII
     ->  71 01 0303 02 <reason>        the ECU did not answer (asleep, unplugged): worth trying later
 
-The gateway's copy of stored material is removed once the ECU holds it.
+The gateway's copy of stored material is removed once the ECU holds it; the transfer's
+result and header-only trace stay in ``<results_dir>/content/<ecu>/``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class ContentOp:
     SHOW = 0x02
     STOP = 0x03
     READ_DID = 0x04
+    DELETE = 0x05
 
 
 def encode_request(op: int, ecu: str, arg: bytes = b"") -> bytes:
@@ -48,8 +51,8 @@ def encode_request(op: int, ecu: str, arg: bytes = b"") -> bytes:
 
 
 class ContentRelay:
-    def __init__(self, config: VehicleConfig, package_dir: Path) -> None:
-        self.config, self.package_dir = config, package_dir
+    def __init__(self, config: VehicleConfig, package_dir: Path, results_dir: Path | None = None) -> None:
+        self.config, self.package_dir, self.results_dir = config, package_dir, results_dir
 
     def run(self, record: bytes) -> tuple[int, bytes]:
         """(status, data or reason) for one routine option record: 0 done, 1 refused, 2 no answer."""
@@ -61,13 +64,13 @@ class ContentRelay:
         if ecu is None:
             return REFUSED, b"unknown ECU " + ecu_name[:32]
         name = arg.decode("ascii", "replace")
-        if op in (ContentOp.STORE, ContentOp.SHOW) and not NAME.match(name):
+        if op in (ContentOp.STORE, ContentOp.SHOW, ContentOp.DELETE) and not NAME.match(name):
             return REFUSED, b"bad file name"
         if op == ContentOp.STORE and not (self.package_dir / name).is_file():
             return REFUSED, b"not deployed to the gateway: " + arg[:64]
         if op == ContentOp.READ_DID and len(arg) != 2:
             return REFUSED, b"a DID is two bytes"
-        if op not in (ContentOp.STORE, ContentOp.SHOW, ContentOp.STOP, ContentOp.READ_DID):
+        if op not in (ContentOp.STORE, ContentOp.SHOW, ContentOp.STOP, ContentOp.READ_DID, ContentOp.DELETE):
             return REFUSED, b"unknown operation"
         with Segment(self.config.segments[ecu.segment]) as segment:
             if op == ContentOp.STORE:
@@ -81,9 +84,12 @@ class ContentRelay:
                     link.client.change_session(0x03)
                     if op == ContentOp.SHOW:
                         link.client.routine_control(ROUTINE_SHOW_CONTENT, 0x01, arg)
+                    elif op == ContentOp.DELETE:
+                        link.client.delete_file(name)
                     else:
                         link.client.routine_control(ROUTINE_STOP_CONTENT, 0x01)
-                    log.info("content on %s: %s", ecu.name, f"showing {name}" if op == ContentOp.SHOW else "stopped")
+                    log.info("content on %s: %s", ecu.name, {ContentOp.SHOW: f"showing {name}", ContentOp.DELETE: f"{name} deleted"}
+                             .get(op, "stopped"))
                     return DONE, b""
                 except Exception as exc:  # noqa: BLE001 - the ECU's answer goes back to the TBOX
                     reason, nrc = describe_failure(exc)
@@ -97,7 +103,10 @@ class ContentRelay:
         link = DeployConfig(ecu.segment, ecu.request_id, ecu.response_id, max_block_length=4095,
                             p2_ms=ecu.p2_ms, p2_star_ms=ecu.p2_star_ms)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        result = PackageDeployer(segment, link, name, path, digest).run()
+        deployer = PackageDeployer(segment, link, name, path, digest)
+        result = deployer.run()
+        if self.results_dir is not None:  # result and header-only trace, like any transfer: vota diagnose reads them
+            deployer.write(self.results_dir / "content" / ecu_name, result)
         if result.result != "success":
             status = REFUSED if result.nrc is not None else SILENT
             return status, f"{result.failed_step}: {result.reason}".encode("ascii", "replace")[:200]

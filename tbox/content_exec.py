@@ -122,7 +122,15 @@ class ResourceExecutor:
         self._ask(ContentOp.STOP, self.ecu(job))
 
     def revert(self, job: Job) -> None:
-        self.stop(job)
+        """Stop showing it and delete it from the ECU: nothing of it stays."""
+        ecu = self.ecu(job)
+        self._ask(ContentOp.STOP, ecu)
+        if job.entry.get("delivered"):
+            try:
+                self._ask(ContentOp.DELETE, ecu, job.name.encode())
+            except ExecFailed:
+                pass  # already gone (the ECU was replaced or reset its store)
+            job.entry["delivered"] = False
 
     def poll(self, job: Job) -> tuple[str, dict[str, Any]] | None:
         return "active", {}

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.campaign import Campaign, CampaignRejected, Package, key_id, load_public_key, verify_campaign
+from agent.campaign import Campaign, CampaignRejected, Package, compare_versions, key_id, load_public_key, verify_campaign
 from agent.canbus import Segment
 from agent.cloud_link import CloudLink
 from agent.config import TboxConfig, VehicleConfig
@@ -347,6 +347,11 @@ class TboxDaemon:
         try:
             if (record.dir / LOCAL_CAMPAIGN).exists():
                 campaign = self._campaign(record)
+                for p in campaign.packages:  # the same downgrade rule as for the cloud's campaigns
+                    current = installed.get(p.ecu)
+                    if current and compare_versions(p.version, current) < 0:
+                        raise CampaignRejected("downgrade", f"{p.ecu}: {p.version} is older than the installed {current}",
+                                               campaign.campaign_id)
             else:
                 campaign = verify_campaign(record.envelope_path.read_bytes(), self.trusted, vin=self.tbox.vin,
                                            now=self.now(), installed=installed, known_ecus=set(self.config.ecus))

@@ -111,7 +111,8 @@ def test_boot_animation_across_restarts_and_a_vehicle_that_was_off(bare_vehicle)
 
     v.tbox = v.start_tbox("--clock", "2026-06-04T07:30:00+08:00")
     v.wait_content("boot-601", lambda s: s.get("anim") == "expired")
-    assert v.shown("bcm") is None  # reverted: the default animation again
+    assert v.shown("bcm") is None  # reverted: the default animation again ...
+    assert not list((v.ecu_state("bcm") / "content").glob("c-*"))  # ... and the material deleted from the ECU
     owner_view = json.loads((v.tmp / "cloud" / "store" / VIN / "content" / "boot-601.json").read_text())
     assert owner_view["status"] == "downloaded" and owner_view["items"]["anim"]["status"] == "expired"
     assert owner_view["items"]["anim"]["at"].startswith("2026-06-04T07:30")
@@ -236,15 +237,19 @@ def test_software_items_flash_their_ecu_and_a_fault_there_is_diagnosed(tmp_path,
     try:
         fw = {"bundle_id": "fw", "bundle_version": 1, "owner": "owner-42", "title": "configuration data",
               "items": [{"id": "vcu-cal", "class": "software", "target": "vcu", "version": "2.0.0"},
-                        {"id": "bcm-cal", "class": "software", "target": "bcm", "version": "2.0.0"}]}
-        v.cloud.trust.submit(fw, {"vcu-cal": b"\x01" * 20_000, "bcm-cal": b"\x02" * 20_000})
+                        {"id": "bcm-cal", "class": "software", "target": "bcm", "version": "2.0.0"},
+                        {"id": "bms-old", "class": "software", "target": "bms", "version": "0.9.0"}]}
+        v.cloud.trust.submit(fw, {"vcu-cal": b"\x01" * 20_000, "bcm-cal": b"\x02" * 20_000, "bms-old": b"\x03" * 1000})
         assert v.cloud.trust.review("fw").status == "approved"
         v.tbox = v.start_tbox()
         v.cloud.offer_content("fw", VIN, request=True)
         state = v.wait_content("fw", lambda s: s.get("vcu-cal") in ("active", "failed") and s.get("bcm-cal") in ("active", "failed"),
                                timeout=120)
         assert (state["vcu-cal"], state["bcm-cal"]) == ("active", "failed")
-        failed = [e for e in v.cloud.content_events(VIN, "fw") if e.get("status") == "failed"][0]
+        v.wait_content("fw", lambda s: s.get("bms-old") == "failed")
+        older = [e for e in v.cloud.content_events(VIN, "fw") if e.get("item") == "bms-old"][-1]
+        assert older["reason"] == "downgrade" and "older than the installed 1.0.0" in older["detail"]
+        failed = [e for e in v.cloud.content_events(VIN, "fw") if e.get("status") == "failed" and e["item"] == "bcm-cal"][0]
         assert failed["campaign_id"] == "content-fw-v1-bcm-cal" and failed["reason"] == "flash_failed"
         assert failed["cause"] == "negative_response"  # the TBOX's own diagnosis
         flashed = {m["body"]["ecu"]: m["body"]["result"] for m in v.cloud.collector.messages
@@ -280,3 +285,7 @@ def test_a_lamp_that_does_not_answer_gets_its_material_when_it_is_back(bare_vehi
     v.wait_content("now", lambda s: s.get("glow") == "active", timeout=90)
     assert v.shown() == "c-now-v1-glow.bin"
     assert not list((v.tmp / "gw" / "packages").glob("c-now-*"))  # the gateway's copy went once the ECU held it
+    transfers = v.tmp / "gw" / "results" / "content" / "dlp_headlamp"
+    assert json.loads((transfers / "c-now-v1-glow.bin.deploy.result.json").read_text())["result"] == "success"
+    verdict = vota("diagnose", str(transfers), "--json", "-")  # the gateway -> ECU transfer's header-only trace
+    assert verdict.returncode == 0 and json.loads(verdict.stdout)["cause"] is None, verdict.stdout + verdict.stderr
