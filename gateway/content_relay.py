@@ -14,7 +14,7 @@ No software is flashed.
     ->  71 01 0303 02 <reason>        the ECU did not answer (asleep, unplugged): worth trying later
 
 The gateway's copy of stored material is removed once the ECU holds it; the transfer's
-result and header-only trace stay in ``<results_dir>/content/<ecu>/``.
+result and header-only trace stay in ``<results_dir>/content/`` (the TBOX reads them back).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class ContentRelay:
         deployer = PackageDeployer(segment, link, name, path, digest)
         result = deployer.run()
         if self.results_dir is not None:  # result and header-only trace, like any transfer: vota diagnose reads them
-            deployer.write(self.results_dir / "content" / ecu_name, result)
+            deployer.write(self.results_dir / "content", result)
         if result.result != "success":
             status = REFUSED if result.nrc is not None else SILENT
             return status, f"{result.failed_step}: {result.reason}".encode("ascii", "replace")[:200]

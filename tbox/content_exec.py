@@ -14,6 +14,8 @@ after it, so a kill in between runs the action again after a restart.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ from tbox.deploy import PackageDeployer
 from tbox.gateway_client import ContentOp, GatewayClient, GatewayError
 
 __all__ = ["Job", "Executor", "ExecFailed", "ExecRetry", "ResourceExecutor", "AppExecutor", "SoftwareExecutor"]
+
+log = logging.getLogger(__name__)
 
 
 class ExecFailed(VotaError):
@@ -72,9 +76,11 @@ class Executor(Protocol):
 
 class ResourceExecutor:
     def __init__(self, gateway: GatewayClient, segment: Segment, link: DeployConfig, ecus: set[str],
-                 targets: Mapping[str, str], workdir: Path, stop: threading.Event) -> None:
+                 targets: Mapping[str, str], workdir: Path, stop: threading.Event,
+                 report: Callable[[str, str, dict[str, Any], bytes], None] | None = None) -> None:
         self.gateway, self.segment, self.link, self.ecus = gateway, segment, link, ecus
         self.targets, self.workdir, self.stop_event = dict(targets), workdir, stop
+        self.report = report  # (ecu, name, transfer result, header-only trace) of each gateway -> ECU transfer
 
     def ecu(self, job: Job) -> str:
         ecu = self.targets.get(job.item.target, job.item.target)
@@ -113,10 +119,26 @@ class ResourceExecutor:
                                          stop=self.stop_event).run()
             if result.result != "success":
                 raise ExecRetry(f"deploy to the gateway: {result.failed_step}: {result.reason}")
-            self._ask(ContentOp.STORE, ecu, job.name.encode())
+            try:
+                self._ask(ContentOp.STORE, ecu, job.name.encode())
+            finally:
+                self._report_transfer(ecu, job.name)
         finally:
             path.unlink(missing_ok=True)  # the plaintext does not stay on the TBOX
         job.entry["delivered"] = True
+
+    def _report_transfer(self, ecu: str, name: str) -> None:
+        """The gateway's result and header-only trace of its transfer to the ECU, to the cloud."""
+        if self.report is None:
+            return
+        base = f"content/{name}.deploy"
+        try:
+            result = json.loads(self.gateway.read_file(f"{base}.result.json"))
+            trace = self.gateway.read_file(f"{base}.trace.jsonl")
+        except (GatewayError, ValueError) as exc:
+            log.info("content transfer of %s to %s not read back: %s", name, ecu, exc)
+            return
+        self.report(ecu, name, result, trace)
 
     def stop(self, job: Job) -> None:
         self._ask(ContentOp.STOP, self.ecu(job))

@@ -129,6 +129,13 @@ class TboxDaemon:
     def _content_report(self, body: dict[str, Any], msg_id: str) -> None:
         self.cloud.report("events", body, msg_id=msg_id)
 
+    def _content_transfer(self, ecu: str, name: str, result: dict[str, Any], trace: bytes) -> None:
+        """A gateway -> ECU content transfer, reported like a flash: result, then its trace."""
+        tid = f"content.{ecu}.{name}.{str(result.get('started', '')).replace(':', '')}"
+        meta = {"stage": "content", "ecu": ecu, "package": name}
+        self.cloud.report("results", {**meta, "result": result}, msg_id=f"{tid}.result")
+        self.cloud.report_trace(tid, trace, meta)
+
     # ---- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
         self.campaigns_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +145,7 @@ class TboxDaemon:
         self.gateway = GatewayClient(self.segment, self.link_cfg)
         self.content.executors["resource"] = ResourceExecutor(
             self.gateway, self.segment, self.link_cfg, set(self.config.ecus), dict(self.tbox.content.targets),
-            self.state_dir / "content" / "outgoing", self._stop)
+            self.state_dir / "content" / "outgoing", self._stop, self._content_transfer)
         self.content.start()
         self.cloud.start()
         self._worker.start()

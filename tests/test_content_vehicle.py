@@ -285,7 +285,14 @@ def test_a_lamp_that_does_not_answer_gets_its_material_when_it_is_back(bare_vehi
     v.wait_content("now", lambda s: s.get("glow") == "active", timeout=90)
     assert v.shown() == "c-now-v1-glow.bin"
     assert not list((v.tmp / "gw" / "packages").glob("c-now-*"))  # the gateway's copy went once the ECU held it
-    transfers = v.tmp / "gw" / "results" / "content" / "dlp_headlamp"
+    transfers = v.tmp / "gw" / "results" / "content"
     assert json.loads((transfers / "c-now-v1-glow.bin.deploy.result.json").read_text())["result"] == "success"
     verdict = vota("diagnose", str(transfers), "--json", "-")  # the gateway -> ECU transfer's header-only trace
     assert verdict.returncode == 0 and json.loads(verdict.stdout)["cause"] is None, verdict.stdout + verdict.stderr
+    assert v.cloud.collector.wait_for(lambda c: any(
+        m["type"] == "results" and m["body"].get("stage") == "content" and m["body"]["result"]["result"] == "success"
+        for m in c.messages), 20)  # the TBOX read the transfer back and reported it, with its trace
+    stored = list((v.tmp / "cloud" / "store" / VIN / "traces").glob("content.dlp_headlamp.c-now-v1-glow.bin.*.jsonl"))
+    traces = [p.read_bytes() for p in stored]
+    assert (transfers / "c-now-v1-glow.bin.deploy.trace.jsonl").read_bytes() in traces
+    assert any(b'"failed"' in t for t in traces)  # the attempts while the lamp was off are evidence too
