@@ -54,7 +54,7 @@ def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config
 def test_bench_runs_an_owner_content_scenario(tmp_path):
     out = tmp_path / "bench"
     run = vota("bench", "-c", "configs/bench.yaml", "--out", str(out), "--content", "configs/content/may20.yaml",
-               "--content-seconds", "12", timeout=300)
+               "--content-seconds", "16", timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["outcome"] == "success" and report["content"]["bundle"] == "downloaded"
