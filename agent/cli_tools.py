@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent.cli import _serve
 from agent.errors import UsageError
@@ -21,6 +22,17 @@ def read_input(path: str, what: str) -> bytes:
         raise UsageError(f"{path}: {what} not found") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read {what} ({exc.strerror})") from None
+
+
+def _trusted(paths: list[str]) -> dict[str, Any]:
+    """``--trusted`` public key files, by key id."""
+    from agent.campaign import key_id, load_public_key
+
+    keys = {}
+    for path in paths:
+        key = load_public_key(read_input(path, "public key"), path)
+        keys[key_id(key)] = key
+    return keys
 
 
 def cmd_campaign(args: argparse.Namespace) -> int:
@@ -55,10 +67,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(envelope.decode())
         return 0
-    trusted = {}
-    for path in args.trusted:
-        trusted_key = c.load_public_key(read_input(path, "public key"), path)
-        trusted[c.key_id(trusted_key)] = trusted_key
+    trusted = _trusted(args.trusted)
     installed = dict(item.partition("=")[::2] for item in args.installed)
     campaign = c.verify_campaign(read_input(args.envelope, "campaign"), trusted, vin=args.vin,
                                  now=_dt.datetime.now(_dt.timezone.utc), installed=installed)
@@ -126,7 +135,7 @@ def cmd_content(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
     from agent import content as c
-    from agent.campaign import key_id, load_private_key, load_public_key
+    from agent.campaign import load_private_key
     from agent.storage import atomic_write_bytes
 
     if args.content_command in ("list", "show", "accept", "decline", "import", "bind"):
@@ -174,10 +183,7 @@ def cmd_content(args: argparse.Namespace) -> int:
         platform_key = load_private_key(read_input(args.key, "key"), args.key)
         atomic_write_bytes(args.out, c.sign_bundle(read_input(args.bundle, "bundle"), platform_key))
         return 0
-    trusted = {}
-    for path in args.trusted:
-        public = load_public_key(read_input(path, "public key"), path)
-        trusted[key_id(public)] = public
+    trusted = _trusted(args.trusted)
     data = read_input(args.bundle, "bundle")
     probe = c.read_archive(data, len(data) + c.SLACK)
     bid = json.loads(probe.get("manifest.json", b"{}") or b"{}").get("bundle_id", "")

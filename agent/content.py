@@ -49,7 +49,7 @@ from agent.errors import VotaError
 
 __all__ = [
     "BundleRejected", "Bundle", "Item", "Schedule", "CLASSES", "POLICIES", "MODES",
-    "encrypt_item", "decrypt_item", "build_bundle", "sign_bundle", "read_archive", "verify_bundle", "verify_manifest",
+    "encrypt_item", "decrypt_item", "build_bundle", "sign_bundle", "pack_archive", "read_archive", "verify_bundle", "verify_manifest",
     "check_item", "parse_schedule",
 ]
 
@@ -180,7 +180,8 @@ def decrypt_item(ciphertext: bytes, meta: Mapping[str, Any], vehicle: X25519Priv
 
 
 # ---- building and signing (the trust platform) ---------------------------------------------------
-def _tar(members: Mapping[str, bytes]) -> bytes:
+def pack_archive(members: Mapping[str, bytes]) -> bytes:
+    """An uncompressed tar of ``members`` (name -> bytes), in order; names are not checked."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in members.items():
@@ -215,7 +216,7 @@ def build_bundle(spec: Mapping[str, Any], files: Mapping[str, bytes], vehicle: X
     manifest["items"] = items
     body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     _parse_manifest(body)  # refuse to build what a vehicle would refuse to read
-    return _tar({"manifest.json": body, **members})
+    return pack_archive({"manifest.json": body, **members})
 
 
 def sign_bundle(bundle: bytes, key: Ed25519PrivateKey) -> bytes:
@@ -226,7 +227,7 @@ def sign_bundle(bundle: bytes, key: Ed25519PrivateKey) -> bytes:
     _parse_manifest(manifest)
     signature = {"keyid": key_id(key.public_key()), "sig": _b64(key.sign(_DOMAIN + manifest))}
     members["manifest.sig.json"] = json.dumps(signature).encode()
-    return _tar(members)
+    return pack_archive(members)
 
 
 # ---- reading and verifying (the vehicle) -----------------------------------------------------------

@@ -329,8 +329,8 @@ class ContentManager:
                     state.update(status="requested", reopened=True)  # an item that was set never to download is wanted now
                 self._report_item(state, item, entry, accepted=True)
             elif not accept and entry["status"] in ("offered", "scheduled", "active", "installing"):
-                if entry["status"] == "active" and self._run(directory, state, item, "revert") is None:
-                    entry["revert_pending"] = True  # the ECU did not answer: the tick tries again
+                if entry["status"] == "active":
+                    self._revert(directory, state, item)
                 entry.update(accepted=False, status="declined")
                 self._report_item(state, item, entry)
         self._save(directory, state)
@@ -399,8 +399,8 @@ class ContentManager:
             old = self._bundle(directory)
             for item in old.items:
                 entry = state["items"][item.id]
-                if entry["status"] == "active" and self._run(directory, state, item, "revert") is None:
-                    entry["revert_pending"] = True
+                if entry["status"] == "active":
+                    self._revert(directory, state, item)
                 if entry["status"] in _RUNNING + ("installing",):
                     entry["status"] = "superseded"
                     self._report_item(state, item, entry)
@@ -466,6 +466,11 @@ class ContentManager:
             return None
         except BundleRejected as exc:
             raise ExecFailed(exc.reason, str(exc)) from None
+
+    def _revert(self, directory: Path, state: dict[str, Any], item: Item) -> None:
+        """Undo an active item now, or at a later tick when its ECU does not answer."""
+        if self._run(directory, state, item, "revert") is None:
+            state["items"][item.id]["revert_pending"] = True
 
     def _tick(self, directory: Path, state: dict[str, Any]) -> None:
         bundle = self._bundle(directory)

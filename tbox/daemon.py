@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.campaign import Campaign, CampaignRejected, Package, compare_versions, key_id, load_public_key, verify_campaign
@@ -46,6 +47,17 @@ COMMANDS = ("confirm_install",)
 LOCAL_CAMPAIGN = "campaign.local.json"  # a campaign the TBOX made itself from a verified content item
 
 
+def _load_keys(paths: tuple[str, ...], what: str) -> dict[str, Ed25519PublicKey]:
+    keys = {}
+    for path in paths:
+        try:
+            key = load_public_key(Path(path).read_bytes(), path)
+        except OSError as exc:
+            raise VotaError(f"{path}: cannot read {what} ({exc.strerror})") from None
+        keys[key_id(key)] = key
+    return keys
+
+
 class _Fail(Exception):
     """A handler's way to end the campaign: the failure is reported with its stage."""
 
@@ -69,13 +81,7 @@ class TboxDaemon:
         self.content_now = content_now
         self.state_dir = Path(self.tbox.state_dir)
         self.campaigns_dir = self.state_dir / "campaigns"
-        self.trusted = {}
-        for path in self.tbox.trusted_keys:
-            try:
-                key = load_public_key(Path(path).read_bytes(), path)
-            except OSError as exc:
-                raise VotaError(f"{path}: cannot read trusted key ({exc.strerror})") from None
-            self.trusted[key_id(key)] = key
+        self.trusted = _load_keys(self.tbox.trusted_keys, "trusted key")
         self.cloud = CloudLink(self.tbox.cloud, self.tbox.vin, on_message=self._on_message)
         self.segment: Segment | None = None
         self.gateway: GatewayClient | None = None
@@ -90,15 +96,7 @@ class TboxDaemon:
 
     def _content_manager(self) -> ContentManager:
         cfg = self.tbox.content
-        trusted = dict(self.trusted)
-        if cfg.trusted_keys:
-            trusted = {}
-            for path in cfg.trusted_keys:
-                try:
-                    key = load_public_key(Path(path).read_bytes(), path)
-                except OSError as exc:
-                    raise VotaError(f"{path}: cannot read trusted content key ({exc.strerror})") from None
-                trusted[key_id(key)] = key
+        trusted = _load_keys(cfg.trusted_keys, "trusted content key") if cfg.trusted_keys else dict(self.trusted)
         vehicle_key = None
         if cfg.vehicle_key:
             try:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.campaign import key_id
-from agent.content import BundleRejected, build_bundle, parse_schedule, read_archive, sign_bundle, verify_bundle
+from agent.content import BundleRejected, build_bundle, pack_archive, parse_schedule, read_archive, sign_bundle, verify_bundle
 
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
 VIN = "LVOTA000000000001"
@@ -90,13 +90,7 @@ def test_window_across_midnight_and_per_item_override():
 def _tamper(data: bytes, name: str, change) -> bytes:  # type: ignore[no-untyped-def]
     members = read_archive(data, 10 << 20)
     members[name] = change(members[name])
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for n, d in members.items():
-            info = tarfile.TarInfo(n)
-            info.size = len(d)
-            tar.addfile(info, io.BytesIO(d))
-    return out.getvalue()
+    return pack_archive(members)
 
 
 def _reason(data: bytes, **kw) -> str:  # type: ignore[no-untyped-def]

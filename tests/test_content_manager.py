@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.campaign import key_id
 from agent.config import ContentConfig
-from agent.content import decrypt_item, read_archive
+from agent.content import decrypt_item, pack_archive, read_archive
 from cloud_sim.cloud import content_offer
 from cloud_sim.package_server import PackageServer
 from cloud_sim.trust import ReviewRefused, TrustPlatform
@@ -167,19 +167,6 @@ def test_sharing_rewraps_the_key_and_review_refuses(tmp_path):
     assert any("version" in p for p in problems) and any("expires before" in p for p in problems)
 
 
-def _archive(members: dict[str, bytes]) -> bytes:
-    import io
-    import tarfile
-
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
 def test_imported_archives_and_a_newer_version_superseding_the_running_one(car):
     from agent.content import build_bundle, sign_bundle
 
@@ -189,8 +176,8 @@ def test_imported_archives_and_a_newer_version_superseding_the_running_one(car):
     v2 = {**SPEC, "bundle_version": 2, "items": [{"id": "lamp", "class": "resource", "target": "dlp_headlamp", "encrypt": True}]}
     good = sign_bundle(build_bundle(v2, FILES, car.key.public_key(), VIN), car.platform)
     members = read_archive(good, 1 << 20)
-    (inbox / "1.tar").write_bytes(_archive({**members, "../../outside.bin": b"x"}))
-    (inbox / "2.tar").write_bytes(_archive({**members, "items/lamp.bin": members["items/lamp.bin"] + b"\0" * 200_000}))
+    (inbox / "1.tar").write_bytes(pack_archive({**members, "../../outside.bin": b"x"}))
+    (inbox / "2.tar").write_bytes(pack_archive({**members, "items/lamp.bin": members["items/lamp.bin"] + b"\0" * 200_000}))
     (inbox / "3.tar").write_bytes(good)
     car.at(19, 10)
     reasons = [r["reason"] for r in car.reports if r["event"] == "rejected"]

@@ -137,7 +137,7 @@ def test_bad_bundles_are_refused_with_their_reason_and_nothing_is_lost(bare_vehi
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from agent.content import BundleRejected, read_archive
+    from agent.content import BundleRejected, pack_archive, read_archive
 
     v = bare_vehicle
     v.tbox = v.start_tbox()
@@ -155,7 +155,7 @@ def test_bad_bundles_are_refused_with_their_reason_and_nothing_is_lost(bare_vehi
     # tampered manifest: the title changed after signing
     members = read_archive(_signed_offer(v, spec("tampered"), good), 1 << 20)
     members["manifest.json"] = members["manifest.json"].replace(b'"title":"tampered"', b'"title":"tampereD"')
-    v.cloud.offer_bundle(VIN, _tar(members), request=True)
+    v.cloud.offer_bundle(VIN, pack_archive(members), request=True)
     # wrong signer; expired; an older version of the installed bundle (replay)
     v.cloud.offer_bundle(VIN, _signed_offer(v, spec("stranger"), good, key=Ed25519PrivateKey.generate()), request=True)
     v.cloud.offer_bundle(VIN, _signed_offer(v, spec("old", config={"expiry": "2020-01-01T00:00:00Z"}), good), request=True)
@@ -166,7 +166,7 @@ def test_bad_bundles_are_refused_with_their_reason_and_nothing_is_lost(bare_vehi
     doc["items"][0]["file"] = "../../etc/escape.bin"
     members["manifest.json"] = json.dumps(doc).encode()
     members["manifest.sig.json"] = _sign(v.platform, members["manifest.json"])
-    v.cloud.offer_bundle(VIN, _tar(members), request=True)
+    v.cloud.offer_bundle(VIN, pack_archive(members), request=True)
     expected = {"tampered": "bad_signature", "stranger": "untrusted_key", "old": "expired", "keep": "rollback",
                 "escape": "unsafe_path"}
     assert v.cloud.collector.wait_for(lambda c: all(k in _rejections(v) for k in expected), 30), _rejections(v)
@@ -212,12 +212,6 @@ def test_bad_bundles_are_refused_with_their_reason_and_nothing_is_lost(bare_vehi
     assert {(b["bundle_id"], b["status"]) for b in listing} == {("keep", "downloaded"), ("swapped", "failed"),
                                                                ("bloated", "failed"), ("nowhere", "downloaded")}
     assert v.tbox.p.poll() is None  # the daemon kept running
-
-
-def _tar(members):  # type: ignore[no-untyped-def]
-    from agent.content import _tar as tar
-
-    return tar(members)
 
 
 def _sign(key, manifest: bytes) -> bytes:  # type: ignore[no-untyped-def]
