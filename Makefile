@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv sysdeps lint bench clean
+.PHONY: demo test test-fast venv sysdeps lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,14 @@ demo: venv
 test: venv sysdeps lint
 	$(PY) -m pytest -q tests
 
+# The inner loop: the in-process tests only (no daemons, no broker), seconds.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
 lint: venv
 	$(PY) -m ruff check agent gateway ecu_sim tbox cloud_sim tests benchmarks
 	$(PY) -m mypy agent gateway ecu_sim tbox cloud_sim
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: venv
 	$(PY) benchmarks/flash_throughput.py

@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.diagnosis import StageInput, diagnose  # noqa: E402
-from agent.diagnosis_files import load_rules  # noqa: E402
-from agent.trace import parse_trace  # noqa: E402
+from agent.adapters.diagnosis_files import load_rules  # noqa: E402
+from agent.core.diagnosis import StageInput, diagnose  # noqa: E402
+from agent.core.trace import parse_trace  # noqa: E402
 
 
 def flash_trace(ecu: str, image: int, fail: bool) -> str:

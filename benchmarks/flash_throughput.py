@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from agent.canbus import physical_goodput  # noqa: E402
-from agent.trace import read_trace  # noqa: E402
+from agent.adapters.canbus import physical_goodput  # noqa: E402
+from agent.adapters.trace_files import read_trace  # noqa: E402
 
 MODES = [
     # name, tx_data_length, bitrate, the ECU's maxNumberOfBlockLength (16 KiB on CAN FD, as

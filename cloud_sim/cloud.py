@@ -15,11 +15,11 @@ from urllib.parse import urlparse
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from agent.campaign import sign_campaign
-from agent.cloud_link import make_client, topic_prefix
-from agent.content import SLACK, read_archive
+from agent.adapters.cloud_link import make_client, topic_prefix
+from agent.adapters.storage import atomic_write_bytes
+from agent.core.campaign import sign_campaign
+from agent.core.content import SLACK, read_archive
 from agent.errors import UsageError, VotaError
-from agent.storage import atomic_write_bytes
 from cloud_sim.collector import Collector
 from cloud_sim.package_server import PackageServer
 from cloud_sim.trust import TrustPlatform
@@ -169,14 +169,3 @@ class CloudSim:
             if m.get("vin") == vin and body.get("event") == "finished" and body.get("campaign_id") == campaign_id:
                 return dict(body)
         return None
-
-    def rejection(self, vin: str) -> dict[str, Any] | None:
-        for m in list(self.collector.messages):
-            body = m.get("body") or {}
-            if m.get("vin") == vin and body.get("event") == "rejected":
-                return dict(body)
-        return None
-
-
-def load_json(path: Path) -> Any:
-    return json.loads(path.read_text())

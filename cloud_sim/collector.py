@@ -20,8 +20,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.cloud_link import join_trace_parts, make_client
-from agent.storage import atomic_write_bytes, atomic_write_json
+from agent.adapters.cloud_link import join_trace_parts, make_client
+from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 
 __all__ = ["Collector"]
 
@@ -129,8 +129,8 @@ class Collector:
 
     def _diagnose(self, vin: str, campaign_id: str) -> None:
         """D10: the cloud analyses a failed campaign and stores the verdict beside its results."""
-        from agent.diagnosis import diagnose, render_markdown
-        from agent.diagnosis_files import inputs_from_store, load_rules
+        from agent.adapters.diagnosis_files import inputs_from_store, load_rules
+        from agent.core.diagnosis import diagnose, render_markdown
 
         results = [m["body"] for m in self.messages
                    if m.get("vin") == vin and m.get("type") == "results" and m["body"].get("campaign_id") == campaign_id]

@@ -43,7 +43,8 @@ class PackageServer:
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="package-server", daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="package-server",
+                                        daemon=True)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/packages/{name}"

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from agent.content import CLASSES, POLICIES, BundleRejected, build_bundle, parse_schedule, sign_bundle
+from agent.core.content import CLASSES, POLICIES, BundleRejected, build_bundle, parse_schedule, sign_bundle
 from agent.errors import VotaError
 
 __all__ = ["TrustPlatform", "Submission", "ReviewRefused", "RESOURCE_TARGETS"]

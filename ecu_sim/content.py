@@ -8,13 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent.file_transfer import FileStore
-from agent.storage import atomic_write_json
+from agent.adapters.file_store import FileStore
+from agent.adapters.storage import atomic_write_json
 
-__all__ = ["ContentStore", "ROUTINE_SHOW_CONTENT", "ROUTINE_STOP_CONTENT"]
-
-ROUTINE_SHOW_CONTENT = 0x0401  # 31 01 0401 <name>
-ROUTINE_STOP_CONTENT = 0x0402  # 31 01 0402
+__all__ = ["ContentStore"]
 
 
 class ContentStore:

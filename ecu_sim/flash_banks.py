@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.storage import atomic_write_json
 from agent.errors import VotaError
-from agent.storage import atomic_write_json
 
 __all__ = ["FlashBanks", "BankInfo"]
 

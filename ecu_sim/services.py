@@ -13,31 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from agent.config import EcuConfig
-from agent.file_transfer import NAME, request_file_transfer
-from agent.file_transfer import transfer_data as file_transfer_data
-from agent.file_transfer import transfer_exit as file_transfer_exit
-from agent.identifiers import DID, security_key
-from agent.uds_server import (
-    SESSION_DEFAULT,
-    SESSION_EXTENDED,
-    SESSION_PROGRAMMING,
-    BlockCounter,
-    Nrc,
-    Outcome,
-    Request,
-    Service,
-    negative,
-    session_response,
-    tester_present,
-)
-from ecu_sim.content import ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT, ContentStore
+from agent.adapters.file_store import request_file_transfer
+from agent.adapters.file_store import transfer_data as file_transfer_data
+from agent.adapters.file_store import transfer_exit as file_transfer_exit
+from agent.adapters.uds_server import Outcome, Service, tester_present
+from agent.core.config import EcuConfig
+from agent.protocol.ecu import DID, ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT, security_key
+from agent.protocol.files import is_name
+from agent.protocol.uds import BlockCounter, DtcSetting, Nrc, Request, ResetType, Session, session_response
+from ecu_sim.content import ContentStore
 from ecu_sim.flash_banks import FlashBanks
 
-__all__ = ["EcuState", "SERVICES", "security_key", "DID"]
+__all__ = ["EcuState", "SERVICES"]
 
-NON_DEFAULT = frozenset({SESSION_PROGRAMMING, SESSION_EXTENDED})
-PROGRAMMING = frozenset({SESSION_PROGRAMMING})
+NON_DEFAULT = frozenset({Session.programmingSession, Session.extendedDiagnosticSession})
+PROGRAMMING = frozenset({Session.programmingSession})
 
 
 @dataclass
@@ -45,7 +35,7 @@ class EcuState:
     config: EcuConfig
     banks: FlashBanks
     random: Callable[[int], bytes] = os.urandom
-    session: int = SESSION_DEFAULT
+    session: int = Session.defaultSession
     unlocked: bool = False
     seed: bytes | None = None
     failed_attempts: int = 0
@@ -65,7 +55,7 @@ class EcuState:
 
     def session_timeout(self) -> None:
         self._leave_session()
-        self.session = SESSION_DEFAULT
+        self.session = Session.defaultSession
 
     def _leave_session(self) -> None:
         self.unlocked = False
@@ -79,7 +69,7 @@ class EcuState:
     def reset(self) -> None:
         """What a power cycle does: default session, locked, new image active if ready."""
         self._leave_session()
-        self.session = SESSION_DEFAULT
+        self.session = Session.defaultSession
         self.dtc_setting_on = True
         self.communication = 0x00
         self.banks.activate_if_ready()
@@ -95,12 +85,12 @@ class EcuState:
 def session_control(s: EcuState, r: Request) -> bytes:
     target = r.data[1]
     if len(r.data) != 2:
-        return negative(0x10, Nrc.INCORRECT_LENGTH)
-    if target not in (SESSION_DEFAULT, SESSION_PROGRAMMING, SESSION_EXTENDED):
-        return negative(0x10, Nrc.SUBFUNCTION_NOT_SUPPORTED)
-    if target == SESSION_PROGRAMMING and s.session == SESSION_DEFAULT:
-        return negative(0x10, Nrc.SUBFUNCTION_NOT_IN_SESSION)  # programming only via extended
-    if target != s.session or target == SESSION_DEFAULT:
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    if target not in (Session.defaultSession, Session.programmingSession, Session.extendedDiagnosticSession):
+        return r.negative(Nrc.SubFunctionNotSupported)
+    if target == Session.programmingSession and s.session == Session.defaultSession:
+        return r.negative(Nrc.SubFunctionNotSupportedInActiveSession)  # programming only via extended
+    if target != s.session or target == Session.defaultSession:
         s._leave_session()
     s.session = target
     return session_response(target, s.sim.p2_ms, s.sim.p2_star_ms)
@@ -108,26 +98,26 @@ def session_control(s: EcuState, r: Request) -> bytes:
 
 def ecu_reset(s: EcuState, r: Request) -> Outcome | bytes:
     if len(r.data) != 2:
-        return negative(0x11, Nrc.INCORRECT_LENGTH)
-    if r.data[1] not in (0x01, 0x03):
-        return negative(0x11, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    if r.data[1] not in (ResetType.hardReset, ResetType.softReset):
+        return r.negative(Nrc.SubFunctionNotSupported)
     return Outcome(bytes((0x51, r.data[1])), after=s.reset, silent=s.sim.reset_ms / 1000.0)
 
 
 def control_dtc_setting(s: EcuState, r: Request) -> bytes:
-    if r.data[1] not in (0x01, 0x02):
-        return negative(0x85, Nrc.SUBFUNCTION_NOT_SUPPORTED)
-    s.dtc_setting_on = r.data[1] == 0x01
+    if r.data[1] not in (DtcSetting.on, DtcSetting.off):
+        return r.negative(Nrc.SubFunctionNotSupported)
+    s.dtc_setting_on = r.data[1] == DtcSetting.on
     return bytes((0xC5, r.data[1]))
 
 
 def communication_control(s: EcuState, r: Request) -> bytes:
     if len(r.data) != 3:
-        return negative(0x28, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     if r.data[1] > 0x03:
-        return negative(0x28, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+        return r.negative(Nrc.SubFunctionNotSupported)
     if r.data[2] & 0x0F not in (0x01, 0x02, 0x03):
-        return negative(0x28, Nrc.OUT_OF_RANGE)
+        return r.negative(Nrc.RequestOutOfRange)
     s.communication = r.data[1]
     return bytes((0x68, r.data[1]))
 
@@ -167,7 +157,7 @@ def _ambient_light(s: EcuState) -> bytes | None:
 def read_data_by_identifier(s: EcuState, r: Request) -> bytes:
     body = r.data[1:]
     if not body or len(body) % 2:
-        return negative(0x22, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     out = bytearray(b"\x62")
     found = False
     for i in range(0, len(body), 2):
@@ -178,23 +168,23 @@ def read_data_by_identifier(s: EcuState, r: Request) -> bytes:
         found = True
         out += body[i : i + 2] + value
     if not found:
-        return negative(0x22, Nrc.OUT_OF_RANGE)
+        return r.negative(Nrc.RequestOutOfRange)
     return bytes(out)
 
 
 def write_data_by_identifier(s: EcuState, r: Request) -> bytes:
     if len(r.data) < 4:
-        return negative(0x2E, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     did = int.from_bytes(r.data[1:3], "big")
     if did not in (DID.FINGERPRINT, DID.FINGERPRINT_ALT):
-        return negative(0x2E, Nrc.OUT_OF_RANGE)
-    if s.session != SESSION_PROGRAMMING:
-        return negative(0x2E, Nrc.CONDITIONS_NOT_CORRECT)
+        return r.negative(Nrc.RequestOutOfRange)
+    if s.session != Session.programmingSession:
+        return r.negative(Nrc.ConditionsNotCorrect)
     if not s.unlocked:
-        return negative(0x2E, Nrc.SECURITY_ACCESS_DENIED)
+        return r.negative(Nrc.SecurityAccessDenied)
     value = r.data[3:]
     if len(value) < 4 or len(value) > 64:
-        return negative(0x2E, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     s.fingerprint = value
     # Fingerprint layout: 3 bytes date (BCD YYMMDD), 1 byte length, then the software version.
     version_length = value[3]
@@ -207,21 +197,21 @@ def write_data_by_identifier(s: EcuState, r: Request) -> bytes:
 def security_access(s: EcuState, r: Request) -> bytes:
     level = r.data[1]
     if level != s.config.security_level and level != s.config.security_level + 1:
-        return negative(0x27, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+        return r.negative(Nrc.SubFunctionNotSupported)
     if level % 2 == 1:  # request seed
         if len(r.data) != 2:
-            return negative(0x27, Nrc.INCORRECT_LENGTH)
+            return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
         if r.now < s.locked_until:
-            return negative(0x27, Nrc.TIME_DELAY_NOT_EXPIRED)
+            return r.negative(Nrc.RequiredTimeDelayNotExpired)
         if s.unlocked:
             return bytes((0x67, level)) + bytes(4)
         s.seed = s.random(4)
         return bytes((0x67, level)) + s.seed
     # send key
     if s.seed is None:
-        return negative(0x27, Nrc.REQUEST_SEQUENCE_ERROR)
+        return r.negative(Nrc.RequestSequenceError)
     if len(r.data) != 6:
-        return negative(0x27, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     if hmac.compare_digest(r.data[2:], security_key(s.config.security_secret, s.seed)):
         s.unlocked, s.seed, s.failed_attempts = True, None, 0
         return bytes((0x67, level))
@@ -230,8 +220,8 @@ def security_access(s: EcuState, r: Request) -> bytes:
     if s.failed_attempts >= s.sim.max_attempts:
         s.failed_attempts = 0
         s.locked_until = r.now + s.sim.lockout_ms / 1000.0
-        return negative(0x27, Nrc.EXCEEDED_ATTEMPTS)
-    return negative(0x27, Nrc.INVALID_KEY)
+        return r.negative(Nrc.ExceedNumberOfAttempts)
+    return r.negative(Nrc.InvalidKey)
 
 
 # ---- programming -----------------------------------------------------------------------
@@ -256,82 +246,82 @@ def _in_memory(s: EcuState, address: int, size: int) -> bool:
 def _content_routine(s: EcuState, r: Request, routine: int) -> bytes:
     """Show stored owner content (C6: no software flash), or stop showing it."""
     if s.content is None:
-        return negative(0x31, Nrc.OUT_OF_RANGE)
+        return r.negative(Nrc.RequestOutOfRange)
     if r.data[1] != 0x01:
-        return negative(0x31, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+        return r.negative(Nrc.SubFunctionNotSupported)
     name = r.data[4:].decode("ascii", "replace")
     if routine == ROUTINE_SHOW_CONTENT:
-        if not name or not NAME.match(name) or not s.content.files.path(name).is_file():
-            return negative(0x31, Nrc.OUT_OF_RANGE)
+        if not is_name(name) or not s.content.files.path(name).is_file():
+            return r.negative(Nrc.RequestOutOfRange)
         s.content.show(name)
     else:
         if len(r.data) != 4:
-            return negative(0x31, Nrc.INCORRECT_LENGTH)
+            return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
         s.content.show(None)
     return b"\x71" + r.data[1:4] + b"\x00"
 
 
 def routine_control(s: EcuState, r: Request) -> Outcome | bytes:
     if len(r.data) < 4:
-        return negative(0x31, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     kind, routine = r.data[1], int.from_bytes(r.data[2:4], "big")
     if routine in (ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT):
         return _content_routine(s, r, routine)
     cfg = s.config
     if routine not in (cfg.erase_routine, cfg.check_memory_routine, cfg.check_dependencies_routine):
-        return negative(0x31, Nrc.OUT_OF_RANGE)
+        return r.negative(Nrc.RequestOutOfRange)
     if kind != 0x01:
-        return negative(0x31, Nrc.SUBFUNCTION_NOT_SUPPORTED)
-    if s.session != SESSION_PROGRAMMING:
-        return negative(0x31, Nrc.SERVICE_NOT_IN_SESSION)
+        return r.negative(Nrc.SubFunctionNotSupported)
+    if s.session != Session.programmingSession:
+        return r.negative(Nrc.ServiceNotSupportedInActiveSession)
     if not s.unlocked:
-        return negative(0x31, Nrc.SECURITY_ACCESS_DENIED)
+        return r.negative(Nrc.SecurityAccessDenied)
     if s.download_active:
-        return negative(0x31, Nrc.REQUEST_SEQUENCE_ERROR)
+        return r.negative(Nrc.RequestSequenceError)
     head = b"\x71" + r.data[1:4]
     option = r.data[4:]
     if routine == cfg.erase_routine:
         region = _memory(option)
         if region is None:
-            return negative(0x31, Nrc.INCORRECT_LENGTH)
+            return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
         if not _in_memory(s, *region):
-            return negative(0x31, Nrc.OUT_OF_RANGE)
+            return r.negative(Nrc.RequestOutOfRange)
         s.banks.erase()
         s.erased_region = region
         return Outcome(head + b"\x00", busy=s.sim.erase_ms / 1000.0)
     if routine == cfg.check_memory_routine:
         expected_len = 4 if cfg.check_memory == "crc32" else 32
         if len(option) != expected_len:
-            return negative(0x31, Nrc.INCORRECT_LENGTH)
+            return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
         ok = s.banks.check(cfg.check_memory, option)
         return Outcome(head + (b"\x00" if ok else b"\x01"), busy=s.sim.check_ms / 1000.0)
     if option:
-        return negative(0x31, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     ok = s.banks.check_dependencies()
     return head + (b"\x00" if ok else b"\x01")
 
 
 def request_download(s: EcuState, r: Request) -> bytes:
     if len(r.data) < 5:
-        return negative(0x34, Nrc.INCORRECT_LENGTH)
-    if s.session != SESSION_PROGRAMMING:
-        return negative(0x34, Nrc.SERVICE_NOT_IN_SESSION)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    if s.session != Session.programmingSession:
+        return r.negative(Nrc.ServiceNotSupportedInActiveSession)
     if not s.unlocked:
-        return negative(0x34, Nrc.SECURITY_ACCESS_DENIED)
+        return r.negative(Nrc.SecurityAccessDenied)
     if r.data[1] != 0x00:  # dataFormatIdentifier: no compression, no encryption
-        return negative(0x34, Nrc.OUT_OF_RANGE)
+        return r.negative(Nrc.RequestOutOfRange)
     region = _memory(r.data[2:])
     if region is None:
-        return negative(0x34, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     address, size = region
     if not _in_memory(s, address, size):
-        return negative(0x34, Nrc.OUT_OF_RANGE)
+        return r.negative(Nrc.RequestOutOfRange)
     if s.download_active:
-        return negative(0x34, Nrc.CONDITIONS_NOT_CORRECT)
+        return r.negative(Nrc.ConditionsNotCorrect)
     if not s.banks.erased or s.erased_region is None or not (
         s.erased_region[0] <= address and address + size <= sum(s.erased_region)
     ):
-        return negative(0x34, Nrc.UPLOAD_DOWNLOAD_NOT_ACCEPTED)
+        return r.negative(Nrc.UploadDownloadNotAccepted)
     s.banks.begin_write(size)
     s.download_active, s.download_size, s.received = True, size, 0
     s.counter = BlockCounter()
@@ -340,20 +330,20 @@ def request_download(s: EcuState, r: Request) -> bytes:
 
 def transfer_data(s: EcuState, r: Request) -> bytes:
     if len(r.data) < 2:
-        return negative(0x36, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     if not s.download_active:
-        return negative(0x36, Nrc.REQUEST_SEQUENCE_ERROR)
+        return r.negative(Nrc.RequestSequenceError)
     counter = r.data[1]
     kind = s.counter.classify(counter)
     if kind == "repeat":
         return bytes((0x76, counter))  # a repeated block: acknowledged, not written twice
     if kind == "wrong":
-        return negative(0x36, Nrc.WRONG_BLOCK_SEQUENCE_COUNTER)
+        return r.negative(Nrc.WrongBlockSequenceCounter)
     if len(r.data) > s.sim.max_block_length or len(r.data) == 2:
-        return negative(0x36, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     data = r.data[2:]
     if s.received + len(data) > s.download_size:
-        return negative(0x36, Nrc.TRANSFER_SUSPENDED)
+        return r.negative(Nrc.TransferDataSuspended)
     s.banks.write(s.received, data)
     s.received += len(data)
     s.counter.accept(counter)
@@ -362,9 +352,9 @@ def transfer_data(s: EcuState, r: Request) -> bytes:
 
 def request_transfer_exit(s: EcuState, r: Request) -> bytes:
     if not s.download_active:
-        return negative(0x37, Nrc.REQUEST_SEQUENCE_ERROR)
+        return r.negative(Nrc.RequestSequenceError)
     if s.received != s.download_size:
-        return negative(0x37, Nrc.REQUEST_SEQUENCE_ERROR)
+        return r.negative(Nrc.RequestSequenceError)
     s.banks.finish_write(s.received)
     s.download_active = False
     return b"\x77"
@@ -372,9 +362,9 @@ def request_transfer_exit(s: EcuState, r: Request) -> bytes:
 
 def _request_content_transfer(s: EcuState, r: Request) -> bytes:
     if s.content is None:
-        return negative(0x38, Nrc.SERVICE_NOT_SUPPORTED)
+        return r.negative(Nrc.ServiceNotSupported)
     if s.download_active:
-        return negative(0x38, Nrc.CONDITIONS_NOT_CORRECT)
+        return r.negative(Nrc.ConditionsNotCorrect)
     return request_file_transfer(s.content.files, r)
 
 

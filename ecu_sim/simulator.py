@@ -6,10 +6,10 @@ import logging
 import threading
 from pathlib import Path
 
-from agent.canbus import Segment
-from agent.config import VehicleConfig
-from agent.faults import FaultSpec, parse_fault
-from agent.uds_server import UdsServer
+from agent.adapters.canbus import Segment
+from agent.adapters.uds_server import UdsServer
+from agent.core.config import VehicleConfig
+from agent.core.faults import FaultSpec, parse_fault
 from ecu_sim.content import ContentStore
 from ecu_sim.flash_banks import FlashBanks
 from ecu_sim.services import SERVICES, EcuState

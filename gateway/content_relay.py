@@ -4,14 +4,7 @@ that shows it (RequestFileTransfer, the deploy protocol), to show or stop it (th
 RoutineControl 0x0401 / 0x0402), or to read a DID for it (the light sensor for day/night).
 No software is flashed.
 
-    31 01 0303 01 <ecu> 00 <file>     store <file> from the package directory on <ecu>
-    31 01 0303 02 <ecu> 00 <file>     show it
-    31 01 0303 03 <ecu> 00            stop showing
-    31 01 0303 04 <ecu> 00 <did:2>    read a DID
-    31 01 0303 05 <ecu> 00 <file>     delete it from the ECU (RequestFileTransfer DeleteFile)
-    ->  71 01 0303 00 <data>          done (data: the DID's value for 04)
-    ->  71 01 0303 01 <reason>        the ECU refused; the reason in ASCII
-    ->  71 01 0303 02 <reason>        the ECU did not answer (asleep, unplugged): worth trying later
+The routine's layout is in ``agent/protocol/link.py``.
 
 The gateway's copy of stored material is removed once the ECU holds it; the transfer's
 result and header-only trace stay in ``<results_dir>/content/`` (the TBOX reads them back).
@@ -23,48 +16,41 @@ import hashlib
 import logging
 from pathlib import Path
 
-from agent.canbus import Segment
-from agent.config import DeployConfig, VehicleConfig
-from agent.file_transfer import NAME
-from agent.uds_client import RawCodec, UdsLink, describe_failure
-from ecu_sim.content import ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT
-from gateway.deploy_server import CONTENT_ROUTINE
+from agent.adapters.canbus import Segment
+from agent.adapters.file_client import PackageDeployer
+from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
+from agent.core.config import DeployConfig, EcuConfig, VehicleConfig
+from agent.protocol.ecu import ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT
+from agent.protocol.files import is_name
+from agent.protocol.link import ContentOp, RelayStatus, decode_content_request
+from agent.protocol.uds import RoutineType, Session
+from gateway.buses import Buses, EcuBusy
 
-__all__ = ["CONTENT_ROUTINE", "ContentOp", "ContentRelay", "encode_request"]
+__all__ = ["ContentRelay"]
 
 log = logging.getLogger(__name__)
 
-
-DONE, REFUSED, SILENT = 0x00, 0x01, 0x02
-
-
-class ContentOp:
-    STORE = 0x01
-    SHOW = 0x02
-    STOP = 0x03
-    READ_DID = 0x04
-    DELETE = 0x05
+DONE, REFUSED, SILENT = RelayStatus.DONE, RelayStatus.REFUSED, RelayStatus.SILENT
 
 
-def encode_request(op: int, ecu: str, arg: bytes = b"") -> bytes:
-    return bytes((op,)) + ecu.encode("ascii") + b"\x00" + arg
+BUSY_WAIT_S = 1.0  # how long a content request waits for an ECU held by other work (a flash) before "try later"
 
 
 class ContentRelay:
-    def __init__(self, config: VehicleConfig, package_dir: Path, results_dir: Path | None = None) -> None:
-        self.config, self.package_dir, self.results_dir = config, package_dir, results_dir
+    def __init__(self, config: VehicleConfig, package_dir: Path, results_dir: Path | None, buses: Buses) -> None:
+        self.config, self.package_dir, self.results_dir, self.buses = config, package_dir, results_dir, buses
 
     def run(self, record: bytes) -> tuple[int, bytes]:
         """(status, data or reason) for one routine option record: 0 done, 1 refused, 2 no answer."""
-        if len(record) < 3 or b"\x00" not in record[1:]:
+        decoded = decode_content_request(record)
+        if decoded is None:
             return REFUSED, b"malformed request"
-        op = record[0]
-        ecu_name, _, arg = record[1:].partition(b"\x00")
-        ecu = self.config.ecus.get(ecu_name.decode("ascii", "replace"))
+        op, ecu_name, arg = decoded
+        ecu = self.config.ecus.get(ecu_name)
         if ecu is None:
-            return REFUSED, b"unknown ECU " + ecu_name[:32]
+            return REFUSED, b"unknown ECU " + ecu_name[:32].encode("ascii", "replace")
         name = arg.decode("ascii", "replace")
-        if op in (ContentOp.STORE, ContentOp.SHOW, ContentOp.DELETE) and not NAME.match(name):
+        if op in (ContentOp.STORE, ContentOp.SHOW, ContentOp.DELETE) and not is_name(name):
             return REFUSED, b"bad file name"
         if op == ContentOp.STORE and not (self.package_dir / name).is_file():
             return REFUSED, b"not deployed to the gateway: " + arg[:64]
@@ -72,31 +58,37 @@ class ContentRelay:
             return REFUSED, b"a DID is two bytes"
         if op not in (ContentOp.STORE, ContentOp.SHOW, ContentOp.STOP, ContentOp.READ_DID, ContentOp.DELETE):
             return REFUSED, b"unknown operation"
-        with Segment(self.config.segments[ecu.segment]) as segment:
-            if op == ContentOp.STORE:
-                return self._store(segment, ecu.name, name)
-            did = int.from_bytes(arg, "big") if op == ContentOp.READ_DID else 0
-            with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=ecu.p2_ms / 1000.0,
-                         p2_star=ecu.p2_star_ms / 1000.0, dids={did: RawCodec()} if did else None) as link:
-                try:
-                    if op == ContentOp.READ_DID:
-                        return DONE, bytes(link.client.read_data_by_identifier(did).service_data.values[did])
-                    link.client.change_session(0x03)
-                    if op == ContentOp.SHOW:
-                        link.client.routine_control(ROUTINE_SHOW_CONTENT, 0x01, arg)
-                    elif op == ContentOp.DELETE:
-                        link.client.delete_file(name)
-                    else:
-                        link.client.routine_control(ROUTINE_STOP_CONTENT, 0x01)
-                    log.info("content on %s: %s", ecu.name, {ContentOp.SHOW: f"showing {name}", ContentOp.DELETE: f"{name} deleted"}
-                             .get(op, "stopped"))
-                    return DONE, b""
-                except Exception as exc:  # noqa: BLE001 - the ECU's answer goes back to the TBOX
-                    reason, nrc = describe_failure(exc)
-                    return REFUSED if nrc is not None else SILENT, reason.encode("ascii", "replace")[:200]
+        try:
+            with self.buses.ecu(ecu.name, "content", wait=BUSY_WAIT_S) as segment:
+                return self._on_ecu(segment, op, ecu, name, arg)
+        except EcuBusy as busy:
+            log.info("content on %s deferred: %s", ecu.name, busy)
+            return SILENT, str(busy).encode("ascii", "replace")  # the TBOX tries again later
+
+    def _on_ecu(self, segment: Segment, op: int, ecu: EcuConfig, name: str, arg: bytes) -> tuple[int, bytes]:
+        if op == ContentOp.STORE:
+            return self._store(segment, ecu.name, name)
+        did = int.from_bytes(arg, "big") if op == ContentOp.READ_DID else 0
+        with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=ecu.p2_ms / 1000.0,
+                     p2_star=ecu.p2_star_ms / 1000.0, dids={did: RawCodec()} if did else None) as link:
+            try:
+                if op == ContentOp.READ_DID:
+                    return DONE, bytes(link.client.read_data_by_identifier(did).service_data.values[did])
+                link.client.change_session(Session.extendedDiagnosticSession)
+                if op == ContentOp.SHOW:
+                    link.client.routine_control(ROUTINE_SHOW_CONTENT, RoutineType.startRoutine, arg)
+                elif op == ContentOp.DELETE:
+                    link.client.delete_file(name)
+                else:
+                    link.client.routine_control(ROUTINE_STOP_CONTENT, RoutineType.startRoutine)
+                log.info("content on %s: %s", ecu.name, {ContentOp.SHOW: f"showing {name}", ContentOp.DELETE: f"{name} deleted"}
+                         .get(ContentOp(op), "stopped"))
+                return DONE, b""
+            except Exception as exc:  # noqa: BLE001 - the ECU's answer goes back to the TBOX
+                reason, nrc = describe_failure(exc)
+                return REFUSED if nrc is not None else SILENT, reason.encode("ascii", "replace")[:200]
 
     def _store(self, segment: Segment, ecu_name: str, name: str) -> tuple[int, bytes]:
-        from tbox.deploy import PackageDeployer  # the client side of the same file-transfer protocol
 
         ecu = self.config.ecus[ecu_name]
         path = self.package_dir / name

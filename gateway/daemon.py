@@ -4,43 +4,40 @@ It serves the deploy link to the TBOX (deploy server), flashes the ECUs when the
 starts an install, and keeps the flash results, flash traces and the inventory for the
 TBOX to read back (D2).
 
-Install manifest (deployed like a package, then named in routine 0x0301)::
-
-    {"format": "vota-install", "version": 1, "campaign_id": "c-0001",
-     "jobs": [{"ecu": "vcu", "package": "vcu-2.0.0.bin", "version": "2.0.0"}]}
+The install manifest's layout is in ``agent/protocol/link.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from pathlib import Path
 from typing import Any
 
-from agent.canbus import Segment
-from agent.config import VehicleConfig
-from agent.faults import FaultSpec
-from agent.storage import atomic_write_json
-from agent.uds_server import UdsServer
+from agent.adapters.storage import atomic_write_json
+from agent.adapters.uds_server import UdsServer
+from agent.core.config import VehicleConfig
+from agent.core.faults import FaultSpec
+from agent.protocol.link import INVENTORY_FILE, InstallStatus, parse_manifest
+from gateway.buses import Buses
 from gateway.content_relay import ContentRelay
-from gateway.deploy_server import DEPLOY_SERVICES, DeployState, InstallStatus
+from gateway.deploy_server import DEPLOY_SERVICES, DeployState
 from gateway.flash import FlashJob, flash_all
 from gateway.inventory import collect_versions
 
 __all__ = ["GatewayDaemon", "GatewayInstaller"]
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
 class GatewayInstaller:
     """Flashes per install manifest in a background thread; status kept on disk too."""
 
     def __init__(self, config: VehicleConfig, package_dir: Path, results_dir: Path, stop: threading.Event,
-                 faults: list[FaultSpec] | None = None) -> None:
+                 faults: list[FaultSpec] | None = None, buses: Buses | None = None) -> None:
         self.config, self.package_dir, self.results_dir, self.stop = config, package_dir, results_dir, stop
+        self.buses = buses if buses is not None else Buses(config)
         self.faults = faults or []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -48,27 +45,19 @@ class GatewayInstaller:
         self._done = 0
         self._total = 0
 
-    def _parse(self, manifest: bytes) -> tuple[str, list[FlashJob]] | str:
-        try:
-            doc = json.loads(manifest)
-            if doc.get("format") != "vota-install" or doc.get("version") != 1:
-                return "not a vota-install version 1 manifest"
-            campaign = doc["campaign_id"]
-            if not isinstance(campaign, str) or not _NAME.match(campaign):
-                return "bad campaign_id"
-            jobs = []
-            for job in doc["jobs"]:
-                ecu, package, version = job["ecu"], job["package"], job["version"]
-                if ecu not in self.config.ecus:
-                    return f"unknown ECU {ecu!r}"
-                if not isinstance(package, str) or not _NAME.match(package) or not (self.package_dir / package).is_file():
-                    return f"package {package!r} was not deployed"
-                jobs.append(FlashJob(ecu, (self.package_dir / package).read_bytes(), str(version), package))
-            if not jobs:
-                return "no jobs"
-            return campaign, jobs
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return f"malformed manifest ({exc})"
+    def _parse(self, data: bytes) -> tuple[str, list[FlashJob]] | str:
+        manifest = parse_manifest(data)
+        if isinstance(manifest, str):
+            return manifest
+        jobs = []
+        for job in manifest.jobs:
+            if job.ecu not in self.config.ecus:
+                return f"unknown ECU {job.ecu!r}"
+            path = self.package_dir / job.package
+            if not path.is_file():
+                return f"package {job.package!r} was not deployed"
+            jobs.append(FlashJob(job.ecu, path.read_bytes(), job.version, job.package))
+        return manifest.campaign_id, jobs
 
     def start(self, manifest: bytes) -> str | None:
         parsed = self._parse(manifest)
@@ -93,7 +82,8 @@ class GatewayInstaller:
     def _run(self, campaign: str, jobs: list[FlashJob]) -> None:
         out = self.results_dir / campaign
         try:
-            results = flash_all(self.config, jobs, out, progress=self._progress, stop=self.stop, faults=self.faults)
+            results = flash_all(self.config, jobs, out, progress=self._progress, stop=self.stop, faults=self.faults,
+                                buses=self.buses)
             ok = all(r.result == "success" for r in results) and len(results) == len(jobs)
             self._write_status(campaign, InstallStatus.SUCCEEDED if ok else InstallStatus.FAILED)
             log.info("install %s finished: %s", campaign, "success" if ok else "failed")
@@ -102,8 +92,7 @@ class GatewayInstaller:
             self._write_status(campaign, InstallStatus.FAILED, str(exc))
 
     def _write_status(self, campaign: str, status: int, error: str | None = None) -> None:
-        names = {v: k for k, v in vars(InstallStatus).items() if not k.startswith("_")}
-        doc: dict[str, Any] = {"campaign_id": campaign, "status": names[status].lower(), "code": status,
+        doc: dict[str, Any] = {"campaign_id": campaign, "status": InstallStatus(status).name.lower(), "code": status,
                                "done": self._done, "total": self._total}
         if error:
             doc["error"] = error
@@ -128,8 +117,8 @@ class GatewayInstaller:
         return code, int(doc.get("done", 0)), int(doc.get("total", 0))
 
     def inventory(self) -> None:
-        atomic_write_json(self.results_dir / "inventory.json",
-                          {"schema": "vota-inventory/1", "ecus": collect_versions(self.config)})
+        atomic_write_json(self.results_dir / INVENTORY_FILE,
+                          {"schema": "vota-inventory/1", "ecus": collect_versions(self.config, buses=self.buses)})
 
     def join(self) -> None:
         if self._thread is not None:
@@ -144,25 +133,24 @@ class GatewayDaemon:
         # deploy stage, server side: the deploy server; flash stage, client side: the flash client
         self.faults = [f for f in faults if f.stage == "deploy" and f.side == "server"]
         self.flash_faults = [f for f in faults if f.stage == "flash" and f.side == "client"]
-        self.segment: Segment | None = None
+        self.buses = Buses(config)  # every segment opened once; one conversation per ECU at a time
         self.server: UdsServer[DeployState] | None = None
         self._stopped = threading.Event()
         self.installer = GatewayInstaller(config, Path(self.link.package_dir), Path(config.gateway.results_dir), self._stopped,
-                                          self.flash_faults)
+                                          self.flash_faults, self.buses)
 
     def start(self) -> None:
-        self.segment = Segment(self.config.segments[self.link.segment])
         try:
             self.server = UdsServer(
                 name="gateway-deploy",
-                segment=self.segment,
+                segment=self.buses.segment(self.link.segment),
                 request_id=self.link.request_id,
                 response_id=self.link.response_id,
                 functional_id=None,
                 services=DEPLOY_SERVICES,
                 state=DeployState(self.link, self.config.gateway.results_dir, self.installer,
                                   relay=ContentRelay(self.config, Path(self.link.package_dir),
-                                                     Path(self.config.gateway.results_dir))),
+                                                     Path(self.config.gateway.results_dir), self.buses)),
                 faults=self.faults,
                 fault_targets=("*", "GW", "gw", "gateway"),
                 fault_scope=lambda state: state.transfer.name if state.transfer is not None else None,
@@ -182,8 +170,7 @@ class GatewayDaemon:
         if self.server is not None:
             self.server.stop()
             self.server.state.abort()
-        if self.segment is not None:
-            self.segment.shutdown()
+        self.buses.shutdown()
 
     def wait(self) -> None:
         self._stopped.wait()

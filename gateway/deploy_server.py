@@ -6,18 +6,8 @@ SHA-256, which the gateway checks before it accepts the package. A package is re
 into ``<name>.part`` and renamed into place only when complete and verified; a partial
 package survives a restart of either side and is resumed from the last whole packet.
 
-Request layouts (the deploy protocol, documented in the README):
-
-    38 01|03|06 LLLL path DFI(00) FSL size size   add / replace / resume a package
-    38 02 LLLL path                                delete a package
-    36 nn PPPPPPPP data                            nn: block counter, P: deploy packet id
-    37 <32-byte SHA-256>                           end of package, digest to check
-    38 04 LLLL path 00                             read a file the gateway produced
-    36 nn  ->  76 nn data                          (reading) the next block of the file
-    31 01 0301 manifest                            start installing (flashing) per manifest
-    31 03 0301 [campaign]                          install status: 71 03 0301 SS DDDD TTTT
-    31 01 0302                                     collect the ECU inventory (0x78 meanwhile)
-    31 01 0303 op ecu 00 arg                       owner content on an ECU (gateway/content_relay.py)
+The wire layouts are in ``agent/protocol/files.py`` (file transfer) and
+``agent/protocol/link.py`` (install, inventory and content routines).
 """
 
 from __future__ import annotations
@@ -27,42 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.config import DeployConfig
-from agent.file_transfer import (
-    NAME,
-    PACKET_HEADER,
-    FileStore,
-    packet_payload,
-    request_file_transfer,
-    transfer_data,
-    transfer_exit,
-)
-from agent.uds_server import (
-    SESSION_DEFAULT,
-    SESSION_EXTENDED,
-    Nrc,
-    Outcome,
-    Request,
-    Service,
-    negative,
-    session_response,
-    tester_present,
-)
+from agent.adapters.file_store import FileStore, request_file_transfer, transfer_data, transfer_exit
+from agent.adapters.uds_server import Outcome, Service, tester_present
+from agent.core.config import DeployConfig
+from agent.protocol.files import is_name
+from agent.protocol.link import CONTENT_ROUTINE, INSTALL_ROUTINE, INVENTORY_ROUTINE, InstallStatus, encode_install_status
+from agent.protocol.uds import Nrc, Request, RoutineType, Session, session_response
 
-__all__ = ["DeployState", "DEPLOY_SERVICES", "PACKET_HEADER", "packet_payload", "Installer",
-           "INSTALL_ROUTINE", "INVENTORY_ROUTINE", "CONTENT_ROUTINE", "InstallStatus", "Relay"]
-
-INSTALL_ROUTINE = 0x0301
-INVENTORY_ROUTINE = 0x0302
-CONTENT_ROUTINE = 0x0303
-
-
-class InstallStatus:
-    NONE = 0x00
-    RUNNING = 0x01
-    SUCCEEDED = 0x02
-    FAILED = 0x03
-    REFUSED = 0x04  # the manifest could not be used
+__all__ = ["DeployState", "DEPLOY_SERVICES", "Installer", "Relay"]
 
 
 class Installer(Protocol):
@@ -86,7 +48,7 @@ class Relay(Protocol):
 
 log = logging.getLogger(__name__)
 
-EXTENDED = frozenset({SESSION_EXTENDED})
+EXTENDED = frozenset({Session.extendedDiagnosticSession})
 
 
 @dataclass
@@ -94,7 +56,7 @@ class DeployState:
     config: DeployConfig
     results_dir: str = "var/gateway/results"
     installer: Installer | None = None
-    session: int = SESSION_DEFAULT
+    session: int = Session.defaultSession
     relay: Relay | None = None
 
     def __post_init__(self) -> None:
@@ -106,7 +68,7 @@ class DeployState:
 
     def session_timeout(self) -> None:
         self.files.abort()
-        self.session = SESSION_DEFAULT
+        self.session = Session.defaultSession
 
     def abort(self) -> None:
         self.files.abort()
@@ -114,9 +76,9 @@ class DeployState:
 
 def _session(s: DeployState, r: Request) -> bytes:
     if len(r.data) != 2:
-        return negative(0x10, Nrc.INCORRECT_LENGTH)
-    if r.data[1] not in (SESSION_DEFAULT, SESSION_EXTENDED):
-        return negative(0x10, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    if r.data[1] not in (Session.defaultSession, Session.extendedDiagnosticSession):
+        return r.negative(Nrc.SubFunctionNotSupported)
     s.files.abort()  # a (re)started session ends any transfer; its partial package stays for ResumeFile
     s.session = r.data[1]
     return session_response(r.data[1], 50, 5000)
@@ -124,11 +86,11 @@ def _session(s: DeployState, r: Request) -> bytes:
 
 def _routine(s: DeployState, r: Request) -> bytes | Outcome:
     if len(r.data) < 4:
-        return negative(0x31, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     kind, routine, option = r.data[1], int.from_bytes(r.data[2:4], "big"), r.data[4:]
     if routine == CONTENT_ROUTINE and s.relay is not None:
-        if kind != 0x01:
-            return negative(0x31, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+        if kind != RoutineType.startRoutine:
+            return r.negative(Nrc.SubFunctionNotSupported)
         relay, head = s.relay, bytes((0x71, kind)) + r.data[2:4]
 
         def relayed() -> bytes:
@@ -137,33 +99,33 @@ def _routine(s: DeployState, r: Request) -> bytes | Outcome:
 
         return Outcome(None, work=relayed)
     if routine not in (INSTALL_ROUTINE, INVENTORY_ROUTINE) or s.installer is None:
-        return negative(0x31, Nrc.OUT_OF_RANGE)
+        return r.negative(Nrc.RequestOutOfRange)
     head = bytes((0x71, kind)) + r.data[2:4]
     installer = s.installer
     if routine == INVENTORY_ROUTINE:
-        if kind != 0x01:
-            return negative(0x31, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+        if kind != RoutineType.startRoutine:
+            return r.negative(Nrc.SubFunctionNotSupported)
 
         def collect() -> bytes:
             installer.inventory()
             return head + b"\x00"
 
         return Outcome(None, work=collect)
-    if kind == 0x03:
+    if kind == RoutineType.requestRoutineResults:
         campaign = option.decode("ascii", "replace") if option else None
         status, done, total = installer.status(campaign)
-        return head + bytes((status,)) + done.to_bytes(2, "big") + total.to_bytes(2, "big")
-    if kind != 0x01:
-        return negative(0x31, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+        return head + encode_install_status(status, done, total)
+    if kind != RoutineType.startRoutine:
+        return r.negative(Nrc.SubFunctionNotSupported)
     name = option.decode("ascii", "replace")
-    if not NAME.match(name) or not s.files.path(name).is_file():
-        return negative(0x31, Nrc.OUT_OF_RANGE)
+    if not is_name(name) or not s.files.path(name).is_file():
+        return r.negative(Nrc.RequestOutOfRange)
     if installer.status(None)[0] == InstallStatus.RUNNING:
-        return negative(0x31, Nrc.CONDITIONS_NOT_CORRECT)
+        return r.negative(Nrc.ConditionsNotCorrect)
     refused = installer.start(s.files.path(name).read_bytes())
     if refused:
         log.warning("install manifest %s refused: %s", name, refused)
-        return negative(0x31, Nrc.CONDITIONS_NOT_CORRECT)
+        return r.negative(Nrc.ConditionsNotCorrect)
     return head + b"\x00"
 
 

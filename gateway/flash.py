@@ -21,14 +21,25 @@ from typing import Any, Callable
 from udsoncan import MemoryLocation
 from udsoncan.exceptions import NegativeResponseException, TimeoutException
 
-from agent.canbus import Segment
-from agent.config import EcuConfig, GatewayConfig, VehicleConfig
+from agent.adapters.canbus import Segment
+from agent.adapters.storage import atomic_write_json
+from agent.adapters.trace_files import write_trace
+from agent.adapters.uds_client import ClientFaults, RawCodec, UdsLink, describe_failure
+from agent.core.config import EcuConfig, GatewayConfig, VehicleConfig
+from agent.core.faults import FaultSpec
+from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError, UsageError
-from agent.faults import FaultSpec
-from agent.identifiers import DID, security_key
-from agent.storage import atomic_write_json
-from agent.trace import TraceHeader, TraceRecorder
-from agent.uds_client import ClientFaults, RawCodec, UdsLink, describe_failure
+from agent.protocol.ecu import DID, security_key
+from agent.protocol.uds import (
+    COMMUNICATION_ALL,
+    COMMUNICATION_NORMAL,
+    CommunicationType,
+    DtcSetting,
+    ResetType,
+    RoutineType,
+    Session,
+)
+from gateway.buses import Buses
 
 __all__ = ["FlashJob", "FlashResult", "flash_all", "EcuFlasher", "STEPS", "fingerprint"]
 
@@ -207,10 +218,10 @@ class EcuFlasher:
         region = MemoryLocation(ecu.memory_address, len(image), 32, 32)
         if len(image) == 0 or len(image) > ecu.memory_size:
             raise FlashError("request_download", f"image of {len(image)} bytes does not fit {ecu.memory_size} bytes of memory")
-        self._do("extended_session", lambda: c.change_session(0x03))
-        self._do("dtc_setting_off", lambda: c.control_dtc_setting(0x02))
-        self._do("communication_disable", lambda: c.communication_control(0x03, 0x01))
-        self._do("programming_session", lambda: c.change_session(0x02))
+        self._do("extended_session", lambda: c.change_session(Session.extendedDiagnosticSession))
+        self._do("dtc_setting_off", lambda: c.control_dtc_setting(DtcSetting.off))
+        self._do("communication_disable", lambda: c.communication_control(CommunicationType.disableRxAndTx, COMMUNICATION_NORMAL))
+        self._do("programming_session", lambda: c.change_session(Session.programmingSession))
         self._do("security_access", lambda: c.unlock_security_access(ecu.security_level))
         self._do("write_fingerprint", lambda: c.write_data_by_identifier(
             ecu.fingerprint_did, fingerprint(self.job.version, _dt.date.today())))
@@ -231,12 +242,12 @@ class EcuFlasher:
         check = zlib.crc32(image).to_bytes(4, "big") if ecu.check_memory == "crc32" else hashlib.sha256(image).digest()
         self._do("check_memory", lambda: self._routine(c, ecu.check_memory_routine, check))
         self._do("check_dependencies", lambda: self._routine(c, ecu.check_dependencies_routine, None))
-        self._do("ecu_reset", lambda: c.ecu_reset(0x01))
+        self._do("ecu_reset", lambda: c.ecu_reset(ResetType.hardReset))
         self._wait_after_reset(link)
-        self._do("post_extended_session", lambda: c.change_session(0x03))
-        self._do("communication_enable", lambda: c.communication_control(0x00, 0x03))
-        self._do("dtc_setting_on", lambda: c.control_dtc_setting(0x01))
-        self._do("default_session", lambda: c.change_session(0x01))
+        self._do("post_extended_session", lambda: c.change_session(Session.extendedDiagnosticSession))
+        self._do("communication_enable", lambda: c.communication_control(CommunicationType.enableRxAndTx, COMMUNICATION_ALL))
+        self._do("dtc_setting_on", lambda: c.control_dtc_setting(DtcSetting.on))
+        self._do("default_session", lambda: c.change_session(Session.defaultSession))
         self.progress(self.ecu.name, "verify", self.sent, len(image))
         self.step = "verify"
         with link.untraced():
@@ -251,7 +262,7 @@ class EcuFlasher:
         return self.job.version
 
     def _routine(self, c: Any, routine: int, data: bytes | None) -> Any:
-        response = c.routine_control(routine, 0x01, data)
+        response = c.routine_control(routine, RoutineType.startRoutine, data)
         status = response.service_data.routine_status_record
         if status and status[0] != 0x00:
             raise FlashError(self.step, f"routine 0x{routine:04X} reported status 0x{status[0]:02X} (failed)")
@@ -316,8 +327,12 @@ def flash_all(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     faults: list[FaultSpec] | None = None,
+    buses: Buses | None = None,
 ) -> list[FlashResult]:
     """Flash every job; write ``<ecu>.trace.jsonl``, ``<ecu>.result.json``, ``summary.json``.
+
+    ``buses``: the gateway's segments and ECU locks (each ECU is held while it is flashed);
+    without it the flash opens its own and closes them at the end.
 
     Setting ``stop`` (or an interrupt in the calling thread) cancels at the next request;
     the ECUs being flashed get a ``failed`` result with the reason ``cancelled``.
@@ -331,28 +346,28 @@ def flash_all(
     if len({j.ecu for j in jobs}) != len(jobs):
         raise UsageError("an ECU is named twice in one flash")
     results: dict[str, FlashResult] = {}
+    own = buses is None
+    owner = buses if buses is not None else Buses(config)
 
     def run_segment(name: str, seg_jobs: list[FlashJob]) -> None:
-        segment = Segment(config.segments[name])
-        try:
-            period = config.gateway.tester_present_ms / 1000.0
-            functional = config.ecu(seg_jobs[0].ecu).functional_id
-            with TesterPresentKeeper(segment, functional, period) as keeper:
-                for job in seg_jobs:
+        segment = owner.segment(name)
+        period = config.gateway.tester_present_ms / 1000.0
+        functional = config.ecu(seg_jobs[0].ecu).functional_id
+        with TesterPresentKeeper(segment, functional, period) as keeper:
+            for job in seg_jobs:
+                with owner.ecu(job.ecu, "flash"):
                     flasher = EcuFlasher(segment, config.ecu(job.ecu), config.gateway, job, progress, stop, faults)
                     keeper.recorder = flasher.recorder
                     result = flasher.run()
                     keeper.recorder = None
-                    trace_path = out / f"{job.ecu}.trace.jsonl"
-                    result.trace_bytes = flasher.recorder.write(trace_path, result.result)
-                    result.trace_file = trace_path.name
-                    result.trace_fraction = round(result.trace_bytes / max(1, len(job.image)), 5)
-                    atomic_write_json(out / f"{job.ecu}.result.json", result.to_json())
-                    results[job.ecu] = result
-                    if progress:
-                        progress(job.ecu, "done" if result.result == "success" else "failed", result.bytes_transferred, len(job.image))
-        finally:
-            segment.shutdown()
+                trace_path = out / f"{job.ecu}.trace.jsonl"
+                result.trace_bytes = write_trace(trace_path, flasher.recorder, result.result)
+                result.trace_file = trace_path.name
+                result.trace_fraction = round(result.trace_bytes / max(1, len(job.image)), 5)
+                atomic_write_json(out / f"{job.ecu}.result.json", result.to_json())
+                results[job.ecu] = result
+                if progress:
+                    progress(job.ecu, "done" if result.result == "success" else "failed", result.bytes_transferred, len(job.image))
 
     errors: list[BaseException] = []
     finished = threading.Semaphore(0)
@@ -366,6 +381,19 @@ def flash_all(
             finished.release()
 
     threads = [threading.Thread(target=guarded, args=item, name=f"flash-{item[0]}") for item in by_segment.items()]
+    try:
+        _run_all(threads, finished, stop)
+    finally:
+        if own:
+            owner.shutdown()
+    if errors:
+        raise errors[0]
+    ordered = [results[j.ecu] for j in jobs if j.ecu in results]
+    atomic_write_json(out / "summary.json", {"schema": "vota-flash-summary/1", "results": [r.to_json() for r in ordered]})
+    return ordered
+
+
+def _run_all(threads: list[threading.Thread], finished: threading.Semaphore, stop: threading.Event) -> None:
     for t in threads:
         t.start()
     # Wait on a semaphore, not Thread.join: an interrupt inside join() can leave the
@@ -383,8 +411,3 @@ def flash_all(
         raise
     for t in threads:
         t.join()
-    if errors:
-        raise errors[0]
-    ordered = [results[j.ecu] for j in jobs if j.ecu in results]
-    atomic_write_json(out / "summary.json", {"schema": "vota-flash-summary/1", "results": [r.to_json() for r in ordered]})
-    return ordered

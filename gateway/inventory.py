@@ -6,10 +6,11 @@ import threading
 import time
 from typing import Any
 
-from agent.canbus import Segment
-from agent.config import EcuConfig, VehicleConfig
-from agent.identifiers import DID
-from agent.uds_client import RawCodec, UdsLink, describe_failure
+from agent.adapters.canbus import Segment
+from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
+from agent.core.config import EcuConfig, VehicleConfig
+from agent.protocol.ecu import DID
+from gateway.buses import Buses
 
 __all__ = ["collect_versions", "wait_reachable"]
 
@@ -31,29 +32,35 @@ def _read_ecu(segment: Segment, ecu: EcuConfig, p2: float) -> dict[str, Any]:
     return entry
 
 
-def _per_segment(config: VehicleConfig, names: list[str], work: Any) -> dict[str, Any]:
+def _per_segment(config: VehicleConfig, names: list[str], work: Any, buses: Buses | None = None) -> dict[str, Any]:
     ecus = [config.ecu(n) for n in names]
     by_segment: dict[str, list[EcuConfig]] = {}
     for ecu in ecus:
         by_segment.setdefault(ecu.segment, []).append(ecu)
     out: dict[str, Any] = {}
+    owner = buses if buses is not None else Buses(config)
 
-    def run(seg_name: str, seg_ecus: list[EcuConfig]) -> None:
-        with Segment(config.segments[seg_name]) as segment:
-            for ecu in seg_ecus:
+    def run(seg_ecus: list[EcuConfig]) -> None:
+        for ecu in seg_ecus:
+            with owner.ecu(ecu.name, "version read") as segment:
                 out[ecu.name] = work(segment, ecu)
 
-    threads = [threading.Thread(target=run, args=item) for item in by_segment.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    threads = [threading.Thread(target=run, args=(seg_ecus,)) for seg_ecus in by_segment.values()]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        if buses is None:
+            owner.shutdown()
     return {n: out[n] for n in names if n in out}
 
 
-def collect_versions(config: VehicleConfig, names: list[str] | None = None, p2: float = 0.5) -> list[dict[str, Any]]:
+def collect_versions(config: VehicleConfig, names: list[str] | None = None, p2: float = 0.5,
+                     buses: Buses | None = None) -> list[dict[str, Any]]:
     names = names or list(config.ecus)
-    found = _per_segment(config, names, lambda seg, ecu: _read_ecu(seg, ecu, p2))
+    found = _per_segment(config, names, lambda seg, ecu: _read_ecu(seg, ecu, p2), buses)
     return [found[n] for n in names]
 
 

@@ -13,17 +13,16 @@ before the change or after it.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.errors import VotaError
-from agent.storage import atomic_write_bytes, atomic_write_json
+from agent.protocol.files import is_name
 
 __all__ = ["AppRegistry", "AppDecision"]
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class AppRegistry:
 
     @staticmethod
     def _check(app_id: str) -> None:
-        if not _ID.match(app_id):
+        if not is_name(app_id):
             raise VotaError(f"app id {app_id!r} is not a plain name")
 
     def version(self, app_id: str) -> str | None:
@@ -81,7 +80,7 @@ class AppRegistry:
 
     def install(self, app_id: str, version: str, package: bytes) -> None:
         self._check(app_id)
-        if not _ID.match(version):
+        if not is_name(version):
             raise VotaError(f"app version {version!r} is not a plain name")
         atomic_write_bytes(self.dir / app_id / f"{version}.app", package)  # the package first ...
         entry = self.apps.setdefault(app_id, {"version": None, "auto_update": True, "previous": None, "history": []})

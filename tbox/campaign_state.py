@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.storage import atomic_write_json
 from agent.errors import VotaError
-from agent.storage import atomic_write_json
 
 __all__ = ["CampaignRecord", "STATES", "TERMINAL", "SCHEMA"]
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
-from agent.canbus import Segment
-from agent.config import DeployConfig
-from agent.content import Item
+from agent.adapters.canbus import Segment
+from agent.adapters.file_client import PackageDeployer
+from agent.adapters.storage import atomic_write_bytes
+from agent.core.config import DeployConfig
+from agent.core.content import Item
 from agent.errors import VotaError
-from agent.storage import atomic_write_bytes
 from tbox.apps import AppRegistry
-from tbox.deploy import PackageDeployer
 from tbox.gateway_client import ContentOp, GatewayClient, GatewayError
 
 __all__ = ["Job", "Executor", "ExecFailed", "ExecRetry", "ResourceExecutor", "AppExecutor", "SoftwareExecutor"]

@@ -50,11 +50,11 @@ from typing import Any, Callable, Mapping
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.config import ContentConfig
-from agent.content import Bundle, BundleRejected, Item, check_item, decrypt_item, verify_bundle, verify_manifest
-from agent.content_schedule import ItemState, is_night, tick
+from agent.adapters.storage import atomic_write_bytes, atomic_write_json
+from agent.core.config import ContentConfig
+from agent.core.content import Bundle, BundleRejected, Item, check_item, decrypt_item, verify_bundle, verify_manifest
+from agent.core.schedule import ItemState, is_night, tick
 from agent.errors import VotaError
-from agent.storage import atomic_write_bytes, atomic_write_json
 from tbox.apps import AppRegistry
 from tbox.content_exec import ExecFailed, ExecRetry, Executor, Job
 from tbox.download import DownloadError, download

@@ -22,20 +22,21 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.campaign import Campaign, CampaignRejected, Package, compare_versions, key_id, load_public_key, verify_campaign
-from agent.canbus import Segment
-from agent.cloud_link import CloudLink
-from agent.config import TboxConfig, VehicleConfig
+from agent.adapters.canbus import Segment
+from agent.adapters.cloud_link import CloudLink
+from agent.adapters.file_client import PackageDeployer
+from agent.adapters.heartbeat import Heartbeats
+from agent.adapters.storage import atomic_write_bytes, atomic_write_json
+from agent.core.campaign import Campaign, CampaignRejected, Package, compare_versions, key_id, load_public_key, verify_campaign
+from agent.core.config import TboxConfig, VehicleConfig
+from agent.core.faults import FaultSpec
 from agent.errors import VotaError
-from agent.faults import FaultSpec
-from agent.storage import atomic_write_bytes, atomic_write_json
-from gateway.deploy_server import InstallStatus
+from agent.protocol.link import InstallJob, InstallManifest, InstallStatus, encode_manifest
 from tbox.apps import AppRegistry
 from tbox.campaign_state import TERMINAL, CampaignRecord
 from tbox.content_exec import AppExecutor, ResourceExecutor, SoftwareExecutor
 from tbox.content_manager import COMMANDS as CONTENT_COMMANDS
 from tbox.content_manager import ContentManager
-from tbox.deploy import PackageDeployer
 from tbox.download import DownloadError, download
 from tbox.gateway_client import ContentOp, GatewayClient, GatewayError
 
@@ -91,7 +92,7 @@ class TboxDaemon:
         self._commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._run, name="tbox-worker", daemon=True)
         self._content_worker = threading.Thread(target=self._run_content, name="tbox-content", daemon=True)
-        self.heartbeat = time.monotonic()
+        self.heartbeats = Heartbeats(self.tbox.worker_stale_s)
         self.content = self._content_manager()
 
     def _content_manager(self) -> ContentManager:
@@ -162,12 +163,20 @@ class TboxDaemon:
             self.segment.shutdown()
 
     def alive(self) -> bool:
-        """Both workers run (the systemd watchdog's question)."""
-        return self._worker.is_alive() and self._content_worker.is_alive()
+        """Both workers run and have made progress within ``worker_stale_s`` (the systemd watchdog's question)."""
+        stale = self.heartbeats.stale()
+        if stale:
+            log.error("worker(s) without progress for over %d s: %s", self.tbox.worker_stale_s, ", ".join(stale))
+        return self._worker.is_alive() and self._content_worker.is_alive() and not stale
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    def _polling(self) -> bool:
+        """Called at every install status poll: the campaign worker is alive; True when stopping."""
+        self.heartbeats.beat("campaign")
+        return self.stopping
 
     # ---- inbound --------------------------------------------------------------------------
     def _reject(self, topic: str, reason: str, detail: str, key: str, campaign_id: str | None = None) -> None:
@@ -226,6 +235,7 @@ class TboxDaemon:
     def _run_content(self) -> None:
         interval = self.tbox.content.tick_ms / 1000.0
         while not self._stop.is_set():
+            self.heartbeats.beat("content")
             try:
                 self.content.step()
             except Exception:  # noqa: BLE001 - one bad bundle must not stop the daemon
@@ -265,7 +275,7 @@ class TboxDaemon:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.heartbeat = time.monotonic()
+            self.heartbeats.beat("campaign")
             self._apply_commands()
             active = [r for r in self._records() if r.state not in TERMINAL]
             progressed = False
@@ -287,7 +297,7 @@ class TboxDaemon:
         }
         moved = False
         while record.state not in TERMINAL and not self._stop.is_set():
-            self.heartbeat = time.monotonic()
+            self.heartbeats.beat("campaign")
             state = record.state
             if record.entries.get(state, 0) >= self.tbox.max_attempts and state not in ("done", "failed", "awaiting_install"):
                 self._fail(record, _Fail(state, "loop_guard", f"state {state} entered {record.entries[state]} times"))
@@ -388,6 +398,7 @@ class TboxDaemon:
             if entry.get("downloaded"):
                 continue
             def progress(done: int, total: int, name: str = p.name, last: list[float] = [0.0]) -> None:  # noqa: B006
+                self.heartbeats.beat("campaign")
                 if time.monotonic() - last[0] > 1.0:
                     last[0] = time.monotonic()
                     self.cloud.report("events", {"event": "progress", "campaign_id": campaign.campaign_id,
@@ -419,7 +430,8 @@ class TboxDaemon:
             entry["deploy_started"] = True
             record.save()
             deployer = PackageDeployer(self.segment, self.link_cfg, p.name, self._package_path(record, p.name), p.sha256,
-                                       resume=resume, stop=self._stop, faults=self.faults)
+                                       resume=resume, stop=self._stop, faults=self.faults,
+                                       progress=lambda *_: self.heartbeats.beat("campaign"))
             with self.gateway.lock if self.gateway is not None else threading.RLock():
                 result = deployer.run()
             if result.reason == "cancelled":
@@ -436,8 +448,8 @@ class TboxDaemon:
 
     def _diagnose(self, record: CampaignRecord) -> dict[str, Any] | None:
         """D10 in the vehicle: analyse the campaign's own results and traces."""
-        from agent.diagnosis import diagnose
-        from agent.diagnosis_files import load_inputs, load_rules
+        from agent.adapters.diagnosis_files import load_inputs, load_rules
+        from agent.core.diagnosis import diagnose
 
         try:
             inputs, _, problems = load_inputs(record.dir)
@@ -459,11 +471,10 @@ class TboxDaemon:
     def _deployed(self, record: CampaignRecord) -> str:
         assert self.segment is not None
         campaign = self._campaign(record)
-        manifest = {"format": "vota-install", "version": 1, "campaign_id": campaign.campaign_id,
-                    "jobs": [{"ecu": p.ecu, "package": p.name, "version": p.version} for p in campaign.packages]}
+        manifest = InstallManifest(campaign.campaign_id, tuple(InstallJob(p.ecu, p.name, p.version) for p in campaign.packages))
         name = f"install-{campaign.campaign_id}.json"
         path = record.dir / name
-        atomic_write_json(path, manifest)
+        atomic_write_bytes(path, encode_manifest(manifest))
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         with self._gateway().lock:
             result = PackageDeployer(self.segment, self.link_cfg, name, path, digest).run()
@@ -487,7 +498,7 @@ class TboxDaemon:
                 self.gateway.start_install(f"install-{cid}.json")
                 record.install_started = True
                 record.save()
-            status = self.gateway.wait_install(cid, self.tbox.install_timeout_s, should_stop=lambda: self.stopping)
+            status = self.gateway.wait_install(cid, self.tbox.install_timeout_s, should_stop=self._polling)
         except GatewayError as exc:
             if self.stopping:
                 return None  # checkpointed: after restart the TBOX asks the gateway again

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from agent.adapters.storage import fsync_dir
 from agent.errors import VotaError
-from agent.storage import fsync_dir
 
 __all__ = ["DownloadError", "download", "DownloadInfo"]
 

@@ -8,12 +8,22 @@ import threading
 import time
 from typing import Any
 
-from agent.canbus import Segment
-from agent.config import DeployConfig
+from agent.adapters.canbus import Segment
+from agent.adapters.uds_client import UdsLink, describe_failure
+from agent.core.config import DeployConfig
 from agent.errors import VotaError
-from agent.uds_client import UdsLink, describe_failure
-from gateway.content_relay import ContentOp, encode_request
-from gateway.deploy_server import CONTENT_ROUTINE, INSTALL_ROUTINE, INVENTORY_ROUTINE, InstallStatus
+from agent.protocol.link import (
+    CONTENT_ROUTINE,
+    INSTALL_ROUTINE,
+    INVENTORY_FILE,
+    INVENTORY_ROUTINE,
+    ContentOp,
+    InstallStatus,
+    RelayStatus,
+    decode_install_status,
+    encode_content_request,
+)
+from agent.protocol.uds import RoutineType, Session
 
 __all__ = ["GatewayClient", "GatewayError", "InstallStatus", "ContentOp"]
 
@@ -37,7 +47,7 @@ class GatewayClient:
     def _call(self, what: str, fn: Any) -> Any:
         with self.lock, self._link() as link:
             try:
-                link.client.change_session(0x03)
+                link.client.change_session(Session.extendedDiagnosticSession)
                 return fn(link.client)
             except VotaError:
                 raise
@@ -45,14 +55,15 @@ class GatewayClient:
                 raise GatewayError(f"{what}: {describe_failure(exc)[0]}") from None
 
     def start_install(self, manifest_name: str) -> None:
-        self._call("start install", lambda c: c.routine_control(INSTALL_ROUTINE, 0x01, manifest_name.encode()))
+        self._call("start install", lambda c: c.routine_control(INSTALL_ROUTINE, RoutineType.startRoutine, manifest_name.encode()))
 
     def install_status(self, campaign: str) -> tuple[int, int, int]:
         def ask(c: Any) -> tuple[int, int, int]:
-            record = c.routine_control(INSTALL_ROUTINE, 0x03, campaign.encode()).service_data.routine_status_record
-            if len(record) != 5:
-                raise GatewayError(f"install status: unexpected record {record.hex()}")
-            return record[0], int.from_bytes(record[1:3], "big"), int.from_bytes(record[3:5], "big")
+            record = c.routine_control(INSTALL_ROUTINE, RoutineType.requestRoutineResults, campaign.encode())
+            status = decode_install_status(bytes(record.service_data.routine_status_record))
+            if status is None:
+                raise GatewayError(f"install status: unexpected record {bytes(record.service_data.routine_status_record).hex()}")
+            return status
 
         return self._call("install status", ask)  # type: ignore[no-any-return]
 
@@ -88,20 +99,21 @@ class GatewayClient:
         return self._call(f"read {path}", read)  # type: ignore[no-any-return]
 
     def inventory(self) -> list[dict[str, Any]]:
-        self._call("collect inventory", lambda c: c.routine_control(INVENTORY_ROUTINE, 0x01))
-        doc = json.loads(self.read_file("inventory.json"))
+        self._call("collect inventory", lambda c: c.routine_control(INVENTORY_ROUTINE, RoutineType.startRoutine))
+        doc = json.loads(self.read_file(INVENTORY_FILE))
         return list(doc["ecus"])
 
     def content(self, op: int, ecu: str, arg: bytes = b"") -> bytes:
         """Owner content on an ECU behind the gateway (routine 0x0303); the ECU's refusal is a
         GatewayError with ``refused`` set."""
         def ask(c: Any) -> bytes:
-            record = c.routine_control(CONTENT_ROUTINE, 0x01, encode_request(op, ecu, arg)).service_data.routine_status_record
+            request = encode_content_request(op, ecu, arg)
+            record = c.routine_control(CONTENT_ROUTINE, RoutineType.startRoutine, request).service_data.routine_status_record
             if not record:
                 raise GatewayError("content: empty routine status record")
-            if record[0] != 0x00:
+            if record[0] != RelayStatus.DONE:
                 error = GatewayError(f"{ecu}: {bytes(record[1:]).decode('ascii', 'replace')}")
-                error.refused = record[0] == 0x01  # 0x02: the ECU did not answer, worth trying later
+                error.refused = record[0] == RelayStatus.REFUSED  # SILENT: the ECU did not answer, worth trying later
                 raise error
             return bytes(record[1:])
 

@@ -16,6 +16,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Tests that start processes or a broker are marked slow (pytest -m "not slow" is the inner loop).
+PROCESS_FIXTURES = {"procs", "mosquitto", "vehicle", "bare_vehicle"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def _children() -> set[int]:
     me = str(os.getpid())

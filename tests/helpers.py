@@ -7,9 +7,9 @@ from typing import Any
 
 import can
 
-from agent.canbus import Segment
-from agent.config import EcuConfig, VehicleConfig, parse_vehicle_config
-from agent.identifiers import security_key
+from agent.adapters.canbus import Segment
+from agent.core.config import EcuConfig, VehicleConfig, parse_vehicle_config
+from agent.protocol.ecu import security_key
 from ecu_sim.simulator import EcuSimulator
 
 

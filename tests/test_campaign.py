@@ -10,7 +10,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.campaign import CampaignRejected, compare_versions, key_id, sign_campaign, verify_campaign
+from agent.core.campaign import CampaignRejected, compare_versions, key_id, sign_campaign, verify_campaign
 from tests.conftest import vota
 
 NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)

@@ -15,7 +15,7 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.cloud_link import CloudConfig, CloudLink
+from agent.adapters.cloud_link import CloudConfig, CloudLink
 from cloud_sim.collector import Collector
 from tests.conftest import ROOT
 
@@ -78,7 +78,7 @@ def test_online_status_and_last_will(mosquitto, tmp_path):
     script = textwrap.dedent(f"""
         import time, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from agent.cloud_link import CloudConfig, CloudLink
+        from agent.adapters.cloud_link import CloudConfig, CloudLink
         link = CloudLink(CloudConfig(broker={mosquitto.url!r}, outbox={str(tmp_path / 'o.db')!r}, keepalive=2), {VIN!r})
         link.start()
         link.connected.wait(10)

@@ -7,13 +7,16 @@ import ipaddress
 import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.cloud_link import CloudConfig, CloudLink
+from agent.adapters.cloud_link import CloudConfig, CloudLink
 from tests.conftest import Mosquitto
+
+pytestmark = pytest.mark.slow  # a Mosquitto process
 
 
 def _cert(name: str, issuer_key, issuer_name, key, ca: bool = False, ip: str | None = None):  # type: ignore[no-untyped-def]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import load_vehicle_config, parse_vehicle_config
+from agent.core.config import load_vehicle_config, parse_vehicle_config
+from agent.core.faults import FaultCounter, parse_fault
 from agent.errors import ConfigError, UsageError
-from agent.faults import FaultCounter, parse_fault
 from tests.conftest import ecu_entry, multicast_bus, vota
 
 GOOD = {
@@ -152,8 +152,8 @@ def test_versions_reports_a_silent_ecu(write_config):
 
 
 def test_bus_timing_emulation_parameters():
-    from agent.canbus import isotp_params, physical_goodput
-    from agent.config import SegmentConfig
+    from agent.adapters.canbus import isotp_params, physical_goodput
+    from agent.core.config import SegmentConfig
 
     off = isotp_params(SegmentConfig("s", {"interface": "virtual"}))
     assert "rate_limit_enable" not in off and off["blocking_send"] and off["tx_data_length"] == 8

@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.campaign import key_id
-from agent.content import BundleRejected, build_bundle, pack_archive, parse_schedule, read_archive, sign_bundle, verify_bundle
+from agent.core.campaign import key_id
+from agent.core.content import BundleRejected, build_bundle, pack_archive, parse_schedule, read_archive, sign_bundle, verify_bundle
 
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
 VIN = "LVOTA000000000001"

@@ -14,9 +14,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.campaign import key_id
-from agent.config import ContentConfig
-from agent.content import decrypt_item, pack_archive, read_archive
+from agent.core.campaign import key_id
+from agent.core.config import ContentConfig
+from agent.core.content import decrypt_item, pack_archive, read_archive
 from cloud_sim.cloud import content_offer
 from cloud_sim.package_server import PackageServer
 from cloud_sim.trust import ReviewRefused, TrustPlatform
@@ -168,7 +168,7 @@ def test_sharing_rewraps_the_key_and_review_refuses(tmp_path):
 
 
 def test_imported_archives_and_a_newer_version_superseding_the_running_one(car):
-    from agent.content import build_bundle, sign_bundle
+    from agent.core.content import build_bundle, sign_bundle
 
     car.at(19, 5)
     assert car.status("lamp") == "active"
@@ -194,7 +194,7 @@ def test_imported_archives_and_a_newer_version_superseding_the_running_one(car):
 
 
 def test_an_app_bound_for_manual_updates_waits_for_the_owner(tmp_path):
-    from agent.content import build_bundle, sign_bundle
+    from agent.core.content import build_bundle, sign_bundle
     from tbox.apps import AppRegistry
     from tbox.content_exec import AppExecutor
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from agent.content import parse_schedule
-from agent.content_schedule import ItemState, is_night, tick
+from agent.core.content import parse_schedule
+from agent.core.schedule import ItemState, is_night, tick
 
 TZ = dt.timezone(dt.timedelta(hours=8))
 PROJECTION = parse_schedule({"mode": "night", "start": "2026-05-20T00:00:00", "expiry": "2026-05-21T00:00:00",

@@ -121,7 +121,7 @@ def test_boot_animation_across_restarts_and_a_vehicle_that_was_off(bare_vehicle)
 
 
 def _signed_offer(v, spec, files, key=None, version_tamper=None):  # type: ignore[no-untyped-def]
-    from agent.content import build_bundle, sign_bundle
+    from agent.core.content import build_bundle, sign_bundle
 
     return sign_bundle(build_bundle(spec, files, v.vehicle_key.public_key(), VIN), key or v.platform)
 
@@ -137,7 +137,7 @@ def test_bad_bundles_are_refused_with_their_reason_and_nothing_is_lost(bare_vehi
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from agent.content import BundleRejected, pack_archive, read_archive
+    from agent.core.content import BundleRejected, pack_archive, read_archive
 
     v = bare_vehicle
     v.tbox = v.start_tbox()
@@ -217,7 +217,7 @@ def test_bad_bundles_are_refused_with_their_reason_and_nothing_is_lost(bare_vehi
 def _sign(key, manifest: bytes) -> bytes:  # type: ignore[no-untyped-def]
     import base64
 
-    from agent.campaign import key_id
+    from agent.core.campaign import key_id
 
     return json.dumps({"keyid": key_id(key.public_key()),
                        "sig": base64.b64encode(key.sign(b"vota-content-v1\n" + manifest)).decode()}).encode()

@@ -9,7 +9,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, ecu_entry, multicast_bus, vota
+
+pytestmark = pytest.mark.slow  # separate processes
 
 
 def test_gateway_speaks_sd_notify_and_stops_on_sigterm(tmp_path, write_config):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.canbus import Segment
-from agent.config import parse_vehicle_config
-from agent.trace import read_trace
+from agent.adapters.canbus import Segment
+from agent.adapters.trace_files import read_trace
+from agent.core.config import parse_vehicle_config
+from agent.protocol.files import packet_payload
 from gateway.daemon import GatewayDaemon
-from gateway.deploy_server import packet_payload
 from tests.conftest import Proc, multicast_bus, virtual_bus, vota
 
 MiB = 1024 * 1024

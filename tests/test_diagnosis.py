@@ -7,12 +7,16 @@ from typing import Any
 
 import pytest
 
-from agent.config import load_yaml
-from agent.diagnosis import CAUSES, StageInput, check_trace, diagnose, parse_rules, render_markdown
+from agent.adapters.diagnosis_files import load_rules
+from agent.core.config import load_yaml
+from agent.core.diagnosis import CAUSES, StageInput, check_trace, diagnose, parse_rules, render_markdown
+from agent.core.trace import parse_trace
 from agent.errors import ConfigError
-from agent.trace import parse_trace
+from tests.conftest import ROOT
 
-RULES = parse_rules(load_yaml("configs/diagnosis.yaml"), "configs/diagnosis.yaml")
+RULES_FILE = ROOT / "agent" / "core" / "diagnosis" / "rules.yaml"
+
+RULES = load_rules()
 
 FLASH_HEAD = {"format": "vota-trace", "version": 1, "stage": "flash", "client": "GW", "server": "bms", "packet": "bms",
               "request_id": 0x7E1, "response_id": 0x7E9, "functional_id": 0x7DF, "started": 0.0}
@@ -175,11 +179,11 @@ def test_unanalysable_input_is_reported_not_crashed():
 
 
 def test_rules_errors_name_the_key():
-    data = load_yaml("configs/diagnosis.yaml")
+    data = load_yaml(RULES_FILE)
     data["causes"]["response.type"] = {"cause": "gremlins", "side": "server"}
     with pytest.raises(ConfigError, match="causes.response.type"):
         parse_rules(data, "d.yaml")
-    data = load_yaml("configs/diagnosis.yaml")
+    data = load_yaml(RULES_FILE)
     data["stages"]["flash"]["flow"]["start"]["1003"] = "nowhere"
     with pytest.raises(ConfigError, match="unknown state 'nowhere'"):
         parse_rules(data, "d.yaml")

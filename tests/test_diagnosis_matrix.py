@@ -8,7 +8,11 @@ import json
 import os
 import time
 
+import pytest
+
 from tests.conftest import Proc, ecu_entry, multicast_bus, vota
+
+pytestmark = pytest.mark.slow  # separate processes
 
 # name: (fault spec, cause, side) -- flash stage: server = the ECU, client = the gateway
 FLASH = {

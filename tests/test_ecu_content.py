@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import os
 
-from agent.canbus import Segment
-from agent.config import DeployConfig
-from tbox.deploy import PackageDeployer
+from agent.adapters.canbus import Segment
+from agent.adapters.file_client import PackageDeployer
+from agent.core.config import DeployConfig
 from tests.conftest import ecu_entry, virtual_bus
 from tests.helpers import UdsTester, start_sim
 

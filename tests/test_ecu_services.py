@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from agent.identifiers import security_key
+from agent.protocol.ecu import security_key
 from tests.conftest import ecu_entry, virtual_bus
 from tests.helpers import UdsTester, start_sim
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from agent.faults import parse_fault
-from agent.uds_server import malformed, mismatched
+from agent.core.faults import parse_fault
+from agent.protocol.uds import malformed, mismatched
 from tests.conftest import ecu_entry, virtual_bus
 from tests.helpers import UdsTester, start_sim
 

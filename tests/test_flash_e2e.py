@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.trace import read_trace
+from agent.adapters.trace_files import read_trace
 from ecu_sim.flash_banks import FlashBanks
 from tests.conftest import Proc, ecu_entry, multicast_bus, vota
+
+pytestmark = pytest.mark.slow  # separate processes
 
 MiB = 1024 * 1024
 

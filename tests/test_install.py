@@ -8,10 +8,11 @@ import json
 import os
 import time
 
-from agent.canbus import Segment
-from agent.config import load_vehicle_config
-from agent.trace import parse_trace
-from tbox.deploy import PackageDeployer
+from agent.adapters.canbus import Segment
+from agent.adapters.file_client import PackageDeployer
+from agent.core.config import load_vehicle_config
+from agent.core.trace import parse_trace
+from agent.protocol.link import ContentOp
 from tbox.gateway_client import GatewayClient, GatewayError, InstallStatus
 from tests.conftest import Proc, ecu_entry, multicast_bus
 
@@ -23,6 +24,16 @@ def _ready(proc: Proc, word: str) -> None:
         time.sleep(0.05)
 
 
+def _start(tmp_path, path, procs):  # type: ignore[no-untyped-def]
+    """The ECU simulators and the gateway of ``path`` as processes; the config and the deploy link."""
+    procs.append(Proc("ecu-sim", "-c", str(path), "--state-dir", str(tmp_path / "ecu"), log=tmp_path / "ecu.log"))
+    procs.append(Proc("gateway", "-c", str(path), log=tmp_path / "gw.log"))
+    _ready(procs[0], "ecu-sim ready")
+    _ready(procs[1], "gateway ready")
+    config = load_vehicle_config(path)
+    return config, config.deploy_link()
+
+
 def test_install_flashes_and_results_come_back(tmp_path, write_config, procs):
     path = write_config({
         "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}},
@@ -30,12 +41,7 @@ def test_install_flashes_and_results_come_back(tmp_path, write_config, procs):
         "gateway": {"results_dir": str(tmp_path / "gw" / "results")},
         "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt")},
     })
-    procs.append(Proc("ecu-sim", "-c", str(path), "--state-dir", str(tmp_path / "ecu"), log=tmp_path / "ecu.log"))
-    procs.append(Proc("gateway", "-c", str(path), log=tmp_path / "gw.log"))
-    _ready(procs[0], "ecu-sim ready")
-    _ready(procs[1], "gateway ready")
-    config = load_vehicle_config(path)
-    link = config.deploy_link()
+    config, link = _start(tmp_path, path, procs)
     images = {"vcu": os.urandom(100_000), "bms": os.urandom(70_000)}
     with Segment(config.segments["bb"]) as segment:
         gw = GatewayClient(segment, link)
@@ -71,3 +77,38 @@ def test_install_flashes_and_results_come_back(tmp_path, write_config, procs):
             raise AssertionError("a missing manifest started an install")
         except GatewayError as exc:
             assert "0x31" in str(exc)
+
+
+def test_content_for_an_ecu_that_is_being_flashed_waits_for_the_flash(tmp_path, write_config, procs):
+    """One conversation per ECU: a content delivery that arrives during a flash of the same ECU is
+    answered "try later" (status 02) and not interleaved with the flash; after it, it goes through."""
+    path = write_config({
+        "segments": {"bb": {"bus": multicast_bus()}, "body": {"bus": multicast_bus(), "bitrate": 500000}},
+        "deploy": {"segment": "bb", "package_dir": str(tmp_path / "gw" / "packages")},
+        "gateway": {"results_dir": str(tmp_path / "gw" / "results")},
+        "ecus": {"bcm": ecu_entry("bcm", 0x740, 0x748, "body")},
+    })
+    config, link = _start(tmp_path, path, procs)
+    image, material = os.urandom(96_000), os.urandom(3_000)  # ~3 s of TransferData at 500 kbit/s
+    files = {"bcm-2.0.bin": image, "lamp.frames": material}
+    manifest = json.dumps({"format": "vota-install", "version": 1, "campaign_id": "c-8",
+                           "jobs": [{"ecu": "bcm", "package": "bcm-2.0.bin", "version": "2.0"}]}).encode()
+    files["install-c-8.json"] = manifest
+    with Segment(config.segments["bb"]) as segment:
+        gw = GatewayClient(segment, link)
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+            assert PackageDeployer(segment, link, name, tmp_path / name, hashlib.sha256(data).hexdigest()).run().result == "success"
+        gw.start_install("install-c-8.json")
+        time.sleep(0.5)
+        assert gw.install_status("c-8")[0] == InstallStatus.RUNNING  # bcm is being flashed now
+        try:
+            gw.content(ContentOp.STORE, "bcm", b"lamp.frames")
+            raise AssertionError("content went to bcm in the middle of its flash")
+        except GatewayError as exc:
+            assert not exc.refused and "bcm is busy (flash)" in str(exc)  # try later, not a refusal
+        assert gw.wait_install("c-8", timeout=120) == InstallStatus.SUCCEEDED
+        summary = json.loads(gw.read_file("c-8/summary.json"))
+        assert [(r["ecu"], r["result"], r["version_after"]) for r in summary["results"]] == [("bcm", "success", "2.0")]
+        gw.content(ContentOp.STORE, "bcm", b"lamp.frames")  # the ECU is free again
+    assert (tmp_path / "ecu" / "bcm" / "content" / "lamp.frames").read_bytes() == material

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from agent.adapters.trace_files import read_trace, write_trace
+from agent.core.trace import TraceHeader, TraceRecorder, parse_trace, request_header
 from agent.errors import TraceFormatError
-from agent.trace import TraceHeader, TraceRecorder, parse_trace, read_trace, request_header
 
 
 class Clock:
@@ -47,7 +48,7 @@ def test_recorder_round_trip(tmp_path):
     clock.now += 2.0
     rec.late(b"\x76\x02")
     rec.stray(0x6F0, b"\x76\x02")
-    size = rec.write(tmp_path / "t.jsonl", "failed")
+    size = write_trace(tmp_path / "t.jsonl", rec, "failed")
     text = (tmp_path / "t.jsonl").read_text()
     assert size == len(text.encode())
     lines = text.splitlines()

@@ -121,7 +121,7 @@ class Vehicle:
         return self.tmp / "ecu" / ecu
 
     def set_light(self, lux: int) -> None:
-        from agent.storage import atomic_write_json
+        from agent.adapters.storage import atomic_write_json
 
         atomic_write_json(self.ecu_state("bcm") / "sensors.json", {"ambient_lux": lux})
 

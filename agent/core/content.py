@@ -44,8 +44,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from agent.campaign import key_id
+from agent.core.campaign import key_id
 from agent.errors import VotaError
+from agent.protocol.files import is_name
 
 __all__ = [
     "BundleRejected", "Bundle", "Item", "Schedule", "CLASSES", "POLICIES", "MODES",
@@ -59,8 +60,6 @@ _KEY_INFO = b"vota-content-key"
 CLASSES = ("application", "resource", "software")
 POLICIES = ("auto", "manual", "never")
 MODES = ("day", "night", "any")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_FILE = re.compile(r"^items/[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 SLACK = 64 * 1024  # archive overhead allowed beyond the declared item sizes
 
@@ -297,7 +296,7 @@ def _parse_manifest(body: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise BundleRejected("malformed", f"the manifest must be {FORMAT} version {VERSION}")
     bid = doc.get("bundle_id")
-    if not isinstance(bid, str) or not _ID.match(bid):
+    if not is_name(bid):
         raise BundleRejected("malformed", "bundle_id must be a short name")
     known = {"format", "version", "bundle_id", "bundle_version", "owner", "title", "vin", "config", "items"}
     if set(doc) - known:
@@ -316,14 +315,15 @@ def _parse_manifest(body: bytes) -> dict[str, Any]:
         if not isinstance(item, dict):
             raise BundleRejected("malformed", "every item must be an object", bid)
         iid = item.get("id")
-        if not isinstance(iid, str) or not _ID.match(iid) or iid in ids:
+        if not is_name(iid) or iid in ids:
             raise BundleRejected("malformed", f"item id {iid!r} is missing, not a short name or used twice", bid)
         ids.add(iid)
         if item.get("class") not in CLASSES or item.get("policy", "auto") not in POLICIES:
             raise BundleRejected("malformed", f"item {iid}: class must be {'/'.join(CLASSES)}, policy {'/'.join(POLICIES)}", bid)
         if not isinstance(item.get("target"), str) or not item["target"]:
             raise BundleRejected("malformed", f"item {iid}: no target", bid)
-        if "file" in item and (not isinstance(item["file"], str) or not _FILE.match(item["file"])):
+        if "file" in item and (not isinstance(item["file"], str) or not item["file"].startswith("items/")
+                               or not is_name(item["file"][len("items/"):])):
             raise BundleRejected("unsafe_path", f"item {iid}: file {item['file']!r} is not items/<name>", bid)
         if "size" in item and (not isinstance(item["size"], int) or item["size"] < 0):
             raise BundleRejected("malformed", f"item {iid}: size must be a non-negative integer", bid)

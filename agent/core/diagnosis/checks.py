@@ -1,251 +1,12 @@
-"""Root-cause diagnosis of a failed upgrade (D5-D9). Pure: results, traces and rules in,
-a verdict out; no files, no sockets, no clock.
-
-For every exchange of an abnormal package's trace the checks run in a fixed order
-(``rules.checks``): the request's validity, identifier, format, length and flow, then the
-response's validity, time, identifier, format, type and match. A failed check maps to a
-cause and a side (``rules.causes``). Mode ``first`` stops at the first failure (the seed's
-order: request 1, response 1, request 2, ...); mode ``all`` reports every failure. A
-failed request check ends the checks of that exchange: how a server answers an illegal
-request (not at all, or with an NRC) is no failure of the server.
-"""
+"""The checks of one trace, exchange by exchange, in the rules' order (D6, D7)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from agent.core.diagnosis.model import Finding, nrc_name, record
+from agent.core.diagnosis.rules import Rules, StageRules
+from agent.core.trace import Exchange, Trace
 
-from udsoncan import Response
-
-from agent.errors import ConfigError
-from agent.trace import Exchange, Trace
-
-__all__ = [
-    "CAUSES",
-    "Rules",
-    "StageRules",
-    "Finding",
-    "Verdict",
-    "StageInput",
-    "parse_rules",
-    "check_trace",
-    "diagnose",
-    "render_markdown",
-    "SCHEMA",
-]
-
-SCHEMA = "vota-diagnosis/1"
-CAUSES = (
-    "request_not_sent",
-    "illegal_request_sender",
-    "illegal_request_format",
-    "illegal_request_length",
-    "illegal_request_flow",
-    "response_not_sent",
-    "response_timeout",
-    "illegal_responder",
-    "illegal_response_format",
-    "negative_response",
-    "unmatched_response",
-)
-REQUEST_CHECKS = ("validity", "identifier", "format", "length", "flow")
-RESPONSE_CHECKS = ("validity", "time", "identifier", "format", "type", "match")
-
-
-# ---- rules ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ServiceRule:
-    request_length: tuple[int, int | None]  # None: the negotiated block length
-    response_length: tuple[int, int | None]
-    subfunctions: frozenset[int] | None
-    echo: int
-
-
-@dataclass(frozen=True)
-class StageRules:
-    services: dict[int, ServiceRule]
-    flow: dict[str, list[tuple[bytes, str]]]
-    anywhere: tuple[bytes, ...]
-    p2_ms: float
-    p2_star_ms: float
-    request_ids: frozenset[int] | None
-    response_ids: frozenset[int] | None
-    block_length_from: int | None
-    counter_service: int | None
-    counter_start: int
-    packet: tuple[int, int, int] | None  # service, offset, size
-    context: int
-
-
-@dataclass(frozen=True)
-class Rules:
-    request_checks: tuple[str, ...]
-    response_checks: tuple[str, ...]
-    causes: dict[str, tuple[str, str]]  # "request.flow" -> (cause, side)
-    stages: dict[str, StageRules]
-
-
-def _hex(value: Any, where: str, source: str) -> bytes:
-    try:
-        return bytes.fromhex(str(value))
-    except ValueError:
-        raise ConfigError(source, where, f"{value!r} is not hex") from None
-
-
-def _length(value: Any, where: str, source: str) -> tuple[int, int | None]:
-    if not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], int):
-        raise ConfigError(source, where, "expected [min, max] (max may be 'block')")
-    high = value[1]
-    if high == "block":
-        return value[0], None
-    if not isinstance(high, int) or high < value[0]:
-        raise ConfigError(source, where, "expected [min, max] with max >= min, or 'block'")
-    return value[0], high
-
-
-def _stage(name: str, d: Mapping[str, Any], source: str) -> StageRules:
-    where = f"stages.{name}"
-    try:
-        services = {}
-        for key, s in d["services"].items():
-            sid = _hex(key, f"{where}.services", source)
-            if len(sid) != 1:
-                raise ConfigError(source, f"{where}.services.{key}", "a service id is one byte of hex")
-            subs = s.get("subfunctions")
-            services[sid[0]] = ServiceRule(
-                _length(s["request_length"], f"{where}.services.{key}.request_length", source),
-                _length(s["response_length"], f"{where}.services.{key}.response_length", source),
-                frozenset(int(v) for v in subs) if subs is not None else None,
-                int(s.get("echo", 0)),
-            )
-        flow: dict[str, list[tuple[bytes, str]]] = {}
-        for state, moves in d["flow"].items():
-            pairs = [(_hex(k, f"{where}.flow.{state}", source), str(v)) for k, v in moves.items()]
-            flow[str(state)] = sorted(pairs, key=lambda p: -len(p[0]))
-            for _, target in pairs:
-                if target not in d["flow"]:
-                    raise ConfigError(source, f"{where}.flow.{state}", f"goes to unknown state {target!r}")
-        if "start" not in flow:
-            raise ConfigError(source, f"{where}.flow", "needs a 'start' state")
-        timing = d.get("timing", {})
-        counter = d.get("counter")
-        packet = d.get("packet")
-        ids = d.get("request_ids"), d.get("response_ids")
-        return StageRules(
-            services=services,
-            flow=flow,
-            anywhere=tuple(_hex(a, f"{where}.anywhere", source) for a in d.get("anywhere", [])),
-            p2_ms=float(timing.get("p2_ms", 1000)),
-            p2_star_ms=float(timing.get("p2_star_ms", 5000)),
-            request_ids=frozenset(int(i) for i in ids[0]) if ids[0] is not None else None,
-            response_ids=frozenset(int(i) for i in ids[1]) if ids[1] is not None else None,
-            block_length_from=_hex(d["block_length_from"], f"{where}.block_length_from", source)[0]
-            if d.get("block_length_from") else None,
-            counter_service=_hex(counter["service"], f"{where}.counter", source)[0] if counter else None,
-            counter_start=int(counter.get("start", 1)) if counter else 1,
-            packet=(_hex(packet["service"], f"{where}.packet", source)[0], int(packet["offset"]), int(packet["size"]))
-            if packet else None,
-            context=int(d.get("context", 3)),
-        )
-    except ConfigError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise ConfigError(source, where, f"invalid stage rules ({type(exc).__name__}: {exc})") from None
-
-
-def parse_rules(data: Any, source: str = "<rules>") -> Rules:
-    if not isinstance(data, Mapping) or data.get("version") != 1:
-        raise ConfigError(source, "version", "expected validation data version 1")
-    checks = data.get("checks", {})
-    request = tuple(checks.get("request", REQUEST_CHECKS))
-    response = tuple(checks.get("response", RESPONSE_CHECKS))
-    if sorted(request) != sorted(REQUEST_CHECKS) or sorted(response) != sorted(RESPONSE_CHECKS):
-        raise ConfigError(source, "checks", f"must order exactly {REQUEST_CHECKS} and {RESPONSE_CHECKS}")
-    causes = {}
-    for key, value in data.get("causes", {}).items():
-        if not isinstance(value, Mapping) or value.get("cause") not in CAUSES or value.get("side") not in ("client", "server"):
-            raise ConfigError(source, f"causes.{key}", f"needs a cause out of {', '.join(CAUSES)} and side client/server")
-        causes[str(key)] = (str(value["cause"]), str(value["side"]))
-    missing = [f"{side}.{c}" for side, names in (("request", REQUEST_CHECKS), ("response", RESPONSE_CHECKS))
-               for c in names if f"{side}.{c}" not in causes]
-    if missing:
-        raise ConfigError(source, "causes", f"no cause for {', '.join(missing)}")
-    stages = {str(n): _stage(str(n), d, source) for n, d in (data.get("stages") or {}).items()}
-    for needed in ("deploy", "flash"):
-        if needed not in stages:
-            raise ConfigError(source, f"stages.{needed}", "missing")
-    return Rules(request, response, causes, stages)
-
-
-# ---- findings and verdicts ------------------------------------------------------------------
-@dataclass
-class Finding:
-    stage: str
-    package: str
-    unit: str
-    side: str
-    cause: str
-    check: str
-    index: int
-    request: str
-    packet: int | str | None
-    detail: str
-    nrc: int | None = None
-    nrc_name: str | None = None
-    context: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class StageInput:
-    """One package's (deploy) or ECU's (flash) result and its trace, as far as they exist."""
-
-    stage: str
-    name: str  # the package (deploy) or the ECU (flash)
-    result: Mapping[str, Any]
-    trace: Trace | None
-    trace_error: str | None = None
-
-
-@dataclass
-class Verdict:
-    mode: str
-    abnormal: list[str]
-    stage: str | None
-    findings: list[Finding]
-    unanalysed: list[dict[str, str]]
-    campaign_id: str | None = None
-
-    @property
-    def cause(self) -> str | None:
-        return self.findings[0].cause if self.findings else None
-
-    def to_json(self) -> dict[str, Any]:
-        first = self.findings[0] if self.findings else None
-        return {
-            "schema": SCHEMA,
-            "campaign_id": self.campaign_id,
-            "mode": self.mode,
-            "abnormal_packages": self.abnormal,
-            "stage": self.stage,
-            "cause": first.cause if first else None,
-            "side": first.side if first else None,
-            "unit": first.unit if first else None,
-            "findings": [asdict(f) for f in self.findings],
-            "unanalysed": self.unanalysed,
-        }
-
-
-def _nrc_name(code: int) -> str:
-    name = Response.Code.get_name(code)
-    return name if name else f"0x{code:02X}"
-
-
-def _record(index: int, e: Exchange) -> dict[str, Any]:
-    out: dict[str, Any] = {"index": index, "t": e.t, "request": e.header.hex(), "length": e.length, "dt": e.dt,
-                           "response": e.response.hex() if e.response is not None else None}
-    if e.extra:
-        out["x"] = e.extra
-    return out
+__all__ = ["check_trace"]
 
 
 class _Checker:
@@ -275,11 +36,11 @@ class _Checker:
         cause, side = self.rules.causes[check]
         unit = (self.client if side == "client" else self.server)
         lo, hi = max(0, index - self.stage.context), index + self.stage.context + 1
-        context = [_record(i, x) for i, x in enumerate(self.trace.exchanges[lo:hi], start=lo)]
+        context = [record(i, x) for i, x in enumerate(self.trace.exchanges[lo:hi], start=lo)]
         self.findings.append(Finding(
             stage=self.trace.header.stage, package=self.name, unit=unit, side=side, cause=cause, check=check,
             index=index, request=e.header.hex(), packet=self._packet(e), detail=detail, nrc=nrc,
-            nrc_name=_nrc_name(nrc) if nrc is not None else None, context=context))
+            nrc_name=nrc_name(nrc) if nrc is not None else None, context=context))
 
     def _move(self, header: bytes) -> str | None:
         for prefix in self.stage.anywhere:
@@ -435,7 +196,7 @@ class _Checker:
         r = e.response
         assert r is not None
         if r[0] == 0x7F and r[1] == e.header[0]:
-            return f"negative response 0x{r[2]:02X} ({_nrc_name(r[2])}) to 0x{e.header[0]:02X}", r[2]
+            return f"negative response 0x{r[2]:02X} ({nrc_name(r[2])}) to 0x{e.header[0]:02X}", r[2]
         return None
 
     def _rsp_match(self, e: Exchange) -> str | None:
@@ -555,62 +316,3 @@ def check_trace(trace: Trace, rules: Rules, name: str, mode: str = "first") -> l
                 break
         checker.advance(e)
     return checker.findings
-
-
-def diagnose(inputs: list[StageInput], rules: Rules, mode: str = "first", campaign_id: str | None = None) -> Verdict:
-    """D5: a failed deploy -> the deploy traces of the failed packages only; otherwise the flash
-    traces of every failed ECU, one after another; nothing failed -> no abnormal package."""
-    if mode not in ("first", "all"):
-        raise ValueError("mode must be first or all")
-    deploy_failed = [i for i in inputs if i.stage == "deploy" and i.result.get("result") != "success"]
-    flash_failed = [i for i in inputs if i.stage == "flash" and i.result.get("result") != "success"]
-    chosen, stage = (deploy_failed, "deploy") if deploy_failed else ((flash_failed, "flash") if flash_failed else ([], None))
-    findings: list[Finding] = []
-    unanalysed: list[dict[str, str]] = []
-    for item in chosen:
-        if item.trace is None:
-            unanalysed.append({"stage": item.stage, "name": item.name, "reason": item.trace_error or "no trace"})
-            continue
-        try:
-            found = check_trace(item.trace, rules, item.name, mode)
-        except ValueError as exc:
-            unanalysed.append({"stage": item.stage, "name": item.name, "reason": str(exc)})
-            continue
-        if not found:
-            unanalysed.append({"stage": item.stage, "name": item.name,
-                               "reason": "the result is failed but every exchange passed the checks"})
-        findings.extend(found)
-    return Verdict(mode, [i.name for i in chosen], stage, findings, unanalysed, campaign_id)
-
-
-# ---- the human report ---------------------------------------------------------------------------
-def render_markdown(verdict: Verdict) -> str:
-    lines = [f"# Upgrade diagnosis{f' of campaign {verdict.campaign_id}' if verdict.campaign_id else ''}", ""]
-    if not verdict.abnormal:
-        lines += ["No abnormal package: every deploy and flash result is a success.", ""]
-        return "\n".join(lines)
-    lines += [f"Abnormal in the **{verdict.stage}** stage: {', '.join(verdict.abnormal)} (mode `{verdict.mode}`).", ""]
-    for f in verdict.findings:
-        where = f"deploy packet {f.packet}" if f.stage == "deploy" and f.packet is not None else (
-            f"ECU {f.packet}" if f.stage == "flash" else f"package {f.package}")
-        nrc = f" 0x{f.nrc:02X} {f.nrc_name}" if f.nrc is not None else ""
-        lines += [
-            f"## `{f.cause}`{nrc}",
-            "",
-            f"- **{f.side} side at fault: {f.unit}** ({f.package}, {where}, request #{f.index} `{f.request}`)",
-            f"- failed check: `{f.check}`: {f.detail}",
-            "",
-            "```",
-        ]
-        for rec in f.context:
-            marker = ">>" if rec["index"] == f.index else "  "
-            rsp = rec["response"] or "(none)"
-            dt = f"{rec['dt']} ms" if rec["dt"] is not None else ""
-            extra = " ".join(f"{k}={v}" for k, v in (rec.get("x") or {}).items() if k in ("late", "stray", "sent", "id", "pend"))
-            lines.append(f"{marker} #{rec['index']:<5} {rec['request']:<24} {rec['length']:>6} B  ->  {rsp:<16} {dt:>10} {extra}".rstrip())
-            if rec["index"] == f.index:
-                lines.append(f"   ^ {f.check} failed: {f.cause}")
-        lines += ["```", ""]
-    for u in verdict.unanalysed:
-        lines.append(f"- not analysed: {u['stage']} {u['name']}: {u['reason']}")
-    return "\n".join(lines) + "\n"

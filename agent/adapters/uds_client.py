@@ -24,9 +24,9 @@ from udsoncan.exceptions import (
 )
 from udsoncan.typing import ClientConfig
 
-from agent.canbus import Segment
-from agent.faults import FaultCounter, FaultSpec
-from agent.trace import TraceRecorder
+from agent.adapters.canbus import Segment
+from agent.core.faults import FaultCounter, FaultSpec
+from agent.core.trace import TraceRecorder
 
 __all__ = ["TracingConnection", "ClientFaults", "StrayListener", "UdsLink", "RawCodec", "describe_failure"]
 

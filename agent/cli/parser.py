@@ -1,41 +1,27 @@
-"""The ``vota`` command line.
-
-Exit codes: 0 done, 1 an operation failed at run time, 2 bad usage, input or
-configuration, 3 a flash finished with at least one failed ECU, 130 interrupted.
-"""
+"""The ``vota`` command line's arguments: one parser, every command and its help."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import signal
-import sys
-from pathlib import Path
-from typing import Any, Sequence
 
-from agent.errors import UsageError, VotaError
-
-__all__ = ["main"]
-
-log = logging.getLogger("vota")
+__all__ = ["build_parser", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = "configs/bench.yaml"
 
 
-DAEMONS = ("tbox", "gateway", "ecu-sim")
-
-
-def _setup_logging(verbose: int, command: str) -> None:
-    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    # Daemons log to stdout for the journal; the other commands keep stdout for their output.
-    stream = sys.stdout if command in DAEMONS else sys.stderr
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=stream)
-    if verbose < 3:
-        # udsoncan and can-isotp log every request at INFO; keep them for -vvv.
-        # udsoncan logs an expected timeout (a rebooting ECU) at ERROR: the flash result says it.
-        for noisy in ("UdsClient", "Connection", "isotp", "can"):
-            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024 * 1024}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            value = int(float(t[:-1]) * units[t[-1]])
+        else:
+            value = int(t, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,7 +29,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug, -vvv library debug)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vota",
         description="Vehicle-side OTA agent: ECU simulator, gateway flashing with header-only traces, bench.",
@@ -267,7 +253,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("first", "all"), default="first",
                    help="first: stop at the first failed check (default); all: report every failure")
     p.add_argument("--json", metavar="FILE", help="also write the verdict as JSON (schema vota-diagnosis/1); - for stdout")
-    p.add_argument("--rules", metavar="YAML", help="validation data and cause mapping (default: configs/diagnosis.yaml)")
+    p.add_argument("--rules", metavar="YAML", help="validation data and cause mapping (default: the rules shipped with vota, "
+                   "agent/core/diagnosis/rules.yaml)")
     p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
@@ -296,302 +283,3 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--content-seconds", type=float, default=20.0, metavar="S",
                    help="real seconds the content's schedule is compressed into (default 20)")
     return parser
-
-
-def _size(text: str) -> int:
-    units = {"k": 1024, "m": 1024 * 1024}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            value = int(float(t[:-1]) * units[t[-1]])
-        else:
-            value = int(t, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return value
-
-
-# ---- commands ------------------------------------------------------------------------------
-def cmd_ecu_sim(args: argparse.Namespace) -> int:
-    from agent.config import load_vehicle_config
-    from agent.faults import parse_fault
-    from ecu_sim.simulator import EcuSimulator
-
-    config = load_vehicle_config(args.config)
-    names = args.ecu or list(config.ecus)
-    if not names:
-        raise UsageError(f"{args.config}: no ECUs configured")
-    faults = [parse_fault(f) for f in args.fault]
-    sim = EcuSimulator(config, names, args.state_dir, faults)
-
-    def stop(signum: int, frame: Any) -> None:
-        sim.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    sim.start()
-    print(f"ecu-sim ready: {', '.join(names)}", flush=True)
-    sim.wait()
-    return 0
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def parse_image_arg(text: str) -> tuple[str, Path, str]:
-    ecu, sep, rest = text.partition("=")
-    if not sep or not ecu or not rest:
-        raise UsageError(f"expected ECU=IMAGE[@VERSION], got {text!r}")
-    path_text, _, version = rest.partition("@")
-    path = Path(path_text)
-    return ecu, path, version or path.stem
-
-
-def cmd_flash(args: argparse.Namespace) -> int:
-    import time
-
-    from agent.config import load_vehicle_config
-    from agent.faults import parse_fault
-    from gateway.flash import FlashJob, flash_all
-    from gateway.progress import ProgressBoard
-
-    config = load_vehicle_config(args.config)
-    jobs = []
-    for item in args.images:
-        ecu, path, version = parse_image_arg(item)
-        config.ecu(ecu)
-        try:
-            image = path.read_bytes()
-        except FileNotFoundError:
-            raise UsageError(f"{path}: image file not found") from None
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot read image ({exc.strerror})") from None
-        if not image:
-            raise UsageError(f"{path}: image file is empty")
-        jobs.append(FlashJob(ecu, image, version, str(path)))
-    out = Path(args.out) if args.out else Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S")
-    signal.signal(signal.SIGTERM, _interrupt)
-    board = ProgressBoard([j.ecu for j in jobs], enabled=not args.no_progress)
-    results = flash_all(config, jobs, out, progress=board, faults=[parse_fault(f) for f in args.fault])
-    board.finish()
-    rows = [r.to_json() for r in results]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(format_flash_table(rows))
-        print(f"results and traces: {out}")
-    return 0 if all(r.result == "success" for r in results) else 3
-
-
-def format_flash_table(rows: list[dict[str, Any]]) -> str:
-    head = ["ECU", "result", "version", "before", "after", "KiB", "s", "KiB/s", "trace B", "trace %", "failed step / reason"]
-    lines = []
-    for r in rows:
-        kib = r["image_size"] / 1024
-        rate = r["bytes_transferred"] / 1024 / r["duration_s"] if r["duration_s"] else 0.0
-        why = f"{r['failed_step']}: {r['reason']}" if r["result"] != "success" else ""
-        lines.append([r["ecu"], r["result"], r["version"], r["version_before"] or "?", r["version_after"] or "-",
-                      f"{kib:.0f}", f"{r['duration_s']:.1f}", f"{rate:.1f}", str(r["trace_bytes"]),
-                      f"{100 * r['trace_fraction']:.2f}", why])
-    return _table(head, lines)
-
-
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*r) for r in rows]
-    return "\n".join(line.rstrip() for line in out)
-
-
-def cmd_versions(args: argparse.Namespace) -> int:
-    from agent.config import load_vehicle_config
-    from gateway.inventory import collect_versions
-
-    config = load_vehicle_config(args.config)
-    names = args.ecu or list(config.ecus)
-    for n in names:
-        config.ecu(n)
-    inventory = collect_versions(config, names)
-    if args.json:
-        print(json.dumps(inventory, indent=2))
-    else:
-        head = ["ECU", "segment", "part number", "software", "serial", "supplier sw", "bootloader"]
-        rows = [[e["ecu"], e["segment"]] + [e.get(k) or ("(no response)" if not e["reachable"] else "?")
-                for k in ("part_number", "software_version", "serial", "supplier_software", "bootloader")] for e in inventory]
-        print(_table(head, rows))
-    return 0 if all(e["reachable"] for e in inventory) else 1
-
-
-def cmd_gateway(args: argparse.Namespace) -> int:
-    from agent.config import load_vehicle_config
-    from agent.faults import parse_fault
-    from gateway.daemon import GatewayDaemon
-
-    config = load_vehicle_config(args.config)
-    daemon = GatewayDaemon(config, [parse_fault(f) for f in args.fault])
-    return _serve("gateway", daemon.start, daemon.stop)
-
-
-def _serve(name: str, start: Any, stop: Any, alive: Any = None) -> int:
-    """Run a daemon: READY=1 to systemd once started, WATCHDOG=1 while alive, clean stop."""
-    import threading
-
-    from agent import systemd
-
-    done = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        done.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    start()
-    print(f"{name} ready", flush=True)
-    systemd.notify("READY=1")
-    interval = systemd.watchdog_interval()
-    try:
-        while not done.wait(interval or 1.0):
-            if interval and (alive is None or alive()):
-                systemd.notify("WATCHDOG=1")
-    finally:
-        systemd.notify("STOPPING=1")
-        stop()
-    return 0
-
-
-def cmd_tbox(args: argparse.Namespace) -> int:
-    from agent.clock import parse_time, simulated_clock
-    from agent.config import load_vehicle_config
-    from agent.faults import parse_fault
-    from tbox.daemon import TboxDaemon
-
-    config = load_vehicle_config(args.config)
-    content_now = simulated_clock(parse_time(args.clock), args.clock_rate) if args.clock else None
-    daemon = TboxDaemon(config, faults=[parse_fault(f) for f in args.fault], content_now=content_now)
-    return _serve("tbox", daemon.start, daemon.stop, alive=daemon.alive)
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    from agent.canbus import Segment
-    from agent.config import load_vehicle_config
-    from agent.faults import parse_fault
-    from gateway.progress import ProgressBoard
-    from tbox.deploy import PackageDeployer, file_sha256
-
-    config = load_vehicle_config(args.config)
-    link = config.deploy_link()
-    faults = [parse_fault(f) for f in args.fault]
-    if args.sha256 and len(args.sha256) != len(args.packages):
-        raise UsageError("give --sha256 once per package, or not at all")
-    items = []
-    for i, item in enumerate(args.packages):
-        path_text, _, name = item.partition("=")
-        path = Path(path_text)
-        if not path.is_file():
-            raise UsageError(f"{path}: package file not found")
-        digest = args.sha256[i].lower() if args.sha256 else file_sha256(path)
-        if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
-            raise UsageError(f"--sha256 {args.sha256[i]!r} is not a SHA-256 in hex")
-        items.append((name or path.name, path, digest))
-    signal.signal(signal.SIGTERM, _interrupt)
-    board = ProgressBoard([n for n, _, _ in items], enabled=not args.no_progress)
-    rows = []
-    with Segment(config.segments[link.segment]) as segment:
-        for name, path, digest in items:
-            deployer = PackageDeployer(segment, link, name, path, digest, resume=args.resume, progress=board,
-                                       faults=faults)
-            result = deployer.run()
-            deployer.write(args.out, result)
-            rows.append(result.to_json())
-            if result.result != "success" and not args.keep_going:
-                break  # D4: a failed deploy ends the deploy stage
-    board.finish()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        head = ["package", "result", "KiB", "packets", "resumed at", "s", "trace B", "failed step / reason"]
-        table = [[r["package"], r["result"], f"{r['size'] / 1024:.0f}", str(r["packets"]), str(r["resumed_from"]),
-                  f"{r['duration_s']:.1f}", str(r["trace_bytes"]),
-                  f"{r['failed_step']}: {r['reason']}" + (f" (packet {r['failed_packet']})" if r["failed_packet"] is not None else "")
-                  if r["result"] != "success" else ""] for r in rows]
-        print(_table(head, table))
-        print(f"deploy results and traces: {args.out}")
-    return 0 if len(rows) == len(items) and all(r["result"] == "success" for r in rows) else 3
-
-
-def cmd_diagnose(args: argparse.Namespace) -> int:
-    from agent.diagnosis import diagnose, render_markdown
-    from agent.diagnosis_files import load_inputs, load_rules
-    from agent.storage import atomic_write_json
-
-    rules = load_rules(args.rules)
-    inputs, campaign_id, problems = load_inputs(args.path)
-    verdict = diagnose(inputs, rules, args.mode, campaign_id)
-    verdict.unanalysed.extend(problems)
-    if args.json == "-":
-        print(json.dumps(verdict.to_json(), indent=2))
-        return 0
-    if args.json:
-        atomic_write_json(args.json, verdict.to_json())
-    sys.stdout.write(render_markdown(verdict))
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from agent.bench import run_bench
-
-    return run_bench(args)
-
-
-def cmd_campaign(args: argparse.Namespace) -> int:
-    from agent.cli_tools import cmd_campaign as run
-
-    return run(args)
-
-
-def cmd_cloud(args: argparse.Namespace) -> int:
-    from agent.cli_tools import cmd_cloud as run
-
-    return run(args)
-
-
-def cmd_content(args: argparse.Namespace) -> int:
-    from agent.cli_tools import cmd_content as run
-
-    return run(args)
-
-
-COMMANDS = {
-    "ecu-sim": cmd_ecu_sim,
-    "flash": cmd_flash,
-    "versions": cmd_versions,
-    "gateway": cmd_gateway,
-    "tbox": cmd_tbox,
-    "deploy": cmd_deploy,
-    "campaign": cmd_campaign,
-    "cloud": cmd_cloud,
-    "diagnose": cmd_diagnose,
-    "content": cmd_content,
-    "bench": cmd_bench,
-}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _setup_logging(args.verbose, args.command)
-    try:
-        return COMMANDS[args.command](args)
-    except VotaError as exc:
-        print(f"vota {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"vota {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

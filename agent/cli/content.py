@@ -1,130 +1,16 @@
-"""The ``vota`` commands that play the cloud and its trust platform: campaign keys and
-signatures, the stand-in cloud, custom service content bundles."""
+"""``vota content``: the trust platform's tools (keys, build, sign, verify, review) and the vehicle
+side's view and choices (list, show, accept, decline, bind, import)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
-from agent.cli import _serve
+from agent.cli.inputs import read_input, trusted_keys
 from agent.errors import UsageError
 
-__all__ = ["cmd_campaign", "cmd_cloud", "cmd_content", "read_input"]
-
-
-def read_input(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: {what} not found") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read {what} ({exc.strerror})") from None
-
-
-def _trusted(paths: list[str]) -> dict[str, Any]:
-    """``--trusted`` public key files, by key id."""
-    from agent.campaign import key_id, load_public_key
-
-    keys = {}
-    for path in paths:
-        key = load_public_key(read_input(path, "public key"), path)
-        keys[key_id(key)] = key
-    return keys
-
-
-def cmd_campaign(args: argparse.Namespace) -> int:
-    import datetime as _dt
-    import os
-
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from agent import campaign as c
-    from agent.storage import atomic_write_bytes
-
-    if args.campaign_command == "keygen":
-        key = Ed25519PrivateKey.generate()
-        out = Path(args.out)
-        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        atomic_write_bytes(out / "signing.key", private)
-        os.chmod(out / "signing.key", 0o600)
-        atomic_write_bytes(out / "signing.pub", public)
-        print(f"key id {c.key_id(key.public_key())}: {out / 'signing.key'} (keep secret), {out / 'signing.pub'} (give to vehicles)")
-        return 0
-    if args.campaign_command == "sign":
-        key = c.load_private_key(read_input(args.key, "key"), args.key)
-        try:
-            doc = json.loads(read_input(args.campaign, "campaign"))
-        except ValueError as exc:
-            raise UsageError(f"{args.campaign}: not JSON ({exc})") from None
-        envelope = c.sign_campaign(doc, key)
-        if args.out:
-            atomic_write_bytes(args.out, envelope)
-        else:
-            sys.stdout.write(envelope.decode())
-        return 0
-    trusted = _trusted(args.trusted)
-    installed = dict(item.partition("=")[::2] for item in args.installed)
-    campaign = c.verify_campaign(read_input(args.envelope, "campaign"), trusted, vin=args.vin,
-                                 now=_dt.datetime.now(_dt.timezone.utc), installed=installed)
-    print(f"campaign {campaign.campaign_id} verified: {len(campaign.packages)} package(s), install {campaign.install}, "
-          f"expires {campaign.expires.isoformat()}")
-    return 0
-
-
-def cmd_cloud(args: argparse.Namespace) -> int:
-    import datetime as _dt
-
-    from agent.campaign import load_private_key
-    from agent.storage import atomic_write_bytes
-    from cloud_sim.cloud import CloudSim, make_campaign, publish
-
-    if args.cloud_command == "broker":
-        from cloud_sim.broker import run_broker
-
-        run_broker("127.0.0.1", args.port, ready=lambda: print(f"broker ready on 127.0.0.1:{args.port}", flush=True))
-        return 0
-    if args.cloud_command == "serve":
-        sim = CloudSim(args.broker, args.store, args.packages, args.http_port, args.mqtt_version)
-        return _serve(f"cloud (packages at {sim.base_url})", sim.start, sim.stop)
-    if args.cloud_command == "campaign":
-        key = load_private_key(read_input(args.key, "key"), args.key)
-        packages = []
-        for item in args.packages:
-            ecu, _, rest = item.partition("=")
-            path_text, _, version = rest.partition("@")
-            if not ecu or not path_text or not version:
-                raise UsageError(f"expected ECU=FILE@VERSION, got {item!r}")
-            packages.append((ecu, Path(path_text), version))
-        envelope = make_campaign(vin=args.vin, packages=packages, base_url=args.base_url, key=key,
-                                 campaign_id=args.campaign_id, install=args.install,
-                                 valid_for=_dt.timedelta(days=args.valid_days))
-        if args.out:
-            atomic_write_bytes(args.out, envelope)
-        else:
-            sys.stdout.write(envelope.decode())
-        return 0
-    if args.cloud_command == "publish":
-        publish(args.broker, args.vin, "campaign", read_input(args.campaign, "campaign"), args.mqtt_version)
-        return 0
-    if args.cloud_command == "offer-content":
-        from cloud_sim.cloud import content_offer
-
-        Path(args.packages).mkdir(parents=True, exist_ok=True)
-        offer = content_offer(read_input(args.bundle, "bundle"), Path(args.packages), args.base_url, args.vin, args.request)
-        publish(args.broker, args.vin, "command", offer, args.mqtt_version)
-        return 0
-    if args.cloud_command == "request-content":
-        body = json.dumps({"command": "content_request", "bundle_id": args.bundle_id, "vin": args.vin}).encode()
-        publish(args.broker, args.vin, "command", body, args.mqtt_version)
-        return 0
-    body = json.dumps({"command": args.command, "campaign_id": args.campaign_id, "vin": args.vin}).encode()
-    publish(args.broker, args.vin, "command", body, args.mqtt_version)
-    return 0
+__all__ = ["cmd_content"]
 
 
 def cmd_content(args: argparse.Namespace) -> int:
@@ -134,9 +20,9 @@ def cmd_content(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-    from agent import content as c
-    from agent.campaign import load_private_key
-    from agent.storage import atomic_write_bytes
+    from agent.adapters.storage import atomic_write_bytes
+    from agent.core import content as c
+    from agent.core.campaign import load_private_key
 
     if args.content_command in ("list", "show", "accept", "decline", "import", "bind"):
         return _content_on_vehicle(args)
@@ -151,7 +37,7 @@ def cmd_content(args: argparse.Namespace) -> int:
         print(f"{out / 'vehicle.key'} (stays in the vehicle), {out / 'vehicle.pub'} (for the trust platform)")
         return 0
     if args.content_command == "build":
-        from agent.bench_content import load_content_spec
+        from agent.bench.content import load_content_spec
 
         spec, files = load_content_spec(args.spec)
         vehicle = None
@@ -165,8 +51,8 @@ def cmd_content(args: argparse.Namespace) -> int:
     if args.content_command == "review":
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-        from agent.bench_content import load_content_spec
-        from agent.clock import parse_time
+        from agent.bench.content import load_content_spec
+        from agent.core.clock import parse_time
         from cloud_sim.trust import TrustPlatform
 
         spec, files = load_content_spec(args.spec)
@@ -183,7 +69,7 @@ def cmd_content(args: argparse.Namespace) -> int:
         platform_key = load_private_key(read_input(args.key, "key"), args.key)
         atomic_write_bytes(args.out, c.sign_bundle(read_input(args.bundle, "bundle"), platform_key))
         return 0
-    trusted = _trusted(args.trusted)
+    trusted = trusted_keys(args.trusted)
     data = read_input(args.bundle, "bundle")
     probe = c.read_archive(data, len(data) + c.SLACK)
     bid = json.loads(probe.get("manifest.json", b"{}") or b"{}").get("bundle_id", "")
@@ -196,14 +82,14 @@ def cmd_content(args: argparse.Namespace) -> int:
 
 def _content_on_vehicle(args: argparse.Namespace) -> int:
     """C8: the vehicle side lists, shows, accepts and declines content."""
-    from agent.config import load_vehicle_config
+    from agent.core.config import load_vehicle_config
     from tbox.content_manager import load_records, write_inbox
 
     state_dir = load_vehicle_config(args.config).tbox_config().state_dir
     if args.content_command == "import":
         import time
 
-        from agent.storage import atomic_write_bytes
+        from agent.adapters.storage import atomic_write_bytes
 
         data = read_input(args.bundle, "bundle")
         atomic_write_bytes(Path(state_dir) / "content" / "inbox" / f"{time.time_ns()}.tar", data)

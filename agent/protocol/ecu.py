@@ -1,11 +1,14 @@
-"""Identifiers and algorithms both ends of a flash agree on: DIDs and the seed/key."""
+"""What the gateway (or a tester) and an ECU agree on: DIDs, the content routines, the seed/key."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 
-__all__ = ["DID", "security_key"]
+__all__ = ["DID", "ROUTINE_SHOW_CONTENT", "ROUTINE_STOP_CONTENT", "security_key"]
+
+ROUTINE_SHOW_CONTENT = 0x0401  # 31 01 0401 <name>: show owner content the ECU holds
+ROUTINE_STOP_CONTENT = 0x0402  # 31 01 0402: stop showing it
 
 
 class DID:

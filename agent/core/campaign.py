@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import VotaError
+from agent.protocol.files import PARTIAL_SUFFIXES, is_name
 
 __all__ = [
     "Campaign",
@@ -52,7 +53,6 @@ _DOMAIN = b"vota-campaign-v1\n"
 FORMAT = "vota-campaign"
 VERSION = 1
 MAX_ENVELOPE = 1 << 20
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
 class CampaignRejected(VotaError):
@@ -161,7 +161,7 @@ def _parse(payload: bytes) -> Campaign:
     unknown = sorted(set(doc) - known)
     if unknown:
         raise CampaignRejected("malformed", f"unknown field {unknown[0]!r}", cid_text)
-    if not isinstance(cid, str) or not _NAME.match(cid):
+    if not is_name(cid):
         raise CampaignRejected("malformed", "campaign_id must be a short name (letters, digits, ._+-)")
     vin = doc.get("vin")
     if not isinstance(vin, str) or not vin:
@@ -179,7 +179,7 @@ def _parse(payload: bytes) -> Campaign:
             raise CampaignRejected("malformed", f"{where} needs exactly name, ecu, version, url, size, sha256", cid)
         if not all(isinstance(p[k], str) and p[k] for k in ("name", "ecu", "version", "url", "sha256")):
             raise CampaignRejected("malformed", f"{where}: name, ecu, version, url and sha256 must be strings", cid)
-        if not _NAME.match(p["name"]) or p["name"].endswith((".part", ".part.json")):
+        if not is_name(p["name"]) or p["name"].endswith(PARTIAL_SUFFIXES):
             raise CampaignRejected("malformed", f"{where}.name {p['name']!r} is not a plain file name", cid)
         if not isinstance(p["size"], int) or isinstance(p["size"], bool) or p["size"] <= 0:
             raise CampaignRejected("malformed", f"{where}.size must be a positive integer", cid)

@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.config import load_yaml
-from agent.content import BundleRejected, parse_schedule
+from agent.adapters.storage import atomic_write_bytes
+from agent.core.config import load_yaml
+from agent.core.content import BundleRejected, parse_schedule
 from agent.errors import UsageError
-from agent.storage import atomic_write_bytes
 
 __all__ = ["load_content_spec", "content_keys", "content_clock", "run_content", "FINAL"]
 

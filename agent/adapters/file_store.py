@@ -13,26 +13,26 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.storage import atomic_write_json, fsync_dir
-from agent.uds_server import BlockCounter, Nrc, Request, negative
+from agent.adapters.storage import atomic_write_json, fsync_dir
+from agent.protocol.files import (
+    DIGEST_LENGTH,
+    PACKET_HEADER,
+    PARTIAL_SUFFIXES,
+    Mode,
+    file_transfer_response,
+    is_name,
+    packet_payload,
+    parse_file_request,
+    read_file_response,
+)
+from agent.protocol.uds import BlockCounter, Nrc, Request
 
-__all__ = ["FileStore", "PACKET_HEADER", "packet_payload", "request_file_transfer", "transfer_data", "transfer_exit",
-           "NAME"]
+__all__ = ["FileStore", "request_file_transfer", "transfer_data", "transfer_exit"]
 
 log = logging.getLogger(__name__)
-
-PACKET_HEADER = 4  # deploy packet id, big endian, after SID and block counter
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_NAME = NAME
-
-
-def packet_payload(max_block_length: int) -> int:
-    """Package bytes per deploy data packet: the block minus SID, counter and packet id."""
-    return max_block_length - 2 - PACKET_HEADER
 
 
 @dataclass
@@ -65,7 +65,6 @@ class FileStore:
     readable: Path | None = None
     transfer: _Transfer | None = None
     upload: _Upload | None = None
-    accepted: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -99,58 +98,33 @@ class FileStore:
         return self.dir / f"{name}.part.json"
 
 
-def _parse_file_request(data: bytes) -> tuple[int, str, int | None] | None:
-    """(mode, path, size) of a RequestFileTransfer, or None when malformed."""
-    if len(data) < 4:
-        return None
-    mode, length = data[1], int.from_bytes(data[2:4], "big")
-    if length == 0 or len(data) < 4 + length:
-        return None
-    try:
-        path = data[4 : 4 + length].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    rest = data[4 + length :]
-    if mode == 0x02:
-        return (mode, path, None) if not rest else None
-    if mode == 0x04:
-        return (mode, path, None) if rest == b"\x00" else None
-    if len(rest) < 2 or rest[0] != 0x00:  # dataFormatIdentifier: no compression/encryption
-        return None
-    width = rest[1]
-    if not 1 <= width <= 8 or len(rest) != 2 + 2 * width:
-        return None
-    size = int.from_bytes(rest[2 : 2 + width], "big")
-    return mode, path, size
-
-
 def request_file_transfer(s: FileStore, r: Request) -> bytes:
     if len(r.data) < 2:
-        return negative(0x38, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     mode = r.data[1]
-    if mode not in (0x01, 0x02, 0x03, 0x04, 0x06):
-        return negative(0x38, Nrc.OUT_OF_RANGE)
-    parsed = _parse_file_request(r.data)
+    if mode not in (Mode.AddFile, Mode.DeleteFile, Mode.ReplaceFile, Mode.ReadFile, Mode.ResumeFile):
+        return r.negative(Nrc.RequestOutOfRange)
+    parsed = parse_file_request(r.data)
     if parsed is None:
-        return negative(0x38, Nrc.INCORRECT_LENGTH)
-    _, name, size = parsed
-    if mode == 0x04:
-        return _read_file(s, name)
-    if not _NAME.match(name) or name.endswith((".part", ".part.json")):
-        return negative(0x38, Nrc.OUT_OF_RANGE)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    name, size = parsed.path, parsed.size
+    if mode == Mode.ReadFile:
+        return _read_file(s, r, name)
+    if not is_name(name) or name.endswith(PARTIAL_SUFFIXES):
+        return r.negative(Nrc.RequestOutOfRange)
     if s.transfer is not None:
-        return negative(0x38, Nrc.CONDITIONS_NOT_CORRECT)
-    if mode == 0x02:
+        return r.negative(Nrc.ConditionsNotCorrect)
+    if mode == Mode.DeleteFile:
         for p in (s.path(name), s.part(name), s.sidecar(name)):
             p.unlink(missing_ok=True)
-        return b"\x78\x02"
+        return file_transfer_response(mode, s.max_block_length)
     assert size is not None
     if size == 0:
-        return negative(0x38, Nrc.OUT_OF_RANGE)
-    if mode == 0x01 and s.path(name).exists():
-        return negative(0x38, Nrc.CONDITIONS_NOT_CORRECT)  # AddFile of a package already accepted
+        return r.negative(Nrc.RequestOutOfRange)
+    if mode == Mode.AddFile and s.path(name).exists():
+        return r.negative(Nrc.ConditionsNotCorrect)  # AddFile of a package already accepted
     position = 0
-    if mode == 0x06:
+    if mode == Mode.ResumeFile:
         position = _resume_position(s, name, size)
     else:
         atomic_write_json(s.sidecar(name), {"name": name, "size": size})
@@ -163,9 +137,7 @@ def request_file_transfer(s: FileStore, r: Request) -> bytes:
         handle.seek(0)
         transfer.digest.update(handle.read(position))
     s.transfer = transfer
-    block = s.max_block_length.to_bytes(2, "big")
-    head = bytes((0x78, mode, 0x02)) + block + b"\x00"
-    return head + position.to_bytes(8, "big") if mode == 0x06 else head
+    return file_transfer_response(mode, s.max_block_length, position)
 
 
 def _resume_position(s: FileStore, name: str, size: int) -> int:
@@ -183,34 +155,33 @@ def _resume_position(s: FileStore, name: str, size: int) -> int:
     return min(have, size) // s.payload * s.payload
 
 
-def _read_file(s: FileStore, path: str) -> bytes:
+def _read_file(s: FileStore, r: Request, path: str) -> bytes:
     parts = path.split("/")
-    if not 1 <= len(parts) <= 2 or not all(_NAME.match(p) for p in parts):
-        return negative(0x38, Nrc.OUT_OF_RANGE)
+    if not 1 <= len(parts) <= 2 or not all(is_name(p) for p in parts):
+        return r.negative(Nrc.RequestOutOfRange)
     if s.transfer is not None or s.upload is not None:
-        return negative(0x38, Nrc.CONDITIONS_NOT_CORRECT)
+        return r.negative(Nrc.ConditionsNotCorrect)
     try:
         data = (s.results / path).read_bytes()
     except OSError:
-        return negative(0x38, Nrc.OUT_OF_RANGE)
+        return r.negative(Nrc.RequestOutOfRange)
     s.upload = _Upload(path, data)
-    size = len(data).to_bytes(4, "big")
-    return bytes((0x78, 0x04, 0x02)) + s.max_block_length.to_bytes(2, "big") + b"\x00" + b"\x00\x04" + size + size
+    return read_file_response(s.max_block_length, len(data))
 
 
 def _send_block(s: FileStore, r: Request) -> bytes:
     u = s.upload
     assert u is not None
     if len(r.data) != 2:
-        return negative(0x36, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     counter = r.data[1]
     kind = u.counter.classify(counter)
     if kind == "repeat":
         return bytes((0x76, counter)) + u.last_block
     if kind == "wrong":
-        return negative(0x36, Nrc.WRONG_BLOCK_SEQUENCE_COUNTER)
+        return r.negative(Nrc.WrongBlockSequenceCounter)
     if u.offset >= len(u.data):
-        return negative(0x36, Nrc.REQUEST_SEQUENCE_ERROR)  # nothing left to read
+        return r.negative(Nrc.RequestSequenceError)  # nothing left to read
     room = s.max_block_length - 2
     u.last_block = u.data[u.offset : u.offset + room]
     u.offset += len(u.last_block)
@@ -223,23 +194,23 @@ def transfer_data(s: FileStore, r: Request) -> bytes:
         return _send_block(s, r)
     t = s.transfer
     if t is None:
-        return negative(0x36, Nrc.REQUEST_SEQUENCE_ERROR)
+        return r.negative(Nrc.RequestSequenceError)
     if len(r.data) < 2 + PACKET_HEADER + 1 or len(r.data) > s.max_block_length:
-        return negative(0x36, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     counter = r.data[1]
     kind = t.counter.classify(counter)
     if kind == "repeat":
         return bytes((0x76, counter))
     if kind == "wrong":
-        return negative(0x36, Nrc.WRONG_BLOCK_SEQUENCE_COUNTER)
+        return r.negative(Nrc.WrongBlockSequenceCounter)
     packet = int.from_bytes(r.data[2 : 2 + PACKET_HEADER], "big")
     if packet * s.payload != t.received:
-        return negative(0x36, Nrc.OUT_OF_RANGE)  # not the packet that comes next
+        return r.negative(Nrc.RequestOutOfRange)  # not the packet that comes next
     data = r.data[2 + PACKET_HEADER :]
     if t.received + len(data) > t.size:
-        return negative(0x36, Nrc.TRANSFER_SUSPENDED)
+        return r.negative(Nrc.TransferDataSuspended)
     if len(data) != s.payload and t.received + len(data) != t.size:
-        return negative(0x36, Nrc.INCORRECT_LENGTH)  # only the last packet may be short
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)  # only the last packet may be short
     t.handle.write(data)  # type: ignore[attr-defined]
     t.digest.update(data)
     t.received += len(data)
@@ -250,18 +221,18 @@ def transfer_data(s: FileStore, r: Request) -> bytes:
 def transfer_exit(s: FileStore, r: Request) -> bytes:
     if s.upload is not None:
         if len(r.data) != 1:
-            return negative(0x37, Nrc.INCORRECT_LENGTH)
+            return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
         if s.upload.offset < len(s.upload.data):
-            return negative(0x37, Nrc.REQUEST_SEQUENCE_ERROR)
+            return r.negative(Nrc.RequestSequenceError)
         s.upload = None
         return b"\x77"
     t = s.transfer
     if t is None:
-        return negative(0x37, Nrc.REQUEST_SEQUENCE_ERROR)
-    if len(r.data) != 33:
-        return negative(0x37, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.RequestSequenceError)
+    if len(r.data) != 1 + DIGEST_LENGTH:
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     if t.received != t.size:
-        return negative(0x37, Nrc.REQUEST_SEQUENCE_ERROR)
+        return r.negative(Nrc.RequestSequenceError)
     handle = t.handle
     handle.flush()  # type: ignore[attr-defined]
     os.fsync(handle.fileno())  # type: ignore[attr-defined]
@@ -271,10 +242,9 @@ def transfer_exit(s: FileStore, r: Request) -> bytes:
         log.warning("package %s refused: SHA-256 %s does not match", t.name, t.digest.hexdigest())
         s.part(t.name).unlink(missing_ok=True)
         s.sidecar(t.name).unlink(missing_ok=True)
-        return negative(0x37, Nrc.GENERAL_PROGRAMMING_FAILURE)
+        return r.negative(Nrc.GeneralProgrammingFailure)
     os.replace(s.part(t.name), s.path(t.name))
     s.sidecar(t.name).unlink(missing_ok=True)
     fsync_dir(s.dir)
-    s.accepted.append(t.name)
     log.info("package %s accepted (%d bytes, sha256 %s)", t.name, t.size, t.digest.hexdigest())
     return b"\x77"

@@ -15,7 +15,7 @@ from typing import Any, cast
 import can
 import isotp
 
-from agent.config import SegmentConfig
+from agent.core.config import SegmentConfig
 from agent.errors import ConfigError, VotaError
 
 __all__ = ["Segment", "RoutedStack", "frame_time", "isotp_params", "physical_goodput"]

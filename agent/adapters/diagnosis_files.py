@@ -5,22 +5,29 @@ any directory holding deploy/flash results with their traces."""
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from agent.config import load_yaml
-from agent.diagnosis import Rules, StageInput, parse_rules
+import yaml
+
+from agent.adapters.trace_files import read_trace
+from agent.core.config import load_yaml
+from agent.core.diagnosis import Rules, StageInput, parse_rules
+from agent.core.trace import parse_trace
 from agent.errors import TraceFormatError, UsageError
-from agent.trace import parse_trace, read_trace
 
 __all__ = ["load_inputs", "load_rules", "DEFAULT_RULES", "inputs_from_store"]
 
-DEFAULT_RULES = Path(__file__).resolve().parent.parent / "configs" / "diagnosis.yaml"
+DEFAULT_RULES = "agent/core/diagnosis/rules.yaml"  # shipped inside the package, read with importlib.resources
 
 
 def load_rules(path: str | Path | None = None) -> Rules:
-    source = Path(path) if path else DEFAULT_RULES
-    return parse_rules(load_yaml(source), str(source))
+    """The rules in ``path``, else the default rules that ship with the package (also in a wheel)."""
+    if path:
+        return parse_rules(load_yaml(path), str(path))
+    text = resources.files("agent.core.diagnosis").joinpath("rules.yaml").read_text(encoding="utf-8")
+    return parse_rules(yaml.safe_load(text), DEFAULT_RULES)
 
 
 def _json(path: Path) -> Any:

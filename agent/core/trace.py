@@ -29,11 +29,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from agent.errors import TraceFormatError
-from agent.storage import atomic_write_text
 
 __all__ = [
     "FORMAT",
@@ -43,7 +41,6 @@ __all__ = [
     "TraceRecorder",
     "Trace",
     "request_header",
-    "read_trace",
     "parse_trace",
 ]
 
@@ -258,11 +255,6 @@ class TraceRecorder:
                 trailer["tester_present"] = list(self.tester_present)
         return Trace(self.header, list(self.exchanges), trailer)
 
-    def write(self, path: str | Path, result: str | None = None) -> int:
-        text = self.trace(result).to_text()
-        atomic_write_text(path, text)
-        return len(text.encode())
-
 
 def parse_trace(text: str, source: str = "<trace>") -> Trace:
     lines = [line for line in text.splitlines() if line.strip()]
@@ -314,12 +306,3 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
             continue
         exchanges.append(Exchange.from_json(row, number))
     return Trace(header, exchanges, trailer)
-
-
-def read_trace(path: str | Path) -> Trace:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TraceFormatError(f"{path}: cannot read trace ({exc})") from None
-    return parse_trace(text, str(path))
-

@@ -25,10 +25,10 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import load_vehicle_config, load_yaml, parse_vehicle_config
+from agent.adapters.storage import atomic_write_json, atomic_write_text
+from agent.core.config import load_vehicle_config, load_yaml, parse_vehicle_config
+from agent.core.faults import parse_fault
 from agent.errors import UsageError, VotaError
-from agent.faults import parse_fault
-from agent.storage import atomic_write_json, atomic_write_text
 
 __all__ = ["run_bench", "make_image", "Processes"]
 
@@ -111,8 +111,9 @@ def _runtime_config(source: str, out: Path, broker: str, mqtt_version: str, vin:
     return path
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    from agent.bench_content import content_clock, content_keys, load_content_spec, run_content
+def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
+    """The bench report (also written to ``report.json``), or 130 when interrupted."""
+    from agent.bench.content import content_clock, content_keys, load_content_spec, run_content
     from cloud_sim.cloud import CloudSim, make_campaign, publish
 
     config = load_vehicle_config(args.config)
@@ -172,7 +173,7 @@ def run_bench(args: argparse.Namespace) -> int:
             atomic_write_json(out / "report.json", report)
             print(f"content {content_spec[0]['bundle_id']}: {result['outcome']} in {report['duration_s']:.1f} s; "
                   f"report: {out / 'report.json'}", flush=True)
-            return 0 if result["outcome"] == "success" else 1
+            return report
         campaign_id = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
         packages = []
         for name in names:
@@ -193,8 +194,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if cloud is not None:
             cloud.stop()
     atomic_write_json(out / "report.json", report)
-    _print_report(report)
-    return 0 if report["outcome"] == "success" else 1
+    return report
 
 
 def _follow(cloud: Any, vin: str, campaign_id: str, timeout: float) -> dict[str, Any] | None:
@@ -252,8 +252,8 @@ def _report(cloud: Any, out: Path, vin: str, campaign_id: str, finished: dict[st
 
 def _diagnose(out: Path, campaign_id: str) -> dict[str, Any] | None:
     """The verdict for the campaign, from the TBOX's own copy of results and traces."""
-    from agent.diagnosis import diagnose
-    from agent.diagnosis_files import load_inputs, load_rules
+    from agent.adapters.diagnosis_files import load_inputs, load_rules
+    from agent.core.diagnosis import diagnose
 
     for state in (out / "tbox" / "campaigns").glob("*/state.json"):
         try:
@@ -266,24 +266,3 @@ def _diagnose(out: Path, campaign_id: str) -> dict[str, Any] | None:
         verdict.unanalysed.extend(problems)
         return verdict.to_json()
     return None
-
-
-def _print_report(report: dict[str, Any]) -> None:
-    from agent.cli import _table
-
-    rows = [["deploy", d["package"], d["result"], f"{d['size'] // 1024}", f"{d['duration_s']:.1f}",
-             f"{d['failed_step']}: {d['reason']}" if d["result"] != "success" else ""] for d in report["deploy"]]
-    rows += [["flash", f["ecu"], f["result"], f"{f['image_size'] // 1024}", f"{f['duration_s']:.1f}",
-              f"{f['failed_step']}: {f['reason']}" if f["result"] != "success" else f"{f['version_before']} -> {f['version_after']}"]
-             for f in report["flash"]]
-    print(_table(["stage", "package / ECU", "result", "KiB", "s", "detail"], rows))
-    failure = report.get("failure")
-    why = f" ({failure.get('reason')}: {failure.get('detail')})" if isinstance(failure, dict) else ""
-    diagnosis = report.get("diagnosis") or {}
-    for f in diagnosis.get("findings", [])[:3]:
-        where = f"packet {f['packet']}" if f["stage"] == "deploy" else f"ECU {f['packet']}"
-        nrc = f" 0x{f['nrc']:02X} {f['nrc_name']}" if f.get("nrc") is not None else ""
-        print(f"diagnosis: {f['cause']}{nrc}: {f['side']} side ({f['unit']}), {f['stage']} of {f['package']}, "
-              f"{where}, request #{f['index']} {f['request']}: {f['detail']}")
-    print(f"campaign {report['campaign_id']}: {report['outcome']}{why} in {report['duration_s']:.1f} s; "
-          f"{len(report['traces'])} traces; report: {Path(report['store']).parents[2] / 'report.json'}")

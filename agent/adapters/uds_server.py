@@ -15,105 +15,26 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Protocol, TypeVar
 
-from agent.canbus import Segment
-from agent.faults import FaultCounter, FaultSpec
+from agent.adapters.canbus import Segment
+from agent.core.faults import FaultCounter, FaultSpec
+from agent.protocol.uds import Nrc, Request, Session, malformed, mismatched, negative
 
-__all__ = [
-    "Request",
-    "Outcome",
-    "Service",
-    "ServerState",
-    "UdsServer",
-    "negative",
-    "session_response",
-    "tester_present",
-    "BlockCounter",
-    "Nrc",
-    "SESSION_DEFAULT",
-    "SESSION_PROGRAMMING",
-    "SESSION_EXTENDED",
-]
+__all__ = ["Outcome", "Service", "ServerState", "UdsServer", "tester_present"]
 
 log = logging.getLogger(__name__)
 
-SESSION_DEFAULT = 0x01
-SESSION_PROGRAMMING = 0x02
-SESSION_EXTENDED = 0x03
-
-
-class Nrc:
-    GENERAL_REJECT = 0x10
-    SERVICE_NOT_SUPPORTED = 0x11
-    SUBFUNCTION_NOT_SUPPORTED = 0x12
-    INCORRECT_LENGTH = 0x13
-    BUSY_REPEAT = 0x21
-    CONDITIONS_NOT_CORRECT = 0x22
-    REQUEST_SEQUENCE_ERROR = 0x24
-    OUT_OF_RANGE = 0x31
-    SECURITY_ACCESS_DENIED = 0x33
-    INVALID_KEY = 0x35
-    EXCEEDED_ATTEMPTS = 0x36
-    TIME_DELAY_NOT_EXPIRED = 0x37
-    UPLOAD_DOWNLOAD_NOT_ACCEPTED = 0x70
-    TRANSFER_SUSPENDED = 0x71
-    GENERAL_PROGRAMMING_FAILURE = 0x72
-    WRONG_BLOCK_SEQUENCE_COUNTER = 0x73
-    RESPONSE_PENDING = 0x78
-    SUBFUNCTION_NOT_IN_SESSION = 0x7E
-    SERVICE_NOT_IN_SESSION = 0x7F
-
-
 # NRCs a server does not send for functionally addressed requests (ISO 14229-1, 7.5).
-_FUNCTIONAL_SILENT_NRCS = {0x11, 0x12, 0x31, 0x7E, 0x7F}
-
-
-def negative(sid: int, nrc: int) -> bytes:
-    return bytes((0x7F, sid, nrc))
-
-
-def session_response(session: int, p2_ms: int, p2_star_ms: int) -> bytes:
-    """Positive DiagnosticSessionControl response: P2 in ms, P2* in units of 10 ms."""
-    return bytes((0x50, session)) + p2_ms.to_bytes(2, "big") + (p2_star_ms // 10).to_bytes(2, "big")
-
+_FUNCTIONAL_SILENT_NRCS = {Nrc.ServiceNotSupported, Nrc.SubFunctionNotSupported, Nrc.RequestOutOfRange,
+                           Nrc.SubFunctionNotSupportedInActiveSession, Nrc.ServiceNotSupportedInActiveSession}
 
 def tester_present(state: object, r: "Request") -> bytes:
     """TesterPresent (3E 00); the framework handles suppress-positive-response (3E 80)."""
     if len(r.data) != 2:
-        return negative(0x3E, Nrc.INCORRECT_LENGTH)
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     if r.data[1] != 0x00:
-        return negative(0x3E, Nrc.SUBFUNCTION_NOT_SUPPORTED)
+        return r.negative(Nrc.SubFunctionNotSupported)
     return b"\x7e\x00"
 
-
-@dataclass
-class BlockCounter:
-    """TransferData's blockSequenceCounter: starts at 01, wraps FF -> 00; a repeat of the last
-    accepted block is acknowledged without being written again; anything else is NRC 0x73."""
-
-    expected: int = 1
-    last: int | None = None
-
-    def classify(self, counter: int) -> str:
-        if counter == self.expected:
-            return "next"
-        if counter == self.last:
-            return "repeat"
-        return "wrong"
-
-    def accept(self, counter: int) -> None:
-        self.last = counter
-        self.expected = (counter + 1) & 0xFF
-
-
-@dataclass(frozen=True)
-class Request:
-    data: bytes
-    now: float
-    functional: bool = False
-
-    @property
-    def sid(self) -> int:
-        return self.data[0]
 
 
 @dataclass
@@ -143,7 +64,7 @@ S = TypeVar("S", bound=ServerState)
 class Service(Generic[S]):
     handler: Callable[[S, Request], "bytes | Outcome | None"]
     min_length: int = 1
-    sessions: frozenset[int] = frozenset({SESSION_DEFAULT, SESSION_PROGRAMMING, SESSION_EXTENDED})
+    sessions: frozenset[int] = frozenset({Session.defaultSession, Session.programmingSession, Session.extendedDiagnosticSession})
     subfunction: bool = False
 
 
@@ -220,7 +141,7 @@ class UdsServer(Generic[S]):
     def _watch_s3(self) -> None:
         while not self._stop.wait(0.1):
             with self._lock:
-                if self.state.session != SESSION_DEFAULT and self.clock() - self._last_activity > self.s3:
+                if self.state.session != Session.defaultSession and self.clock() - self._last_activity > self.s3:
                     log.info("%s: S3 timeout, back to the default session", self.name)
                     self.state.session_timeout()
 
@@ -254,11 +175,11 @@ class UdsServer(Generic[S]):
         sid = request.sid
         service = self.services.get(sid)
         if service is None:
-            return self._filter(request, negative(sid, Nrc.SERVICE_NOT_SUPPORTED)), None
+            return self._filter(request, request.negative(Nrc.ServiceNotSupported)), None
         if self.state.session not in service.sessions:
-            return self._filter(request, negative(sid, Nrc.SERVICE_NOT_IN_SESSION)), None
+            return self._filter(request, request.negative(Nrc.ServiceNotSupportedInActiveSession)), None
         if len(request.data) < service.min_length:
-            return self._filter(request, negative(sid, Nrc.INCORRECT_LENGTH)), None
+            return self._filter(request, request.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)), None
         suppress = False
         if service.subfunction:
             suppress = bool(request.data[1] & 0x80)
@@ -290,20 +211,20 @@ class UdsServer(Generic[S]):
                 result.append(work())
             except Exception:  # noqa: BLE001 - the client gets an NRC, the server goes on
                 log.exception("%s: work for service 0x%02X failed", self.name, sid)
-                result.append(negative(sid, Nrc.GENERAL_PROGRAMMING_FAILURE))
+                result.append(negative(sid, Nrc.GeneralProgrammingFailure))
 
         worker = threading.Thread(target=run, name=f"work-{self.name}", daemon=True)
         worker.start()
         worker.join(0.02)
         while worker.is_alive():
-            stack.send(negative(sid, Nrc.RESPONSE_PENDING))
+            stack.send(negative(sid, Nrc.RequestCorrectlyReceived_ResponsePending))
             worker.join(self.pending_interval)
         return result[0]
 
     def _pending(self, stack, sid: int, busy: float) -> None:  # type: ignore[no-untyped-def]
         deadline = self.clock() + busy
         while True:
-            stack.send(negative(sid, Nrc.RESPONSE_PENDING))
+            stack.send(negative(sid, Nrc.RequestCorrectlyReceived_ResponsePending))
             left = deadline - self.clock()
             if left <= 0 or self._stop.wait(min(left, self.pending_interval)):
                 return
@@ -322,7 +243,7 @@ class UdsServer(Generic[S]):
             self._stop.wait((fault.arg or 0) / 1000.0)
             stack.send(response)
         elif action == "nrc":
-            stack.send(negative(request.sid, fault.arg or Nrc.GENERAL_REJECT))
+            stack.send(request.negative(fault.arg or Nrc.GeneralReject))
         elif action == "malformed":
             stack.send(malformed(response))
         elif action == "mismatch":
@@ -342,23 +263,3 @@ class UdsServer(Generic[S]):
         else:
             frame = bytes((0x10 | (size >> 8), size & 0xFF)) + payload[: frame_room - 2]  # first frame
         self.segment.send_frame(can_id, frame)
-
-
-def malformed(response: bytes) -> bytes:
-    """A response that breaks the format: a positive one cut to its SID, or a bare 7F."""
-    if response[0] == 0x7F:
-        return response[:2]
-    if len(response) > 1:
-        return response[:1]
-    return bytes((0x7F,))
-
-
-def mismatched(request: bytes, response: bytes) -> bytes:
-    """A well-formed response that answers another request: wrong echo, else wrong SID."""
-    if response[0] != 0x7F and len(response) >= 2 and len(request) >= 2:
-        echo = bytearray(response)
-        echo[1] = (echo[1] + 1) & 0xFF
-        return bytes(echo)
-    if response[0] == 0x7F:
-        return bytes((0x7F, (request[0] + 1) & 0xFF)) + response[2:]
-    return bytes(((response[0] + 1) & 0xFF,)) + response[1:]

@@ -11,16 +11,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
+from urllib.parse import urlparse
 
 import yaml
 
 from agent.errors import ConfigError
 
-if TYPE_CHECKING:
-    from agent.cloud_link import CloudConfig
-
 __all__ = [
+    "CloudConfig",
     "SegmentConfig",
     "EcuSimConfig",
     "EcuConfig",
@@ -167,6 +166,30 @@ def _bitrate(value: Any) -> tuple[int, int | None]:
 
 
 @dataclass(frozen=True)
+class CloudConfig:
+    broker: str = "mqtt://127.0.0.1:1883"
+    outbox: str = "var/tbox/outbox.db"
+    topic_root: str = "vota/v1"
+    keepalive: int = 30
+    max_message_bytes: int = 128 * 1024
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 60
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    username: str | None = None
+    password: str | None = None
+    mqtt_version: str = "5"  # "5", or "3.1.1" for brokers without MQTT 5 (the demo's embedded one)
+
+    def host_port(self) -> tuple[str, int, bool]:
+        url = urlparse(self.broker)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ConfigError("cloud", "broker", f"expected mqtt://host:port or mqtts://host:port, got {self.broker!r}")
+        tls = url.scheme == "mqtts" or self.tls_ca is not None
+        return url.hostname, url.port or (8883 if tls else 1883), tls
+
+
+@dataclass(frozen=True)
 class SegmentConfig:
     """One CAN segment: python-can settings plus ISO-TP framing."""
 
@@ -275,14 +298,13 @@ class TboxConfig:
     max_attempts: int = 3
     retry_delay_s: float = 2.0
     install_timeout_s: int = 900
+    worker_stale_s: int = 300  # a worker without progress this long stops the systemd watchdog pings
     diagnose: bool = False
-    cloud: "CloudConfig" = field(default_factory=lambda: _cloud_default())
+    cloud: CloudConfig = field(default_factory=lambda: _cloud_default())
     content: ContentConfig = field(default_factory=ContentConfig)
 
 
-def _cloud_default() -> "CloudConfig":
-    from agent.cloud_link import CloudConfig
-
+def _cloud_default() -> CloudConfig:
     return CloudConfig()
 
 
@@ -428,8 +450,6 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
 
 
 def _tbox(sec: _Section) -> TboxConfig:
-    from agent.cloud_link import CloudConfig
-
     keys = sec.get("trusted_keys", list, [], what="a list of public key files (PEM)")
     cloud = sec.section("cloud", {})
     tls = cloud.section("tls", {})
@@ -462,6 +482,7 @@ def _tbox(sec: _Section) -> TboxConfig:
         max_attempts=sec.get("max_attempts", _positive, d2.max_attempts),
         retry_delay_s=float(sec.get("retry_delay_ms", _positive, 2000)) / 1000.0,
         install_timeout_s=sec.get("install_timeout_s", _positive, d2.install_timeout_s),
+        worker_stale_s=sec.get("worker_stale_s", _positive, d2.worker_stale_s),
         diagnose=sec.get("diagnose", _bool, d2.diagnose),
         cloud=cloud_cfg,
         content=content,

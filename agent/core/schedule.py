@@ -13,7 +13,7 @@ import datetime as _dt
 from dataclasses import dataclass
 from typing import Mapping
 
-from agent.content import Schedule
+from agent.core.content import Schedule
 
 __all__ = ["ItemState", "Action", "tick", "STATUSES", "is_night"]
 

@@ -25,17 +25,16 @@ import queue
 import ssl
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.adapters.outbox import Outbox
+from agent.core.config import CloudConfig
 from agent.errors import ConfigError
-from agent.outbox import Outbox
 
 __all__ = ["CloudConfig", "CloudLink", "make_client", "topic_prefix", "trace_parts", "join_trace_parts", "OUT_KINDS", "IN_KINDS"]
 
@@ -44,30 +43,6 @@ log = logging.getLogger(__name__)
 OUT_KINDS = ("events", "inventory", "results", "traces")
 IN_KINDS = ("campaign", "command")
 MAX_INBOUND = 256 * 1024
-
-
-@dataclass(frozen=True)
-class CloudConfig:
-    broker: str = "mqtt://127.0.0.1:1883"
-    outbox: str = "var/tbox/outbox.db"
-    topic_root: str = "vota/v1"
-    keepalive: int = 30
-    max_message_bytes: int = 128 * 1024
-    reconnect_min_s: int = 1
-    reconnect_max_s: int = 60
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    username: str | None = None
-    password: str | None = None
-    mqtt_version: str = "5"  # "5", or "3.1.1" for brokers without MQTT 5 (the demo's embedded one)
-
-    def host_port(self) -> tuple[str, int, bool]:
-        url = urlparse(self.broker)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise ConfigError("cloud", "broker", f"expected mqtt://host:port or mqtts://host:port, got {self.broker!r}")
-        tls = url.scheme == "mqtts" or self.tls_ca is not None
-        return url.hostname, url.port or (8883 if tls else 1883), tls
 
 
 def make_client(client_id: str, version: str, clean: bool) -> mqtt.Client:

@@ -1,5 +1,6 @@
-"""Deploy, TBOX -> gateway (D1, D3): send an upgrade package as deploy data packets over
-ISO-TP/UDS and record the header-only deploy interaction trace."""
+"""The client side of the file-transfer protocol (``agent/protocol/files.py``): the TBOX deploys
+upgrade packages to the gateway with it (D1, D3), the gateway stores owner content on an ECU.
+Each file goes as data packets over ISO-TP/UDS, with its header-only interaction trace."""
 
 from __future__ import annotations
 
@@ -15,19 +16,20 @@ from typing import Any, Callable
 
 from udsoncan.exceptions import NegativeResponseException
 
-from agent.canbus import Segment
-from agent.config import DeployConfig
+from agent.adapters.canbus import Segment
+from agent.adapters.storage import atomic_write_json
+from agent.adapters.trace_files import write_trace
+from agent.adapters.uds_client import ClientFaults, UdsLink, describe_failure
+from agent.core.config import DeployConfig
+from agent.core.faults import FaultSpec
+from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError
-from agent.faults import FaultSpec
-from agent.trace import TraceHeader, TraceRecorder
-from agent.uds_client import ClientFaults, UdsLink, describe_failure
-from gateway.deploy_server import PACKET_HEADER, packet_payload
+from agent.protocol.files import PACKET_HEADER, packet_payload
+from agent.protocol.uds import Session
 
-__all__ = ["DeployResult", "PackageDeployer", "file_sha256", "DEPLOY_STEPS"]
+__all__ = ["DeployResult", "PackageDeployer", "file_sha256"]
 
 log = logging.getLogger(__name__)
-
-DEPLOY_STEPS = ("extended_session", "request_file_transfer", "transfer_data", "transfer_exit")
 
 Progress = Callable[[str, str, int, int], None]
 
@@ -148,7 +150,7 @@ class PackageDeployer:
 
     def _sequence(self, link: UdsLink, result: DeployResult) -> None:
         c = link.client
-        self._do("extended_session", lambda: c.change_session(0x03))
+        self._do("extended_session", lambda: c.change_session(Session.extendedDiagnosticSession))
         if self.resume:
             response = self._do("request_file_transfer", lambda: c.resume_file(self.name, filesize=self.size))
             position = int(response.service_data.fileposition or 0)
@@ -181,11 +183,9 @@ class PackageDeployer:
 
     def write(self, out_dir: str | Path, result: DeployResult) -> None:
         """Write ``<package>.deploy.trace.jsonl`` and ``<package>.deploy.result.json``."""
-        from agent.storage import atomic_write_json
-
         out = Path(out_dir)
         trace_path = out / f"{self.name}.deploy.trace.jsonl"
-        result.trace_bytes = self.recorder.write(trace_path, result.result)
+        result.trace_bytes = write_trace(trace_path, self.recorder, result.result)
         result.trace_file = trace_path.name
         result.trace_fraction = round(result.trace_bytes / max(1, self.size), 5)
         atomic_write_json(out / f"{self.name}.deploy.result.json", result.to_json())

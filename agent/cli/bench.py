@@ -1,0 +1,42 @@
+"""``vota bench``: the whole simulated vehicle and the stand-in cloud through one campaign (or an
+owner-content scenario); prints the outcome, the results table and the diagnosis."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from agent.cli.tables import table
+
+__all__ = ["cmd_bench"]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agent.bench import run_bench
+
+    report = run_bench(args)
+    if isinstance(report, int):
+        return report
+    if "campaign_id" in report:
+        print_report(report)
+    return 0 if report["outcome"] == "success" else 1
+
+
+def print_report(report: dict[str, Any]) -> None:
+    rows = [["deploy", d["package"], d["result"], f"{d['size'] // 1024}", f"{d['duration_s']:.1f}",
+             f"{d['failed_step']}: {d['reason']}" if d["result"] != "success" else ""] for d in report["deploy"]]
+    rows += [["flash", f["ecu"], f["result"], f"{f['image_size'] // 1024}", f"{f['duration_s']:.1f}",
+              f"{f['failed_step']}: {f['reason']}" if f["result"] != "success" else f"{f['version_before']} -> {f['version_after']}"]
+             for f in report["flash"]]
+    print(table(["stage", "package / ECU", "result", "KiB", "s", "detail"], rows))
+    failure = report.get("failure")
+    why = f" ({failure.get('reason')}: {failure.get('detail')})" if isinstance(failure, dict) else ""
+    diagnosis = report.get("diagnosis") or {}
+    for f in diagnosis.get("findings", [])[:3]:
+        where = f"packet {f['packet']}" if f["stage"] == "deploy" else f"ECU {f['packet']}"
+        nrc = f" 0x{f['nrc']:02X} {f['nrc_name']}" if f.get("nrc") is not None else ""
+        print(f"diagnosis: {f['cause']}{nrc}: {f['side']} side ({f['unit']}), {f['stage']} of {f['package']}, "
+              f"{where}, request #{f['index']} {f['request']}: {f['detail']}")
+    print(f"campaign {report['campaign_id']}: {report['outcome']}{why} in {report['duration_s']:.1f} s; "
+          f"{len(report['traces'])} traces; report: {Path(report['store']).parents[2] / 'report.json'}")

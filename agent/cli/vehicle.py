@@ -1,0 +1,150 @@
+"""The commands that talk to a vehicle's buses directly: ``vota flash``, ``vota versions``,
+``vota deploy``, and ``vota diagnose`` on what they leave behind."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.cli.tables import format_flash_table, table
+from agent.errors import UsageError
+
+__all__ = ["cmd_flash", "cmd_versions", "cmd_deploy", "cmd_diagnose", "parse_image_arg"]
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def parse_image_arg(text: str) -> tuple[str, Path, str]:
+    ecu, sep, rest = text.partition("=")
+    if not sep or not ecu or not rest:
+        raise UsageError(f"expected ECU=IMAGE[@VERSION], got {text!r}")
+    path_text, _, version = rest.partition("@")
+    path = Path(path_text)
+    return ecu, path, version or path.stem
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    import time
+
+    from agent.cli.progress import ProgressBoard
+    from agent.core.config import load_vehicle_config
+    from agent.core.faults import parse_fault
+    from gateway.flash import FlashJob, flash_all
+
+    config = load_vehicle_config(args.config)
+    jobs = []
+    for item in args.images:
+        ecu, path, version = parse_image_arg(item)
+        config.ecu(ecu)
+        try:
+            image = path.read_bytes()
+        except FileNotFoundError:
+            raise UsageError(f"{path}: image file not found") from None
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read image ({exc.strerror})") from None
+        if not image:
+            raise UsageError(f"{path}: image file is empty")
+        jobs.append(FlashJob(ecu, image, version, str(path)))
+    out = Path(args.out) if args.out else Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S")
+    signal.signal(signal.SIGTERM, _interrupt)
+    board = ProgressBoard([j.ecu for j in jobs], enabled=not args.no_progress)
+    results = flash_all(config, jobs, out, progress=board, faults=[parse_fault(f) for f in args.fault])
+    board.finish()
+    rows = [r.to_json() for r in results]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_flash_table(rows))
+        print(f"results and traces: {out}")
+    return 0 if all(r.result == "success" for r in results) else 3
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from agent.core.config import load_vehicle_config
+    from gateway.inventory import collect_versions
+
+    config = load_vehicle_config(args.config)
+    names = args.ecu or list(config.ecus)
+    for n in names:
+        config.ecu(n)
+    inventory = collect_versions(config, names)
+    if args.json:
+        print(json.dumps(inventory, indent=2))
+    else:
+        head = ["ECU", "segment", "part number", "software", "serial", "supplier sw", "bootloader"]
+        rows = [[e["ecu"], e["segment"]] + [e.get(k) or ("(no response)" if not e["reachable"] else "?")
+                for k in ("part_number", "software_version", "serial", "supplier_software", "bootloader")] for e in inventory]
+        print(table(head, rows))
+    return 0 if all(e["reachable"] for e in inventory) else 1
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from agent.adapters.canbus import Segment
+    from agent.adapters.file_client import PackageDeployer, file_sha256
+    from agent.cli.progress import ProgressBoard
+    from agent.core.config import load_vehicle_config
+    from agent.core.faults import parse_fault
+
+    config = load_vehicle_config(args.config)
+    link = config.deploy_link()
+    faults = [parse_fault(f) for f in args.fault]
+    if args.sha256 and len(args.sha256) != len(args.packages):
+        raise UsageError("give --sha256 once per package, or not at all")
+    items = []
+    for i, item in enumerate(args.packages):
+        path_text, _, name = item.partition("=")
+        path = Path(path_text)
+        if not path.is_file():
+            raise UsageError(f"{path}: package file not found")
+        digest = args.sha256[i].lower() if args.sha256 else file_sha256(path)
+        if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
+            raise UsageError(f"--sha256 {args.sha256[i]!r} is not a SHA-256 in hex")
+        items.append((name or path.name, path, digest))
+    signal.signal(signal.SIGTERM, _interrupt)
+    board = ProgressBoard([n for n, _, _ in items], enabled=not args.no_progress)
+    rows = []
+    with Segment(config.segments[link.segment]) as segment:
+        for name, path, digest in items:
+            deployer = PackageDeployer(segment, link, name, path, digest, resume=args.resume, progress=board,
+                                       faults=faults)
+            result = deployer.run()
+            deployer.write(args.out, result)
+            rows.append(result.to_json())
+            if result.result != "success" and not args.keep_going:
+                break  # D4: a failed deploy ends the deploy stage
+    board.finish()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        head = ["package", "result", "KiB", "packets", "resumed at", "s", "trace B", "failed step / reason"]
+        lines = [[r["package"], r["result"], f"{r['size'] / 1024:.0f}", str(r["packets"]), str(r["resumed_from"]),
+                  f"{r['duration_s']:.1f}", str(r["trace_bytes"]),
+                  f"{r['failed_step']}: {r['reason']}" + (f" (packet {r['failed_packet']})" if r["failed_packet"] is not None else "")
+                  if r["result"] != "success" else ""] for r in rows]
+        print(table(head, lines))
+        print(f"deploy results and traces: {args.out}")
+    return 0 if len(rows) == len(items) and all(r["result"] == "success" for r in rows) else 3
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from agent.adapters.diagnosis_files import load_inputs, load_rules
+    from agent.adapters.storage import atomic_write_json
+    from agent.core.diagnosis import diagnose, render_markdown
+
+    rules = load_rules(args.rules)
+    inputs, campaign_id, problems = load_inputs(args.path)
+    verdict = diagnose(inputs, rules, args.mode, campaign_id)
+    verdict.unanalysed.extend(problems)
+    if args.json == "-":
+        print(json.dumps(verdict.to_json(), indent=2))
+        return 0
+    if args.json:
+        atomic_write_json(args.json, verdict.to_json())
+    sys.stdout.write(render_markdown(verdict))
+    return 0

@@ -1,0 +1,67 @@
+"""D5 (which traces to check), the verdict, and its Markdown report."""
+
+from __future__ import annotations
+
+from agent.core.diagnosis.checks import check_trace
+from agent.core.diagnosis.model import Finding, StageInput, Verdict
+from agent.core.diagnosis.rules import Rules
+
+__all__ = ["diagnose", "render_markdown"]
+
+
+def diagnose(inputs: list[StageInput], rules: Rules, mode: str = "first", campaign_id: str | None = None) -> Verdict:
+    """D5: a failed deploy -> the deploy traces of the failed packages only; otherwise the flash
+    traces of every failed ECU, one after another; nothing failed -> no abnormal package."""
+    if mode not in ("first", "all"):
+        raise ValueError("mode must be first or all")
+    deploy_failed = [i for i in inputs if i.stage == "deploy" and i.result.get("result") != "success"]
+    flash_failed = [i for i in inputs if i.stage == "flash" and i.result.get("result") != "success"]
+    chosen, stage = (deploy_failed, "deploy") if deploy_failed else ((flash_failed, "flash") if flash_failed else ([], None))
+    findings: list[Finding] = []
+    unanalysed: list[dict[str, str]] = []
+    for item in chosen:
+        if item.trace is None:
+            unanalysed.append({"stage": item.stage, "name": item.name, "reason": item.trace_error or "no trace"})
+            continue
+        try:
+            found = check_trace(item.trace, rules, item.name, mode)
+        except ValueError as exc:
+            unanalysed.append({"stage": item.stage, "name": item.name, "reason": str(exc)})
+            continue
+        if not found:
+            unanalysed.append({"stage": item.stage, "name": item.name,
+                               "reason": "the result is failed but every exchange passed the checks"})
+        findings.extend(found)
+    return Verdict(mode, [i.name for i in chosen], stage, findings, unanalysed, campaign_id)
+
+
+def render_markdown(verdict: Verdict) -> str:
+    lines = [f"# Upgrade diagnosis{f' of campaign {verdict.campaign_id}' if verdict.campaign_id else ''}", ""]
+    if not verdict.abnormal:
+        lines += ["No abnormal package: every deploy and flash result is a success.", ""]
+        return "\n".join(lines)
+    lines += [f"Abnormal in the **{verdict.stage}** stage: {', '.join(verdict.abnormal)} (mode `{verdict.mode}`).", ""]
+    for f in verdict.findings:
+        where = f"deploy packet {f.packet}" if f.stage == "deploy" and f.packet is not None else (
+            f"ECU {f.packet}" if f.stage == "flash" else f"package {f.package}")
+        nrc = f" 0x{f.nrc:02X} {f.nrc_name}" if f.nrc is not None else ""
+        lines += [
+            f"## `{f.cause}`{nrc}",
+            "",
+            f"- **{f.side} side at fault: {f.unit}** ({f.package}, {where}, request #{f.index} `{f.request}`)",
+            f"- failed check: `{f.check}`: {f.detail}",
+            "",
+            "```",
+        ]
+        for rec in f.context:
+            marker = ">>" if rec["index"] == f.index else "  "
+            rsp = rec["response"] or "(none)"
+            dt = f"{rec['dt']} ms" if rec["dt"] is not None else ""
+            extra = " ".join(f"{k}={v}" for k, v in (rec.get("x") or {}).items() if k in ("late", "stray", "sent", "id", "pend"))
+            lines.append(f"{marker} #{rec['index']:<5} {rec['request']:<24} {rec['length']:>6} B  ->  {rsp:<16} {dt:>10} {extra}".rstrip())
+            if rec["index"] == f.index:
+                lines.append(f"   ^ {f.check} failed: {f.cause}")
+        lines += ["```", ""]
+    for u in verdict.unanalysed:
+        lines.append(f"- not analysed: {u['stage']} {u['name']}: {u['reason']}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,121 @@
+"""The TBOX <-> gateway link beyond file transfer (``files``): gateway routines and records.
+
+    31 01 0301 manifest                  start installing per the install manifest (a deployed file)
+    31 03 0301 [campaign]                install status: 71 03 0301 SS DDDD TTTT
+    31 01 0302                           collect the ECU inventory (0x78 meanwhile), then ReadFile inventory.json
+    31 01 0303 op ecu 00 arg             owner content on an ECU behind the gateway:
+        op 01 store <file>, 02 show <file>, 03 stop, 04 read <did:2>, 05 delete <file>
+        ->  71 01 0303 SS data           SS 00 done (data: a DID's value), 01 refused, 02 no answer (reason in ASCII)
+
+Install manifest (JSON, deployed like a package, then named in routine 0x0301)::
+
+    {"format": "vota-install", "version": 1, "campaign_id": "c-0001",
+     "jobs": [{"ecu": "vcu", "package": "vcu-2.0.0.bin", "version": "2.0.0"}]}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from agent.protocol.files import is_name
+
+__all__ = ["INSTALL_ROUTINE", "INVENTORY_ROUTINE", "CONTENT_ROUTINE", "InstallStatus", "ContentOp", "RelayStatus",
+           "encode_install_status", "decode_install_status", "encode_content_request", "decode_content_request",
+           "InstallJob", "InstallManifest", "encode_manifest", "parse_manifest", "INVENTORY_FILE", "STATUS_RECORD_LENGTH"]
+
+INSTALL_ROUTINE = 0x0301
+INVENTORY_ROUTINE = 0x0302
+CONTENT_ROUTINE = 0x0303
+INVENTORY_FILE = "inventory.json"
+STATUS_RECORD_LENGTH = 5
+
+
+class InstallStatus(IntEnum):
+    NONE = 0x00
+    RUNNING = 0x01
+    SUCCEEDED = 0x02
+    FAILED = 0x03
+    REFUSED = 0x04  # the manifest could not be used
+
+
+class ContentOp(IntEnum):
+    STORE = 0x01
+    SHOW = 0x02
+    STOP = 0x03
+    READ_DID = 0x04
+    DELETE = 0x05
+
+
+class RelayStatus(IntEnum):
+    DONE = 0x00
+    REFUSED = 0x01  # the ECU (or the gateway) said no: trying again will not help
+    SILENT = 0x02  # the ECU did not answer (asleep, unplugged): worth trying later
+
+
+def encode_install_status(status: int, done: int, total: int) -> bytes:
+    return bytes((status,)) + done.to_bytes(2, "big") + total.to_bytes(2, "big")
+
+
+def decode_install_status(record: bytes) -> tuple[int, int, int] | None:
+    """(status, ECUs done, ECUs in total), or None when the record's layout is wrong."""
+    if len(record) != STATUS_RECORD_LENGTH:
+        return None
+    return record[0], int.from_bytes(record[1:3], "big"), int.from_bytes(record[3:5], "big")
+
+
+def encode_content_request(op: int, ecu: str, arg: bytes = b"") -> bytes:
+    return bytes((op,)) + ecu.encode("ascii") + b"\x00" + arg
+
+
+def decode_content_request(record: bytes) -> tuple[int, str, bytes] | None:
+    """(op, ECU name, argument), or None when the record's layout is wrong."""
+    if len(record) < 3 or b"\x00" not in record[1:]:
+        return None
+    ecu, _, arg = record[1:].partition(b"\x00")
+    return record[0], ecu.decode("ascii", "replace"), arg
+
+
+@dataclass(frozen=True)
+class InstallJob:
+    ecu: str
+    package: str
+    version: str
+
+
+@dataclass(frozen=True)
+class InstallManifest:
+    campaign_id: str
+    jobs: tuple[InstallJob, ...]
+
+
+def encode_manifest(manifest: InstallManifest) -> bytes:
+    doc = {"format": "vota-install", "version": 1, "campaign_id": manifest.campaign_id,
+           "jobs": [{"ecu": j.ecu, "package": j.package, "version": j.version} for j in manifest.jobs]}
+    return json.dumps(doc, indent=1).encode()
+
+
+def parse_manifest(data: bytes) -> InstallManifest | str:
+    """The manifest, or why it cannot be used (no I/O: whether packages exist is the caller's)."""
+    try:
+        doc: Any = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        return f"malformed manifest ({exc.__class__.__name__})"
+    if not isinstance(doc, dict) or doc.get("format") != "vota-install" or doc.get("version") != 1:
+        return "not a vota-install version 1 manifest"
+    campaign = doc.get("campaign_id")
+    if not is_name(campaign):
+        return "bad campaign_id"
+    raw = doc.get("jobs")
+    if not isinstance(raw, list) or not raw:
+        return "no jobs"
+    jobs = []
+    for job in raw:
+        if not isinstance(job, dict) or not all(isinstance(job.get(k), str) for k in ("ecu", "package", "version")):
+            return "malformed manifest (a job needs ecu, package and version strings)"
+        if not is_name(job["package"]):
+            return f"package {job['package']!r} was not deployed"
+        jobs.append(InstallJob(job["ecu"], job["package"], job["version"]))
+    return InstallManifest(str(campaign), tuple(jobs))
