@@ -2,17 +2,35 @@
 
 Every error a user can cause (bad configuration, a missing file, an unknown ECU) is a
 ``VotaError``; the command line prints its message on one line and exits non-zero.
+
+What a state machine does with an error is told by its class, in one place:
+``TryLater`` (transient: a link down, a peer busy or asleep: the same action is tried again
+after a pause, within its own bounded budget), ``Refused`` (the peer or the input said no,
+with a reason code: final), any other ``VotaError`` (failed: final). Anything else is a
+programming error and is not retried.
 """
 
 from __future__ import annotations
 
-__all__ = ["VotaError", "ConfigError", "UsageError", "FlashError", "TraceFormatError"]
+__all__ = ["VotaError", "TryLater", "Refused", "ConfigError", "UsageError", "FlashError", "TraceFormatError"]
 
 
 class VotaError(Exception):
     """Root of every error vota raises on purpose."""
 
     exit_code = 1
+
+
+class TryLater(VotaError):
+    """Transient: the same action may succeed after a pause."""
+
+
+class Refused(VotaError):
+    """Final: the peer or the input said no; ``reason`` is the code reported, ``extra`` the evidence."""
+
+    def __init__(self, reason: str, detail: str, **extra: object) -> None:
+        self.reason, self.detail, self.extra = reason, detail, extra
+        super().__init__(f"{reason}: {detail}")
 
 
 class UsageError(VotaError):

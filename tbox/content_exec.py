@@ -26,25 +26,13 @@ from agent.adapters.file_client import PackageDeployer
 from agent.adapters.storage import atomic_write_bytes
 from agent.core.config import DeployConfig
 from agent.core.content import Item
-from agent.errors import VotaError
+from agent.errors import Refused, TryLater, VotaError
 from tbox.apps import AppRegistry
 from tbox.gateway_client import ContentOp, GatewayClient, GatewayError
 
-__all__ = ["Job", "Executor", "ExecFailed", "ExecRetry", "ResourceExecutor", "AppExecutor", "SoftwareExecutor"]
+__all__ = ["Job", "Executor", "ResourceExecutor", "AppExecutor", "SoftwareExecutor"]
 
 log = logging.getLogger(__name__)
-
-
-class ExecFailed(VotaError):
-    """The item cannot run: it ends ``failed`` with this reason."""
-
-    def __init__(self, reason: str, detail: str, **extra: Any) -> None:
-        self.reason, self.detail, self.extra = reason, detail, extra
-        super().__init__(f"{reason}: {detail}")
-
-
-class ExecRetry(VotaError):
-    """A transient problem (gateway busy or unreachable): the action is tried again later."""
 
 
 @dataclass
@@ -85,16 +73,12 @@ class ResourceExecutor:
     def ecu(self, job: Job) -> str:
         ecu = self.targets.get(job.item.target, job.item.target)
         if ecu not in self.ecus:
-            raise ExecFailed("unknown_target", f"no ECU shows {job.item.target!r} on this vehicle")
+            raise Refused("unknown_target", f"no ECU shows {job.item.target!r} on this vehicle")
         return ecu
 
     def _ask(self, op: int, ecu: str, arg: bytes = b"") -> bytes:
-        try:
-            return self.gateway.content(op, ecu, arg)
-        except GatewayError as exc:
-            if exc.refused:
-                raise ExecFailed("ecu_refused", str(exc)) from None
-            raise ExecRetry(str(exc)) from None
+        """The gateway's answer; Refused (ecu_refused) when the ECU said no, TryLater when it is silent."""
+        return self.gateway.content(op, ecu, arg)
 
     def start(self, job: Job) -> str:
         ecu = self.ecu(job)
@@ -102,7 +86,7 @@ class ResourceExecutor:
             try:
                 self._ask(ContentOp.SHOW, ecu, job.name.encode())
                 return "active"
-            except ExecFailed:
+            except Refused:
                 job.entry["delivered"] = False  # the ECU lost it (replaced, reflashed): deliver it again
         self._deliver(job, ecu)
         self._ask(ContentOp.SHOW, ecu, job.name.encode())
@@ -118,7 +102,7 @@ class ResourceExecutor:
                 result = PackageDeployer(self.segment, self.link, job.name, path, hashlib.sha256(data).hexdigest(),
                                          stop=self.stop_event).run()
             if result.result != "success":
-                raise ExecRetry(f"deploy to the gateway: {result.failed_step}: {result.reason}")
+                raise TryLater(f"deploy to the gateway: {result.failed_step}: {result.reason}")
             try:
                 self._ask(ContentOp.STORE, ecu, job.name.encode())
             finally:
@@ -150,7 +134,7 @@ class ResourceExecutor:
         if job.entry.get("delivered"):
             try:
                 self._ask(ContentOp.DELETE, ecu, job.name.encode())
-            except ExecFailed:
+            except Refused:
                 pass  # already gone (the ECU was replaced or reset its store)
             job.entry["delivered"] = False
 
@@ -171,7 +155,7 @@ class AppExecutor:
             if self.registry.version(job.item.target) != self.version(job):
                 self.registry.install(job.item.target, self.version(job), job.data())
         except VotaError as exc:
-            raise ExecFailed("install_failed", str(exc)) from None
+            raise Refused("install_failed", str(exc)) from None
         return "active"
 
     def stop(self, job: Job) -> None:
@@ -203,10 +187,10 @@ class SoftwareExecutor:
 
     def start(self, job: Job) -> str:
         if job.item.target not in self.ecus:
-            raise ExecFailed("unknown_target", f"no ECU {job.item.target!r} on this vehicle")
+            raise Refused("unknown_target", f"no ECU {job.item.target!r} on this vehicle")
         version = job.item.raw.get("version")
         if not isinstance(version, str) or not version:
-            raise ExecFailed("malformed", "a software item needs the software version it installs")
+            raise Refused("malformed", "a software item needs the software version it installs")
         self.campaigns.start_local_campaign(self.campaign_id(job), job.item.target, version, job.data())
         job.entry["campaign_id"] = self.campaign_id(job)
         return "installing"

@@ -54,9 +54,9 @@ from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.core.config import ContentConfig
 from agent.core.content import Bundle, BundleRejected, Item, check_item, decrypt_item, verify_bundle, verify_manifest
 from agent.core.schedule import ItemState, is_night, tick
-from agent.errors import VotaError
+from agent.errors import Refused, TryLater, VotaError
 from tbox.apps import AppRegistry
-from tbox.content_exec import ExecFailed, ExecRetry, Executor, Job
+from tbox.content_exec import Executor, Job
 from tbox.download import DownloadError, download
 
 __all__ = ["ContentManager", "COMMANDS", "load_records", "write_inbox"]
@@ -356,7 +356,7 @@ class ContentManager:
                 if item.encryption is not None:
                     self._plain(directory, bundle, item)
             except (DownloadError, BundleRejected) as exc:
-                if isinstance(exc, DownloadError) and exc.transient:
+                if isinstance(exc, TryLater):
                     log.warning("content %s: %s; will retry", directory.name, exc)
                     self._next_download = time.monotonic() + 2.0
                     return
@@ -449,7 +449,7 @@ class ContentManager:
             return None
         try:
             if executor is None:
-                raise ExecFailed("unsupported", f"no executor for {item.cls} items")
+                raise Refused("unsupported", f"no executor for {item.cls} items")
             job = self._job(directory, state, item)
             status = executor.start(job) if action == "start" else ""
             if action == "stop":
@@ -459,13 +459,13 @@ class ContentManager:
             entry.pop("retries", None)
             self._backoff.pop(key, None)
             return status
-        except ExecRetry as exc:
+        except TryLater as exc:
             entry["retries"] = entry.get("retries", 0) + 1
             self._backoff[key] = time.monotonic() + min(RETRY_MAX_S, 0.5 * 2 ** min(entry["retries"], 8))
             log.warning("content %s/%s %s: %s; will retry", directory.name, item.id, action, exc)
             return None
         except BundleRejected as exc:
-            raise ExecFailed(exc.reason, str(exc)) from None
+            raise Refused(exc.reason, str(exc)) from None
 
     def _revert(self, directory: Path, state: dict[str, Any], item: Item) -> None:
         """Undo an active item now, or at a later tick when its ECU does not answer."""
@@ -493,13 +493,11 @@ class ContentManager:
                         continue
                     entry["status"], extra = polled
                 elif old in _RUNNING and self._wanted(entry) and (directory / "items" / f"{item.id}.bin").exists():
-                    current = ItemState(item.id, old, entry["policy"], bool(entry.get("accepted")))
+                    current = ItemState(item.id, old, entry["policy"], bool(entry.get("accepted")), bool(entry.get("ran")))
                     new, actions = tick({item.id: current}, {item.id: item.schedule}, now, self._night(item, now))
                     target = new[item.id].status
                     for action in actions:
                         kind = action.action
-                        if kind == "none" and action.status == "expired" and entry.get("ran"):
-                            kind = "revert"  # it ran in an earlier window: undo what stayed (an installed app)
                         if kind in ("start", "stop", "revert"):
                             after = self._run(directory, state, item, kind)
                             if after is None:  # try again at a later tick
@@ -511,7 +509,7 @@ class ContentManager:
                     changed = changed or bool(actions)  # retries counted are kept too
                 else:
                     continue
-            except ExecFailed as exc:
+            except Refused as exc:
                 entry["status"] = "failed"
                 extra = {"reason": exc.reason, "detail": exc.detail, **exc.extra}
             if entry["status"] != old:

@@ -17,20 +17,24 @@ from pathlib import Path
 from typing import Callable
 
 from agent.adapters.storage import fsync_dir
-from agent.errors import VotaError
+from agent.errors import TryLater, VotaError
 
-__all__ = ["DownloadError", "download", "DownloadInfo"]
+__all__ = ["DownloadError", "DownloadInterrupted", "download", "DownloadInfo"]
 
 CHUNK = 64 * 1024
 
 
 class DownloadError(VotaError):
-    """``transient``: worth retrying (network); otherwise fatal (wrong content, 404), with
-    ``reason`` ``too_large`` or ``digest_mismatch`` when the content is not what was declared."""
+    """The package cannot be had as declared (404, wrong content): final, with ``reason``
+    ``too_large`` or ``digest_mismatch`` when the content is not what was declared."""
 
-    def __init__(self, message: str, transient: bool, reason: str | None = None) -> None:
-        self.transient, self.reason = transient, reason
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        self.reason = reason
         super().__init__(message)
+
+
+class DownloadInterrupted(DownloadError, TryLater):
+    """The network or the server failed on the way: the download resumes later."""
 
 
 @dataclass
@@ -76,10 +80,12 @@ def download(
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and have:  # the server says there is nothing after `have`
                 part.unlink(missing_ok=True)
-                raise DownloadError(f"{url}: server refused the range from byte {have}; starting over", True) from None
-            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}", exc.code >= 500) from None
+                raise DownloadInterrupted(f"{url}: server refused the range from byte {have}; starting over") from None
+            if exc.code >= 500:
+                raise DownloadInterrupted(f"{url}: HTTP {exc.code} {exc.reason}") from None
+            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
-            raise DownloadError(f"{url}: {getattr(exc, 'reason', exc)}", True) from None
+            raise DownloadInterrupted(f"{url}: {getattr(exc, 'reason', exc)}") from None
         with response:
             if have and response.status != 206:
                 have, digest, resumed_from = 0, hashlib.sha256(), 0  # no range support: whole file again
@@ -88,7 +94,7 @@ def download(
                 try:
                     while True:
                         if should_stop is not None and should_stop():
-                            raise DownloadError(f"{url}: stopped", True)
+                            raise DownloadInterrupted(f"{url}: stopped")
                         chunk = response.read(CHUNK)
                         if not chunk:
                             break
@@ -96,7 +102,7 @@ def download(
                             out.write(chunk[: size - have])
                             out.flush()
                             part.unlink(missing_ok=True)
-                            raise DownloadError(f"{url}: the server sent more than the declared {size} bytes", False, "too_large")
+                            raise DownloadError(f"{url}: the server sent more than the declared {size} bytes", "too_large")
                         out.write(chunk)
                         digest.update(chunk)
                         have += len(chunk)
@@ -104,15 +110,15 @@ def download(
                             progress(have, size)
                 except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
                     out.flush()
-                    raise DownloadError(f"{url}: interrupted at byte {have} ({exc})", True) from None
+                    raise DownloadInterrupted(f"{url}: interrupted at byte {have} ({exc})") from None
                 finally:
                     out.flush()
                     os.fsync(out.fileno())
         if have < size:
-            raise DownloadError(f"{url}: connection closed at byte {have} of {size}", True)
+            raise DownloadInterrupted(f"{url}: connection closed at byte {have} of {size}")
     if digest.hexdigest() != sha256:
         part.unlink(missing_ok=True)
-        raise DownloadError(f"{url}: SHA-256 {digest.hexdigest()} does not match the declared {sha256}", False, "digest_mismatch")
+        raise DownloadError(f"{url}: SHA-256 {digest.hexdigest()} does not match the declared {sha256}", "digest_mismatch")
     os.replace(part, dest)
     fsync_dir(dest.parent)
     return DownloadInfo(resumed_from, size - resumed_from)

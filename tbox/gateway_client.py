@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from agent.adapters.canbus import Segment
+from agent.adapters.file_client import DeployResult, PackageDeployer
 from agent.adapters.uds_client import UdsLink, describe_failure
 from agent.core.config import DeployConfig
-from agent.errors import VotaError
+from agent.core.faults import FaultSpec
+from agent.errors import Refused, TryLater, VotaError
 from agent.protocol.link import (
     CONTENT_ROUTINE,
     INSTALL_ROUTINE,
@@ -28,17 +31,33 @@ from agent.protocol.uds import RoutineType, Session
 __all__ = ["GatewayClient", "GatewayError", "InstallStatus", "ContentOp"]
 
 
-class GatewayError(VotaError):
-    """The gateway did not do what was asked; ``refused`` when it (or its ECU) said no, rather
-    than the link failing."""
-
-    refused = False
+class GatewayError(TryLater):
+    """The gateway could not be reached, or did not finish what was asked: try later. When the
+    gateway or an ECU behind it says no, the call raises Refused instead."""
 
 
 class GatewayClient:
-    def __init__(self, segment: Segment, link: DeployConfig) -> None:
+    """The TBOX's gateway port (``tbox/ports.py``) over the deploy link: one UDS conversation with
+    the gateway at a time, whoever asks (campaigns, content)."""
+
+    def __init__(self, segment: Segment, link: DeployConfig, stop: threading.Event | None = None,
+                 faults: list[FaultSpec] | None = None) -> None:
         self.segment, self.link = segment, link
-        self.lock = threading.RLock()  # one UDS conversation with the gateway at a time (campaigns, content)
+        self.stop = stop or threading.Event()
+        self.faults = faults or []
+        self.lock = threading.RLock()
+
+    def deploy(self, name: str, path: Path, sha256: str, out_dir: Path | None = None, *, resume: bool = False,
+               progress: Callable[[], None] | None = None) -> DeployResult:
+        """Deploy one file (RequestFileTransfer); result and trace into ``out_dir`` unless cancelled."""
+        beat = progress
+        deployer = PackageDeployer(self.segment, self.link, name, path, sha256, resume=resume, stop=self.stop,
+                                   faults=self.faults, progress=(lambda *_: beat()) if beat is not None else None)
+        with self.lock:
+            result = deployer.run()
+        if out_dir is not None and result.reason != "cancelled":
+            deployer.write(out_dir, result)
+        return result
 
     def _link(self) -> UdsLink:
         return UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway",
@@ -112,9 +131,10 @@ class GatewayClient:
             if not record:
                 raise GatewayError("content: empty routine status record")
             if record[0] != RelayStatus.DONE:
-                error = GatewayError(f"{ecu}: {bytes(record[1:]).decode('ascii', 'replace')}")
-                error.refused = record[0] == RelayStatus.REFUSED  # SILENT: the ECU did not answer, worth trying later
-                raise error
+                why = f"{ecu}: {bytes(record[1:]).decode('ascii', 'replace')}"
+                if record[0] == RelayStatus.REFUSED:
+                    raise Refused("ecu_refused", why)
+                raise GatewayError(why)  # SILENT: the ECU did not answer (or is busy): worth trying later
             return bytes(record[1:])
 
         return self._call(f"content on {ecu}", ask)  # type: ignore[no-any-return]

@@ -66,12 +66,15 @@ def test_bad_campaigns_are_refused_with_the_reason(vehicle):
     assert vehicle.tbox.p.poll() is None  # the daemon keeps running
 
 
-def test_loop_guard_ends_a_campaign_that_keeps_failing(vehicle):
+def test_transient_failures_are_retried_with_their_own_budget_not_the_loop_guard(vehicle):
     packages = vehicle.packages("2.2.0")
     envelope = vehicle.campaign("c-loop", "2.2.0", packages=packages)
     vehicle.cloud.packages.cut_after = 1000  # every download attempt breaks off: transient, retried
     vehicle.send(envelope)
     done = vehicle.finished("c-loop", timeout=60)
-    assert done["outcome"] == "failed" and done["failure"]["reason"] == "loop_guard"
-    attempts = [b["attempt"] for b in vehicle.reports("events", "c-loop") if b.get("state") == "downloading"]
-    assert attempts == [1, 2, 3]  # max_attempts (3) entries, then the guard
+    assert done["outcome"] == "failed" and done["failure"]["reason"] == "retries_exhausted"
+    assert done["failure"]["stage"] == "downloading"
+    events = vehicle.reports("events", "c-loop")
+    entered = [b["attempt"] for b in events if b.get("event") == "state" and b["state"] == "downloading"]
+    assert entered == [1]  # entered once: retries are no entries
+    assert sorted(b["retry"] for b in events if b.get("event") == "retry") == list(range(1, 9))  # max_retries (8), backing off

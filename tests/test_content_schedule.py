@@ -35,7 +35,7 @@ def test_the_evening_projection_and_the_boot_animation():
     times = [at(5, 20, 18), at(5, 20, 19), at(5, 20, 22), at(5, 20, 23), at(5, 21, 0), at(5, 31, 12),
              at(6, 1, 0), at(6, 3, 12), at(6, 4, 0)]
     states, log = run(fresh(), times)
-    assert log == [("05-20 19:00", "heart", "start"), ("05-20 23:00", "heart", "stop"), ("05-21 00:00", "heart", "none"),
+    assert log == [("05-20 19:00", "heart", "start"), ("05-20 23:00", "heart", "stop"), ("05-21 00:00", "heart", "revert"),
                    ("06-01 00:00", "boot", "start"), ("06-04 00:00", "boot", "revert")]
     assert {n: s.status for n, s in states.items()} == {"heart": "expired", "boot": "expired"}
 
@@ -77,3 +77,16 @@ def test_policies():
 def test_day_night_signal():
     assert is_night(at(5, 20, 12), lux=10.0) and not is_night(at(5, 20, 21), lux=800.0)
     assert is_night(at(5, 20, 21), lux=None) and not is_night(at(5, 20, 12), lux=None)  # the clock fallback
+
+
+def test_an_item_that_ran_is_reverted_at_expiry_even_when_it_was_waiting_then():
+    """The projection ran on the evening of 20 May and was stopped at 23:00; at its expiry what
+    it left behind is undone (revert), while an item that never ran only expires."""
+    states = {"heart": ItemState("heart", "scheduled"), "boot": ItemState("boot", "offered")}
+    states, log = run(states, [at(5, 20, 20), at(5, 20, 23, 30), at(5, 21, 0, 5)])
+    assert log == [("05-20 20:00", "heart", "start"), ("05-20 23:30", "heart", "stop"),
+                   ("05-21 00:05", "heart", "revert")]
+    assert states["heart"].status == "expired" and states["heart"].ran
+    never_ran = {"heart": ItemState("heart", "scheduled")}
+    _, log = run(never_ran, [at(5, 21, 0, 5)])  # the vehicle was off the whole window
+    assert log == [("05-21 00:05", "heart", "none")]

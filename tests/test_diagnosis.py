@@ -218,3 +218,25 @@ def test_cli_on_bad_input(tmp_path):
     bad_rules.write_text("version: 2\n")
     run = vota("diagnose", str(d), "--rules", str(bad_rules))
     assert run.returncode == 2 and "rules.yaml: version" in run.stderr
+
+
+def test_state_names_and_where_packet_ids_are_carried_are_data():
+    """Renaming the deploy flow's states in the rules changes nothing in the verdicts: the engine
+    knows no state by name (the initial state and the packet-carrying states are rules too)."""
+    data = load_yaml(RULES_FILE)
+    deploy = data["stages"]["deploy"]
+    renamed = {"start": "idle", "session": "open", "receiving": "taking", "reading": "giving"}
+    deploy["flow"] = {renamed[s]: {k: renamed[v] for k, v in moves.items()} for s, moves in deploy["flow"].items()}
+    deploy["initial"], deploy["packet"]["in"] = "idle", ["taking"]
+    rules = parse_rules(data, "renamed.yaml")
+    assert check_trace(trace(DEPLOY, DEPLOY_HEAD), rules, "vc.bin") == []
+    skipped = with_row(DEPLOY, 3, [40, "360200000002", 4095, 25, "7602"])  # packet 2 where 1 comes next
+    finding = check_trace(trace(skipped, DEPLOY_HEAD), rules, "vc.bin")[0]
+    assert finding == check_trace(trace(skipped, DEPLOY_HEAD), RULES, "vc.bin")[0]
+    assert finding.cause == "illegal_request_flow" and finding.index == 3
+    del deploy["packet"]["in"]
+    with pytest.raises(ConfigError, match="stages.deploy.packet.in"):
+        parse_rules(data, "d.yaml")
+    deploy["packet"]["in"], deploy["initial"] = ["taking"], "nowhere"
+    with pytest.raises(ConfigError, match="stages.deploy.initial"):
+        parse_rules(data, "d.yaml")

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from agent.errors import TryLater
 from cloud_sim.package_server import PackageServer
 from tbox.download import DownloadError, download
 
@@ -39,7 +40,7 @@ def test_interrupted_download_resumes_with_a_range(server, tmp_path):
     server.cut_after = 400_000
     with pytest.raises(DownloadError) as err:
         download(server.url("b.bin"), tmp_path / "b.bin", len(data), digest)
-    assert err.value.transient
+    assert isinstance(err.value, TryLater)
     part = tmp_path / "b.bin.part"
     assert 0 < part.stat().st_size <= 400_000
     have = part.stat().st_size
@@ -55,7 +56,7 @@ def test_server_sending_too_much_is_cut_off(server, tmp_path):
     server.extra_bytes = 5000
     with pytest.raises(DownloadError, match="more than the declared 100000 bytes") as err:
         download(server.url("c.bin"), tmp_path / "c.bin", len(data), digest)
-    assert not err.value.transient
+    assert not isinstance(err.value, TryLater)
     assert not (tmp_path / "c.bin").exists() and not (tmp_path / "c.bin.part").exists()
 
 
@@ -63,10 +64,10 @@ def test_wrong_digest_and_missing_package(server, tmp_path):
     data, _ = _package(server, "d.bin", 10_000)
     with pytest.raises(DownloadError, match="does not match") as err:
         download(server.url("d.bin"), tmp_path / "d.bin", len(data), "0" * 64)
-    assert not err.value.transient and not list(tmp_path.glob("d.bin*"))
+    assert not isinstance(err.value, TryLater) and not list(tmp_path.glob("d.bin*"))
     with pytest.raises(DownloadError, match="HTTP 404") as err:
         download(server.url("nope.bin"), tmp_path / "n.bin", 10, "0" * 64)
-    assert not err.value.transient
+    assert not isinstance(err.value, TryLater)
     with pytest.raises(DownloadError) as err:
         download("http://127.0.0.1:1/x", tmp_path / "x.bin", 10, "0" * 64, timeout=2)
-    assert err.value.transient
+    assert isinstance(err.value, TryLater)

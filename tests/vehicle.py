@@ -50,7 +50,7 @@ class Vehicle:
                      "bcm": ecu_entry("bcm", 0x740, 0x748, "body"),
                      "dlp_headlamp": ecu_entry("dlp_headlamp", 0x741, 0x749, "body")},
             "tbox": {"vin": VIN, "state_dir": str(tmp / "tbox"), "trusted_keys": [str(tmp / "keys" / "cloud.pub")],
-                     "retry_delay_ms": 300,
+                     "retry_delay_ms": 300, "retry_max_delay_ms": 1000, "max_retries": 8,
                      "content": {"vehicle_key": str(tmp / "keys" / "vehicle.key"),
                                  "trusted_keys": [str(tmp / "keys" / "platform.pub")],
                                  "light_sensor": {"ecu": "bcm"}, "targets": {"boot_animation": "bcm"}, "tick_ms": 200},

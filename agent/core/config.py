@@ -296,7 +296,9 @@ class TboxConfig:
     state_dir: str = "var/tbox"
     trusted_keys: tuple[str, ...] = ()
     max_attempts: int = 3
-    retry_delay_s: float = 2.0
+    retry_delay_s: float = 2.0  # first pause after a transient problem; doubles each retry ...
+    retry_max_delay_s: float = 60.0  # ... up to this
+    max_retries: int = 20  # transient retries in a row before the campaign fails (retries_exhausted)
     install_timeout_s: int = 900
     worker_stale_s: int = 300  # a worker without progress this long stops the systemd watchdog pings
     diagnose: bool = False
@@ -481,6 +483,8 @@ def _tbox(sec: _Section) -> TboxConfig:
         trusted_keys=tuple(_str(k) for k in keys),
         max_attempts=sec.get("max_attempts", _positive, d2.max_attempts),
         retry_delay_s=float(sec.get("retry_delay_ms", _positive, 2000)) / 1000.0,
+        retry_max_delay_s=float(sec.get("retry_max_delay_ms", _positive, 60000)) / 1000.0,
+        max_retries=sec.get("max_retries", _nonneg, d2.max_retries),
         install_timeout_s=sec.get("install_timeout_s", _positive, d2.install_timeout_s),
         worker_stale_s=sec.get("worker_stale_s", _positive, d2.worker_stale_s),
         diagnose=sec.get("diagnose", _bool, d2.diagnose),

@@ -27,9 +27,10 @@ class ItemState:
     status: str
     policy: str = "auto"
     accepted: bool = False
+    ran: bool = False  # it was started at least once (what it left behind is undone at its expiry)
 
     def with_status(self, status: str) -> "ItemState":
-        return ItemState(self.item, status, self.policy, self.accepted)
+        return ItemState(self.item, status, self.policy, self.accepted, self.ran or status == "active")
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ def tick(states: Mapping[str, ItemState], schedules: Mapping[str, Schedule], now
                 actions.append(Action(name, "start", "active"))
             elif wanted == "expired":
                 out[name] = state.with_status("expired")
-                actions.append(Action(name, "none", "expired"))  # the vehicle was off the whole time
+                # off across the whole window: nothing to undo; it ran in an earlier window: undo what
+                # stayed (an installed app)
+                actions.append(Action(name, "revert" if state.ran else "none", "expired"))
         elif state.status == "active":
             if wanted == "waiting":
                 out[name] = state.with_status("scheduled")

@@ -18,7 +18,7 @@ class _Checker:
         self.client, self.server = h.client, h.server
         self.request_ids = stage.request_ids or frozenset({h.request_id})
         self.response_ids = stage.response_ids or frozenset({h.response_id})
-        self.state = "start"
+        self.state = stage.initial
         self.block: int | None = None
         self.expected = stage.counter_start
         self.last: int | None = None
@@ -94,7 +94,7 @@ class _Checker:
             if e.header[1] & 0x7F not in rule.subfunctions:
                 return f"sub-function 0x{e.header[1]:02X} is not legal for service 0x{sid:02X}"
         p = self.stage.packet
-        if p and sid == p[0] and self.state == "receiving" and len(e.header) < p[1] + p[2]:
+        if p and sid == p[0] and self.state in self.stage.packet_states and len(e.header) < p[1] + p[2]:
             return f"TransferData header of {len(e.header)} bytes has no deploy packet id"
         if sid == self.stage.counter_service and len(e.header) < 2:
             return "TransferData without its block sequence counter"
@@ -289,7 +289,7 @@ class _FastTransfer:
         if counter != c.expected or r[0] != self.answer or r[1] != counter or e.dt is None or e.dt > self.p2:
             return False
         if self.packet is not None:
-            if c.state != "receiving" or int.from_bytes(h[2:6], "big") != c.next_packet:
+            if c.state not in c.stage.packet_states or int.from_bytes(h[self.packet[1]:self.header_length], "big") != c.next_packet:
                 return False
             c.next_packet += 1
         c.last, c.expected = counter, (counter + 1) & 0xFF

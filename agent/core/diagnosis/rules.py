@@ -51,6 +51,8 @@ class StageRules:
     counter_start: int
     packet: tuple[int, int, int] | None  # service, offset, size
     context: int
+    initial: str = "start"  # the flow's state before the first request
+    packet_states: frozenset[str] = frozenset()  # the flow states in which the packet service carries a packet id
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,9 @@ def _stage(name: str, d: Mapping[str, Any], source: str) -> StageRules:
             for _, target in pairs:
                 if target not in d["flow"]:
                     raise ConfigError(source, f"{where}.flow.{state}", f"goes to unknown state {target!r}")
-        if "start" not in flow:
-            raise ConfigError(source, f"{where}.flow", "needs a 'start' state")
+        initial = str(d.get("initial", "start"))
+        if initial not in flow:
+            raise ConfigError(source, f"{where}.initial", f"the flow has no state {initial!r}")
         timing = d.get("timing", {})
         counter = d.get("counter")
         packet = d.get("packet")
@@ -122,11 +125,25 @@ def _stage(name: str, d: Mapping[str, Any], source: str) -> StageRules:
             packet=(_hex(packet["service"], f"{where}.packet", source)[0], int(packet["offset"]), int(packet["size"]))
             if packet else None,
             context=int(d.get("context", 3)),
+            initial=initial,
+            packet_states=_packet_states(packet, flow, where, source),
         )
     except ConfigError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise ConfigError(source, where, f"invalid stage rules ({type(exc).__name__}: {exc})") from None
+
+
+def _packet_states(packet: Any, flow: Mapping[str, Any], where: str, source: str) -> frozenset[str]:
+    if not packet:
+        return frozenset()
+    states = packet.get("in")
+    if not isinstance(states, list) or not states:
+        raise ConfigError(source, f"{where}.packet.in", "name the flow states in which the packet id is carried")
+    unknown = [s for s in states if s not in flow]
+    if unknown:
+        raise ConfigError(source, f"{where}.packet.in", f"the flow has no state {unknown[0]!r}")
+    return frozenset(str(s) for s in states)
 
 
 def parse_rules(data: Any, source: str = "<rules>") -> Rules:

@@ -1,0 +1,80 @@
+"""What arrives from the cloud, dispatched: a campaign envelope is stored as a new campaign
+(state ``received``, persisted before anything else happens) and the runner is woken; a
+command goes to the campaign runner (``confirm_install``) or to the content manager; anything
+else is rejected with a reason, reported, and forgotten."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+from pathlib import Path
+from typing import Any, Callable
+
+from agent.adapters.storage import atomic_write_bytes
+from tbox.campaign_state import CampaignRecord
+from tbox.content_manager import COMMANDS as CONTENT_COMMANDS
+from tbox.runner import CampaignRunner
+
+__all__ = ["Inbound", "COMMANDS"]
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("confirm_install",)
+
+
+class Inbound:
+    def __init__(self, vin: str, runner: CampaignRunner, content_submit: Callable[[dict[str, Any]], None],
+                 wake_campaigns: Callable[[], None], wake_content: Callable[[], None]) -> None:
+        self.vin, self.runner = vin, runner
+        self.content_submit, self.wake_campaigns, self.wake_content = content_submit, wake_campaigns, wake_content
+        self._commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+
+    @property
+    def campaigns_dir(self) -> Path:
+        return self.runner.campaigns_dir
+
+    def on_message(self, kind: str, payload: bytes) -> None:
+        """Called by the cloud link for every inbound message (``campaign`` or ``command``)."""
+        digest = hashlib.sha256(payload).hexdigest()[:24]
+        if kind == "campaign":
+            directory = self.campaigns_dir / digest
+            if directory.exists():
+                log.info("campaign %s received again; already known", digest)
+                return
+            record = CampaignRecord(digest, directory)
+            atomic_write_bytes(record.envelope_path, payload)
+            record.save()  # state "received", persisted before anything else happens
+            self.wake_campaigns()
+            return
+        try:
+            doc = json.loads(payload)
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError):
+            self.runner.reject(kind, "malformed", "not a JSON object", digest)
+            return
+        command, vin = doc.get("command"), doc.get("vin", self.vin)
+        if vin != self.vin:
+            self.runner.reject(kind, "wrong_vehicle", f"command for {vin}", digest)
+        elif command in CONTENT_COMMANDS:
+            self.content_submit(doc)
+            self.wake_content()
+        elif command not in COMMANDS or not isinstance(doc.get("campaign_id"), str):
+            self.runner.reject(kind, "malformed", f"unknown command {command!r} or no campaign_id", digest)
+        else:
+            self._commands.put(doc)
+            self.wake_campaigns()
+
+    def apply_commands(self) -> None:
+        """Hand queued commands to the runner (in the campaign worker's thread)."""
+        while True:
+            try:
+                doc = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not self.runner.confirm(doc["campaign_id"]):
+                self.runner.reject("command", "unknown_campaign", f"no open campaign {doc['campaign_id']!r}",
+                                   hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24],
+                                   doc["campaign_id"])

@@ -1,0 +1,45 @@
+"""The TBOX campaign runner's two narrow ports, so that every state can be tested in-process
+with fakes: the cloud (``agent/adapters/cloud_link.py`` is the real one) and the gateway
+(``tbox/gateway_client.py``). Package downloads go through a third, one-function port
+(``tbox/download.py``'s ``download`` by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from agent.adapters.file_client import DeployResult
+
+__all__ = ["CloudPort", "GatewayPort", "Fetch"]
+
+
+class CloudPort(Protocol):
+    def report(self, kind: str, body: dict[str, Any], msg_id: str | None = None) -> str:
+        """Queue a report (``events``, ``inventory``, ``results``) under a stable id; sent at least once."""
+
+    def report_trace(self, trace_id: str, trace: bytes, meta: dict[str, Any]) -> list[str]:
+        """Queue a header-only trace (in parts when large); the ids of its messages."""
+
+
+class GatewayPort(Protocol):
+    def inventory(self) -> list[dict[str, Any]]:
+        """The ECUs' versions, as the gateway collected them now (D11)."""
+
+    def deploy(self, name: str, path: Path, sha256: str, out_dir: Path | None = None, *, resume: bool = False,
+               progress: Callable[[], None] | None = None) -> DeployResult:
+        """Deploy one file to the gateway; its result and trace go to ``out_dir`` when given."""
+
+    def install_status(self, campaign_id: str) -> tuple[int, int, int]:
+        """(InstallStatus, ECUs done, ECUs in total)."""
+
+    def start_install(self, manifest_name: str) -> None: ...
+
+    def wait_install(self, campaign_id: str, timeout: float, poll: float = 0.5,
+                     should_stop: Callable[[], bool] | None = None) -> int:
+        """Poll until the install is no longer running; its final InstallStatus."""
+
+    def read_file(self, path: str) -> bytes:
+        """A file the gateway produced (results, traces, the inventory)."""
+
+
+Fetch = Callable[..., Any]  # download(url, dest, size, sha256, *, progress, should_stop) -> DownloadInfo

@@ -1,0 +1,395 @@
+"""The TBOX's campaign runner: one handler per campaign state, each returning the next state.
+
+The state is persisted (``tbox/campaign_state.py``) before its handler runs, so a runner built
+anew on the same state directory (after a kill, a reboot) resumes where the last one stopped.
+Everything outside the TBOX is behind two ports (``tbox/ports.py``): the cloud and the gateway.
+
+What a handler's error means is told by its class (``agent/errors.py``):
+
+- ``TryLater`` (network down, gateway busy or unreachable): the same handler runs again after a
+  back-off (``retry_delay_ms`` doubling up to ``retry_max_delay_ms``), at most ``max_retries``
+  times in a row; then the campaign fails with ``retries_exhausted``. These retries are not
+  entries: the state is entered once.
+- ``CampaignFailure`` (a ``Refused``): the campaign ends ``failed`` with that stage and reason.
+- the loop guard counts entries into a state across restarts only: a state entered more than
+  ``max_attempts`` times (the TBOX killed or crashing there again and again) fails the campaign
+  with ``loop_guard``.
+- anything else is a programming error: it is logged with its traceback and the campaign fails
+  with ``internal_error``; it is never retried.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.adapters.storage import atomic_write_bytes, atomic_write_json
+from agent.core.campaign import Campaign, CampaignRejected, Package, compare_versions, verify_campaign
+from agent.core.config import TboxConfig
+from agent.errors import Refused, TryLater, VotaError
+from agent.protocol.link import InstallJob, InstallManifest, InstallStatus, encode_manifest
+from tbox.campaign_state import TERMINAL, CampaignRecord
+from tbox.download import download
+from tbox.ports import CloudPort, Fetch, GatewayPort
+
+__all__ = ["CampaignRunner", "CampaignFailure", "LOCAL_CAMPAIGN"]
+
+log = logging.getLogger(__name__)
+
+LOCAL_CAMPAIGN = "campaign.local.json"  # a campaign the TBOX made itself from a verified content item
+WAITING = ("awaiting_install",)  # states that wait for the owner: entering them again is no loop
+
+
+class CampaignFailure(Refused):
+    """A handler's way to end the campaign: reported with its stage, reason and evidence."""
+
+    def __init__(self, stage: str, reason: str, detail: str, **extra: Any) -> None:
+        super().__init__(reason, detail, **extra)
+        self.failure = {"stage": stage, "reason": reason, "detail": detail, **extra}
+
+
+class CampaignRunner:
+    def __init__(self, tbox: TboxConfig, ecus: set[str], cloud: CloudPort, gateway: GatewayPort,
+                 trusted: dict[str, Ed25519PublicKey], *, now: Callable[[], _dt.datetime],
+                 stop: threading.Event | None = None, fetch: Fetch = download,
+                 beat: Callable[[], None] | None = None, entered: Callable[[CampaignRecord], None] | None = None) -> None:
+        self.tbox, self.ecus, self.cloud, self.gateway, self.trusted = tbox, ecus, cloud, gateway, trusted
+        self.now, self.fetch = now, fetch
+        self.stop = stop or threading.Event()
+        self.beat = beat or (lambda: None)
+        self.entered = entered or (lambda record: None)  # called once a state is persisted (tests kill here)
+        self.campaigns_dir = Path(tbox.state_dir) / "campaigns"
+        self._seen: set[tuple[str, str]] = set()  # (campaign, state) this runner has entered or resumed
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def records(self) -> list[CampaignRecord]:
+        if not self.campaigns_dir.exists():
+            return []
+        records = [CampaignRecord.load(d) for d in sorted(self.campaigns_dir.iterdir()) if (d / "state.json").exists()]
+        return sorted(records, key=lambda r: r.path.stat().st_mtime)
+
+    def step(self) -> bool:
+        """Advance every open campaign as far as it goes now; True when any of them moved."""
+        progressed = False
+        for record in [r for r in self.records() if r.state not in TERMINAL]:
+            if self.stop.is_set():
+                break
+            progressed |= self.advance(record)
+        return progressed
+
+    def advance(self, record: CampaignRecord) -> bool:
+        """Run the campaign until it ends or waits; False when it waits without having moved."""
+        handlers: dict[str, Callable[[CampaignRecord], str | None]] = {
+            "received": self._received, "verified": lambda r: "downloading", "downloading": self._downloading,
+            "downloaded": lambda r: "deploying", "deploying": self._deploying, "deployed": self._deployed,
+            "awaiting_install": self._awaiting_install, "installing": self._installing,
+            "done": self._finished, "failed": self._finished,
+        }
+        moved = False
+        while record.state not in TERMINAL and not self.stop.is_set():
+            self.beat()
+            state = record.state
+            if (record.key, state) not in self._seen:  # a new state, or one resumed after a restart
+                if record.entries.get(state, 0) >= self.tbox.max_attempts and state not in ("done", "failed", *WAITING):
+                    self._fail(record, CampaignFailure(state, "loop_guard", f"state {state} entered {record.entries[state]} times"))
+                    continue
+                if state not in WAITING or record.entries.get(state, 0) == 0:
+                    record.enter(state)
+                    self._event(record, state)
+                self._seen.add((record.key, state))
+                self.entered(record)
+            nxt = self._run(record, handlers[state])
+            if nxt is None:  # waiting (a confirm command), stopping, or backing off
+                return moved
+            record.state = nxt
+            if nxt in TERMINAL:
+                record.enter(nxt)
+            moved = True
+        return moved
+
+    def _run(self, record: CampaignRecord, handler: Callable[[CampaignRecord], str | None]) -> str | None:
+        """The handler's next state; transient problems are retried here with back-off."""
+        state = record.state
+        retries = 0
+        while True:
+            try:
+                return handler(record)
+            except CampaignFailure as failure:
+                self._fail(record, failure)
+                return record.state
+            except (TryLater, OSError) as exc:  # OSError: the TBOX's own storage, worth another try too
+                if self.stop.is_set():
+                    return None  # checkpointed: the state is entered again after the restart
+                retries += 1
+                if retries > self.tbox.max_retries:
+                    self._fail(record, CampaignFailure(state, "retries_exhausted", f"{retries - 1} retries: {exc}"))
+                    return record.state
+                delay = min(self.tbox.retry_max_delay_s, self.tbox.retry_delay_s * 2 ** (retries - 1))
+                log.warning("%s %s: %s; retry %d of %d in %.1f s", record.campaign_id or record.key, state, exc, retries,
+                            self.tbox.max_retries, delay)
+                self._report_retry(record, state, retries, str(exc))
+                self.stop.wait(delay)
+                self.beat()
+            except Exception as exc:  # noqa: BLE001 - a programming error: surfaced, never retried
+                log.exception("%s %s: internal error", record.campaign_id or record.key, state)
+                self._fail(record, CampaignFailure(state, "internal_error", f"{type(exc).__name__}: {exc}"))
+                return record.state
+
+    def _report_retry(self, record: CampaignRecord, state: str, retry: int, reason: str) -> None:
+        cid = record.campaign_id or record.key
+        self.cloud.report("events", {"event": "retry", "campaign_id": record.campaign_id, "state": state,
+                                     "retry": retry, "of": self.tbox.max_retries, "reason": reason},
+                          msg_id=f"{cid}.retry.{state}.{record.entries.get(state, 0)}.{retry}")
+
+    def _event(self, record: CampaignRecord, state: str, **extra: Any) -> None:
+        cid = record.campaign_id or record.key
+        count = record.entries.get(state, 1)
+        self.cloud.report("events", {"event": "state", "campaign_id": record.campaign_id, "state": state,
+                                     "attempt": count, **extra}, msg_id=f"{cid}.state.{state}.{count}")
+
+    def _fail(self, record: CampaignRecord, failure: CampaignFailure) -> None:
+        record.failure = failure.failure
+        record.outcome = "failed"
+        record.state = "failed"
+        record.save()
+
+    def reject(self, topic: str, reason: str, detail: str, key: str, campaign_id: str | None = None) -> None:
+        log.warning("rejected %s: %s (%s)", topic, reason, detail)
+        body = {"event": "rejected", "topic": topic, "reason": reason, "detail": detail, "campaign_id": campaign_id}
+        self.cloud.report("events", body, msg_id=f"rejected.{key}")
+
+    # ---- campaigns --------------------------------------------------------------------------
+    def campaign(self, record: CampaignRecord) -> Campaign:
+        """The campaign, verified again from its stored envelope (pure and cheap). Expiry was
+        checked when it arrived: a campaign that expires while it runs is finished."""
+        local = record.dir / LOCAL_CAMPAIGN
+        if local.exists():  # made by this TBOX from a content item whose bundle it verified
+            doc = json.loads(local.read_text())
+            packages = tuple(Package(**p) for p in doc["packages"])
+            now = self.now()
+            return Campaign(doc["campaign_id"], self.tbox.vin, now, now + _dt.timedelta(days=1), doc["install"], packages, doc)
+        try:
+            return verify_campaign(record.envelope_path.read_bytes(), self.trusted, vin=self.tbox.vin,
+                                   now=self.now(), check_time=False)
+        except CampaignRejected as exc:
+            raise CampaignFailure("verify", exc.reason, str(exc)) from None
+
+    def start_local_campaign(self, campaign_id: str, ecu: str, version: str, data: bytes) -> None:
+        """A ``software`` content item as a campaign through deploy -> flash (C1)."""
+        key = "local-" + hashlib.sha256(campaign_id.encode()).hexdigest()[:18]
+        directory = self.campaigns_dir / key
+        if (directory / "state.json").exists():
+            return
+        name = f"{campaign_id}.bin"
+        atomic_write_bytes(directory / "packages" / name, data)
+        package = {"name": name, "ecu": ecu, "version": version, "url": "", "size": len(data),
+                   "sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write_json(directory / LOCAL_CAMPAIGN, {"campaign_id": campaign_id, "install": "immediate",
+                                                         "packages": [package]})
+        record = CampaignRecord(key, directory)
+        record.packages = {name: {"ecu": ecu, "version": version, "downloaded": True}}
+        record.save()
+
+    def campaign_outcome(self, campaign_id: str) -> dict[str, Any] | None:
+        for record in self.records():
+            if record.campaign_id == campaign_id and record.state in TERMINAL:
+                return {"outcome": record.outcome, "failure": record.failure, "cause": (record.failure or {}).get("cause")}
+        return None
+
+    def confirm(self, campaign_id: str) -> bool:
+        """The owner confirmed the install of an open campaign; False when there is none."""
+        for record in self.records():
+            if record.campaign_id == campaign_id and record.state not in TERMINAL:
+                record.confirmed = True
+                record.save()
+                log.info("install of %s confirmed", record.campaign_id)
+                return True
+        return False
+
+    # ---- states -----------------------------------------------------------------------------
+    def _received(self, record: CampaignRecord) -> str:
+        inventory = self.gateway.inventory()  # D11: versions before the campaign (TryLater when unreachable)
+        installed = {e["ecu"]: e["software_version"] for e in inventory if e.get("software_version")}
+        try:
+            if (record.dir / LOCAL_CAMPAIGN).exists():
+                campaign = self.campaign(record)
+                for p in campaign.packages:  # the same downgrade rule as for the cloud's campaigns
+                    current = installed.get(p.ecu)
+                    if current and compare_versions(p.version, current) < 0:
+                        raise CampaignRejected("downgrade", f"{p.ecu}: {p.version} is older than the installed {current}",
+                                               campaign.campaign_id)
+            else:
+                campaign = verify_campaign(record.envelope_path.read_bytes(), self.trusted, vin=self.tbox.vin,
+                                           now=self.now(), installed=installed, known_ecus=self.ecus)
+        except CampaignRejected as exc:
+            record.campaign_id = exc.campaign_id
+            self.reject("campaign", exc.reason, str(exc), record.key, exc.campaign_id)
+            raise CampaignFailure("verify", exc.reason, str(exc)) from None
+        duplicate = [r for r in self.records() if r.campaign_id == campaign.campaign_id and r.key != record.key]
+        if duplicate:
+            self.reject("campaign", "duplicate", f"campaign {campaign.campaign_id} is already known", record.key,
+                        campaign.campaign_id)
+            record.outcome = "duplicate"
+            return "reported"
+        record.campaign_id = campaign.campaign_id
+        record.packages = {p.name: {"ecu": p.ecu, "version": p.version, **record.packages.get(p.name, {})}
+                           for p in campaign.packages}
+        record.save()
+        self.cloud.report("inventory", {"campaign_id": campaign.campaign_id, "ecus": inventory},
+                          msg_id=f"{campaign.campaign_id}.inventory")
+        return "verified"
+
+    @staticmethod
+    def package_path(record: CampaignRecord, name: str) -> Path:
+        return record.dir / "packages" / name
+
+    def _downloading(self, record: CampaignRecord) -> str | None:
+        campaign = self.campaign(record)
+        for p in campaign.packages:
+            entry = record.packages.setdefault(p.name, {})
+            if entry.get("downloaded"):
+                continue
+
+            def progress(done: int, total: int, name: str = p.name, last: list[float] = [0.0]) -> None:  # noqa: B006
+                self.beat()
+                if time.monotonic() - last[0] > 1.0:
+                    last[0] = time.monotonic()
+                    self.cloud.report("events", {"event": "progress", "campaign_id": campaign.campaign_id,
+                                                 "stage": "download", "package": name, "done": done, "total": total})
+
+            try:
+                info = self.fetch(p.url, self.package_path(record, p.name), p.size, p.sha256, progress=progress,
+                                  should_stop=self.stop.is_set)
+            except TryLater:
+                raise  # the network: back off and resume the download (HTTP ranges)
+            except VotaError as exc:
+                raise CampaignFailure("download", "package_refused", str(exc), package=p.name) from None
+            entry.update(downloaded=True, resumed_from=info.resumed_from)
+            record.save()
+            log.info("downloaded %s (%d bytes, resumed from %d)", p.name, p.size, info.resumed_from)
+        return "downloaded"
+
+    def _deploying(self, record: CampaignRecord) -> str | None:
+        campaign = self.campaign(record)
+        out = record.dir / "deploy"
+        for p in campaign.packages:
+            entry = record.packages[p.name]
+            if entry.get("deploy") == "success":
+                continue
+            resume = bool(entry.get("deploy_started"))
+            entry["deploy_started"] = True
+            record.save()
+            result = self.gateway.deploy(p.name, self.package_path(record, p.name), p.sha256, out, resume=resume,
+                                         progress=self.beat)
+            if result.reason == "cancelled":
+                return None  # SIGTERM: checkpointed; the deploy resumes after restart
+            entry["deploy"] = result.result
+            record.save()
+            self._report_stage(record, "deploy", p.name, result.to_json(), out / f"{p.name}.deploy.trace.jsonl",
+                               {"package": p.name})
+            if result.result != "success":  # D4: a failed deploy ends the campaign here
+                raise CampaignFailure("deploy", "deploy_failed", f"{p.name}: {result.failed_step}: {result.reason}",
+                                      package=p.name, packet=result.failed_packet)
+        return "deployed"
+
+    def _report_stage(self, record: CampaignRecord, stage: str, unit: str, result: dict[str, Any], trace: Path,
+                      meta: dict[str, Any]) -> None:
+        cid = record.campaign_id
+        self.cloud.report("results", {"campaign_id": cid, "stage": stage, **meta, "result": result},
+                          msg_id=f"{cid}.{stage}.{unit}.result")
+        if trace.exists():
+            self.cloud.report_trace(f"{cid}.{stage}.{unit}", trace.read_bytes(),
+                                    {"campaign_id": cid, "stage": stage, **meta})
+
+    def _deployed(self, record: CampaignRecord) -> str:
+        campaign = self.campaign(record)
+        manifest = InstallManifest(campaign.campaign_id, tuple(InstallJob(p.ecu, p.name, p.version) for p in campaign.packages))
+        name = f"install-{campaign.campaign_id}.json"
+        path = record.dir / name
+        atomic_write_bytes(path, encode_manifest(manifest))
+        result = self.gateway.deploy(name, path, hashlib.sha256(path.read_bytes()).hexdigest())
+        if result.result != "success":
+            raise TryLater(f"install manifest: {result.failed_step}: {result.reason}")
+        return "awaiting_install"
+
+    def _awaiting_install(self, record: CampaignRecord) -> str | None:
+        campaign = self.campaign(record)
+        if campaign.install == "immediate" or record.confirmed:
+            return "installing"
+        return None  # wait for the confirm command
+
+    def _polling(self) -> bool:
+        """Called at every install status poll: the worker is alive; True when stopping."""
+        self.beat()
+        return self.stop.is_set()
+
+    def _installing(self, record: CampaignRecord) -> str | None:
+        cid = record.campaign_id
+        assert cid is not None
+        status, _, _ = self.gateway.install_status(cid)
+        if status == InstallStatus.NONE or (status == InstallStatus.FAILED and not record.install_started):
+            self.gateway.start_install(f"install-{cid}.json")
+            record.install_started = True
+            record.save()
+        status = self.gateway.wait_install(cid, self.tbox.install_timeout_s, should_stop=self._polling)
+        if self.stop.is_set():
+            return None  # checkpointed: after restart the TBOX asks the gateway again
+        try:
+            summary = json.loads(self.gateway.read_file(f"{cid}/summary.json"))
+            results = list(summary["results"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TryLater(f"{cid}/summary.json from the gateway is not readable ({exc})") from None
+        out = record.dir / "flash"
+        failed = []
+        for r in results:
+            ecu = r["ecu"]
+            trace = out / f"{ecu}.trace.jsonl"
+            try:
+                atomic_write_bytes(trace, self.gateway.read_file(f"{cid}/{ecu}.trace.jsonl"))
+            except TryLater as exc:
+                log.warning("flash trace of %s not available: %s", ecu, exc)
+            atomic_write_json(out / f"{ecu}.result.json", r)
+            self._report_stage(record, "flash", ecu, r, trace, {"ecu": ecu})
+            if r["result"] != "success":
+                failed.append(f"{ecu}: {r['failed_step']}: {r['reason']}")
+        if failed or status != InstallStatus.SUCCEEDED:
+            raise CampaignFailure("flash", "flash_failed", "; ".join(failed) or "install failed on the gateway")
+        record.outcome = "success"
+        record.save()
+        return "done"
+
+    def _diagnose(self, record: CampaignRecord) -> dict[str, Any] | None:
+        """D10 in the vehicle: analyse the campaign's own results and traces."""
+        from agent.adapters.diagnosis_files import load_inputs, load_rules
+        from agent.core.diagnosis import diagnose
+
+        try:
+            inputs, _, problems = load_inputs(record.dir)
+        except VotaError:
+            return None  # nothing deployed or flashed: the failure itself says why
+        verdict = diagnose(inputs, load_rules(), "first", record.campaign_id)
+        verdict.unanalysed.extend(problems)
+        return verdict.to_json()
+
+    def _finished(self, record: CampaignRecord) -> str:
+        cid = record.campaign_id or record.key
+        body: dict[str, Any] = {"event": "finished", "campaign_id": record.campaign_id, "outcome": record.outcome or "failed",
+                                "failure": record.failure}
+        if self.tbox.diagnose and record.outcome != "success" and record.campaign_id:
+            verdict = self._diagnose(record)
+            if verdict is not None:
+                self.cloud.report("results", {"campaign_id": cid, "stage": "diagnosis", "verdict": verdict},
+                                  msg_id=f"{cid}.diagnosis")
+                body["cause"] = verdict.get("cause")
+                if record.failure is not None:
+                    record.failure["cause"] = verdict.get("cause")
+        self.cloud.report("events", body, msg_id=f"{cid}.finished")
+        return "reported"

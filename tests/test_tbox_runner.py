@@ -1,0 +1,283 @@
+"""The TBOX's campaign runner, state by state, in-process: the real runner on a real state
+directory, fakes at its two ports (cloud, gateway) and at the download function. A runner
+"killed" right after a state was persisted is dropped and a new one is built on the same state
+directory, as a restarted daemon would."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.adapters.file_client import DeployResult
+from agent.core.campaign import key_id, sign_campaign
+from agent.core.config import TboxConfig
+from agent.errors import TryLater
+from agent.protocol.link import InstallStatus
+from tbox.campaign_state import STATES, TERMINAL, CampaignRecord
+from tbox.download import DownloadError, DownloadInfo, DownloadInterrupted
+from tbox.inbound import Inbound
+from tbox.runner import WAITING, CampaignRunner
+
+VIN = "LVOTARUNNER000001"
+NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)
+KEY = Ed25519PrivateKey.generate()
+TRUSTED = {key_id(KEY.public_key()): KEY.public_key()}
+IMAGES = {"vcu": b"v" * 3000, "bms": b"b" * 2000}
+
+
+def envelope(cid: str = "c-1", install: str = "immediate", version: str = "2.0.0") -> bytes:
+    return sign_campaign({
+        "format": "vota-campaign", "version": 1, "campaign_id": cid, "vin": VIN, "install": install,
+        "issued": "2026-11-21T10:00:00Z", "expires": "2026-12-31T00:00:00Z",
+        "packages": [{"name": f"{ecu}-{version}.bin", "ecu": ecu, "version": version, "url": f"http://cloud/{ecu}",
+                      "size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for ecu, data in IMAGES.items()],
+    }, KEY)
+
+
+class Killed(BaseException):
+    """The process dies here: nothing after it runs (not an Exception: no handler catches it)."""
+
+
+class FakeCloud:
+    def __init__(self) -> None:
+        self.messages: dict[str, tuple[str, dict[str, Any]]] = {}  # by id: what the cloud stores once
+        self.traces: list[str] = []
+
+    def report(self, kind: str, body: dict[str, Any], msg_id: str | None = None) -> str:
+        assert msg_id is not None, "every campaign report has a stable id"
+        self.messages[msg_id] = (kind, body)
+        return msg_id
+
+    def report_trace(self, trace_id: str, trace: bytes, meta: dict[str, Any]) -> list[str]:
+        self.traces.append(trace_id)
+        return [trace_id]
+
+    def events(self, **match: Any) -> list[dict[str, Any]]:
+        return [b for k, b in self.messages.values() if k == "events" and all(b.get(f) == v for f, v in match.items())]
+
+
+class FakeGateway:
+    """The gateway as the TBOX sees it; its state (deployed files, the install) outlives the TBOX."""
+
+    def __init__(self) -> None:
+        self.deployed: dict[str, bytes] = {}
+        self.deploys: list[tuple[str, bool]] = []
+        self.installs: list[str] = []
+        self.install: dict[str, int] = {}
+        self.fail: dict[str, list[BaseException]] = {}  # per method: errors to raise first, in order
+
+    def _maybe_fail(self, method: str) -> None:
+        if self.fail.get(method):
+            raise self.fail[method].pop(0)
+
+    def inventory(self) -> list[dict[str, Any]]:
+        self._maybe_fail("inventory")
+        return [{"ecu": ecu, "software_version": "1.0.0"} for ecu in IMAGES]
+
+    def deploy(self, name: str, path: Path, sha256: str, out_dir: Path | None = None, *, resume: bool = False,
+               progress: Callable[[], None] | None = None) -> DeployResult:
+        self._maybe_fail("deploy")
+        data = path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha256
+        self.deploys.append((name, resume))
+        self.deployed[name] = data
+        result = DeployResult(name, "success", len(data), sha256, packets=1)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{name}.deploy.trace.jsonl").write_text('{"format":"vota-trace","version":1}\n')
+            (out_dir / f"{name}.deploy.result.json").write_text(json.dumps(result.to_json()))
+        return result
+
+    def install_status(self, campaign_id: str) -> tuple[int, int, int]:
+        self._maybe_fail("install_status")
+        return self.install.get(campaign_id, InstallStatus.NONE), 0, len(IMAGES)
+
+    def start_install(self, manifest_name: str) -> None:
+        manifest = json.loads(self.deployed[manifest_name])
+        assert {j["package"] for j in manifest["jobs"]} <= set(self.deployed)
+        self.installs.append(manifest["campaign_id"])
+        self.install[manifest["campaign_id"]] = InstallStatus.RUNNING
+
+    def wait_install(self, campaign_id: str, timeout: float, poll: float = 0.5,
+                     should_stop: Callable[[], bool] | None = None) -> int:
+        self._maybe_fail("wait_install")
+        self.install[campaign_id] = InstallStatus.SUCCEEDED
+        return InstallStatus.SUCCEEDED
+
+    def read_file(self, path: str) -> bytes:
+        cid, _, name = path.partition("/")
+        if name == "summary.json":
+            return json.dumps({"results": [{"ecu": ecu, "result": "success", "failed_step": None, "reason": None,
+                                            "version_after": "2.0.0"} for ecu in IMAGES]}).encode()
+        return b'{"format":"vota-trace","version":1}\n'
+
+
+class Vehicle:
+    """One TBOX state directory and the world around it (cloud, gateway, package server)."""
+
+    def __init__(self, tmp: Path, **tbox: Any) -> None:
+        self.config = replace(TboxConfig(VIN, state_dir=str(tmp / "tbox"), trusted_keys=("k",), retry_delay_s=0.001,
+                                         retry_max_delay_s=0.002, max_retries=3), **tbox)
+        self.cloud, self.gateway = FakeCloud(), FakeGateway()
+        self.fetches: list[str] = []
+        self.fetch_errors: list[BaseException] = []
+
+    def fetch(self, url: str, dest: Path, size: int, sha256: str, *, progress: Any = None, should_stop: Any = None) -> DownloadInfo:
+        self.fetches.append(url)
+        if self.fetch_errors:
+            raise self.fetch_errors.pop(0)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(IMAGES[url.rsplit("/", 1)[1]])
+        return DownloadInfo(0, size)
+
+    def runner(self, entered: Callable[[CampaignRecord], None] | None = None) -> CampaignRunner:
+        return CampaignRunner(self.config, set(IMAGES), self.cloud, self.gateway, TRUSTED, now=lambda: NOW,
+                              stop=threading.Event(), fetch=self.fetch, entered=entered)
+
+    def receive(self, data: bytes) -> None:
+        runner = self.runner()
+        Inbound(VIN, runner, lambda doc: None, lambda: None, lambda: None).on_message("campaign", data)
+
+    def record(self) -> CampaignRecord:
+        (record,) = self.runner().records()
+        return record
+
+    def finished(self) -> dict[str, Any]:
+        (done,) = self.cloud.events(event="finished")
+        return done
+
+
+def kill_in(state: str, times: int = 1) -> Callable[[CampaignRecord], None]:
+    """An ``entered`` hook: the process dies right after ``state`` was persisted, ``times`` times."""
+    left = [times]
+
+    def hook(record: CampaignRecord) -> None:
+        if record.state == state and left[0] > 0:
+            left[0] -= 1
+            raise Killed(state)
+
+    return hook
+
+
+def test_a_campaign_runs_through_every_state(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path)
+    v.receive(envelope())
+    assert v.record().state == "received"  # persisted before anything else happens
+    seen: list[str] = []
+    v.runner(entered=lambda r: seen.append(r.state)).step()
+    assert seen == ["received", "verified", "downloading", "downloaded", "deploying", "deployed", "awaiting_install",
+                    "installing", "done"]
+    assert v.record().state == "reported" and v.finished()["outcome"] == "success"
+    assert v.gateway.deploys == [("vcu-2.0.0.bin", False), ("bms-2.0.0.bin", False), ("install-c-1.json", False)]
+    assert v.gateway.installs == ["c-1"]
+    assert {"c-1.deploy.vcu-2.0.0.bin", "c-1.flash.vcu", "c-1.flash.bms"} <= set(v.cloud.traces)
+    assert "c-1.inventory" in v.cloud.messages
+
+
+@pytest.mark.parametrize("state", [s for s in STATES if s not in (*TERMINAL, "failed")])
+def test_killed_in_every_state_resumes_and_finishes_once(tmp_path: Path, state: str) -> None:
+    v = Vehicle(tmp_path)
+    v.receive(envelope())
+    with pytest.raises(Killed):
+        v.runner(entered=kill_in(state)).step()
+    assert v.record().state == state  # what the new process finds
+    v.runner().step()  # the restarted TBOX
+    record = v.record()
+    assert record.state == "reported" and record.outcome == "success"
+    assert record.entries[state] == (1 if state in WAITING else 2)  # once before the kill, once after the restart
+    assert v.finished()["outcome"] == "success"
+    assert v.gateway.installs == ["c-1"]  # never installed twice
+    assert len(v.fetches) == len(IMAGES)  # nothing downloaded twice
+    assert [name for name, _ in v.gateway.deploys] == ["vcu-2.0.0.bin", "bms-2.0.0.bin", "install-c-1.json"]
+
+
+def test_killed_in_the_middle_of_a_deploy_resumes_that_package(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path)
+    v.receive(envelope())
+    v.gateway.fail["deploy"] = [Killed("in TransferData")]
+    with pytest.raises(Killed):
+        v.runner().step()
+    v.runner().step()
+    assert v.finished()["outcome"] == "success"
+    assert v.gateway.deploys == [("vcu-2.0.0.bin", True), ("bms-2.0.0.bin", False), ("install-c-1.json", False)]
+
+
+def test_the_loop_guard_counts_restarts_not_retries(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path, max_attempts=3)
+    v.receive(envelope())
+    for _ in range(3):  # the TBOX dies in the same state again and again
+        with pytest.raises(Killed):
+            v.runner(entered=kill_in("deploying")).step()
+    v.runner().step()
+    done = v.finished()
+    assert done["outcome"] == "failed" and done["failure"]["reason"] == "loop_guard"
+    assert done["failure"]["stage"] == "deploying"
+
+
+def test_transient_problems_back_off_within_their_own_budget(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path, max_retries=3, max_attempts=1)  # one entry per state is all the loop guard allows
+    v.receive(envelope())
+    v.gateway.fail["inventory"] = [TryLater("gateway busy"), TryLater("gateway busy")]
+    v.fetch_errors = [DownloadInterrupted("connection reset"), DownloadInterrupted("connection reset")]
+    v.runner().step()
+    assert v.finished()["outcome"] == "success"  # two retries in two states: no loop guard
+    retries = sorted((b["state"], b["retry"]) for b in v.cloud.events(event="retry"))
+    assert retries == [("downloading", 1), ("downloading", 2), ("received", 1), ("received", 2)]
+    assert v.record().entries["received"] == 1 and v.record().entries["downloading"] == 1
+
+
+def test_a_transient_problem_that_does_not_go_away_ends_the_campaign(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path, max_retries=3)
+    v.receive(envelope())
+    v.gateway.fail["wait_install"] = [TryLater("gateway unreachable")] * 10
+    v.runner().step()
+    done = v.finished()
+    assert done["failure"]["reason"] == "retries_exhausted" and done["failure"]["stage"] == "installing"
+    assert "gateway unreachable" in done["failure"]["detail"]
+    assert v.gateway.installs == ["c-1"]  # started once; the retries only asked for its status
+
+
+def test_a_programming_error_surfaces_instead_of_being_retried(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path)
+    v.receive(envelope())
+    v.gateway.fail["deploy"] = [KeyError("packet")]
+    v.runner().step()
+    done = v.finished()
+    assert done["failure"]["reason"] == "internal_error" and done["failure"]["stage"] == "deploying"
+    assert "KeyError" in done["failure"]["detail"]
+    assert not v.cloud.events(event="retry")
+
+
+def test_a_refused_download_and_a_refused_campaign_end_it_at_once(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path)
+    v.receive(envelope())
+    v.fetch_errors = [DownloadError("http://cloud/vcu: SHA-256 does not match", "digest_mismatch")]
+    with pytest.raises(Killed):  # and the TBOX dies once the failure is persisted, before reporting it
+        v.runner(entered=kill_in("failed")).step()
+    v.runner().step()
+    assert v.finished()["failure"]["reason"] == "package_refused" and len(v.fetches) == 1
+    w = Vehicle(tmp_path / "older")
+    w.receive(envelope("c-2", version="0.9.0"))  # older than the installed 1.0.0
+    w.runner().step()
+    assert w.finished()["failure"]["reason"] == "downgrade" and not w.gateway.deploys
+    assert w.cloud.events(event="rejected")[0]["reason"] == "downgrade"
+
+
+def test_confirm_policy_waits_and_a_restart_keeps_waiting(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path)
+    v.receive(envelope(install="confirm"))
+    runner = v.runner()
+    assert runner.step() and v.record().state == "awaiting_install"
+    assert not v.runner().step()  # a restarted TBOX waits too, without entering the state again
+    assert v.record().entries["awaiting_install"] == 1 and not v.gateway.installs
+    assert v.runner().confirm("c-1") and not v.runner().confirm("c-unknown")
+    v.runner().step()
+    assert v.finished()["outcome"] == "success" and v.gateway.installs == ["c-1"]
