@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from udsoncan import services as svc
+
 from agent.adapters.file_store import request_file_transfer
 from agent.adapters.file_store import transfer_data as file_transfer_data
 from agent.adapters.file_store import transfer_exit as file_transfer_exit
@@ -381,17 +383,17 @@ def _transfer_exit_or_content(s: EcuState, r: Request) -> bytes:
 
 
 SERVICES: dict[int, Service[EcuState]] = {
-    0x10: Service(session_control, min_length=2, subfunction=True),
-    0x11: Service(ecu_reset, min_length=2, subfunction=True),
-    0x22: Service(read_data_by_identifier, min_length=3),
-    0x27: Service(security_access, min_length=2, sessions=NON_DEFAULT, subfunction=True),
-    0x28: Service(communication_control, min_length=3, sessions=NON_DEFAULT, subfunction=True),
-    0x2E: Service(write_data_by_identifier, min_length=4, sessions=NON_DEFAULT),
-    0x31: Service(routine_control, min_length=4, sessions=NON_DEFAULT, subfunction=True),
-    0x34: Service(request_download, min_length=5, sessions=PROGRAMMING),
-    0x36: Service(_transfer_data_or_content, min_length=2, sessions=NON_DEFAULT),
-    0x37: Service(_transfer_exit_or_content, min_length=1, sessions=NON_DEFAULT),
-    0x38: Service(_request_content_transfer, min_length=2, sessions=NON_DEFAULT),
-    0x3E: Service(tester_present, min_length=2, subfunction=True),
-    0x85: Service(control_dtc_setting, min_length=2, sessions=NON_DEFAULT, subfunction=True),
+    svc.DiagnosticSessionControl.request_id(): Service(session_control, min_length=2, subfunction=True),
+    svc.ECUReset.request_id(): Service(ecu_reset, min_length=2, subfunction=True),
+    svc.ReadDataByIdentifier.request_id(): Service(read_data_by_identifier, min_length=3),
+    svc.SecurityAccess.request_id(): Service(security_access, min_length=2, sessions=NON_DEFAULT, subfunction=True),
+    svc.CommunicationControl.request_id(): Service(communication_control, min_length=3, sessions=NON_DEFAULT, subfunction=True),
+    svc.WriteDataByIdentifier.request_id(): Service(write_data_by_identifier, min_length=4, sessions=NON_DEFAULT),
+    svc.RoutineControl.request_id(): Service(routine_control, min_length=4, sessions=NON_DEFAULT, subfunction=True),
+    svc.RequestDownload.request_id(): Service(request_download, min_length=5, sessions=PROGRAMMING),
+    svc.TransferData.request_id(): Service(_transfer_data_or_content, min_length=2, sessions=NON_DEFAULT),
+    svc.RequestTransferExit.request_id(): Service(_transfer_exit_or_content, min_length=1, sessions=NON_DEFAULT),
+    svc.RequestFileTransfer.request_id(): Service(_request_content_transfer, min_length=2, sessions=NON_DEFAULT),
+    svc.TesterPresent.request_id(): Service(tester_present, min_length=2, subfunction=True),
+    svc.ControlDTCSetting.request_id(): Service(control_dtc_setting, min_length=2, sessions=NON_DEFAULT, subfunction=True),
 }

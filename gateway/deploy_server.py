@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from udsoncan import services as svc
+
 from agent.adapters.file_store import FileStore, request_file_transfer, transfer_data, transfer_exit
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import DeployConfig
@@ -130,10 +132,10 @@ def _routine(s: DeployState, r: Request) -> bytes | Outcome:
 
 
 DEPLOY_SERVICES: dict[int, Service[DeployState]] = {
-    0x31: Service(_routine, min_length=4, sessions=EXTENDED, subfunction=True),
-    0x10: Service(_session, min_length=2, subfunction=True),
-    0x3E: Service(tester_present, min_length=2, subfunction=True),
-    0x38: Service(lambda s, r: request_file_transfer(s.files, r), min_length=2, sessions=EXTENDED),
-    0x36: Service(lambda s, r: transfer_data(s.files, r), min_length=2, sessions=EXTENDED),
-    0x37: Service(lambda s, r: transfer_exit(s.files, r), min_length=1, sessions=EXTENDED),
+    svc.RoutineControl.request_id(): Service(_routine, min_length=4, sessions=EXTENDED, subfunction=True),
+    svc.DiagnosticSessionControl.request_id(): Service(_session, min_length=2, subfunction=True),
+    svc.TesterPresent.request_id(): Service(tester_present, min_length=2, subfunction=True),
+    svc.RequestFileTransfer.request_id(): Service(lambda s, r: request_file_transfer(s.files, r), min_length=2, sessions=EXTENDED),
+    svc.TransferData.request_id(): Service(lambda s, r: transfer_data(s.files, r), min_length=2, sessions=EXTENDED),
+    svc.RequestTransferExit.request_id(): Service(lambda s, r: transfer_exit(s.files, r), min_length=1, sessions=EXTENDED),
 }

@@ -28,6 +28,7 @@ from agent.core.config import DeployConfig
 from agent.core.content import Item
 from agent.errors import Refused, TryLater, VotaError
 from tbox.apps import AppRegistry
+from tbox.content_state import ItemRecord
 from tbox.gateway_client import ContentOp, GatewayClient, GatewayError
 
 __all__ = ["Job", "Executor", "ResourceExecutor", "AppExecutor", "SoftwareExecutor"]
@@ -40,7 +41,7 @@ class Job:
     bundle_id: str
     version: int
     item: Item
-    entry: dict[str, Any]  # the item's persisted state; executors may keep notes in it
+    entry: ItemRecord  # the item's persisted state; executors keep what they need in it (delivered, campaign_id)
     data: Callable[[], bytes]  # the item's plaintext (decrypted on demand)
 
     @property
@@ -82,12 +83,12 @@ class ResourceExecutor:
 
     def start(self, job: Job) -> str:
         ecu = self.ecu(job)
-        if job.entry.get("delivered"):
+        if job.entry.delivered:
             try:
                 self._ask(ContentOp.SHOW, ecu, job.name.encode())
                 return "active"
             except Refused:
-                job.entry["delivered"] = False  # the ECU lost it (replaced, reflashed): deliver it again
+                job.entry.delivered = False  # the ECU lost it (replaced, reflashed): deliver it again
         self._deliver(job, ecu)
         self._ask(ContentOp.SHOW, ecu, job.name.encode())
         return "active"
@@ -109,7 +110,7 @@ class ResourceExecutor:
                 self._report_transfer(ecu, job.name)
         finally:
             path.unlink(missing_ok=True)  # the plaintext does not stay on the TBOX
-        job.entry["delivered"] = True
+        job.entry.delivered = True
 
     def _report_transfer(self, ecu: str, name: str) -> None:
         """The gateway's result and header-only trace of its transfer to the ECU, to the cloud."""
@@ -131,12 +132,12 @@ class ResourceExecutor:
         """Stop showing it and delete it from the ECU: nothing of it stays."""
         ecu = self.ecu(job)
         self._ask(ContentOp.STOP, ecu)
-        if job.entry.get("delivered"):
+        if job.entry.delivered:
             try:
                 self._ask(ContentOp.DELETE, ecu, job.name.encode())
             except Refused:
                 pass  # already gone (the ECU was replaced or reset its store)
-            job.entry["delivered"] = False
+            job.entry.delivered = False
 
     def poll(self, job: Job) -> tuple[str, dict[str, Any]] | None:
         return "active", {}
@@ -192,7 +193,7 @@ class SoftwareExecutor:
         if not isinstance(version, str) or not version:
             raise Refused("malformed", "a software item needs the software version it installs")
         self.campaigns.start_local_campaign(self.campaign_id(job), job.item.target, version, job.data())
-        job.entry["campaign_id"] = self.campaign_id(job)
+        job.entry.campaign_id = self.campaign_id(job)
         return "installing"
 
     def stop(self, job: Job) -> None:

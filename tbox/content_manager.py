@@ -53,46 +53,22 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.core.config import ContentConfig
 from agent.core.content import Bundle, BundleRejected, Item, check_item, decrypt_item, verify_bundle, verify_manifest
-from agent.core.schedule import ItemState, is_night, tick
-from agent.errors import Refused, TryLater, VotaError
+from agent.errors import TryLater, VotaError
 from tbox.apps import AppRegistry
-from tbox.content_exec import Executor, Job
+from tbox.content_exec import Executor
+from tbox.content_schedule import ItemScheduling
+from tbox.content_state import RUNNING, BundleRecord, ItemRecord, load_records, write_inbox
 from tbox.download import DownloadError, download
 
-__all__ = ["ContentManager", "COMMANDS", "load_records", "write_inbox"]
+__all__ = ["ContentManager", "COMMANDS", "load_records", "write_inbox"]  # the last two from content_state
 
 log = logging.getLogger(__name__)
 
 COMMANDS = ("content_offer", "content_request", "content_accept", "content_decline", "content_bind")
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
-_RUNNING = ("offered", "scheduled", "active")
-SENSOR_CACHE_S = 5.0
-RETRY_MAX_S = 60.0
 
 
-def load_records(state_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every bundle the TBOX knows, oldest first (for ``vota content list``)."""
-    out = []
-    for d in sorted((Path(state_dir) / "content" / "bundles").glob("*/state.json")):
-        try:
-            doc = json.loads(d.read_text())
-            if doc.get("schema") != 1:
-                raise ValueError(f"schema {doc.get('schema')!r}")
-        except (OSError, ValueError) as exc:
-            raise VotaError(f"{d}: unreadable content state ({exc})") from None
-        out.append((d.parent, doc))
-    return sorted(out, key=lambda r: (r[1]["bundle_id"], r[1]["version"]))
-
-
-def write_inbox(state_dir: str | Path, command: dict[str, Any]) -> Path:
-    """Hand a command to the running TBOX (``vota content accept|decline``)."""
-    inbox = Path(state_dir) / "content" / "inbox"
-    path = inbox / f"{time.time_ns()}.json"
-    atomic_write_json(path, command)
-    return path
-
-
-class ContentManager:
+class ContentManager(ItemScheduling):
     def __init__(
         self,
         config: ContentConfig,
@@ -125,8 +101,8 @@ class ContentManager:
     def start(self) -> None:
         self.bundles_dir.mkdir(parents=True, exist_ok=True)
         self.inbox.mkdir(parents=True, exist_ok=True)
-        for directory, _ in load_records(self.dir.parent):  # refuse to start on unreadable state, file named
-            self._bundle(directory)
+        for record in load_records(self.dir.parent):  # refuse to start on unreadable state, file named
+            self._bundle(record.dir)
 
     def submit(self, doc: dict[str, Any]) -> None:
         """A command from the cloud link's thread; run by the next ``step``."""
@@ -134,29 +110,30 @@ class ContentManager:
 
     def step(self) -> None:
         self._commands()
-        for directory, doc in load_records(self.dir.parent):
+        for doc in load_records(self.dir.parent):
+            directory = doc.dir
             if self.stop.is_set():
                 return
             try:
-                if doc["status"] == "requested" and time.monotonic() >= self._next_download:
+                if doc.status == "requested" and time.monotonic() >= self._next_download:
                     self._download(directory, doc)
-                elif doc["status"] == "downloaded" or any(e.get("revert_pending") for e in doc["items"].values()):
+                elif doc.status == "downloaded" or any(e.revert_pending for e in doc.items.values()):
                     self._tick(directory, doc)
             except VotaError as exc:
                 log.warning("content %s: %s", directory.name, exc)
 
     # ---- reports ---------------------------------------------------------------------------
-    def _report_bundle(self, doc: dict[str, Any], status: str, **extra: Any) -> None:
-        body = {"event": "content", "bundle_id": doc["bundle_id"], "bundle_version": doc["version"], "status": status, **extra}
-        self.report_fn(body, f"content.{doc['bundle_id']}.v{doc['version']}.{status}.{doc.get('changes', 0)}")
+    def _report_bundle(self, doc: BundleRecord, status: str, **extra: Any) -> None:
+        body = {"event": "content", "bundle_id": doc.bundle_id, "bundle_version": doc.version, "status": status, **extra}
+        self.report_fn(body, f"content.{doc.bundle_id}.v{doc.version}.{status}.{doc.changes}")
 
-    def _report_item(self, doc: dict[str, Any], item: Item, entry: dict[str, Any], at: _dt.datetime | None = None,
+    def _report_item(self, doc: BundleRecord, item: Item, entry: ItemRecord, at: _dt.datetime | None = None,
                      **extra: Any) -> None:
-        entry["changes"] = entry.get("changes", 0) + 1
-        body = {"event": "content", "bundle_id": doc["bundle_id"], "bundle_version": doc["version"], "item": item.id,
-                "class": item.cls, "target": item.target, "status": entry["status"],
+        entry.changes += 1
+        body = {"event": "content", "bundle_id": doc.bundle_id, "bundle_version": doc.version, "item": item.id,
+                "class": item.cls, "target": item.target, "status": entry.status,
                 "at": (at or self.now()).isoformat(timespec="seconds"), **extra}
-        self.report_fn(body, f"content.{doc['bundle_id']}.v{doc['version']}.{item.id}.{entry['changes']}")
+        self.report_fn(body, f"content.{doc.bundle_id}.v{doc.version}.{item.id}.{entry.changes}")
 
     def _reject(self, reason: str, detail: str, bundle_id: str | None, key: str) -> None:
         log.warning("content refused (%s): %s", reason, detail)
@@ -172,9 +149,6 @@ class ContentManager:
         except (OSError, ValueError, AttributeError) as exc:
             raise VotaError(f"{self.installed_path}: unreadable ({exc})") from None
 
-    def _save(self, directory: Path, doc: dict[str, Any]) -> None:
-        atomic_write_json(directory / "state.json", doc)
-
     def _bundle(self, directory: Path) -> Bundle:
         """The stored manifest, its signature checked again (what is on disk is what was offered)."""
         bundle = self._bundles.get(directory)
@@ -188,9 +162,9 @@ class ContentManager:
             self._bundles[directory] = bundle
         return bundle
 
-    def _find(self, bundle_id: Any, statuses: tuple[str, ...] | None = None) -> tuple[Path, dict[str, Any]] | None:
-        found = [(d, doc) for d, doc in load_records(self.dir.parent)
-                 if doc["bundle_id"] == bundle_id and (statuses is None or doc["status"] in statuses)]
+    def _find(self, bundle_id: Any, statuses: tuple[str, ...] | None = None) -> BundleRecord | None:
+        found = [r for r in load_records(self.dir.parent)
+                 if r.bundle_id == bundle_id and (statuses is None or r.status in statuses)]
         return found[-1] if found else None
 
     # ---- commands --------------------------------------------------------------------------
@@ -277,10 +251,10 @@ class ContentManager:
         atomic_write_bytes(directory / "manifest.sig.json", sig)
         for item_id, data in files.items():
             atomic_write_bytes(directory / "items" / f"{item_id}.bin", data)
-        state = {"schema": 1, "bundle_id": bundle.bundle_id, "version": bundle.bundle_version, "title": bundle.title,
-                 "owner": bundle.owner, "status": "requested" if request else "offered", "changes": 0, "urls": urls,
-                 "items": {i.id: {"status": "offered", "policy": i.policy, "accepted": False, "changes": 0} for i in bundle.items}}
-        self._save(directory, state)  # the state file last: its existence makes the offer known
+        state = BundleRecord(directory, bundle.bundle_id, bundle.bundle_version, bundle.title, bundle.owner,
+                             "requested" if request else "offered", urls=urls,
+                             items={i.id: ItemRecord(policy=i.policy) for i in bundle.items})
+        state.save()  # the state file last: its existence makes the offer known
         self._report_bundle(state, "offered", title=bundle.title, owner=bundle.owner, items=[
             {"item": i.id, "class": i.cls, "target": i.target, "policy": i.policy, "size": i.size} for i in bundle.items])
         if request:
@@ -302,52 +276,50 @@ class ContentManager:
         if found is None:
             self._reject("unknown_bundle", f"no offered bundle {doc.get('bundle_id')!r}", doc.get("bundle_id"), key)
             return
-        directory, state = found
-        state["status"], state["changes"] = "requested", state.get("changes", 0) + 1
-        state.pop("reason", None)
-        self._save(directory, state)
+        state = found
+        state.status, state.changes = "requested", state.changes + 1
+        state.reason = None
+        state.save()
         self._report_bundle(state, "requested")
         self._next_download = 0.0
 
     def _choose(self, doc: dict[str, Any], accept: bool, key: str) -> None:
         found = self._find(doc.get("bundle_id"), ("offered", "requested", "downloaded"))
         item_id = doc.get("item")
-        if found is None or (item_id is not None and item_id not in found[1]["items"]):
+        if found is None or (item_id is not None and item_id not in found.items):
             self._reject("unknown_bundle", f"no bundle {doc.get('bundle_id')!r} with item {item_id!r}", doc.get("bundle_id"), key)
             return
-        directory, state = found
+        state = found
+        directory = state.dir
         bundle = self._bundle(directory)
         for item in bundle.items:
-            entry = state["items"][item.id]
-            if item_id is None and (accept and entry["policy"] != "manual" or not accept and entry["policy"] == "auto"):
+            entry = state.items[item.id]
+            if item_id is None and (accept and entry.policy != "manual" or not accept and entry.policy == "auto"):
                 continue  # without an item: accept the manual ones, decline the optional ones
             if item_id is not None and item.id != item_id:
                 continue
-            if accept and entry["status"] in ("offered", "declined"):
-                entry.update(accepted=True, status="offered", policy="manual" if entry["policy"] == "never" else entry["policy"])
-                if state["status"] == "downloaded" and not (directory / "items" / f"{item.id}.bin").exists():
-                    state.update(status="requested", reopened=True)  # an item that was set never to download is wanted now
+            if accept and entry.status in ("offered", "declined"):
+                entry.accepted, entry.status, entry.policy = True, "offered", "manual" if entry.policy == "never" else entry.policy
+                if state.status == "downloaded" and not (directory / "items" / f"{item.id}.bin").exists():
+                    state.status, state.reopened = "requested", True  # an item that was set never to download is wanted now
                 self._report_item(state, item, entry, accepted=True)
-            elif not accept and entry["status"] in ("offered", "scheduled", "active", "installing"):
-                if entry["status"] == "active":
+            elif not accept and entry.status in ("offered", "scheduled", "active", "installing"):
+                if entry.status == "active":
                     self._revert(directory, state, item)
-                entry.update(accepted=False, status="declined")
+                entry.accepted, entry.status = False, "declined"
                 self._report_item(state, item, entry)
-        self._save(directory, state)
+        state.save()
 
     # ---- download ----------------------------------------------------------------------------
-    def _wanted(self, entry: dict[str, Any]) -> bool:
-        return bool(entry["policy"] != "never" or entry.get("accepted")) and entry["status"] != "declined"
-
-    def _download(self, directory: Path, state: dict[str, Any]) -> None:
+    def _download(self, directory: Path, state: BundleRecord) -> None:
         bundle = self._bundle(directory)
         for item in bundle.items:
-            entry = state["items"][item.id]
-            if not self._wanted(entry):
+            entry = state.items[item.id]
+            if not entry.wanted:
                 continue
-            url = state["urls"].get(item.id)
+            url = state.urls.get(item.id)
             if url is None and not (directory / "items" / f"{item.id}.bin").exists():
-                entry.update(status="failed", reason="not_in_bundle")  # imported without it, and no cloud to ask
+                entry.status, entry.reason = "failed", "not_in_bundle"  # imported without it, and no cloud to ask
                 self._report_item(state, item, entry, reason="not_in_bundle", detail="the imported archive does not hold it")
                 continue
             try:
@@ -361,9 +333,9 @@ class ContentManager:
                     self._next_download = time.monotonic() + 2.0
                     return
                 reason = (exc.reason if isinstance(exc, BundleRejected) else exc.reason or "download_failed")
-                if state.get("reopened"):  # the rest of the bundle runs already: only this item fails
+                if state.reopened:  # the rest of the bundle runs already: only this item fails
                     (directory / "items" / f"{item.id}.bin").unlink(missing_ok=True)
-                    entry.update(status="failed", reason=reason)
+                    entry.status, entry.reason = "failed", reason
                     self._report_item(state, item, entry, reason=reason, detail=str(exc))
                     continue
                 self._fail_bundle(directory, state, reason, str(exc))
@@ -372,40 +344,41 @@ class ContentManager:
         if previous.get(bundle.bundle_id, -1) < bundle.bundle_version:
             atomic_write_json(self.installed_path, {**previous, bundle.bundle_id: bundle.bundle_version})
         for item in bundle.items:  # C5: an app bound to manual updates waits for the owner
-            entry = state["items"][item.id]
-            if item.cls == "application" and self.registry is not None and entry["policy"] == "auto" and \
+            entry = state.items[item.id]
+            if item.cls == "application" and self.registry is not None and entry.policy == "auto" and \
                     self.registry.decide(item.target, str(item.raw.get("version") or bundle.bundle_version)).action == "wait_for_owner":
-                entry["policy"] = "manual"
-        state["status"], state["changes"] = "downloaded", state.get("changes", 0) + 1
-        state.pop("reopened", None)
-        self._save(directory, state)
+                entry.policy = "manual"
+        state.status, state.changes = "downloaded", state.changes + 1
+        state.reopened = False
+        state.save()
         self._report_bundle(state, "downloaded", items=[i.id for i in bundle.items if (directory / "items" / f"{i.id}.bin").exists()])
         log.info("content %s downloaded and verified", directory.name)
         self._supersede(bundle, directory)
 
-    def _fail_bundle(self, directory: Path, state: dict[str, Any], reason: str, detail: str) -> None:
+    def _fail_bundle(self, directory: Path, state: BundleRecord, reason: str, detail: str) -> None:
         shutil.rmtree(directory / "items", ignore_errors=True)  # nothing of it runs
-        state.update(status="failed", reason=reason, detail=detail, changes=state.get("changes", 0) + 1)
-        self._save(directory, state)
+        state.status, state.reason, state.detail, state.changes = "failed", reason, detail, state.changes + 1
+        state.save()
         self._report_bundle(state, "failed", reason=reason, detail=detail)
         log.warning("content %s refused (%s): %s", directory.name, reason, detail)
 
     def _supersede(self, bundle: Bundle, newest: Path) -> None:
-        for directory, state in load_records(self.dir.parent):
-            if directory == newest or state["bundle_id"] != bundle.bundle_id or state["version"] >= bundle.bundle_version:
+        for state in load_records(self.dir.parent):
+            directory = state.dir
+            if directory == newest or state.bundle_id != bundle.bundle_id or state.version >= bundle.bundle_version:
                 continue
-            if state["status"] in ("superseded", "failed"):
+            if state.status in ("superseded", "failed"):
                 continue
             old = self._bundle(directory)
             for item in old.items:
-                entry = state["items"][item.id]
-                if entry["status"] == "active":
+                entry = state.items[item.id]
+                if entry.status == "active":
                     self._revert(directory, state, item)
-                if entry["status"] in _RUNNING + ("installing",):
-                    entry["status"] = "superseded"
+                if entry.status in RUNNING + ("installing",):
+                    entry.status = "superseded"
                     self._report_item(state, item, entry)
-            state["status"] = "superseded"
-            self._save(directory, state)
+            state.status = "superseded"
+            state.save()
             shutil.rmtree(directory / "items", ignore_errors=True)
 
     def _plain(self, directory: Path, bundle: Bundle, item: Item) -> bytes:
@@ -417,113 +390,3 @@ class ContentManager:
             raise BundleRejected("cannot_decrypt", f"item {item.id} is encrypted and this vehicle has no content key",
                                  bundle.bundle_id)
         return decrypt_item(data, item.encryption, self.vehicle_key)
-
-    # ---- the schedule -------------------------------------------------------------------------
-    def _night(self, item: Item, now: _dt.datetime) -> bool:
-        if item.schedule.mode == "any":
-            return False
-        if self.light is not None and time.monotonic() - self._lux[0] > SENSOR_CACHE_S:
-            try:
-                raw = self.light()
-                lux: float | None = float(int.from_bytes(raw[:2], "big")) if len(raw) >= 2 else None
-            except VotaError as exc:
-                log.info("light sensor not available (%s); day and night from the clock", exc)
-                lux = None
-            self._lux = (time.monotonic(), lux)
-        dusk, dawn = (_dt.time.fromisoformat(t) for t in self.config.night)
-        return is_night(now.astimezone(item.schedule.tz), self._lux[1], self.config.night_below_lux, dusk, dawn)
-
-    def _job(self, directory: Path, state: dict[str, Any], item: Item) -> Job:
-        bundle = self._bundle(directory)
-        return Job(bundle.bundle_id, bundle.bundle_version, item, state["items"][item.id],
-                   lambda: self._plain(directory, bundle, item))
-
-    def _run(self, directory: Path, state: dict[str, Any], item: Item, action: str) -> str | None:
-        """Run one executor action: the item's status after a start, "" after a stop or a
-        revert, None when it is to be tried again later (the ECU did not answer: backing off,
-        for as long as the item's schedule wants the action)."""
-        executor = self.executors.get(item.cls)
-        entry = state["items"][item.id]
-        key = (directory, item.id)
-        if time.monotonic() < self._backoff.get(key, 0.0):
-            return None
-        try:
-            if executor is None:
-                raise Refused("unsupported", f"no executor for {item.cls} items")
-            job = self._job(directory, state, item)
-            status = executor.start(job) if action == "start" else ""
-            if action == "stop":
-                executor.stop(job)
-            elif action == "revert":
-                executor.revert(job)
-            entry.pop("retries", None)
-            self._backoff.pop(key, None)
-            return status
-        except TryLater as exc:
-            entry["retries"] = entry.get("retries", 0) + 1
-            self._backoff[key] = time.monotonic() + min(RETRY_MAX_S, 0.5 * 2 ** min(entry["retries"], 8))
-            log.warning("content %s/%s %s: %s; will retry", directory.name, item.id, action, exc)
-            return None
-        except BundleRejected as exc:
-            raise Refused(exc.reason, str(exc)) from None
-
-    def _revert(self, directory: Path, state: dict[str, Any], item: Item) -> None:
-        """Undo an active item now, or at a later tick when its ECU does not answer."""
-        if self._run(directory, state, item, "revert") is None:
-            state["items"][item.id]["revert_pending"] = True
-
-    def _tick(self, directory: Path, state: dict[str, Any]) -> None:
-        bundle = self._bundle(directory)
-        now = self.now()
-        changed = False
-        for item in bundle.items:
-            entry = state["items"][item.id]
-            old = entry["status"]
-            extra: dict[str, Any] = {}
-            try:
-                if entry.get("revert_pending"):
-                    if self._run(directory, state, item, "revert") is not None:
-                        entry.pop("revert_pending")
-                        changed = True
-                    continue
-                if old == "installing":
-                    executor = self.executors.get(item.cls)
-                    polled = executor.poll(self._job(directory, state, item)) if executor is not None else None
-                    if polled is None:
-                        continue
-                    entry["status"], extra = polled
-                elif old in _RUNNING and self._wanted(entry) and (directory / "items" / f"{item.id}.bin").exists():
-                    current = ItemState(item.id, old, entry["policy"], bool(entry.get("accepted")), bool(entry.get("ran")))
-                    new, actions = tick({item.id: current}, {item.id: item.schedule}, now, self._night(item, now))
-                    target = new[item.id].status
-                    for action in actions:
-                        kind = action.action
-                        if kind in ("start", "stop", "revert"):
-                            after = self._run(directory, state, item, kind)
-                            if after is None:  # try again at a later tick
-                                target = "scheduled" if old == "offered" else old
-                            elif kind == "start":
-                                target = after
-                                entry["ran"] = True
-                    entry["status"] = target
-                    changed = changed or bool(actions)  # retries counted are kept too
-                else:
-                    continue
-            except Refused as exc:
-                entry["status"] = "failed"
-                extra = {"reason": exc.reason, "detail": exc.detail, **exc.extra}
-            if entry["status"] != old:
-                if entry["status"] == "failed":
-                    entry["reason"] = extra.get("reason")
-                self._report_item(state, item, entry, at=now, **extra)
-                changed = True
-                log.info("content %s/%s: %s -> %s", directory.name, item.id, old, entry["status"])
-        if changed:
-            self._save(directory, state)
-            self._prune(directory, state)
-
-    def _prune(self, directory: Path, state: dict[str, Any]) -> None:
-        """A bundle whose items have all ended keeps its manifest and state, not its files."""
-        ended = ("expired", "declined", "failed", "superseded")
-        if all(e["status"] in ended or not self._wanted(e) for e in state["items"].values()):
-            shutil.rmtree(directory / "items", ignore_errors=True)

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.core.campaign import key_id
 from agent.core.config import ContentConfig
 from agent.core.content import decrypt_item, pack_archive, read_archive
+from agent.errors import VotaError
 from cloud_sim.cloud import content_offer
 from cloud_sim.package_server import PackageServer
 from cloud_sim.trust import ReviewRefused, TrustPlatform
@@ -241,3 +242,23 @@ def test_a_later_item_that_fails_its_check_does_not_stop_the_running_ones(car):
     assert (car.tmp / "tbox" / "content" / "bundles" / "evening-v1" / "items" / "lamp.bin").exists()
     car.at(23, 30)
     assert car.status("lamp") == "scheduled"  # the schedule goes on
+
+
+def test_bundle_records_read_back_what_earlier_versions_wrote(tmp_path):
+    from tbox.content_state import BundleRecord
+
+    doc = {"schema": 1, "bundle_id": "evening", "version": 2, "title": "t", "owner": "o", "status": "downloaded",
+           "changes": 3, "urls": {"lamp": "http://x/lamp"}, "reopened": True,
+           "items": {"lamp": {"status": "active", "policy": "auto", "accepted": False, "changes": 2, "ran": True,
+                              "delivered": True, "retries": 1},
+                     "app": {"status": "installing", "policy": "manual", "accepted": True, "changes": 1,
+                             "campaign_id": "content-evening-v2-app"},
+                     "maps": {"status": "offered", "policy": "never", "accepted": False, "changes": 0}}}
+    (tmp_path / "state.json").write_text(json.dumps(doc))
+    record = BundleRecord.load(tmp_path)
+    assert record.items["lamp"].delivered and record.items["app"].campaign_id == "content-evening-v2-app"
+    assert not record.items["maps"].wanted and record.items["app"].wanted
+    assert record.to_json() == doc  # nothing lost, nothing added
+    (tmp_path / "state.json").write_text('{"schema": 1, "bundle_id": "x"}')
+    with pytest.raises(VotaError, match="unreadable content state"):
+        BundleRecord.load(tmp_path)

@@ -61,3 +61,15 @@ def test_a_wheel_install_diagnoses_a_recorded_failed_run(tmp_path: Path) -> None
     verdict = json.loads(run.stdout)
     assert (verdict["cause"], verdict["side"], verdict["unit"]) == ("negative_response", "server", "bms")
     assert verdict["findings"][0]["request"] == "3602" and verdict["findings"][0]["nrc"] == 0x72
+
+
+def test_plain_pytest_collects_the_whole_suite() -> None:
+    """The command every Python developer types first: ``pytest``, not ``python -m pytest``
+    (which also puts the working directory on sys.path)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([str(Path(sys.executable).parent / "pytest"), "--collect-only", "-q", "-p", "no:cacheprovider"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "ERROR" not in run.stdout and " collected" in run.stdout

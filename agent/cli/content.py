@@ -83,7 +83,7 @@ def cmd_content(args: argparse.Namespace) -> int:
 def _content_on_vehicle(args: argparse.Namespace) -> int:
     """C8: the vehicle side lists, shows, accepts and declines content."""
     from agent.core.config import load_vehicle_config
-    from tbox.content_manager import load_records, write_inbox
+    from tbox.content_state import load_records, write_inbox
 
     state_dir = load_vehicle_config(args.config).tbox_config().state_dir
     if args.content_command == "import":
@@ -99,7 +99,7 @@ def _content_on_vehicle(args: argparse.Namespace) -> int:
         write_inbox(state_dir, {"command": "content_bind", "app": args.app, "auto_update": args.auto_update})
         print(f"{args.app}: {'automatic' if args.auto_update else 'manual'} updates, handed to the TBOX")
         return 0
-    records = load_records(state_dir)
+    records = [(r.dir, r.to_json()) for r in load_records(state_dir)]
     if args.content_command == "list":
         if args.json:
             print(json.dumps([{k: v for k, v in doc.items() if k != "urls"} for _, doc in records], indent=2))

@@ -1,0 +1,37 @@
+"""Typed configuration of the simulated or real vehicle, loaded from YAML in one place.
+
+One file describes the CAN segments and the ECUs on them; the gateway reads the client side
+of each ECU, the ECU simulator reads the ``sim`` part. Every error names the file, the key
+and what was expected.
+"""
+
+from __future__ import annotations
+
+from agent.core.config._parse import load_vehicle_config, parse_vehicle_config
+from agent.core.config._values import load_yaml
+from agent.core.config.model import (
+    CloudConfig,
+    ContentConfig,
+    DeployConfig,
+    EcuConfig,
+    EcuSimConfig,
+    GatewayConfig,
+    SegmentConfig,
+    TboxConfig,
+    VehicleConfig,
+)
+
+__all__ = [
+    "CloudConfig",
+    "SegmentConfig",
+    "EcuSimConfig",
+    "EcuConfig",
+    "GatewayConfig",
+    "DeployConfig",
+    "ContentConfig",
+    "TboxConfig",
+    "VehicleConfig",
+    "load_vehicle_config",
+    "parse_vehicle_config",
+    "load_yaml",
+]

@@ -1,0 +1,184 @@
+"""The typed configuration: one frozen dataclass per component."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from agent.errors import ConfigError
+
+__all__ = ["CloudConfig", "SegmentConfig", "EcuSimConfig", "EcuConfig", "GatewayConfig", "DeployConfig", "ContentConfig",
+           "TboxConfig", "VehicleConfig"]
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    broker: str = "mqtt://127.0.0.1:1883"
+    outbox: str = "var/tbox/outbox.db"
+    topic_root: str = "vota/v1"
+    keepalive: int = 30
+    max_message_bytes: int = 128 * 1024
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 60
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    username: str | None = None
+    password: str | None = None
+    mqtt_version: str = "5"  # "5", or "3.1.1" for brokers without MQTT 5 (the demo's embedded one)
+
+    def host_port(self) -> tuple[str, int, bool]:
+        url = urlparse(self.broker)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ConfigError("cloud", "broker", f"expected mqtt://host:port or mqtts://host:port, got {self.broker!r}")
+        tls = url.scheme == "mqtts" or self.tls_ca is not None
+        return url.hostname, url.port or (8883 if tls else 1883), tls
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """One CAN segment: python-can settings plus ISO-TP framing."""
+
+    name: str
+    bus: dict[str, Any]
+    tx_data_length: int = 8
+    bitrate: tuple[int, int | None] | None = None
+    isotp: dict[str, Any] = field(default_factory=dict)
+    receive_buffer: int = 4 * 1024 * 1024
+
+    @property
+    def fd(self) -> bool:
+        return self.tx_data_length > 8
+
+
+@dataclass(frozen=True)
+class EcuSimConfig:
+    """What the ECU simulator answers and how it behaves (ignored by the gateway)."""
+
+    part_number: str = "VOTA-ECU"
+    serial: str = "SN000000"
+    software_version: str = "1.0.0"
+    supplier_version: str = "SUP-1.0"
+    bootloader_version: str = "BL-1.0"
+    max_block_length: int = 4095
+    erase_ms: int = 500
+    check_ms: int = 100
+    reset_ms: int = 300
+    s3_ms: int = 5000
+    p2_ms: int = 50
+    p2_star_ms: int = 5000
+    pending_interval_ms: int = 1000
+    max_attempts: int = 3
+    lockout_ms: int = 10000
+    state_dir: str = "var/ecu_sim"
+    faults: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EcuConfig:
+    """One ECU as the gateway sees it: addresses, security, memory layout, routines."""
+
+    name: str
+    segment: str
+    request_id: int
+    response_id: int
+    functional_id: int = 0x7DF
+    security_level: int = 1
+    security_secret: str = ""
+    memory_address: int = 0x08000000
+    memory_size: int = 0x200000
+    erase_routine: int = 0xFF00
+    check_memory_routine: int = 0x0202
+    check_dependencies_routine: int = 0xFF01
+    check_memory: str = "crc32"
+    fingerprint_did: int = 0xF15A
+    p2_ms: int = 1000
+    p2_star_ms: int = 6000
+    sim: EcuSimConfig = field(default_factory=EcuSimConfig)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    results_dir: str = "var/gateway"
+    tester_present_ms: int = 2000
+    late_response_grace_ms: int = 1000
+    reset_wait_ms: int = 5000
+    retries: int = 2
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """The TBOX-gateway link: the TBOX is the UDS client, the gateway's deploy server answers."""
+
+    segment: str
+    request_id: int = 0x7D0
+    response_id: int = 0x7D8
+    max_block_length: int = 4095
+    package_dir: str = "var/gateway/packages"
+    p2_ms: int = 1000
+    p2_star_ms: int = 6000
+    late_response_grace_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class ContentConfig:
+    """Owner-customised content on the TBOX (C1-C8)."""
+
+    vehicle_key: str | None = None  # X25519 private key (PEM) that decrypts owner resource items
+    trusted_keys: tuple[str, ...] = ()  # the trust platform's keys; empty: the campaign keys
+    targets: tuple[tuple[str, str], ...] = ()  # resource target -> ECU that shows it (default: same name)
+    app_dir: str | None = None  # the infotainment app area (default: <state_dir>/apps)
+    light_ecu: str | None = None  # day/night from this ECU's light sensor DID ...
+    light_did: int = 0xF1C1
+    night_below_lux: int = 50
+    night: tuple[str, str] = ("19:00", "06:00")  # ... else from the clock, in the content's time zone
+    max_item_size: int = 64 * 1024 * 1024
+    tick_ms: int = 500
+
+
+@dataclass(frozen=True)
+class TboxConfig:
+    vin: str
+    state_dir: str = "var/tbox"
+    trusted_keys: tuple[str, ...] = ()
+    max_attempts: int = 3
+    retry_delay_s: float = 2.0  # first pause after a transient problem; doubles each retry ...
+    retry_max_delay_s: float = 60.0  # ... up to this
+    max_retries: int = 20  # transient retries in a row before the campaign fails (retries_exhausted)
+    install_timeout_s: int = 900
+    worker_stale_s: int = 300  # a worker without progress this long stops the systemd watchdog pings
+    diagnose: bool = False
+    cloud: CloudConfig = field(default_factory=lambda: _cloud_default())
+    content: ContentConfig = field(default_factory=ContentConfig)
+
+
+def _cloud_default() -> CloudConfig:
+    return CloudConfig()
+
+
+@dataclass(frozen=True)
+class VehicleConfig:
+    source: str
+    segments: dict[str, SegmentConfig]
+    ecus: dict[str, EcuConfig]
+    gateway: GatewayConfig
+    deploy: DeployConfig | None = None
+    tbox: TboxConfig | None = None
+
+    def tbox_config(self) -> TboxConfig:
+        if self.tbox is None:
+            raise ConfigError(self.source, "tbox", "missing; the TBOX needs a tbox section (vin, trusted_keys, cloud)")
+        return self.tbox
+
+    def deploy_link(self) -> DeployConfig:
+        if self.deploy is None:
+            raise ConfigError(self.source, "deploy", "missing; the TBOX-gateway link needs a deploy section")
+        return self.deploy
+
+    def ecu(self, name: str) -> EcuConfig:
+        try:
+            return self.ecus[name]
+        except KeyError:
+            known = ", ".join(sorted(self.ecus)) or "none"
+            raise ConfigError(self.source, None, f"unknown ECU {name!r} (configured: {known})") from None
