@@ -1,8 +1,14 @@
 """Two flash banks persisted on disk, as an A/B bootloader keeps them.
 
-The active bank is never written. A new image goes into the other bank; it becomes active
-only after it was fully written, verified and the ECU reset. ``meta.json`` is replaced
-atomically at each state change, so a kill at any point leaves the old image active.
+The active bank is never written. A new image goes into the other bank; once fully written,
+verified (check memory) and consistent (check dependencies) it is **staged**, and it becomes
+active at a reset: at once when the tester resets in the same programming session (one ECU
+at a time), or, in a vehicle-level campaign, when the activate routine selected it. An image
+activated that way is on trial (``confirmed`` false) and the old one is kept: the rollback
+routine goes back to it at the next reset, the commit routine confirms the new one and drops
+the old (MCUboot's test/confirm swap). ``meta.json`` is replaced atomically at each state
+change, so a kill at any point leaves a consistent pair of banks: a half-written image is
+discarded at start-up, a staged one stays staged.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ SCHEMA = 1
 
 @dataclass
 class BankInfo:
-    state: str  # empty | erased | writing | written | verified | valid
+    state: str  # empty | erased | writing | written | verified | staged | valid
     version: str = ""
     size: int = 0
     sha256: str = ""
+    confirmed: bool = True  # the active bank: false while it is on trial and may be rolled back
 
     def to_json(self) -> dict[str, Any]:
-        return {"state": self.state, "version": self.version, "size": self.size, "sha256": self.sha256}
+        return {"state": self.state, "version": self.version, "size": self.size, "sha256": self.sha256,
+                "confirmed": self.confirmed}
 
 
 class FlashBanks:
@@ -43,6 +51,7 @@ class FlashBanks:
         self.banks = {"a": BankInfo("valid", factory_version), "b": BankInfo("empty")}
         self.dependencies_ok = False
         self.pending_version = ""
+        self.next_boot = ""  # what the next reset does: "activate" the staged bank, "rollback" to the old one
         self._handle: Any = None
         self._load()
 
@@ -55,6 +64,7 @@ class FlashBanks:
             meta = json.loads(self.meta_path.read_text())
             self.active = meta["active"]
             self.banks = {k: BankInfo(**v) for k, v in meta["banks"].items()}
+            self.next_boot = str(meta.get("next_boot", ""))
             if self.active not in ("a", "b") or set(self.banks) != {"a", "b"}:
                 raise ValueError("banks must be a and b")
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -68,7 +78,8 @@ class FlashBanks:
     def _save(self) -> None:
         atomic_write_json(
             self.meta_path,
-            {"schema": SCHEMA, "active": self.active, "banks": {k: v.to_json() for k, v in self.banks.items()}},
+            {"schema": SCHEMA, "active": self.active, "banks": {k: v.to_json() for k, v in self.banks.items()},
+             "next_boot": self.next_boot},
         )
 
     def path(self, bank: str) -> Path:
@@ -90,6 +101,7 @@ class FlashBanks:
     def erase(self) -> None:
         self.close()
         self.dependencies_ok = False
+        self.next_boot = ""
         self.banks[self.inactive] = BankInfo("erased")
         self._save()
         with open(self.path(self.inactive), "wb"):
@@ -135,17 +147,80 @@ class FlashBanks:
         return True
 
     def check_dependencies(self) -> bool:
-        self.dependencies_ok = self.banks[self.inactive].state == "verified"
+        """The new image is consistent: it is staged (kept across restarts, not yet running)."""
+        info = self.banks[self.inactive]
+        if info.state == "verified":
+            self.banks[self.inactive] = BankInfo("staged", info.version, info.size, info.sha256)
+            self._save()
+        self.dependencies_ok = self.banks[self.inactive].state == "staged"
         return self.dependencies_ok
 
-    def activate_if_ready(self) -> bool:
-        """At reset: switch banks when the new image is complete, verified and consistent."""
-        new = self.inactive
-        if not (self.dependencies_ok and self.banks[new].state == "verified"):
+    @property
+    def staged(self) -> BankInfo | None:
+        info = self.banks[self.inactive]
+        return info if info.state == "staged" else None
+
+    @property
+    def previous(self) -> BankInfo | None:
+        """The image the active one replaced, while it is kept for a rollback."""
+        info = self.banks[self.inactive]
+        return info if info.state == "valid" and not self.active_info.confirmed else None
+
+    def select_staged(self) -> bool:
+        """The activate routine: the next reset runs the staged image (on trial)."""
+        if self.staged is None:
             return False
+        self.next_boot = "activate"
+        self._save()
+        return True
+
+    def discard(self) -> None:
+        """The discard routine: forget a staged (or half-written) image; the active one stays."""
+        self.close()
+        self.dependencies_ok = False
+        if self.banks[self.inactive].state != "valid":
+            self.banks[self.inactive] = BankInfo("empty")
+        if self.next_boot == "activate":
+            self.next_boot = ""
+        self._save()
+
+    def select_previous(self) -> bool:
+        """The rollback routine: the next reset runs the image the active one replaced."""
+        if self.previous is None:
+            return False
+        self.next_boot = "rollback"
+        self._save()
+        return True
+
+    def commit(self) -> None:
+        """The commit routine: the running image is confirmed; the one it replaced is dropped."""
+        if self.next_boot == "rollback":
+            self.next_boot = ""
+        self.active_info.confirmed = True
+        if self.banks[self.inactive].state == "valid":
+            self.banks[self.inactive] = BankInfo("empty")
+        self._save()
+
+    def activate_if_ready(self) -> bool:
+        """At reset: run the staged image when it was selected (on trial) or was staged in this
+        programming session (one ECU at a time: confirmed at once), or go back to the previous
+        image when a rollback was selected."""
+        new = self.inactive
         info = self.banks[new]
-        self.banks[new] = BankInfo("valid", info.version, info.size, info.sha256)
+        trial = self.next_boot == "activate"
+        if self.next_boot == "rollback" and self.previous is not None:
+            left = self.active
+            self.banks[new] = BankInfo("valid", info.version, info.size, info.sha256, confirmed=True)
+            self.banks[left] = BankInfo("empty")
+        elif info.state == "staged" and (trial or self.dependencies_ok):
+            self.banks[new] = BankInfo("valid", info.version, info.size, info.sha256, confirmed=not trial)
+        else:
+            if self.next_boot:
+                self.next_boot = ""
+                self._save()
+            return False
         self.active = new
         self.dependencies_ok = False
+        self.next_boot = ""
         self._save()
         return True

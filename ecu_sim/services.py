@@ -7,7 +7,6 @@ Byte layouts follow ISO 14229-1 and the usual OEM flash bootloader (see the READ
 from __future__ import annotations
 
 import hmac
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,16 @@ from agent.adapters.file_store import transfer_data as file_transfer_data
 from agent.adapters.file_store import transfer_exit as file_transfer_exit
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import EcuConfig
-from agent.protocol.ecu import DID, ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT, security_key
+from agent.protocol.ecu import (
+    ROUTINE_SHOW_CONTENT,
+    ROUTINE_STOP_CONTENT,
+    security_key,
+)
 from agent.protocol.files import is_name
-from agent.protocol.uds import BlockCounter, DtcSetting, Nrc, Request, ResetType, Session, session_response
+from agent.protocol.uds import BlockCounter, DtcSetting, Nrc, Request, ResetType, RoutineType, Session, session_response
 from ecu_sim.content import ContentStore
 from ecu_sim.flash_banks import FlashBanks
+from ecu_sim.identification import read_data_by_identifier, write_data_by_identifier
 
 __all__ = ["EcuState", "SERVICES"]
 
@@ -57,6 +61,7 @@ class EcuState:
 
     def session_timeout(self) -> None:
         self._leave_session()
+        self.banks.dependencies_ok = False
         self.session = Session.defaultSession
 
     def _leave_session(self) -> None:
@@ -94,6 +99,7 @@ def session_control(s: EcuState, r: Request) -> bytes:
         return r.negative(Nrc.SubFunctionNotSupportedInActiveSession)  # programming only via extended
     if target != s.session or target == Session.defaultSession:
         s._leave_session()
+        s.banks.dependencies_ok = False  # out of the programming session: a staged image waits for activate
     s.session = target
     return session_response(target, s.sim.p2_ms, s.sim.p2_star_ms)
 
@@ -122,77 +128,6 @@ def communication_control(s: EcuState, r: Request) -> bytes:
         return r.negative(Nrc.RequestOutOfRange)
     s.communication = r.data[1]
     return bytes((0x68, r.data[1]))
-
-
-# ---- identification ----------------------------------------------------------------------
-def _did_value(s: EcuState, did: int) -> bytes | None:
-    info = s.banks.active_info
-    values = {
-        DID.BOOT_SOFTWARE: s.sim.bootloader_version.encode(),
-        DID.PART_NUMBER: s.sim.part_number.encode(),
-        DID.SOFTWARE_VERSION: info.version.encode(),
-        DID.SERIAL: s.sim.serial.encode(),
-        DID.SUPPLIER_VERSION: s.sim.supplier_version.encode(),
-        DID.ACTIVE_SESSION: bytes((s.session,)),
-        DID.IMAGE_DIGEST: bytes.fromhex(info.sha256) if info.sha256 else bytes(32),
-        DID.FINGERPRINT: s.fingerprint,
-        DID.FINGERPRINT_ALT: s.fingerprint,
-        DID.ACTIVE_CONTENT: (s.content.active or "").encode() if s.content is not None else b"",
-    }
-    if did == DID.AMBIENT_LIGHT:
-        return _ambient_light(s)
-    return values.get(did)
-
-
-def _ambient_light(s: EcuState) -> bytes | None:
-    """The simulated light sensor: fitted when ``sensors.json`` exists in the ECU's state
-    directory (a bench or test writes it), else the DID is not supported."""
-    if s.sensors is None:
-        return None
-    try:
-        lux = json.loads(s.sensors.read_text())["ambient_lux"]
-        return max(0, min(0xFFFF, int(lux))).to_bytes(2, "big")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def read_data_by_identifier(s: EcuState, r: Request) -> bytes:
-    body = r.data[1:]
-    if not body or len(body) % 2:
-        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
-    out = bytearray(b"\x62")
-    found = False
-    for i in range(0, len(body), 2):
-        did = int.from_bytes(body[i : i + 2], "big")
-        value = _did_value(s, did)
-        if value is None:
-            continue
-        found = True
-        out += body[i : i + 2] + value
-    if not found:
-        return r.negative(Nrc.RequestOutOfRange)
-    return bytes(out)
-
-
-def write_data_by_identifier(s: EcuState, r: Request) -> bytes:
-    if len(r.data) < 4:
-        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
-    did = int.from_bytes(r.data[1:3], "big")
-    if did not in (DID.FINGERPRINT, DID.FINGERPRINT_ALT):
-        return r.negative(Nrc.RequestOutOfRange)
-    if s.session != Session.programmingSession:
-        return r.negative(Nrc.ConditionsNotCorrect)
-    if not s.unlocked:
-        return r.negative(Nrc.SecurityAccessDenied)
-    value = r.data[3:]
-    if len(value) < 4 or len(value) > 64:
-        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
-    s.fingerprint = value
-    # Fingerprint layout: 3 bytes date (BCD YYMMDD), 1 byte length, then the software version.
-    version_length = value[3]
-    if 4 + version_length <= len(value):
-        s.banks.pending_version = value[4 : 4 + version_length].decode("ascii", "replace")
-    return b"\x6e" + r.data[1:3]
 
 
 # ---- security access -----------------------------------------------------------------------
@@ -270,6 +205,8 @@ def routine_control(s: EcuState, r: Request) -> Outcome | bytes:
     if routine in (ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT):
         return _content_routine(s, r, routine)
     cfg = s.config
+    if routine in (cfg.activate_routine, cfg.discard_routine, cfg.rollback_routine, cfg.commit_routine):
+        return _bank_routine(s, r, routine)
     if routine not in (cfg.erase_routine, cfg.check_memory_routine, cfg.check_dependencies_routine):
         return r.negative(Nrc.RequestOutOfRange)
     if kind != 0x01:
@@ -301,6 +238,34 @@ def routine_control(s: EcuState, r: Request) -> Outcome | bytes:
         return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     ok = s.banks.check_dependencies()
     return head + (b"\x00" if ok else b"\x01")
+
+
+def _bank_routine(s: EcuState, r: Request, routine: int) -> bytes:
+    """Vehicle-level campaigns: activate (run the staged image at the next reset), discard it,
+    roll back (run the image the running one replaced at the next reset), commit (confirm the
+    running one, drop the old). Extended or programming session, security unlocked. Discard and
+    commit always succeed (asked again after a restart, they find the work done); activate with
+    nothing staged, and rollback with no previous image kept, answer conditionsNotCorrect."""
+    cfg = s.config
+    if r.data[1] != RoutineType.startRoutine:
+        return r.negative(Nrc.SubFunctionNotSupported)
+    if len(r.data) != 4:
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    if s.session == Session.defaultSession:
+        return r.negative(Nrc.ServiceNotSupportedInActiveSession)
+    if not s.unlocked:
+        return r.negative(Nrc.SecurityAccessDenied)
+    if s.download_active:
+        return r.negative(Nrc.RequestSequenceError)
+    if routine == cfg.activate_routine and not s.banks.select_staged():
+        return r.negative(Nrc.ConditionsNotCorrect)
+    if routine == cfg.rollback_routine and not s.banks.select_previous():
+        return r.negative(Nrc.ConditionsNotCorrect)
+    if routine == cfg.discard_routine:
+        s.banks.discard()
+    elif routine == cfg.commit_routine:
+        s.banks.commit()
+    return r.positive(r.data[1:4] + b"\x00")
 
 
 def request_download(s: EcuState, r: Request) -> bytes:

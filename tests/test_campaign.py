@@ -103,3 +103,44 @@ def test_cli_keygen_sign_verify(tmp_path):
     assert down.returncode == 1 and "downgrade" in down.stderr
     missing = vota("campaign", "sign", str(tmp_path / "nope.json"), "--key", str(tmp_path / "keys/signing.key"))
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def _two(**changes):  # type: ignore[no-untyped-def]
+    doc = copy.deepcopy(DOC)
+    doc["packages"].append({"name": "bms-2.0.0.bin", "ecu": "bms", "version": "2.0.0", "url": "http://127.0.0.1:1/bms",
+                            "size": 512, "sha256": "cd" * 32})
+    for i, extra in changes.items():
+        doc["packages"][int(i[1:])].update(extra)
+    return doc
+
+
+def test_install_order_requirements_and_activation():
+    one = verify(sign_campaign(DOC, KEY))
+    assert one.activation == "per_ecu" and one.packages[0].order == 0 and one.packages[0].requires == ()
+    two = verify(sign_campaign(_two(p0={"order": 1, "requires": {"bms": "2.0.0"}}), KEY), installed={"vcu": "1.0.0"})
+    assert two.activation == "atomic"  # the default with more than one package
+    assert two.packages[0].order == 1 and two.packages[0].requires == (("bms", "2.0.0"),)
+    assert two.packages[0].to_json()["requires"] == {"bms": "2.0.0"}
+    doc = _two()
+    doc["activation"] = "per_ecu"
+    assert verify(sign_campaign(doc, KEY)).activation == "per_ecu"
+    for bad in ({"order": -1}, {"order": "first"}, {"requires": ["bms"]}, {"requires": {"bms": 2}}, {"colour": "red"}):
+        with pytest.raises(CampaignRejected) as err:
+            verify(sign_campaign(_two(p1=bad), KEY)) if "colour" not in bad else sign_campaign(_two(p1=bad), KEY)
+        assert err.value.reason == "malformed"
+    doc["activation"] = "sometimes"
+    with pytest.raises(CampaignRejected, match="activation"):
+        sign_campaign(doc, KEY)
+
+
+def test_requirements_are_checked_against_the_vehicle_after_the_campaign():
+    needs_new_bms = sign_campaign(_two(p0={"requires": {"bms": "2.0.0"}}), KEY)
+    assert verify(needs_new_bms, installed={"vcu": "1.0.0", "bms": "1.0.0"})  # the campaign brings bms 2.0.0 itself
+    needs_bcm = sign_campaign(_two(p0={"requires": {"bcm": "3.1"}}), KEY)
+    with pytest.raises(CampaignRejected) as err:
+        verify(needs_bcm, installed={"vcu": "1.0.0", "bcm": "3.0.9"})
+    assert err.value.reason == "dependency" and "it would run 3.0.9" in str(err.value)
+    with pytest.raises(CampaignRejected) as err:
+        verify(needs_bcm, installed={"vcu": "1.0.0"})  # bcm did not answer the inventory: nothing to rely on
+    assert err.value.reason == "dependency" and "not known" in str(err.value)
+    assert verify(needs_bcm, installed={"vcu": "1.0.0", "bcm": "3.10"}).campaign_id == "c-0001"

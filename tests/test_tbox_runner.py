@@ -33,12 +33,13 @@ TRUSTED = {key_id(KEY.public_key()): KEY.public_key()}
 IMAGES = {"vcu": b"v" * 3000, "bms": b"b" * 2000}
 
 
-def envelope(cid: str = "c-1", install: str = "immediate", version: str = "2.0.0") -> bytes:
+def envelope(cid: str = "c-1", install: str = "immediate", version: str = "2.0.0", **package: Any) -> bytes:
     return sign_campaign({
         "format": "vota-campaign", "version": 1, "campaign_id": cid, "vin": VIN, "install": install,
         "issued": "2026-11-21T10:00:00Z", "expires": "2026-12-31T00:00:00Z",
         "packages": [{"name": f"{ecu}-{version}.bin", "ecu": ecu, "version": version, "url": f"http://cloud/{ecu}",
-                      "size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for ecu, data in IMAGES.items()],
+                      "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), **package}
+                     for ecu, data in IMAGES.items()],
     }, KEY)
 
 
@@ -281,3 +282,13 @@ def test_confirm_policy_waits_and_a_restart_keeps_waiting(tmp_path: Path) -> Non
     assert v.runner().confirm("c-1") and not v.runner().confirm("c-unknown")
     v.runner().step()
     assert v.finished()["outcome"] == "success" and v.gateway.installs == ["c-1"]
+
+
+def test_an_unmet_requirement_is_refused_before_anything_is_downloaded(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path)
+    v.receive(envelope(requires={"bcm": "4.0"}))  # bcm is not even in the inventory
+    v.runner().step()
+    done = v.finished()
+    assert done["failure"]["reason"] == "dependency" and done["failure"]["stage"] == "verify"
+    assert not v.fetches and not v.gateway.deploys
+    assert v.cloud.events(event="rejected")[0]["reason"] == "dependency"

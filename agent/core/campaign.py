@@ -36,6 +36,7 @@ from agent.errors import VotaError
 from agent.protocol.files import PARTIAL_SUFFIXES, is_name
 
 __all__ = [
+    "check_requirements",
     "Campaign",
     "Package",
     "CampaignRejected",
@@ -53,13 +54,14 @@ _DOMAIN = b"vota-campaign-v1\n"
 FORMAT = "vota-campaign"
 VERSION = 1
 MAX_ENVELOPE = 1 << 20
+_PACKAGE_KEYS = {"name", "ecu", "version", "url", "size", "sha256"}
 
 
 class CampaignRejected(VotaError):
     """A campaign the vehicle must not run; ``reason`` is a stable code for the cloud."""
 
     REASONS = ("malformed", "unsigned", "untrusted_key", "bad_signature", "expired", "not_yet_valid",
-               "wrong_vehicle", "downgrade", "unknown_ecu")
+               "wrong_vehicle", "downgrade", "unknown_ecu", "dependency")
 
     def __init__(self, reason: str, message: str, campaign_id: str | None = None) -> None:
         assert reason in self.REASONS
@@ -76,10 +78,17 @@ class Package:
     url: str
     size: int
     sha256: str
+    order: int = 0  # install order: same order, one group (in parallel across segments); groups one after another
+    requires: tuple[tuple[str, str], ...] = ()  # (ECU, minimum version) that must hold once the campaign is in
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "ecu": self.ecu, "version": self.version, "url": self.url,
-                "size": self.size, "sha256": self.sha256}
+        doc: dict[str, Any] = {"name": self.name, "ecu": self.ecu, "version": self.version, "url": self.url,
+                               "size": self.size, "sha256": self.sha256}
+        if self.order:
+            doc["order"] = self.order
+        if self.requires:
+            doc["requires"] = dict(self.requires)
+        return doc
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,7 @@ class Campaign:
     install: str
     packages: tuple[Package, ...]
     raw: dict[str, Any]
+    activation: str = "per_ecu"  # atomic: every ECU changes together, or none does; per_ecu: each on its own
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.raw)
@@ -157,7 +167,8 @@ def _parse(payload: bytes) -> Campaign:
     cid_text = cid if isinstance(cid, str) else None
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise CampaignRejected("malformed", f"format must be {FORMAT} version {VERSION}", cid_text)
-    known = {"format", "version", "campaign_id", "vin", "issued", "expires", "install", "packages", "description"}
+    known = {"format", "version", "campaign_id", "vin", "issued", "expires", "install", "packages", "description",
+             "activation"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise CampaignRejected("malformed", f"unknown field {unknown[0]!r}", cid_text)
@@ -175,8 +186,9 @@ def _parse(payload: bytes) -> Campaign:
     packages = []
     for i, p in enumerate(packages_doc):
         where = f"packages[{i}]"
-        if not isinstance(p, dict) or set(p) != {"name", "ecu", "version", "url", "size", "sha256"}:
-            raise CampaignRejected("malformed", f"{where} needs exactly name, ecu, version, url, size, sha256", cid)
+        if not isinstance(p, dict) or not _PACKAGE_KEYS <= set(p) or set(p) - _PACKAGE_KEYS - {"order", "requires"}:
+            raise CampaignRejected("malformed", f"{where} needs name, ecu, version, url, size, sha256 (and may have order, "
+                                                f"requires), nothing else", cid)
         if not all(isinstance(p[k], str) and p[k] for k in ("name", "ecu", "version", "url", "sha256")):
             raise CampaignRejected("malformed", f"{where}: name, ecu, version, url and sha256 must be strings", cid)
         if not is_name(p["name"]) or p["name"].endswith(PARTIAL_SUFFIXES):
@@ -187,13 +199,29 @@ def _parse(payload: bytes) -> Campaign:
             raise CampaignRejected("malformed", f"{where}.sha256 must be 64 lower-case hex digits", cid)
         if not p["url"].startswith(("http://", "https://")):
             raise CampaignRejected("malformed", f"{where}.url must be http or https", cid)
-        packages.append(Package(p["name"], p["ecu"], p["version"], p["url"], p["size"], p["sha256"]))
+        packages.append(Package(p["name"], p["ecu"], p["version"], p["url"], p["size"], p["sha256"],
+                                _order(p.get("order", 0), where, cid), _requires(p.get("requires", {}), where, cid)))
     if len({p.name for p in packages}) != len(packages) or len({p.ecu for p in packages}) != len(packages):
         raise CampaignRejected("malformed", "package names and target ECUs must be unique", cid)
     issued, expires = _time(doc.get("issued"), "issued"), _time(doc.get("expires"), "expires")
     if expires <= issued:
         raise CampaignRejected("malformed", "expires must be after issued", cid)
-    return Campaign(cid, vin, issued, expires, install, tuple(packages), doc)
+    activation = doc.get("activation", "atomic" if len(packages) > 1 else "per_ecu")
+    if activation not in ("atomic", "per_ecu"):
+        raise CampaignRejected("malformed", "activation must be atomic or per_ecu", cid)
+    return Campaign(cid, vin, issued, expires, install, tuple(packages), doc, activation)
+
+
+def _order(value: Any, where: str, cid: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 999:
+        raise CampaignRejected("malformed", f"{where}.order must be an integer from 0 to 999", cid)
+    return value
+
+
+def _requires(value: Any, where: str, cid: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()):
+        raise CampaignRejected("malformed", f"{where}.requires must map ECU names to minimum versions", cid)
+    return tuple(sorted(value.items()))
 
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -267,4 +295,22 @@ def verify_campaign(
         current = (installed or {}).get(p.ecu)
         if current and compare_versions(p.version, current) < 0:
             raise CampaignRejected("downgrade", f"{p.ecu}: {p.version} is older than the installed {current}", cid)
+    if installed is not None:
+        check_requirements(campaign, installed)
     return campaign
+
+
+def check_requirements(campaign: Campaign, installed: Mapping[str, str]) -> None:
+    """Every ``requires`` holds for the vehicle as it will be once the campaign is in: the
+    campaign's own version of an ECU it updates, else the installed one (read from the ECUs,
+    so an ECU that did not answer satisfies nothing). Refused as ``dependency`` otherwise."""
+    after = {**installed, **{p.ecu: p.version for p in campaign.packages}}
+    for p in campaign.packages:
+        for ecu, minimum in p.requires:
+            have = after.get(ecu)
+            if have is None:
+                raise CampaignRejected("dependency", f"{p.name} requires {ecu} >= {minimum}; the version of {ecu} "
+                                                     f"is not known", campaign.campaign_id)
+            if compare_versions(have, minimum) < 0:
+                raise CampaignRejected("dependency", f"{p.name} requires {ecu} >= {minimum}; it would run {have}",
+                                       campaign.campaign_id)

@@ -91,6 +91,12 @@ class EcuConfig:
     erase_routine: int = 0xFF00
     check_memory_routine: int = 0x0202
     check_dependencies_routine: int = 0xFF01
+    # vehicle-level campaigns: run the staged image at the next reset, forget it, go back to the
+    # image the running one replaced, confirm the running one (README: the two phases)
+    activate_routine: int = 0xFF02
+    discard_routine: int = 0xFF03
+    rollback_routine: int = 0xFF04
+    commit_routine: int = 0xFF05
     check_memory: str = "crc32"
     fingerprint_did: int = 0xF15A
     p2_ms: int = 1000
