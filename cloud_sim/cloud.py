@@ -44,8 +44,13 @@ def make_campaign(
     install: str = "immediate",
     now: _dt.datetime | None = None,
     valid_for: _dt.timedelta = _dt.timedelta(days=30),
+    order: dict[str, int] | None = None,
+    requires: dict[str, dict[str, str]] | None = None,
+    activation: str | None = None,
 ) -> bytes:
-    """Sign a campaign for ``packages`` [(ecu, file, version)], served under ``base_url``."""
+    """Sign a campaign for ``packages`` [(ecu, file, version)], served under ``base_url``;
+    ``order`` and ``requires`` per ECU, ``activation`` atomic or per_ecu (the vehicle's default
+    when None: atomic for more than one package)."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
     entries = []
     for ecu, path, version in packages:
@@ -53,11 +58,18 @@ def make_campaign(
             data = path.read_bytes()
         except OSError as exc:
             raise UsageError(f"{path}: cannot read package ({exc.strerror})") from None
-        entries.append({"name": path.name, "ecu": ecu, "version": version, "url": f"{base_url.rstrip('/')}/{path.name}",
-                        "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        entry = {"name": path.name, "ecu": ecu, "version": version, "url": f"{base_url.rstrip('/')}/{path.name}",
+                 "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if order and ecu in order:
+            entry["order"] = order[ecu]
+        if requires and ecu in requires:
+            entry["requires"] = requires[ecu]
+        entries.append(entry)
     doc = {"format": "vota-campaign", "version": 1, "campaign_id": campaign_id, "vin": vin,
            "issued": (now - _dt.timedelta(seconds=1)).isoformat(timespec="seconds"),
            "expires": (now + valid_for).isoformat(timespec="seconds"), "install": install, "packages": entries}
+    if activation is not None:
+        doc["activation"] = activation
     return sign_campaign(doc, key)
 
 

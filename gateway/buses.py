@@ -8,14 +8,18 @@ ECUs, and on different segments, goes on in parallel over the same segment objec
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from typing import Iterator
 
 from agent.adapters.canbus import Segment
 from agent.core.config import VehicleConfig
+from agent.core.trace import TraceRecorder
 from agent.errors import VotaError
 
-__all__ = ["Buses", "EcuBusy"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Buses", "EcuBusy", "TesterPresentKeeper"]
 
 
 class EcuBusy(VotaError):
@@ -71,3 +75,33 @@ class Buses:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+class TesterPresentKeeper:
+    """Sends functional TesterPresent (3E 80, no response) on a segment while it flashes."""
+
+    def __init__(self, segment: Segment, can_id: int, period: float) -> None:
+        self.segment, self.can_id, self.period = segment, can_id, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"tp-{segment.config.name}", daemon=True)
+        self.sent = 0
+        self.recorder: TraceRecorder | None = None  # the trace of the ECU being flashed
+
+    def __enter__(self) -> "TesterPresentKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.segment.send_frame(self.can_id, b"\x02\x3e\x80")
+                self.sent += 1
+                recorder = self.recorder
+                if recorder is not None:
+                    recorder.functional_tester_present()
+            except Exception:  # noqa: BLE001 - a missed TesterPresent is not fatal
+                log.debug("TesterPresent send failed", exc_info=True)

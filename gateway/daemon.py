@@ -23,7 +23,8 @@ from agent.protocol.link import INVENTORY_FILE, InstallStatus, parse_manifest
 from gateway.buses import Buses
 from gateway.content_relay import ContentRelay
 from gateway.deploy_server import DEPLOY_SERVICES, DeployState
-from gateway.flash import FlashJob, flash_all
+from gateway.flash import FlashJob
+from gateway.install import InstallPlan, install
 from gateway.inventory import collect_versions
 
 __all__ = ["GatewayDaemon", "GatewayInstaller"]
@@ -45,7 +46,7 @@ class GatewayInstaller:
         self._done = 0
         self._total = 0
 
-    def _parse(self, data: bytes) -> tuple[str, list[FlashJob]] | str:
+    def _parse(self, data: bytes) -> InstallPlan | str:
         manifest = parse_manifest(data)
         if isinstance(manifest, str):
             return manifest
@@ -56,20 +57,21 @@ class GatewayInstaller:
             path = self.package_dir / job.package
             if not path.is_file():
                 return f"package {job.package!r} was not deployed"
-            jobs.append(FlashJob(job.ecu, path.read_bytes(), job.version, job.package))
-        return manifest.campaign_id, jobs
+            jobs.append((job.order, FlashJob(job.ecu, path.read_bytes(), job.version, job.package)))
+        return InstallPlan(manifest.campaign_id, tuple(jobs), manifest.activation)
 
     def start(self, manifest: bytes) -> str | None:
         parsed = self._parse(manifest)
         if isinstance(parsed, str):
             return parsed
-        campaign, jobs = parsed
+        plan = parsed
+        campaign, jobs = plan.campaign_id, [job for _, job in plan.jobs]
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return "an install is running"
             self._campaign, self._done, self._total = campaign, 0, len(jobs)
             self._write_status(campaign, InstallStatus.RUNNING)
-            self._thread = threading.Thread(target=self._run, args=(campaign, jobs), name="install", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(plan,), name="install", daemon=True)
             self._thread.start()
         log.info("install %s started: %s", campaign, ", ".join(f"{j.ecu} <- {j.source}" for j in jobs))
         return None
@@ -79,17 +81,26 @@ class GatewayInstaller:
             with self._lock:
                 self._done += 1
 
-    def _run(self, campaign: str, jobs: list[FlashJob]) -> None:
+    def _run(self, plan: InstallPlan) -> None:
+        campaign = plan.campaign_id
         out = self.results_dir / campaign
         try:
-            results = flash_all(self.config, jobs, out, progress=self._progress, stop=self.stop, faults=self.faults,
-                                buses=self.buses)
-            ok = all(r.result == "success" for r in results) and len(results) == len(jobs)
+            ok, _ = install(self.config, plan, out, buses=self.buses, progress=self._progress, stop=self.stop,
+                            faults=self.faults)
+            self._final_versions(out, [job.ecu for _, job in plan.jobs])
             self._write_status(campaign, InstallStatus.SUCCEEDED if ok else InstallStatus.FAILED)
             log.info("install %s finished: %s", campaign, "success" if ok else "failed")
         except Exception as exc:  # noqa: BLE001 - reported to the TBOX as a failed install
             log.exception("install %s failed", campaign)
             self._write_status(campaign, InstallStatus.FAILED, str(exc))
+
+    def _final_versions(self, out: Path, ecus: list[str]) -> None:
+        """What the campaign's ECUs run now, read back from them (not assumed): into summary.json."""
+        summary = json.loads((out / "summary.json").read_text())
+        summary["final_versions"] = {e["ecu"]: {"software_version": e.get("software_version"),
+                                                "image_sha256": e.get("image_sha256")}
+                                     for e in collect_versions(self.config, ecus, buses=self.buses)}
+        atomic_write_json(out / "summary.json", summary)
 
     def _write_status(self, campaign: str, status: int, error: str | None = None) -> None:
         doc: dict[str, Any] = {"campaign_id": campaign, "status": InstallStatus(status).name.lower(), "code": status,

@@ -29,7 +29,7 @@ from agent.core.config import EcuConfig, GatewayConfig, VehicleConfig
 from agent.core.faults import FaultSpec
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError, UsageError
-from agent.protocol.ecu import DID, security_key
+from agent.protocol.ecu import DID, STAGED_NONE, decode_staged_image, security_key
 from agent.protocol.uds import (
     COMMUNICATION_ALL,
     COMMUNICATION_NORMAL,
@@ -39,7 +39,7 @@ from agent.protocol.uds import (
     RoutineType,
     Session,
 )
-from gateway.buses import Buses
+from gateway.buses import Buses, TesterPresentKeeper
 
 __all__ = ["FlashJob", "FlashResult", "flash_all", "EcuFlasher", "STEPS", "fingerprint"]
 
@@ -75,6 +75,7 @@ class FlashJob:
     image: bytes
     version: str
     source: str = ""
+    stage_only: bool = False  # vehicle-level campaigns: stop once the image is staged, do not reset onto it
 
 
 @dataclass
@@ -95,6 +96,8 @@ class FlashResult:
     trace_file: str | None = None
     trace_bytes: int = 0
     trace_fraction: float = 0.0
+    phase: str | None = None  # staged, activated, committed, discarded, rolled_back (gateway/install.py)
+    actions: list[dict[str, Any]] = field(default_factory=list)  # activation-phase actions on this ECU, in order
     schema: str = field(default="vota-flash-result/1")
 
     def to_json(self) -> dict[str, Any]:
@@ -162,7 +165,7 @@ class EcuFlasher:
             p2=ecu.p2_ms / 1000.0,
             p2_star=ecu.p2_star_ms / 1000.0,
             security=lambda level, seed: security_key(ecu.security_secret, seed),
-            dids={d: RawCodec() for d in (DID.SOFTWARE_VERSION, DID.IMAGE_DIGEST, ecu.fingerprint_did)},
+            dids={d: RawCodec() for d in (DID.SOFTWARE_VERSION, DID.IMAGE_DIGEST, DID.STAGED_IMAGE, ecu.fingerprint_did)},
             watch_ids={ecu.functional_id},
             faults=ClientFaults(self.faults, ecu.name, "flash", lambda: self.max_block or None) if self.faults else None,
         )
@@ -242,6 +245,8 @@ class EcuFlasher:
         check = zlib.crc32(image).to_bytes(4, "big") if ecu.check_memory == "crc32" else hashlib.sha256(image).digest()
         self._do("check_memory", lambda: self._routine(c, ecu.check_memory_routine, check))
         self._do("check_dependencies", lambda: self._routine(c, ecu.check_dependencies_routine, None))
+        if self.job.stage_only:
+            return self._staged(link)
         self._do("ecu_reset", lambda: c.ecu_reset(ResetType.hardReset))
         self._wait_after_reset(link)
         self._do("post_extended_session", lambda: c.change_session(Session.extendedDiagnosticSession))
@@ -261,6 +266,26 @@ class EcuFlasher:
             raise FlashError("verify", f"ECU reports software {reported!r} after reset, expected {self.job.version!r}")
         return self.job.version
 
+    def _staged(self, link: UdsLink) -> str:
+        """Staging only: leave the programming session without a reset, then read the staged
+        image back (DID F1A1): it must be this image. The ECU still runs its old one."""
+        c = link.client
+        self._do("post_extended_session", lambda: c.change_session(Session.extendedDiagnosticSession))
+        self._do("communication_enable", lambda: c.communication_control(CommunicationType.enableRxAndTx, COMMUNICATION_ALL))
+        self._do("dtc_setting_on", lambda: c.control_dtc_setting(DtcSetting.on))
+        self._do("default_session", lambda: c.change_session(Session.defaultSession))
+        self.step = "verify"
+        with link.untraced():
+            try:
+                raw = bytes(c.read_data_by_identifier(DID.STAGED_IMAGE).service_data.values[DID.STAGED_IMAGE])
+            except Exception as exc:  # noqa: BLE001
+                raise FlashError("verify", f"cannot read the staged image: {describe_failure(exc)[0]}") from None
+        staged = decode_staged_image(raw)
+        digest = hashlib.sha256(self.job.image).hexdigest()
+        if staged is None or staged.status == STAGED_NONE or staged.sha256 != digest or staged.version != self.job.version:
+            raise FlashError("verify", f"the ECU does not hold this image staged ({raw[:40].hex()})")
+        return self._read_version(link) or ""
+
     def _routine(self, c: Any, routine: int, data: bytes | None) -> Any:
         response = c.routine_control(routine, RoutineType.startRoutine, data)
         status = response.service_data.routine_status_record
@@ -270,54 +295,11 @@ class EcuFlasher:
 
     def _wait_after_reset(self, link: UdsLink) -> None:
         """Poll (untraced) until the ECU answers again; note when in the reset exchange."""
-        deadline = time.monotonic() + self.gateway.reset_wait_ms / 1000.0
         reset_exchange = self.recorder.current
-        p2 = link.client.config["p2_timeout"]
-        link.client.config["p2_timeout"] = 0.1
-        try:
-            with link.untraced():
-                while time.monotonic() < deadline:
-                    try:
-                        link.client.tester_present()
-                        break
-                    except Exception:  # noqa: BLE001 - the ECU is still rebooting
-                        time.sleep(0.02)
-                else:
-                    raise FlashError("ecu_reset", f"ECU did not come back within {self.gateway.reset_wait_ms} ms after reset")
-        finally:
-            link.client.config["p2_timeout"] = p2
+        if not link.wait_answering(self.gateway.reset_wait_ms / 1000.0):
+            raise FlashError("ecu_reset", f"ECU did not come back within {self.gateway.reset_wait_ms} ms after reset")
         if reset_exchange is not None:
             reset_exchange.extra["back"] = round((time.time() - self.recorder.header.started) * 1000.0 - reset_exchange.t, 1)
-
-
-class TesterPresentKeeper:
-    """Sends functional TesterPresent (3E 80, no response) on a segment while it flashes."""
-
-    def __init__(self, segment: Segment, can_id: int, period: float) -> None:
-        self.segment, self.can_id, self.period = segment, can_id, period
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"tp-{segment.config.name}", daemon=True)
-        self.sent = 0
-        self.recorder: TraceRecorder | None = None  # the trace of the ECU being flashed
-
-    def __enter__(self) -> "TesterPresentKeeper":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2.0)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            try:
-                self.segment.send_frame(self.can_id, b"\x02\x3e\x80")
-                self.sent += 1
-                recorder = self.recorder
-                if recorder is not None:
-                    recorder.functional_tester_present()
-            except Exception:  # noqa: BLE001 - a missed TesterPresent is not fatal
-                log.debug("TesterPresent send failed", exc_info=True)
 
 
 def flash_all(

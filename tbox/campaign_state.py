@@ -47,6 +47,7 @@ class CampaignRecord:
     install_started: bool = False
     outcome: str | None = None  # success | failed
     failure: dict[str, Any] | None = None
+    versions: dict[str, Any] | None = None  # what the campaign's ECUs run at its end, read back by the gateway
 
     @property
     def envelope_path(self) -> Path:
@@ -61,6 +62,7 @@ class CampaignRecord:
             "schema": SCHEMA, "key": self.key, "state": self.state, "campaign_id": self.campaign_id,
             "entries": self.entries, "packages": self.packages, "confirmed": self.confirmed,
             "install_started": self.install_started, "outcome": self.outcome, "failure": self.failure,
+            "versions": self.versions,
         })
 
     @classmethod
@@ -73,7 +75,7 @@ class CampaignRecord:
             return cls(key=doc["key"], dir=directory, state=doc["state"], campaign_id=doc.get("campaign_id"),
                        entries=dict(doc.get("entries", {})), packages=dict(doc.get("packages", {})),
                        confirmed=bool(doc.get("confirmed")), install_started=bool(doc.get("install_started")),
-                       outcome=doc.get("outcome"), failure=doc.get("failure"))
+                       outcome=doc.get("outcome"), failure=doc.get("failure"), versions=doc.get("versions"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VotaError(f"{path}: unreadable campaign state ({exc})") from None
 

@@ -311,7 +311,8 @@ class CampaignRunner:
 
     def _deployed(self, record: CampaignRecord) -> str:
         campaign = self.campaign(record)
-        manifest = InstallManifest(campaign.campaign_id, tuple(InstallJob(p.ecu, p.name, p.version) for p in campaign.packages))
+        manifest = InstallManifest(campaign.campaign_id, tuple(InstallJob(p.ecu, p.name, p.version, p.order)
+                                                                for p in campaign.packages), campaign.activation)
         name = f"install-{campaign.campaign_id}.json"
         path = record.dir / name
         atomic_write_bytes(path, encode_manifest(manifest))
@@ -347,6 +348,7 @@ class CampaignRunner:
             results = list(summary["results"])
         except (ValueError, KeyError, TypeError) as exc:
             raise TryLater(f"{cid}/summary.json from the gateway is not readable ({exc})") from None
+        record.versions = summary.get("final_versions") if isinstance(summary.get("final_versions"), dict) else None
         out = record.dir / "flash"
         failed = []
         for r in results:
@@ -358,6 +360,17 @@ class CampaignRunner:
                 log.warning("flash trace of %s not available: %s", ecu, exc)
             atomic_write_json(out / f"{ecu}.result.json", r)
             self._report_stage(record, "flash", ecu, r, trace, {"ecu": ecu})
+            for action in r.get("actions") or []:  # activate, rollback, discard, commit: their traces too
+                name = action.get("trace_file")
+                if isinstance(name, str) and name:
+                    try:
+                        data = self.gateway.read_file(f"{cid}/{name}")
+                    except TryLater as exc:
+                        log.warning("%s not available: %s", name, exc)
+                        continue
+                    atomic_write_bytes(out / name, data)
+                    self.cloud.report_trace(f"{cid}.{action['action']}.{ecu}", data,
+                                            {"campaign_id": cid, "stage": "activate", "ecu": ecu, "action": action["action"]})
             if r["result"] != "success":
                 failed.append(f"{ecu}: {r['failed_step']}: {r['reason']}")
         if failed or status != InstallStatus.SUCCEEDED:
@@ -382,7 +395,7 @@ class CampaignRunner:
     def _finished(self, record: CampaignRecord) -> str:
         cid = record.campaign_id or record.key
         body: dict[str, Any] = {"event": "finished", "campaign_id": record.campaign_id, "outcome": record.outcome or "failed",
-                                "failure": record.failure}
+                                "failure": record.failure, "versions": record.versions}
         if self.tbox.diagnose and record.outcome != "success" and record.campaign_id:
             verdict = self._diagnose(record)
             if verdict is not None:

@@ -40,9 +40,14 @@ def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config
     assert report["outcome"] == "failed" and report["failure"]["reason"] == "flash_failed"
     flash = {f["ecu"]: f for f in report["flash"]}
     assert flash["vcu"]["result"] == "failed" and flash["vcu"]["failed_step"] == "transfer_data" and flash["vcu"]["nrc"] == 0x72
-    assert flash["bcm"]["result"] == "success" and flash["bcm"]["version_after"] == "2.0.0"
+    # atomic (two packages): bcm staged fine, and was discarded with vcu's failure; nobody runs 2.0.0
+    assert flash["bcm"]["result"] == "success" and flash["bcm"]["phase"] == "discarded"
+    assert {e: v["software_version"] for e, v in report["final_versions"].items()} == {"vcu": "1.0.0", "bcm": "1.0.0"}
+    assert "vehicle now runs: bcm 1.0.0, vcu 1.0.0" in run.stdout
     assert [d["result"] for d in report["deploy"]] == ["success", "success"]
-    assert len(report["traces"]) == 4  # two deploy traces, two flash traces, all at the cloud
+    names = sorted(Path(t).name.split(".", 1)[1] for t in report["traces"])  # every trace at the cloud
+    assert names == ["deploy.bcm-2.0.0.bin.jsonl", "deploy.vcu-2.0.0.bin.jsonl", "discard.bcm.jsonl", "discard.vcu.jsonl",
+                     "flash.bcm.jsonl", "flash.vcu.jsonl"]
     assert "campaign bench-" in run.stdout and "flash_failed" in run.stdout
     assert not _processes_mentioning(str(out))  # every process the bench started is gone
     # D10: the diagnosis ran in the bench (report.json), in the cloud and in the vehicle

@@ -31,7 +31,9 @@ def test_campaign_for_three_ecus_end_to_end(vehicle):
     assert {e: (r["result"], r["version_after"]) for e, r in flash.items()} == {e: ("success", "2.0.0") for e in ECUS}
     traces = vehicle.tmp / "cloud" / "store" / VIN / "traces"
     names = sorted(p.name for p in traces.iterdir())
-    assert names == sorted([f"c-100.deploy.{e}-2.0.0.bin.jsonl" for e in ECUS] + [f"c-100.flash.{e}.jsonl" for e in ECUS])
+    assert names == sorted([f"c-100.deploy.{e}-2.0.0.bin.jsonl" for e in ECUS] + [f"c-100.flash.{e}.jsonl" for e in ECUS]
+                           + [f"c-100.{a}.{e}.jsonl" for e in ECUS for a in ("activate", "commit")])  # atomic: two phases
+    assert {e: done["versions"][e]["software_version"] for e in ECUS} == {e: "2.0.0" for e in ECUS}  # read back
     first = json.loads((traces / "c-100.flash.vcu.jsonl").read_text().splitlines()[0])
     assert first["format"] == "vota-trace" and first["stage"] == "flash" and first["server"] == "vcu"
 

@@ -9,6 +9,7 @@ CAN id other than the expected one (a misaddressed ECU), which ISO-TP itself wou
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, cast
 
@@ -265,6 +266,23 @@ class UdsLink:
             yield
         finally:
             self.connection.paused = False
+
+    def wait_answering(self, timeout: float, poll_p2: float = 0.1) -> bool:
+        """After a reset: TesterPresent (untraced) until the server answers; False after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        p2 = self.client.config["p2_timeout"]
+        self.client.config["p2_timeout"] = poll_p2
+        try:
+            with self.untraced():
+                while time.monotonic() < deadline:
+                    try:
+                        self.client.tester_present()
+                        return True
+                    except Exception:  # noqa: BLE001 - still rebooting
+                        time.sleep(0.02)
+            return False
+        finally:
+            self.client.config["p2_timeout"] = p2
 
     def close(self) -> None:
         if self.listener is not None:

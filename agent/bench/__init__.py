@@ -239,6 +239,7 @@ def _report(cloud: Any, out: Path, vin: str, campaign_id: str, finished: dict[st
         "vin": vin,
         "outcome": outcome,
         "failure": (finished or {}).get("failure"),
+        "final_versions": (finished or {}).get("versions"),  # read back from the ECUs at the end
         "duration_s": round(time.time() - started, 1),
         "image_size": args.image_size,
         "faults": args.fault,

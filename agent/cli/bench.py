@@ -38,5 +38,8 @@ def print_report(report: dict[str, Any]) -> None:
         nrc = f" 0x{f['nrc']:02X} {f['nrc_name']}" if f.get("nrc") is not None else ""
         print(f"diagnosis: {f['cause']}{nrc}: {f['side']} side ({f['unit']}), {f['stage']} of {f['package']}, "
               f"{where}, request #{f['index']} {f['request']}: {f['detail']}")
+    final = report.get("final_versions") or {}
+    if final:
+        print("vehicle now runs: " + ", ".join(f"{ecu} {v.get('software_version') or '?'}" for ecu, v in sorted(final.items())))
     print(f"campaign {report['campaign_id']}: {report['outcome']}{why} in {report['duration_s']:.1f} s; "
           f"{len(report['traces'])} traces; report: {Path(report['store']).parents[2] / 'report.json'}")

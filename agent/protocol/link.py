@@ -9,8 +9,10 @@
 
 Install manifest (JSON, deployed like a package, then named in routine 0x0301)::
 
-    {"format": "vota-install", "version": 1, "campaign_id": "c-0001",
-     "jobs": [{"ecu": "vcu", "package": "vcu-2.0.0.bin", "version": "2.0.0"}]}
+    {"format": "vota-install", "version": 1, "campaign_id": "c-0001", "activation": "atomic",
+     "jobs": [{"ecu": "vcu", "package": "vcu-2.0.0.bin", "version": "2.0.0", "order": 0}]}
+
+``activation`` (per_ecu when absent) and ``order`` (0 when absent) are what gateway/install.py follows.
 """
 
 from __future__ import annotations
@@ -83,17 +85,19 @@ class InstallJob:
     ecu: str
     package: str
     version: str
+    order: int = 0
 
 
 @dataclass(frozen=True)
 class InstallManifest:
     campaign_id: str
     jobs: tuple[InstallJob, ...]
+    activation: str = "per_ecu"  # or atomic: stage every ECU, then activate them in order, roll back on failure
 
 
 def encode_manifest(manifest: InstallManifest) -> bytes:
-    doc = {"format": "vota-install", "version": 1, "campaign_id": manifest.campaign_id,
-           "jobs": [{"ecu": j.ecu, "package": j.package, "version": j.version} for j in manifest.jobs]}
+    doc = {"format": "vota-install", "version": 1, "campaign_id": manifest.campaign_id, "activation": manifest.activation,
+           "jobs": [{"ecu": j.ecu, "package": j.package, "version": j.version, "order": j.order} for j in manifest.jobs]}
     return json.dumps(doc, indent=1).encode()
 
 
@@ -117,5 +121,11 @@ def parse_manifest(data: bytes) -> InstallManifest | str:
             return "malformed manifest (a job needs ecu, package and version strings)"
         if not is_name(job["package"]):
             return f"package {job['package']!r} was not deployed"
-        jobs.append(InstallJob(job["ecu"], job["package"], job["version"]))
-    return InstallManifest(str(campaign), tuple(jobs))
+        order = job.get("order", 0)
+        if not isinstance(order, int) or isinstance(order, bool) or not 0 <= order <= 999:
+            return "malformed manifest (order must be an integer from 0 to 999)"
+        jobs.append(InstallJob(job["ecu"], job["package"], job["version"], order))
+    activation = doc.get("activation", "per_ecu")
+    if activation not in ("per_ecu", "atomic"):
+        return "malformed manifest (activation must be per_ecu or atomic)"
+    return InstallManifest(str(campaign), tuple(jobs), activation)

@@ -1,0 +1,119 @@
+"""Vehicle-level campaigns on the whole simulated vehicle (real processes): four ECUs on two
+segments, atomic activation. Whatever fails, every ECU ends on its old image or every ECU on
+its new one, read back from the ECUs themselves; install order groups run one after another."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import vota
+from tests.vehicle import VIN, Vehicle
+
+ALL = ("vcu", "bms", "bcm", "dlp_headlamp")
+ORDER = {"vcu": 0, "bms": 1, "bcm": 2, "dlp_headlamp": 3}  # one ECU per group: "the third ECU" is bcm
+
+
+def running(v: Vehicle) -> dict[str, tuple[str, str]]:
+    """What each ECU runs, read from the ECUs by an independent tester process (F189, F1A0)."""
+    run = vota("versions", "-c", str(v.config), "--json")
+    assert run.returncode == 0, run.stderr
+    return {e["ecu"]: (e["software_version"], e["image_sha256"]) for e in json.loads(run.stdout)}
+
+
+def packages(v: Vehicle, version: str) -> list[tuple[str, Path, str]]:
+    out = []
+    for ecu in ALL:
+        path = v.tmp / "cloud" / "packages" / f"{ecu}-{version}.bin"
+        path.write_bytes(os.urandom(24 * 1024))
+        out.append((ecu, path, version))
+    return out
+
+
+def flash_results(v: Vehicle, cid: str) -> dict[str, dict[str, Any]]:
+    return {r["ecu"]: r["result"] for r in v.reports("results", cid) if r["stage"] == "flash"}
+
+
+def start(tmp_path: Path, mosquitto: Any, write_config: Any, procs: list[Any], fault: str) -> Vehicle:
+    return Vehicle(tmp_path, mosquitto, write_config, procs, ecu_faults=(fault,))
+
+
+def test_a_fault_while_staging_the_third_ecu_leaves_every_ecu_on_its_old_image(tmp_path, mosquitto, write_config, procs):
+    v = start(tmp_path, mosquitto, write_config, procs, "bcm:36#2:nrc=0x72")
+    try:
+        before = running(v)
+        assert {e: version for e, (version, _) in before.items()} == {e: "1.0.0" for e in ALL}
+        v.send(v.campaign("c-stage", "2.0.0", packages=packages(v, "2.0.0"), order=ORDER))
+        done = v.finished("c-stage")
+        assert done["outcome"] == "failed" and done["failure"]["reason"] == "flash_failed"
+        assert running(v) == before  # nobody runs 2.0.0: the same versions and the same images
+        results = flash_results(v, "c-stage")
+        assert results["bcm"]["result"] == "failed" and results["bcm"]["failed_step"] == "transfer_data"
+        assert [results[e]["phase"] for e in ("vcu", "bms")] == ["discarded", "discarded"]
+        assert results["dlp_headlamp"]["failed_step"] == "not_started"
+        assert {e: done["versions"][e]["software_version"] for e in ALL} == {e: "1.0.0" for e in ALL}
+        for ecu in ALL:  # nothing stays staged either
+            meta = json.loads((v.ecu_state(ecu) / "meta.json").read_text())
+            assert all(b["state"] in ("valid", "empty") for b in meta["banks"].values()), (ecu, meta)
+    finally:
+        v.close()
+
+
+def test_a_fault_at_the_third_activation_rolls_back_the_first_two(tmp_path, mosquitto, write_config, procs):
+    # bcm's fourth RoutineControl is the activate routine (erase, check memory, check dependencies come first)
+    v = start(tmp_path, mosquitto, write_config, procs, "bcm:31#4:nrc=0x22")
+    try:
+        before = running(v)
+        v.send(v.campaign("c-activate", "2.0.0", packages=packages(v, "2.0.0"), order=ORDER))
+        done = v.finished("c-activate")
+        assert done["outcome"] == "failed"
+        assert running(v) == before
+        results = flash_results(v, "c-activate")
+        assert results["bcm"]["result"] == "failed" and results["bcm"]["failed_step"] == "activate: activate"
+        assert results["bcm"]["nrc"] == 0x22
+        assert [results[e]["phase"] for e in ALL] == ["rolled_back", "rolled_back", "discarded", "discarded"]
+        rolled = [a for a in results["vcu"]["actions"] if a["action"] == "rollback"]
+        assert rolled and rolled[0]["result"] == "success"
+        traces = {p.name for p in (v.tmp / "cloud" / "store" / VIN / "traces").iterdir()}
+        assert {"c-activate.activate.vcu.jsonl", "c-activate.rollback.vcu.jsonl", "c-activate.discard.dlp_headlamp.jsonl"} <= traces
+    finally:
+        v.close()
+
+
+def test_install_order_groups_run_one_after_another(vehicle):
+    """vcu and bcm (order 0) on different segments overlap in time; bms and dlp_headlamp
+    (order 1) start only when both have finished; all four end committed on 2.0.0."""
+    order = {"vcu": 0, "bcm": 0, "bms": 1, "dlp_headlamp": 1}
+    new = packages(vehicle, "2.0.0")
+    vehicle.send(vehicle.campaign("c-order", "2.0.0", packages=new, order=order))
+    done = vehicle.finished("c-order")
+    assert done["outcome"] == "success", done
+    assert {e: done["versions"][e]["software_version"] for e in ALL} == {e: "2.0.0" for e in ALL}
+    results = flash_results(vehicle, "c-order")
+    assert {e: results[e]["phase"] for e in ALL} == {e: "committed" for e in ALL}
+    spans = {}
+    for ecu in ALL:
+        lines = (vehicle.tmp / "cloud" / "store" / VIN / "traces" / f"c-order.flash.{ecu}.jsonl").read_text().splitlines()
+        head, rows = json.loads(lines[0]), [json.loads(x) for x in lines[1:] if x.startswith("[")]
+        spans[ecu] = (head["started"], head["started"] + rows[-1][0] / 1000.0)
+    assert spans["vcu"][0] < spans["bcm"][1] and spans["bcm"][0] < spans["vcu"][1]  # same order: in parallel
+    first_done = max(spans["vcu"][1], spans["bcm"][1])
+    assert min(spans["bms"][0], spans["dlp_headlamp"][0]) >= first_done  # the next group only after
+    assert running(vehicle) == {e: ("2.0.0", done["versions"][e]["image_sha256"]) for e in ALL}
+
+
+def test_per_ecu_keeps_each_ecu_on_its_own(tmp_path, mosquitto, write_config, procs):
+    """activation per_ecu: what was flashed runs (today's behaviour), the failed ECU stays old."""
+    v = start(tmp_path, mosquitto, write_config, procs, "bcm:36#2:nrc=0x72")
+    try:
+        v.send(v.campaign("c-each", "2.0.0", packages=packages(v, "2.0.0"), activation="per_ecu"))
+        done = v.finished("c-each")
+        assert done["outcome"] == "failed"
+        now = {e: version for e, (version, _) in running(v).items()}
+        assert now == {"vcu": "2.0.0", "bms": "2.0.0", "bcm": "1.0.0", "dlp_headlamp": "2.0.0"}
+        results = flash_results(v, "c-each")
+        assert results["bcm"]["failed_step"] == "transfer_data" and results["vcu"]["phase"] == "committed"
+    finally:
+        v.close()
