@@ -21,11 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from udsoncan.exceptions import NegativeResponseException
-
 from agent.adapters.canbus import Segment
 from agent.adapters.trace_files import write_trace
-from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
+from agent.adapters.uds_client import RawCodec, UdsLink, run_step
 from agent.core.config import EcuConfig, GatewayConfig
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError
@@ -104,15 +102,7 @@ class EcuAction:
         if self.stop.is_set():
             raise FlashError(step, "cancelled")
         self.step = step
-        try:
-            return action()
-        except NegativeResponseException as exc:
-            reason, nrc = describe_failure(exc)
-            raise FlashError(step, reason, nrc) from None
-        except Exception as exc:  # noqa: BLE001 - every failure ends this action
-            reason, nrc = describe_failure(exc)
-            self.recorder.note(reason)
-            raise FlashError(step, reason, nrc) from None
+        return run_step(step, action, self.recorder)
 
     def _sequence(self, link: UdsLink, result: ActionResult) -> None:
         c = link.client

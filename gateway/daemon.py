@@ -87,20 +87,11 @@ class GatewayInstaller:
         try:
             ok, _ = install(self.config, plan, out, buses=self.buses, progress=self._progress, stop=self.stop,
                             faults=self.faults)
-            self._final_versions(out, [job.ecu for _, job in plan.jobs])
             self._write_status(campaign, InstallStatus.SUCCEEDED if ok else InstallStatus.FAILED)
             log.info("install %s finished: %s", campaign, "success" if ok else "failed")
         except Exception as exc:  # noqa: BLE001 - reported to the TBOX as a failed install
             log.exception("install %s failed", campaign)
             self._write_status(campaign, InstallStatus.FAILED, str(exc))
-
-    def _final_versions(self, out: Path, ecus: list[str]) -> None:
-        """What the campaign's ECUs run now, read back from them (not assumed): into summary.json."""
-        summary = json.loads((out / "summary.json").read_text())
-        summary["final_versions"] = {e["ecu"]: {"software_version": e.get("software_version"),
-                                                "image_sha256": e.get("image_sha256")}
-                                     for e in collect_versions(self.config, ecus, buses=self.buses)}
-        atomic_write_json(out / "summary.json", summary)
 
     def _write_status(self, campaign: str, status: int, error: str | None = None) -> None:
         doc: dict[str, Any] = {"campaign_id": campaign, "status": InstallStatus(status).name.lower(), "code": status,

@@ -310,6 +310,7 @@ def flash_all(
     stop: threading.Event | None = None,
     faults: list[FaultSpec] | None = None,
     buses: Buses | None = None,
+    summary: bool = True,
 ) -> list[FlashResult]:
     """Flash every job; write ``<ecu>.trace.jsonl``, ``<ecu>.result.json``, ``summary.json``.
 
@@ -371,7 +372,8 @@ def flash_all(
     if errors:
         raise errors[0]
     ordered = [results[j.ecu] for j in jobs if j.ecu in results]
-    atomic_write_json(out / "summary.json", {"schema": "vota-flash-summary/1", "results": [r.to_json() for r in ordered]})
+    if summary:  # one flash on its own; gateway/install.py writes the campaign's summary itself
+        atomic_write_json(out / "summary.json", {"schema": "vota-flash-summary/1", "results": [r.to_json() for r in ordered]})
     return ordered
 
 

@@ -29,6 +29,7 @@ from agent.core.faults import FaultSpec
 from gateway.activation import ActionResult, EcuAction
 from gateway.buses import Buses
 from gateway.flash import FlashJob, FlashResult, Progress, flash_all
+from gateway.inventory import collect_versions
 
 __all__ = ["InstallPlan", "install"]
 
@@ -53,15 +54,19 @@ def _not_started(job: FlashJob, why: str) -> FlashResult:
 
 def install(config: VehicleConfig, plan: InstallPlan, out: Path, *, buses: Buses, progress: Progress | None = None,
             stop: threading.Event | None = None, faults: list[FaultSpec] | None = None) -> tuple[bool, list[FlashResult]]:
-    """(everything installed, one result per job in the campaign's order); writes summary.json."""
+    """(everything installed, one result per job in the campaign's order); writes summary.json with
+    what every ECU of the campaign runs at the end (``final_versions``)."""
     stop = stop or threading.Event()
     if plan.activation == "atomic":
         ok, results = _atomic(config, plan, out, buses, progress, stop, faults)
     else:
         ok, results = _per_ecu(config, plan, out, buses, progress, stop, faults)
     ordered = [results[job.ecu] for _, job in plan.jobs]
+    final = {e["ecu"]: {"software_version": e.get("software_version"), "image_sha256": e.get("image_sha256")}
+             for e in collect_versions(config, [job.ecu for _, job in plan.jobs], buses=buses)}  # read back, not assumed
     atomic_write_json(out / "summary.json", {"schema": "vota-flash-summary/1", "campaign_id": plan.campaign_id,
-                                             "activation": plan.activation, "results": [r.to_json() for r in ordered]})
+                                             "activation": plan.activation, "results": [r.to_json() for r in ordered],
+                                             "final_versions": final})
     return ok, ordered
 
 
@@ -72,7 +77,7 @@ def _per_ecu(config: VehicleConfig, plan: InstallPlan, out: Path, buses: Buses, 
         if any(r.result != "success" for r in results.values()):
             results.update({j.ecu: _not_started(j, "an earlier install group failed") for j in group})
             continue
-        for r in flash_all(config, group, out, progress=progress, stop=stop, faults=faults, buses=buses):
+        for r in flash_all(config, group, out, progress=progress, stop=stop, faults=faults, buses=buses, summary=False):
             results[r.ecu] = dataclasses.replace(r, phase="committed" if r.result == "success" else None)
     return all(r.result == "success" for r in results.values()), results
 
@@ -87,7 +92,7 @@ def _atomic(config: VehicleConfig, plan: InstallPlan, out: Path, buses: Buses, p
             results.update({j.ecu: _not_started(j, "an ECU failed to stage") for j in group})
             continue
         staging = [dataclasses.replace(j, stage_only=True) for j in group]
-        for r in flash_all(config, staging, out, progress=progress, stop=stop, faults=faults, buses=buses):
+        for r in flash_all(config, staging, out, progress=progress, stop=stop, faults=faults, buses=buses, summary=False):
             results[r.ecu] = dataclasses.replace(r, phase="staged" if r.result == "success" else None)
     staged = [e for e in jobs if results[e].phase == "staged"]
     if len(staged) != len(jobs):
@@ -136,10 +141,6 @@ def _act(config: VehicleConfig, buses: Buses, results: dict[str, FlashResult], e
         log.warning("%s: %s failed: %s", ecu, action, done.reason)
         phase = f"{action}_failed"
     note = {"action": action, "result": done.result, "reason": done.reason or why, "trace_file": done.trace_file}
-    if action != "activate" or done.result != "success":
-        results[ecu] = dataclasses.replace(r, phase=phase if action != "activate" else r.phase,
-                                           actions=[*r.actions, note],
-                                           version_after=done.version_after or r.version_after)
-    else:
-        results[ecu] = dataclasses.replace(r, actions=[*r.actions, note])
+    results[ecu] = dataclasses.replace(r, phase=r.phase if action == "activate" else phase, actions=[*r.actions, note],
+                                       version_after=done.version_after or r.version_after)
     return done

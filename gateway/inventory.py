@@ -17,7 +17,7 @@ __all__ = ["collect_versions", "wait_reachable"]
 
 def _read_ecu(segment: Segment, ecu: EcuConfig, p2: float) -> dict[str, Any]:
     entry: dict[str, Any] = {"ecu": ecu.name, "segment": ecu.segment, "request_id": ecu.request_id, "response_id": ecu.response_id}
-    dids = {did: RawCodec() for did in DID.INVENTORY.values()}
+    dids = {did: RawCodec() for did in (*DID.INVENTORY.values(), DID.IMAGE_DIGEST)}
     with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=p2, dids=dids) as link:
         for key, did in DID.INVENTORY.items():
             try:
@@ -28,21 +28,15 @@ def _read_ecu(segment: Segment, ecu: EcuConfig, p2: float) -> dict[str, Any]:
                 entry.setdefault("errors", {})[key] = describe_failure(exc)[0]
                 if "timeout" in entry["errors"][key]:
                     break
-    if entry.get("software_version") is not None:
-        try:
-            digest = link_digest(segment, ecu, p2)
-        except Exception as exc:  # noqa: BLE001 - informative only
-            digest = None
-            entry.setdefault("errors", {})["image_sha256"] = describe_failure(exc)[0]
-        entry["image_sha256"] = digest
+        if entry.get("software_version") is not None:  # F1A0: the SHA-256 of the image it runs
+            try:
+                entry["image_sha256"] = bytes(link.client.read_data_by_identifier(DID.IMAGE_DIGEST)
+                                              .service_data.values[DID.IMAGE_DIGEST]).hex()
+            except Exception as exc:  # noqa: BLE001 - informative only
+                entry["image_sha256"] = None
+                entry.setdefault("errors", {})["image_sha256"] = describe_failure(exc)[0]
     entry["reachable"] = entry.get("software_version") is not None
     return entry
-
-
-def link_digest(segment: Segment, ecu: EcuConfig, p2: float) -> str | None:
-    """DID F1A0: the SHA-256 of the image the ECU runs."""
-    with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=p2, dids={DID.IMAGE_DIGEST: RawCodec()}) as link:
-        return bytes(link.client.read_data_by_identifier(DID.IMAGE_DIGEST).service_data.values[DID.IMAGE_DIGEST]).hex()
 
 
 def _per_segment(config: VehicleConfig, names: list[str], work: Any, buses: Buses | None = None) -> dict[str, Any]:

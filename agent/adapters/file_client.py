@@ -14,12 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from udsoncan.exceptions import NegativeResponseException
-
 from agent.adapters.canbus import Segment
 from agent.adapters.storage import atomic_write_json
 from agent.adapters.trace_files import write_trace
-from agent.adapters.uds_client import ClientFaults, UdsLink, describe_failure
+from agent.adapters.uds_client import ClientFaults, UdsLink, run_step
 from agent.core.config import DeployConfig
 from agent.core.faults import FaultSpec
 from agent.core.trace import TraceHeader, TraceRecorder
@@ -138,15 +136,7 @@ class PackageDeployer:
             raise FlashError(step, "cancelled")
         self.step = step
         self.progress(self.name, step, self.sent, self.size)
-        try:
-            return action()
-        except NegativeResponseException as exc:
-            reason, nrc = describe_failure(exc)
-            raise FlashError(step, reason, nrc) from None
-        except Exception as exc:  # noqa: BLE001 - every failure ends this package's deploy
-            reason, nrc = describe_failure(exc)
-            self.recorder.note(reason)
-            raise FlashError(step, reason, nrc) from None
+        return run_step(step, action, self.recorder)
 
     def _sequence(self, link: UdsLink, result: DeployResult) -> None:
         c = link.client
