@@ -9,6 +9,11 @@ routine goes back to it at the next reset, the commit routine confirms the new o
 the old (MCUboot's test/confirm swap). ``meta.json`` is replaced atomically at each state
 change, so a kill at any point leaves a consistent pair of banks: a half-written image is
 discarded at start-up, a staged one stays staged.
+
+An ECU with a single bank (``single``) is flashed in place: the erase removes the running
+application (the bootloader answers, with no software version), the new image is written over
+it and runs at the reset once checked. Nothing can be staged, activated, rolled back or
+committed; a kill mid-flash leaves the ECU without an application until it is flashed again.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ class BankInfo:
 
 
 class FlashBanks:
-    def __init__(self, directory: str | os.PathLike[str], factory_version: str) -> None:
+    def __init__(self, directory: str | os.PathLike[str], factory_version: str, single: bool = False) -> None:
+        self.single = single
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.meta_path = self.dir / "meta.json"
@@ -69,6 +75,12 @@ class FlashBanks:
                 raise ValueError("banks must be a and b")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VotaError(f"{self.meta_path}: unreadable flash bank metadata ({exc})") from None
+        if self.single:
+            if self.active_info.state == "staged":  # complete and checked: the bootloader starts it
+                self.banks[self.active] = BankInfo("valid", self.active_info.version, self.active_info.size,
+                                                   self.active_info.sha256)
+                self._save()
+            return  # anything less stays: no application until it is flashed again
         inactive = self.banks[self.inactive]
         if inactive.state in ("erased", "writing", "written", "verified"):
             # An interrupted programming session: the bootloader discards the half image.
@@ -90,6 +102,11 @@ class FlashBanks:
         return "b" if self.active == "a" else "a"
 
     @property
+    def target(self) -> str:
+        """The bank a new image is written to: the other one, or the only one."""
+        return self.active if self.single else self.inactive
+
+    @property
     def active_info(self) -> BankInfo:
         return self.banks[self.active]
 
@@ -102,19 +119,19 @@ class FlashBanks:
         self.close()
         self.dependencies_ok = False
         self.next_boot = ""
-        self.banks[self.inactive] = BankInfo("erased")
+        self.banks[self.target] = BankInfo("erased")
         self._save()
-        with open(self.path(self.inactive), "wb"):
+        with open(self.path(self.target), "wb"):
             pass
 
     @property
     def erased(self) -> bool:
-        return self.banks[self.inactive].state == "erased"
+        return self.banks[self.target].state == "erased"
 
     def begin_write(self, size: int) -> None:
-        self.banks[self.inactive] = BankInfo("writing", size=size)
+        self.banks[self.target] = BankInfo("writing", size=size)
         self._save()
-        self._handle = open(self.path(self.inactive), "r+b")
+        self._handle = open(self.path(self.target), "r+b")
         self._handle.truncate(0)
 
     def write(self, offset: int, data: bytes) -> None:
@@ -125,7 +142,7 @@ class FlashBanks:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self.close()
-        self.banks[self.inactive] = BankInfo("written", size=written)
+        self.banks[self.target] = BankInfo("written", size=written)
         self._save()
 
     def close(self) -> None:
@@ -135,28 +152,30 @@ class FlashBanks:
 
     def check(self, algorithm: str, expected: bytes) -> bool:
         """Check memory: the digest of what was written against the value the tester sent."""
-        info = self.banks[self.inactive]
+        info = self.banks[self.target]
         if info.state != "written":
             return False
-        data = self.path(self.inactive).read_bytes()[: info.size]
+        data = self.path(self.target).read_bytes()[: info.size]
         actual = zlib.crc32(data).to_bytes(4, "big") if algorithm == "crc32" else hashlib.sha256(data).digest()
         if actual != expected:
             return False
-        self.banks[self.inactive] = BankInfo("verified", self.pending_version, info.size, hashlib.sha256(data).hexdigest())
+        self.banks[self.target] = BankInfo("verified", self.pending_version, info.size, hashlib.sha256(data).hexdigest())
         self._save()
         return True
 
     def check_dependencies(self) -> bool:
         """The new image is consistent: it is staged (kept across restarts, not yet running)."""
-        info = self.banks[self.inactive]
+        info = self.banks[self.target]
         if info.state == "verified":
-            self.banks[self.inactive] = BankInfo("staged", info.version, info.size, info.sha256)
+            self.banks[self.target] = BankInfo("staged", info.version, info.size, info.sha256)
             self._save()
-        self.dependencies_ok = self.banks[self.inactive].state == "staged"
+        self.dependencies_ok = self.banks[self.target].state == "staged"
         return self.dependencies_ok
 
     @property
     def staged(self) -> BankInfo | None:
+        if self.single:
+            return None  # written in place: nothing waits beside the running image
         info = self.banks[self.inactive]
         return info if info.state == "staged" else None
 
@@ -205,6 +224,14 @@ class FlashBanks:
         """At reset: run the staged image when it was selected (on trial) or was staged in this
         programming session (one ECU at a time: confirmed at once), or go back to the previous
         image when a rollback was selected."""
+        if self.single:
+            info = self.active_info
+            if info.state != "staged":  # checked and consistent: the bootloader starts it at any reset
+                return False
+            self.banks[self.active] = BankInfo("valid", info.version, info.size, info.sha256)
+            self.dependencies_ok = False
+            self._save()
+            return True
         new = self.inactive
         info = self.banks[new]
         trial = self.next_boot == "activate"

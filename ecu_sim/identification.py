@@ -15,6 +15,7 @@ from agent.protocol.ecu import (
     encode_staged_image,
 )
 from agent.protocol.uds import Nrc, Request, Session
+from ecu_sim.flash_banks import BankInfo
 
 if TYPE_CHECKING:
     from ecu_sim.services import EcuState
@@ -24,6 +25,8 @@ __all__ = ["read_data_by_identifier", "write_data_by_identifier"]
 
 def _did_value(s: EcuState, did: int) -> bytes | None:
     info = s.banks.active_info
+    if info.state != "valid":  # a single bank being flashed: no application runs, only the bootloader answers
+        info = BankInfo("empty")
     values = {
         DID.BOOT_SOFTWARE: s.sim.bootloader_version.encode(),
         DID.PART_NUMBER: s.sim.part_number.encode(),
@@ -40,6 +43,8 @@ def _did_value(s: EcuState, did: int) -> bytes | None:
     }
     if did == DID.AMBIENT_LIGHT:
         return _ambient_light(s)
+    if s.banks.single and did in (DID.STAGED_IMAGE, DID.BANK_STATUS):
+        return None  # one bank: nothing staged, nothing kept to go back to
     return values.get(did)
 
 

@@ -245,8 +245,11 @@ def _bank_routine(s: EcuState, r: Request, routine: int) -> bytes:
     roll back (run the image the running one replaced at the next reset), commit (confirm the
     running one, drop the old). Extended or programming session, security unlocked. Discard and
     commit always succeed (asked again after a restart, they find the work done); activate with
-    nothing staged, and rollback with no previous image kept, answer conditionsNotCorrect."""
+    nothing staged, and rollback with no previous image kept, answer conditionsNotCorrect. A
+    single-bank ECU answers requestOutOfRange: it has none of them."""
     cfg = s.config
+    if s.banks.single:
+        return r.negative(Nrc.RequestOutOfRange)  # a single-bank ECU has none of these routines
     if r.data[1] != RoutineType.startRoutine:
         return r.negative(Nrc.SubFunctionNotSupported)
     if len(r.data) != 4:

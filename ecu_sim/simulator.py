@@ -43,7 +43,7 @@ class EcuSimulator:
                 if ecu.segment not in self.segments:
                     self.segments[ecu.segment] = Segment(self.config.segments[ecu.segment])
                 base = Path(self.state_dir or ecu.sim.state_dir)
-                banks = FlashBanks(base / ecu.name, ecu.sim.software_version)
+                banks = FlashBanks(base / ecu.name, ecu.sim.software_version, single=ecu.banks == 1)
                 faults = [parse_fault(f) for f in ecu.sim.faults] + self.extra_faults
                 mine = [f for f in faults if f.applies_to("flash", ecu.name, "server")]
                 server = UdsServer(

@@ -58,8 +58,11 @@ class ActionResult:
 
 class EcuAction:
     def __init__(self, segment: Segment, ecu: EcuConfig, gateway: GatewayConfig, action: str,
-                 expect: tuple[str, str | None] | None = None, stop: threading.Event | None = None) -> None:
-        """``expect``: (version, SHA-256 or None) the ECU must run after an activate or a rollback."""
+                 expect: tuple[str, str | None] | None = None, stop: threading.Event | None = None,
+                 on_step: Callable[[str, str, TraceRecorder], None] | None = None) -> None:
+        """``expect``: (version, SHA-256 or None) the ECU must run after an activate or a rollback;
+        ``on_step``: called with (ECU, step, the trace so far) as each step starts (the journal)."""
+        self.on_step = on_step
         assert action in ACTIONS
         self.segment, self.ecu, self.gateway, self.action, self.expect = segment, ecu, gateway, action, expect
         self.stop = stop or threading.Event()
@@ -101,6 +104,8 @@ class EcuAction:
     def _do(self, step: str, action: Callable[[], Any]) -> Any:
         if self.stop.is_set():
             raise FlashError(step, "cancelled")
+        if self.on_step is not None and step != self.step:
+            self.on_step(self.ecu.name, step, self.recorder)
         self.step = step
         return run_step(step, action, self.recorder)
 

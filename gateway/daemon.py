@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from agent.adapters.storage import atomic_write_json
+from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.adapters.uds_server import UdsServer
 from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec
@@ -24,16 +24,19 @@ from gateway.buses import Buses
 from gateway.content_relay import ContentRelay
 from gateway.deploy_server import DEPLOY_SERVICES, DeployState
 from gateway.flash import FlashJob
-from gateway.install import InstallPlan, install
+from gateway.install import InstallInterrupted, InstallPlan, install
 from gateway.inventory import collect_versions
 
 __all__ = ["GatewayDaemon", "GatewayInstaller"]
 
 log = logging.getLogger(__name__)
 
+MANIFEST_COPY = "install-manifest.json"  # the manifest an install runs, kept beside its journal
+
 
 class GatewayInstaller:
-    """Flashes per install manifest in a background thread; status kept on disk too."""
+    """Flashes per install manifest in a background thread; status kept on disk too. An install
+    that was running when the gateway stopped goes on when it starts again (``resume``)."""
 
     def __init__(self, config: VehicleConfig, package_dir: Path, results_dir: Path, stop: threading.Event,
                  faults: list[FaultSpec] | None = None, buses: Buses | None = None) -> None:
@@ -69,26 +72,60 @@ class GatewayInstaller:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return "an install is running"
-            self._campaign, self._done, self._total = campaign, 0, len(jobs)
-            self._write_status(campaign, InstallStatus.RUNNING)
-            self._thread = threading.Thread(target=self._run, args=(plan,), name="install", daemon=True)
-            self._thread.start()
+            atomic_write_bytes(self.results_dir / campaign / MANIFEST_COPY, manifest)
+            self._begin(plan, resume=False)
         log.info("install %s started: %s", campaign, ", ".join(f"{j.ecu} <- {j.source}" for j in jobs))
         return None
+
+    def _begin(self, plan: InstallPlan, resume: bool) -> None:
+        self._campaign, self._done, self._total = plan.campaign_id, 0, len(plan.jobs)
+        self._write_status(plan.campaign_id, InstallStatus.RUNNING)
+        self._thread = threading.Thread(target=self._run, args=(plan, resume), name="install", daemon=True)
+        self._thread.start()
+
+    def resume(self) -> str | None:
+        """At start-up: the install that was running when the gateway stopped goes on from its
+        journal (the campaign id), or is ended as failed when it cannot (the reason is logged)."""
+        running = []
+        for path in self.results_dir.glob("*/install.json"):
+            try:
+                doc = json.loads(path.read_text())
+                if int(doc.get("code", 0)) == InstallStatus.RUNNING:
+                    running.append((path.stat().st_mtime, path.parent, str(doc.get("campaign_id") or path.parent.name)))
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue
+        resumed = None
+        for _, out, campaign in sorted(running, reverse=True):  # the newest goes on; any other is stale
+            try:
+                parsed = self._parse((out / MANIFEST_COPY).read_bytes()) if resumed is None else "another install went on"
+            except OSError as exc:
+                parsed = f"its manifest is gone ({exc.strerror})"
+            if isinstance(parsed, str) or parsed.campaign_id != campaign:
+                why = parsed if isinstance(parsed, str) else "its manifest names another campaign"
+                log.warning("install %s was interrupted and cannot go on: %s", campaign, why)
+                self._write_status(campaign, InstallStatus.FAILED, f"interrupted by a gateway restart; {why}")
+                continue
+            with self._lock:
+                self._begin(parsed, resume=True)
+            log.info("install %s was interrupted by a restart: going on from its journal", campaign)
+            resumed = campaign
+        return resumed
 
     def _progress(self, ecu: str, step: str, done: int, total: int) -> None:
         if step in ("done", "failed"):
             with self._lock:
                 self._done += 1
 
-    def _run(self, plan: InstallPlan) -> None:
+    def _run(self, plan: InstallPlan, resume: bool) -> None:
         campaign = plan.campaign_id
         out = self.results_dir / campaign
         try:
             ok, _ = install(self.config, plan, out, buses=self.buses, progress=self._progress, stop=self.stop,
-                            faults=self.faults)
+                            faults=self.faults, resume=resume)
             self._write_status(campaign, InstallStatus.SUCCEEDED if ok else InstallStatus.FAILED)
             log.info("install %s finished: %s", campaign, "success" if ok else "failed")
+        except InstallInterrupted as exc:  # status stays running: the next start goes on from the journal
+            log.warning("%s; it goes on when the gateway starts again", exc)
         except Exception as exc:  # noqa: BLE001 - reported to the TBOX as a failed install
             log.exception("install %s failed", campaign)
             self._write_status(campaign, InstallStatus.FAILED, str(exc))
@@ -143,6 +180,7 @@ class GatewayDaemon:
 
     def start(self) -> None:
         try:
+            self.installer.resume()
             self.server = UdsServer(
                 name="gateway-deploy",
                 segment=self.buses.segment(self.link.segment),

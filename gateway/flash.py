@@ -41,7 +41,7 @@ from agent.protocol.uds import (
 )
 from gateway.buses import Buses, TesterPresentKeeper
 
-__all__ = ["FlashJob", "FlashResult", "flash_all", "EcuFlasher", "STEPS", "fingerprint"]
+__all__ = ["FlashJob", "FlashResult", "FlashHooks", "flash_all", "EcuFlasher", "STEPS", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,15 @@ STEPS = (
 )
 
 Progress = Callable[[str, str, int, int], None]
+
+
+@dataclass(frozen=True)
+class FlashHooks:
+    """What an install journals (gateway/journal.py): ``step`` when an ECU starts a new step
+    (with the trace so far), ``result`` when an ECU's result is on disk."""
+
+    step: Callable[[str, str, TraceRecorder], None] | None = None
+    result: Callable[["FlashResult"], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,10 @@ class EcuFlasher:
         progress: Progress | None = None,
         stop: threading.Event | None = None,
         faults: list[FaultSpec] | None = None,
+        on_step: Callable[[str, str, TraceRecorder], None] | None = None,
     ) -> None:
         self.segment = segment
+        self.on_step = on_step
         self.ecu = ecu
         self.faults = [f for f in faults or [] if f.applies_to("flash", ecu.name, "client")]
         self.gateway = gateway
@@ -195,6 +206,8 @@ class EcuFlasher:
     def _do(self, step: str, action: Callable[[], Any]) -> Any:
         if self.stop.is_set():
             raise FlashError(step, "cancelled")
+        if self.on_step is not None and step != self.step:
+            self.on_step(self.ecu.name, step, self.recorder)
         self.step = step
         self.progress(self.ecu.name, step, self.sent, len(self.job.image))
         attempts = self.gateway.retries + 1
@@ -311,6 +324,7 @@ def flash_all(
     faults: list[FaultSpec] | None = None,
     buses: Buses | None = None,
     summary: bool = True,
+    hooks: FlashHooks | None = None,
 ) -> list[FlashResult]:
     """Flash every job; write ``<ecu>.trace.jsonl``, ``<ecu>.result.json``, ``summary.json``.
 
@@ -339,7 +353,8 @@ def flash_all(
         with TesterPresentKeeper(segment, functional, period) as keeper:
             for job in seg_jobs:
                 with owner.ecu(job.ecu, "flash"):
-                    flasher = EcuFlasher(segment, config.ecu(job.ecu), config.gateway, job, progress, stop, faults)
+                    flasher = EcuFlasher(segment, config.ecu(job.ecu), config.gateway, job, progress, stop, faults,
+                                         hooks.step if hooks else None)
                     keeper.recorder = flasher.recorder
                     result = flasher.run()
                     keeper.recorder = None
@@ -349,6 +364,8 @@ def flash_all(
                 result.trace_fraction = round(result.trace_bytes / max(1, len(job.image)), 5)
                 atomic_write_json(out / f"{job.ecu}.result.json", result.to_json())
                 results[job.ecu] = result
+                if hooks and hooks.result:
+                    hooks.result(result)
                 if progress:
                     progress(job.ecu, "done" if result.result == "success" else "failed", result.bytes_transferred, len(job.image))
 

@@ -8,10 +8,20 @@ group in parallel across segments, by turns within one), and either
   switched to it. If any ECU fails to stage, every staged image is discarded. Activate: in
   install order, each ECU is told to run its staged image and reset, and what it runs is read
   back; if one fails, those already activated are rolled back in reverse order (and checked
-  again) and the rest discarded. Commit: every ECU confirms its new image.
+  again) and the rest discarded. Commit: every ECU confirms its new image. An ECU with a single
+  flash bank cannot be staged: it is flashed in place after every other ECU was activated (if
+  it fails, the others are rolled back; it cannot be), and the install is not fully revertible.
 
 Each ECU's result says how far it got (``phase``: staged, activated, committed, discarded,
 rolled_back); only the ECU that failed carries ``result: failed``.
+
+Everything is journaled (gateway/journal.py) before it is done. ``install(..., resume=True)``
+goes on from the journal after the gateway was killed: each ECU is asked what it runs and holds
+staged, an ECU found staged with this image is not flashed again, one interrupted in its
+programming sequence is flashed again from the erase, activation goes on (or rollback, discard
+and commit are finished, each asked again: they are idempotent on the ECU). The trace of the
+interrupted piece of work is kept as ``<ecu>.<work>.interrupted-<attempt>.trace.jsonl`` and
+named in that ECU's result, and the summary lists the interruptions.
 """
 
 from __future__ import annotations
@@ -24,16 +34,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.adapters.storage import atomic_write_json
+from agent.adapters.trace_files import write_trace
 from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec
+from agent.core.trace import TraceRecorder
+from agent.errors import VotaError
 from gateway.activation import ActionResult, EcuAction
 from gateway.buses import Buses
-from gateway.flash import FlashJob, FlashResult, Progress, flash_all
-from gateway.inventory import collect_versions
+from gateway.flash import FlashHooks, FlashJob, FlashResult, Progress, flash_all
+from gateway.inventory import EcuImages, collect_versions, read_images
+from gateway.journal import InstallJournal
 
-__all__ = ["InstallPlan", "install"]
+__all__ = ["InstallPlan", "InstallInterrupted", "install"]
 
 log = logging.getLogger(__name__)
+
+class InstallInterrupted(VotaError):
+    """The gateway is stopping: the install ends where it is, its journal as it was before the
+    step that was cut off, and goes on at the next start."""
+
+
+PHASE_OF = {"activate": "activated", "rollback": "rolled_back", "discard": "discarded", "commit": "committed"}
 
 
 @dataclass(frozen=True)
@@ -46,101 +67,293 @@ class InstallPlan:
         orders = sorted({order for order, _ in self.jobs})
         return [[job for order, job in self.jobs if order == o] for o in orders]
 
+    def in_order(self) -> list[FlashJob]:
+        return [job for _, job in sorted(self.jobs, key=lambda oj: oj[0])]
+
+
+def _sha(job: FlashJob) -> str:
+    return hashlib.sha256(job.image).hexdigest()
+
 
 def _not_started(job: FlashJob, why: str) -> FlashResult:
-    return FlashResult(job.ecu, "failed", job.version, len(job.image), hashlib.sha256(job.image).hexdigest(),
-                       failed_step="not_started", reason=why)
+    return FlashResult(job.ecu, "failed", job.version, len(job.image), _sha(job), failed_step="not_started", reason=why)
+
+
+@dataclass
+class _Install:
+    """One install (first run or resumed): its inputs, its results so far, its journal."""
+
+    config: VehicleConfig
+    plan: InstallPlan
+    out: Path
+    buses: Buses
+    progress: Progress | None
+    stop: threading.Event
+    faults: list[FaultSpec] | None
+    journal: InstallJournal
+    resumed: bool
+    results: dict[str, FlashResult]
+
+    @property
+    def jobs(self) -> dict[str, FlashJob]:
+        return {job.ecu: job for _, job in self.plan.jobs}
+
+    def single(self, ecu: str) -> bool:
+        """A single-bank ECU: flashed in place, last, never staged or rolled back."""
+        return self.config.ecu(ecu).banks == 1
+
+    def staging(self) -> list[str]:
+        return [e for e in self.jobs if not self.single(e)]
+
+    def set(self, result: FlashResult) -> None:
+        if self.stop.is_set():  # what was cut off by the stop is not a result: it is done again on resume
+            raise InstallInterrupted(f"install {self.plan.campaign_id} stopped at {result.ecu}")
+        self.results[result.ecu] = result
+        self.journal.record(result)
+
+    def images(self, ecu: str) -> EcuImages:
+        return read_images(self.config, self.buses, ecu)
+
+    def journaling(self, doing: str) -> FlashHooks:
+        """Hooks that journal each step of ``doing`` with the trace so far (kept if the gateway dies)."""
+
+        def step(ecu: str, step: str, recorder: TraceRecorder) -> None:
+            self.journal.step(ecu, doing, step)
+            write_trace(self.out / _trace_name(ecu, doing), recorder)
+
+        def result(r: FlashResult) -> None:
+            phase = ("staged" if doing == "stage" else "committed") if r.result == "success" else None
+            self.set(dataclasses.replace(r, phase=phase))
+
+        return FlashHooks(step, result)
+
+    def flash_whole(self, jobs: list[FlashJob]) -> None:
+        """The whole sequence, reset included (per_ecu, single-bank ECUs); after a restart an ECU
+        found running its new image is not flashed again."""
+        todo = []
+        for job in jobs:
+            if self.resumed and self.images(job.ecu).runs(job.version, _sha(job)):
+                self.set(FlashResult(job.ecu, "success", job.version, len(job.image), _sha(job), version_after=job.version,
+                                     phase="committed", reason="found running this image when the install resumed"))
+            else:
+                todo.append(job)
+        self.flash(todo, "flash")
+
+    def flash(self, jobs: list[FlashJob], doing: str) -> None:
+        if jobs:
+            flash_all(self.config, jobs, self.out, progress=self.progress, stop=self.stop, faults=self.faults,
+                      buses=self.buses, summary=False, hooks=self.journaling(doing))
+
+
+def _trace_name(ecu: str, doing: str) -> str:
+    return f"{ecu}.trace.jsonl" if doing in ("stage", "flash") else f"{ecu}.{doing}.trace.jsonl"
 
 
 def install(config: VehicleConfig, plan: InstallPlan, out: Path, *, buses: Buses, progress: Progress | None = None,
-            stop: threading.Event | None = None, faults: list[FaultSpec] | None = None) -> tuple[bool, list[FlashResult]]:
+            stop: threading.Event | None = None, faults: list[FaultSpec] | None = None,
+            resume: bool = False) -> tuple[bool, list[FlashResult]]:
     """(everything installed, one result per job in the campaign's order); writes summary.json with
-    what every ECU of the campaign runs at the end (``final_versions``)."""
-    stop = stop or threading.Event()
-    if plan.activation == "atomic":
-        ok, results = _atomic(config, plan, out, buses, progress, stop, faults)
+    what every ECU of the campaign runs at the end (``final_versions``). ``resume``: go on from the
+    journal in ``out`` (a gateway restarted in the middle of this install)."""
+    out.mkdir(parents=True, exist_ok=True)
+    journal = InstallJournal.load(out) if resume else None
+    resumed = journal is not None
+    if journal is None:
+        journal = InstallJournal.create(out, plan.campaign_id, plan.activation, [job.ecu for _, job in plan.jobs])
     else:
-        ok, results = _per_ecu(config, plan, out, buses, progress, stop, faults)
-    ordered = [results[job.ecu] for _, job in plan.jobs]
+        _keep_interrupted(out, journal)
+    run = _Install(config, plan, out, buses, progress, stop or threading.Event(), faults, journal, resumed,
+                   journal.results() if resumed else {})
+    if journal.phase == "done":
+        ok = journal.doc.get("outcome") == "success"
+    else:
+        ok = _atomic(run) if plan.activation == "atomic" else _per_ecu(run)
+        if run.stop.is_set():
+            raise InstallInterrupted(f"install {plan.campaign_id} stopped in its {journal.phase} phase")
+        journal.finish(ok)
+    results = {e: r for e, r in run.results.items()}
+    for _, job in plan.jobs:  # an ECU never reached (a kill before its result was journaled) still gets one
+        results.setdefault(job.ecu, _not_started(job, "not reached"))
+    ordered = [_with_notes(results[job.ecu], journal) for _, job in plan.jobs]
     final = {e["ecu"]: {"software_version": e.get("software_version"), "image_sha256": e.get("image_sha256")}
              for e in collect_versions(config, [job.ecu for _, job in plan.jobs], buses=buses)}  # read back, not assumed
+    single = [job.ecu for _, job in plan.jobs if config.ecu(job.ecu).banks == 1]
     atomic_write_json(out / "summary.json", {"schema": "vota-flash-summary/1", "campaign_id": plan.campaign_id,
                                              "activation": plan.activation, "results": [r.to_json() for r in ordered],
-                                             "final_versions": final})
+                                             "final_versions": final, "interruptions": journal.interruptions,
+                                             "revertible": plan.activation == "atomic" and not single,
+                                             "single_bank": single})
     return ok, ordered
 
 
-def _per_ecu(config: VehicleConfig, plan: InstallPlan, out: Path, buses: Buses, progress: Progress | None,
-             stop: threading.Event, faults: list[FaultSpec] | None) -> tuple[bool, dict[str, FlashResult]]:
-    results: dict[str, FlashResult] = {}
-    for group in plan.groups():
-        if any(r.result != "success" for r in results.values()):
-            results.update({j.ecu: _not_started(j, "an earlier install group failed") for j in group})
+def _keep_interrupted(out: Path, journal: InstallJournal) -> None:
+    """A resumed install: note where it stopped; keep the trace of the work that was cut off."""
+    note = journal.resumed()
+    attempt = note["attempt"]
+    for ecu, entry in journal.doc["ecus"].items():
+        doing, step = entry.get("doing"), entry.get("step")
+        if not doing:
             continue
-        for r in flash_all(config, group, out, progress=progress, stop=stop, faults=faults, buses=buses, summary=False):
-            results[r.ecu] = dataclasses.replace(r, phase="committed" if r.result == "success" else None)
-    return all(r.result == "success" for r in results.values()), results
+        source = out / _trace_name(ecu, doing)
+        kept = f"{ecu}.{doing}.interrupted-{attempt}.trace.jsonl"
+        if source.exists():
+            source.replace(out / kept)
+        journal.note(ecu, {"action": "interrupted", "id": f"interrupted-{attempt}", "during": doing, "step": step,
+                           "result": "interrupted", "reason": f"the gateway stopped during {doing} at {step}",
+                           "trace_file": kept if (out / kept).exists() else None})
 
 
-def _atomic(config: VehicleConfig, plan: InstallPlan, out: Path, buses: Buses, progress: Progress | None,
-            stop: threading.Event, faults: list[FaultSpec] | None) -> tuple[bool, dict[str, FlashResult]]:
-    results: dict[str, FlashResult] = {}
-    jobs = {job.ecu: job for _, job in plan.jobs}
-    # ---- stage
-    for group in plan.groups():
-        if any(r.result != "success" for r in results.values()):
-            results.update({j.ecu: _not_started(j, "an ECU failed to stage") for j in group})
+def _with_notes(result: FlashResult, journal: InstallJournal) -> FlashResult:
+    notes = journal.notes(result.ecu)
+    return dataclasses.replace(result, actions=[*notes, *result.actions]) if notes else result
+
+
+def _per_ecu(run: _Install) -> bool:
+    for group in run.plan.groups():
+        if any(r.result != "success" for r in run.results.values()):
+            for j in group:
+                run.results.setdefault(j.ecu, _not_started(j, "an earlier install group failed"))
             continue
-        staging = [dataclasses.replace(j, stage_only=True) for j in group]
-        for r in flash_all(config, staging, out, progress=progress, stop=stop, faults=faults, buses=buses, summary=False):
-            results[r.ecu] = dataclasses.replace(r, phase="staged" if r.result == "success" else None)
-    staged = [e for e in jobs if results[e].phase == "staged"]
-    if len(staged) != len(jobs):
-        culprit = next(r for r in results.values() if r.result != "success" and r.failed_step != "not_started")
-        why = f"{culprit.ecu} failed to stage at {culprit.failed_step}"
-        touched = [e for e in jobs if results[e].failed_step != "not_started"]
-        for ecu in reversed(touched):  # the culprit too: no half-written image is left behind
-            _act(config, buses, results, ecu, "discard", out, why)
-        return False, results
-    # ---- activate, in install order
-    activated: list[str] = []
-    for ecu in [job.ecu for _, job in sorted(plan.jobs, key=lambda oj: oj[0])]:
-        job = jobs[ecu]
-        done = _act(config, buses, results, ecu, "activate", out, None, (job.version, hashlib.sha256(job.image).hexdigest()))
+        run.flash_whole([job for job in group if job.ecu not in run.results])  # not finished before an interruption
+    return all(r.result == "success" for r in run.results.values())
+
+
+def _atomic(run: _Install) -> bool:
+    if run.journal.phase == "stage":
+        _stage(run)
+    if run.journal.phase == "activate":
+        _activate(run)
+    if run.journal.phase == "flash_last":
+        _flash_last(run)
+    if run.journal.phase == "rollback":
+        _roll_back(run)
+    if run.journal.phase == "discard":
+        _discard(run)
+        return False
+    if run.journal.phase == "commit":
+        for job in run.plan.in_order():
+            if run.results[job.ecu].phase != "committed" and not run.single(job.ecu):
+                _act(run, job.ecu, "commit", None)
+        return all(r.phase == "committed" for r in run.results.values())
+    return False
+
+
+def _stage(run: _Install) -> None:
+    """Every ECU gets its image staged, group after group; then the journal says activate, or
+    (an ECU failed to stage) discard."""
+    for group in run.plan.groups():
+        group = [j for j in group if not run.single(j.ecu)]
+        if any(r.result != "success" for r in run.results.values()):
+            for j in group:
+                run.results.setdefault(j.ecu, _not_started(j, "an ECU failed to stage"))
+            continue
+        todo = []
+        for job in group:
+            done = run.results.get(job.ecu)
+            if done is not None and done.result != "success":
+                continue  # failed before the interruption
+            if run.resumed:  # the journal says where it got to; the ECU says what it holds
+                images = run.images(job.ecu)
+                if images.holds_staged(job.version, _sha(job)):
+                    if done is None or done.phase != "staged":
+                        run.set(FlashResult(job.ecu, "success", job.version, len(job.image), _sha(job),
+                                            version_before=images.version, phase="staged",
+                                            reason="found staged when the install resumed"))
+                    continue
+            elif done is not None:
+                continue
+            todo.append(dataclasses.replace(job, stage_only=True))
+        run.flash(todo, "stage")
+    if all(run.results.get(e) is not None and run.results[e].phase == "staged" for e in run.staging()):
+        run.journal.set_phase("activate")
+        return
+    culprit = next(r for r in run.results.values() if r.result != "success" and r.failed_step != "not_started")
+    for job in run.plan.in_order():
+        if run.single(job.ecu):
+            run.results.setdefault(job.ecu, _not_started(job, "an ECU failed to stage"))
+    run.journal.set_phase("discard", f"{culprit.ecu} failed to stage at {culprit.failed_step}", culprit.ecu)
+
+
+def _activate(run: _Install) -> None:
+    """In install order: each ECU runs its staged image and says so; the first that does not
+    turns the install back (journal: rollback)."""
+    for job in run.plan.in_order():
+        ecu = job.ecu
+        if run.single(ecu) or run.results[ecu].phase == "activated":
+            continue
+        if run.resumed and run.images(ecu).runs(job.version, _sha(job)):  # the reset was done before the kill
+            run.set(dataclasses.replace(run.results[ecu], phase="activated", version_after=job.version))
+            continue
+        done = _act(run, ecu, "activate", (job.version, _sha(job)))
         if done.result == "success":
-            results[ecu] = dataclasses.replace(results[ecu], phase="activated", version_after=done.version_after)
-            activated.append(ecu)
+            run.set(dataclasses.replace(run.results[ecu], phase="activated", version_after=done.version_after))
             continue
-        r = results[ecu]
-        results[ecu] = dataclasses.replace(r, result="failed", failed_step=f"activate: {done.failed_step}",
-                                           reason=done.reason, nrc=done.nrc)
-        why = f"{ecu} failed to activate at {done.failed_step}"
-        for back in [ecu, *reversed(activated)]:  # the failing one too: it may run its new image on trial
-            before = results[back].version_before
-            _act(config, buses, results, back, "rollback", out, why, (before, None) if before else None)
-        for rest in [e for e in staged if e not in activated and e != ecu]:
-            _act(config, buses, results, rest, "discard", out, why)
-        _act(config, buses, results, ecu, "discard", out, why)
-        return False, results
-    # ---- commit
-    for ecu in activated:
-        _act(config, buses, results, ecu, "commit", out, None)
-    return True, results
+        r = run.results[ecu]
+        run.set(dataclasses.replace(r, result="failed", failed_step=f"activate: {done.failed_step}",
+                                    reason=done.reason, nrc=done.nrc))
+        run.journal.set_phase("rollback", f"{ecu} failed to activate at {done.failed_step}", ecu)
+        return
+    run.journal.set_phase("flash_last" if any(run.single(e) for e in run.jobs) else "commit")
 
 
-def _act(config: VehicleConfig, buses: Buses, results: dict[str, FlashResult], ecu: str, action: str, out: Path,
-         why: str | None, expect: tuple[str, str | None] | None = None) -> ActionResult:
-    """Run one activation-phase action on an ECU and note it in the ECU's result."""
-    with buses.ecu(ecu, action) as segment:
-        done = EcuAction(segment, config.ecu(ecu), config.gateway, action, expect=expect).run(out)
-    r = results[ecu]
-    phase = {"activate": "activated", "rollback": "rolled_back", "discard": "discarded", "commit": "committed"}[action]
+def _flash_last(run: _Install) -> None:
+    """The single-bank ECUs, flashed in place once every other ECU runs its new image (on trial):
+    if one fails, the others go back (it cannot)."""
+    for group in run.plan.groups():
+        run.flash_whole([j for j in group if run.single(j.ecu) and (
+            j.ecu not in run.results or run.results[j.ecu].failed_step == "not_started")])  # not done before an interruption
+        failed = [r for e, r in run.results.items() if run.single(e) and r.result != "success"]
+        if failed:
+            culprit = failed[0]
+            for job in run.plan.in_order():
+                if run.single(job.ecu):
+                    run.results.setdefault(job.ecu, _not_started(job, f"{culprit.ecu} failed"))
+            run.journal.set_phase("rollback", f"{culprit.ecu} (a single flash bank) failed at {culprit.failed_step}",
+                                  culprit.ecu)
+            return
+    run.journal.set_phase("commit")
+
+
+def _roll_back(run: _Install) -> None:
+    """Back to the old set: the failed ECU and those activated, in reverse order; then discard."""
+    order = [job.ecu for job in run.plan.in_order()]
+    culprit = run.journal.culprit
+    back = [e for e in reversed(order) if run.results[e].phase == "activated" and e != culprit]
+    for ecu in [e for e in (culprit,) if e and not run.single(e)] + back:  # the failing one too: it may run its new image on trial
+        r = run.results[ecu]
+        if r.phase == "rolled_back":
+            continue  # done before the interruption
+        before = r.version_before
+        _act(run, ecu, "rollback", (before, None) if before else None)
+    run.journal.set_phase("discard")
+
+
+def _discard(run: _Install) -> None:
+    """Nothing staged is left behind: every ECU this install touched, the culprit last."""
+    culprit = run.journal.culprit
+    touched = [e for e in run.staging() if e in run.results and run.results[e].failed_step != "not_started"]
+    for ecu in [e for e in reversed(touched) if e != culprit] + [e for e in (culprit,) if e in touched]:
+        if run.results[ecu].phase not in ("discarded", "rolled_back") or ecu == culprit:
+            if not any(a.get("action") == "discard" and a.get("result") == "success" for a in run.results[ecu].actions):
+                _act(run, ecu, "discard", None)
+
+
+def _act(run: _Install, ecu: str, action: str, expect: tuple[str, str | None] | None) -> ActionResult:
+    """Run one activation-phase action on an ECU, journaled, and note it in the ECU's result."""
+    why = None if action in ("activate", "commit") else run.journal.why
+    hooks = run.journaling(action)
+    with run.buses.ecu(ecu, action) as segment:
+        done = EcuAction(segment, run.config.ecu(ecu), run.config.gateway, action, expect=expect, stop=run.stop,
+                         on_step=hooks.step).run(run.out)
+    r = run.results[ecu]
+    phase = PHASE_OF[action]
     if done.result != "success":
-        if action == "rollback" and done.nrc == 0x22:
-            return done  # nothing to go back to: it never ran the new image
+        if action == "rollback" and done.nrc == 0x22:  # nothing to go back to: it never ran the new image
+            run.set(dataclasses.replace(r, phase="rolled_back" if r.phase == "activated" else r.phase))
+            return done
         log.warning("%s: %s failed: %s", ecu, action, done.reason)
         phase = f"{action}_failed"
     note = {"action": action, "result": done.result, "reason": done.reason or why, "trace_file": done.trace_file}
-    results[ecu] = dataclasses.replace(r, phase=r.phase if action == "activate" else phase, actions=[*r.actions, note],
-                                       version_after=done.version_after or r.version_after)
+    run.set(dataclasses.replace(r, phase=r.phase if action == "activate" else phase, actions=[*r.actions, note],
+                                version_after=done.version_after or r.version_after))
     return done

@@ -4,15 +4,54 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from agent.adapters.canbus import Segment
 from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
 from agent.core.config import EcuConfig, VehicleConfig
-from agent.protocol.ecu import DID
+from agent.protocol.ecu import DID, StagedImage, decode_staged_image
 from gateway.buses import Buses
 
-__all__ = ["collect_versions", "wait_reachable"]
+__all__ = ["collect_versions", "wait_reachable", "EcuImages", "read_images"]
+
+
+@dataclass(frozen=True)
+class EcuImages:
+    """What an ECU runs and holds staged, read back from it (None: it did not say)."""
+
+    version: str | None
+    sha256: str | None
+    staged: StagedImage | None
+
+    def runs(self, version: str, sha256: str) -> bool:
+        return self.version == version and self.sha256 == sha256
+
+    def holds_staged(self, version: str, sha256: str) -> bool:
+        return self.staged is not None and self.staged.sha256 == sha256 and self.staged.version == version
+
+
+def read_images(config: VehicleConfig, buses: Buses, name: str, p2: float = 0.5) -> EcuImages:
+    """F189, F1A0 and F1A1 of one ECU, on one link, holding the ECU (a resumed install asks
+    each ECU where it is before deciding what to do with it)."""
+    ecu = config.ecu(name)
+    values: dict[int, bytes | None] = {}
+    dids = (DID.SOFTWARE_VERSION, DID.IMAGE_DIGEST, DID.STAGED_IMAGE)
+    with buses.ecu(name, "read images") as segment, \
+            UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=p2,
+                    dids={d: RawCodec() for d in dids}) as link:
+        for did in dids:
+            for _ in range(3):  # a busy or just-reset ECU gets a second chance
+                try:
+                    values[did] = bytes(link.client.read_data_by_identifier(did).service_data.values[did])
+                    break
+                except Exception:  # noqa: BLE001 - unknown stays None; the caller decides
+                    values[did] = None
+                    time.sleep(0.1)
+    version, digest, staged = (values.get(d) for d in dids)
+    return EcuImages(None if version is None else version.decode("ascii", "replace"),
+                     None if digest is None else digest.hex(),
+                     None if staged is None else decode_staged_image(staged))
 
 
 def _read_ecu(segment: Segment, ecu: EcuConfig, p2: float) -> dict[str, Any]:

@@ -45,9 +45,12 @@ class CampaignRecord:
     packages: dict[str, dict[str, Any]] = field(default_factory=dict)
     confirmed: bool = False
     install_started: bool = False
+    install_ended: bool = False  # the gateway said the install is over (its results are being collected)
     outcome: str | None = None  # success | failed
     failure: dict[str, Any] | None = None
     versions: dict[str, Any] | None = None  # what the campaign's ECUs run at its end, read back by the gateway
+    interruptions: list[Any] | None = None  # where the gateway was stopped in the middle of the install
+    revertible: bool | None = None  # false: an ECU of the campaign has a single flash bank (no way back)
 
     @property
     def envelope_path(self) -> Path:
@@ -61,8 +64,9 @@ class CampaignRecord:
         atomic_write_json(self.path, {
             "schema": SCHEMA, "key": self.key, "state": self.state, "campaign_id": self.campaign_id,
             "entries": self.entries, "packages": self.packages, "confirmed": self.confirmed,
-            "install_started": self.install_started, "outcome": self.outcome, "failure": self.failure,
-            "versions": self.versions,
+            "install_started": self.install_started, "install_ended": self.install_ended, "outcome": self.outcome, "failure": self.failure,
+            "versions": self.versions, "interruptions": self.interruptions,
+            "revertible": self.revertible,
         })
 
     @classmethod
@@ -75,7 +79,9 @@ class CampaignRecord:
             return cls(key=doc["key"], dir=directory, state=doc["state"], campaign_id=doc.get("campaign_id"),
                        entries=dict(doc.get("entries", {})), packages=dict(doc.get("packages", {})),
                        confirmed=bool(doc.get("confirmed")), install_started=bool(doc.get("install_started")),
-                       outcome=doc.get("outcome"), failure=doc.get("failure"), versions=doc.get("versions"))
+                       install_ended=bool(doc.get("install_ended")),
+                       outcome=doc.get("outcome"), failure=doc.get("failure"), versions=doc.get("versions"),
+                       interruptions=doc.get("interruptions"), revertible=doc.get("revertible"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VotaError(f"{path}: unreadable campaign state ({exc})") from None
 

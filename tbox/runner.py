@@ -13,7 +13,8 @@ What a handler's error means is told by its class (``agent/errors.py``):
 - ``CampaignFailure`` (a ``Refused``): the campaign ends ``failed`` with that stage and reason.
 - the loop guard counts entries into a state across restarts only: a state entered more than
   ``max_attempts`` times (the TBOX killed or crashing there again and again) fails the campaign
-  with ``loop_guard``.
+  with ``loop_guard``. Waiting is no loop: for the owner's confirmation, or for an install the
+  gateway runs on its own (``installing`` counts only once the gateway said it is over).
 - anything else is a programming error: it is logged with its traceback and the campaign fails
   with ``internal_error``; it is never retried.
 """
@@ -98,10 +99,12 @@ class CampaignRunner:
             self.beat()
             state = record.state
             if (record.key, state) not in self._seen:  # a new state, or one resumed after a restart
-                if record.entries.get(state, 0) >= self.tbox.max_attempts and state not in ("done", "failed", *WAITING):
+                # waiting for the owner, or for an install the gateway runs on its own, is no loop
+                waiting = state in WAITING or (state == "installing" and not record.install_ended)
+                if record.entries.get(state, 0) >= self.tbox.max_attempts and state not in ("done", "failed") and not waiting:
                     self._fail(record, CampaignFailure(state, "loop_guard", f"state {state} entered {record.entries[state]} times"))
                     continue
-                if state not in WAITING or record.entries.get(state, 0) == 0:
+                if not waiting or record.entries.get(state, 0) == 0:
                     record.enter(state)
                     self._event(record, state)
                 self._seen.add((record.key, state))
@@ -337,30 +340,37 @@ class CampaignRunner:
         assert cid is not None
         status, _, _ = self.gateway.install_status(cid)
         if status == InstallStatus.NONE or (status == InstallStatus.FAILED and not record.install_started):
-            self.gateway.start_install(f"install-{cid}.json")
-            record.install_started = True
+            record.install_started = True  # first: a TBOX killed right after starting it does not start it twice
             record.save()
+            self.gateway.start_install(f"install-{cid}.json")
         status = self.gateway.wait_install(cid, self.tbox.install_timeout_s, should_stop=self._polling)
         if self.stop.is_set():
             return None  # checkpointed: after restart the TBOX asks the gateway again
+        if not record.install_ended:
+            record.install_ended = True  # from here on a restart in this state counts for the loop guard
+            record.save()
         try:
             summary = json.loads(self.gateway.read_file(f"{cid}/summary.json"))
             results = list(summary["results"])
         except (ValueError, KeyError, TypeError) as exc:
             raise TryLater(f"{cid}/summary.json from the gateway is not readable ({exc})") from None
         record.versions = summary.get("final_versions") if isinstance(summary.get("final_versions"), dict) else None
+        record.interruptions = summary.get("interruptions") or None
+        record.revertible = summary.get("revertible") if isinstance(summary.get("revertible"), bool) else None
         out = record.dir / "flash"
         failed = []
         for r in results:
             ecu = r["ecu"]
             trace = out / f"{ecu}.trace.jsonl"
-            try:
-                atomic_write_bytes(trace, self.gateway.read_file(f"{cid}/{ecu}.trace.jsonl"))
-            except TryLater as exc:
-                log.warning("flash trace of %s not available: %s", ecu, exc)
-            atomic_write_json(out / f"{ecu}.result.json", r)
+            name = r.get("trace_file")
+            if isinstance(name, str) and name:
+                try:
+                    atomic_write_bytes(trace, self.gateway.read_file(f"{cid}/{name}"))
+                except TryLater as exc:
+                    log.warning("flash trace of %s not available: %s", ecu, exc)
+            atomic_write_json(out / f"{ecu}.result.json", {**r, "trace_file": trace.name if trace.exists() else None})
             self._report_stage(record, "flash", ecu, r, trace, {"ecu": ecu})
-            for action in r.get("actions") or []:  # activate, rollback, discard, commit: their traces too
+            for action in r.get("actions") or []:  # activate, rollback, discard, commit, interrupted: their traces too
                 name = action.get("trace_file")
                 if isinstance(name, str) and name:
                     try:
@@ -369,7 +379,8 @@ class CampaignRunner:
                         log.warning("%s not available: %s", name, exc)
                         continue
                     atomic_write_bytes(out / name, data)
-                    self.cloud.report_trace(f"{cid}.{action['action']}.{ecu}", data,
+                    key = str(action.get("id") or action["action"])
+                    self.cloud.report_trace(f"{cid}.{key}.{ecu}", data,
                                             {"campaign_id": cid, "stage": "activate", "ecu": ecu, "action": action["action"]})
             if r["result"] != "success":
                 failed.append(f"{ecu}: {r['failed_step']}: {r['reason']}")
@@ -396,6 +407,10 @@ class CampaignRunner:
         cid = record.campaign_id or record.key
         body: dict[str, Any] = {"event": "finished", "campaign_id": record.campaign_id, "outcome": record.outcome or "failed",
                                 "failure": record.failure, "versions": record.versions}
+        if record.interruptions:
+            body["interruptions"] = record.interruptions
+        if record.revertible is not None:
+            body["revertible"] = record.revertible
         if self.tbox.diagnose and record.outcome != "success" and record.campaign_id:
             verdict = self._diagnose(record)
             if verdict is not None:

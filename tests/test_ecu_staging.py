@@ -169,3 +169,26 @@ def test_one_ecu_at_a_time_keeps_todays_behaviour(bench: Bench) -> None:
     assert bench.ask("3101ff01") == bytes.fromhex("7101ff0100")
     bench.reset()
     assert bench.version() == b"3.0" and bench.bank_status() == b"\x01\x00"
+
+
+def test_a_single_bank_ecu_is_flashed_in_place_and_has_no_staging_routines(tmp_path: Path) -> None:
+    b = Bench.__new__(Bench)
+    b.data = {"segments": {"pt": {"bus": virtual_bus()}},
+              "ecus": {"bms": ecu_entry("bms", 0x7E1, 0x7E9, max_block_length=18, reset_ms=100)
+                       | {"memory": {"address": 0x1000, "size": 0x10000}, "banks": 1}}}
+    b.state = str(tmp_path / "state")
+    b.start()
+    try:
+        assert b.ask("22f1a1") == bytes.fromhex("7f2231")  # nothing can be staged: no such DID
+        b.unlock_extended()
+        for routine in ("ff02", "ff03", "ff04", "ff05"):
+            assert b.ask("3101" + routine) == bytes.fromhex("7f3131")
+        b.stage()  # the programming sequence, written over the running application
+        assert b.version() == b""  # erased: only the bootloader answers until the reset
+        b.reset()
+        assert b.version() == b"2.5" and b.ask("22f1a0")[3:].hex() == hashlib.sha256(IMAGE).hexdigest()
+        b.stop()
+        b.start()  # persisted
+        assert b.version() == b"2.5"
+    finally:
+        b.stop()

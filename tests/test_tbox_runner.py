@@ -117,7 +117,7 @@ class FakeGateway:
         cid, _, name = path.partition("/")
         if name == "summary.json":
             return json.dumps({"results": [{"ecu": ecu, "result": "success", "failed_step": None, "reason": None,
-                                            "version_after": "2.0.0"} for ecu in IMAGES]}).encode()
+                                            "version_after": "2.0.0", "trace_file": f"{ecu}.trace.jsonl"} for ecu in IMAGES]}).encode()
         return b'{"format":"vota-trace","version":1}\n'
 
 
@@ -193,7 +193,8 @@ def test_killed_in_every_state_resumes_and_finishes_once(tmp_path: Path, state: 
     v.runner().step()  # the restarted TBOX
     record = v.record()
     assert record.state == "reported" and record.outcome == "success"
-    assert record.entries[state] == (1 if state in WAITING else 2)  # once before the kill, once after the restart
+    # once before the kill, once after the restart; waiting (for the owner, for the gateway's install) is one entry
+    assert record.entries[state] == (1 if state in (*WAITING, "installing") else 2)
     assert v.finished()["outcome"] == "success"
     assert v.gateway.installs == ["c-1"]  # never installed twice
     assert len(v.fetches) == len(IMAGES)  # nothing downloaded twice
@@ -221,6 +222,21 @@ def test_the_loop_guard_counts_restarts_not_retries(tmp_path: Path) -> None:
     done = v.finished()
     assert done["outcome"] == "failed" and done["failure"]["reason"] == "loop_guard"
     assert done["failure"]["stage"] == "deploying"
+
+
+def test_killed_again_and_again_while_the_gateway_installs_is_no_loop(tmp_path: Path) -> None:
+    """The gateway runs the install on its own: a TBOX killed while it waits, however often,
+    goes on waiting; once the install is over, restarts count again."""
+    v = Vehicle(tmp_path, max_attempts=2)
+    v.receive(envelope())
+    for _ in range(5):
+        v.gateway.fail["wait_install"] = [Killed("while polling")]
+        with pytest.raises(Killed):
+            v.runner().step()
+    v.runner().step()
+    assert v.finished()["outcome"] == "success"
+    assert v.gateway.installs == ["c-1"]  # started once
+    assert [b["state"] for b in v.cloud.events(event="state")].count("installing") == 1
 
 
 def test_transient_problems_back_off_within_their_own_budget(tmp_path: Path) -> None:

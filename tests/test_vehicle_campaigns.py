@@ -78,6 +78,13 @@ def test_a_fault_at_the_third_activation_rolls_back_the_first_two(tmp_path, mosq
         assert rolled and rolled[0]["result"] == "success"
         traces = {p.name for p in (v.tmp / "cloud" / "store" / VIN / "traces").iterdir()}
         assert {"c-activate.activate.vcu.jsonl", "c-activate.rollback.vcu.jsonl", "c-activate.discard.dlp_headlamp.jsonl"} <= traces
+        # the cloud's diagnosis looks at bcm's activation, not at its (successful) flash
+        assert v.cloud.collector.wait_for(lambda c: "c-activate" in c.verdicts, 10)
+        verdict = v.cloud.collector.verdicts["c-activate"]
+        assert verdict["abnormal_packages"] == ["bcm"] and not verdict["unanalysed"], verdict
+        finding = verdict["findings"][0]
+        assert (finding["stage"], finding["cause"], finding["side"], finding["nrc"]) == ("activate", "negative_response", "server", 0x22)
+        assert finding["request"].startswith("3101ff02")
     finally:
         v.close()
 
@@ -115,5 +122,43 @@ def test_per_ecu_keeps_each_ecu_on_its_own(tmp_path, mosquitto, write_config, pr
         assert now == {"vcu": "2.0.0", "bms": "2.0.0", "bcm": "1.0.0", "dlp_headlamp": "2.0.0"}
         results = flash_results(v, "c-each")
         assert results["bcm"]["failed_step"] == "transfer_data" and results["vcu"]["phase"] == "committed"
+    finally:
+        v.close()
+
+
+def test_a_single_bank_ecu_is_flashed_last_and_the_campaign_says_it_is_not_revertible(tmp_path, mosquitto, write_config,
+                                                                                      procs):
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_extra={"dlp_headlamp": {"banks": 1}})
+    try:
+        v.send(v.campaign("c-single", "2.0.0", packages=packages(v, "2.0.0"), order={e: 0 for e in ALL}))
+        done = v.finished("c-single")
+        assert done["outcome"] == "success" and done["revertible"] is False, done
+        assert {e: version for e, (version, _) in running(v).items()} == {e: "2.0.0" for e in ALL}
+        results = flash_results(v, "c-single")
+        assert {e: results[e]["phase"] for e in ALL} == {e: "committed" for e in ALL}
+        assert [a["action"] for a in results["dlp_headlamp"]["actions"]] == []  # flashed in place, no staging
+        store = v.tmp / "cloud" / "store" / VIN / "traces"
+        started = {p.name: json.loads(p.read_text().splitlines()[0])["started"] for p in store.iterdir()}
+        last_activation = max(t for n, t in started.items() if ".activate." in n)
+        assert started["c-single.flash.dlp_headlamp.jsonl"] > last_activation  # the others run their new image first
+        assert min(t for n, t in started.items() if ".commit." in n) > started["c-single.flash.dlp_headlamp.jsonl"]
+    finally:
+        v.close()
+
+
+def test_a_single_bank_ecu_that_fails_sends_the_others_back(tmp_path, mosquitto, write_config, procs):
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_faults=("dlp_headlamp:36#3:nrc=0x72",),
+                ecu_extra={"dlp_headlamp": {"banks": 1}})
+    try:
+        before = running(v)
+        v.send(v.campaign("c-single-fail", "2.0.0", packages=packages(v, "2.0.0")))
+        done = v.finished("c-single-fail")
+        assert done["outcome"] == "failed" and done["revertible"] is False, done
+        now = running(v)
+        assert {e: now[e] for e in ("vcu", "bms", "bcm")} == {e: before[e] for e in ("vcu", "bms", "bcm")}
+        assert now["dlp_headlamp"][0] == ""  # erased in place: no application until it is flashed again
+        results = flash_results(v, "c-single-fail")
+        assert results["dlp_headlamp"]["failed_step"] == "transfer_data"
+        assert [results[e]["phase"] for e in ("vcu", "bms", "bcm")] == ["rolled_back"] * 3
     finally:
         v.close()

@@ -32,7 +32,8 @@ def _pem(key: Any) -> bytes:
 
 class Vehicle:
     def __init__(self, tmp: Path, mosquitto: Any, write_config: Any, procs: list[Proc], tbox: bool = True,
-                 tbox_extra: dict[str, Any] | None = None, ecu_faults: tuple[str, ...] = ()) -> None:
+                 tbox_extra: dict[str, Any] | None = None, ecu_faults: tuple[str, ...] = (),
+                 ecu_extra: dict[str, dict[str, Any]] | None = None) -> None:
         self.tmp = tmp
         self.key = Ed25519PrivateKey.generate()
         self.platform = Ed25519PrivateKey.generate()  # the content trust platform
@@ -46,9 +47,10 @@ class Vehicle:
             "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}, "body": {"bus": multicast_bus()}},
             "deploy": {"segment": "bb", "package_dir": str(tmp / "gw" / "packages")},
             "gateway": {"results_dir": str(tmp / "gw" / "results")},
-            "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt"),
-                     "bcm": ecu_entry("bcm", 0x740, 0x748, "body"),
-                     "dlp_headlamp": ecu_entry("dlp_headlamp", 0x741, 0x749, "body")},
+            "ecus": {name: entry | (ecu_extra or {}).get(name, {}) for name, entry in {
+                "vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt"),
+                "bcm": ecu_entry("bcm", 0x740, 0x748, "body"),
+                "dlp_headlamp": ecu_entry("dlp_headlamp", 0x741, 0x749, "body")}.items()},
             "tbox": {"vin": VIN, "state_dir": str(tmp / "tbox"), "trusted_keys": [str(tmp / "keys" / "cloud.pub")],
                      "retry_delay_ms": 300, "retry_max_delay_ms": 1000, "max_retries": 8,
                      "content": {"vehicle_key": str(tmp / "keys" / "vehicle.key"),
@@ -67,16 +69,24 @@ class Vehicle:
         faults = [a for f in ecu_faults for a in ("--fault", f)]
         procs.append(Proc("ecu-sim", "-c", str(self.config), "--state-dir", str(tmp / "ecu"), *faults, log=tmp / "ecu.log"))
         procs.append(Proc("gateway", "-c", str(self.config), log=tmp / "gw.log"))
+        self.gateway = procs[-1]
         _ready(procs[-2], "ecu-sim ready")
         _ready(procs[-1], "gateway ready")
         if tbox:
             self.tbox = self.start_tbox()
 
-    def start_tbox(self, *args: str) -> Proc:
+    def start_tbox(self, *args: str, wait: bool = True) -> Proc:
         tbox = Proc("tbox", "-c", str(self.config), "-v", *args, log=self.tmp / f"tbox-{time.monotonic_ns()}.log")
         self.procs.append(tbox)
-        _ready(tbox, "tbox ready")
+        if wait:
+            _ready(tbox, "tbox ready")
         return tbox
+
+    def restart_gateway(self) -> Proc:
+        self.gateway = Proc("gateway", "-c", str(self.config), log=self.tmp / f"gw-{time.monotonic_ns()}.log")
+        self.procs.append(self.gateway)
+        _ready(self.gateway, "gateway ready")
+        return self.gateway
 
     def packages(self, version: str, size: int = 48 * 1024) -> list[tuple[str, Path, str]]:
         out = []

@@ -60,6 +60,12 @@ def _campaign_dir(root: Path) -> tuple[Path, str | None]:
     return root, None
 
 
+def failed_at_activation(result: Any) -> bool:
+    """An ECU that staged but failed to activate: analysed on its activation's trace, not its flash."""
+    return (isinstance(result, dict) and result.get("result") != "success"
+            and str(result.get("failed_step") or "").startswith("activate:"))
+
+
 def load_inputs(path: str | Path) -> tuple[list[StageInput], str | None, list[dict[str, str]]]:
     """(inputs, campaign id if known, files that could not be read)."""
     root = Path(path)
@@ -79,7 +85,8 @@ def load_inputs(path: str | Path) -> tuple[list[StageInput], str | None, list[di
             trace_path = result_path.parent / (doc.get("trace_file") or f"{name}.deploy.trace.jsonl")
         elif schema.startswith("vota-flash-result"):
             stage, name = "flash", str(doc.get("ecu"))
-            trace_path = result_path.parent / (doc.get("trace_file") or f"{name}.trace.jsonl")
+            trace_path = result_path.parent / (f"{name}.activate.trace.jsonl" if failed_at_activation(doc)
+                                               else doc.get("trace_file") or f"{name}.trace.jsonl")
         else:
             continue
         trace, error = _trace(trace_path)
@@ -99,7 +106,8 @@ def inputs_from_store(results: list[dict[str, Any]], traces_dir: Path, campaign_
     for body in results:
         stage = body.get("stage")
         name = str(body.get("package") if stage == "deploy" else body.get("ecu"))
-        path = traces_dir / f"{campaign_id}.{stage}.{name}.jsonl"
+        kind = "activate" if stage == "flash" and failed_at_activation(body.get("result") or {}) else stage
+        path = traces_dir / f"{campaign_id}.{kind}.{name}.jsonl"
         trace: Any = None
         error: str | None = f"{path.name}: trace not received"
         if path.exists():

@@ -95,6 +95,7 @@ class TracingConnection(BaseConnection):
         self.paused = False
         self.opened = False
         self._fake: bytes | None = None
+        self._sid: int | None = None  # the service of the request waiting for its answer
 
     def _rec(self) -> TraceRecorder | None:
         return None if self.paused else self.recorder
@@ -116,6 +117,7 @@ class TracingConnection(BaseConnection):
         self.close()
 
     def specific_send(self, payload: bytes, timeout: float | None = None) -> None:
+        self._sid = payload[0] if payload else None
         rec = self._rec()
         fault = self.faults.due(payload) if self.faults is not None and rec is not None else None
         if fault is not None:
@@ -154,14 +156,35 @@ class TracingConnection(BaseConnection):
         if self._fake is not None:
             fake, self._fake = self._fake, None
             return fake
-        frame = self.stack.recv(block=True, timeout=timeout)
-        if frame is None:
-            raise TimeoutException(f"no response within {timeout} s")
-        frame = bytes(frame)
-        rec = self._rec()
-        if rec is not None:
-            rec.response(frame)
-        return frame
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            frame = self.stack.recv(block=True, timeout=left)
+            if frame is None:
+                raise TimeoutException(f"no response within {timeout} s")
+            frame = bytes(frame)
+            rec = self._rec()
+            if not self._answers(frame):
+                # an answer to an earlier request (one the client gave up on, or a tester that was
+                # stopped): never taken for the answer to this one
+                log.info("%s: dropped a response to another request: %s", self.name, frame[:8].hex())
+                if rec is not None:
+                    rec.unmatched(frame)
+                continue
+            if rec is not None:
+                rec.response(frame)
+            return frame
+
+    def _answers(self, frame: bytes) -> bool:
+        """False only when ``frame`` is, by its own bytes, the response to another service: a
+        positive response with another service's SID, or a complete negative response naming
+        another service. Anything else (this service's answer, a malformed one) is the answer."""
+        sid = self._sid
+        if sid is None or not frame:
+            return True
+        if frame[0] == 0x7F:
+            return len(frame) < 3 or frame[1] == sid
+        return not (frame[0] & 0x40) or frame[0] == (sid + 0x40) & 0xFF
 
     def drain_late(self, wait: float = 0.0) -> None:
         """Record responses that arrived after the client gave up (within ``wait`` s)."""

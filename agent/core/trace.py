@@ -17,7 +17,8 @@ response (null: none came), the time P2/P2* limit;
 ``rid`` response CAN id where they differ from the header's, ``sent`` false when the
 request never left, ``func`` true for functional requests, ``pend`` the ms of every 0x78
 response-pending, ``late`` [ms, hex] a response that came after the client gave up,
-``stray`` [[ms, can_id, hex], ...] response frames from other CAN ids, ``err`` what went
+``other`` [[ms, hex], ...] responses to an earlier request (dropped, never taken for this
+one's), ``stray`` [[ms, can_id, hex], ...] response frames from other CAN ids, ``err`` what went
 wrong on the client side. In the deploy stage a TransferData header is ``36 nn PPPPPPPP``:
 block counter and the deploy packet id (the packet's number within the package). The last line may be a trailer
 object ``{"end": true, "exchanges": N, "result": "success"|"failed", "tester_present": [ms, ...]}``
@@ -231,6 +232,13 @@ class TraceRecorder:
             return
         dt = self._since_sent(exchange)
         exchange.extra.setdefault("late", []).append([dt, payload[:_MAX_RESPONSE].hex()])
+
+    def unmatched(self, payload: bytes) -> None:
+        """A response to another (earlier) request, received while waiting for this one's: dropped."""
+        exchange = self.current
+        if exchange is None:
+            return
+        exchange.extra.setdefault("other", []).append([self._since_sent(exchange), payload[:_MAX_RESPONSE].hex()])
 
     def stray(self, can_id: int, data: bytes) -> None:
         exchange = self.current

@@ -89,6 +89,7 @@ def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentCo
         rollback_routine=routines.get("rollback", _int, d.rollback_routine),
         commit_routine=routines.get("commit", _int, d.commit_routine),
         check_memory=sec.get("check_memory", _choice("crc32", "sha256"), d.check_memory),
+        banks=sec.get("banks", _int, d.banks),
         fingerprint_did=sec.get("fingerprint_did", _int, d.fingerprint_did),
         p2_ms=timing.get("p2_ms", _positive, d.p2_ms),
         p2_star_ms=timing.get("p2_star_ms", _positive, d.p2_star_ms),
@@ -101,6 +102,8 @@ def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentCo
         raise ConfigError(source, sec.key("security_level"), "expected an odd level (the seed request)")
     if cfg.request_id == cfg.response_id:
         raise ConfigError(source, sec.key("response_id"), "must differ from request_id")
+    if cfg.banks not in (1, 2):
+        raise ConfigError(source, sec.key("banks"), "expected 2 (A/B flash banks) or 1 (a single bank, flashed in place)")
     return cfg
 
 

@@ -97,6 +97,9 @@ class EcuConfig:
     discard_routine: int = 0xFF03
     rollback_routine: int = 0xFF04
     commit_routine: int = 0xFF05
+    # 2: A/B banks (an image can be staged, activated, rolled back); 1: a single bank, flashed in
+    # place: it cannot be staged, so a vehicle-level campaign flashes it last and is not fully revertible
+    banks: int = 2
     check_memory: str = "crc32"
     fingerprint_did: int = 0xF15A
     p2_ms: int = 1000

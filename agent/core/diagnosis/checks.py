@@ -130,7 +130,8 @@ class _Checker:
     def response(self, i: int, e: Exchange) -> None:
         """Record the first failed response check (later ones would only repeat it)."""
         for check in self.rules.response_checks:
-            if e.response is None and check in ("format", "type", "match"):
+            if e.response is None and check in ("format", "type") or (
+                    e.response is None and check == "match" and not e.extra.get("other")):
                 continue  # nothing arrived to look at
             problem = getattr(self, f"_rsp_{check}")(e)
             if problem:
@@ -139,7 +140,7 @@ class _Checker:
                 return
 
     def _rsp_validity(self, e: Exchange) -> str | None:
-        if e.response is None and not e.extra.get("late") and not e.extra.get("stray"):
+        if e.response is None and not e.extra.get("late") and not e.extra.get("stray") and not e.extra.get("other"):
             return f"no response from {self.server}" + (f" ({e.extra['err']})" if "err" in e.extra else "")
         return None
 
@@ -201,8 +202,10 @@ class _Checker:
 
     def _rsp_match(self, e: Exchange) -> str | None:
         r = e.response
-        assert r is not None
         sid = e.header[0]
+        if r is None:  # only answers to other services came (the client dropped them and gave up)
+            _, data = e.extra["other"][0]
+            return f"the only answer, {data}, is for another service than 0x{sid:02X}"
         if r[0] == 0x7F:
             return f"negative response for service 0x{r[1]:02X} answers a 0x{sid:02X} request" if r[1] != sid else None
         if r[0] != (sid + 0x40) & 0xFF:

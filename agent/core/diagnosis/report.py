@@ -43,7 +43,7 @@ def render_markdown(verdict: Verdict) -> str:
     lines += [f"Abnormal in the **{verdict.stage}** stage: {', '.join(verdict.abnormal)} (mode `{verdict.mode}`).", ""]
     for f in verdict.findings:
         where = f"deploy packet {f.packet}" if f.stage == "deploy" and f.packet is not None else (
-            f"ECU {f.packet}" if f.stage == "flash" else f"package {f.package}")
+            f"ECU {f.packet}" if f.stage in ("flash", "activate") else f"package {f.package}")
         nrc = f" 0x{f.nrc:02X} {f.nrc_name}" if f.nrc is not None else ""
         lines += [
             f"## `{f.cause}`{nrc}",
@@ -57,7 +57,7 @@ def render_markdown(verdict: Verdict) -> str:
             marker = ">>" if rec["index"] == f.index else "  "
             rsp = rec["response"] or "(none)"
             dt = f"{rec['dt']} ms" if rec["dt"] is not None else ""
-            extra = " ".join(f"{k}={v}" for k, v in (rec.get("x") or {}).items() if k in ("late", "stray", "sent", "id", "pend"))
+            extra = " ".join(f"{k}={v}" for k, v in (rec.get("x") or {}).items() if k in ("late", "other", "stray", "sent", "id", "pend"))
             lines.append(f"{marker} #{rec['index']:<5} {rec['request']:<24} {rec['length']:>6} B  ->  {rsp:<16} {dt:>10} {extra}".rstrip())
             if rec["index"] == f.index:
                 lines.append(f"   ^ {f.check} failed: {f.cause}")

@@ -1,0 +1,135 @@
+"""Kill -9 in the middle of a vehicle-level campaign (real processes): the gateway, the TBOX, or
+both, at eight points across stage, activate and commit, each found in the gateway's journal.
+Every run ends on the whole new set or the whole old set (read back from the ECUs by an
+independent tester process), the campaign finishes, each result reaches the cloud once, and
+the cloud is told where the install was interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import Proc
+from tests.test_vehicle_campaigns import ALL, packages, running
+from tests.vehicle import VIN, Vehicle
+
+# Slow ECUs, so that each step below lasts long enough to be caught by polling the journal:
+# every RoutineControl and ECUReset answers after 250 ms, every session change after 80 ms.
+SLOW = ("*:31:delay=250", "*:11:delay=250", "*:10:delay=80")
+ORDER = {"vcu": 0, "bcm": 0, "bms": 1, "dlp_headlamp": 1}
+
+# (journal phase, ECU, what runs on it, step): in the order an install gets there
+POINTS = [
+    ("stage", "vcu", "stage", "erase"),
+    ("stage", "bcm", "stage", "transfer_data"),
+    ("stage", "bms", "stage", "check_memory"),
+    ("stage", "dlp_headlamp", "stage", "check_dependencies"),
+    ("activate", "vcu", "activate", "activate"),
+    ("activate", "bms", "activate", "ecu_reset"),
+    ("activate", "dlp_headlamp", "activate", "extended_session"),
+    ("commit", "bcm", "commit", "commit"),
+]
+
+
+def _journal(v: Vehicle, cid: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((v.tmp / "gw" / "results" / cid / "journal.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_point(v: Vehicle, cid: str, point: tuple[str, str, str, str], timeout: float = 90) -> None:
+    phase, ecu, doing, step = point
+    deadline = time.monotonic() + timeout
+    while True:
+        j = _journal(v, cid)
+        if j and j["phase"] == phase and j["ecus"][ecu].get("doing") == doing and j["ecus"][ecu].get("step") == step:
+            return
+        assert time.monotonic() < deadline, f"never at {point}: {j and j['phase']} {j and j['ecus']}"
+        time.sleep(0.005)
+
+
+def _kill(proc: Proc) -> None:
+    os.kill(proc.p.pid, signal.SIGKILL)
+    proc.stop()
+
+
+@pytest.fixture
+def slow_vehicle(tmp_path, mosquitto, write_config, procs):  # type: ignore[no-untyped-def]
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_faults=SLOW)
+    yield v
+    v.close()
+
+
+def _check_once(v: Vehicle, cid: str) -> dict[str, dict[str, Any]]:
+    results = [r for r in v.reports("results", cid) if r["stage"] == "flash"]
+    assert sorted(r["ecu"] for r in results) == sorted(ALL), [r["ecu"] for r in results]  # each once
+    return {r["ecu"]: r["result"] for r in results}
+
+
+@pytest.mark.parametrize("who", ["gateway", "tbox", "both"])
+def test_killed_at_eight_points_the_campaign_finishes_all_new(slow_vehicle, who):
+    v, cid = slow_vehicle, f"c-kill-{who}"
+    before = running(v)
+    v.send(v.campaign(cid, "2.0.0", packages=packages(v, "2.0.0"), order=ORDER))
+    for point in POINTS:
+        _wait_point(v, cid, point)
+        if who in ("gateway", "both"):
+            _kill(v.gateway)
+        if who in ("tbox", "both"):
+            _kill(v.tbox)
+        if who in ("gateway", "both"):
+            v.restart_gateway()  # the install waits for it: the next point is still ahead
+        if who in ("tbox", "both"):
+            v.tbox = v.start_tbox(wait=False)  # the gateway goes on: killed again wherever it is by then
+    done = v.finished(cid, timeout=180)
+    assert done["outcome"] == "success", done
+    now = running(v)
+    assert {e: version for e, (version, _) in now.items()} == {e: "2.0.0" for e in ALL}
+    assert now != before and {e: done["versions"][e]["image_sha256"] for e in ALL} == {e: sha for e, (_, sha) in now.items()}
+    results = _check_once(v, cid)
+    assert {e: r["phase"] for e, r in results.items()} == {e: "committed" for e in ALL}
+    for ecu in ALL:  # nothing left staged or on trial
+        meta = json.loads((v.ecu_state(ecu) / "meta.json").read_text())
+        assert meta["banks"][meta["active"]]["confirmed"] and meta["next_boot"] == "", (ecu, meta)
+    if who == "tbox":
+        assert "interruptions" not in done  # the gateway went on alone
+        return
+    where = [(i["phase"], sorted(i["ecus"].items())) for i in done["interruptions"]]
+    assert len(where) == len(POINTS), where
+    for (phase, ecu, doing, step), (seen_phase, seen) in zip(POINTS, where, strict=True):
+        assert seen_phase == phase and (ecu, f"{doing}: {step}") in seen, (phase, ecu, seen)
+    # the trace of the work that was cut off reached the cloud, named after the interruption
+    traces = {p.name for p in (v.tmp / "cloud" / "store" / VIN / "traces").iterdir()}
+    assert f"{cid}.interrupted-1.vcu.jsonl" in traces and f"{cid}.interrupted-5.vcu.jsonl" in traces, sorted(traces)
+    cut = [(a["during"], a["step"]) for a in results["vcu"]["actions"] if a["action"] == "interrupted"]
+    assert cut[0] == ("stage", "erase") and cut[-1] == ("activate", "activate"), cut  # vcu: staged again, activated again
+
+
+def test_gateway_killed_while_rolling_back_ends_all_old(tmp_path, mosquitto, write_config, procs):
+    """bcm's activation fails (its fourth RoutineControl); the gateway is killed while it rolls
+    vcu back and again while it discards: the vehicle still ends on the whole old set."""
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_faults=("bcm:31#4:nrc=0x22", *SLOW))
+    try:
+        cid = "c-kill-back"
+        before = running(v)
+        v.send(v.campaign(cid, "2.0.0", packages=packages(v, "2.0.0"), order={"vcu": 0, "bms": 1, "bcm": 2, "dlp_headlamp": 3}))
+        for point in [("rollback", "vcu", "rollback", "rollback"),
+                      ("discard", "dlp_headlamp", "discard", "discard")]:
+            _wait_point(v, cid, point)
+            _kill(v.gateway)
+            v.restart_gateway()
+        done = v.finished(cid, timeout=180)
+        assert done["outcome"] == "failed" and "bcm" in done["failure"]["detail"], done
+        assert running(v) == before
+        results = _check_once(v, cid)
+        assert results["bcm"]["failed_step"] == "activate: activate"
+        assert [results[e]["phase"] for e in ALL] == ["rolled_back", "rolled_back", "discarded", "discarded"]
+        assert [i["phase"] for i in done["interruptions"]] == ["rollback", "discard"]
+    finally:
+        v.close()

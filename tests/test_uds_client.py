@@ -1,0 +1,96 @@
+"""The UDS client never takes the answer to another request for the answer to its own: a
+response that names another service (a tester stopped mid-request, a late answer after an ECU
+reset) is dropped and noted in the trace; the diagnosis calls a request that got only such
+answers an unmatched response."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Iterator
+
+import pytest
+from udsoncan.exceptions import TimeoutException
+
+from agent.adapters.canbus import Segment
+from agent.adapters.diagnosis_files import load_rules
+from agent.adapters.uds_client import UdsLink
+from agent.core.config import SegmentConfig
+from agent.core.diagnosis.checks import check_trace
+from agent.core.trace import TraceHeader, TraceRecorder
+from agent.protocol.uds import Session
+from tests.conftest import virtual_bus
+
+REQ, RSP = 0x7E0, 0x7E8
+
+
+class Server:
+    """A scripted ECU: to each request, the responses listed for it, in order."""
+
+    def __init__(self, segment: Segment, script: dict[bytes, list[bytes]]) -> None:
+        self.stack = segment.stack(RSP, REQ)
+        self.script = script
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            request = self.stack.recv(block=True, timeout=0.05)
+            if request is None:
+                continue
+            for response in self.script.get(bytes(request), []):
+                self.stack.send(response)
+                time.sleep(0.01)
+
+
+@pytest.fixture
+def segments() -> Iterator[tuple[Segment, Segment]]:
+    """The tester's segment and the scripted ECU's: two bus objects on one channel."""
+    bus = virtual_bus()
+    pair = Segment(SegmentConfig("pt", bus)), Segment(SegmentConfig("pt", bus))
+    yield pair
+    for seg in pair:
+        seg.shutdown()
+
+
+@contextlib.contextmanager
+def talking(segments: tuple[Segment, Segment], answers: list[str]) -> Iterator[tuple[UdsLink, TraceRecorder]]:
+    """A tester's link to a scripted ECU that answers ``10 03`` with ``answers`` (hex), in order."""
+    segment, ecu = segments
+    server = Server(ecu, {bytes.fromhex("1003"): [bytes.fromhex(a) for a in answers]})
+    recorder = TraceRecorder(TraceHeader("flash", "GW", "vcu", "vcu", REQ, RSP, 0x7DF, time.time()))
+    link = UdsLink(segment, REQ, RSP, name="vcu", recorder=recorder, p2=0.3, p2_star=0.3)
+    try:
+        yield link, recorder
+    finally:
+        server.stop.set()
+        link.close()
+
+
+def test_an_answer_to_another_service_is_dropped_and_the_right_one_taken(segments: tuple[Segment, Segment]) -> None:
+    with talking(segments, ["7101ff0500", "7f3122", "5003003201f4"]) as (link, recorder):
+        response = link.client.change_session(Session.extendedDiagnosticSession)
+        assert bytes(response.original_payload) == bytes.fromhex("5003003201f4")
+        exchange = recorder.exchanges[0]
+        assert exchange.response == bytes.fromhex("5003003201f4")
+        assert [data for _, data in exchange.extra["other"]] == ["7101ff0500", "7f3122"]
+        assert check_trace(recorder.trace("success"), load_rules(), "vcu", "all") == []  # a stale answer is no fault
+
+
+def test_only_answers_to_other_services_is_an_unmatched_response(segments: tuple[Segment, Segment]) -> None:
+    with talking(segments, ["7101ff0500"]) as (link, recorder):
+        with pytest.raises(TimeoutException):
+            link.client.change_session(Session.extendedDiagnosticSession)
+        findings = check_trace(recorder.trace("failed"), load_rules(), "vcu", "first")
+        assert [(f.cause, f.side, f.request) for f in findings] == [("unmatched_response", "server", "1003")]
+
+
+def test_a_malformed_answer_is_still_the_answer(segments: tuple[Segment, Segment]) -> None:
+    """A bare 7F names no service: it is this request's (malformed) answer, not dropped."""
+    with talking(segments, ["7f"]) as (link, recorder):
+        with pytest.raises(Exception) as caught:
+            link.client.change_session(Session.extendedDiagnosticSession)
+        assert not isinstance(caught.value, TimeoutException)
+        assert recorder.exchanges[0].response == bytes.fromhex("7f")
