@@ -77,7 +77,7 @@ class Collector:
         vin, kind = parts[-2], parts[-1]
         try:
             doc = json.loads(msg.payload)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             log.warning("not JSON on %s", msg.topic)
             return
         with self._lock:

@@ -13,7 +13,8 @@ The wire layouts are in ``agent/protocol/files.py`` (file transfer) and
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +24,14 @@ from agent.adapters.file_store import FileStore, request_file_transfer, transfer
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import DeployConfig
 from agent.protocol.files import is_name
-from agent.protocol.link import CONTENT_ROUTINE, INSTALL_ROUTINE, INVENTORY_ROUTINE, InstallStatus, encode_install_status
+from agent.protocol.link import (
+    BOOT_ID_DID,
+    CONTENT_ROUTINE,
+    INSTALL_ROUTINE,
+    INVENTORY_ROUTINE,
+    InstallStatus,
+    encode_install_status,
+)
 from agent.protocol.uds import Nrc, Request, RoutineType, Session, session_response
 
 __all__ = ["DeployState", "DEPLOY_SERVICES", "Installer", "Relay"]
@@ -60,6 +68,7 @@ class DeployState:
     installer: Installer | None = None
     session: int = Session.defaultSession
     relay: Relay | None = None
+    boot_id: bytes = field(default_factory=lambda: os.urandom(8))  # new at every start of the gateway
 
     def __post_init__(self) -> None:
         self.files = FileStore(Path(self.config.package_dir), self.config.max_block_length, Path(self.results_dir))
@@ -84,6 +93,14 @@ def _session(s: DeployState, r: Request) -> bytes:
     s.files.abort()  # a (re)started session ends any transfer; its partial package stays for ResumeFile
     s.session = r.data[1]
     return session_response(r.data[1], 50, 5000)
+
+
+def _read_did(s: DeployState, r: Request) -> bytes:
+    if len(r.data) != 3:
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    if int.from_bytes(r.data[1:3], "big") != BOOT_ID_DID:
+        return r.negative(Nrc.RequestOutOfRange)
+    return bytes((0x62,)) + r.data[1:3] + s.boot_id
 
 
 def _routine(s: DeployState, r: Request) -> bytes | Outcome:
@@ -135,6 +152,7 @@ DEPLOY_SERVICES: dict[int, Service[DeployState]] = {
     svc.RoutineControl.request_id(): Service(_routine, min_length=4, sessions=EXTENDED, subfunction=True),
     svc.DiagnosticSessionControl.request_id(): Service(_session, min_length=2, subfunction=True),
     svc.TesterPresent.request_id(): Service(tester_present, min_length=2, subfunction=True),
+    svc.ReadDataByIdentifier.request_id(): Service(_read_did, min_length=3),
     svc.RequestFileTransfer.request_id(): Service(lambda s, r: request_file_transfer(s.files, r), min_length=2, sessions=EXTENDED),
     svc.TransferData.request_id(): Service(lambda s, r: transfer_data(s.files, r), min_length=2, sessions=EXTENDED),
     svc.RequestTransferExit.request_id(): Service(lambda s, r: transfer_exit(s.files, r), min_length=1, sessions=EXTENDED),

@@ -11,11 +11,12 @@ from typing import Any, Callable
 
 from agent.adapters.canbus import Segment
 from agent.adapters.file_client import DeployResult, PackageDeployer
-from agent.adapters.uds_client import UdsLink, describe_failure
+from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
 from agent.core.config import DeployConfig
 from agent.core.faults import FaultSpec
 from agent.errors import Refused, TryLater, VotaError
 from agent.protocol.link import (
+    BOOT_ID_DID,
     CONTENT_ROUTINE,
     INSTALL_ROUTINE,
     INVENTORY_FILE,
@@ -61,7 +62,7 @@ class GatewayClient:
 
     def _link(self) -> UdsLink:
         return UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway",
-                       p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0)
+                       p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0, dids={BOOT_ID_DID: RawCodec()})
 
     def _call(self, what: str, fn: Any) -> Any:
         with self.lock, self._link() as link:
@@ -72,6 +73,12 @@ class GatewayClient:
                 raise
             except Exception as exc:  # noqa: BLE001 - one error type for the TBOX's state machine
                 raise GatewayError(f"{what}: {describe_failure(exc)[0]}") from None
+
+    def boot_id(self) -> bytes:
+        def read(c: Any) -> bytes:
+            return bytes(c.read_data_by_identifier(BOOT_ID_DID).service_data.values[BOOT_ID_DID])
+
+        return self._call("boot id", read)  # type: ignore[no-any-return]
 
     def start_install(self, manifest_name: str) -> None:
         self._call("start install", lambda c: c.routine_control(INSTALL_ROUTINE, RoutineType.startRoutine, manifest_name.encode()))

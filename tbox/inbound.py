@@ -52,7 +52,7 @@ class Inbound:
             doc = json.loads(payload)
             if not isinstance(doc, dict):
                 raise ValueError("not an object")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             self.runner.reject(kind, "malformed", "not a JSON object", digest)
             return
         command, vin = doc.get("command"), doc.get("vin", self.vin)

@@ -41,5 +41,8 @@ class GatewayPort(Protocol):
     def read_file(self, path: str) -> bytes:
         """A file the gateway produced (results, traces, the inventory)."""
 
+    def boot_id(self) -> bytes:
+        """Changes at every start of the gateway (TryLater while it does not answer)."""
+
 
 Fetch = Callable[..., Any]  # download(url, dest, size, sha256, *, progress, should_stop) -> DownloadInfo

@@ -40,6 +40,7 @@ from agent.protocol.link import InstallJob, InstallManifest, InstallStatus, enco
 from tbox.campaign_state import TERMINAL, CampaignRecord
 from tbox.download import download
 from tbox.ports import CloudPort, Fetch, GatewayPort
+from tbox.reports import CampaignReports
 
 __all__ = ["CampaignRunner", "CampaignFailure", "LOCAL_CAMPAIGN"]
 
@@ -71,6 +72,10 @@ class CampaignRunner:
         self._seen: set[tuple[str, str]] = set()  # (campaign, state) this runner has entered or resumed
 
     # ---- the loop -----------------------------------------------------------------------------
+    @property
+    def reports(self) -> CampaignReports:
+        return CampaignReports(self.cloud, self.gateway)  # the ports as they are now (the daemon sets them at start)
+
     def records(self) -> list[CampaignRecord]:
         if not self.campaigns_dir.exists():
             return []
@@ -167,7 +172,7 @@ class CampaignRunner:
     def reject(self, topic: str, reason: str, detail: str, key: str, campaign_id: str | None = None) -> None:
         log.warning("rejected %s: %s (%s)", topic, reason, detail)
         body = {"event": "rejected", "topic": topic, "reason": reason, "detail": detail, "campaign_id": campaign_id}
-        self.cloud.report("events", body, msg_id=f"rejected.{key}")
+        self.cloud.report("events", body, msg_id=f"rejected.{topic}.{key}")
 
     # ---- campaigns --------------------------------------------------------------------------
     def campaign(self, record: CampaignRecord) -> Campaign:
@@ -290,27 +295,32 @@ class CampaignRunner:
             resume = bool(entry.get("deploy_started"))
             entry["deploy_started"] = True
             record.save()
+            boot = self.gateway.boot_id()
             result = self.gateway.deploy(p.name, self.package_path(record, p.name), p.sha256, out, resume=resume,
                                          progress=self.beat)
             if result.reason == "cancelled":
                 return None  # SIGTERM: checkpointed; the deploy resumes after restart
+            if result.result != "success" and result.nrc is None and self._restarted(boot):
+                n = entry["deploy_interruptions"] = int(entry.get("deploy_interruptions", 0)) + 1
+                record.save()
+                self.reports.deploy_interrupted(record, result, out, n)
+                raise TryLater(f"{p.name}: the gateway restarted during its deploy ({result.failed_step}: {result.reason})")
             entry["deploy"] = result.result
             record.save()
-            self._report_stage(record, "deploy", p.name, result.to_json(), out / f"{p.name}.deploy.trace.jsonl",
+            self.reports.stage(record, "deploy", p.name, result.to_json(), out / f"{p.name}.deploy.trace.jsonl",
                                {"package": p.name})
             if result.result != "success":  # D4: a failed deploy ends the campaign here
                 raise CampaignFailure("deploy", "deploy_failed", f"{p.name}: {result.failed_step}: {result.reason}",
                                       package=p.name, packet=result.failed_packet)
         return "deployed"
 
-    def _report_stage(self, record: CampaignRecord, stage: str, unit: str, result: dict[str, Any], trace: Path,
-                      meta: dict[str, Any]) -> None:
-        cid = record.campaign_id
-        self.cloud.report("results", {"campaign_id": cid, "stage": stage, **meta, "result": result},
-                          msg_id=f"{cid}.{stage}.{unit}.result")
-        if trace.exists():
-            self.cloud.report_trace(f"{cid}.{stage}.{unit}", trace.read_bytes(),
-                                    {"campaign_id": cid, "stage": stage, **meta})
+    def _restarted(self, boot: bytes) -> bool:
+        """After a deploy broke off without an answer: did the gateway restart under it? (A gateway
+        that does not answer yet is taken as restarting: retried, within the retry budget.)"""
+        try:
+            return self.gateway.boot_id() != boot
+        except TryLater:
+            return True
 
     def _deployed(self, record: CampaignRecord) -> str:
         campaign = self.campaign(record)
@@ -357,33 +367,7 @@ class CampaignRunner:
         record.versions = summary.get("final_versions") if isinstance(summary.get("final_versions"), dict) else None
         record.interruptions = summary.get("interruptions") or None
         record.revertible = summary.get("revertible") if isinstance(summary.get("revertible"), bool) else None
-        out = record.dir / "flash"
-        failed = []
-        for r in results:
-            ecu = r["ecu"]
-            trace = out / f"{ecu}.trace.jsonl"
-            name = r.get("trace_file")
-            if isinstance(name, str) and name:
-                try:
-                    atomic_write_bytes(trace, self.gateway.read_file(f"{cid}/{name}"))
-                except TryLater as exc:
-                    log.warning("flash trace of %s not available: %s", ecu, exc)
-            atomic_write_json(out / f"{ecu}.result.json", {**r, "trace_file": trace.name if trace.exists() else None})
-            self._report_stage(record, "flash", ecu, r, trace, {"ecu": ecu})
-            for action in r.get("actions") or []:  # activate, rollback, discard, commit, interrupted: their traces too
-                name = action.get("trace_file")
-                if isinstance(name, str) and name:
-                    try:
-                        data = self.gateway.read_file(f"{cid}/{name}")
-                    except TryLater as exc:
-                        log.warning("%s not available: %s", name, exc)
-                        continue
-                    atomic_write_bytes(out / name, data)
-                    key = str(action.get("id") or action["action"])
-                    self.cloud.report_trace(f"{cid}.{key}.{ecu}", data,
-                                            {"campaign_id": cid, "stage": "activate", "ecu": ecu, "action": action["action"]})
-            if r["result"] != "success":
-                failed.append(f"{ecu}: {r['failed_step']}: {r['reason']}")
+        failed = self.reports.install_results(record, results)
         if failed or status != InstallStatus.SUCCEEDED:
             raise CampaignFailure("flash", "flash_failed", "; ".join(failed) or "install failed on the gateway")
         record.outcome = "success"

@@ -2,7 +2,8 @@
 both, at eight points across stage, activate and commit, each found in the gateway's journal.
 Every run ends on the whole new set or the whole old set (read back from the ECUs by an
 independent tester process), the campaign finishes, each result reaches the cloud once, and
-the cloud is told where the install was interrupted."""
+the cloud is told where the install was interrupted. And a gateway killed in the middle of
+a deploy: the TBOX resumes the package."""
 
 from __future__ import annotations
 
@@ -133,3 +134,30 @@ def test_gateway_killed_while_rolling_back_ends_all_old(tmp_path, mosquitto, wri
         assert [i["phase"] for i in done["interruptions"]] == ["rollback", "discard"]
     finally:
         v.close()
+
+
+def test_gateway_killed_during_a_deploy_the_deploy_resumes(vehicle):
+    """The gateway restarts while the TBOX deploys a package: the TBOX sees a new boot id, reports
+    the interruption with its trace and resumes the package (ResumeFile); the campaign succeeds."""
+    v, cid = vehicle, "c-kill-deploy"
+    new = []
+    for ecu, path, version in packages(v, "2.0.0"):
+        path.write_bytes(os.urandom(160 * 1024))
+        new.append((ecu, path, version))
+    v.send(v.campaign(cid, "2.0.0", packages=new))
+    part = v.tmp / "gw" / "packages" / "bms-2.0.0.bin.part"
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size > 16 * 1024):
+        assert time.monotonic() < deadline, "bms was never being deployed"
+        time.sleep(0.005)
+    _kill(v.gateway)
+    v.restart_gateway()
+    done = v.finished(cid, timeout=180)
+    assert done["outcome"] == "success", done
+    assert {e: version for e, (version, _) in running(v).items()} == {e: "2.0.0" for e in ALL}
+    cut = [b for b in v.reports("events", cid) if b.get("event") == "interrupted"]
+    assert [(b["stage"], b["package"]) for b in cut] == [("deploy", "bms-2.0.0.bin")]
+    deploy = {r["package"]: r["result"] for r in v.reports("results", cid) if r["stage"] == "deploy"}
+    assert deploy["bms-2.0.0.bin"]["result"] == "success" and deploy["bms-2.0.0.bin"]["resumed_from"] > 0
+    traces = {p.name for p in (v.tmp / "cloud" / "store" / VIN / "traces").iterdir()}
+    assert f"{cid}.deploy.bms-2.0.0.bin.interrupted-1.jsonl" in traces

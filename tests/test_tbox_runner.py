@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -74,6 +75,8 @@ class FakeGateway:
         self.installs: list[str] = []
         self.install: dict[str, int] = {}
         self.fail: dict[str, list[BaseException]] = {}  # per method: errors to raise first, in order
+        self.boot = b"boot-one"
+        self.broken_deploys: list[bool] = []
 
     def _maybe_fail(self, method: str) -> None:
         if self.fail.get(method):
@@ -83,9 +86,19 @@ class FakeGateway:
         self._maybe_fail("inventory")
         return [{"ecu": ecu, "software_version": "1.0.0"} for ecu in IMAGES]
 
+    def boot_id(self) -> bytes:
+        self._maybe_fail("boot_id")
+        return self.boot
+
     def deploy(self, name: str, path: Path, sha256: str, out_dir: Path | None = None, *, resume: bool = False,
                progress: Callable[[], None] | None = None) -> DeployResult:
         self._maybe_fail("deploy")
+        if self.broken_deploys:  # the deploy breaks off without an answer; ``restart`` restarts the gateway under it
+            restart = self.broken_deploys.pop(0)
+            self.deploys.append((name, resume))
+            if restart:
+                self.boot = os.urandom(8)
+            return DeployResult(name, "failed", 0, sha256, failed_step="transfer_data", reason="no response (timeout)")
         data = path.read_bytes()
         assert hashlib.sha256(data).hexdigest() == sha256
         self.deploys.append((name, resume))
@@ -224,6 +237,27 @@ def test_the_loop_guard_counts_restarts_not_retries(tmp_path: Path) -> None:
     assert done["failure"]["stage"] == "deploying"
 
 
+def test_a_deploy_cut_off_by_a_gateway_restart_is_resumed_not_failed(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path)
+    v.receive(envelope())
+    v.gateway.broken_deploys = [True]  # the gateway restarts in the middle of the first package
+    v.runner().step()
+    assert v.finished()["outcome"] == "success"
+    assert v.gateway.deploys[:2] == [("vcu-2.0.0.bin", False), ("vcu-2.0.0.bin", True)]  # resumed (ResumeFile)
+    cut = v.cloud.events(event="interrupted")
+    assert [(b["stage"], b["package"], b["failed_step"]) for b in cut] == [("deploy", "vcu-2.0.0.bin", "transfer_data")]
+
+
+def test_a_deploy_that_breaks_off_on_a_gateway_that_did_not_restart_fails(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path)
+    v.receive(envelope())
+    v.gateway.broken_deploys = [False]  # no answer, same boot id: the gateway's fault (D4)
+    v.runner().step()
+    done = v.finished()
+    assert done["outcome"] == "failed" and done["failure"]["reason"] == "deploy_failed"
+    assert v.cloud.events(event="interrupted") == []
+
+
 def test_killed_again_and_again_while_the_gateway_installs_is_no_loop(tmp_path: Path) -> None:
     """The gateway runs the install on its own: a TBOX killed while it waits, however often,
     goes on waiting; once the install is over, restarts count again."""
@@ -308,3 +342,16 @@ def test_an_unmet_requirement_is_refused_before_anything_is_downloaded(tmp_path:
     assert done["failure"]["reason"] == "dependency" and done["failure"]["stage"] == "verify"
     assert not v.fetches and not v.gateway.deploys
     assert v.cloud.events(event="rejected")[0]["reason"] == "dependency"
+
+
+def test_deeply_nested_json_is_malformed_not_an_internal_error(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path)
+    junk = b"[" * 50000 + b"]" * 50000
+    v.receive(junk)
+    Inbound(VIN, v.runner(), lambda doc: None, lambda: None, lambda: None).on_message("command", junk)
+    v.runner().step()
+    assert sorted((b["topic"], b["reason"]) for b in v.cloud.events(event="rejected")) == [
+        ("campaign", "malformed"), ("command", "malformed")]
+    v.receive(envelope())  # and the next campaign runs
+    v.runner().step()
+    assert [b["outcome"] for b in v.cloud.events(event="finished", campaign_id="c-1")] == ["success"]

@@ -159,7 +159,7 @@ def _time(value: Any, field: str) -> _dt.datetime:
 def _parse(payload: bytes) -> Campaign:
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         raise CampaignRejected("malformed", "the campaign payload is not JSON") from None
     if not isinstance(doc, dict):
         raise CampaignRejected("malformed", "the campaign must be a JSON object")
@@ -251,7 +251,7 @@ def verify_campaign(
         raise CampaignRejected("malformed", f"envelope larger than {MAX_ENVELOPE} bytes")
     try:
         env = json.loads(envelope)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         raise CampaignRejected("malformed", "not JSON") from None
     if not isinstance(env, dict) or env.get("payload_type") != PAYLOAD_TYPE or not isinstance(env.get("payload"), str):
         raise CampaignRejected("malformed", f"not a signed campaign envelope ({PAYLOAD_TYPE})")

@@ -291,7 +291,7 @@ class Bundle:
 def _parse_manifest(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BundleRejected("malformed", "manifest.json is not JSON") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise BundleRejected("malformed", f"the manifest must be {FORMAT} version {VERSION}")
@@ -352,7 +352,7 @@ def verify_manifest(
         sig = json.loads(sig_doc)
         key = trusted.get(str(sig.get("keyid")))
         signature = _unb64(sig.get("sig"))
-    except (ValueError, AttributeError, binascii.Error):
+    except (ValueError, AttributeError, binascii.Error, RecursionError):
         raise BundleRejected("malformed", "manifest.sig.json is not a signature", bid) from None
     if key is None:
         raise BundleRejected("untrusted_key", "not signed by a trusted key", bid)

@@ -6,6 +6,8 @@
     31 01 0303 op ecu 00 arg             owner content on an ECU behind the gateway:
         op 01 store <file>, 02 show <file>, 03 stop, 04 read <did:2>, 05 delete <file>
         ->  71 01 0303 SS data           SS 00 done (data: a DID's value), 01 refused, 02 no answer (reason in ASCII)
+    22 F1B0                              the gateway's boot id: 62 F1B0 + 8 bytes drawn at each start (a TBOX
+                                         whose deploy broke off tells a restarted gateway from a faulty one)
 
 Install manifest (JSON, deployed like a package, then named in routine 0x0301)::
 
@@ -26,11 +28,13 @@ from agent.protocol.files import is_name
 
 __all__ = ["INSTALL_ROUTINE", "INVENTORY_ROUTINE", "CONTENT_ROUTINE", "InstallStatus", "ContentOp", "RelayStatus",
            "encode_install_status", "decode_install_status", "encode_content_request", "decode_content_request",
-           "InstallJob", "InstallManifest", "encode_manifest", "parse_manifest", "INVENTORY_FILE", "STATUS_RECORD_LENGTH"]
+           "InstallJob", "InstallManifest", "encode_manifest", "parse_manifest", "INVENTORY_FILE", "STATUS_RECORD_LENGTH",
+           "BOOT_ID_DID"]
 
 INSTALL_ROUTINE = 0x0301
 INVENTORY_ROUTINE = 0x0302
 CONTENT_ROUTINE = 0x0303
+BOOT_ID_DID = 0xF1B0
 INVENTORY_FILE = "inventory.json"
 STATUS_RECORD_LENGTH = 5
 
