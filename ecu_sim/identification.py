@@ -23,20 +23,23 @@ if TYPE_CHECKING:
 __all__ = ["read_data_by_identifier", "write_data_by_identifier"]
 
 
+NEVER_PROGRAMMED = bytes(4)  # fingerprint of an ECU never programmed: date 00-00-00, no version
+
+
 def _did_value(s: EcuState, did: int) -> bytes | None:
     info = s.banks.active_info
     if info.state != "valid":  # a single bank being flashed: no application runs, only the bootloader answers
         info = BankInfo("empty")
     values = {
-        DID.BOOT_SOFTWARE: s.sim.bootloader_version.encode(),
+        DID.BOOT_SOFTWARE: b"\x01" + s.sim.bootloader_version.encode(),  # numberOfModules, then the module's id
         DID.PART_NUMBER: s.sim.part_number.encode(),
         DID.SOFTWARE_VERSION: info.version.encode(),
         DID.SERIAL: s.sim.serial.encode(),
         DID.SUPPLIER_VERSION: s.sim.supplier_version.encode(),
         DID.ACTIVE_SESSION: bytes((s.session,)),
         DID.IMAGE_DIGEST: bytes.fromhex(info.sha256) if info.sha256 else bytes(32),
-        DID.FINGERPRINT: s.fingerprint,
-        DID.FINGERPRINT_ALT: s.fingerprint,
+        DID.FINGERPRINT: s.fingerprint or NEVER_PROGRAMMED,
+        DID.FINGERPRINT_ALT: s.fingerprint or NEVER_PROGRAMMED,
         DID.ACTIVE_CONTENT: (s.content.active or "").encode() if s.content is not None else b"",
         DID.STAGED_IMAGE: _staged_image(s),
         DID.BANK_STATUS: bytes((int(info.confirmed), int(s.banks.previous is not None))),

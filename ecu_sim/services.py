@@ -351,17 +351,20 @@ def _transfer_exit_or_content(s: EcuState, r: Request) -> bytes:
 
 
 SERVICES: dict[int, Service[EcuState]] = {
-    svc.DiagnosticSessionControl.request_id(): Service(session_control, min_length=2, subfunction=True),
-    svc.ECUReset.request_id(): Service(ecu_reset, min_length=2, subfunction=True),
+    svc.DiagnosticSessionControl.request_id(): Service(session_control, min_length=2, subfunction=True, subfunctions=frozenset({1, 2, 3})),
+    svc.ECUReset.request_id(): Service(ecu_reset, min_length=2, subfunction=True, subfunctions=frozenset({1, 3})),
     svc.ReadDataByIdentifier.request_id(): Service(read_data_by_identifier, min_length=3),
     svc.SecurityAccess.request_id(): Service(security_access, min_length=2, sessions=NON_DEFAULT, subfunction=True),
-    svc.CommunicationControl.request_id(): Service(communication_control, min_length=3, sessions=NON_DEFAULT, subfunction=True),
+    svc.CommunicationControl.request_id(): Service(communication_control, min_length=3, sessions=NON_DEFAULT, subfunction=True,
+                                                         subfunctions=frozenset({0, 1, 2, 3})),
     svc.WriteDataByIdentifier.request_id(): Service(write_data_by_identifier, min_length=4, sessions=NON_DEFAULT),
-    svc.RoutineControl.request_id(): Service(routine_control, min_length=4, sessions=NON_DEFAULT, subfunction=True),
+    svc.RoutineControl.request_id(): Service(routine_control, min_length=4, sessions=NON_DEFAULT, subfunction=True,
+                                                  subfunctions=frozenset({1})),  # startRoutine only
     svc.RequestDownload.request_id(): Service(request_download, min_length=5, sessions=PROGRAMMING),
     svc.TransferData.request_id(): Service(_transfer_data_or_content, min_length=2, sessions=NON_DEFAULT),
     svc.RequestTransferExit.request_id(): Service(_transfer_exit_or_content, min_length=1, sessions=NON_DEFAULT),
     svc.RequestFileTransfer.request_id(): Service(_request_content_transfer, min_length=2, sessions=NON_DEFAULT),
-    svc.TesterPresent.request_id(): Service(tester_present, min_length=2, subfunction=True),
-    svc.ControlDTCSetting.request_id(): Service(control_dtc_setting, min_length=2, sessions=NON_DEFAULT, subfunction=True),
+    svc.TesterPresent.request_id(): Service(tester_present, min_length=2, subfunction=True, subfunctions=frozenset({0})),
+    svc.ControlDTCSetting.request_id(): Service(control_dtc_setting, min_length=2, sessions=NON_DEFAULT, subfunction=True,
+                                                      subfunctions=frozenset({1, 2})),
 }

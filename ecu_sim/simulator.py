@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from agent.adapters.canbus import Segment
+from agent.adapters.storage import InstanceLock
 from agent.adapters.uds_server import UdsServer
 from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec, parse_fault
@@ -35,6 +36,7 @@ class EcuSimulator:
         self.servers: dict[str, UdsServer[EcuState]] = {}
         self.state_dir = state_dir
         self.extra_faults = list(faults or [])
+        self.locks: list[InstanceLock] = []  # one simulator per ECU state directory
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -43,6 +45,7 @@ class EcuSimulator:
                 if ecu.segment not in self.segments:
                     self.segments[ecu.segment] = Segment(self.config.segments[ecu.segment])
                 base = Path(self.state_dir or ecu.sim.state_dir)
+                self.locks.append(InstanceLock(base / ecu.name, f"ECU simulator for {ecu.name}").acquire())
                 banks = FlashBanks(base / ecu.name, ecu.sim.software_version, single=ecu.banks == 1)
                 faults = [parse_fault(f) for f in ecu.sim.faults] + self.extra_faults
                 mine = [f for f in faults if f.applies_to("flash", ecu.name, "server")]
@@ -84,6 +87,8 @@ class EcuSimulator:
             server.state.banks.close()
         for segment in self.segments.values():
             segment.shutdown()
+        for lock in self.locks:
+            lock.release()
 
     def wait(self) -> None:
         self._stopped.wait()

@@ -149,9 +149,10 @@ def _routine(s: DeployState, r: Request) -> bytes | Outcome:
 
 
 DEPLOY_SERVICES: dict[int, Service[DeployState]] = {
-    svc.RoutineControl.request_id(): Service(_routine, min_length=4, sessions=EXTENDED, subfunction=True),
-    svc.DiagnosticSessionControl.request_id(): Service(_session, min_length=2, subfunction=True),
-    svc.TesterPresent.request_id(): Service(tester_present, min_length=2, subfunction=True),
+    svc.RoutineControl.request_id(): Service(_routine, min_length=4, sessions=EXTENDED, subfunction=True,
+                                                   subfunctions=frozenset({1, 3})),
+    svc.DiagnosticSessionControl.request_id(): Service(_session, min_length=2, subfunction=True, subfunctions=frozenset({1, 3})),
+    svc.TesterPresent.request_id(): Service(tester_present, min_length=2, subfunction=True, subfunctions=frozenset({0})),
     svc.ReadDataByIdentifier.request_id(): Service(_read_did, min_length=3),
     svc.RequestFileTransfer.request_id(): Service(lambda s, r: request_file_transfer(s.files, r), min_length=2, sessions=EXTENDED),
     svc.TransferData.request_id(): Service(lambda s, r: transfer_data(s.files, r), min_length=2, sessions=EXTENDED),

@@ -60,7 +60,9 @@ def _read_ecu(segment: Segment, ecu: EcuConfig, p2: float) -> dict[str, Any]:
     with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=p2, dids=dids) as link:
         for key, did in DID.INVENTORY.items():
             try:
-                value = link.client.read_data_by_identifier(did).service_data.values[did]
+                value = bytes(link.client.read_data_by_identifier(did).service_data.values[did])
+                if did == DID.BOOT_SOFTWARE and value[:1] == b"\x01":
+                    value = value[1:]  # numberOfModules (one module), then its identification
                 entry[key] = value.decode("ascii", "replace")
             except Exception as exc:  # noqa: BLE001 - a silent ECU is reported, not fatal
                 entry[key] = None
@@ -86,10 +88,15 @@ def _per_segment(config: VehicleConfig, names: list[str], work: Any, buses: Buse
     out: dict[str, Any] = {}
     owner = buses if buses is not None else Buses(config)
 
+    errors: list[BaseException] = []
+
     def run(seg_ecus: list[EcuConfig]) -> None:
-        for ecu in seg_ecus:
-            with owner.ecu(ecu.name, "version read") as segment:
-                out[ecu.name] = work(segment, ecu)
+        try:
+            for ecu in seg_ecus:
+                with owner.ecu(ecu.name, "version read") as segment:
+                    out[ecu.name] = work(segment, ecu)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread (a bus that does not open)
+            errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(seg_ecus,)) for seg_ecus in by_segment.values()]
     try:
@@ -100,6 +107,8 @@ def _per_segment(config: VehicleConfig, names: list[str], work: Any, buses: Buse
     finally:
         if buses is None:
             owner.shutdown()
+    if errors:
+        raise errors[0]
     return {n: out[n] for n in names if n in out}
 
 

@@ -183,7 +183,12 @@ class ContentManager(ItemScheduling):
                 docs.append(({}, "inbox"))
             path.unlink(missing_ok=True)
         for path in sorted(self.inbox.glob("*.tar")) if self.inbox.exists() else []:
-            self._import(path, f"import.{time.time_ns()}")
+            key = f"import.{time.time_ns()}"
+            try:
+                self._import(path, key)
+            except Exception as exc:  # noqa: BLE001 - one archive never stops the others
+                log.exception("content import %s failed", path.name)
+                self._reject("internal_error", f"{path.name}: {type(exc).__name__}: {exc}", None, key)
         for doc, origin in docs:
             key = f"{origin}.{time.time_ns()}"
             command = doc.get("command")
@@ -200,6 +205,9 @@ class ContentManager(ItemScheduling):
                     self._reject("malformed", f"unknown content command {command!r}", None, key)
             except VotaError as exc:
                 self._reject("failed", str(exc), doc.get("bundle_id"), key)
+            except Exception as exc:  # noqa: BLE001 - a command that breaks is reported; the batch goes on
+                log.exception("content command %r failed", command)
+                self._reject("internal_error", f"{type(exc).__name__}: {exc}", doc.get("bundle_id"), key)
 
     def _offer(self, doc: dict[str, Any], key: str) -> None:
         try:
@@ -284,8 +292,11 @@ class ContentManager(ItemScheduling):
         self._next_download = 0.0
 
     def _choose(self, doc: dict[str, Any], accept: bool, key: str) -> None:
-        found = self._find(doc.get("bundle_id"), ("offered", "requested", "downloaded"))
         item_id = doc.get("item")
+        if item_id is not None and not isinstance(item_id, str):
+            self._reject("malformed", f"item must be an item id, not {type(item_id).__name__}", doc.get("bundle_id"), key)
+            return
+        found = self._find(doc.get("bundle_id"), ("offered", "requested", "downloaded"))
         if found is None or (item_id is not None and item_id not in found.items):
             self._reject("unknown_bundle", f"no bundle {doc.get('bundle_id')!r} with item {item_id!r}", doc.get("bundle_id"), key)
             return

@@ -22,7 +22,7 @@ from agent.adapters.heartbeat import Heartbeats
 from agent.core.campaign import key_id, load_public_key
 from agent.core.config import TboxConfig, VehicleConfig
 from agent.core.faults import FaultSpec
-from agent.errors import VotaError
+from agent.errors import UsageError
 from tbox.apps import AppRegistry
 from tbox.campaign_state import CampaignRecord
 from tbox.content_exec import AppExecutor, ResourceExecutor, SoftwareExecutor
@@ -43,7 +43,7 @@ def _load_keys(paths: tuple[str, ...], what: str) -> dict[str, Ed25519PublicKey]
         try:
             key = load_public_key(Path(path).read_bytes(), path)
         except OSError as exc:
-            raise VotaError(f"{path}: cannot read {what} ({exc.strerror})") from None
+            raise UsageError(f"{path}: cannot read {what} ({exc.strerror})") from None
         keys[key_id(key)] = key
     return keys
 
@@ -86,11 +86,11 @@ class TboxDaemon:
             try:
                 loaded = serialization.load_pem_private_key(Path(cfg.vehicle_key).read_bytes(), None)
             except OSError as exc:
-                raise VotaError(f"{cfg.vehicle_key}: cannot read the vehicle content key ({exc.strerror})") from None
+                raise UsageError(f"{cfg.vehicle_key}: cannot read the vehicle content key ({exc.strerror})") from None
             except ValueError:
-                raise VotaError(f"{cfg.vehicle_key}: not a PEM private key") from None
+                raise UsageError(f"{cfg.vehicle_key}: not a PEM private key") from None
             if not isinstance(loaded, X25519PrivateKey):
-                raise VotaError(f"{cfg.vehicle_key}: not an X25519 key (vota content keygen makes one)")
+                raise UsageError(f"{cfg.vehicle_key}: not an X25519 key (vota content keygen makes one)")
             vehicle_key = loaded
         self.apps = AppRegistry(cfg.app_dir or self.state_dir / "apps")
         light = None

@@ -1,5 +1,6 @@
-"""What arrives from the cloud, dispatched: a campaign envelope is stored as a new campaign
-(state ``received``, persisted before anything else happens) and the runner is woken; a
+"""What arrives from the cloud, dispatched: a campaign envelope that passes the checks that need
+no inventory is stored as a new campaign (state ``received``, persisted before anything else
+happens) and the runner is woken, one that fails them is rejected and not kept; a
 command goes to the campaign runner (``confirm_install``) or to the content manager; anything
 else is rejected with a reason, reported, and forgotten."""
 
@@ -42,6 +43,8 @@ class Inbound:
             directory = self.campaigns_dir / digest
             if directory.exists():
                 log.info("campaign %s received again; already known", digest)
+                return
+            if not self.runner.precheck(payload, digest):
                 return
             record = CampaignRecord(digest, directory)
             atomic_write_bytes(record.envelope_path, payload)

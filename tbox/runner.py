@@ -174,6 +174,17 @@ class CampaignRunner:
         body = {"event": "rejected", "topic": topic, "reason": reason, "detail": detail, "campaign_id": campaign_id}
         self.cloud.report("events", body, msg_id=f"rejected.{topic}.{key}")
 
+    def precheck(self, envelope: bytes, key: str) -> bool:
+        """Before anything of an arriving campaign is kept: its form, signature, vehicle, validity
+        and ECUs (what needs the inventory comes later). Junk is reported and forgotten: it is
+        not stored to be read again at every restart, and costs no CAN traffic."""
+        try:
+            verify_campaign(envelope, self.trusted, vin=self.tbox.vin, now=self.now(), known_ecus=self.ecus)
+        except CampaignRejected as exc:
+            self.reject("campaign", exc.reason, str(exc), key, exc.campaign_id)
+            return False
+        return True
+
     # ---- campaigns --------------------------------------------------------------------------
     def campaign(self, record: CampaignRecord) -> Campaign:
         """The campaign, verified again from its stored envelope (pure and cheap). Expiry was

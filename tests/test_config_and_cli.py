@@ -176,3 +176,33 @@ def test_ecu_sim_refuses_corrupt_bank_metadata(tmp_path, write_config):
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "meta.json: unreadable flash bank metadata" in run.stderr
     assert meta.read_text() == '{"active": "a", "banks": '  # evidence kept, nothing overwritten
+
+
+def test_bad_input_files_end_in_one_line_and_exit_2(tmp_path, write_config):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x00\xff\xfe\x01 not text")
+    run = vota("versions", "-c", str(binary))
+    assert run.returncode == 2 and run.stderr.strip() == f"vota versions: error: {binary}: not UTF-8 text (byte 1): a binary file?"
+    bad_bus = write_config({"segments": {"pt": {"bus": {"interface": "udp_multicast", "channel": "no-such-group", "port": 1}}},
+                            "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8)}}, "bad_bus.yaml")
+    run = vota("versions", "-c", str(bad_bus))
+    assert run.returncode == 2 and "segment pt: bus: cannot open CAN bus" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    key, campaign = tmp_path / "key.pem", tmp_path / "c.json"
+    key.write_text("not a key\n")
+    campaign.write_text('{"campaign_id": "c-1"}')
+    run = vota("campaign", "sign", "--key", str(key), str(campaign))
+    assert run.returncode == 2 and f"{key}: not a PEM private key" in run.stderr and "Traceback" not in run.stderr
+    run = vota("--version")
+    assert run.returncode == 0 and run.stdout.startswith("vota ")
+
+
+def test_a_fault_spec_that_cannot_apply_is_refused(write_config):
+    config = str(write_config({"segments": {"pt": {"bus": multicast_bus()}}, "deploy": {"segment": "pt"},
+                               "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8)}}))
+    run = vota("ecu-sim", "-c", config, "--fault", "bms:36:drop")  # no such ECU: it would do nothing
+    assert run.returncode == 2 and "fault spec 'bms:36:drop': no ECU 'bms' here (ECUs: vcu)" in run.stderr
+    run = vota("ecu-sim", "-c", config, "--fault", "vcu:36:not_sent")  # the client's fault, given to the server
+    assert run.returncode == 2 and "is injected by the gateway" in run.stderr and "Traceback" not in run.stderr
+    run = vota("gateway", "-c", config, "--fault", "vcu:36:drop")
+    assert run.returncode == 2 and "is injected by the ECU simulator (vota ecu-sim --fault), not by vota gateway" in run.stderr

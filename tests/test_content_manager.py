@@ -142,6 +142,26 @@ def test_unknown_commands_and_bundles_are_rejected_and_the_manager_goes_on(car):
     assert not list((car.tmp / "tbox" / "content" / "inbox").iterdir())
 
 
+def test_a_command_that_breaks_does_not_cost_the_rest_of_its_batch(car):
+    """Every command of a batch gets its event, whatever one of them runs into: here the executor
+    of a declined active item fails with an error nobody planned for."""
+    car.at(19, 30)
+    assert car.status("lamp") == "active"
+
+    def revert_fails(job: Job) -> None:
+        raise RuntimeError("the headlamp link broke")
+
+    car.recorder.revert = revert_fails  # type: ignore[method-assign]
+    car.manager.submit({"command": "content_accept", "bundle_id": "evening", "item": {"not": "an id"}})
+    car.manager.submit({"command": "content_decline", "bundle_id": "evening", "item": "lamp"})
+    for n in range(4):
+        car.manager.submit({"command": "content_request", "bundle_id": f"after-{n}"})
+    car.at(19, 31)
+    rejected = [(r["reason"], r.get("bundle_id")) for r in car.reports if r["event"] == "rejected"]
+    assert rejected == [("malformed", "evening"), ("internal_error", "evening")] + [
+        ("unknown_bundle", f"after-{n}") for n in range(4)]
+
+
 def test_sharing_rewraps_the_key_and_review_refuses(tmp_path):
     platform = Ed25519PrivateKey.generate()
     trust = TrustPlatform(platform)

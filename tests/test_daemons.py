@@ -55,5 +55,19 @@ def test_tbox_start_up_errors_name_the_problem(tmp_path, write_config):
     assert run.returncode == 2 and "tbox.cloud.broker" in run.stderr
     run = vota("tbox", "-c", str(write_config({**base, "tbox": {"vin": "X", "trusted_keys": [str(tmp_path / "nope.pub")],
                                                                 "state_dir": str(tmp_path / "t")}})))
-    assert run.returncode == 1 and "nope.pub: cannot read trusted key" in run.stderr
+    assert run.returncode == 2 and "nope.pub: cannot read trusted key" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_one_daemon_per_state_directory(vehicle):
+    """A second TBOX, gateway or ECU simulator on the same state directory stops at once with one
+    line naming the directory and the running one's pid; the running ones go on."""
+    for args, what, proc in ((("tbox",), "vota tbox", vehicle.tbox), (("gateway",), "vota gateway", vehicle.gateway)):
+        run = vota(*args, "-c", str(vehicle.config))
+        assert run.returncode == 1, run.stderr
+        assert f"another {what} runs on this directory (pid {proc.p.pid})" in run.stderr
+        assert "Traceback" not in run.stderr and proc.p.poll() is None
+    run = vota("ecu-sim", "-c", str(vehicle.config), "--state-dir", str(vehicle.tmp / "ecu"), "--ecu", "bcm")
+    assert run.returncode == 1 and "another ECU simulator for bcm runs on this directory" in run.stderr, run.stderr
+    vehicle.send(vehicle.campaign("c-after", "2.0.0"))  # the vehicle still works
+    assert vehicle.finished("c-after")["outcome"] == "success"

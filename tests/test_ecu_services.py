@@ -67,7 +67,11 @@ def test_read_data_by_identifier(bench):
     assert t.ask(b"\x22\xf1\x87") == b"\x62\xf1\x87BMS-1"
     assert t.ask(b"\x22\xf1\x89") == b"\x62\xf1\x891.0.0"
     assert t.ask(b"\x22\xf1\x8c") == b"\x62\xf1\x8cSN-bms"
-    assert t.ask(b"\x22\xf1\x80\xf1\x87") == b"\x62\xf1\x80BL-1.0\xf1\x87BMS-1"
+    # F180: numberOfModules (1), then the boot software's identification (ISO 14229-1 C.1)
+    assert t.ask(b"\x22\xf1\x80\xf1\x87") == b"\x62\xf1\x80\x01BL-1.0\xf1\x87BMS-1"
+    # the fingerprint of an ECU never programmed: date 00 00 00, no version (not an empty answer)
+    assert t.ask(b"\x22\xf1\x5a") == b"\x62\xf1\x5a\x00\x00\x00\x00"
+    assert t.ask(b"\x22\xf1\x99") == b"\x62\xf1\x99\x00\x00\x00\x00"
     assert t.ask(b"\x22\xf1\x95")[:3] == b"\x62\xf1\x95"
     assert t.ask(b"\x22\xf1\x86") == b"\x62\xf1\x86\x01"
     assert t.ask(b"\x22\xf1\x90") == bytes.fromhex("7f2231")
@@ -219,3 +223,19 @@ def test_reset_and_write_did_nrc_paths(bench):
     assert t.ask(b"\x11\x81", timeout=0.15) is None  # suppressed positive response, then silent
     time.sleep(0.3)
     assert t.ask(b"\x22\xf1\x86") == b"\x62\xf1\x86\x01"  # after reset: default session
+
+
+def test_nrc_priority_follows_iso_14229(bench):
+    """Service, session, minimum length, sub-function, then the service's own length and
+    parameters: an unsupported sub-function is 0x12 whatever else is wrong with the request."""
+    t, _ = bench
+    assert t.ask(bytes.fromhex("100400")) == bytes.fromhex("7f1012")  # not 0x13 for the extra byte
+    assert t.ask(bytes.fromhex("110500")) == bytes.fromhex("7f1112")
+    assert t.ask(bytes.fromhex("3e0100")) == bytes.fromhex("7f3e12")
+    assert t.ask(bytes.fromhex("1003"))[:2] == b"\x50\x03"
+    assert t.ask(bytes.fromhex("31041234")) == bytes.fromhex("7f3112")  # not 0x31 for the unknown routine
+    assert t.ask(bytes.fromhex("3103ff00")) == bytes.fromhex("7f3112")  # results of a routine: not supported
+    assert t.ask(bytes.fromhex("31011234")) == bytes.fromhex("7f3131")  # a supported type, an unknown routine
+    assert t.ask(bytes.fromhex("31")) == bytes.fromhex("7f3113")  # no sub-function at all
+    assert t.ask(bytes.fromhex("8504")) == bytes.fromhex("7f8512")
+    assert t.ask(bytes.fromhex("2804")) == bytes.fromhex("7f2812")

@@ -352,6 +352,9 @@ def test_deeply_nested_json_is_malformed_not_an_internal_error(tmp_path: Path) -
     v.runner().step()
     assert sorted((b["topic"], b["reason"]) for b in v.cloud.events(event="rejected")) == [
         ("campaign", "malformed"), ("command", "malformed")]
+    campaigns = tmp_path / "tbox" / "campaigns"
+    assert not campaigns.exists() or not list(campaigns.iterdir())  # junk is not kept to be read again
+    assert not [b for kind, b in v.cloud.messages.values() if kind == "inventory"]  # nor did it cost an inventory
     v.receive(envelope())  # and the next campaign runs
     v.runner().step()
     assert [b["outcome"] for b in v.cloud.events(event="finished", campaign_id="c-1")] == ["success"]

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Iterator
 
+import can
 import pytest
 from udsoncan.exceptions import TimeoutException
 
@@ -28,9 +29,9 @@ REQ, RSP = 0x7E0, 0x7E8
 class Server:
     """A scripted ECU: to each request, the responses listed for it, in order."""
 
-    def __init__(self, segment: Segment, script: dict[bytes, list[bytes]]) -> None:
+    def __init__(self, segment: Segment, script: dict[bytes, list[bytes]], delay: float = 0.0) -> None:
         self.stack = segment.stack(RSP, REQ)
-        self.script = script
+        self.script, self.delay = script, delay
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -40,6 +41,7 @@ class Server:
             request = self.stack.recv(block=True, timeout=0.05)
             if request is None:
                 continue
+            time.sleep(self.delay)
             for response in self.script.get(bytes(request), []):
                 self.stack.send(response)
                 time.sleep(0.01)
@@ -56,10 +58,12 @@ def segments() -> Iterator[tuple[Segment, Segment]]:
 
 
 @contextlib.contextmanager
-def talking(segments: tuple[Segment, Segment], answers: list[str]) -> Iterator[tuple[UdsLink, TraceRecorder]]:
-    """A tester's link to a scripted ECU that answers ``10 03`` with ``answers`` (hex), in order."""
+def talking(segments: tuple[Segment, Segment], answers: list[str],
+            delay: float = 0.0) -> Iterator[tuple[UdsLink, TraceRecorder]]:
+    """A tester's link to a scripted ECU that answers ``10 03`` with ``answers`` (hex), in order,
+    ``delay`` seconds after the request."""
     segment, ecu = segments
-    server = Server(ecu, {bytes.fromhex("1003"): [bytes.fromhex(a) for a in answers]})
+    server = Server(ecu, {bytes.fromhex("1003"): [bytes.fromhex(a) for a in answers]}, delay)
     recorder = TraceRecorder(TraceHeader("flash", "GW", "vcu", "vcu", REQ, RSP, 0x7DF, time.time()))
     link = UdsLink(segment, REQ, RSP, name="vcu", recorder=recorder, p2=0.3, p2_star=0.3)
     try:
@@ -94,3 +98,20 @@ def test_a_malformed_answer_is_still_the_answer(segments: tuple[Segment, Segment
             link.client.change_session(Session.extendedDiagnosticSession)
         assert not isinstance(caught.value, TimeoutException)
         assert recorder.exchanges[0].response == bytes.fromhex("7f")
+
+
+def test_garbage_frames_during_a_request_do_not_stop_the_link(segments: tuple[Segment, Segment]) -> None:
+    """One-byte and empty frames, on the response id and on others, while a request waits: the
+    request is answered, and the next one too (the receive path survives any frame)."""
+    with talking(segments, ["5003003201f4"], delay=0.2) as (link, recorder):
+        _, ecu = segments
+        for _ in range(2):
+            done = threading.Thread(target=link.client.change_session, args=(Session.extendedDiagnosticSession,))
+            done.start()
+            time.sleep(0.05)
+            for can_id, data in ((0x123, b"\x00"), (RSP, b"\x00"), (0x124, b""), (0x125, b"\x00\x00"), (RSP, b"\xff")):
+                ecu.bus.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=False))  # unpadded
+            done.join(5)
+            assert not done.is_alive()
+        # both answered: the segment's receive thread lives on
+        assert [e.response for e in recorder.exchanges] == [bytes.fromhex("5003003201f4")] * 2

@@ -213,6 +213,7 @@ class StrayListener(can.Listener):
         self.own_ids = own_ids
 
     def on_message_received(self, msg: can.Message) -> None:
+        """Runs in the segment's notifier thread: any frame at all, never an exception."""
         if msg.arbitration_id in self.own_ids or msg.is_error_frame or not msg.data:
             return
         exchange = self.recorder.current
@@ -220,8 +221,10 @@ class StrayListener(can.Listener):
             return
         data = bytes(msg.data)
         kind = data[0] >> 4
-        if kind == 0:  # single frame
+        if kind == 0:  # single frame; a CAN FD one escapes its length into the second byte
             size = data[0] & 0x0F
+            if size == 0 and len(data) < 2:
+                return  # one byte: no frame of any kind
             payload = data[1 : 1 + size] if size else data[2 : 2 + data[1]]
         elif kind == 1:  # first frame
             payload = data[2:]

@@ -66,6 +66,7 @@ class Service(Generic[S]):
     min_length: int = 1
     sessions: frozenset[int] = frozenset({Session.defaultSession, Session.programmingSession, Session.extendedDiagnosticSession})
     subfunction: bool = False
+    subfunctions: frozenset[int] | None = None  # the sub-functions it supports (None: the handler decides)
 
 
 @dataclass
@@ -176,8 +177,14 @@ class UdsServer(Generic[S]):
         service = self.services.get(sid)
         if service is None:
             return self._filter(request, request.negative(Nrc.ServiceNotSupported)), None
+        # ISO 14229-1's order of checks: service, session, minimum length (SID + sub-function),
+        # sub-function, then the service's own length and parameters
         if self.state.session not in service.sessions:
             return self._filter(request, request.negative(Nrc.ServiceNotSupportedInActiveSession)), None
+        if service.subfunction and len(request.data) < 2:
+            return self._filter(request, request.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)), None
+        if service.subfunctions is not None and request.data[1] & 0x7F not in service.subfunctions:
+            return self._filter(request, request.negative(Nrc.SubFunctionNotSupported)), None
         if len(request.data) < service.min_length:
             return self._filter(request, request.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)), None
         suppress = False

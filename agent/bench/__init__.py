@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.adapters.storage import atomic_write_json, atomic_write_text
 from agent.core.config import load_vehicle_config, load_yaml, parse_vehicle_config
-from agent.core.faults import parse_fault
+from agent.core.faults import parse_faults
 from agent.errors import UsageError, VotaError
 
 __all__ = ["run_bench", "make_image", "Processes"]
@@ -121,7 +121,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
     names = args.ecu or list(config.ecus)
     for n in names:
         config.ecu(n)
-    faults = [parse_fault(f) for f in args.fault]
+    faults = parse_faults(args.fault, "bench", names)
     vin = config.tbox_config().vin if config.tbox else "LVOTABENCH0000001"
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -150,11 +150,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
         cloud.start()
         if not cloud.collector.connected.wait(15):
             raise VotaError(f"the cloud cannot reach the broker {broker}")
-        def routed(stage: str, side: str) -> list[str]:
-            return [a for f in faults if f.stage == stage and f.side == side for a in ("--fault", f.text)]
+        def routed(stage: str, side: str, ecu: str | None = None) -> list[str]:
+            return [a for f in faults if f.stage == stage and f.side == side and (ecu is None or f.target in ("*", ecu))
+                    for a in ("--fault", f.text)]
 
-        for name in names:
-            procs.start(f"ecu-{name}", "ecu-sim", "-c", str(runtime), "--ecu", name, *routed("flash", "server"))
+        for name in names:  # each simulator gets the faults for its own ECU
+            procs.start(f"ecu-{name}", "ecu-sim", "-c", str(runtime), "--ecu", name, *routed("flash", "server", name))
         procs.start("gateway", "gateway", "-c", str(runtime), *routed("deploy", "server"), *routed("flash", "client"))
         clock: list[str] = []
         if content_spec is not None:

@@ -4,8 +4,9 @@ is served (systemd readiness, watchdog, clean stop)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
-from typing import Any
+from typing import Any, Iterator
 
 from agent.errors import UsageError
 
@@ -39,38 +40,54 @@ def serve(name: str, start: Any, stop: Any, alive: Any = None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _only_one(directory: str, what: str) -> Iterator[None]:
+    """Hold the state directory's instance lock while the daemon runs (one line, exit 1, if taken)."""
+    from agent.adapters.storage import InstanceLock
+
+    lock = InstanceLock(directory, what).acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     from agent.core.config import load_vehicle_config
-    from agent.core.faults import parse_fault
+    from agent.core.faults import parse_faults
     from gateway.daemon import GatewayDaemon
 
     config = load_vehicle_config(args.config)
-    daemon = GatewayDaemon(config, [parse_fault(f) for f in args.fault])
-    return serve("gateway", daemon.start, daemon.stop)
+    faults = parse_faults(args.fault, "gateway", list(config.ecus))
+    with _only_one(config.gateway.results_dir, "vota gateway"):
+        daemon = GatewayDaemon(config, faults)
+        return serve("gateway", daemon.start, daemon.stop)
 
 
 def cmd_tbox(args: argparse.Namespace) -> int:
     from agent.core.clock import parse_time, simulated_clock
     from agent.core.config import load_vehicle_config
-    from agent.core.faults import parse_fault
+    from agent.core.faults import parse_faults
     from tbox.daemon import TboxDaemon
 
     config = load_vehicle_config(args.config)
     content_now = simulated_clock(parse_time(args.clock), args.clock_rate) if args.clock else None
-    daemon = TboxDaemon(config, faults=[parse_fault(f) for f in args.fault], content_now=content_now)
-    return serve("tbox", daemon.start, daemon.stop, alive=daemon.alive)
+    faults = parse_faults(args.fault, "tbox", list(config.ecus))
+    with _only_one(config.tbox_config().state_dir, "vota tbox"):  # two would fight over the broker and the gateway
+        daemon = TboxDaemon(config, faults=faults, content_now=content_now)
+        return serve("tbox", daemon.start, daemon.stop, alive=daemon.alive)
 
 
 def cmd_ecu_sim(args: argparse.Namespace) -> int:
     from agent.core.config import load_vehicle_config
-    from agent.core.faults import parse_fault
+    from agent.core.faults import parse_faults
     from ecu_sim.simulator import EcuSimulator
 
     config = load_vehicle_config(args.config)
     names = args.ecu or list(config.ecus)
     if not names:
         raise UsageError(f"{args.config}: no ECUs configured")
-    faults = [parse_fault(f) for f in args.fault]
+    faults = parse_faults(args.fault, "ecu-sim", names)
     sim = EcuSimulator(config, names, args.state_dir, faults)
 
     def stop(signum: int, frame: Any) -> None:

@@ -34,7 +34,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
     from agent.cli.progress import ProgressBoard
     from agent.core.config import load_vehicle_config
-    from agent.core.faults import parse_fault
+    from agent.core.faults import parse_faults
     from gateway.flash import FlashJob, flash_all
 
     config = load_vehicle_config(args.config)
@@ -54,7 +54,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S")
     signal.signal(signal.SIGTERM, _interrupt)
     board = ProgressBoard([j.ecu for j in jobs], enabled=not args.no_progress)
-    results = flash_all(config, jobs, out, progress=board, faults=[parse_fault(f) for f in args.fault])
+    results = flash_all(config, jobs, out, progress=board, faults=parse_faults(args.fault, "flash", [j.ecu for j in jobs]))
     board.finish()
     rows = [r.to_json() for r in results]
     if args.json:
@@ -89,11 +89,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from agent.adapters.file_client import PackageDeployer, file_sha256
     from agent.cli.progress import ProgressBoard
     from agent.core.config import load_vehicle_config
-    from agent.core.faults import parse_fault
+    from agent.core.faults import parse_faults
 
     config = load_vehicle_config(args.config)
     link = config.deploy_link()
-    faults = [parse_fault(f) for f in args.fault]
+    faults = parse_faults(args.fault, "deploy", list(config.ecus))
     if args.sha256 and len(args.sha256) != len(args.packages):
         raise UsageError("give --sha256 once per package, or not at all")
     items = []

@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.errors import VotaError
+from agent.errors import UsageError, VotaError
 from agent.protocol.files import PARTIAL_SUFFIXES, is_name
 
 __all__ = [
@@ -115,9 +115,9 @@ def load_private_key(pem: bytes, source: str = "key") -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise VotaError(f"{source}: not a PEM private key ({exc})") from None
+        raise UsageError(f"{source}: not a PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise VotaError(f"{source}: not an Ed25519 private key")
+        raise UsageError(f"{source}: not an Ed25519 private key")
     return key
 
 
@@ -125,9 +125,9 @@ def load_public_key(pem: bytes, source: str = "key") -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
-        raise VotaError(f"{source}: not a PEM public key ({exc})") from None
+        raise UsageError(f"{source}: not a PEM public key ({exc})") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise VotaError(f"{source}: not an Ed25519 public key")
+        raise UsageError(f"{source}: not an Ed25519 public key")
     return key
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from agent.errors import UsageError
 
-__all__ = ["FaultSpec", "parse_fault", "SERVER_ACTIONS", "CLIENT_ACTIONS", "FaultCounter"]
+__all__ = ["FaultSpec", "parse_fault", "parse_faults", "SERVER_ACTIONS", "CLIENT_ACTIONS", "FaultCounter"]
 
 SERVER_ACTIONS = ("drop", "delay", "wrong_id", "malformed", "nrc", "mismatch")
 CLIENT_ACTIONS = ("not_sent", "from_id", "bad_format", "bad_length", "skip_counter", "skip_step")
@@ -99,6 +99,38 @@ def parse_fault(spec: str) -> FaultSpec:
     if action == "nrc" and arg is not None and not 0 < arg < 0x100:
         raise UsageError(f"fault spec {spec!r}: NRC must be 0x01..0xFF")
     return FaultSpec(stage, target, service, occurrence, and_later, action, arg, spec.strip())
+
+
+# Which process injects which faults: (stage, side) -> who does it
+INJECTED_BY = {
+    ("flash", "server"): "the ECU simulator (vota ecu-sim --fault)",
+    ("flash", "client"): "the gateway (vota gateway --fault, vota flash --fault)",
+    ("deploy", "server"): "the gateway (vota gateway --fault)",
+    ("deploy", "client"): "the TBOX (vota tbox --fault, vota deploy --fault)",
+}
+ROLES = {
+    "ecu-sim": {("flash", "server")},
+    "gateway": {("deploy", "server"), ("flash", "client")},
+    "flash": {("flash", "client")},
+    "tbox": {("deploy", "client")},
+    "deploy": {("deploy", "client")},
+    "bench": set(INJECTED_BY),
+}
+
+
+def parse_faults(texts: list[str], process: str, ecus: list[str]) -> list[FaultSpec]:
+    """The specs ``process`` is given, each checked to be one it can apply: a fault for another
+    process, or for an ECU it does not have, is refused with the reason (it would do nothing)."""
+    out = []
+    for text in texts:
+        f = parse_fault(text)
+        if (f.stage, f.side) not in ROLES[process]:
+            raise UsageError(f"fault spec {f.text!r}: a {f.side}-side {f.stage} fault ({f.action}) is injected by "
+                             f"{INJECTED_BY[(f.stage, f.side)]}, not by vota {process}")
+        if f.stage == "flash" and f.target != "*" and f.target not in ecus:
+            raise UsageError(f"fault spec {f.text!r}: no ECU {f.target!r} here (ECUs: {', '.join(ecus) or 'none'})")
+        out.append(f)
+    return out
 
 
 class FaultCounter:

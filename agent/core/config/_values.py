@@ -22,8 +22,12 @@ def load_yaml(path: str | os.PathLike[str]) -> Any:
         raise ConfigError(source, None, "file not found") from None
     except OSError as exc:
         raise ConfigError(source, None, f"cannot read file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, None, f"not UTF-8 text (byte {exc.start}): a binary file?") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(source, None, "broken YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
