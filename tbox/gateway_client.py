@@ -49,11 +49,16 @@ class GatewayClient:
         self.lock = threading.RLock()
 
     def deploy(self, name: str, path: Path, sha256: str, out_dir: Path | None = None, *, resume: bool = False,
-               progress: Callable[[], None] | None = None) -> DeployResult:
+               progress: Callable[[int, int], None] | None = None) -> DeployResult:
         """Deploy one file (RequestFileTransfer); result and trace into ``out_dir`` unless cancelled."""
-        beat = progress
+        report = progress
+
+        def sent(package: str, step: str, done: int, size: int) -> None:
+            if report is not None:
+                report(done, size)
+
         deployer = PackageDeployer(self.segment, self.link, name, path, sha256, resume=resume, stop=self.stop,
-                                   faults=self.faults, progress=(lambda *_: beat()) if beat is not None else None)
+                                   faults=self.faults, progress=sent)
         with self.lock:
             result = deployer.run()
         if out_dir is not None and result.reason != "cancelled":
@@ -96,12 +101,12 @@ class GatewayClient:
     def wait_install(self, campaign: str, timeout: float, poll: float = 0.5, should_stop: Any = None) -> int:
         deadline = time.monotonic() + timeout
         while True:
-            status, _, _ = self.install_status(campaign)
+            status, done, total = self.install_status(campaign)
             if status != InstallStatus.RUNNING:
                 return status
             if time.monotonic() > deadline:
                 raise GatewayError(f"install of {campaign} still running after {timeout:.0f} s")
-            if should_stop is not None and should_stop():
+            if should_stop is not None and should_stop(done, total):
                 raise GatewayError("stopped while waiting for the install")
             time.sleep(poll)
 

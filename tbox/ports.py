@@ -26,8 +26,9 @@ class GatewayPort(Protocol):
         """The ECUs' versions, as the gateway collected them now (D11)."""
 
     def deploy(self, name: str, path: Path, sha256: str, out_dir: Path | None = None, *, resume: bool = False,
-               progress: Callable[[], None] | None = None) -> DeployResult:
-        """Deploy one file to the gateway; its result and trace go to ``out_dir`` when given."""
+               progress: Callable[[int, int], None] | None = None) -> DeployResult:
+        """Deploy one file to the gateway; its result and trace go to ``out_dir`` when given;
+        ``progress(bytes sent, size)`` as it goes."""
 
     def install_status(self, campaign_id: str) -> tuple[int, int, int]:
         """(InstallStatus, ECUs done, ECUs in total)."""
@@ -35,8 +36,9 @@ class GatewayPort(Protocol):
     def start_install(self, manifest_name: str) -> None: ...
 
     def wait_install(self, campaign_id: str, timeout: float, poll: float = 0.5,
-                     should_stop: Callable[[], bool] | None = None) -> int:
-        """Poll until the install is no longer running; its final InstallStatus."""
+                     should_stop: Callable[[int, int], bool] | None = None) -> int:
+        """Poll until the install is no longer running; its final InstallStatus. ``should_stop``
+        is asked at every poll with (ECUs done, ECUs in total)."""
 
     def read_file(self, path: str) -> bytes:
         """A file the gateway produced (results, traces, the inventory)."""

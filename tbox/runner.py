@@ -47,6 +47,7 @@ __all__ = ["CampaignRunner", "CampaignFailure", "LOCAL_CAMPAIGN"]
 log = logging.getLogger(__name__)
 
 LOCAL_CAMPAIGN = "campaign.local.json"  # a campaign the TBOX made itself from a verified content item
+PROGRESS_INTERVAL_S = 1.0  # at most one progress event a second per download, deploy or install
 WAITING = ("awaiting_install",)  # states that wait for the owner: entering them again is no loop
 
 
@@ -277,15 +278,9 @@ class CampaignRunner:
             if entry.get("downloaded"):
                 continue
 
-            def progress(done: int, total: int, name: str = p.name, last: list[float] = [0.0]) -> None:  # noqa: B006
-                self.beat()
-                if time.monotonic() - last[0] > 1.0:
-                    last[0] = time.monotonic()
-                    self.cloud.report("events", {"event": "progress", "campaign_id": campaign.campaign_id,
-                                                 "stage": "download", "package": name, "done": done, "total": total})
-
             try:
-                info = self.fetch(p.url, self.package_path(record, p.name), p.size, p.sha256, progress=progress,
+                info = self.fetch(p.url, self.package_path(record, p.name), p.size, p.sha256,
+                                  progress=self._progress(campaign.campaign_id, "download", package=p.name),
                                   should_stop=self.stop.is_set)
             except TryLater:
                 raise  # the network: back off and resume the download (HTTP ranges)
@@ -308,7 +303,7 @@ class CampaignRunner:
             record.save()
             boot = self.gateway.boot_id()
             result = self.gateway.deploy(p.name, self.package_path(record, p.name), p.sha256, out, resume=resume,
-                                         progress=self.beat)
+                                         progress=self._progress(campaign.campaign_id, "deploy", package=p.name))
             if result.reason == "cancelled":
                 return None  # SIGTERM: checkpointed; the deploy resumes after restart
             if result.result != "success" and result.nrc is None and self._restarted(boot):
@@ -351,10 +346,20 @@ class CampaignRunner:
             return "installing"
         return None  # wait for the confirm command
 
-    def _polling(self) -> bool:
-        """Called at every install status poll: the worker is alive; True when stopping."""
-        self.beat()
-        return self.stop.is_set()
+    def _progress(self, campaign_id: str, stage: str, **where: Any) -> Callable[[int, int], None]:
+        """A progress callback for one download, deploy or install: feeds the worker's heartbeat
+        at every call and tells the cloud (done, total) at most once a second."""
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            self.beat()
+            if time.monotonic() - last[0] >= PROGRESS_INTERVAL_S:
+                last[0] = time.monotonic()
+                self.cloud.report("events", {"event": "progress", "campaign_id": campaign_id, "stage": stage, **where,
+                                             "done": done, "total": total},
+                                  msg_id=".".join([campaign_id, "progress", stage, *map(str, where.values()), str(done)]))
+
+        return progress
 
     def _installing(self, record: CampaignRecord) -> str | None:
         cid = record.campaign_id
@@ -364,7 +369,13 @@ class CampaignRunner:
             record.install_started = True  # first: a TBOX killed right after starting it does not start it twice
             record.save()
             self.gateway.start_install(f"install-{cid}.json")
-        status = self.gateway.wait_install(cid, self.tbox.install_timeout_s, should_stop=self._polling)
+        progress = self._progress(cid, "install")
+
+        def polling(done: int, total: int) -> bool:  # at every status poll: progress; True when stopping
+            progress(done, total)
+            return self.stop.is_set()
+
+        status = self.gateway.wait_install(cid, self.tbox.install_timeout_s, should_stop=polling)
         if self.stop.is_set():
             return None  # checkpointed: after restart the TBOX asks the gateway again
         if not record.install_ended:

@@ -22,6 +22,9 @@ def test_campaign_for_three_ecus_end_to_end(vehicle):
     assert states == ["verified", "downloading", "downloaded", "deploying", "deployed", "awaiting_install",
                       "installing", "done"]  # "received" comes before the campaign id is verified
     assert any(b.get("state") == "received" for b in vehicle.reports("events", None))
+    progress = {(b["stage"], b.get("package")) for b in vehicle.reports("events", "c-100") if b.get("event") == "progress"}
+    assert {("download", f"{e}-2.0.0.bin") for e in ECUS} | {("deploy", f"{e}-2.0.0.bin") for e in ECUS} | {
+        ("install", None)} <= progress  # the cloud hears each long step as it goes
     (inventory,) = vehicle.reports("inventory", "c-100")
     assert {e["ecu"]: e["software_version"] for e in inventory["ecus"]} == {e: "1.0.0" for e in (*ECUS, "dlp_headlamp")}
     results = vehicle.reports("results", "c-100")

@@ -91,7 +91,7 @@ class FakeGateway:
         return self.boot
 
     def deploy(self, name: str, path: Path, sha256: str, out_dir: Path | None = None, *, resume: bool = False,
-               progress: Callable[[], None] | None = None) -> DeployResult:
+               progress: Callable[[int, int], None] | None = None) -> DeployResult:
         self._maybe_fail("deploy")
         if self.broken_deploys:  # the deploy breaks off without an answer; ``restart`` restarts the gateway under it
             restart = self.broken_deploys.pop(0)
@@ -101,6 +101,8 @@ class FakeGateway:
             return DeployResult(name, "failed", 0, sha256, failed_step="transfer_data", reason="no response (timeout)")
         data = path.read_bytes()
         assert hashlib.sha256(data).hexdigest() == sha256
+        if progress is not None:
+            progress(len(data), len(data))
         self.deploys.append((name, resume))
         self.deployed[name] = data
         result = DeployResult(name, "success", len(data), sha256, packets=1)
@@ -121,8 +123,10 @@ class FakeGateway:
         self.install[manifest["campaign_id"]] = InstallStatus.RUNNING
 
     def wait_install(self, campaign_id: str, timeout: float, poll: float = 0.5,
-                     should_stop: Callable[[], bool] | None = None) -> int:
+                     should_stop: Callable[[int, int], bool] | None = None) -> int:
         self._maybe_fail("wait_install")
+        if should_stop is not None:
+            should_stop(len(IMAGES), len(IMAGES))
         self.install[campaign_id] = InstallStatus.SUCCEEDED
         return InstallStatus.SUCCEEDED
 
@@ -194,6 +198,9 @@ def test_a_campaign_runs_through_every_state(tmp_path: Path) -> None:
     assert v.gateway.installs == ["c-1"]
     assert {"c-1.deploy.vcu-2.0.0.bin", "c-1.flash.vcu", "c-1.flash.bms"} <= set(v.cloud.traces)
     assert "c-1.inventory" in v.cloud.messages
+    progress = [(b["stage"], b.get("package"), b["done"], b["total"]) for b in v.cloud.events(event="progress")]
+    assert ("install", None, 2, 2) in progress and {p[:2] for p in progress} >= {("deploy", "vcu-2.0.0.bin"),
+                                                                                ("deploy", "bms-2.0.0.bin")}
 
 
 @pytest.mark.parametrize("state", [s for s in STATES if s not in (*TERMINAL, "failed")])
