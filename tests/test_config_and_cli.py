@@ -7,7 +7,7 @@ import pytest
 from agent.core.config import load_vehicle_config, parse_vehicle_config
 from agent.core.faults import FaultCounter, parse_fault
 from agent.errors import ConfigError, UsageError
-from tests.conftest import ecu_entry, multicast_bus, vota
+from tests.conftest import ecu_entry, multicast_bus, virtual_bus, vota
 
 GOOD = {
     "segments": {"pt": {"bus": {"interface": "virtual", "channel": "x"}}},
@@ -206,3 +206,15 @@ def test_a_fault_spec_that_cannot_apply_is_refused(write_config):
     assert run.returncode == 2 and "is injected by the gateway" in run.stderr and "Traceback" not in run.stderr
     run = vota("gateway", "-c", config, "--fault", "vcu:36:drop")
     assert run.returncode == 2 and "is injected by the ECU simulator (vota ecu-sim --fault), not by vota gateway" in run.stderr
+
+
+def test_a_place_that_cannot_be_written_is_one_line(tmp_path, write_config):
+    config = str(write_config({"segments": {"pt": {"bus": virtual_bus()}}, "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8)}}))
+    run = vota("ecu-sim", "-c", config, "--state-dir", "/proc/vota-test")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("vota ecu-sim: error: /proc/vota-test")
+    image = tmp_path / "img.bin"
+    image.write_bytes(b"x" * 64)
+    run = vota("flash", "-c", config, "--no-progress", "--out", "/proc/vota-test", f"vcu={image}@2.0")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == "vota flash: error: /proc/vota-test: No such file or directory"

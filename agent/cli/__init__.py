@@ -59,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VotaError as exc:
         print(f"vota {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a path that cannot be written or read (a read-only place, /proc, a full disk)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"vota {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"vota {args.command}: interrupted", file=sys.stderr)
         return 130
