@@ -111,6 +111,11 @@ class _Install:
         self.results[result.ecu] = result
         self.journal.record(result)
 
+    def not_started(self, jobs: list[FlashJob], why: str) -> None:
+        """A result for each of ``jobs`` that has none yet: not started, and why."""
+        for job in jobs:
+            self.results.setdefault(job.ecu, _not_started(job, why))
+
     def images(self, ecu: str) -> EcuImages:
         return read_images(self.config, self.buses, ecu)
 
@@ -171,10 +176,8 @@ def install(config: VehicleConfig, plan: InstallPlan, out: Path, *, buses: Buses
         if run.stop.is_set():
             raise InstallInterrupted(f"install {plan.campaign_id} stopped in its {journal.phase} phase")
         journal.finish(ok)
-    results = {e: r for e, r in run.results.items()}
-    for _, job in plan.jobs:  # an ECU never reached (a kill before its result was journaled) still gets one
-        results.setdefault(job.ecu, _not_started(job, "not reached"))
-    ordered = [_with_notes(results[job.ecu], journal) for _, job in plan.jobs]
+    run.not_started([job for _, job in plan.jobs], "not reached")  # a kill before its result was journaled
+    ordered = [_with_notes(run.results[job.ecu], journal) for _, job in plan.jobs]
     final = {e["ecu"]: {"software_version": e.get("software_version"), "image_sha256": e.get("image_sha256")}
              for e in collect_versions(config, [job.ecu for _, job in plan.jobs], buses=buses)}  # read back, not assumed
     single = [job.ecu for _, job in plan.jobs if config.ecu(job.ecu).banks == 1]
@@ -211,8 +214,7 @@ def _with_notes(result: FlashResult, journal: InstallJournal) -> FlashResult:
 def _per_ecu(run: _Install) -> bool:
     for group in run.plan.groups():
         if any(r.result != "success" for r in run.results.values()):
-            for j in group:
-                run.results.setdefault(j.ecu, _not_started(j, "an earlier install group failed"))
+            run.not_started(group, "an earlier install group failed")
             continue
         run.flash_whole([job for job in group if job.ecu not in run.results])  # not finished before an interruption
     return all(r.result == "success" for r in run.results.values())
@@ -244,8 +246,7 @@ def _stage(run: _Install) -> None:
     for group in run.plan.groups():
         group = [j for j in group if not run.single(j.ecu)]
         if any(r.result != "success" for r in run.results.values()):
-            for j in group:
-                run.results.setdefault(j.ecu, _not_started(j, "an ECU failed to stage"))
+            run.not_started(group, "an ECU failed to stage")
             continue
         todo = []
         for job in group:
@@ -268,9 +269,7 @@ def _stage(run: _Install) -> None:
         run.journal.set_phase("activate")
         return
     culprit = next(r for r in run.results.values() if r.result != "success" and r.failed_step != "not_started")
-    for job in run.plan.in_order():
-        if run.single(job.ecu):
-            run.results.setdefault(job.ecu, _not_started(job, "an ECU failed to stage"))
+    run.not_started([j for j in run.plan.in_order() if run.single(j.ecu)], "an ECU failed to stage")
     run.journal.set_phase("discard", f"{culprit.ecu} failed to stage at {culprit.failed_step}", culprit.ecu)
 
 
@@ -305,9 +304,7 @@ def _flash_last(run: _Install) -> None:
         failed = [r for e, r in run.results.items() if run.single(e) and r.result != "success"]
         if failed:
             culprit = failed[0]
-            for job in run.plan.in_order():
-                if run.single(job.ecu):
-                    run.results.setdefault(job.ecu, _not_started(job, f"{culprit.ecu} failed"))
+            run.not_started([j for j in run.plan.in_order() if run.single(j.ecu)], f"{culprit.ecu} failed")
             run.journal.set_phase("rollback", f"{culprit.ecu} (a single flash bank) failed at {culprit.failed_step}",
                                   culprit.ecu)
             return
@@ -333,9 +330,10 @@ def _discard(run: _Install) -> None:
     culprit = run.journal.culprit
     touched = [e for e in run.staging() if e in run.results and run.results[e].failed_step != "not_started"]
     for ecu in [e for e in reversed(touched) if e != culprit] + [e for e in (culprit,) if e in touched]:
-        if run.results[ecu].phase not in ("discarded", "rolled_back") or ecu == culprit:
-            if not any(a.get("action") == "discard" and a.get("result") == "success" for a in run.results[ecu].actions):
-                _act(run, ecu, "discard", None)
+        r = run.results[ecu]
+        discarded = any(a.get("action") == "discard" and a.get("result") == "success" for a in r.actions)
+        if not discarded and (r.phase != "rolled_back" or ecu == culprit):  # a rolled-back ECU holds nothing staged
+            _act(run, ecu, "discard", None)
 
 
 def _act(run: _Install, ecu: str, action: str, expect: tuple[str, str | None] | None) -> ActionResult:
