@@ -14,11 +14,17 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-# System packages the tests need: Mosquitto, the real MQTT broker the tests start.
+# System packages the tests need: Mosquitto, the real MQTT broker the tests start; its command-line
+# clients (an independent MQTT client in the tests); systemd's analyzer for the unit files.
+SYSDEPS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients systemd-analyze:systemd
 sysdeps:
-	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
-		else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; fi; \
+	@missing=""; for dep in $(SYSDEPS); do \
+		cmd=$${dep%%:*}; pkg=$${dep##*:}; \
+		command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@if [ "$$(id -u)" = 0 ]; then sysctl -q -w net.core.rmem_max=4194304 2>/dev/null || true; fi
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,11 @@ from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 __all__ = ["Collector"]
 
 log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a VIN or a message type: one safe path component
+_BASE64 = re.compile(r"[A-Za-z0-9+/=]*")
+MAX_TRACE_PARTS = 100_000
+MAX_MESSAGE = 16 * 1024 * 1024
 
 
 class Collector:
@@ -43,6 +49,7 @@ class Collector:
         self.host, self.port = host, port
         self.seen: set[str] = set()
         self.duplicates = 0
+        self.rejected = 0  # messages dropped as malformed (each logged with its reason)
         self.messages: list[dict[str, Any]] = []
         self.status: dict[str, str] = {}
         self.verdicts: dict[str, dict[str, Any]] = {}
@@ -71,54 +78,90 @@ class Collector:
         self.connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        parts = msg.topic.split("/")
-        if len(parts) < 4:
-            return
-        vin, kind = parts[-2], parts[-1]
+        """Every message is stored or dropped with a reason; nothing a vehicle (or anyone on the
+        broker) sends stops the collector or writes outside ``<store>/<vin>/``."""
         try:
-            doc = json.loads(msg.payload)
+            why = self._take(msg.topic, msg.payload)
+        except Exception:  # noqa: BLE001 - one message must not stop the collector
+            log.exception("message on %r could not be stored", msg.topic)
+            why = "internal error"
+        if why is not None:
+            self.rejected += 1
+            log.warning("dropped a message on %r: %s", msg.topic, why)
+
+    def _take(self, topic: str, payload: bytes | bytearray) -> str | None:
+        """Store one message; None, or why it was dropped."""
+        parts = topic.split("/")
+        if len(parts) < 4:
+            return "not a vehicle topic"
+        vin, kind = parts[-2], parts[-1]
+        if not _NAME.fullmatch(vin) or not _NAME.fullmatch(kind):
+            return "the VIN or the message type is not a plain name"
+        if len(payload) > MAX_MESSAGE:
+            return f"{len(payload)} bytes, at most {MAX_MESSAGE}"
+        try:
+            doc = json.loads(payload)
         except (ValueError, RecursionError):  # RecursionError: nested too deeply
-            log.warning("not JSON on %s", msg.topic)
-            return
+            return "not JSON"
+        if not isinstance(doc, dict):
+            return "not a JSON object"
         with self._lock:
             if kind == "status":
-                self.status[vin] = doc.get("state", "?")
+                self.status[vin] = str(doc.get("state", "?"))
                 atomic_write_json(self.store / vin / "status.json", doc)
-            elif isinstance(doc, dict) and isinstance(doc.get("id"), str):
-                self._store(vin, kind, doc)
+            elif isinstance(doc.get("id"), str):
+                why = self._store(vin, kind, doc)
+                if why is not None:
+                    return why
+            else:
+                return "no message id"
             self._lock.notify_all()
+        return None
 
-    def _store(self, vin: str, kind: str, doc: dict[str, Any]) -> None:
+    def _store(self, vin: str, kind: str, doc: dict[str, Any]) -> str | None:
         msg_id = doc["id"]
         if msg_id in self.seen:
             self.duplicates += 1
-            return
+            return None
+        body = doc.get("body") or {}
+        if not isinstance(body, dict):
+            return "the body is not a JSON object"
+        if kind == "traces" and "trace_id" in body:
+            part, count = body.get("part"), body.get("parts")
+            if not (isinstance(part, int) and isinstance(count, int) and 0 <= part < count <= MAX_TRACE_PARTS
+                    and isinstance(body.get("data"), str) and _BASE64.fullmatch(body["data"])):
+                return "a trace part without a valid part, parts and base64 data"
         self.seen.add(msg_id)
         self.messages.append(doc)
-        safe_id = "".join(ch for ch in msg_id if ch.isalnum() or ch in "._-")
+        safe_id = "".join(ch for ch in msg_id if ch.isalnum() or ch in "._-")[:120]  # a file name has its limits
         atomic_write_json(self.store / vin / "messages" / kind / f"{len(self.messages):06d}-{safe_id}.json", doc)
-        body = doc.get("body") or {}
-        if kind == "events" and isinstance(body, dict) and body.get("event") == "content" and body.get("bundle_id"):
+        if kind == "events" and body.get("event") == "content" and body.get("bundle_id"):
             self._content_state(vin, body)
         if self.diagnose and kind == "events" and isinstance(body, dict) and body.get("event") == "finished" \
                 and body.get("outcome") == "failed" and body.get("campaign_id"):
             self._diagnose(vin, str(body["campaign_id"]))
-        if kind == "traces" and isinstance(body, dict) and "trace_id" in body:
+        if kind == "traces" and "trace_id" in body:
             trace_id = str(body["trace_id"])
             got = self._parts.setdefault(trace_id, {})
-            got[int(body["part"])] = str(body["data"])
-            if len(got) == int(body["parts"]):
-                data = join_trace_parts([got[i] for i in range(len(got))])
-                safe = "".join(ch for ch in trace_id if ch.isalnum() or ch in "._-")
+            got[body["part"]] = body["data"]
+            if len(got) == body["parts"] and set(got) == set(range(len(got))):
+                try:
+                    data = join_trace_parts([got[i] for i in range(len(got))])
+                except ValueError as exc:
+                    return str(exc)
+                safe = "".join(ch for ch in trace_id if ch.isalnum() or ch in "._-") or "trace"
                 atomic_write_bytes(self.store / vin / "traces" / f"{safe}.jsonl", data)
+        return None
 
     def _content_state(self, vin: str, body: dict[str, Any]) -> None:
         """What the owner's app shows: each content item's latest state, per bundle."""
-        safe = "".join(ch for ch in str(body["bundle_id"]) if ch.isalnum() or ch in "._-")
+        safe = "".join(ch for ch in str(body["bundle_id"]) if ch.isalnum() or ch in "._-").lstrip(".") or "bundle"
         path = self.store / vin / "content" / f"{safe}.json"
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
+            state = None
+        if not isinstance(state, dict) or not isinstance(state.get("items"), dict):
             state = {"bundle_id": body["bundle_id"], "items": {}}
         state["bundle_version"] = body.get("bundle_version")
         if body.get("item"):
@@ -132,8 +175,8 @@ class Collector:
         from agent.adapters.diagnosis_files import inputs_from_store, load_rules
         from agent.core.diagnosis import diagnose, render_markdown
 
-        results = [m["body"] for m in self.messages
-                   if m.get("vin") == vin and m.get("type") == "results" and m["body"].get("campaign_id") == campaign_id]
+        results = [m["body"] for m in self.messages if m.get("vin") == vin and m.get("type") == "results"
+                   and isinstance(m.get("body"), dict) and m["body"].get("campaign_id") == campaign_id]
         try:
             verdict = diagnose(inputs_from_store(results, self.store / vin / "traces", campaign_id), load_rules(),
                                "first", campaign_id)

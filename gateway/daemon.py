@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.heartbeat import Heartbeats
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.adapters.uds_server import UdsServer
 from agent.core.config import VehicleConfig
@@ -46,8 +47,10 @@ class GatewayInstaller:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._campaign: str | None = None
+        self._step = "starting"
         self._done = 0
         self._total = 0
+        self.heartbeats = Heartbeats(config.gateway.worker_stale_s)  # the install thread, while one runs
 
     def _parse(self, data: bytes) -> InstallPlan | str:
         manifest = parse_manifest(data)
@@ -78,7 +81,8 @@ class GatewayInstaller:
         return None
 
     def _begin(self, plan: InstallPlan, resume: bool) -> None:
-        self._campaign, self._done, self._total = plan.campaign_id, 0, len(plan.jobs)
+        self._campaign, self._done, self._total, self._step = plan.campaign_id, 0, len(plan.jobs), "starting"
+        self.heartbeats.beat("install")
         self._write_status(plan.campaign_id, InstallStatus.RUNNING)
         self._thread = threading.Thread(target=self._run, args=(plan, resume), name="install", daemon=True)
         self._thread.start()
@@ -112,6 +116,8 @@ class GatewayInstaller:
         return resumed
 
     def _progress(self, ecu: str, step: str, done: int, total: int) -> None:
+        self.heartbeats.beat("install")  # called at every request of a flash
+        self._step = f"{ecu} {step}"
         if step in ("done", "failed"):
             with self._lock:
                 self._done += 1
@@ -129,6 +135,8 @@ class GatewayInstaller:
         except Exception as exc:  # noqa: BLE001 - reported to the TBOX as a failed install
             log.exception("install %s failed", campaign)
             self._write_status(campaign, InstallStatus.FAILED, str(exc))
+        finally:
+            self.heartbeats.forget("install")
 
     def _write_status(self, campaign: str, status: int, error: str | None = None) -> None:
         doc: dict[str, Any] = {"campaign_id": campaign, "status": InstallStatus(status).name.lower(), "code": status,
@@ -154,6 +162,13 @@ class GatewayInstaller:
         if code == InstallStatus.RUNNING:  # the gateway restarted in the middle of it
             code = InstallStatus.FAILED
         return code, int(doc.get("done", 0)), int(doc.get("total", 0))
+
+    def describe(self) -> str:
+        """One line on the install, for systemd's STATUS=."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                return "no install running"
+            return f"install {self._campaign}: {self._done} of {self._total} ECUs done, now {self._step}"
 
     def inventory(self) -> None:
         atomic_write_json(self.results_dir / INVENTORY_FILE,
@@ -214,3 +229,16 @@ class GatewayDaemon:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+    def alive(self) -> bool:
+        """The deploy server's threads and the running install have made progress within
+        ``gateway.worker_stale_s`` (the systemd watchdog's question)."""
+        stale_s = self.config.gateway.worker_stale_s
+        wrong = (self.server.alive(stale_s) if self.server is not None else []) + self.installer.heartbeats.stale()
+        if wrong:
+            log.error("without progress for over %d s: %s", stale_s, ", ".join(wrong))
+        return not wrong
+
+    def status(self) -> str:
+        """One line for systemd's STATUS=."""
+        return f"deploy server on {self.link.segment}; {self.installer.describe()}"

@@ -166,16 +166,32 @@ class TboxDaemon:
             log.error("worker(s) without progress for over %d s: %s", self.tbox.worker_stale_s, ", ".join(stale))
         return self._worker.is_alive() and self._content_worker.is_alive() and not stale
 
+    def status(self) -> str:
+        """One line for systemd's STATUS=: the campaign worker's activity and the cloud link."""
+        if isinstance(self.cloud, CloudLink):
+            link = "connected" if self.cloud.connected.is_set() else "not connected"
+            return f"{self.runner.activity}; broker {link}, {self.cloud.pending()} reports queued"
+        return self.runner.activity
+
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 
     # ---- the workers ------------------------------------------------------------------------
     def _run(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             self.heartbeats.beat("campaign")
-            self.inbound.apply_commands()
-            if not self.runner.step():
+            try:
+                self.inbound.apply_commands()
+                moved = self.runner.step()
+                failures = 0
+            except Exception:  # noqa: BLE001 - e.g. a state file that cannot be read: logged, tried again
+                failures += 1
+                log.exception("campaign step failed (%d in a row)", failures)
+                moved = False
+                self._stop.wait(min(60.0, 2.0 ** failures))  # no tight loop of tracebacks
+            if not moved:
                 self._wake.wait(1.0)
                 self._wake.clear()
 

@@ -71,6 +71,7 @@ class CampaignRunner:
         self.entered = entered or (lambda record: None)  # called once a state is persisted (tests kill here)
         self.campaigns_dir = Path(tbox.state_dir) / "campaigns"
         self._seen: set[tuple[str, str]] = set()  # (campaign, state) this runner has entered or resumed
+        self.activity = "no campaign open"  # one line on what the runner does, for systemd's STATUS=
 
     # ---- the loop -----------------------------------------------------------------------------
     @property
@@ -86,7 +87,10 @@ class CampaignRunner:
     def step(self) -> bool:
         """Advance every open campaign as far as it goes now; True when any of them moved."""
         progressed = False
-        for record in [r for r in self.records() if r.state not in TERMINAL]:
+        open_records = [r for r in self.records() if r.state not in TERMINAL]
+        if not open_records:
+            self.activity = "no campaign open"
+        for record in open_records:
             if self.stop.is_set():
                 break
             progressed |= self.advance(record)
@@ -104,6 +108,7 @@ class CampaignRunner:
         while record.state not in TERMINAL and not self.stop.is_set():
             self.beat()
             state = record.state
+            self.activity = f"campaign {record.campaign_id or record.key}: {state}"
             if (record.key, state) not in self._seen:  # a new state, or one resumed after a restart
                 # waiting for the owner, or for an install the gateway runs on its own, is no loop
                 waiting = state in WAITING or (state == "installing" and not record.install_ended)
@@ -348,13 +353,16 @@ class CampaignRunner:
 
     def _progress(self, campaign_id: str, stage: str, **where: Any) -> Callable[[int, int], None]:
         """A progress callback for one download, deploy or install: feeds the worker's heartbeat
-        at every call and tells the cloud (done, total) at most once a second."""
-        last = [0.0]
+        at every call and tells the cloud (done, total) at most once a second, and once done."""
+        last = [0.0, -1.0]  # when the cloud was last told, and how far
+        unit = "ECUs" if stage == "install" else "bytes"
 
         def progress(done: int, total: int) -> None:
             self.beat()
-            if time.monotonic() - last[0] >= PROGRESS_INTERVAL_S:
-                last[0] = time.monotonic()
+            self.activity = " ".join([f"campaign {campaign_id}: {stage}", *map(str, where.values()), f"{done} of {total} {unit}"])
+            finished = done >= total and done != last[1]
+            if finished or time.monotonic() - last[0] >= PROGRESS_INTERVAL_S:
+                last[0], last[1] = time.monotonic(), done
                 self.cloud.report("events", {"event": "progress", "campaign_id": campaign_id, "stage": stage, **where,
                                              "done": done, "total": total},
                                   msg_id=".".join([campaign_id, "progress", stage, *map(str, where.values()), str(done)]))

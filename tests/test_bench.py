@@ -49,6 +49,9 @@ def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config
     assert names == ["deploy.bcm-2.0.0.bin.jsonl", "deploy.vcu-2.0.0.bin.jsonl", "discard.bcm.jsonl", "discard.vcu.jsonl",
                      "flash.bcm.jsonl", "flash.vcu.jsonl"]
     assert "campaign bench-" in run.stdout and "flash_failed" in run.stdout
+    size = (out / "cloud" / "packages" / "vcu-2.0.0.bin").stat().st_size
+    for stage in ("download", "deploy"):  # byte progress as it goes, and once complete
+        assert f"  {stage} vcu-2.0.0.bin: {size} of {size} bytes (100 %)" in run.stdout, run.stdout
     assert not _processes_mentioning(str(out))  # every process the bench started is gone
     # D10: the diagnosis ran in the bench (report.json), in the cloud and in the vehicle
     d = report["diagnosis"]

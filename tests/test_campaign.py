@@ -144,3 +144,22 @@ def test_requirements_are_checked_against_the_vehicle_after_the_campaign():
         verify(needs_bcm, installed={"vcu": "1.0.0"})  # bcm did not answer the inventory: nothing to rely on
     assert err.value.reason == "dependency" and "not known" in str(err.value)
     assert verify(needs_bcm, installed={"vcu": "1.0.0", "bcm": "3.10"}).campaign_id == "c-0001"
+
+
+def test_a_document_two_parsers_read_differently_is_refused():
+    """Found by benchmarks/fuzz.py: a repeated key in the envelope (Python keeps the last one,
+    other parsers the first) still verified. Signed documents now have one meaning or none."""
+    good = sign_campaign(DOC, KEY).decode()
+    sig = json.loads(good)["signatures"][0]["sig"]
+    twice = good.replace(f'"sig": "{sig}"', f'"sig": "AAAA", "sig": "{sig}"')
+    assert twice != good
+    with pytest.raises(CampaignRejected, match=r"not JSON \(the key 'sig' appears twice in one object\)") as err:
+        verify(twice.encode())
+    assert err.value.reason == "malformed"
+    payload = json.dumps(DOC)[:-1] + ', "version": 1}'  # a key repeated inside the signed payload
+    env = {**json.loads(good), "payload": base64.b64encode(payload.encode()).decode()}
+    with pytest.raises(CampaignRejected, match="appears twice"):
+        verify(json.dumps(env).encode())
+    env = {**json.loads(good), "payload": base64.b64encode(json.dumps({**DOC, "x": float("nan")}).encode()).decode()}
+    with pytest.raises(CampaignRejected, match="NaN is not a JSON number"):
+        verify(json.dumps(env).encode())

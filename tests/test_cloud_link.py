@@ -3,6 +3,7 @@ trace compression and splitting, inbound messages."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -121,14 +122,10 @@ def test_large_trace_is_compressed_split_and_reassembled(mosquitto, tmp_path):
         collector.stop()
 
 
-def test_inbound_messages_and_oversized_payloads(mosquitto, tmp_path):
-    received: list[tuple[str, bytes]] = []
-    got = threading.Event()
-
-    def handle(kind: str, payload: bytes) -> None:
-        received.append((kind, payload))
-        got.set()
-
+@contextlib.contextmanager
+def _vehicle_and_cloud(mosquitto, tmp_path, handle):  # type: ignore[no-untyped-def]
+    """A vehicle's cloud link handing inbound messages to ``handle``, the collector, and a plain
+    MQTT client playing the cloud; all connected and subscribed."""
     collector = Collector("127.0.0.1", mosquitto.port, tmp_path / "cloud")
     collector.start()
     link = CloudLink(_link(mosquitto, tmp_path), VIN, on_message=handle)
@@ -139,13 +136,89 @@ def test_inbound_messages_and_oversized_payloads(mosquitto, tmp_path):
     try:
         assert link.connected.wait(10) and collector.connected.wait(10)
         time.sleep(0.3)  # subscriptions in place
-        cloud.publish(f"vota/v1/{VIN}/command", b'{"command": "confirm_install"}', qos=1).wait_for_publish(5)
-        assert got.wait(10) and received == [("command", b'{"command": "confirm_install"}')]
-        cloud.publish(f"vota/v1/{VIN}/campaign", b"x" * (300 * 1024), qos=1).wait_for_publish(5)
-        assert collector.wait_for(lambda c: any(m["body"].get("reason") == "too_large" for m in c.messages), 10)
-        assert len(received) == 1  # the oversized one never reached the handler
+        yield collector, cloud
     finally:
         cloud.loop_stop()
         cloud.disconnect()
         link.stop()
         collector.stop()
+
+
+def test_inbound_messages_and_oversized_payloads(mosquitto, tmp_path):
+    received: list[tuple[str, bytes]] = []
+    got = threading.Event()
+
+    def handle(kind: str, payload: bytes) -> None:
+        received.append((kind, payload))
+        got.set()
+
+    with _vehicle_and_cloud(mosquitto, tmp_path, handle) as (collector, cloud):
+        cloud.publish(f"vota/v1/{VIN}/command", b'{"command": "confirm_install"}', qos=1).wait_for_publish(5)
+        assert got.wait(10) and received == [("command", b'{"command": "confirm_install"}')]
+        cloud.publish(f"vota/v1/{VIN}/campaign", b"x" * (300 * 1024), qos=1).wait_for_publish(5)
+        assert collector.wait_for(lambda c: any(m["body"].get("reason") == "too_large" for m in c.messages), 10)
+        assert len(received) == 1  # the oversized one never reached the handler
+
+
+def test_the_collector_survives_hostile_messages_and_writes_only_under_its_store(mosquitto, tmp_path):
+    """Anyone on the broker (mosquitto_pub here, not our client): a VIN of ``..``, a status that
+    is not an object, trace parts that are not numbers, a gzip bomb. Each is dropped with a
+    reason, nothing is written outside ``<store>/<vin>/``, and the collector goes on storing."""
+    import base64
+    import gzip
+    import shutil
+
+    pub = shutil.which("mosquitto_pub")
+    assert pub, "mosquitto_pub comes with the mosquitto package make test installs"
+    store = tmp_path / "cloud" / "store"
+    collector = Collector("127.0.0.1", mosquitto.port, store)
+    collector.start()
+    bomb = base64.b64encode(gzip.compress(b"\0" * (300 * 1024 * 1024))).decode()
+    hostile = [
+        ("vota/v1/../status", '{"state": "online"}'),
+        ("vota/v1/../../events", '{"id": "x", "body": {}}'),
+        (f"vota/v1/{VIN}/status", "[1, 2]"),
+        (f"vota/v1/{VIN}/traces", '{"id": "t1", "body": {"trace_id": "a", "part": "zero", "parts": 1, "data": "x"}}'),
+        (f"vota/v1/{VIN}/traces", '{"id": "t2", "body": {"trace_id": "b", "part": 0, "parts": 1, "data": "@@@"}}'),
+        (f"vota/v1/{VIN}/traces", json.dumps({"id": "t3", "body": {"trace_id": "c", "part": 0, "parts": 1, "data": bomb}})),
+        (f"vota/v1/{VIN}/events", '{"id": "e1", "body": [1]}'),
+    ]
+    try:
+        assert collector.connected.wait(10)
+        for topic, payload in hostile:
+            run = subprocess.run([pub, "-h", "127.0.0.1", "-p", str(mosquitto.port), "-q", "1", "-t", topic, "-s"],
+                                 input=payload.encode(), capture_output=True, timeout=30)
+            assert run.returncode == 0, run.stderr
+        assert collector.wait_for(lambda c: c.rejected >= len(hostile), 30), collector.rejected
+        subprocess.run([pub, "-h", "127.0.0.1", "-p", str(mosquitto.port), "-q", "1", "-t", f"vota/v1/{VIN}/events",
+                        "-m", '{"id": "after", "vin": "%s", "type": "events", "body": {"event": "x"}}' % VIN], check=True,
+                       timeout=30)
+        assert collector.wait_for(lambda c: any(m["id"] == "after" for m in c.messages), 10)  # still collecting
+        written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "cloud").rglob("*") if p.is_file())
+        assert all(w.startswith(f"cloud/store/{VIN}/") for w in written), written
+        assert not (store / VIN / "traces").exists()  # no trace made of the bomb or the bad parts
+        assert not any("-t1" in w or "-t2" in w or "-e1" in w for w in written)  # malformed parts are not kept
+    finally:
+        collector.stop()
+
+
+def test_a_message_whose_handling_fails_is_reported_and_the_link_goes_on(mosquitto, tmp_path):
+    """Whatever the handler raises on one message, the cloud hears a rejection naming the topic,
+    and the next message is handled."""
+    handled: list[bytes] = []
+
+    def handle(kind: str, payload: bytes) -> None:
+        if payload == b"boom":
+            raise ValueError("cannot take this one")
+        handled.append(payload)
+
+    with _vehicle_and_cloud(mosquitto, tmp_path, handle) as (collector, cloud):
+        for payload in (b"boom", b"next"):
+            cloud.publish(f"vota/v1/{VIN}/command", payload, qos=1).wait_for_publish(5)
+        assert collector.wait_for(lambda c: any(m["body"].get("reason") == "internal_error" for m in c.messages), 10)
+        (rejected,) = [m["body"] for m in collector.messages if m["body"].get("event") == "rejected"]
+        assert rejected["topic"] == "command" and rejected["detail"] == "ValueError: cannot take this one"
+        deadline = time.monotonic() + 10
+        while handled != [b"next"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handled == [b"next"]

@@ -218,3 +218,56 @@ def test_a_place_that_cannot_be_written_is_one_line(tmp_path, write_config):
     run = vota("flash", "-c", config, "--no-progress", "--out", "/proc/vota-test", f"vcu={image}@2.0")
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == "vota flash: error: /proc/vota-test: No such file or directory"
+
+
+def test_bus_settings_take_interface_names_from_the_environment(monkeypatch):
+    """One vehicle.yaml for vehicles whose CAN interfaces are named differently: systemd's
+    EnvironmentFile (configs/systemd/vota.env) sets the names."""
+    data = {"segments": {"bb": {"bus": {"interface": "socketcan", "channel": "${VOTA_CAN_BACKBONE:-can0}"}},
+                         "pt": {"bus": {"interface": "udp_multicast", "channel": "239.9.${VOTA_T_GROUP}.1",
+                                        "port": "${VOTA_T_PORT:-43000}"}}}}
+    monkeypatch.delenv("VOTA_CAN_BACKBONE", raising=False)
+    monkeypatch.delenv("VOTA_T_PORT", raising=False)
+    monkeypatch.setenv("VOTA_T_GROUP", "7")
+    config = parse_vehicle_config(data, "v.yaml")
+    assert config.segments["bb"].bus == {"interface": "socketcan", "channel": "can0"}
+    assert config.segments["pt"].bus == {"interface": "udp_multicast", "channel": "239.9.7.1", "port": 43000}
+    monkeypatch.setenv("VOTA_CAN_BACKBONE", "can3")
+    monkeypatch.setenv("VOTA_T_PORT", "5000")
+    config = parse_vehicle_config(data, "v.yaml")
+    assert config.segments["bb"].bus["channel"] == "can3" and config.segments["pt"].bus["port"] == 5000
+    monkeypatch.delenv("VOTA_T_GROUP")
+    with pytest.raises(ConfigError, match=r"v.yaml: segments.pt.bus.channel: environment variable VOTA_T_GROUP is not set"):
+        parse_vehicle_config(data, "v.yaml")
+    broken = {"segments": {"bb": {"bus": {"interface": "socketcan", "channel": "${VOTA_CAN_BACKBONE"}}}}
+    with pytest.raises(ConfigError, match=r"segments.bb.bus.channel: expected \$\{NAME\} or"):
+        parse_vehicle_config(broken, "v.yaml")
+
+
+def test_the_shipped_environment_file_names_what_the_units_use():
+    from pathlib import Path
+
+    from tests.conftest import ROOT
+
+    base = Path(ROOT) / "configs" / "systemd"
+    env = dict(line.split("=", 1) for line in (base / "vota.env").read_text().splitlines()
+               if line.strip() and not line.startswith("#"))
+    assert env["VOTA_CONFIG"] == "/etc/vota/vehicle.yaml" and env["VOTA_CAN_BACKBONE"] == "can0"
+    for unit in ("vota-gateway.service", "vota-tbox.service"):
+        text = (base / unit).read_text()
+        assert "EnvironmentFile=-/etc/vota/vota.env" in text and "-c ${VOTA_CONFIG}" in text
+        assert "can0" not in text  # no interface name is written in a unit
+
+
+def test_a_can_interface_that_is_not_there_yet_is_exit_1_not_a_configuration_error(write_config):
+    import socket
+
+    try:
+        socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW).close()
+    except (OSError, AttributeError):
+        pytest.skip("this kernel has no SocketCAN (AF_CAN): a missing interface cannot be told from a missing family")
+    data = {"segments": {"bb": {"bus": {"interface": "socketcan", "channel": "vota-none0"}}},
+            "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "bb")}}
+    run = vota("versions", "-c", str(write_config(data)))
+    assert run.returncode == 1 and "CAN interface 'vota-none0' does not exist (yet)" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr

@@ -104,6 +104,9 @@ def test_refusals():
     assert _reason(_tamper(good, "manifest.json", lambda b: b.replace(b'"bundle_version":3', b'"bundle_version":9'))) \
         == "bad_signature"
     assert _reason(_tamper(good, "items/music.bin", lambda b: b"x" + b[1:])) == "digest_mismatch"
+    twice = _tamper(good, "manifest.json", lambda b: b.replace(b'"bundle_version":3', b'"bundle_version":9,"bundle_version":3'))
+    with pytest.raises(BundleRejected, match="the key 'bundle_version' appears twice"):  # one meaning or none
+        verify(twice)
     assert _reason(signed(key=Ed25519PrivateKey.generate())) == "untrusted_key"
     assert _reason(good, now=dt.datetime(2026, 6, 1, tzinfo=SHANGHAI)) == "expired"
     assert _reason(good, installed={"dlp-520": 3}) == "rollback"
@@ -191,3 +194,10 @@ def test_cli_review_of_the_sample_content():
     assert late.returncode == 1 and "heart: expires before it could run" in late.stdout
     bad = vota("content", "review", "configs/content/may20.yaml", "--at", "tomorrow")
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_archive_of_too_many_members_is_refused_before_it_is_read():
+    many = pack_archive({f"items/f{i}": b"" for i in range(1001)})
+    with pytest.raises(BundleRejected) as caught:
+        read_archive(many, 1 << 20)
+    assert caught.value.reason == "too_large" and "more than 1000 archive members" in str(caught.value)

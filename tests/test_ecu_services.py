@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+import can
 import pytest
 
 from agent.protocol.ecu import security_key
@@ -60,6 +61,39 @@ def test_functional_addressing_suppresses_some_nrcs(bench):
     assert t.ask(b"\x3e\x00", functional=True) == bytes.fromhex("7e00")
     assert t.ask(b"\x22\xf1\x90", functional=True, timeout=0.3) is None  # 0x31 not sent
     assert t.ask(b"\x19\x02", functional=True, timeout=0.3) is None  # 0x11 not sent
+
+
+def test_functional_request_with_a_multi_frame_answer_takes_flow_control_from_the_physical_id(bench):
+    """ISO 15765-2: the answer to a functional request is physical; the tester's flow
+    control for it comes from its physical request id, as real testers send it."""
+    t, _ = bench
+    sniffer = can.Bus(**t.segment.config.bus)  # a third node on the bus hears both sides
+    try:
+        answer = t.ask(b"\x22\xf1\x87\xf1\x89\xf1\x8c", functional=True)
+        sent = []
+        while (m := sniffer.recv(0.2)) is not None:
+            sent.append((m.arbitration_id, bytes(m.data)))
+    finally:
+        sniffer.shutdown()
+    assert answer == b"\x62\xf1\x87BMS-1\xf1\x891.0.0\xf1\x8cSN-bms"
+    assert sent[0] == (0x7DF, bytes.fromhex("0722f187f189f18c"))  # functional single frame
+    assert sent[1][0] == 0x7E9 and sent[1][1][:2] == b"\x10\x17"  # first frame from the response id
+    assert sent[2][0] == 0x7E1 and sent[2][1][0] == 0x30  # flow control on the physical request id
+    assert [i for i, _ in sent[3:]] == [0x7E9] * 3
+
+
+def test_a_tester_that_sends_flow_control_from_the_functional_id_is_answered_too(bench):
+    """Some testers (scapy's ISO-TP among them) answer the first frame from the id they sent
+    the functional request on: that flow control is taken as well."""
+    t, _ = bench
+    t.segment.release(t.phys)  # nobody sends flow control from the physical id
+    functional = t.segment.stack(t.ecu.functional_id, t.ecu.response_id)  # sends, and flow control, on 0x7DF
+    try:
+        functional.send(b"\x22\xf1\x87\xf1\x89\xf1\x8c")
+        answer = functional.recv(block=True, timeout=2)
+    finally:
+        t.segment.release(functional)
+    assert answer is not None and bytes(answer) == b"\x62\xf1\x87BMS-1\xf1\x891.0.0\xf1\x8cSN-bms"
 
 
 def test_read_data_by_identifier(bench):

@@ -203,6 +203,31 @@ def test_a_campaign_runs_through_every_state(tmp_path: Path) -> None:
                                                                                 ("deploy", "bms-2.0.0.bin")}
 
 
+def test_the_runner_says_what_it_does_in_one_line(tmp_path: Path) -> None:
+    """The line systemd shows as STATUS=: the campaign's state, and bytes or ECUs as they go."""
+    v = Vehicle(tmp_path)
+    v.receive(envelope())
+    said: list[str] = []
+    runner = v.runner(entered=lambda r: said.append(runner.activity))
+    deploy = v.gateway.deploy
+
+    def deploy_and_listen(*args: Any, progress: Any = None, **kw: Any) -> DeployResult:
+        def listen(done: int, total: int) -> None:
+            progress(done, total)
+            said.append(runner.activity)
+        return deploy(*args, progress=listen if progress is not None else None, **kw)
+
+    v.gateway.deploy = deploy_and_listen  # type: ignore[method-assign]
+    runner.step()
+    assert said[0] == f"campaign {v.record().key}: received"  # not verified yet: named by its record
+    assert said[1:3] == ["campaign c-1: verified", "campaign c-1: downloading"]
+    size = len(IMAGES["vcu"])
+    assert f"campaign c-1: deploy vcu-2.0.0.bin {size} of {size} bytes" in said
+    assert "campaign c-1: installing" in said
+    runner.step()
+    assert runner.activity == "no campaign open"
+
+
 @pytest.mark.parametrize("state", [s for s in STATES if s not in (*TERMINAL, "failed")])
 def test_killed_in_every_state_resumes_and_finishes_once(tmp_path: Path, state: str) -> None:
     v = Vehicle(tmp_path)

@@ -93,6 +93,18 @@ def test_truncated_and_garbage_lines(tmp_path):
         parse_trace(text + '{"what": 1}\n', "t.jsonl")
     with pytest.raises(TraceFormatError, match="line 3"):
         parse_trace(text + '[1, "zz", 2, null, null]\n', "t.jsonl")
+    # found by benchmarks/fuzz.py: JSON's 1e999 is infinity, and deep nesting exhausts the parser
+    head = text.splitlines()[0]
+    with pytest.raises(TraceFormatError, match="bad trace header .*not a finite number"):
+        parse_trace(head.replace('"started":', '"started":1e999,"x":') + "\n", "t.jsonl")
+    with pytest.raises(TraceFormatError, match="bad trace header .*not a whole number"):
+        parse_trace(head.replace('"response_id":', '"response_id":1e999,"x":') + "\n", "t.jsonl")
+    with pytest.raises(TraceFormatError, match="line 3: 1e999 is not a whole number|line 3: inf"):
+        parse_trace(text + '[1, "10", 1e999, null, null]\n', "t.jsonl")
+    with pytest.raises(TraceFormatError, match="line 3: .*not a finite number"):
+        parse_trace(text + '[1e999, "10", 2, null, null]\n', "t.jsonl")
+    with pytest.raises(TraceFormatError, match="line 3 is not JSON"):
+        parse_trace(text + "[" * 50000 + "]" * 50000 + "\n", "t.jsonl")
     (tmp_path / "bin").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(TraceFormatError, match="cannot read trace"):
         read_trace(tmp_path / "bin")

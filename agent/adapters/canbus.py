@@ -6,6 +6,7 @@ runs on ``socketcan`` (vcan0, can0) and on ``udp_multicast`` where SocketCAN is 
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import socket
@@ -99,12 +100,13 @@ class RoutedStack(isotp.TransportLayer):
             )
         )
 
-    def feed(self, msg: can.Message) -> None:
+    def feed(self, msg: can.Message, as_id: int | None = None) -> None:
+        """Hand one frame to the stack; ``as_id``: as if it came on that id (the stack's own)."""
         if not self.started:
             return
         self.rx_relay_queue.put(
             isotp.CanMessage(
-                arbitration_id=msg.arbitration_id,
+                arbitration_id=msg.arbitration_id if as_id is None else as_id,
                 data=cast(bytes, msg.data),  # a bytearray works and saves a copy per frame
                 extended_id=msg.is_extended_id,
                 is_fd=msg.is_fd,
@@ -124,12 +126,16 @@ class Segment:
         try:
             self.bus = can.Bus(**config.bus)
         except (can.CanError, OSError, ValueError, TypeError, ImportError, NotImplementedError) as exc:
-            raise ConfigError(
-                "segment " + config.name, "bus", f"cannot open CAN bus {config.bus!r}: {exc}"
-            ) from None
+            if isinstance(exc, OSError) and exc.errno == errno.ENODEV:
+                # not a configuration error: the interface appears later at boot (systemd restarts us)
+                raise VotaError(f"segment {config.name}: CAN interface {config.bus.get('channel')!r} does not exist "
+                                f"(yet): {exc.strerror}") from None
+            raise ConfigError("segment " + config.name, "bus", f"cannot open CAN bus {config.bus!r}: {exc}") from None
         self._raise_receive_buffer()
         self._stacks: list[RoutedStack] = []
         self._routes: dict[tuple[int, bool], list[RoutedStack]] = {}
+        self._fc_routes: dict[tuple[int, bool], list[RoutedStack]] = {}  # flow control only, from another id
+        self._no_fc: set[RoutedStack] = set()  # stacks that never send, so never wait for flow control
         self._lock = threading.Lock()
         self._closed = False
         self.notifier = can.Notifier(self.bus, [self._route], timeout=0.1)
@@ -152,11 +158,21 @@ class Segment:
         """Notifier listener: hand a frame to the stacks that receive its id, drop the rest."""
         if msg.is_error_frame or msg.is_remote_frame:
             return
-        for stack in self._routes.get((msg.arbitration_id, msg.is_extended_id), ()):
-            stack.feed(msg)
+        key = (msg.arbitration_id, msg.is_extended_id)
+        flow_control = bool(msg.data) and msg.data[0] >> 4 == 3
+        for stack in self._routes.get(key, ()):
+            if not (flow_control and stack in self._no_fc):
+                stack.feed(msg)
+        if flow_control:
+            for stack in self._fc_routes.get(key, ()):
+                stack.feed(msg, as_id=stack.address.get_rx_arbitration_id())
 
-    def stack(self, txid: int, rxid: int, *, extended: bool | None = None, **overrides: Any) -> RoutedStack:
-        """A started ISO-TP stack sending on ``txid`` and receiving ``rxid``."""
+    def stack(self, txid: int, rxid: int, *, extended: bool | None = None, receive_only: bool = False,
+              flow_control_from: int | None = None, **overrides: Any) -> RoutedStack:
+        """A started ISO-TP stack sending on ``txid`` and receiving ``rxid``. A ``receive_only``
+        stack (a server's functional address) is not fed flow control frames; a stack with
+        ``flow_control_from`` also takes flow control frames sent on that id (a tester that
+        answers the first frame of a reply to its functional request from the functional id)."""
         if extended is None:
             extended = txid > 0x7FF or rxid > 0x7FF
         mode = isotp.AddressingMode.Normal_29bits if extended else isotp.AddressingMode.Normal_11bits
@@ -172,6 +188,11 @@ class Segment:
         with self._lock:
             self._stacks.append(stack)
             self._routes = {**self._routes, key: [*self._routes.get(key, []), stack]}
+            if receive_only:
+                self._no_fc = self._no_fc | {stack}
+            if flow_control_from is not None:
+                fc_key = (flow_control_from, extended)
+                self._fc_routes = {**self._fc_routes, fc_key: [*self._fc_routes.get(fc_key, []), stack]}
         return stack
 
     def release(self, stack: RoutedStack) -> None:
@@ -179,6 +200,8 @@ class Segment:
             if stack in self._stacks:
                 self._stacks.remove(stack)
             self._routes = {k: [s for s in v if s is not stack] for k, v in self._routes.items()}
+            self._fc_routes = {k: [s for s in v if s is not stack] for k, v in self._fc_routes.items()}
+            self._no_fc = self._no_fc - {stack}
         stack.stop()
 
     def send_frame(self, can_id: int, data: bytes) -> None:

@@ -18,13 +18,16 @@ is stable, so a message delivered twice is recognisably the same message.
 from __future__ import annotations
 
 import base64
+import binascii
 import gzip
+import hashlib
 import json
 import logging
 import queue
 import ssl
 import threading
 import time
+import zlib
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
@@ -65,8 +68,22 @@ def trace_parts(trace: bytes, max_bytes: int) -> tuple[str, list[str]]:
     return "gzip+base64", [packed[i : i + room] for i in range(0, len(packed), room)] or [""]
 
 
-def join_trace_parts(parts: list[str]) -> bytes:
-    return gzip.decompress(base64.b64decode("".join(parts)))
+MAX_TRACE_BYTES = 256 * 1024 * 1024  # a reassembled trace larger than this is refused (no gzip bomb)
+
+
+def join_trace_parts(parts: list[str], max_bytes: int = MAX_TRACE_BYTES) -> bytes:
+    """The trace ``trace_parts`` cut; ValueError when the parts do not decode or exceed ``max_bytes``."""
+    try:
+        packed = base64.b64decode("".join(parts), validate=True)
+        inflate = zlib.decompressobj(wbits=31)  # gzip framing
+        data = inflate.decompress(packed, max_bytes)
+        if inflate.unconsumed_tail:
+            raise ValueError(f"the trace is larger than {max_bytes} bytes")
+        if not inflate.eof:
+            raise ValueError("the trace is cut off")
+    except (zlib.error, binascii.Error) as exc:
+        raise ValueError(f"the trace does not decode: {exc}") from None
+    return data
 
 
 class CloudLink:
@@ -175,14 +192,18 @@ class CloudLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         kind = msg.topic.rsplit("/", 1)[-1]
+        digest = hashlib.sha256(msg.payload).hexdigest()[:24]
         if len(msg.payload) > MAX_INBOUND:
             self.report("events", {"event": "rejected", "topic": kind, "reason": "too_large",
-                                   "detail": f"{len(msg.payload)} bytes, at most {MAX_INBOUND}"})
+                                   "detail": f"{len(msg.payload)} bytes, at most {MAX_INBOUND}"},
+                        msg_id=f"rejected.{kind}.{digest}")
             return
         try:
             self.on_message(kind, bytes(msg.payload))
-        except Exception:  # noqa: BLE001 - a bad message must not stop the link
+        except Exception as exc:  # noqa: BLE001 - a bad message must not stop the link; the cloud hears why
             log.exception("handling a %s message failed", kind)
+            self.report("events", {"event": "rejected", "topic": kind, "reason": "internal_error",
+                                   "detail": f"{type(exc).__name__}: {exc}"[:500]}, msg_id=f"rejected.{kind}.{digest}")
 
     # ---- sending ----------------------------------------------------------------------------
     def _drain_acks(self) -> None:

@@ -22,8 +22,14 @@ class Heartbeats:
         with self._lock:
             self._beats[worker] = self.clock()
 
-    def stale(self) -> list[str]:
-        """The workers that have not beaten within ``max_age_s``."""
+    def stale(self, max_age_s: float | None = None) -> list[str]:
+        """The workers that have not beaten within ``max_age_s`` (default: the one given at creation)."""
+        limit = self.max_age_s if max_age_s is None else max_age_s
         now = self.clock()
         with self._lock:
-            return sorted(name for name, at in self._beats.items() if now - at > self.max_age_s)
+            return sorted(name for name, at in self._beats.items() if now - at > limit)
+
+    def forget(self, worker: str) -> None:
+        """``worker`` ended its work normally: no more beats are expected from it."""
+        with self._lock:
+            self._beats.pop(worker, None)

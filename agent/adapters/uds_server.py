@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Generic, Protocol, TypeVar
 
 from agent.adapters.canbus import Segment
+from agent.adapters.heartbeat import Heartbeats
 from agent.core.faults import FaultCounter, FaultSpec
 from agent.protocol.uds import Nrc, Request, Session, malformed, mismatched, negative
 
@@ -94,9 +95,13 @@ class UdsServer(Generic[S]):
         self._last_activity = self.clock()
         self._faults = FaultCounter(self.faults, self.fault_targets)
         self._threads: list[threading.Thread] = []
-        self.physical = self.segment.stack(self.response_id, self.request_id)
+        self._beats = Heartbeats(0.0, self.clock)  # every serving thread, each loop turn and pending
+        # every answer goes out on the physical stack (ISO 15765-2); it takes the tester's flow
+        # control from the physical request id, and from the functional id too (some testers)
+        self.physical = self.segment.stack(self.response_id, self.request_id, flow_control_from=self.functional_id)
         self.functional = (
-            self.segment.stack(self.response_id, self.functional_id) if self.functional_id is not None else None
+            self.segment.stack(self.response_id, self.functional_id, receive_only=True)
+            if self.functional_id is not None else None
         )
 
     # ---- life cycle -------------------------------------------------------------------
@@ -104,7 +109,9 @@ class UdsServer(Generic[S]):
         for stack, functional in ((self.physical, False), (self.functional, True)):
             if stack is None:
                 continue
-            t = threading.Thread(target=self._serve, args=(stack, functional), name=f"uds-{self.name}", daemon=True)
+            name = f"uds-{self.name}-{'functional' if functional else 'physical'}"
+            self._beats.beat(name)
+            t = threading.Thread(target=self._serve, args=(stack, functional), name=name, daemon=True)
             t.start()
             self._threads.append(t)
         t = threading.Thread(target=self._watch_s3, name=f"s3-{self.name}", daemon=True)
@@ -120,6 +127,11 @@ class UdsServer(Generic[S]):
             if stack is not None:
                 self.segment.release(stack)
 
+    def alive(self, max_age_s: float) -> list[str]:
+        """What is wrong with the server, for a watchdog: its threads that ended, and those
+        that have not come round their loop (or sent a response-pending) within ``max_age_s``."""
+        return [f"{t.name} ended" for t in self._threads if not t.is_alive()] + self._beats.stale(max_age_s)
+
     def go_silent(self, seconds: float) -> None:
         with self._lock:
             self._silent_until = max(self._silent_until, self.clock() + seconds)
@@ -127,6 +139,7 @@ class UdsServer(Generic[S]):
     # ---- serving ----------------------------------------------------------------------
     def _serve(self, stack, functional: bool) -> None:  # type: ignore[no-untyped-def]
         while not self._stop.is_set():
+            self._beats.beat(threading.current_thread().name)
             try:
                 data = stack.recv(block=True, timeout=0.1)
             except Exception:  # noqa: BLE001 - garbage on the bus must not stop the server
@@ -135,7 +148,7 @@ class UdsServer(Generic[S]):
             if not data:
                 continue
             try:
-                self._handle(stack, bytes(data), functional)
+                self._handle(self.physical, bytes(data), functional)  # every answer is physical
             except Exception:  # noqa: BLE001 - a bad request must not stop the server
                 log.exception("%s: request %s failed", self.name, bytes(data[:8]).hex())
 
@@ -224,13 +237,19 @@ class UdsServer(Generic[S]):
         worker.start()
         worker.join(0.02)
         while worker.is_alive():
+            self._beat()
             stack.send(negative(sid, Nrc.RequestCorrectlyReceived_ResponsePending))
             worker.join(self.pending_interval)
         return result[0]
 
+    def _beat(self) -> None:
+        """A request being worked on (response-pending going out) is progress for its thread."""
+        self._beats.beat(threading.current_thread().name)
+
     def _pending(self, stack, sid: int, busy: float) -> None:  # type: ignore[no-untyped-def]
         deadline = self.clock() + busy
         while True:
+            self._beat()
             stack.send(negative(sid, Nrc.RequestCorrectlyReceived_ResponsePending))
             left = deadline - self.clock()
             if left <= 0 or self._stop.wait(min(left, self.pending_interval)):

@@ -209,6 +209,12 @@ def _follow(cloud: Any, vin: str, campaign_id: str, timeout: float) -> dict[str,
                 continue
             if body.get("event") == "state":
                 print(f"  tbox: {body['state']}", flush=True)
+            elif body.get("event") == "progress":
+                done, total = int(body.get("done") or 0), int(body.get("total") or 0)
+                counted = "ECUs" if body.get("stage") == "install" else "bytes"
+                share = f" ({100 * done // total} %)" if total else ""
+                what = " ".join(str(x) for x in (body.get("stage"), body.get("package")) if x)
+                print(f"  {what}: {done} of {total} {counted}{share}", flush=True)
             elif body.get("event") == "rejected":
                 print(f"  tbox: rejected ({body.get('reason')}): {body.get('detail')}", flush=True)
                 return {"outcome": "rejected", "failure": body}

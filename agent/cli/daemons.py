@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import signal
+import time
 from typing import Any, Iterator
 
 from agent.errors import UsageError
@@ -13,8 +15,9 @@ from agent.errors import UsageError
 __all__ = ["serve", "cmd_gateway", "cmd_tbox", "cmd_ecu_sim"]
 
 
-def serve(name: str, start: Any, stop: Any, alive: Any = None) -> int:
-    """Run a daemon: READY=1 to systemd once started, WATCHDOG=1 while alive, clean stop."""
+def serve(name: str, start: Any, stop: Any, alive: Any = None, status: Any = None) -> int:
+    """Run a daemon: READY=1 to systemd once started, WATCHDOG=1 while ``alive()``, STATUS= with
+    ``status()`` whenever it changes (checked every second), clean stop."""
     import threading
 
     from agent.adapters import systemd
@@ -30,14 +33,35 @@ def serve(name: str, start: Any, stop: Any, alive: Any = None) -> int:
     print(f"{name} ready", flush=True)
     systemd.notify("READY=1")
     interval = systemd.watchdog_interval()
+    tick = min(interval or 1.0, 1.0)
+    pinged, said = 0.0, ""
     try:
-        while not done.wait(interval or 1.0):
-            if interval and (alive is None or alive()):
+        while not done.wait(tick):
+            now = time.monotonic()
+            if interval and now - pinged >= interval and (alive is None or alive()):
                 systemd.notify("WATCHDOG=1")
+                pinged = now
+            line = _status_line(status)
+            if line and line != said:
+                systemd.notify(f"STATUS={line}")
+                said = line
     finally:
         systemd.notify("STOPPING=1")
         stop()
     return 0
+
+
+def _status_line(status: Any) -> str:
+    """``status()`` as one sd_notify line: control characters (a newline would start another
+    assignment, e.g. MAINPID=) become spaces; a status that cannot be read is skipped."""
+    if status is None:
+        return ""
+    try:
+        line = str(status())
+    except Exception:  # noqa: BLE001 - the status line must not stop the daemon
+        logging.getLogger(__name__).debug("status line failed", exc_info=True)
+        return ""
+    return "".join(c if c.isprintable() else " " for c in line)[:200]
 
 
 @contextlib.contextmanager
@@ -61,7 +85,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     faults = parse_faults(args.fault, "gateway", list(config.ecus))
     with _only_one(config.gateway.results_dir, "vota gateway"):
         daemon = GatewayDaemon(config, faults)
-        return serve("gateway", daemon.start, daemon.stop)
+        return serve("gateway", daemon.start, daemon.stop, alive=daemon.alive, status=daemon.status)
 
 
 def cmd_tbox(args: argparse.Namespace) -> int:
@@ -75,7 +99,7 @@ def cmd_tbox(args: argparse.Namespace) -> int:
     faults = parse_faults(args.fault, "tbox", list(config.ecus))
     with _only_one(config.tbox_config().state_dir, "vota tbox"):  # two would fight over the broker and the gateway
         daemon = TboxDaemon(config, faults=faults, content_now=content_now)
-        return serve("tbox", daemon.start, daemon.stop, alive=daemon.alive)
+        return serve("tbox", daemon.start, daemon.stop, alive=daemon.alive, status=daemon.status)
 
 
 def cmd_ecu_sim(args: argparse.Namespace) -> int:

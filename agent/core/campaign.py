@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.core import strict_json
 from agent.errors import UsageError, VotaError
 from agent.protocol.files import PARTIAL_SUFFIXES, is_name
 
@@ -158,9 +159,9 @@ def _time(value: Any, field: str) -> _dt.datetime:
 
 def _parse(payload: bytes) -> Campaign:
     try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
-        raise CampaignRejected("malformed", "the campaign payload is not JSON") from None
+        doc = strict_json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+        raise CampaignRejected("malformed", f"the campaign payload is not JSON{strict_json.why(exc)}") from None
     if not isinstance(doc, dict):
         raise CampaignRejected("malformed", "the campaign must be a JSON object")
     cid = doc.get("campaign_id")
@@ -250,9 +251,9 @@ def verify_campaign(
     if len(envelope) > MAX_ENVELOPE:
         raise CampaignRejected("malformed", f"envelope larger than {MAX_ENVELOPE} bytes")
     try:
-        env = json.loads(envelope)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
-        raise CampaignRejected("malformed", "not JSON") from None
+        env = strict_json.loads(envelope)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+        raise CampaignRejected("malformed", f"not JSON{strict_json.why(exc)}") from None
     if not isinstance(env, dict) or env.get("payload_type") != PAYLOAD_TYPE or not isinstance(env.get("payload"), str):
         raise CampaignRejected("malformed", f"not a signed campaign envelope ({PAYLOAD_TYPE})")
     try:

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from agent.core import strict_json
 from agent.core.campaign import key_id
 from agent.errors import VotaError
 from agent.protocol.files import is_name
@@ -230,6 +231,9 @@ def sign_bundle(bundle: bytes, key: Ed25519PrivateKey) -> bytes:
 
 
 # ---- reading and verifying (the vehicle) -----------------------------------------------------------
+MAX_MEMBERS = 1000  # a manifest, its signature and the items: far fewer in any real bundle
+
+
 def read_archive(data: bytes, limit: int) -> dict[str, bytes]:
     """The archive's regular files; refuses paths outside it, links, devices, and more than
     ``limit`` bytes of content."""
@@ -238,6 +242,8 @@ def read_archive(data: bytes, limit: int) -> dict[str, bytes]:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for info in tar:
+                if len(members) >= MAX_MEMBERS:
+                    raise BundleRejected("too_large", f"more than {MAX_MEMBERS} archive members")
                 name = info.name
                 parts = name.split("/")
                 if name.startswith("/") or ".." in parts or "\\" in name or not name:
@@ -290,9 +296,9 @@ class Bundle:
 
 def _parse_manifest(body: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise BundleRejected("malformed", "manifest.json is not JSON") from None
+        doc = strict_json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleRejected("malformed", f"manifest.json is not JSON{strict_json.why(exc)}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise BundleRejected("malformed", f"the manifest must be {FORMAT} version {VERSION}")
     bid = doc.get("bundle_id")
@@ -349,7 +355,7 @@ def verify_manifest(
     if sig_doc is None:
         raise BundleRejected("unsigned", "the bundle carries no signature", bid)
     try:
-        sig = json.loads(sig_doc)
+        sig = strict_json.loads(sig_doc)
         key = trusted.get(str(sig.get("keyid")))
         signature = _unb64(sig.get("sig"))
     except (ValueError, AttributeError, binascii.Error, RecursionError):

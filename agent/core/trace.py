@@ -28,6 +28,7 @@ object ``{"end": true, "exchanges": N, "result": "success"|"failed", "tester_pre
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -118,14 +119,14 @@ class Exchange:
             if not isinstance(extra, dict):
                 raise ValueError("extras must be an object")
             return cls(
-                float(t),
+                _finite(t),
                 bytes.fromhex(req),
-                int(length),
-                None if dt is None else float(dt),
+                _count(length),
+                None if dt is None else _finite(dt),
                 None if rsp is None else bytes.fromhex(rsp),
                 extra,
             )
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise TraceFormatError(f"line {line}: {exc}") from None
 
 
@@ -264,13 +265,29 @@ class TraceRecorder:
         return Trace(self.header, list(self.exchanges), trailer)
 
 
+def _finite(value: Any) -> float:
+    """A time in a trace: a finite number (JSON's 1e999 is infinity, which no clock shows)."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    return number
+
+
+def _count(value: Any) -> int:
+    """A length or a CAN id in a trace: a whole number from 0 on, of a size a bus can carry."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()) \
+            or not 0 <= value < 2**32:
+        raise ValueError(f"{value!r} is not a whole number from 0 to 2**32")
+    return int(value)
+
+
 def parse_trace(text: str, source: str = "<trace>") -> Trace:
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise TraceFormatError(f"{source}: empty trace")
     try:
         head = json.loads(lines[0])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise TraceFormatError(f"{source}: line 1 is not a JSON trace header") from None
     if not isinstance(head, dict) or head.get("format") != FORMAT:
         raise TraceFormatError(f"{source}: not a {FORMAT} file")
@@ -280,35 +297,38 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
     try:
         header = TraceHeader(
             str(head["stage"]), str(head["client"]), str(head["server"]), str(head.get("packet", head["server"])),
-            int(head["request_id"]), int(head["response_id"]),
-            None if head.get("functional_id") is None else int(head["functional_id"]),
-            float(head["started"]), {k: v for k, v in head.items() if k not in known},
+            _count(head["request_id"]), _count(head["response_id"]),
+            None if head.get("functional_id") is None else _count(head["functional_id"]),
+            _finite(head["started"]), {k: v for k, v in head.items() if k not in known},
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise TraceFormatError(f"{source}: bad trace header ({exc})") from None
     body = lines[1:]
     try:
         rows = json.loads("[" + ",".join(body) + "]")  # one parse for the whole trace (fast path)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         rows = None
     if rows is None or len(rows) != len(body):
         rows = []  # find the line that is broken, for the message
         for number, line in enumerate(body, start=2):
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise TraceFormatError(f"{source}: line {number} is not JSON (truncated or garbage)") from None
     exchanges: list[Exchange] = []
     trailer = None
     fromhex = bytes.fromhex
     for number, row in enumerate(rows, start=2):
         if type(row) is list and len(row) == 5 and type(row[1]) is str and type(row[4]) is str:
-            try:  # the common record: a request and its response, no extras
-                exchanges.append(Exchange(float(row[0]), fromhex(row[1]), int(row[2]),
-                                          None if row[3] is None else float(row[3]), fromhex(row[4])))
-                continue
-            except (TypeError, ValueError):
-                pass
+            t, n, d = row[0], row[2], row[3]  # the common record: a request and its response, no extras;
+            # checked inline (x - x == 0 is false for infinity and NaN); anything else goes the long way
+            if type(n) is int and 0 <= n < 2**32 and (type(t) is int or type(t) is float and t - t == 0) \
+                    and (d is None or type(d) is int or type(d) is float and d - d == 0):
+                try:
+                    exchanges.append(Exchange(float(t), fromhex(row[1]), n, None if d is None else float(d), fromhex(row[4])))
+                    continue
+                except ValueError:  # not hex
+                    pass
         if isinstance(row, dict) and row.get("end"):
             trailer = row
             continue

@@ -20,9 +20,34 @@ from agent.core.config.model import (
 )
 from agent.errors import ConfigError
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(source: str, key: str, value: Any, environ: Mapping[str, str]) -> Any:
+    """``${NAME}`` or ``${NAME:-default}`` in a string bus setting, from the environment: one
+    configuration serves vehicles whose CAN interfaces are named differently (systemd's
+    EnvironmentFile sets the names). A name that is not set and has no default is an error."""
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def one(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ and environ[name] != "":
+            return environ[name]
+        if default is None:
+            raise ConfigError(source, key, f"environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+        return default
+
+    if value.count("${") != len(_ENV_REF.findall(value)):
+        raise ConfigError(source, key, f"expected ${{NAME}} or ${{NAME:-default}}, got {value!r}")
+    expanded = _ENV_REF.sub(one, value)
+    # a whole value that is one reference to a number is the number (a port, a bit rate)
+    return int(expanded) if _ENV_REF.fullmatch(value) and expanded.isdigit() else expanded
+
 
 def _segment(source: str, name: str, sec: _Section) -> SegmentConfig:
     bus = sec.get("bus", dict, what="a mapping of python-can Bus settings")
+    bus = {k: _expand(source, sec.key(f"bus.{k}"), v, os.environ) for k, v in bus.items()}
     if "interface" not in bus:
         raise ConfigError(source, sec.key("bus.interface"), "missing; expected a python-can interface name")
     tx_dl = sec.get("tx_data_length", _int, 8)
@@ -128,6 +153,7 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         late_response_grace_ms=gw.get("late_response_grace_ms", _nonneg, d.late_response_grace_ms),
         reset_wait_ms=gw.get("reset_wait_ms", _positive, d.reset_wait_ms),
         retries=gw.get("retries", _nonneg, d.retries),
+        worker_stale_s=gw.get("worker_stale_s", _positive, d.worker_stale_s),
     )
     gw.done()
     deploy = _deploy(source, top.section("deploy"), segments) if top.data.get("deploy") is not None else None

@@ -114,6 +114,7 @@ class GatewayConfig:
     late_response_grace_ms: int = 1000
     reset_wait_ms: int = 5000
     retries: int = 2
+    worker_stale_s: int = 300  # the install or a serving thread without progress this long: no watchdog pings
 
 
 @dataclass(frozen=True)

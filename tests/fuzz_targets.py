@@ -1,0 +1,580 @@
+"""Fuzz targets: every external input of the daemons, each with what must hold for any input.
+
+A target sets up the real component (an ECU simulator, the gateway's deploy server, a UDS
+link, the TBOX's inbound handling, the collector, the verifiers, the diagnosis), is fed one
+generated input at a time, and checks after each: no exception escaped, nothing was logged
+as an internal error, the input got an answer or a reason, and what was stored before is
+still there unchanged. ``tests/test_fuzz.py`` runs them under hypothesis with bounded
+example counts; ``benchmarks/fuzz.py`` runs them for as long as asked.
+
+The only stand-ins are at the transport port: a stack that collects what a server sends
+instead of putting it on the bus, and an in-memory cloud port that records reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import can
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import strategies as st
+
+from agent.core.campaign import CampaignRejected, key_id, sign_campaign, verify_campaign
+from agent.core.config import TboxConfig, parse_vehicle_config
+from agent.core.content import BundleRejected, build_bundle, sign_bundle, verify_bundle
+from agent.core.trace import parse_trace
+from agent.errors import VotaError
+
+__all__ = ["TARGETS", "Target", "internal_errors"]
+
+VIN = "LVOTAFUZZ00000001"
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+
+
+# ---- shared pieces ------------------------------------------------------------------------------------------------
+class _Errors(logging.Handler):
+    """Collects ERROR records of vota's own loggers (``log.exception`` marks an internal error)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".")[0] in ("agent", "tbox", "gateway", "ecu_sim", "cloud_sim"):
+            self.records.append(record)
+
+
+@contextlib.contextmanager
+def internal_errors() -> Iterator[list[logging.LogRecord]]:
+    handler = _Errors()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        root.removeHandler(handler)
+
+
+def _no_internal_error(records: list[logging.LogRecord], what: Any) -> None:
+    assert not records, f"{what!r}: logged as an internal error: {records[0].getMessage()}"
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def mutate(data: bytes, rnd: random.Random, edits: int) -> bytes:
+    """Byte-level mutations of a valid input: flips, insertions, deletions, cuts, repeats."""
+    buf = bytearray(data)
+    for _ in range(edits):
+        op = rnd.randrange(6)
+        pos = rnd.randrange(len(buf) + 1)
+        if op == 0 and buf:
+            buf[min(pos, len(buf) - 1)] ^= 1 << rnd.randrange(8)
+        elif op == 1:
+            buf[pos:pos] = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 8)))
+        elif op == 2:
+            del buf[pos:pos + rnd.randrange(1, 16)]
+        elif op == 3:
+            del buf[pos:]
+        elif op == 4 and buf:
+            chunk = buf[pos:pos + rnd.randrange(1, 32)]
+            buf[pos:pos] = chunk * rnd.randrange(1, 4)
+        else:
+            buf[pos:pos] = rnd.choice([b"[", b"{", b'"', b"\\u0000", b"-1", b"1e999", b"null", b"\x00", b"\xff"])
+    return bytes(buf)
+
+
+def json_values(depth: int = 3) -> st.SearchStrategy[Any]:
+    leaves = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=20)
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                             max_size=4), max_leaves=12)
+
+
+def mutated(seed_bytes: bytes) -> st.SearchStrategy[bytes]:
+    """A valid input mutated 1-8 times (drawn reproducibly from hypothesis's randomness)."""
+    return st.tuples(st.randoms(use_true_random=False), st.integers(1, 8)).map(
+        lambda t: mutate(seed_bytes, t[0], t[1]))
+
+
+def json_mutations(doc: dict[str, Any]) -> st.SearchStrategy[bytes]:
+    """The document with one field replaced by any JSON value, or removed."""
+    paths: list[tuple[Any, ...]] = []
+
+    def walk(node: Any, path: tuple[Any, ...]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                paths.append((*path, k))
+                walk(v, (*path, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                paths.append((*path, i))
+                walk(v, (*path, i))
+
+    walk(doc, ())
+
+    def apply(args: tuple[tuple[Any, ...], Any, bool]) -> bytes:
+        path, value, remove = args
+        copy = json.loads(json.dumps(doc))
+        node = copy
+        for key in path[:-1]:
+            node = node[key]
+        if remove and isinstance(node, dict):
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+        return json.dumps(copy).encode()
+
+    return st.tuples(st.sampled_from(paths), json_values(), st.booleans()).map(apply)
+
+
+class Target:
+    """One input of one component. ``open`` sets it up, ``feed`` takes one input and checks
+    what must hold, ``close`` checks what must hold at the end and tears down."""
+
+    name = ""
+    strategy: st.SearchStrategy[Any]
+
+    def open(self, tmp: Path) -> None:
+        self.tmp = tmp
+
+    def feed(self, example: Any) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+# ---- UDS servers --------------------------------------------------------------------------------------------------
+class _Collecting:
+    """The transport port of a UDS server: what it sends is collected, not put on the bus."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, payload: bytes) -> None:
+        self.sent.append(bytes(payload))
+
+
+def _well_formed(request: bytes, sent: list[bytes]) -> None:
+    sid = request[0]
+    for i, response in enumerate(sent):
+        assert response, f"{request.hex()}: an empty response"
+        if response[0] == 0x7F:
+            assert len(response) == 3 and response[1] == sid, f"{request.hex()}: malformed negative {response.hex()}"
+            assert response[2] != 0x78 or i < len(sent) - 1, f"{request.hex()}: response-pending without an answer"
+        else:
+            assert response[0] == (sid | 0x40), f"{request.hex()}: answered {response.hex()}"
+
+
+def uds_requests(sids: list[int]) -> st.SearchStrategy[bytes]:
+    """Requests of the services a server knows (sub-functions, DIDs, routines, lengths near the
+    edges) and plain random bytes."""
+    known = st.tuples(st.sampled_from(sids), st.binary(max_size=24)).map(lambda t: bytes([t[0]]) + t[1])
+    shaped = st.tuples(st.sampled_from(sids), st.integers(0, 255), st.sampled_from([0xF1, 0xFF, 0x02, 0x03, 0x00]),
+                       st.integers(0, 255), st.binary(max_size=12)).map(lambda t: bytes(t[:4]) + t[4])
+    return st.one_of(known, shaped, st.binary(min_size=1, max_size=64))
+
+
+class EcuServer(Target):
+    """UDS requests to the ECU simulator (every service, every session it can reach)."""
+
+    name = "ecu-uds"
+
+    def open(self, tmp: Path) -> None:
+        from ecu_sim.services import SERVICES
+        from ecu_sim.simulator import EcuSimulator
+        from tests.conftest import ecu_entry, virtual_bus
+
+        super().open(tmp)
+        data = {"segments": {"pt": {"bus": virtual_bus()}},
+                "ecus": {"bms": ecu_entry("bms", 0x7E1, 0x7E9, erase_ms=0, check_ms=0, reset_ms=0, max_block_length=66,
+                                          lockout_ms=0) | {"memory": {"address": 0x1000, "size": 0x4000}}}}
+        self.sim = EcuSimulator(parse_vehicle_config(data, "fuzz"), ["bms"], str(tmp / "ecu"))
+        self.sim.start()
+        self.server = self.sim.servers["bms"]
+        self.server.pending_interval = 0.01
+        self.before = self.server.state.banks.active_info
+        self.strategy = st.lists(st.one_of(
+            st.sampled_from([b"\x10\x03", b"\x10\x02", b"\x10\x01", b"\x27\x01", b"\x31\x01\xff\x00", b"\x34\x00\x44"
+                             b"\x00\x00\x10\x00\x00\x00\x00\x10", b"\x36\x01\x00", b"\x37", b"\x11\x01"]),
+            uds_requests(sorted(SERVICES))), min_size=1, max_size=8)
+
+    def feed(self, example: list[bytes]) -> None:
+        with internal_errors() as errors:
+            for request in example:
+                for functional in (False, True):
+                    stack = _Collecting()
+                    self.server._handle(stack, request, functional)
+                    self.server._silent_until = 0.0  # a reset's silence ends at once here
+                    _well_formed(request, stack.sent)
+        _no_internal_error(errors, example)
+
+    def close(self) -> None:
+        try:
+            banks = self.server.state.banks
+            assert banks.active_info.version == self.before.version, "random requests changed the running software"
+            assert banks.active_info.sha256 == self.before.sha256
+        finally:
+            self.sim.stop()
+
+
+class DeployServer(Target):
+    """UDS requests to the gateway's deploy server: nothing is written outside its package and
+    results directories, whatever file names and modes a request carries."""
+
+    name = "deploy-uds"
+
+    def open(self, tmp: Path) -> None:
+        from gateway.daemon import GatewayDaemon
+        from tests.conftest import virtual_bus
+
+        super().open(tmp)
+        (tmp / "outside").mkdir()
+        (tmp / "outside" / "keep.bin").write_bytes(b"stored before")
+        data = {"segments": {"bb": {"bus": virtual_bus()}},
+                "deploy": {"segment": "bb", "package_dir": str(tmp / "gw" / "packages")},
+                "gateway": {"results_dir": str(tmp / "gw" / "results")}}
+        self.daemon = GatewayDaemon(parse_vehicle_config(data, "fuzz"))
+        self.daemon.start()
+        assert self.daemon.server is not None
+        self.server = self.daemon.server
+        names = st.sampled_from(["../outside/keep.bin", "/etc/passwd", "a/../../b", "ok.bin", "", ".", "..", "x" * 300,
+                                 "nul\x00.bin", "dir/", "../../../../tmp/evil"])
+        file_transfer = st.tuples(st.integers(0, 7), names | st.text(max_size=20), st.integers(0, 0x11),
+                                  st.integers(0, 4), st.integers(0, 2**32 - 1)).map(
+            lambda t: bytes([0x38, t[0]]) + len(t[1].encode()).to_bytes(2, "big") + t[1].encode()
+            + bytes([t[2], t[3]]) + t[4].to_bytes(4, "big")[:t[3]] * 2)
+        routine = st.tuples(st.sampled_from([0x0301, 0x0302, 0x0303, 0x0304]), st.binary(max_size=40)).map(
+            lambda t: b"\x31\x01" + t[0].to_bytes(2, "big") + t[1])
+        self.strategy = st.lists(st.one_of(file_transfer, routine, uds_requests(sorted(self.server.services))),
+                                 min_size=1, max_size=6)
+
+    def feed(self, example: list[bytes]) -> None:
+        with internal_errors() as errors:
+            for request in [b"\x10\x03", *example]:
+                stack = _Collecting()
+                self.server._handle(stack, request, False)
+                _well_formed(request, stack.sent)
+        _no_internal_error(errors, example)
+        for path in self.tmp.rglob("*"):
+            rel = path.relative_to(self.tmp).parts
+            assert rel[0] == "gw" or path.name == "keep.bin" or path == self.tmp / "outside", f"{example!r} wrote {path}"
+        assert (self.tmp / "outside" / "keep.bin").read_bytes() == b"stored before"
+
+    def close(self) -> None:
+        self.daemon.stop()
+
+
+# ---- raw CAN frames into a live exchange --------------------------------------------------------------------------
+class CanFrames(Target):
+    """Raw CAN frames (any id among the exchange's, any length, any bytes) while a UDS link
+    reads a DID from a live ECU simulator: the request is answered or fails cleanly, and the
+    next one is answered: the receive path survives every frame."""
+
+    name = "can-frames"
+
+    def open(self, tmp: Path) -> None:
+        from agent.adapters.canbus import Segment
+        from agent.adapters.uds_client import RawCodec, UdsLink
+        from agent.core.trace import TraceHeader, TraceRecorder
+        from agent.protocol.ecu import DID
+        from ecu_sim.simulator import EcuSimulator
+        from tests.conftest import ecu_entry, virtual_bus
+
+        super().open(tmp)
+        data = {"segments": {"pt": {"bus": virtual_bus()}}, "ecus": {"bms": ecu_entry("bms", 0x7E1, 0x7E9)}}
+        config = parse_vehicle_config(data, "fuzz")
+        self.sim = EcuSimulator(config, ["bms"], str(tmp / "ecu"))
+        self.sim.start()
+        self.segment = Segment(config.segments["pt"])
+        self.noise = can.Bus(**config.segments["pt"].bus)
+        self.recorder = TraceRecorder(TraceHeader("flash", "GW", "bms", "bms", 0x7E1, 0x7E9, 0x7DF, time.time()))
+        self.link = UdsLink(self.segment, 0x7E1, 0x7E9, name="bms", recorder=self.recorder, p2=0.15, p2_star=0.3,
+                            dids={DID.SOFTWARE_VERSION: RawCodec()})
+        frame = st.tuples(st.sampled_from([0x7E1, 0x7E9, 0x7DF, 0x7E9, 0x123]), st.binary(max_size=8),
+                          st.sampled_from([0x0, 0x1, 0x2, 0x3, None]))
+        self.strategy = st.lists(frame.map(lambda t: (t[0], bytes([t[2] << 4 | (t[1][0] & 0xF if t[1] else 0)]) + t[1][1:]
+                                                    if t[2] is not None and t[1] else t[1])), min_size=1, max_size=12)
+
+    def _read(self) -> bytes | None:
+        from agent.protocol.ecu import DID
+
+        assert self.link.client.config["data_identifiers"], "the link reads a DID"
+        try:
+            return bytes(self.link.client.read_data_by_identifier(DID.SOFTWARE_VERSION).service_data.values[DID.SOFTWARE_VERSION])
+        except Exception as exc:  # noqa: BLE001 - any clean failure of the request is fine; the next one must work
+            assert not isinstance(exc, (IndexError, KeyError, AttributeError, TypeError)), f"a {type(exc).__name__}: {exc}"
+            return None
+
+    def feed(self, example: list[tuple[int, bytes]]) -> None:
+        with internal_errors() as errors:
+            reader = threading.Thread(target=self._read)
+            reader.start()
+            for can_id, data in example:
+                self.noise.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=False))
+            reader.join(10)
+            assert not reader.is_alive(), "a request did not end"
+            time.sleep(0.35)  # what the noise started times out
+            self.link.connection.empty_rxqueue()
+            assert self._read() == b"1.0.0", f"{example!r}: the link does not work after the noise"
+        _no_internal_error(errors, example)
+
+    def close(self) -> None:
+        self.link.close()
+        self.noise.shutdown()
+        self.segment.shutdown()
+        self.sim.stop()
+
+
+# ---- MQTT payloads ------------------------------------------------------------------------------------------------
+class _Cloud:
+    """The TBOX's cloud port, in memory: the reports it was asked to send."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, dict[str, Any], str | None]] = []
+
+    def report(self, kind: str, body: dict[str, Any], msg_id: str | None = None) -> str:
+        self.reports.append((kind, body, msg_id))
+        return msg_id or ""
+
+    def report_trace(self, trace_id: str, trace: bytes, meta: dict[str, Any]) -> list[str]:
+        return [trace_id]
+
+
+def _campaign_doc(key: Ed25519PrivateKey) -> dict[str, Any]:
+    return {"format": "vota-campaign", "version": 1, "campaign_id": "c-fuzz", "vin": VIN, "install": "immediate",
+            "issued": "2026-11-01T00:00:00Z", "expires": "2026-12-31T00:00:00Z", "activation": "atomic", "packages": [
+                {"name": "vcu-2.0.0.bin", "ecu": "vcu", "version": "2.0.0", "url": "http://127.0.0.1:1/vcu.bin",
+                 "size": 3000, "sha256": hashlib.sha256(b"v" * 3000).hexdigest(), "order": 1},
+                {"name": "bms-2.0.0.bin", "ecu": "bms", "version": "2.0.0", "url": "http://127.0.0.1:1/bms.bin",
+                 "size": 10, "sha256": hashlib.sha256(b"b" * 10).hexdigest(), "order": 2, "requires": {"vcu": "2.0.0"}}]}
+
+
+class TboxInbound(Target):
+    """MQTT payloads on a vehicle's campaign and command topics, into the TBOX's inbound
+    handling: each junk payload is rejected with a reason (an event to the cloud), nothing of it
+    is stored, and the campaign stored before is unchanged."""
+
+    name = "tbox-inbound"
+
+    def open(self, tmp: Path) -> None:
+        from tbox.inbound import Inbound
+        from tbox.runner import CampaignRunner
+
+        super().open(tmp)
+        key = Ed25519PrivateKey.generate()
+        self.key = key
+        trusted = {key_id(key.public_key()): key.public_key()}
+        self.cloud = _Cloud()
+        self.runner = CampaignRunner(TboxConfig(VIN, state_dir=str(tmp / "tbox"), trusted_keys=("k",)), {"vcu", "bms"},
+                                     self.cloud, None, trusted, now=lambda: NOW)  # type: ignore[arg-type]
+        self.submitted: list[dict[str, Any]] = []
+        self.inbound = Inbound(VIN, self.runner, self.submitted.append, lambda: None, lambda: None)
+        self.valid = sign_campaign(_campaign_doc(key), key)
+        self.inbound.on_message("campaign", self.valid)  # stored: the one that must not change
+        self.stored = snapshot(tmp / "tbox")
+        assert len(self.stored) == 2, self.stored.keys()
+        envelope = json.loads(self.valid)
+        command = {"command": "confirm_install", "campaign_id": "c-fuzz", "vin": VIN}
+        payloads = st.one_of(st.binary(max_size=200), mutated(self.valid), json_mutations(envelope),
+                             json_mutations(command), json_values().map(lambda v: json.dumps(v).encode()),
+                             st.integers(1, 20000).map(lambda n: b"[" * n + b"]" * n))
+        self.strategy = st.tuples(st.sampled_from(["campaign", "command"]), payloads)
+
+    def feed(self, example: tuple[str, bytes]) -> None:
+        kind, payload = example
+        known = kind == "campaign" and (self.inbound.campaigns_dir / hashlib.sha256(payload).hexdigest()[:24]).exists()
+        before = len(self.cloud.reports), len(self.submitted), self.inbound._commands.qsize()
+        with internal_errors() as errors:
+            self.inbound.on_message(kind, payload)
+        _no_internal_error(errors, example)
+        after = len(self.cloud.reports), len(self.submitted), self.inbound._commands.qsize()
+        now_stored = snapshot(self.tmp / "tbox")
+        if kind == "campaign" and payload != self.valid and now_stored != self.stored:
+            # only a campaign that verifies is kept (a mutation may still be valid JSON-wise: check it is)
+            verify_campaign(payload, {key_id(self.key.public_key()): self.key.public_key()}, vin=VIN, now=NOW,
+                            known_ecus={"vcu", "bms"})
+            self.stored = now_stored
+        assert all(now_stored.get(k) == v for k, v in self.stored.items()), "a stored campaign changed"
+        if now_stored == self.stored and payload != self.valid:
+            reasons = [body for kind_, body, _ in self.cloud.reports[before[0]:] if body.get("event") == "rejected"]
+            taken = after[1] > before[1] or after[2] > before[2] or known  # known: a redelivery, stored once
+            assert reasons or taken, f"{example!r}: neither taken nor rejected with a reason"
+            assert all(r["reason"] and r["detail"] for r in reasons)
+
+
+class Collector(Target):
+    """MQTT messages on any topic into the stand-in cloud's collector: nothing stops it, nothing
+    is written outside ``<store>/<vin>/``, what was stored is kept."""
+
+    name = "collector"
+
+    def open(self, tmp: Path) -> None:
+        import paho.mqtt.client as mqtt
+
+        from cloud_sim.collector import Collector as Impl
+
+        super().open(tmp)
+        self.mqtt = mqtt
+        self.collector = Impl("127.0.0.1", 1, tmp / "store", diagnose=True)
+        good = {"id": "m-1", "vin": VIN, "type": "events", "ts": "2026-11-22T12:00:00Z",
+                "body": {"event": "finished", "campaign_id": "c-1", "outcome": "failed"}}
+        self._deliver(f"vota/v1/{VIN}/events", json.dumps(good).encode())
+        self.stored = snapshot(tmp / "store")
+        assert self.stored
+        topics = st.one_of(st.sampled_from([f"vota/v1/{VIN}/{k}" for k in ("events", "results", "traces", "status",
+                                                                              "inventory")]),
+                           st.sampled_from(["vota/v1/../status", "vota/v1/..", "vota/v1/x/..", "vota/v1//events",
+                                            "vota/v1/%s/../../x" % VIN, "a/b", "", "vota/v1/" + "v" * 300 + "/events"]),
+                           st.text(max_size=40))
+        trace = {"id": "t-1", "vin": VIN, "type": "traces", "ts": "x",
+                 "body": {"trace_id": "c-1.flash.vcu", "part": 0, "parts": 1, "data": "H4sIAAAAAAAC/wMAAAAAAAAAAAA="}}
+        content = {"id": "e-1", "vin": VIN, "type": "events", "ts": "x",
+                   "body": {"event": "content", "bundle_id": "b-1", "bundle_version": 1, "item": "x", "status": "done"}}
+        payloads = st.one_of(st.binary(max_size=200), json_mutations(good), json_mutations(trace), json_mutations(content),
+                             json_values().map(lambda v: json.dumps(v).encode()),
+                             st.integers(1, 20000).map(lambda n: b"[" * n + b"]" * n))
+        self.strategy = st.tuples(topics, payloads)
+
+    def _deliver(self, topic: str, payload: bytes) -> None:
+        msg = self.mqtt.MQTTMessage(topic=topic.encode("utf-8", "surrogatepass"))
+        msg.payload = payload
+        self.collector._on_message(self.collector.client, None, msg)
+
+    def feed(self, example: tuple[str, bytes]) -> None:
+        with internal_errors() as errors:
+            self._deliver(*example)
+        _no_internal_error(errors, example)
+        for path in self.tmp.rglob("*"):
+            parts = path.relative_to(self.tmp).parts
+            assert parts[0] == "store", f"{example!r} wrote {path}"
+            if len(parts) > 2:
+                assert parts[1] not in (".", "..") and path.resolve().is_relative_to((self.tmp / "store").resolve())
+        now_stored = snapshot(self.tmp / "store")
+        assert all(now_stored.get(k) == v for k, v in self.stored.items() if "/status.json" not in k and "/content/" not in k
+                   and "/diagnosis/" not in k), f"{example!r}: a stored message changed"
+
+
+# ---- verification and diagnosis -----------------------------------------------------------------------------------
+class CampaignEnvelopes(Target):
+    """Campaign envelopes into verification: accepted only when signed and valid, otherwise
+    refused with a reason code; never another exception."""
+
+    name = "campaign-verify"
+
+    def open(self, tmp: Path) -> None:
+        super().open(tmp)
+        self.key = Ed25519PrivateKey.generate()
+        self.trusted = {key_id(self.key.public_key()): self.key.public_key()}
+        doc = _campaign_doc(self.key)
+        valid = sign_campaign(doc, self.key)
+        resigned = json_mutations(doc).map(lambda b: _resign(b, self.key))  # signed, but the content is wrong
+        self.strategy = st.one_of(mutated(valid), json_mutations(json.loads(valid)), resigned, st.binary(max_size=300))
+
+    def feed(self, example: bytes) -> None:
+        try:
+            verify_campaign(example, self.trusted, vin=VIN, now=NOW, known_ecus={"vcu", "bms"},
+                            installed={"vcu": "1.0.0", "bms": "1.0.0"})
+        except CampaignRejected as exc:
+            assert exc.reason and str(exc), "a refusal without a reason"
+
+
+def _resign(body: bytes, key: Ed25519PrivateKey) -> bytes:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body
+    try:
+        return sign_campaign(doc, key)
+    except (VotaError, TypeError, ValueError, AttributeError, KeyError):
+        return body  # what the signing tool itself refuses
+
+
+class ContentBundles(Target):
+    """Signed content bundles (tar archives) into verification: a valid one passes, any change
+    is refused with a reason code."""
+
+    name = "bundle-verify"
+
+    def open(self, tmp: Path) -> None:
+        super().open(tmp)
+        self.key = Ed25519PrivateKey.generate()
+        self.trusted = {key_id(self.key.public_key()): self.key.public_key()}
+        spec = {"bundle_id": "b-fuzz", "bundle_version": 2, "owner": "o", "title": "t",
+                "config": {"mode": "any", "start": "2026-11-01T00:00:00", "expiry": "2026-12-31T00:00:00", "tz": "UTC"},
+                "items": [{"id": "pic", "class": "resource", "target": "dlp", "policy": "auto", "encrypt": True},
+                          {"id": "app", "class": "application", "target": "com.x", "policy": "manual"}]}
+        self.valid = sign_bundle(build_bundle(spec, {"pic": b"p" * 700, "app": b"a" * 300},
+                                              X25519PrivateKey.generate().public_key(), VIN), self.key)
+        verify_bundle(self.valid, self.trusted, vin=VIN, now=NOW)
+        self.strategy = st.one_of(mutated(self.valid), st.binary(max_size=2000))
+
+    def feed(self, example: bytes) -> None:
+        try:
+            verify_bundle(example, self.trusted, vin=VIN, now=NOW, max_size=1 << 20)
+        except BundleRejected as exc:
+            assert exc.reason and str(exc), "a refusal without a reason"
+        else:
+            assert example == self.valid or _same_members(example, self.valid), "a changed bundle verified"
+
+
+def _same_members(a: bytes, b: bytes) -> bool:
+    from agent.core.content import read_archive
+
+    return read_archive(a, 1 << 20) == read_archive(b, 1 << 20)
+
+
+_TRACE_HEAD = {"format": "vota-trace", "version": 1, "stage": "flash", "client": "GW", "server": "bms", "packet": "bms",
+               "request_id": 0x7E1, "response_id": 0x7E9, "functional_id": 0x7DF, "started": 0.0}
+_TRACE_ROWS = [[0, "1003", 2, 1, "5003003201f4"], [2, "1002", 2, 1, "5002003201f4"], [4, "2701", 2, 1, "670112345678"],
+               [6, "2702", 6, 1, "6702"], [8, "3101ff00", 13, 500, "7101ff0000", {"pend": [3]}],
+               [520, "3400440800000000003000", 11, 2, "74200fff"], [530, "3601", 4095, 30, "7601"],
+               [570, "3602", 4095, 30, "7f3673"], [650, "37", 1, 2, None]]
+
+
+class Traces(Target):
+    """Header-only traces (truncated, mutated, any JSON lines) into the diagnosis: a verdict, or
+    one error naming the problem."""
+
+    name = "diagnosis"
+
+    def open(self, tmp: Path) -> None:
+        from agent.adapters.diagnosis_files import load_rules
+
+        super().open(tmp)
+        self.rules = load_rules()
+        lines = [_TRACE_HEAD, *_TRACE_ROWS, {"end": True, "exchanges": len(_TRACE_ROWS), "result": "failed"}]
+        valid = "\n".join(json.dumps(line) for line in lines).encode()
+        rows = st.lists(st.one_of(json_values(), st.tuples(st.integers(-5, 10**6), st.text(max_size=12), st.integers(-1, 5000),
+                                                            st.integers(-1, 600), st.text(max_size=12)).map(list)),
+                        max_size=8).map(lambda rs: "\n".join(json.dumps(r) for r in [_TRACE_HEAD, *rs]).encode())
+        nested = st.integers(1, 20000).map(lambda n: json.dumps(_TRACE_HEAD).encode() + b"\n" + b"[" * n + b"]" * n)
+        self.strategy = st.one_of(mutated(valid), rows, nested, st.binary(max_size=300))
+
+    def feed(self, example: bytes) -> None:
+        from agent.core.diagnosis import StageInput, diagnose, render_markdown
+        from agent.errors import TraceFormatError
+
+        try:
+            trace = parse_trace(example.decode("utf-8"), "fuzz.trace.jsonl")
+        except (TraceFormatError, UnicodeDecodeError) as exc:
+            assert str(exc)
+            return
+        result = {"ecu": "bms", "result": "failed", "failed_step": "transfer_data", "reason": "x"}
+        verdict = diagnose([StageInput("flash", "bms", result, trace, None)], self.rules, "all", "c-fuzz")
+        assert render_markdown(verdict)
+
+
+TARGETS: dict[str, Callable[[], Target]] = {t.name: t for t in (EcuServer, DeployServer, CanFrames, TboxInbound, Collector,
+                                                                CampaignEnvelopes, ContentBundles, Traces)}

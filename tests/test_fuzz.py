@@ -1,0 +1,41 @@
+"""Property-based fuzzing of every external input (hypothesis): UDS requests to the ECU
+simulator and the deploy server, raw CAN frames into a live exchange, MQTT payloads into the
+TBOX and the collector, campaign envelopes and content bundles into verification, traces into
+the diagnosis. Each target checks, for every input: no exception escapes, nothing is logged
+as an internal error, a reason is given, nothing already stored is lost or changed
+(``tests/fuzz_targets.py``). Example counts are bounded here; ``benchmarks/fuzz.py`` runs the
+same targets for as long as asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from tests.fuzz_targets import TARGETS
+
+pytestmark = pytest.mark.slow  # about a minute in all; the inner loop (-m "not slow") stays fast
+
+EXAMPLES = {"ecu-uds": 300, "deploy-uds": 300, "can-frames": 25, "tbox-inbound": 300, "collector": 400,
+            "campaign-verify": 400, "bundle-verify": 200, "diagnosis": 400}
+
+
+def run(name: str, tmp: Path, examples: int) -> None:
+    target = TARGETS[name]()
+    target.open(tmp)
+    try:
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
+                  suppress_health_check=list(HealthCheck))
+        @given(target.strategy)
+        def check(example):  # type: ignore[no-untyped-def]
+            target.feed(example)
+
+        check()
+    finally:
+        target.close()
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_no_input_stops_a_component_or_changes_what_it_stored(name: str, tmp_path: Path) -> None:
+    run(name, tmp_path, EXAMPLES[name])
