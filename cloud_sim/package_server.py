@@ -97,7 +97,7 @@ class PackageServer:
         rate = self.throttle
         try:
             if rate:
-                step = max(1024, rate // 20)
+                step = max(1, rate // 20)  # 20 writes a second, down to a byte at a time
                 for i in range(0, len(body), step):
                     h.wfile.write(body[i : i + step])
                     h.wfile.flush()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.adapters.heartbeat import Heartbeats
+from agent.adapters.keys import load_public_keys
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.adapters.uds_server import UdsServer
 from agent.core.config import VehicleConfig
@@ -27,6 +28,7 @@ from gateway.deploy_server import DEPLOY_SERVICES, DeployState
 from gateway.flash import FlashJob
 from gateway.install import InstallInterrupted, InstallPlan, install
 from gateway.inventory import collect_versions
+from gateway.verify import Trust, check_install
 
 __all__ = ["GatewayDaemon", "GatewayInstaller"]
 
@@ -35,13 +37,27 @@ log = logging.getLogger(__name__)
 MANIFEST_COPY = "install-manifest.json"  # the manifest an install runs, kept beside its journal
 
 
+def load_trust(config: VehicleConfig) -> Trust:
+    """What installs are verified against: the gateway section's keys and VIN, else the tbox
+    section's (one vehicle.yaml for both daemons). Without any, every install is refused."""
+    gw, tbox = config.gateway, config.tbox
+    campaign = gw.trusted_keys or (tbox.trusted_keys if tbox is not None else ())
+    content = gw.content_trusted_keys or (tbox.content.trusted_keys if tbox is not None else ())
+    trust = Trust(gw.vin or (tbox.vin if tbox is not None else None), load_public_keys(campaign, "trusted campaign key"),
+                  load_public_keys(content, "trusted content key"))
+    if not trust.vin or not trust.campaign_keys:
+        log.warning("no VIN or no trusted campaign keys configured: every install will be refused")
+    return trust
+
+
 class GatewayInstaller:
     """Flashes per install manifest in a background thread; status kept on disk too. An install
     that was running when the gateway stopped goes on when it starts again (``resume``)."""
 
     def __init__(self, config: VehicleConfig, package_dir: Path, results_dir: Path, stop: threading.Event,
-                 faults: list[FaultSpec] | None = None, buses: Buses | None = None) -> None:
+                 faults: list[FaultSpec] | None = None, buses: Buses | None = None, trust: Trust | None = None) -> None:
         self.config, self.package_dir, self.results_dir, self.stop = config, package_dir, results_dir, stop
+        self.trust = trust if trust is not None else load_trust(config)
         self.buses = buses if buses is not None else Buses(config)
         self.faults = faults or []
         self._lock = threading.Lock()
@@ -56,19 +72,28 @@ class GatewayInstaller:
         manifest = parse_manifest(data)
         if isinstance(manifest, str):
             return manifest
-        jobs = []
+        images: dict[str, bytes] = {}
         for job in manifest.jobs:
             if job.ecu not in self.config.ecus:
                 return f"unknown ECU {job.ecu!r}"
             path = self.package_dir / job.package
             if not path.is_file():
                 return f"package {job.package!r} was not deployed"
-            jobs.append((job.order, FlashJob(job.ecu, path.read_bytes(), job.version, job.package)))
+            images[job.package] = path.read_bytes()
+        refused = check_install(manifest, images, self.trust, set(self.config.ecus))
+        if refused is not None:
+            return refused
+        jobs = [(job.order, FlashJob(job.ecu, images[job.package], job.version, job.package, guard_rollback=True))
+                for job in manifest.jobs]
         return InstallPlan(manifest.campaign_id, tuple(jobs), manifest.activation)
 
     def start(self, manifest: bytes) -> str | None:
         parsed = self._parse(manifest)
         if isinstance(parsed, str):
+            named = parse_manifest(manifest)
+            if not isinstance(named, str) and not (self.results_dir / named.campaign_id / "install.json").exists():
+                # refused for good: the TBOX reads the reason instead of trying again
+                self._write_status(named.campaign_id, InstallStatus.REFUSED, parsed)
             return parsed
         plan = parsed
         campaign, jobs = plan.campaign_id, [job for _, job in plan.jobs]

@@ -25,6 +25,7 @@ from agent.adapters.canbus import Segment
 from agent.adapters.storage import atomic_write_json
 from agent.adapters.trace_files import write_trace
 from agent.adapters.uds_client import ClientFaults, RawCodec, UdsLink, describe_failure
+from agent.core.campaign import compare_versions
 from agent.core.config import EcuConfig, GatewayConfig, VehicleConfig
 from agent.core.faults import FaultSpec
 from agent.core.trace import TraceHeader, TraceRecorder
@@ -85,6 +86,7 @@ class FlashJob:
     version: str
     source: str = ""
     stage_only: bool = False  # vehicle-level campaigns: stop once the image is staged, do not reset onto it
+    guard_rollback: bool = False  # installs: refuse, before erasing, an image older than what the ECU runs
 
 
 @dataclass
@@ -183,6 +185,9 @@ class EcuFlasher:
         try:
             with link.untraced():
                 result.version_before = self._read_version(link)
+            running = result.version_before
+            if job.guard_rollback and running and compare_versions(job.version, running) < 0:
+                raise FlashError("rollback_check", f"the ECU runs {running}, newer than {job.version}: not flashed")
             result.version_after = self._sequence(link)
             result.result = "success"
         except FlashError as exc:

@@ -13,6 +13,7 @@ after it, so a kill in between runs the action again after a restart.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ class Job:
     item: Item
     entry: ItemRecord  # the item's persisted state; executors keep what they need in it (delivered, campaign_id)
     data: Callable[[], bytes]  # the item's plaintext (decrypted on demand)
+    signed: Callable[[], tuple[bytes, bytes]] = lambda: (b"", b"")  # the bundle's manifest.json and manifest.sig.json
 
     @property
     def name(self) -> str:
@@ -171,8 +173,10 @@ class AppExecutor:
 
 
 class CampaignPort(Protocol):
-    def start_local_campaign(self, campaign_id: str, ecu: str, version: str, data: bytes) -> None:
-        """Queue a campaign (deploy -> flash) for ``data``; idempotent per campaign id."""
+    def start_local_campaign(self, campaign_id: str, ecu: str, version: str, data: bytes,
+                             proof: dict[str, Any] | None = None) -> None:
+        """Queue a campaign (deploy -> flash) for ``data``; idempotent per campaign id. ``proof``
+        goes with the install manifest: the gateway flashes only what it shows was signed."""
 
     def campaign_outcome(self, campaign_id: str) -> dict[str, Any] | None:
         """None while it runs; else {"outcome", "failure", "cause"}."""
@@ -192,7 +196,10 @@ class SoftwareExecutor:
         version = job.item.raw.get("version")
         if not isinstance(version, str) or not version:
             raise Refused("malformed", "a software item needs the software version it installs")
-        self.campaigns.start_local_campaign(self.campaign_id(job), job.item.target, version, job.data())
+        manifest, signature = job.signed()
+        proof = {"content": {"manifest": base64.b64encode(manifest).decode(), "signature": base64.b64encode(signature).decode(),
+                             "item": job.item.id}}
+        self.campaigns.start_local_campaign(self.campaign_id(job), job.item.target, version, job.data(), proof)
         job.entry.campaign_id = self.campaign_id(job)
         return "installing"
 

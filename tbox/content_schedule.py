@@ -66,7 +66,8 @@ class ItemScheduling:
     def _job(self, directory: Path, state: BundleRecord, item: Item) -> Job:
         bundle = self._bundle(directory)
         return Job(bundle.bundle_id, bundle.bundle_version, item, state.items[item.id],
-                   lambda: self._plain(directory, bundle, item))
+                   lambda: self._plain(directory, bundle, item),
+                   lambda: ((directory / "manifest.json").read_bytes(), (directory / "manifest.sig.json").read_bytes()))
 
     def _run(self, directory: Path, state: BundleRecord, item: Item, action: str) -> str | None:
         """Run one executor action: the item's status after a start, "" after a stop or a

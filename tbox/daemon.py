@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.adapters.canbus import Segment
 from agent.adapters.cloud_link import CloudLink
 from agent.adapters.heartbeat import Heartbeats
-from agent.core.campaign import key_id, load_public_key
+from agent.adapters.keys import load_public_keys
 from agent.core.config import TboxConfig, VehicleConfig
 from agent.core.faults import FaultSpec
 from agent.errors import UsageError
@@ -37,17 +36,6 @@ __all__ = ["TboxDaemon", "COMMANDS"]
 log = logging.getLogger(__name__)
 
 
-def _load_keys(paths: tuple[str, ...], what: str) -> dict[str, Ed25519PublicKey]:
-    keys = {}
-    for path in paths:
-        try:
-            key = load_public_key(Path(path).read_bytes(), path)
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot read {what} ({exc.strerror})") from None
-        keys[key_id(key)] = key
-    return keys
-
-
 class TboxDaemon:
     def __init__(self, config: VehicleConfig, now: Callable[[], _dt.datetime] | None = None,
                  faults: list[FaultSpec] | None = None, content_now: Callable[[], _dt.datetime] | None = None,
@@ -61,7 +49,7 @@ class TboxDaemon:
         self.content_now = content_now
         self.state_dir = Path(self.tbox.state_dir)
         self.campaigns_dir = self.state_dir / "campaigns"
-        self.trusted = _load_keys(self.tbox.trusted_keys, "trusted key")
+        self.trusted = load_public_keys(self.tbox.trusted_keys, "trusted key")
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._content_wake = threading.Event()
@@ -80,7 +68,7 @@ class TboxDaemon:
 
     def _content_manager(self) -> ContentManager:
         cfg = self.tbox.content
-        trusted = _load_keys(cfg.trusted_keys, "trusted content key") if cfg.trusted_keys else dict(self.trusted)
+        trusted = load_public_keys(cfg.trusted_keys, "trusted content key") if cfg.trusted_keys else dict(self.trusted)
         vehicle_key = None
         if cfg.vehicle_key:
             try:
@@ -119,8 +107,9 @@ class TboxDaemon:
         self.cloud.report_trace(tid, trace, meta)
 
     # ---- the campaign port of software content items -------------------------------------------
-    def start_local_campaign(self, campaign_id: str, ecu: str, version: str, data: bytes) -> None:
-        self.runner.start_local_campaign(campaign_id, ecu, version, data)
+    def start_local_campaign(self, campaign_id: str, ecu: str, version: str, data: bytes,
+                             proof: dict[str, Any] | None = None) -> None:
+        self.runner.start_local_campaign(campaign_id, ecu, version, data, proof)
         self._wake.set()
 
     def campaign_outcome(self, campaign_id: str) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -65,7 +66,14 @@ def download(
     progress: Callable[[int, int], None] | None = None,
     timeout: float = 30.0,
     should_stop: Callable[[], bool] | None = None,
+    min_rate: float = 0.0,
+    rate_window_s: float = 60.0,
+    max_time_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> DownloadInfo:
+    """Download ``url`` to ``dest``, resuming ``<dest>.part``. Slow retrieval is cut off: a
+    transfer below ``min_rate`` bytes/s over any ``rate_window_s``, or one attempt longer than
+    ``max_time_s``, is interrupted (what arrived stays for the next attempt's range request)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -90,12 +98,23 @@ def download(
             if have and response.status != 206:
                 have, digest, resumed_from = 0, hashlib.sha256(), 0  # no range support: whole file again
             mode = "ab" if have else "wb"
+            started = window_at = clock()
+            window_have = have
             with open(part, mode) as out:
                 try:
                     while True:
                         if should_stop is not None and should_stop():
                             raise DownloadInterrupted(f"{url}: stopped")
-                        chunk = response.read(CHUNK)
+                        now = clock()
+                        if max_time_s is not None and now - started > max_time_s:
+                            raise DownloadInterrupted(f"{url}: not complete after {max_time_s:.0f} s (at byte {have})")
+                        if now - window_at >= rate_window_s:
+                            rate = (have - window_have) / (now - window_at)
+                            if rate < min_rate:
+                                raise DownloadInterrupted(f"{url}: {rate:.0f} bytes/s over {now - window_at:.0f} s, "
+                                                          f"below the minimum {min_rate:.0f} (slow retrieval)")
+                            window_at, window_have = now, have
+                        chunk = response.read1(CHUNK)  # what has arrived: a trickle cannot hold a read for ever
                         if not chunk:
                             break
                         if have + len(chunk) > size:

@@ -21,7 +21,9 @@ What a handler's error means is told by its class (``agent/errors.py``):
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
@@ -62,10 +64,14 @@ class CampaignFailure(Refused):
 class CampaignRunner:
     def __init__(self, tbox: TboxConfig, ecus: set[str], cloud: CloudPort, gateway: GatewayPort,
                  trusted: dict[str, Ed25519PublicKey], *, now: Callable[[], _dt.datetime],
-                 stop: threading.Event | None = None, fetch: Fetch = download,
+                 stop: threading.Event | None = None, fetch: Fetch | None = None,
                  beat: Callable[[], None] | None = None, entered: Callable[[CampaignRecord], None] | None = None) -> None:
         self.tbox, self.ecus, self.cloud, self.gateway, self.trusted = tbox, ecus, cloud, gateway, trusted
-        self.now, self.fetch = now, fetch
+        self.now = now
+        # slow retrieval (Uptane): a download below the minimum rate, or too long, is cut off and resumed later
+        self.fetch = fetch or functools.partial(download, min_rate=tbox.download_min_rate,
+                                                rate_window_s=tbox.download_rate_window_s,
+                                                max_time_s=tbox.download_max_time_s)
         self.stop = stop or threading.Event()
         self.beat = beat or (lambda: None)
         self.entered = entered or (lambda record: None)  # called once a state is persisted (tests kill here)
@@ -207,8 +213,10 @@ class CampaignRunner:
         except CampaignRejected as exc:
             raise CampaignFailure("verify", exc.reason, str(exc)) from None
 
-    def start_local_campaign(self, campaign_id: str, ecu: str, version: str, data: bytes) -> None:
-        """A ``software`` content item as a campaign through deploy -> flash (C1)."""
+    def start_local_campaign(self, campaign_id: str, ecu: str, version: str, data: bytes,
+                             proof: dict[str, Any] | None = None) -> None:
+        """A ``software`` content item as a campaign through deploy -> flash (C1); ``proof`` is the
+        signed bundle manifest and the item, which the gateway checks before it flashes."""
         key = "local-" + hashlib.sha256(campaign_id.encode()).hexdigest()[:18]
         directory = self.campaigns_dir / key
         if (directory / "state.json").exists():
@@ -218,7 +226,7 @@ class CampaignRunner:
         package = {"name": name, "ecu": ecu, "version": version, "url": "", "size": len(data),
                    "sha256": hashlib.sha256(data).hexdigest()}
         atomic_write_json(directory / LOCAL_CAMPAIGN, {"campaign_id": campaign_id, "install": "immediate",
-                                                         "packages": [package]})
+                                                         "packages": [package], "proof": proof})
         record = CampaignRecord(key, directory)
         record.packages = {name: {"ecu": ecu, "version": version, "downloaded": True}}
         record.save()
@@ -246,9 +254,12 @@ class CampaignRunner:
         try:
             if (record.dir / LOCAL_CAMPAIGN).exists():
                 campaign = self.campaign(record)
-                for p in campaign.packages:  # the same downgrade rule as for the cloud's campaigns
+                for p in campaign.packages:  # the same downgrade rules as for the cloud's campaigns
                     current = installed.get(p.ecu)
-                    if current and compare_versions(p.version, current) < 0:
+                    if not current:
+                        raise CampaignRejected("unknown_version", f"{p.ecu}: its installed version could not be read, "
+                                                                  f"so a downgrade cannot be ruled out", campaign.campaign_id)
+                    if compare_versions(p.version, current) < 0:
                         raise CampaignRejected("downgrade", f"{p.ecu}: {p.version} is older than the installed {current}",
                                                campaign.campaign_id)
             else:
@@ -335,8 +346,12 @@ class CampaignRunner:
 
     def _deployed(self, record: CampaignRecord) -> str:
         campaign = self.campaign(record)
+        local = record.dir / LOCAL_CAMPAIGN
+        # what the gateway verifies the install against before it erases anything (gateway/verify.py)
+        proof = (json.loads(local.read_text()).get("proof") if local.exists()
+                 else {"campaign": base64.b64encode(record.envelope_path.read_bytes()).decode()})
         manifest = InstallManifest(campaign.campaign_id, tuple(InstallJob(p.ecu, p.name, p.version, p.order)
-                                                                for p in campaign.packages), campaign.activation)
+                                                                for p in campaign.packages), campaign.activation, proof)
         name = f"install-{campaign.campaign_id}.json"
         path = record.dir / name
         atomic_write_bytes(path, encode_manifest(manifest))
@@ -373,10 +388,15 @@ class CampaignRunner:
         cid = record.campaign_id
         assert cid is not None
         status, _, _ = self.gateway.install_status(cid)
-        if status == InstallStatus.NONE or (status == InstallStatus.FAILED and not record.install_started):
+        if status in (InstallStatus.NONE, InstallStatus.REFUSED) or (status == InstallStatus.FAILED and not record.install_started):
             record.install_started = True  # first: a TBOX killed right after starting it does not start it twice
             record.save()
-            self.gateway.start_install(f"install-{cid}.json")
+            try:
+                self.gateway.start_install(f"install-{cid}.json")
+            except TryLater:
+                if self.gateway.install_status(cid)[0] != InstallStatus.REFUSED:
+                    raise
+                raise CampaignFailure("install", "install_refused", self._refusal(cid)) from None
         progress = self._progress(cid, "install")
 
         def polling(done: int, total: int) -> bool:  # at every status poll: progress; True when stopping
@@ -403,6 +423,13 @@ class CampaignRunner:
         record.outcome = "success"
         record.save()
         return "done"
+
+    def _refusal(self, cid: str) -> str:
+        """Why the gateway refused to install (it keeps the reason in the campaign's install.json)."""
+        try:
+            return str(json.loads(self.gateway.read_file(f"{cid}/install.json")).get("error") or "refused by the gateway")
+        except (TryLater, ValueError, AttributeError):
+            return "refused by the gateway (reason not readable)"
 
     def _diagnose(self, record: CampaignRecord) -> dict[str, Any] | None:
         """D10 in the vehicle: analyse the campaign's own results and traces."""

@@ -117,16 +117,18 @@ def _two(**changes):  # type: ignore[no-untyped-def]
 def test_install_order_requirements_and_activation():
     one = verify(sign_campaign(DOC, KEY))
     assert one.activation == "per_ecu" and one.packages[0].order == 0 and one.packages[0].requires == ()
-    two = verify(sign_campaign(_two(p0={"order": 1, "requires": {"bms": "2.0.0"}}), KEY), installed={"vcu": "1.0.0"})
+    two = verify(sign_campaign(_two(p0={"order": 1, "requires": {"bms": "2.0.0"}}), KEY),
+                 installed={"vcu": "1.0.0", "bms": "1.0.0"})
     assert two.activation == "atomic"  # the default with more than one package
     assert two.packages[0].order == 1 and two.packages[0].requires == (("bms", "2.0.0"),)
     assert two.packages[0].to_json()["requires"] == {"bms": "2.0.0"}
     doc = _two()
     doc["activation"] = "per_ecu"
-    assert verify(sign_campaign(doc, KEY)).activation == "per_ecu"
+    assert verify(sign_campaign(doc, KEY), installed={"vcu": "1.0.0", "bms": "1.0.0"}).activation == "per_ecu"
     for bad in ({"order": -1}, {"order": "first"}, {"requires": ["bms"]}, {"requires": {"bms": 2}}, {"colour": "red"}):
         with pytest.raises(CampaignRejected) as err:
-            verify(sign_campaign(_two(p1=bad), KEY)) if "colour" not in bad else sign_campaign(_two(p1=bad), KEY)
+            verify(sign_campaign(_two(p1=bad), KEY), installed={"vcu": "1.0.0", "bms": "1.0.0"}) if "colour" not in bad \
+                else sign_campaign(_two(p1=bad), KEY)
         assert err.value.reason == "malformed"
     doc["activation"] = "sometimes"
     with pytest.raises(CampaignRejected, match="activation"):
@@ -138,12 +140,15 @@ def test_requirements_are_checked_against_the_vehicle_after_the_campaign():
     assert verify(needs_new_bms, installed={"vcu": "1.0.0", "bms": "1.0.0"})  # the campaign brings bms 2.0.0 itself
     needs_bcm = sign_campaign(_two(p0={"requires": {"bcm": "3.1"}}), KEY)
     with pytest.raises(CampaignRejected) as err:
-        verify(needs_bcm, installed={"vcu": "1.0.0", "bcm": "3.0.9"})
+        verify(needs_bcm, installed={"vcu": "1.0.0", "bms": "1.0.0", "bcm": "3.0.9"})
     assert err.value.reason == "dependency" and "it would run 3.0.9" in str(err.value)
     with pytest.raises(CampaignRejected) as err:
-        verify(needs_bcm, installed={"vcu": "1.0.0"})  # bcm did not answer the inventory: nothing to rely on
+        verify(needs_bcm, installed={"vcu": "1.0.0", "bms": "1.0.0"})  # bcm did not answer the inventory
     assert err.value.reason == "dependency" and "not known" in str(err.value)
-    assert verify(needs_bcm, installed={"vcu": "1.0.0", "bcm": "3.10"}).campaign_id == "c-0001"
+    assert verify(needs_bcm, installed={"vcu": "1.0.0", "bms": "1.0.0", "bcm": "3.10"}).campaign_id == "c-0001"
+    with pytest.raises(CampaignRejected) as err:  # a target ECU that did not tell its version: no downgrade check skipped
+        verify(needs_new_bms, installed={"vcu": "1.0.0"})
+    assert err.value.reason == "unknown_version" and "bms: its installed version could not be read" in str(err.value)
 
 
 def test_a_document_two_parsers_read_differently_is_refused():

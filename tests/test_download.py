@@ -71,3 +71,25 @@ def test_wrong_digest_and_missing_package(server, tmp_path):
     with pytest.raises(DownloadError) as err:
         download("http://127.0.0.1:1/x", tmp_path / "x.bin", 10, "0" * 64, timeout=2)
     assert isinstance(err.value, TryLater)
+
+
+def test_a_trickling_server_cannot_hold_a_download(server, tmp_path):
+    """Uptane's slow retrieval: a server that sends 10 bytes a second keeps the connection alive
+    (no read ever times out), but the transfer is cut off below the minimum rate; what arrived
+    stays, and the next attempt resumes from it."""
+    import time
+
+    data, digest = _package(server, "slow.bin", 50_000)
+    server.throttle = 10
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"bytes/s over 1 s, below the minimum 1000 \(slow retrieval\)") as err:
+        download(server.url("slow.bin"), tmp_path / "slow.bin", len(data), digest, min_rate=1000, rate_window_s=1.0)
+    assert isinstance(err.value, TryLater) and time.monotonic() - started < 10
+    have = (tmp_path / "slow.bin.part").stat().st_size
+    assert 0 < have < 1000
+    with pytest.raises(DownloadError, match="not complete after 1 s") as err:  # a total time limit per attempt
+        download(server.url("slow.bin"), tmp_path / "slow.bin", len(data), digest, max_time_s=1.0)
+    assert isinstance(err.value, TryLater)
+    server.throttle = None
+    info = download(server.url("slow.bin"), tmp_path / "slow.bin", len(data), digest, min_rate=1000, rate_window_s=1.0)
+    assert info.resumed_from > have and (tmp_path / "slow.bin").read_bytes() == data

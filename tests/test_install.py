@@ -3,13 +3,20 @@ install, the gateway flashes the ECUs and hands back results, traces and the inv
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.adapters.canbus import Segment
 from agent.adapters.file_client import PackageDeployer
+from agent.core.campaign import sign_campaign
 from agent.core.config import load_vehicle_config
 from agent.core.trace import parse_trace
 from agent.protocol.link import ContentOp
@@ -24,6 +31,37 @@ def _ready(proc: Proc, word: str) -> None:
         time.sleep(0.05)
 
 
+VIN = "LVOTAINSTALL00001"
+KEY = Ed25519PrivateKey.generate()
+
+
+def _trust(tmp_path: Path) -> dict[str, Any]:
+    """The gateway section's trust: the campaign key and the VIN it verifies installs against."""
+    pub = tmp_path / "signing.pub"
+    pub.write_bytes(KEY.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return {"trusted_keys": [str(pub)], "vin": VIN}
+
+
+def _manifest(cid: str, packages: dict[str, tuple[str, bytes, str]], key: Ed25519PrivateKey = KEY,
+              signed_images: dict[str, bytes] | None = None) -> bytes:
+    """An install manifest for ``packages`` (ECU -> file name, image, version) carrying the signed
+    campaign; ``signed_images`` signs other images than those deployed (a swapped package)."""
+    campaign = {"format": "vota-campaign", "version": 1, "campaign_id": cid, "vin": VIN, "install": "immediate",
+                "issued": "2026-11-01T00:00:00Z", "expires": "2026-12-31T00:00:00Z", "activation": "per_ecu",
+                "packages": [{"name": name, "ecu": ecu, "version": version, "url": f"http://cloud/{name}",
+                              "size": len((signed_images or {}).get(ecu, data)),
+                              "sha256": hashlib.sha256((signed_images or {}).get(ecu, data)).hexdigest()}
+                             for ecu, (name, data, version) in packages.items()]}
+    return json.dumps({"format": "vota-install", "version": 1, "campaign_id": cid, "activation": "per_ecu",
+                       "jobs": [{"ecu": e, "package": n, "version": v} for e, (n, _, v) in packages.items()],
+                       "proof": {"campaign": base64.b64encode(sign_campaign(campaign, key)).decode()}}).encode()
+
+
+def _deploy(segment: Segment, link: Any, tmp_path: Path, name: str, data: bytes) -> None:
+    (tmp_path / name).write_bytes(data)
+    assert PackageDeployer(segment, link, name, tmp_path / name, hashlib.sha256(data).hexdigest()).run().result == "success"
+
+
 def _start(tmp_path, path, procs):  # type: ignore[no-untyped-def]
     """The ECU simulators and the gateway of ``path`` as processes; the config and the deploy link."""
     procs.append(Proc("ecu-sim", "-c", str(path), "--state-dir", str(tmp_path / "ecu"), log=tmp_path / "ecu.log"))
@@ -34,28 +72,26 @@ def _start(tmp_path, path, procs):  # type: ignore[no-untyped-def]
     return config, config.deploy_link()
 
 
-def test_install_flashes_and_results_come_back(tmp_path, write_config, procs):
+def _two_ecus(tmp_path, write_config, procs):  # type: ignore[no-untyped-def]
+    """vcu and bms behind a gateway that trusts KEY for VIN."""
     path = write_config({
         "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}},
         "deploy": {"segment": "bb", "package_dir": str(tmp_path / "gw" / "packages")},
-        "gateway": {"results_dir": str(tmp_path / "gw" / "results")},
+        "gateway": {"results_dir": str(tmp_path / "gw" / "results"), **_trust(tmp_path)},
         "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt")},
     })
-    config, link = _start(tmp_path, path, procs)
+    return _start(tmp_path, path, procs)
+
+
+def test_install_flashes_and_results_come_back(tmp_path, write_config, procs):
+    config, link = _two_ecus(tmp_path, write_config, procs)
     images = {"vcu": os.urandom(100_000), "bms": os.urandom(70_000)}
     with Segment(config.segments["bb"]) as segment:
         gw = GatewayClient(segment, link)
         for ecu, data in images.items():
-            (tmp_path / f"{ecu}-2.0.bin").write_bytes(data)
-            r = PackageDeployer(segment, link, f"{ecu}-2.0.bin", tmp_path / f"{ecu}-2.0.bin",
-                                hashlib.sha256(data).hexdigest()).run()
-            assert r.result == "success", r
-        manifest = {"format": "vota-install", "version": 1, "campaign_id": "c-7",
-                    "jobs": [{"ecu": e, "package": f"{e}-2.0.bin", "version": "2.0"} for e in images]}
-        (tmp_path / "install-c-7.json").write_bytes(json.dumps(manifest).encode())
-        r = PackageDeployer(segment, link, "install-c-7.json", tmp_path / "install-c-7.json",
-                            hashlib.sha256(json.dumps(manifest).encode()).hexdigest()).run()
-        assert r.result == "success"
+            _deploy(segment, link, tmp_path, f"{ecu}-2.0.bin", data)
+        _deploy(segment, link, tmp_path, "install-c-7.json",
+                _manifest("c-7", {e: (f"{e}-2.0.bin", data, "2.0") for e, data in images.items()}))
         assert gw.install_status("c-7")[0] == InstallStatus.NONE
         gw.start_install("install-c-7.json")
         assert gw.wait_install("c-7", timeout=120) == InstallStatus.SUCCEEDED
@@ -77,6 +113,50 @@ def test_install_flashes_and_results_come_back(tmp_path, write_config, procs):
             raise AssertionError("a missing manifest started an install")
         except GatewayError as exc:
             assert "0x31" in str(exc)
+        # a signed campaign older than what the ECUs run: checked per ECU before anything is erased
+        old = os.urandom(50_000)
+        _deploy(segment, link, tmp_path, "vcu-1.5.bin", old)
+        _deploy(segment, link, tmp_path, "install-c-old.json", _manifest("c-old", {"vcu": ("vcu-1.5.bin", old, "1.5")}))
+        gw.start_install("install-c-old.json")
+        assert gw.wait_install("c-old", timeout=60) == InstallStatus.FAILED
+        (result,) = json.loads(gw.read_file("c-old/summary.json"))["results"]
+        assert (result["failed_step"], result["reason"]) == ("rollback_check", "the ECU runs 2.0, newer than 1.5: not flashed")
+        assert {e["ecu"]: e["software_version"] for e in gw.inventory()}["vcu"] == "2.0"
+
+
+def test_the_gateway_flashes_only_what_a_trusted_party_signed(tmp_path, write_config, procs):
+    """Any node on the backbone can deploy files and start an install: the gateway checks each
+    install against the signed campaign it carries, and refuses, before erasing anything, an
+    unsigned one, one signed by another key, one whose deployed image is not the signed one,
+    one that adds or leaves out an ECU; the reason is kept for the TBOX to read."""
+    config, link = _two_ecus(tmp_path, write_config, procs)
+    evil, good = os.urandom(20_000), os.urandom(20_000)
+    unsigned = json.dumps({"format": "vota-install", "version": 1, "campaign_id": "x-1",
+                           "jobs": [{"ecu": "vcu", "package": "vcu-6.6.6.bin", "version": "6.6.6"}]}).encode()
+    attempts = {
+        "x-1": (unsigned, "not signed: the install manifest carries no signed campaign"),
+        "x-2": (_manifest("x-2", {"vcu": ("vcu-6.6.6.bin", evil, "6.6.6")}, key=Ed25519PrivateKey.generate()),
+                "untrusted_key"),
+        "x-3": (_manifest("x-3", {"vcu": ("vcu-6.6.6.bin", evil, "6.6.6")}, signed_images={"vcu": good}),
+                "vcu-6.6.6.bin: the deployed file is not the signed package"),
+    }
+    with Segment(config.segments["bb"]) as segment:
+        gw = GatewayClient(segment, link)
+        _deploy(segment, link, tmp_path, "vcu-6.6.6.bin", evil)
+        _deploy(segment, link, tmp_path, "bms-2.0.bin", good)
+        both = json.loads(_manifest("x-4", {"vcu": ("vcu-6.6.6.bin", evil, "6.6.6"), "bms": ("bms-2.0.bin", good, "2.0")}))
+        both["jobs"] = both["jobs"][:1]  # the signed campaign's bms left out (mix-and-match)
+        attempts["x-4"] = (json.dumps(both).encode(), "the jobs are not the signed campaign's packages")
+        for cid, (manifest, why) in attempts.items():
+            _deploy(segment, link, tmp_path, f"install-{cid}.json", manifest)
+            try:
+                gw.start_install(f"install-{cid}.json")
+                raise AssertionError(f"{cid} started")
+            except GatewayError as exc:
+                assert "0x22" in str(exc)  # conditionsNotCorrect
+            assert gw.install_status(cid)[0] == InstallStatus.REFUSED
+            assert why in json.loads(gw.read_file(f"{cid}/install.json"))["error"]
+        assert {e["ecu"]: e["software_version"] for e in gw.inventory()} == {"vcu": "1.0.0", "bms": "1.0.0"}
 
 
 def test_content_for_an_ecu_that_is_being_flashed_waits_for_the_flash(tmp_path, write_config, procs):
@@ -85,15 +165,13 @@ def test_content_for_an_ecu_that_is_being_flashed_waits_for_the_flash(tmp_path, 
     path = write_config({
         "segments": {"bb": {"bus": multicast_bus()}, "body": {"bus": multicast_bus(), "bitrate": 500000}},
         "deploy": {"segment": "bb", "package_dir": str(tmp_path / "gw" / "packages")},
-        "gateway": {"results_dir": str(tmp_path / "gw" / "results")},
+        "gateway": {"results_dir": str(tmp_path / "gw" / "results"), **_trust(tmp_path)},
         "ecus": {"bcm": ecu_entry("bcm", 0x740, 0x748, "body")},
     })
     config, link = _start(tmp_path, path, procs)
     image, material = os.urandom(96_000), os.urandom(3_000)  # ~3 s of TransferData at 500 kbit/s
     files = {"bcm-2.0.bin": image, "lamp.frames": material}
-    manifest = json.dumps({"format": "vota-install", "version": 1, "campaign_id": "c-8",
-                           "jobs": [{"ecu": "bcm", "package": "bcm-2.0.bin", "version": "2.0"}]}).encode()
-    files["install-c-8.json"] = manifest
+    files["install-c-8.json"] = _manifest("c-8", {"bcm": ("bcm-2.0.bin", image, "2.0")})
     with Segment(config.segments["bb"]) as segment:
         gw = GatewayClient(segment, link)
         for name, data in files.items():

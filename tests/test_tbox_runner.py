@@ -5,6 +5,7 @@ directory, as a restarted daemon would."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -24,6 +25,7 @@ from agent.errors import TryLater
 from agent.protocol.link import InstallStatus
 from tbox.campaign_state import STATES, TERMINAL, CampaignRecord
 from tbox.download import DownloadError, DownloadInfo, DownloadInterrupted
+from tbox.gateway_client import GatewayError
 from tbox.inbound import Inbound
 from tbox.runner import WAITING, CampaignRunner
 
@@ -77,6 +79,7 @@ class FakeGateway:
         self.fail: dict[str, list[BaseException]] = {}  # per method: errors to raise first, in order
         self.boot = b"boot-one"
         self.broken_deploys: list[bool] = []
+        self.refuse: str | None = None  # the gateway refuses installs, with this reason
 
     def _maybe_fail(self, method: str) -> None:
         if self.fail.get(method):
@@ -118,6 +121,9 @@ class FakeGateway:
 
     def start_install(self, manifest_name: str) -> None:
         manifest = json.loads(self.deployed[manifest_name])
+        if self.refuse is not None:
+            self.install[manifest["campaign_id"]] = InstallStatus.REFUSED
+            raise GatewayError("start install: negative response 0x22")
         assert {j["package"] for j in manifest["jobs"]} <= set(self.deployed)
         self.installs.append(manifest["campaign_id"])
         self.install[manifest["campaign_id"]] = InstallStatus.RUNNING
@@ -132,6 +138,8 @@ class FakeGateway:
 
     def read_file(self, path: str) -> bytes:
         cid, _, name = path.partition("/")
+        if name == "install.json":
+            return json.dumps({"campaign_id": cid, "status": "refused", "error": self.refuse}).encode()
         if name == "summary.json":
             return json.dumps({"results": [{"ecu": ecu, "result": "success", "failed_step": None, "reason": None,
                                             "version_after": "2.0.0", "trace_file": f"{ecu}.trace.jsonl"} for ecu in IMAGES]}).encode()
@@ -390,3 +398,17 @@ def test_deeply_nested_json_is_malformed_not_an_internal_error(tmp_path: Path) -
     v.receive(envelope())  # and the next campaign runs
     v.runner().step()
     assert [b["outcome"] for b in v.cloud.events(event="finished", campaign_id="c-1")] == ["success"]
+
+
+def test_the_install_manifest_carries_the_signed_campaign_and_a_refusal_ends_the_campaign(tmp_path: Path) -> None:
+    """The gateway verifies what it flashes against the signed campaign the manifest carries; when
+    it refuses, the campaign fails at once with the gateway's reason (not retried for 18 minutes)."""
+    v = Vehicle(tmp_path)
+    v.gateway.refuse = "not signed: campaign rejected (untrusted_key): no signature by a trusted key"
+    v.receive(envelope())
+    v.runner().step()
+    manifest = json.loads(v.gateway.deployed["install-c-1.json"])
+    assert base64.b64decode(manifest["proof"]["campaign"]) == envelope()
+    finished = v.finished()
+    assert finished["outcome"] == "failed" and finished["failure"]["reason"] == "install_refused"
+    assert "untrusted_key" in finished["failure"]["detail"] and v.gateway.installs == []

@@ -46,7 +46,8 @@ def cmd_campaign(args: argparse.Namespace) -> int:
             sys.stdout.write(envelope.decode())
         return 0
     trusted = trusted_keys(args.trusted)
-    installed = dict(item.partition("=")[::2] for item in args.installed)
+    # without --installed the versions are not checked; with it, every target ECU needs one
+    installed = dict(item.partition("=")[::2] for item in args.installed) if args.installed else None
     campaign = c.verify_campaign(read_input(args.envelope, "campaign"), trusted, vin=args.vin,
                                  now=_dt.datetime.now(_dt.timezone.utc), installed=installed)
     print(f"campaign {campaign.campaign_id} verified: {len(campaign.packages)} package(s), install {campaign.install}, "

@@ -62,7 +62,7 @@ class CampaignRejected(VotaError):
     """A campaign the vehicle must not run; ``reason`` is a stable code for the cloud."""
 
     REASONS = ("malformed", "unsigned", "untrusted_key", "bad_signature", "expired", "not_yet_valid",
-               "wrong_vehicle", "downgrade", "unknown_ecu", "dependency")
+               "wrong_vehicle", "downgrade", "unknown_version", "unknown_ecu", "dependency")
 
     def __init__(self, reason: str, message: str, campaign_id: str | None = None) -> None:
         assert reason in self.REASONS
@@ -293,8 +293,13 @@ def verify_campaign(
     for p in campaign.packages:
         if known_ecus is not None and p.ecu not in known_ecus:
             raise CampaignRejected("unknown_ecu", f"package {p.name} targets unknown ECU {p.ecu!r}", cid)
-        current = (installed or {}).get(p.ecu)
-        if current and compare_versions(p.version, current) < 0:
+        if installed is None:
+            continue
+        current = installed.get(p.ecu)
+        if not current:  # never skip the downgrade check: an ECU that did not tell its version is not updated
+            raise CampaignRejected("unknown_version", f"{p.ecu}: its installed version could not be read, so a "
+                                                      f"downgrade cannot be ruled out", cid)
+        if compare_versions(p.version, current) < 0:
             raise CampaignRejected("downgrade", f"{p.ecu}: {p.version} is older than the installed {current}", cid)
     if installed is not None:
         check_requirements(campaign, installed)

@@ -12,9 +12,13 @@
 Install manifest (JSON, deployed like a package, then named in routine 0x0301)::
 
     {"format": "vota-install", "version": 1, "campaign_id": "c-0001", "activation": "atomic",
-     "jobs": [{"ecu": "vcu", "package": "vcu-2.0.0.bin", "version": "2.0.0", "order": 0}]}
+     "jobs": [{"ecu": "vcu", "package": "vcu-2.0.0.bin", "version": "2.0.0", "order": 0}],
+     "proof": {"campaign": "<base64 of the signed campaign envelope>"}}
 
 ``activation`` (per_ecu when absent) and ``order`` (0 when absent) are what gateway/install.py follows.
+``proof`` is what the gateway checks the install against before it erases anything (gateway/verify.py):
+the signed campaign, or for a software item of owner content ``{"content": {"manifest": <b64>,
+"signature": <b64>, "item": <id>}}``, the signed bundle manifest and the item.
 """
 
 from __future__ import annotations
@@ -97,11 +101,14 @@ class InstallManifest:
     campaign_id: str
     jobs: tuple[InstallJob, ...]
     activation: str = "per_ecu"  # or atomic: stage every ECU, then activate them in order, roll back on failure
+    proof: dict[str, Any] | None = None  # the signed documents the gateway verifies the install against
 
 
 def encode_manifest(manifest: InstallManifest) -> bytes:
-    doc = {"format": "vota-install", "version": 1, "campaign_id": manifest.campaign_id, "activation": manifest.activation,
+    doc: dict[str, Any] = {"format": "vota-install", "version": 1, "campaign_id": manifest.campaign_id, "activation": manifest.activation,
            "jobs": [{"ecu": j.ecu, "package": j.package, "version": j.version, "order": j.order} for j in manifest.jobs]}
+    if manifest.proof is not None:
+        doc["proof"] = manifest.proof
     return json.dumps(doc, indent=1).encode()
 
 
@@ -132,4 +139,7 @@ def parse_manifest(data: bytes) -> InstallManifest | str:
     activation = doc.get("activation", "per_ecu")
     if activation not in ("per_ecu", "atomic"):
         return "malformed manifest (activation must be per_ecu or atomic)"
-    return InstallManifest(str(campaign), tuple(jobs), activation)
+    proof = doc.get("proof")
+    if proof is not None and not isinstance(proof, dict):
+        return "malformed manifest (proof must be an object)"
+    return InstallManifest(str(campaign), tuple(jobs), activation, proof)

@@ -154,6 +154,10 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         reset_wait_ms=gw.get("reset_wait_ms", _positive, d.reset_wait_ms),
         retries=gw.get("retries", _nonneg, d.retries),
         worker_stale_s=gw.get("worker_stale_s", _positive, d.worker_stale_s),
+        trusted_keys=tuple(_str(k) for k in gw.get("trusted_keys", list, [], what="a list of public key files (PEM)")),
+        content_trusted_keys=tuple(_str(k) for k in gw.get("content_trusted_keys", list, [],
+                                                            what="a list of public key files (PEM)")),
+        vin=gw.get("vin", _str, None),
     )
     gw.done()
     deploy = _deploy(source, top.section("deploy"), segments) if top.data.get("deploy") is not None else None
@@ -203,6 +207,9 @@ def _tbox(sec: _Section) -> TboxConfig:
         retry_max_delay_s=float(sec.get("retry_max_delay_ms", _positive, 60000)) / 1000.0,
         max_retries=sec.get("max_retries", _nonneg, d2.max_retries),
         install_timeout_s=sec.get("install_timeout_s", _positive, d2.install_timeout_s),
+        download_min_rate=sec.get("download_min_rate", _nonneg, d2.download_min_rate),
+        download_rate_window_s=sec.get("download_rate_window_s", _positive, d2.download_rate_window_s),
+        download_max_time_s=sec.get("download_max_time_s", _positive, d2.download_max_time_s),
         worker_stale_s=sec.get("worker_stale_s", _positive, d2.worker_stale_s),
         diagnose=sec.get("diagnose", _bool, d2.diagnose),
         cloud=cloud_cfg,

@@ -115,6 +115,11 @@ class GatewayConfig:
     reset_wait_ms: int = 5000
     retries: int = 2
     worker_stale_s: int = 300  # the install or a serving thread without progress this long: no watchdog pings
+    # what installs are checked against (gateway/verify.py); empty: the tbox section's, as on a vehicle
+    # where both daemons read one vehicle.yaml
+    trusted_keys: tuple[str, ...] = ()
+    content_trusted_keys: tuple[str, ...] = ()
+    vin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,9 @@ class TboxConfig:
     retry_max_delay_s: float = 60.0  # ... up to this
     max_retries: int = 20  # transient retries in a row before the campaign fails (retries_exhausted)
     install_timeout_s: int = 900
+    download_min_rate: int = 5000  # bytes/s over download_rate_window_s, below it a download is cut off ...
+    download_rate_window_s: int = 60
+    download_max_time_s: int = 3600  # ... as is one attempt longer than this (then resumed, within the retries)
     worker_stale_s: int = 300  # a worker without progress this long stops the systemd watchdog pings
     diagnose: bool = False
     cloud: CloudConfig = field(default_factory=lambda: _cloud_default())

@@ -1,0 +1,121 @@
+"""The gateway flashes only what a trusted party signed (Uptane's full verification, done by
+the gateway itself rather than taken on the TBOX's word).
+
+Any node on the TBOX-gateway link can deploy files and start an install; so before anything
+is erased, every job of an install manifest is checked against the signed documents the
+manifest carries (``proof``): a campaign signed by a trusted campaign key for this vehicle,
+whose packages are exactly the jobs (ECU, file name, version, order, activation) and whose
+digests and sizes are those of the deployed files; or, for a software item of owner content,
+the bundle manifest signed by a trusted content key, the item for that ECU at that version,
+and the image's digest (the plaintext digest the manifest signs for encrypted items).
+Whether an image is older than what the ECU runs is checked per ECU when it is flashed
+(``FlashJob.guard_rollback``). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.core.campaign import CampaignRejected, verify_campaign
+from agent.core.content import BundleRejected, verify_manifest
+from agent.protocol.link import InstallManifest
+
+__all__ = ["Trust", "check_install"]
+
+# The validity period is the TBOX's to check (it has the network time); the gateway checks
+# authenticity, the vehicle, the targets and the images.
+_NO_EXPIRY = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class Trust:
+    vin: str | None
+    campaign_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
+    content_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
+
+
+def _b64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is missing")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{what} is not base64") from None
+
+
+def _image_matches(image: bytes, size: int, sha256: str) -> bool:
+    return len(image) == size and hashlib.sha256(image).hexdigest() == sha256
+
+
+def check_install(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, ecus: set[str]) -> str | None:
+    """None when every job is what a trusted party signed for this vehicle; else why not."""
+    if not trust.vin:
+        return "the gateway knows no VIN to check signed campaigns against (tbox.vin or gateway.vin)"
+    proof = manifest.proof or {}
+    try:
+        if "campaign" in proof:
+            return _check_campaign(manifest, images, trust, ecus, _b64(proof["campaign"], "proof.campaign"))
+        if "content" in proof and isinstance(proof["content"], dict):
+            return _check_content(manifest, images, trust, proof["content"])
+    except ValueError as exc:
+        return f"not signed: {exc}"
+    return "not signed: the install manifest carries no signed campaign or content manifest"
+
+
+def _check_campaign(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, ecus: set[str],
+                    envelope: bytes) -> str | None:
+    if not trust.campaign_keys:
+        return "the gateway has no trusted campaign keys (gateway.trusted_keys or tbox.trusted_keys)"
+    assert trust.vin is not None
+    try:
+        campaign = verify_campaign(envelope, trust.campaign_keys, vin=trust.vin, now=_NO_EXPIRY, known_ecus=ecus,
+                                   check_time=False)
+    except CampaignRejected as exc:
+        return f"not signed: {exc}"
+    if campaign.campaign_id != manifest.campaign_id:
+        return f"the signed campaign is {campaign.campaign_id}, the manifest names {manifest.campaign_id}"
+    if campaign.activation != manifest.activation:
+        return f"the signed campaign activates {campaign.activation}, the manifest {manifest.activation}"
+    signed = {(p.ecu, p.name, p.version, p.order) for p in campaign.packages}
+    asked = {(j.ecu, j.package, j.version, j.order) for j in manifest.jobs}
+    if asked != signed:  # no job added, none left out (mix-and-match, partial bundle)
+        extra, missing = sorted(asked - signed), sorted(signed - asked)
+        return f"the jobs are not the signed campaign's packages (not signed: {extra}, left out: {missing})"
+    for p in campaign.packages:
+        if not _image_matches(images.get(p.name, b""), p.size, p.sha256):
+            return f"{p.name}: the deployed file is not the signed package (size or SHA-256)"
+    return None
+
+
+def _check_content(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, proof: dict[str, Any]) -> str | None:
+    keys = trust.content_keys or trust.campaign_keys
+    if not keys:
+        return "the gateway has no trusted content keys"
+    assert trust.vin is not None
+    body, signature = _b64(proof.get("manifest"), "proof.content.manifest"), _b64(proof.get("signature"), "proof.content.signature")
+    try:
+        bundle = verify_manifest(body, signature, keys, vin=trust.vin, now=_NO_EXPIRY)
+    except BundleRejected as exc:
+        return f"not signed: {exc}"
+    item = next((i for i in bundle.items if i.id == proof.get("item")), None)
+    if item is None or item.cls != "software":
+        return f"the signed bundle {bundle.bundle_id} has no software item {proof.get('item')!r}"
+    if len(manifest.jobs) != 1:
+        return "a content item installs on one ECU"
+    job = manifest.jobs[0]
+    if (job.ecu, job.version) != (item.target, item.raw.get("version")):
+        return f"the signed item installs {item.raw.get('version')!r} on {item.target}, the manifest {job.version!r} on {job.ecu}"
+    image = images.get(job.package, b"")
+    meta = item.encryption
+    matches = (_image_matches(image, int(meta.get("plain_size", -1)), str(meta.get("plain_sha256"))) if meta
+               else _image_matches(image, item.size, item.sha256))
+    if not matches:
+        return f"{job.package}: the deployed file is not the signed item {item.id} (size or SHA-256)"
+    return None
