@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.adapters.cloud_link import make_client, topic_prefix
 from agent.adapters.storage import atomic_write_bytes
@@ -73,9 +75,14 @@ def make_campaign(
     return sign_campaign(doc, key)
 
 
+COMMAND_EXPIRY_S = 24 * 3600  # a command not delivered within a day is dropped by the broker
+
+
 def publish(broker: str, vin: str, kind: str, payload: bytes, mqtt_version: str = "5", root: str = "vota/v1",
-            timeout: float = 10.0) -> None:
-    """Publish one message to a vehicle's ``campaign`` or ``command`` topic (QoS 1)."""
+            timeout: float = 10.0, expiry_s: int | None = None) -> None:
+    """Publish one message to a vehicle's ``campaign`` or ``command`` topic (QoS 1). It waits at
+    the broker for a vehicle that is offline; with MQTT 5, no longer than ``expiry_s`` (default:
+    a day for commands; campaigns carry their own signed expiry)."""
     host, port = broker_address(broker)
     client = make_client(f"vota-cloud-publisher-{time.monotonic_ns()}", mqtt_version, clean=True)
     try:
@@ -84,7 +91,12 @@ def publish(broker: str, vin: str, kind: str, payload: bytes, mqtt_version: str 
         raise VotaError(f"cannot reach the broker {broker}: {exc}") from None
     client.loop_start()
     try:
-        info = client.publish(f"{topic_prefix(root, vin)}/{kind}", payload, qos=1)
+        props = None
+        expiry = expiry_s if expiry_s is not None else (COMMAND_EXPIRY_S if kind == "command" else None)
+        if mqtt_version == "5" and expiry:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = expiry
+        info = client.publish(f"{topic_prefix(root, vin)}/{kind}", payload, qos=1, properties=props)
         info.wait_for_publish(timeout)
         if not info.is_published():
             raise VotaError(f"the broker {broker} did not acknowledge the {kind} message within {timeout:.0f} s")

@@ -36,7 +36,8 @@ MAX_MESSAGE = 16 * 1024 * 1024
 
 class Collector:
     def __init__(self, host: str, port: int, store: str | Path, root: str = "vota/v1", client_id: str = "vota-cloud-collector",
-                 mqtt_version: str = "5", diagnose: bool = True) -> None:
+                 mqtt_version: str = "5", diagnose: bool = True, username: str | None = None,
+                 password: str | None = None) -> None:
         self.diagnose = diagnose
         self.store = Path(store)
         self.root = root
@@ -45,6 +46,8 @@ class Collector:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        if username:
+            self.client.username_pw_set(username, password)  # the cloud's identity on a broker with ACLs
         self.client.reconnect_delay_set(1, 5)
         self.host, self.port = host, port
         self.seen: set[str] = set()

@@ -222,3 +222,30 @@ def test_a_message_whose_handling_fails_is_reported_and_the_link_goes_on(mosquit
         while handled != [b"next"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert handled == [b"next"]
+
+
+def test_what_the_cloud_publishes_while_the_vehicle_is_offline_waits_for_it(mosquitto, tmp_path):
+    """A persistent session (cloud.session_expiry_s): a campaign published while the TBOX is
+    offline is delivered when it is back; a command that waited longer than its message expiry
+    is dropped by the broker (stale commands do not arrive days later)."""
+    from cloud_sim.cloud import publish
+
+    received: list[tuple[str, bytes]] = []
+    link = CloudLink(_link(mosquitto, tmp_path), VIN, on_message=lambda kind, payload: received.append((kind, payload)))
+    link.start()
+    assert link.connected.wait(10)
+    time.sleep(0.3)  # subscribed
+    link.stop()
+    publish(mosquitto.url, VIN, "command", b'{"command": "confirm_install", "campaign_id": "c-1"}', expiry_s=1)
+    publish(mosquitto.url, VIN, "campaign", b'{"a signed": "campaign"}')
+    time.sleep(2.5)  # the command's expiry passes while the vehicle is away
+    link = CloudLink(_link(mosquitto, tmp_path), VIN, on_message=lambda kind, payload: received.append((kind, payload)))
+    link.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert received == [("campaign", b'{"a signed": "campaign"}')]
+    finally:
+        link.stop()

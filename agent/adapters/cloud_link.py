@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -101,7 +102,8 @@ class CloudLink:
         self.outbox = Outbox(config.outbox)
         self.on_message = on_message or (lambda kind, payload: None)
         self.host, self.port, tls = config.host_port()
-        self.client = make_client(client_id or f"vota-tbox-{vin}", config.mqtt_version, clean=True)
+        # a persistent session: what the cloud publishes while the vehicle is offline waits at the broker
+        self.client = make_client(client_id or f"vota-tbox-{vin}", config.mqtt_version, clean=config.session_expiry_s == 0)
         if tls:
             self.client.tls_set(ca_certs=config.tls_ca, certfile=config.tls_cert, keyfile=config.tls_key,
                                 tls_version=ssl.PROTOCOL_TLS_CLIENT)
@@ -126,7 +128,10 @@ class CloudLink:
     # ---- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
         if self.config.mqtt_version == "5":
-            self.client.connect_async(self.host, self.port, keepalive=self.config.keepalive, clean_start=True)
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.config.session_expiry_s
+            self.client.connect_async(self.host, self.port, keepalive=self.config.keepalive,
+                                      clean_start=self.config.session_expiry_s == 0, properties=props)
         else:
             self.client.connect_async(self.host, self.port, keepalive=self.config.keepalive)
         self.client.loop_start()

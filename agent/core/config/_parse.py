@@ -191,6 +191,7 @@ def _tbox(sec: _Section) -> TboxConfig:
         username=cloud.get("username", _str, None),
         password=cloud.get("password", _str, None),
         mqtt_version=cloud.get("mqtt_version", _choice("5", "3.1.1"), d.mqtt_version),
+        session_expiry_s=cloud.get("session_expiry_s", _nonneg, d.session_expiry_s),
     )
     tls.done()
     cloud.done()

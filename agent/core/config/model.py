@@ -27,6 +27,9 @@ class CloudConfig:
     username: str | None = None
     password: str | None = None
     mqtt_version: str = "5"  # "5", or "3.1.1" for brokers without MQTT 5 (the demo's embedded one)
+    # the broker keeps the TBOX's session (its subscriptions and the QoS 1 messages for it) this
+    # long while it is offline: a campaign published meanwhile is delivered when it is back; 0: none
+    session_expiry_s: int = 7 * 24 * 3600
 
     def host_port(self) -> tuple[str, int, bool]:
         url = urlparse(self.broker)
