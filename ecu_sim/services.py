@@ -7,7 +7,9 @@ Byte layouts follow ISO 14229-1 and the usual OEM flash bootloader (see the READ
 from __future__ import annotations
 
 import hmac
+import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,6 +19,7 @@ from udsoncan import services as svc
 from agent.adapters.file_store import request_file_transfer
 from agent.adapters.file_store import transfer_data as file_transfer_data
 from agent.adapters.file_store import transfer_exit as file_transfer_exit
+from agent.adapters.storage import atomic_write_json
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import EcuConfig
 from agent.protocol.ecu import (
@@ -58,6 +61,24 @@ class EcuState:
     erased_region: tuple[int, int] | None = field(default=None)
     content: ContentStore | None = None
     sensors: Path | None = None  # sensors.json: {"ambient_lux": N}, the simulated light sensor
+    security_file: Path | None = None  # security.json: wrong keys and the lock-out, across a power cycle
+
+    def load_security(self, now: float) -> None:
+        """At power-up: the failed attempts and what is left of a lock-out (a restart is no way around it)."""
+        if self.security_file is None:
+            return
+        try:
+            doc = json.loads(self.security_file.read_text())
+            self.failed_attempts = int(doc.get("failed_attempts", 0))
+            left = float(doc.get("locked_for_s", 0)) - (time.time() - float(doc.get("at", 0)))
+            self.locked_until = now + max(0.0, min(left, 3600.0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # none yet
+
+    def save_security(self, now: float) -> None:
+        if self.security_file is not None:
+            atomic_write_json(self.security_file, {"failed_attempts": self.failed_attempts,
+                                                   "locked_for_s": max(0.0, self.locked_until - now), "at": time.time()})
 
     def session_timeout(self) -> None:
         self._leave_session()
@@ -150,14 +171,19 @@ def security_access(s: EcuState, r: Request) -> bytes:
     if len(r.data) != 6:
         return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     if hmac.compare_digest(r.data[2:], security_key(s.config.security_secret, s.seed)):
+        had_failures = s.failed_attempts
         s.unlocked, s.seed, s.failed_attempts = True, None, 0
+        if had_failures:
+            s.save_security(r.now)
         return bytes((0x67, level))
     s.seed = None
     s.failed_attempts += 1
     if s.failed_attempts >= s.sim.max_attempts:
         s.failed_attempts = 0
         s.locked_until = r.now + s.sim.lockout_ms / 1000.0
+        s.save_security(r.now)
         return r.negative(Nrc.ExceedNumberOfAttempts)
+    s.save_security(r.now)
     return r.negative(Nrc.InvalidKey)
 
 

@@ -57,13 +57,14 @@ class EcuSimulator:
                     functional_id=ecu.functional_id,
                     services=SERVICES,
                     state=EcuState(ecu, banks, content=ContentStore(base / ecu.name / "content", ecu.sim.max_block_length),
-                                   sensors=base / ecu.name / "sensors.json"),
+                                   sensors=base / ecu.name / "sensors.json", security_file=base / ecu.name / "security.json"),
                     s3=ecu.sim.s3_ms / 1000.0,
                     pending_interval=ecu.sim.pending_interval_ms / 1000.0,
                     faults=mine,
                     fault_targets=("*", ecu.name),
                 )
                 self.servers[ecu.name] = server
+                server.state.load_security(server.clock())
                 server.start()
                 log.info(
                     "ECU %s on %s: requests 0x%X, responses 0x%X, software %s%s",

@@ -12,8 +12,11 @@ The wire layouts are in ``agent/protocol/files.py`` (file transfer) and
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +24,7 @@ from typing import Any, Protocol
 from udsoncan import services as svc
 
 from agent.adapters.file_store import FileStore, request_file_transfer, transfer_data, transfer_exit
+from agent.adapters.storage import atomic_write_json
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import DeployConfig
 from agent.protocol.files import is_name
@@ -30,6 +34,7 @@ from agent.protocol.link import (
     INSTALL_ROUTINE,
     INVENTORY_ROUTINE,
     InstallStatus,
+    deploy_key,
     encode_install_status,
 )
 from agent.protocol.uds import Nrc, Request, RoutineType, Session, session_response
@@ -69,9 +74,24 @@ class DeployState:
     session: int = Session.defaultSession
     relay: Relay | None = None
     boot_id: bytes = field(default_factory=lambda: os.urandom(8))  # new at every start of the gateway
+    unlocked: bool = False  # SecurityAccess passed in this session
+    seed: bytes | None = None
 
     def __post_init__(self) -> None:
         self.files = FileStore(Path(self.config.package_dir), self.config.max_block_length, Path(self.results_dir))
+        self.security_file = Path(self.results_dir) / "deploy-security.json"  # wrong keys outlive a restart
+
+    @property
+    def denied(self) -> bool:
+        """SecurityAccess is required (deploy.security_secret) and was not passed in this session."""
+        return self.config.security_secret is not None and not self.unlocked
+
+    def security_record(self) -> dict[str, float]:
+        try:
+            doc = json.loads(self.security_file.read_text())
+            return {"failures": float(doc.get("failures", 0)), "locked_until": float(doc.get("locked_until", 0))}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {"failures": 0.0, "locked_until": 0.0}  # none yet (an unreadable one is written anew)
 
     @property
     def transfer(self) -> Any:
@@ -80,6 +100,7 @@ class DeployState:
     def session_timeout(self) -> None:
         self.files.abort()
         self.session = Session.defaultSession
+        self.unlocked, self.seed = False, None
 
     def abort(self) -> None:
         self.files.abort()
@@ -92,6 +113,7 @@ def _session(s: DeployState, r: Request) -> bytes:
         return r.negative(Nrc.SubFunctionNotSupported)
     s.files.abort()  # a (re)started session ends any transfer; its partial package stays for ResumeFile
     s.session = r.data[1]
+    s.unlocked, s.seed = False, None  # every session starts locked
     return session_response(r.data[1], 50, 5000)
 
 
@@ -101,6 +123,48 @@ def _read_did(s: DeployState, r: Request) -> bytes:
     if int.from_bytes(r.data[1:3], "big") != BOOT_ID_DID:
         return r.negative(Nrc.RequestOutOfRange)
     return bytes((0x62,)) + r.data[1:3] + s.boot_id
+
+
+MAX_FAILURES = 3
+
+
+def _security(s: DeployState, r: Request) -> bytes:
+    """SecurityAccess on the deploy link: seed (27 01), key (27 02, see ``deploy_key``)."""
+    secret = s.config.security_secret
+    if secret is None:
+        return r.negative(Nrc.ServiceNotSupported)
+    record = s.security_record()
+    if time.time() < record["locked_until"]:
+        return r.negative(Nrc.RequiredTimeDelayNotExpired)
+    if r.data[1] == 0x01:
+        if len(r.data) != 2:
+            return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+        s.seed = bytes(16) if s.unlocked else os.urandom(16)  # an unlocked server answers a zero seed
+        return b"\x67\x01" + s.seed
+    if s.seed is None or s.unlocked:
+        return r.negative(Nrc.RequestSequenceError)
+    expected, s.seed = deploy_key(secret, s.seed), None
+    if hmac.compare_digest(bytes(r.data[2:]), expected):
+        s.unlocked = True
+        if record["failures"]:
+            atomic_write_json(s.security_file, {"failures": 0, "locked_until": 0})
+        return b"\x67\x02"
+    failures = int(record["failures"]) + 1
+    if failures >= MAX_FAILURES:
+        log.warning("deploy link: %d wrong SecurityAccess keys, locked for %d s", failures, s.config.lockout_s)
+        atomic_write_json(s.security_file, {"failures": 0, "locked_until": time.time() + s.config.lockout_s})
+        return r.negative(Nrc.ExceedNumberOfAttempts)
+    atomic_write_json(s.security_file, {"failures": failures, "locked_until": 0})
+    return r.negative(Nrc.InvalidKey)
+
+
+def _guarded(handler: Any) -> Any:
+    """The handler, answering 0x33 until SecurityAccess is passed (when it is required)."""
+
+    def guarded(s: DeployState, r: Request) -> Any:
+        return r.negative(Nrc.SecurityAccessDenied) if s.denied else handler(s, r)
+
+    return guarded
 
 
 def _routine(s: DeployState, r: Request) -> bytes | Outcome:
@@ -149,12 +213,16 @@ def _routine(s: DeployState, r: Request) -> bytes | Outcome:
 
 
 DEPLOY_SERVICES: dict[int, Service[DeployState]] = {
-    svc.RoutineControl.request_id(): Service(_routine, min_length=4, sessions=EXTENDED, subfunction=True,
+    svc.RoutineControl.request_id(): Service(_guarded(_routine), min_length=4, sessions=EXTENDED, subfunction=True,
                                                    subfunctions=frozenset({1, 3})),
+    svc.SecurityAccess.request_id(): Service(_security, min_length=2, sessions=EXTENDED, subfunction=True,
+                                                   subfunctions=frozenset({1, 2})),
     svc.DiagnosticSessionControl.request_id(): Service(_session, min_length=2, subfunction=True, subfunctions=frozenset({1, 3})),
     svc.TesterPresent.request_id(): Service(tester_present, min_length=2, subfunction=True, subfunctions=frozenset({0})),
     svc.ReadDataByIdentifier.request_id(): Service(_read_did, min_length=3),
-    svc.RequestFileTransfer.request_id(): Service(lambda s, r: request_file_transfer(s.files, r), min_length=2, sessions=EXTENDED),
-    svc.TransferData.request_id(): Service(lambda s, r: transfer_data(s.files, r), min_length=2, sessions=EXTENDED),
-    svc.RequestTransferExit.request_id(): Service(lambda s, r: transfer_exit(s.files, r), min_length=1, sessions=EXTENDED),
+    svc.RequestFileTransfer.request_id(): Service(_guarded(lambda s, r: request_file_transfer(s.files, r)), min_length=2,
+                                                  sessions=EXTENDED),
+    svc.TransferData.request_id(): Service(_guarded(lambda s, r: transfer_data(s.files, r)), min_length=2, sessions=EXTENDED),
+    svc.RequestTransferExit.request_id(): Service(_guarded(lambda s, r: transfer_exit(s.files, r)), min_length=1,
+                                                  sessions=EXTENDED),
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent.adapters.canbus import Segment
-from agent.adapters.file_client import DeployResult, PackageDeployer
+from agent.adapters.file_client import DeployResult, PackageDeployer, deploy_security
 from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
 from agent.core.config import DeployConfig
 from agent.core.faults import FaultSpec
@@ -67,12 +67,15 @@ class GatewayClient:
 
     def _link(self) -> UdsLink:
         return UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway",
-                       p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0, dids={BOOT_ID_DID: RawCodec()})
+                       p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0, dids={BOOT_ID_DID: RawCodec()},
+                       security=deploy_security(self.link))
 
     def _call(self, what: str, fn: Any) -> Any:
         with self.lock, self._link() as link:
             try:
                 link.client.change_session(Session.extendedDiagnosticSession)
+                if self.link.security_secret is not None:
+                    link.client.unlock_security_access(1)
                 return fn(link.client)
             except VotaError:
                 raise

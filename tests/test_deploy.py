@@ -173,3 +173,60 @@ def test_deploy_refuses_tampered_package_and_reports_faults(tmp_path, write_conf
     (r,) = json.loads(tampered.stdout)
     assert (r["result"], r["failed_step"], r["nrc"]) == ("failed", "transfer_exit", 0x72)
     assert not any((tmp_path / "gw").iterdir())  # the gateway kept nothing of it
+
+
+def test_the_deploy_link_needs_security_access_and_locks_out_wrong_keys(tmp_path):
+    """With deploy.security_secret, nothing is deployed or installed before SecurityAccess:
+    0x38 and the routines answer 0x33; three wrong keys lock the link (0x36, then 0x37), also
+    for a gateway started again; the key is HMAC-SHA256 over the seed, never in a trace."""
+    from agent.adapters.file_client import PackageDeployer
+    from agent.protocol.link import deploy_key
+
+    data = {"segments": {"bb": {"bus": virtual_bus()}},
+            "deploy": {"segment": "bb", "package_dir": str(tmp_path / "pk"), "security_secret": "per-vehicle-secret",
+                       "lockout_s": 2},
+            "gateway": {"results_dir": str(tmp_path / "gw")}}
+    gw = DeployTester(data)
+    try:
+        assert gw.ask(b"\x10\x03")[:2] == b"\x50\x03"
+        assert gw.ask(_file_request(0x01, "evil.bin", 10)) == bytes.fromhex("7f3833")
+        assert gw.ask(b"\x31\x01\x03\x01install-x.json") == bytes.fromhex("7f3133")
+        assert gw.ask(b"\x31\x01\x03\x03\x01bcm\x00x") == bytes.fromhex("7f3133")
+        assert gw.ask(b"\x27\x02" + bytes(32)) == bytes.fromhex("7f2724")  # no seed asked: sequence error
+        for answer in ("7f2735", "7f2735", "7f2736"):
+            seed = gw.ask(b"\x27\x01")
+            assert seed[:2] == b"\x67\x01" and len(seed) == 18
+            assert gw.ask(b"\x27\x02" + bytes(32)) == bytes.fromhex(answer)
+        assert gw.ask(b"\x27\x01") == bytes.fromhex("7f2737")  # locked
+    finally:
+        gw.close()
+    gw = DeployTester(data)  # a restart does not reset the count
+    try:
+        assert gw.ask(b"\x10\x03")[:2] == b"\x50\x03"
+        assert gw.ask(b"\x27\x01") == bytes.fromhex("7f2737")
+        time.sleep(2.1)
+        seed = gw.ask(b"\x27\x01")[2:]
+        assert gw.ask(b"\x27\x02" + deploy_key("per-vehicle-secret", seed)) == b"\x67\x02"
+        assert gw.ask(b"\x27\x01") == b"\x67\x01" + bytes(16)  # unlocked: a zero seed
+        assert gw.ask(_file_request(0x01, "ok.bin", 10))[:2] == b"\x78\x01"
+        assert gw.ask(b"\x10\x03")[:2] == b"\x50\x03"  # a new session starts locked
+        assert gw.ask(_file_request(0x01, "ok.bin", 10)) == bytes.fromhex("7f3833")
+        # the TBOX's deployer unlocks with the configured secret; with another one it fails at security_access
+        image = os.urandom(5000)
+        (tmp_path / "vcu.bin").write_bytes(image)
+        link = gw.config.deploy_link()
+        deployer = PackageDeployer(gw.segment, link, "vcu.bin", tmp_path / "vcu.bin", hashlib.sha256(image).hexdigest())
+        result = deployer.run()
+        assert result.result == "success", result
+        deployer.write(tmp_path / "out", result)
+        trace = read_trace(tmp_path / "out" / "vcu.bin.deploy.trace.jsonl")
+        assert [(e.header, e.length) for e in trace.exchanges[1:3]] == [(b"\x27\x01", 2), (b"\x27\x02", 34)]  # no key
+        assert (tmp_path / "pk" / "vcu.bin").read_bytes() == image
+        from dataclasses import replace
+
+        wrong = PackageDeployer(gw.segment, replace(link, security_secret="guess"), "vcu2.bin", tmp_path / "vcu.bin",
+                                hashlib.sha256(image).hexdigest()).run()
+        assert (wrong.result, wrong.failed_step, wrong.nrc) == ("failed", "security_access", 0x35)
+        assert not (tmp_path / "pk" / "vcu2.bin").exists()
+    finally:
+        gw.close()

@@ -225,7 +225,7 @@ def test_state_names_and_where_packet_ids_are_carried_are_data():
     knows no state by name (the initial state and the packet-carrying states are rules too)."""
     data = load_yaml(RULES_FILE)
     deploy = data["stages"]["deploy"]
-    renamed = {"start": "idle", "session": "open", "receiving": "taking", "reading": "giving"}
+    renamed = {"start": "idle", "session": "open", "seed": "asking", "receiving": "taking", "reading": "giving"}
     deploy["flow"] = {renamed[s]: {k: renamed[v] for k, v in moves.items()} for s, moves in deploy["flow"].items()}
     deploy["initial"], deploy["packet"]["in"] = "idle", ["taking"]
     rules = parse_rules(data, "renamed.yaml")
@@ -240,3 +240,13 @@ def test_state_names_and_where_packet_ids_are_carried_are_data():
     deploy["packet"]["in"], deploy["initial"] = ["taking"], "nowhere"
     with pytest.raises(ConfigError, match="stages.deploy.initial"):
         parse_rules(data, "d.yaml")
+
+
+def test_a_deploy_with_security_access_is_a_clean_flow():
+    """deploy.security_secret set: 27 01 / 27 02 (key not recorded, 34 bytes long) before the
+    transfer is the normal flow, not an illegal one."""
+    unlocked = [DEPLOY[0], [0.5, "2701", 2, 1, "6701" + "ab" * 16], [1.0, "2702", 34, 1, "6702"], *DEPLOY[1:]]
+    assert check_trace(trace(unlocked, DEPLOY_HEAD), RULES, "vc.bin") == []
+    early = [DEPLOY[0], [0.5, "2702", 34, 1, "6702"], *DEPLOY[1:]]  # a key before any seed
+    (finding,) = check_trace(trace(early, DEPLOY_HEAD), RULES, "vc.bin", "first")
+    assert finding.cause == "illegal_request_flow" and finding.request == "2702"

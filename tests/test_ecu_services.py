@@ -273,3 +273,28 @@ def test_nrc_priority_follows_iso_14229(bench):
     assert t.ask(bytes.fromhex("31")) == bytes.fromhex("7f3113")  # no sub-function at all
     assert t.ask(bytes.fromhex("8504")) == bytes.fromhex("7f8512")
     assert t.ask(bytes.fromhex("2804")) == bytes.fromhex("7f2812")
+
+
+def test_a_lock_out_survives_a_power_cycle(tmp_path):
+    """Three wrong keys lock SecurityAccess; restarting the simulator (a power cycle) does not
+    lift it: the count and what is left of the delay are kept in <ecu>/security.json."""
+    data = {"segments": {"pt": {"bus": virtual_bus()}},
+            "ecus": {"bms": ecu_entry("bms", 0x7E1, 0x7E9, lockout_ms=60_000)}}
+    config, sim = start_sim(data, ["bms"], str(tmp_path / "state"))
+    tester = UdsTester(config, "bms")
+    try:
+        tester.ask(b"\x10\x03")
+        for expected in ("7f2735", "7f2735", "7f2736"):
+            assert tester.ask(b"\x27\x01")[:2] == b"\x67\x01"
+            assert tester.ask(b"\x27\x02\xde\xad\xbe\xef") == bytes.fromhex(expected)
+    finally:
+        tester.close()
+        sim.stop()
+    config, sim = start_sim(data, ["bms"], str(tmp_path / "state"))
+    tester = UdsTester(config, "bms")
+    try:
+        tester.ask(b"\x10\x03")
+        assert tester.ask(b"\x27\x01") == bytes.fromhex("7f2737")  # still locked after the restart
+    finally:
+        tester.close()
+        sim.stop()

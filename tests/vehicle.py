@@ -45,7 +45,7 @@ class Vehicle:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         self.config = write_config({
             "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}, "body": {"bus": multicast_bus()}},
-            "deploy": {"segment": "bb", "package_dir": str(tmp / "gw" / "packages")},
+            "deploy": {"segment": "bb", "package_dir": str(tmp / "gw" / "packages"), "security_secret": f"{VIN}-deploy"},
             "gateway": {"results_dir": str(tmp / "gw" / "results")},
             "ecus": {name: entry | (ecu_extra or {}).get(name, {}) for name, entry in {
                 "vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt"),

@@ -23,9 +23,10 @@ from agent.core.faults import FaultSpec
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError
 from agent.protocol.files import PACKET_HEADER, packet_payload
+from agent.protocol.link import deploy_key
 from agent.protocol.uds import Session
 
-__all__ = ["DeployResult", "PackageDeployer", "file_sha256"]
+__all__ = ["DeployResult", "PackageDeployer", "deploy_security", "file_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def deploy_security(link: DeployConfig) -> Callable[[int, bytes], bytes] | None:
+    """The key function of the deploy link's SecurityAccess, when the link requires it."""
+    secret = link.security_secret
+    return None if secret is None else (lambda level, seed: deploy_key(secret, seed))
+
+
 @dataclass
+
 class DeployResult:
     package: str
     result: str  # success | failed
@@ -114,7 +122,7 @@ class PackageDeployer:
         faults = ClientFaults(self.faults, self.name, "deploy", lambda: self.max_block or None) if self.faults else None
         link = UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway",
                        recorder=self.recorder, p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0,
-                       faults=faults)
+                       faults=faults, security=deploy_security(self.link))
         try:
             self._sequence(link, result)
             result.result = "success"
@@ -141,6 +149,8 @@ class PackageDeployer:
     def _sequence(self, link: UdsLink, result: DeployResult) -> None:
         c = link.client
         self._do("extended_session", lambda: c.change_session(Session.extendedDiagnosticSession))
+        if self.link.security_secret is not None:
+            self._do("security_access", lambda: c.unlock_security_access(1))
         if self.resume:
             response = self._do("request_file_transfer", lambda: c.resume_file(self.name, filesize=self.size))
             position = int(response.service_data.fileposition or 0)

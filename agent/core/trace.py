@@ -62,6 +62,7 @@ _HEADER_LENGTH = {
         0x3D: 1,
     },
     "deploy": {
+        0x27: 2,  # SID, sub-function (the key is not recorded)
         0x31: 4,
         0x36: 6,  # SID, block sequence counter, deploy packet id (4 bytes, big endian)
         0x37: 1,  # the package digest that follows is data

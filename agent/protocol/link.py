@@ -8,6 +8,10 @@
         ->  71 01 0303 SS data           SS 00 done (data: a DID's value), 01 refused, 02 no answer (reason in ASCII)
     22 F1B0                              the gateway's boot id: 62 F1B0 + 8 bytes drawn at each start (a TBOX
                                          whose deploy broke off tells a restarted gateway from a faulty one)
+    27 01 / 27 02 key                    SecurityAccess, when deploy.security_secret is set: a 16-byte seed,
+                                         the key HMAC-SHA256(secret, "vota-deploy" + seed) (32 bytes); until
+                                         then 0x38 and every routine answer 0x33; 3 wrong keys lock it for
+                                         deploy.lockout_s (0x36, then 0x37), also across a gateway restart
 
 Install manifest (JSON, deployed like a package, then named in routine 0x0301)::
 
@@ -23,6 +27,8 @@ the signed campaign, or for a software item of owner content ``{"content": {"man
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from enum import IntEnum
@@ -30,7 +36,7 @@ from typing import Any
 
 from agent.protocol.files import is_name
 
-__all__ = ["INSTALL_ROUTINE", "INVENTORY_ROUTINE", "CONTENT_ROUTINE", "InstallStatus", "ContentOp", "RelayStatus",
+__all__ = ["deploy_key", "INSTALL_ROUTINE", "INVENTORY_ROUTINE", "CONTENT_ROUTINE", "InstallStatus", "ContentOp", "RelayStatus",
            "encode_install_status", "decode_install_status", "encode_content_request", "decode_content_request",
            "InstallJob", "InstallManifest", "encode_manifest", "parse_manifest", "INVENTORY_FILE", "STATUS_RECORD_LENGTH",
            "BOOT_ID_DID"]
@@ -63,6 +69,11 @@ class RelayStatus(IntEnum):
     DONE = 0x00
     REFUSED = 0x01  # the ECU (or the gateway) said no: trying again will not help
     SILENT = 0x02  # the ECU did not answer (asleep, unplugged): worth trying later
+
+
+def deploy_key(secret: str, seed: bytes) -> bytes:
+    """The deploy link's SecurityAccess key: HMAC-SHA256 over the seed, all 32 bytes."""
+    return hmac.new(secret.encode(), b"vota-deploy" + seed, hashlib.sha256).digest()
 
 
 def encode_install_status(status: int, done: int, total: int) -> bytes:

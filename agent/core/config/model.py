@@ -137,6 +137,8 @@ class DeployConfig:
     p2_ms: int = 1000
     p2_star_ms: int = 6000
     late_response_grace_ms: int = 1000
+    security_secret: str | None = None  # set: the TBOX must pass SecurityAccess before deploying or installing
+    lockout_s: int = 60  # after 3 wrong keys
 
 
 @dataclass(frozen=True)
