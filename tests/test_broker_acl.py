@@ -1,5 +1,5 @@
 """The shipped Mosquitto configuration (configs/mosquitto/): one identity per vehicle and one
-for the cloud, ACLs by topic. Checked on a real Mosquitto running that configuration: the
+for the cloud, ACLs by topic, queues that keep what the broker acknowledged. Checked on a real Mosquitto running that configuration: the
 vehicle's reports reach the cloud and its campaigns reach the vehicle; an anonymous client
 cannot connect; another vehicle can neither read this one's topics nor write to them."""
 
@@ -95,4 +95,37 @@ def test_vehicles_and_the_cloud_see_only_what_the_acl_allows(broker: Mosquitto, 
             client.loop_stop()
             client.disconnect()
         link.stop()
+        collector.stop()
+
+
+def test_a_burst_while_the_cloud_is_away_is_all_delivered(broker: Mosquitto, tmp_path: Path) -> None:
+    """The shipped queue settings: 10,000 reports acknowledged by the broker while the collector
+    is offline (a durable session) all reach it when it is back; with Mosquitto's default of
+    1,000 queued messages most of them would be dropped after the broker acknowledged them."""
+    collector = Collector("127.0.0.1", broker.port, tmp_path / "store", username="vota-cloud", password="pw-vota-cloud",
+                          diagnose=False)
+    collector.start()
+    assert collector.connected.wait(10)
+    collector.stop()  # away; its session (and the queue for it) stays at the broker
+    config = CloudConfig(broker=broker.url, outbox=str(tmp_path / "outbox.db"), username=VIN, password=f"pw-{VIN}")
+    link = CloudLink(config, VIN)
+    link.start()
+    try:
+        for n in range(10_000):
+            link.report("events", {"event": "tick", "n": n}, msg_id=f"tick-{n}")
+        deadline = time.monotonic() + 120
+        while link.pending() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert link.pending() == 0  # every report acknowledged by the broker, so gone from the outbox
+    finally:
+        link.stop()
+    collector = Collector("127.0.0.1", broker.port, tmp_path / "store", username="vota-cloud", password="pw-vota-cloud",
+                          diagnose=False)
+    collector.start()
+    try:
+        def ticks(c: Collector) -> int:
+            return sum(1 for m in c.messages if m["id"].startswith("tick-"))
+
+        assert collector.wait_for(lambda c: ticks(c) == 10_000, 120), ticks(collector)
+    finally:
         collector.stop()
