@@ -85,6 +85,18 @@ class RoutedStack(isotp.TransportLayer):
         self.segment = segment
         super().__init__(rxfn=self._idle, txfn=self._tx, address=address, params=params)
 
+    def _process_tx(self) -> Any:
+        report = super()._process_tx()
+        # can-isotp 2.0.7: a single frame the rate limiter held back (TRANSMIT_SF_STANDBY) goes out
+        # without its send request being completed, so a blocking send never returns (seen as an
+        # install stuck at transfer_exit on a bus with emulated timing). Complete it here.
+        request = self.active_send_request
+        if (self.tx_state == self.TxState.IDLE and request is not None and request.generator.depleted()
+                and self.tx_standby_msg is None):
+            request.complete(True)
+            self.active_send_request = None
+        return report
+
     def _idle(self, timeout: float) -> isotp.CanMessage | None:
         self.events.stop_requested.wait(timeout)
         return None

@@ -144,7 +144,9 @@ class TracingConnection(BaseConnection):
                 rec.sent()
             return
         try:
-            self.stack.send(payload, send_timeout=timeout)
+            # bounded even when udsoncan passes none: a send that never completes fails the step
+            # (retried) instead of hanging the install; 10 s plus 10 ms a byte covers 1 kbit/s
+            self.stack.send(payload, send_timeout=timeout if timeout is not None else 10.0 + 0.01 * len(payload))
         except Exception as exc:
             if rec is not None:
                 rec.not_sent(f"{type(exc).__name__}: {exc}")
