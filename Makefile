@@ -15,8 +15,9 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 # System packages the tests need: Mosquitto, the real MQTT broker the tests start; its command-line
-# clients (an independent MQTT client in the tests); systemd's analyzer for the unit files.
-SYSDEPS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients systemd-analyze:systemd
+# clients (an independent MQTT client in the tests); systemd's analyzer for the unit files; OpenSSL's
+# command line (an independent Ed25519 verifier of the signed envelopes).
+SYSDEPS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients systemd-analyze:systemd openssl:openssl
 sysdeps:
 	@missing=""; for dep in $(SYSDEPS); do \
 		cmd=$${dep%%:*}; pkg=$${dep##*:}; \

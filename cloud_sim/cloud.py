@@ -10,16 +10,16 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.adapters.cloud_link import make_client, topic_prefix
 from agent.adapters.storage import atomic_write_bytes
-from agent.core.campaign import sign_campaign
+from agent.core.campaign import key_id, sign_campaign
 from agent.core.content import SLACK, read_archive
 from agent.errors import UsageError, VotaError
 from cloud_sim.collector import Collector
@@ -32,8 +32,15 @@ __all__ = ["make_campaign", "publish", "CloudSim", "broker_address", "content_of
 def broker_address(url: str) -> tuple[str, int]:
     parsed = urlparse(url)
     if parsed.scheme != "mqtt" or not parsed.hostname:
-        raise UsageError(f"broker must be mqtt://host:port, got {url!r}")
+        raise UsageError(f"broker must be mqtt://[user:password@]host:port, got {url!r}")
     return parsed.hostname, parsed.port or 1883
+
+
+def broker_login(url: str) -> tuple[str | None, str | None]:
+    """The cloud's identity on a broker with ACLs, from ``mqtt://user:password@host:port``."""
+    parsed = urlparse(url)
+    return (unquote(parsed.username) if parsed.username else None,
+            unquote(parsed.password) if parsed.password is not None else None)
 
 
 def make_campaign(
@@ -41,7 +48,7 @@ def make_campaign(
     vin: str,
     packages: list[tuple[str, Path, str]],
     base_url: str,
-    key: Ed25519PrivateKey,
+    key: Ed25519PrivateKey | list[Ed25519PrivateKey],
     campaign_id: str,
     install: str = "immediate",
     now: _dt.datetime | None = None,
@@ -85,6 +92,9 @@ def publish(broker: str, vin: str, kind: str, payload: bytes, mqtt_version: str 
     a day for commands; campaigns carry their own signed expiry)."""
     host, port = broker_address(broker)
     client = make_client(f"vota-cloud-publisher-{time.monotonic_ns()}", mqtt_version, clean=True)
+    user, password = broker_login(broker)
+    if user:
+        client.username_pw_set(user, password)
     try:
         client.connect(host, port, keepalive=30)
     except OSError as exc:
@@ -133,14 +143,22 @@ class CloudSim:
     trust platform key, also the content review, signing and offers (C2, C7)."""
 
     def __init__(self, broker: str, store: str | Path, packages: str | Path, http_port: int = 0, mqtt_version: str = "5",
-                 platform_key: Ed25519PrivateKey | None = None) -> None:
+                 platform_key: Ed25519PrivateKey | None = None, require_signed: bool = False) -> None:
         host, port = broker_address(broker)
         Path(packages).mkdir(parents=True, exist_ok=True)
         self.broker, self.mqtt_version = broker, mqtt_version
         self.packages = PackageServer(packages, port=http_port)
-        self.collector = Collector(host, port, store, mqtt_version=mqtt_version)
+        # VIN -> that vehicle's report keys: its reports are stored only when it signed them
+        self.report_keys: dict[str, dict[str, Ed25519PublicKey]] = {}
+        user, password = broker_login(broker)
+        self.collector = Collector(host, port, store, mqtt_version=mqtt_version, report_keys=self.report_keys,
+                                   require_signed=require_signed, username=user, password=password)
         self.trust = TrustPlatform(platform_key) if platform_key is not None else None
         self.vehicle_keys: dict[str, X25519PublicKey] = {}
+
+    def register_vehicle(self, vin: str, report_key: Ed25519PublicKey) -> None:
+        """The vehicle's report key (from its production record): from now on only reports it signed count."""
+        self.report_keys.setdefault(vin, {})[key_id(report_key)] = report_key
 
     # ---- content (C2, C3, C7) ----------------------------------------------------------------
     def offer_bundle(self, vin: str, bundle: bytes, request: bool = False) -> None:

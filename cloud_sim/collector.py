@@ -6,6 +6,13 @@ arrives twice is stored once), traces are reassembled from their parts. Layout::
     <store>/<vin>/status.json                      last status (online/offline)
     <store>/<vin>/messages/<type>/<seq>-<id>.json  every report, in arrival order
     <store>/<vin>/traces/<trace_id>.jsonl          reassembled traces
+
+With ``report_keys`` (VIN -> that vehicle's report public keys) a report is stored only when
+the vehicle signed it (``agent/core/signed_report.py``): for the topic's VIN and type, by
+one of that VIN's keys; anything else is dropped with the reason, so nobody else on the
+broker (another vehicle, a client with the cloud's identity) can take a report's id first.
+``require_signed`` drops unsigned reports from vehicles without a registered key too. A
+report id is one vehicle's: ids are kept per VIN.
 """
 
 from __future__ import annotations
@@ -15,14 +22,16 @@ import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.adapters.cloud_link import join_trace_parts, make_client
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json
+from agent.core.signed_report import check_report
 
 __all__ = ["Collector"]
 
@@ -37,8 +46,12 @@ MAX_MESSAGE = 16 * 1024 * 1024
 class Collector:
     def __init__(self, host: str, port: int, store: str | Path, root: str = "vota/v1", client_id: str = "vota-cloud-collector",
                  mqtt_version: str = "5", diagnose: bool = True, username: str | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None,
+                 report_keys: Mapping[str, Mapping[str, Ed25519PublicKey]] | None = None,
+                 require_signed: bool = False) -> None:
         self.diagnose = diagnose
+        self.report_keys = report_keys if report_keys is not None else {}
+        self.require_signed = require_signed
         self.store = Path(store)
         self.root = root
         self.mqtt_version = mqtt_version
@@ -50,7 +63,7 @@ class Collector:
             self.client.username_pw_set(username, password)  # the cloud's identity on a broker with ACLs
         self.client.reconnect_delay_set(1, 5)
         self.host, self.port = host, port
-        self.seen: set[str] = set()
+        self.seen: set[tuple[str, str]] = set()  # (VIN, report id)
         self.duplicates = 0
         self.rejected = 0  # messages dropped as malformed (each logged with its reason)
         self.messages: list[dict[str, Any]] = []
@@ -89,7 +102,9 @@ class Collector:
             log.exception("message on %r could not be stored", msg.topic)
             why = "internal error"
         if why is not None:
-            self.rejected += 1
+            with self._lock:
+                self.rejected += 1
+                self._lock.notify_all()  # a waiter may count rejections
             log.warning("dropped a message on %r: %s", msg.topic, why)
 
     def _take(self, topic: str, payload: bytes | bytearray) -> str | None:
@@ -123,7 +138,12 @@ class Collector:
 
     def _store(self, vin: str, kind: str, doc: dict[str, Any]) -> str | None:
         msg_id = doc["id"]
-        if msg_id in self.seen:
+        keys = self.report_keys.get(vin)
+        if keys or self.require_signed:
+            why = check_report(doc, vin, kind, keys or {})
+            if why is not None:
+                return why
+        if (vin, msg_id) in self.seen:
             self.duplicates += 1
             return None
         body = doc.get("body") or {}
@@ -134,7 +154,7 @@ class Collector:
             if not (isinstance(part, int) and isinstance(count, int) and 0 <= part < count <= MAX_TRACE_PARTS
                     and isinstance(body.get("data"), str) and _BASE64.fullmatch(body["data"])):
                 return "a trace part without a valid part, parts and base64 data"
-        self.seen.add(msg_id)
+        self.seen.add((vin, msg_id))
         self.messages.append(doc)
         safe_id = "".join(ch for ch in msg_id if ch.isalnum() or ch in "._-")[:120]  # a file name has its limits
         atomic_write_json(self.store / vin / "messages" / kind / f"{len(self.messages):06d}-{safe_id}.json", doc)

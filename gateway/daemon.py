@@ -9,6 +9,8 @@ The install manifest's layout is in ``agent/protocol/link.py``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import threading
@@ -16,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.adapters.heartbeat import Heartbeats
-from agent.adapters.keys import load_public_keys
+from agent.adapters.keys import KeyStore, initial_key_list
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.adapters.uds_server import UdsServer
 from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec
+from agent.core.roles import KeysRejected
 from agent.protocol.link import INVENTORY_FILE, InstallStatus, parse_manifest
 from gateway.buses import Buses
 from gateway.content_relay import ContentRelay
@@ -37,17 +40,26 @@ log = logging.getLogger(__name__)
 MANIFEST_COPY = "install-manifest.json"  # the manifest an install runs, kept beside its journal
 
 
-def load_trust(config: VehicleConfig) -> Trust:
-    """What installs are verified against: the gateway section's keys and VIN, else the tbox
-    section's (one vehicle.yaml for both daemons). Without any, every install is refused."""
+def load_keys(config: VehicleConfig, results_dir: Path) -> tuple[str | None, KeyStore]:
+    """The VIN and the key store installs are verified against: the gateway section's keys,
+    thresholds and VIN, else the tbox section's (one vehicle.yaml for both daemons), then the key
+    lists taken since (``<results_dir>/keys/``). Without a VIN or keys, every install is refused."""
     gw, tbox = config.gateway, config.tbox
     campaign = gw.trusted_keys or (tbox.trusted_keys if tbox is not None else ())
     content = gw.content_trusted_keys or (tbox.content.trusted_keys if tbox is not None else ())
-    trust = Trust(gw.vin or (tbox.vin if tbox is not None else None), load_public_keys(campaign, "trusted campaign key"),
-                  load_public_keys(content, "trusted content key"))
-    if not trust.vin or not trust.campaign_keys:
+    root = gw.root_keys or (tbox.root_keys if tbox is not None else ())
+
+    def threshold(own: int | None, tbox_value: int) -> int:
+        return own if own is not None else (tbox_value if tbox is not None else 1)
+
+    initial = initial_key_list(
+        (campaign, threshold(gw.signature_threshold, tbox.signature_threshold if tbox else 1)),
+        (content, threshold(gw.content_signature_threshold, tbox.content.signature_threshold if tbox else 1)),
+        (root, threshold(gw.root_threshold, tbox.root_threshold if tbox else 1)))
+    vin = gw.vin or (tbox.vin if tbox is not None else None)
+    if not vin or not campaign:
         log.warning("no VIN or no trusted campaign keys configured: every install will be refused")
-    return trust
+    return vin, KeyStore(results_dir / "keys", initial)
 
 
 class GatewayInstaller:
@@ -57,7 +69,11 @@ class GatewayInstaller:
     def __init__(self, config: VehicleConfig, package_dir: Path, results_dir: Path, stop: threading.Event,
                  faults: list[FaultSpec] | None = None, buses: Buses | None = None, trust: Trust | None = None) -> None:
         self.config, self.package_dir, self.results_dir, self.stop = config, package_dir, results_dir, stop
-        self.trust = trust if trust is not None else load_trust(config)
+        self.keys: KeyStore | None = None
+        if trust is None:
+            vin, self.keys = load_keys(config, results_dir)
+            trust = Trust(vin)
+        self.trust = trust
         self.buses = buses if buses is not None else Buses(config)
         self.faults = faults or []
         self._lock = threading.Lock()
@@ -80,12 +96,35 @@ class GatewayInstaller:
             if not path.is_file():
                 return f"package {job.package!r} was not deployed"
             images[job.package] = path.read_bytes()
-        refused = check_install(manifest, images, self.trust, set(self.config.ecus))
+        refused = self._follow_keys(manifest.proof or {})
+        if refused is not None:
+            return refused
+        trust = self.trust
+        if self.keys is not None:
+            current = self.keys.current
+            trust = Trust(trust.vin, current.role("campaign"), current.role("content"))
+        refused = check_install(manifest, images, trust, set(self.config.ecus))
         if refused is not None:
             return refused
         jobs = [(job.order, FlashJob(job.ecu, images[job.package], job.version, job.package, guard_rollback=True))
                 for job in manifest.jobs]
         return InstallPlan(manifest.campaign_id, tuple(jobs), manifest.activation)
+
+    def _follow_keys(self, proof: dict[str, Any]) -> str | None:
+        """The key lists the TBOX has taken, taken here too (kept: leaving them out of a later
+        manifest brings no revoked key back). None, or why the install is refused."""
+        chain = proof.get("keys")
+        if chain is None or self.keys is None:
+            return None
+        try:
+            if not isinstance(chain, list) or not all(isinstance(k, str) for k in chain):
+                raise ValueError("proof.keys is not a list of base64 key lists")
+            self.keys.follow([base64.b64decode(k, validate=True) for k in chain])
+        except (binascii.Error, ValueError) as exc:
+            return f"not signed: {exc}"
+        except KeysRejected as exc:
+            return f"not signed: {exc}"
+        return None
 
     def start(self, manifest: bytes) -> str | None:
         parsed = self._parse(manifest)
@@ -217,6 +256,9 @@ class GatewayDaemon:
         self._stopped = threading.Event()
         self.installer = GatewayInstaller(config, Path(self.link.package_dir), Path(config.gateway.results_dir), self._stopped,
                                           self.flash_faults, self.buses)
+        if self.link.security_secret is None:
+            log.warning("the deploy link has no SecurityAccess (deploy.security_secret): any node on the backbone may "
+                        "deploy files and start installs (installs are still checked against signed campaigns)")
 
     def start(self) -> None:
         try:

@@ -86,7 +86,9 @@ class FlashJob:
     version: str
     source: str = ""
     stage_only: bool = False  # vehicle-level campaigns: stop once the image is staged, do not reset onto it
-    guard_rollback: bool = False  # installs: refuse, before erasing, an image older than what the ECU runs
+    # installs: refuse, before erasing, an image older than what the ECU runs, or when the ECU does not
+    # tell its version (an empty F189, no valid application, is no version to protect)
+    guard_rollback: bool = False
 
 
 @dataclass
@@ -185,7 +187,12 @@ class EcuFlasher:
         try:
             with link.untraced():
                 result.version_before = self._read_version(link)
+                if job.guard_rollback and result.version_before is None:  # never skip the check: ask once more
+                    result.version_before = self._read_version(link)
             running = result.version_before
+            if job.guard_rollback and running is None:
+                raise FlashError("rollback_check", "the ECU did not tell its version (F189), so a downgrade cannot be "
+                                                   "ruled out: not flashed")
             if job.guard_rollback and running and compare_versions(job.version, running) < 0:
                 raise FlashError("rollback_check", f"the ECU runs {running}, newer than {job.version}: not flashed")
             result.version_after = self._sequence(link)

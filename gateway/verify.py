@@ -3,7 +3,8 @@ the gateway itself rather than taken on the TBOX's word).
 
 Any node on the TBOX-gateway link can deploy files and start an install; so before anything
 is erased, every job of an install manifest is checked against the signed documents the
-manifest carries (``proof``): a campaign signed by a trusted campaign key for this vehicle,
+manifest carries (``proof``): a campaign signed by a threshold of the campaign role's keys
+(the configured ones, or those of the newest key list taken) for this vehicle,
 whose packages are exactly the jobs (ECU, file name, version, order, activation) and whose
 digests and sizes are those of the deployed files; or, for a software item of owner content,
 the bundle manifest signed by a trusted content key, the item for that ECU at that version,
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.core.campaign import CampaignRejected, verify_campaign
 from agent.core.content import BundleRejected, verify_manifest
+from agent.core.roles import Role
 from agent.protocol.link import InstallManifest
 
 __all__ = ["Trust", "check_install"]
@@ -36,9 +38,11 @@ _NO_EXPIRY = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 
 @dataclass(frozen=True)
 class Trust:
+    """The VIN and the roles in force (a plain key map is a role with a threshold of one)."""
+
     vin: str | None
-    campaign_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
-    content_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
+    campaign_keys: Role | Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
+    content_keys: Role | Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
 
 
 def _b64(value: Any, what: str) -> bytes:
@@ -71,7 +75,7 @@ def check_install(manifest: InstallManifest, images: Mapping[str, bytes], trust:
 
 def _check_campaign(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, ecus: set[str],
                     envelope: bytes) -> str | None:
-    if not trust.campaign_keys:
+    if not Role.of(trust.campaign_keys).keys:
         return "the gateway has no trusted campaign keys (gateway.trusted_keys or tbox.trusted_keys)"
     assert trust.vin is not None
     try:
@@ -95,8 +99,8 @@ def _check_campaign(manifest: InstallManifest, images: Mapping[str, bytes], trus
 
 
 def _check_content(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, proof: dict[str, Any]) -> str | None:
-    keys = trust.content_keys or trust.campaign_keys
-    if not keys:
+    keys = trust.content_keys if Role.of(trust.content_keys).keys else trust.campaign_keys
+    if not Role.of(keys).keys:
         return "the gateway has no trusted content keys"
     assert trust.vin is not None
     body, signature = _b64(proof.get("manifest"), "proof.content.manifest"), _b64(proof.get("signature"), "proof.content.signature")

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.core.config import ContentConfig
 from agent.core.content import Bundle, BundleRejected, Item, check_item, decrypt_item, verify_bundle, verify_manifest
+from agent.core.roles import Role
 from agent.errors import TryLater, VotaError
 from tbox.apps import AppRegistry
 from tbox.content_exec import Executor
@@ -74,7 +75,7 @@ class ContentManager(ItemScheduling):
         config: ContentConfig,
         state_dir: str | Path,
         vin: str,
-        trusted: Mapping[str, Ed25519PublicKey],
+        trusted: Role | Mapping[str, Ed25519PublicKey],
         report: Callable[[dict[str, Any], str], None],
         executors: Mapping[str, Executor],
         now: Callable[[], _dt.datetime],
@@ -84,7 +85,7 @@ class ContentManager(ItemScheduling):
         light: Callable[[], bytes] | None = None,
         stop: threading.Event | None = None,
     ) -> None:
-        self.config, self.vin, self.trusted = config, vin, dict(trusted)
+        self.config, self.vin, self.trusted = config, vin, Role.of(trusted)
         self.report_fn, self.executors, self.now = report, dict(executors), now
         self.vehicle_key, self.registry, self.light = vehicle_key, registry, light
         self.stop = stop or threading.Event()

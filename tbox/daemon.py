@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.adapters.canbus import Segment
 from agent.adapters.cloud_link import CloudLink
 from agent.adapters.heartbeat import Heartbeats
-from agent.adapters.keys import load_public_keys
+from agent.adapters.keys import KeyStore, initial_key_list
 from agent.core.config import TboxConfig, VehicleConfig
 from agent.core.faults import FaultSpec
+from agent.core.roles import KeysRejected
 from agent.errors import UsageError
 from tbox.apps import AppRegistry
 from tbox.campaign_state import CampaignRecord
@@ -49,7 +50,11 @@ class TboxDaemon:
         self.content_now = content_now
         self.state_dir = Path(self.tbox.state_dir)
         self.campaigns_dir = self.state_dir / "campaigns"
-        self.trusted = load_public_keys(self.tbox.trusted_keys, "trusted key")
+        t = self.tbox
+        self.keys = KeyStore(self.state_dir / "keys", initial_key_list(
+            (t.trusted_keys, t.signature_threshold), (t.content.trusted_keys, t.content.signature_threshold),
+            (t.root_keys, t.root_threshold)))
+        self.trusted = self.keys.current.role("campaign")
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._content_wake = threading.Event()
@@ -59,16 +64,18 @@ class TboxDaemon:
         self.cloud: CloudPort = cloud if cloud is not None else CloudLink(
             self.tbox.cloud, self.tbox.vin, on_message=lambda kind, payload: self.inbound.on_message(kind, payload))
         self.runner = CampaignRunner(self.tbox, set(config.ecus), self.cloud, gateway or _NotStarted(), self.trusted,
-                                     now=self.now, stop=self._stop, beat=lambda: self.heartbeats.beat("campaign"))
+                                     now=self.now, stop=self._stop, beat=lambda: self.heartbeats.beat("campaign"),
+                                     key_chain=self.keys.chain)
         self._gateway_injected = gateway is not None
         self.content = self._content_manager()
-        self.inbound = Inbound(self.tbox.vin, self.runner, self.content.submit, self._wake.set, self._content_wake.set)
+        self.inbound = Inbound(self.tbox.vin, self.runner, self.content.submit, self._wake.set, self._content_wake.set,
+                               keys=self.update_keys)
         self._worker = threading.Thread(target=self._run, name="tbox-worker", daemon=True)
         self._content_worker = threading.Thread(target=self._run_content, name="tbox-content", daemon=True)
 
     def _content_manager(self) -> ContentManager:
         cfg = self.tbox.content
-        trusted = load_public_keys(cfg.trusted_keys, "trusted content key") if cfg.trusted_keys else dict(self.trusted)
+        trusted = self.keys.current.role("content")
         vehicle_key = None
         if cfg.vehicle_key:
             try:
@@ -105,6 +112,22 @@ class TboxDaemon:
         meta = {"stage": "content", "ecu": ecu, "package": name}
         self.cloud.report("results", {**meta, "result": result}, msg_id=f"{tid}.result")
         self.cloud.report_trace(tid, trace, meta)
+
+    # ---- key rotation and revocation ---------------------------------------------------------
+    def update_keys(self, envelope: bytes, digest: str) -> None:
+        """A signed key list from the cloud: taken (stored first, then in force for campaigns and
+        content, and passed to the gateway with the next install) or refused; reported either way."""
+        try:
+            keys = self.keys.accept(envelope)
+        except KeysRejected as exc:
+            log.warning("%s", exc)
+            self.cloud.report("events", {"event": "keys", "status": "rejected", "reason": exc.reason,
+                                         "version": exc.version, "detail": str(exc)}, msg_id=f"keys.{digest}.rejected")
+            return
+        self.runner.trusted = keys.role("campaign")
+        self.content.trusted = keys.role("content")
+        self.cloud.report("events", {"event": "keys", "status": "accepted", **keys.describe()},
+                          msg_id=f"keys.v{keys.version}.accepted")
 
     # ---- the campaign port of software content items -------------------------------------------
     def start_local_campaign(self, campaign_id: str, ecu: str, version: str, data: bytes,

@@ -1,11 +1,14 @@
 """What arrives from the cloud, dispatched: a campaign envelope that passes the checks that need
 no inventory is stored as a new campaign (state ``received``, persisted before anything else
 happens) and the runner is woken, one that fails them is rejected and not kept; a
-command goes to the campaign runner (``confirm_install``) or to the content manager; anything
+command goes to the campaign runner (``confirm_install``), to the key store (``keys_update``, a
+signed key list) or to the content manager; anything
 else is rejected with a reason, reported, and forgotten."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -27,8 +30,9 @@ COMMANDS = ("confirm_install",)
 
 class Inbound:
     def __init__(self, vin: str, runner: CampaignRunner, content_submit: Callable[[dict[str, Any]], None],
-                 wake_campaigns: Callable[[], None], wake_content: Callable[[], None]) -> None:
-        self.vin, self.runner = vin, runner
+                 wake_campaigns: Callable[[], None], wake_content: Callable[[], None],
+                 keys: Callable[[bytes, str], None] | None = None) -> None:
+        self.vin, self.runner, self.keys = vin, runner, keys
         self.content_submit, self.wake_campaigns, self.wake_content = content_submit, wake_campaigns, wake_content
         self._commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
 
@@ -61,6 +65,16 @@ class Inbound:
         command, vin = doc.get("command"), doc.get("vin", self.vin)
         if vin != self.vin:
             self.runner.reject(kind, "wrong_vehicle", f"command for {vin}", digest)
+        elif command == "keys_update" and self.keys is not None:
+            envelope = doc.get("keys")
+            try:
+                data = base64.b64decode(envelope, validate=True) if isinstance(envelope, str) else None
+            except (binascii.Error, ValueError):
+                data = None
+            if data is None:
+                self.runner.reject(kind, "malformed", "keys_update needs keys: the base64 of a signed key list", digest)
+            else:
+                self.keys(data, digest)
         elif command in CONTENT_COMMANDS:
             self.content_submit(doc)
             self.wake_content()

@@ -30,13 +30,14 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.core.campaign import Campaign, CampaignRejected, Package, compare_versions, verify_campaign
 from agent.core.config import TboxConfig
+from agent.core.roles import Role
 from agent.errors import Refused, TryLater, VotaError
 from agent.protocol.link import InstallJob, InstallManifest, InstallStatus, encode_manifest
 from tbox.campaign_state import TERMINAL, CampaignRecord
@@ -63,10 +64,13 @@ class CampaignFailure(Refused):
 
 class CampaignRunner:
     def __init__(self, tbox: TboxConfig, ecus: set[str], cloud: CloudPort, gateway: GatewayPort,
-                 trusted: dict[str, Ed25519PublicKey], *, now: Callable[[], _dt.datetime],
+                 trusted: Role | Mapping[str, Ed25519PublicKey], *, now: Callable[[], _dt.datetime],
                  stop: threading.Event | None = None, fetch: Fetch | None = None,
-                 beat: Callable[[], None] | None = None, entered: Callable[[CampaignRecord], None] | None = None) -> None:
-        self.tbox, self.ecus, self.cloud, self.gateway, self.trusted = tbox, ecus, cloud, gateway, trusted
+                 beat: Callable[[], None] | None = None, entered: Callable[[CampaignRecord], None] | None = None,
+                 key_chain: Callable[[], list[bytes]] | None = None) -> None:
+        self.tbox, self.ecus, self.cloud, self.gateway = tbox, ecus, cloud, gateway
+        self.trusted = Role.of(trusted)  # the campaign role; replaced when a signed key list is taken
+        self.key_chain = key_chain or list
         self.now = now
         # slow retrieval (Uptane): a download below the minimum rate, or too long, is cut off and resumed later
         self.fetch = fetch or functools.partial(download, min_rate=tbox.download_min_rate,
@@ -348,8 +352,11 @@ class CampaignRunner:
         campaign = self.campaign(record)
         local = record.dir / LOCAL_CAMPAIGN
         # what the gateway verifies the install against before it erases anything (gateway/verify.py)
-        proof = (json.loads(local.read_text()).get("proof") if local.exists()
-                 else {"campaign": base64.b64encode(record.envelope_path.read_bytes()).decode()})
+        proof = dict((json.loads(local.read_text()).get("proof") or {}) if local.exists()
+                     else {"campaign": base64.b64encode(record.envelope_path.read_bytes()).decode()})
+        chain = self.key_chain()
+        if chain:  # the key lists taken since the configuration's: the gateway follows them
+            proof["keys"] = [base64.b64encode(k).decode() for k in chain]
         manifest = InstallManifest(campaign.campaign_id, tuple(InstallJob(p.ecu, p.name, p.version, p.order)
                                                                 for p in campaign.packages), campaign.activation, proof)
         name = f"install-{campaign.campaign_id}.json"

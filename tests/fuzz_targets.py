@@ -576,5 +576,107 @@ class Traces(Target):
         assert render_markdown(verdict)
 
 
+class KeyLists(Target):
+    """Key list envelopes into the key store: taken only when the root signed a newer valid list,
+    otherwise refused with a reason code; the lists already stored never change."""
+
+    name = "key-lists"
+
+    def open(self, tmp: Path) -> None:
+        from agent.adapters.keys import KeyStore
+        from agent.core.roles import KeyList, Role, key_list_doc, sign_key_list
+
+        super().open(tmp)
+        self.root = Ed25519PrivateKey.generate()
+        signer = Ed25519PrivateKey.generate()
+        role = Role({key_id(self.root.public_key()): self.root.public_key()})
+        self.store = KeyStore(tmp / "keys", KeyList(0, {"root": role, "campaign": role, "content": role}))
+        doc = key_list_doc(1, {"root": ([self.root.public_key()], 1), "campaign": ([signer.public_key()], 1),
+                               "content": ([signer.public_key()], 1)})
+        valid = sign_key_list(doc, [self.root])
+        self.store.accept(valid)
+        self.stored = snapshot(tmp / "keys")
+        doc["version"] = 2
+
+        def resign(body: bytes) -> bytes:
+            try:
+                return sign_key_list(json.loads(body), [self.root])
+            except (VotaError, TypeError, ValueError, AttributeError, KeyError):
+                return body
+
+        self.strategy = st.one_of(mutated(valid), json_mutations(json.loads(valid)), json_mutations(doc).map(resign),
+                                  st.binary(max_size=300))
+
+    def feed(self, example: bytes) -> None:
+        from agent.core.roles import KeysRejected
+
+        before = self.store.current.version
+        try:
+            taken = self.store.accept(example)
+            assert taken.version > before or example in self.store.chain(), "taken without a newer version"
+        except KeysRejected as exc:
+            assert exc.reason in KeysRejected.REASONS and str(exc)
+            assert self.store.current.version == before
+        now = snapshot(self.tmp / "keys")
+        assert all(now.get(k) == v for k, v in self.stored.items()), f"{example!r}: a stored key list changed"
+        self.stored = now
+
+
+class SignedReports(Target):
+    """Reports into a collector that knows the vehicle's report key: stored only when the
+    vehicle signed exactly that report; nothing stops it; what was stored is kept."""
+
+    name = "signed-reports"
+
+    def open(self, tmp: Path) -> None:
+        from agent.core.signed_report import check_report, sign_report
+        from cloud_sim.collector import Collector as Impl
+
+        super().open(tmp)
+        key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+        self.check = check_report
+        self.keys = {key_id(key.public_key()): key.public_key()}
+        self.collector = Impl("127.0.0.1", 1, tmp / "store", diagnose=False, report_keys={VIN: self.keys},
+                              require_signed=True)
+        good = {"id": "m-1", "vin": VIN, "type": "events", "ts": 1.5,
+                "body": {"event": "finished", "campaign_id": "c-1", "outcome": "failed"}}
+        self._deliver("events", json.dumps(sign_report(good, key)).encode())
+        self.stored = snapshot(tmp / "store")
+        assert self.stored
+
+        def resign(body: bytes, signer: Ed25519PrivateKey) -> bytes:
+            try:
+                doc = json.loads(body)
+                return json.dumps(sign_report(doc, signer)).encode() if isinstance(doc, dict) else body
+            except (TypeError, ValueError, AttributeError):
+                return body
+
+        signed = sign_report({**good, "id": "m-2"}, key)
+        self.strategy = st.tuples(
+            st.sampled_from(["events", "results", "traces", "inventory"]),
+            st.one_of(json_mutations(signed), json_mutations(good).map(lambda b: resign(b, key)),
+                      json_mutations(good).map(lambda b: resign(b, other)), mutated(json.dumps(signed).encode()),
+                      json_values().map(lambda v: json.dumps(v).encode())))
+
+    def _deliver(self, kind: str, payload: bytes) -> None:
+        import paho.mqtt.client as mqtt
+
+        msg = mqtt.MQTTMessage(topic=f"vota/v1/{VIN}/{kind}".encode())
+        msg.payload = payload
+        self.collector._on_message(self.collector.client, None, msg)
+
+    def feed(self, example: tuple[str, bytes]) -> None:
+        kind, payload = example
+        count = len(self.collector.messages)
+        with internal_errors() as errors:
+            self._deliver(kind, payload)
+        _no_internal_error(errors, example)
+        if len(self.collector.messages) > count:  # stored: then the vehicle signed exactly this report
+            assert self.check(self.collector.messages[-1], VIN, kind, self.keys) is None, f"{example!r} stored unsigned"
+        now = snapshot(self.tmp / "store")
+        assert all(now.get(k) == v for k, v in self.stored.items()), f"{example!r}: a stored message changed"
+
+
 TARGETS: dict[str, Callable[[], Target]] = {t.name: t for t in (EcuServer, DeployServer, CanFrames, TboxInbound, Collector,
-                                                                CampaignEnvelopes, ContentBundles, Traces)}
+                                                                CampaignEnvelopes, ContentBundles, Traces, KeyLists,
+                                                                SignedReports)}

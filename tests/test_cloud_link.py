@@ -249,3 +249,66 @@ def test_what_the_cloud_publishes_while_the_vehicle_is_offline_waits_for_it(mosq
         assert received == [("campaign", b'{"a signed": "campaign"}')]
     finally:
         link.stop()
+
+
+def test_the_cloud_stores_only_reports_the_vehicle_signed(mosquitto, tmp_path):
+    """The fake report (security issue): a client the broker lets write publishes `finished:
+    success` under the id the TBOX uses later. With the vehicle's report key registered, the
+    cloud drops it (unsigned, signed by another key, another vehicle's signed report moved to
+    this topic, a signed report altered) and stores the vehicle's own `failed` under that id;
+    a replay of it is one report; ids are per vehicle."""
+    import shutil
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.core.roles import key_id
+    from agent.core.signed_report import sign_report
+
+    pub = shutil.which("mosquitto_pub")
+    assert pub, "mosquitto_pub comes with the mosquitto package make test installs"
+    other_vin = "LVOTA000000000002"
+    keys = {vin: Ed25519PrivateKey.generate() for vin in (VIN, other_vin)}
+    for vin, key in keys.items():
+        (tmp_path / f"{vin}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                                serialization.NoEncryption()))
+    collector = Collector("127.0.0.1", mosquitto.port, tmp_path / "cloud",
+                          report_keys={vin: {key_id(k.public_key()): k.public_key()} for vin, k in keys.items()},
+                          require_signed=True)
+    collector.start()
+
+    def publish(topic: str, doc: dict) -> None:  # not our client
+        run = subprocess.run([pub, "-h", "127.0.0.1", "-p", str(mosquitto.port), "-q", "1", "-t", topic, "-s"],
+                             input=json.dumps(doc).encode(), capture_output=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+
+    fake = {"id": "c-1.finished", "vin": VIN, "type": "events", "ts": time.time(),
+            "body": {"event": "finished", "campaign_id": "c-1", "outcome": "success"}}
+    topic = f"vota/v1/{VIN}/events"
+    try:
+        assert collector.connected.wait(10)
+        publish(topic, fake)
+        publish(topic, sign_report(fake, Ed25519PrivateKey.generate()))
+        publish(topic, sign_report({**fake, "vin": other_vin}, keys[other_vin]))  # the other car's, moved here
+        publish(topic, sign_report(fake, keys[other_vin]))  # the other car's key on this car's report
+        assert collector.wait_for(lambda c: c.rejected >= 4, 20), collector.rejected
+        links = {vin: CloudLink(_link(mosquitto, tmp_path / vin, report_key=str(tmp_path / f"{vin}.key")), vin)
+                 for vin in keys}
+        for link in links.values():
+            link.start()
+            link.report("events", {"event": "finished", "campaign_id": "c-1", "outcome": "failed"}, msg_id="c-1.finished")
+        assert collector.wait_for(lambda c: len(c.messages) == 2, 20), collector.messages  # one per vehicle
+        for link in links.values():
+            link.stop()
+        (mine,) = [m for m in collector.messages if m["vin"] == VIN]
+        assert mine["body"]["outcome"] == "failed" and mine["signatures"][0]["keyid"] == key_id(keys[VIN].public_key())
+        publish(topic, mine)  # a replay
+        altered = json.loads(json.dumps(mine))
+        altered["body"]["outcome"] = "success"
+        publish(topic, altered)
+        assert collector.wait_for(lambda c: c.rejected >= 5 and c.duplicates >= 1, 20), (collector.rejected,
+                                                                                          collector.duplicates)
+        stored = [json.loads(p.read_text()) for p in (tmp_path / "cloud" / VIN / "messages" / "events").iterdir()]
+        assert [m["body"]["outcome"] for m in stored] == ["failed"]
+    finally:
+        collector.stop()

@@ -56,7 +56,7 @@ def test_tbox_start_up_errors_name_the_problem(tmp_path, write_config):
     assert run.returncode == 2 and "tbox.cloud.broker" in run.stderr
     run = vota("tbox", "-c", str(write_config({**base, "tbox": {"vin": "X", "trusted_keys": [str(tmp_path / "nope.pub")],
                                                                 "state_dir": str(tmp_path / "t")}})))
-    assert run.returncode == 2 and "nope.pub: cannot read trusted key" in run.stderr
+    assert run.returncode == 2 and "nope.pub: cannot read trusted campaign key" in run.stderr
     assert "Traceback" not in run.stderr
 
 

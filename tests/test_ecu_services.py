@@ -242,6 +242,35 @@ def test_garbage_on_the_bus_does_not_stop_the_server(bench):
     assert t.ask(b"\x22\xf1\x89") == b"\x62\xf1\x891.0.0"
 
 
+def test_an_overflow_flow_control_stops_an_answer_not_the_server(bench, caplog):
+    """A node answers the ECU's first frame with flow control "overflow" (or a tester gives up):
+    the answer is not sent, which is logged as such, not as an internal error; the next
+    request is answered."""
+    import logging
+
+    t, _ = bench
+    t.segment.release(t.phys)  # the attacker, not the tester's stack, sends the flow control
+    raw = can.Bus(**t.segment.config.bus)
+    try:
+        with caplog.at_level(logging.WARNING):
+            raw.send(can.Message(arbitration_id=t.ecu.request_id, data=b"\x07\x22\xf1\x87\xf1\x89\xf1\x8c",
+                                 is_extended_id=False))
+            first = raw.recv(2)
+            while first is not None and first.arbitration_id != t.ecu.response_id:
+                first = raw.recv(2)
+            assert first is not None and first.data[0] >> 4 == 1  # a first frame
+            raw.send(can.Message(arbitration_id=t.ecu.request_id, data=b"\x32\x00\x00", is_extended_id=False))
+            deadline = time.monotonic() + 3
+            while not any("was not sent" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        raw.shutdown()
+    assert any("22f187f189f18c was not sent" in r.getMessage() for r in caplog.records), caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    t.phys = t.segment.stack(t.ecu.request_id, t.ecu.response_id)
+    assert t.ask(b"\x22\xf1\x89") == b"\x62\xf1\x891.0.0"
+
+
 def test_reset_and_write_did_nrc_paths(bench):
     t, _ = bench
     assert t.ask(b"\x11\x05") == bytes.fromhex("7f1112")

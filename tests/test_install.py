@@ -124,6 +124,35 @@ def test_install_flashes_and_results_come_back(tmp_path, write_config, procs):
         assert {e["ecu"]: e["software_version"] for e in gw.inventory()}["vcu"] == "2.0"
 
 
+def test_an_ecu_that_does_not_tell_its_version_is_not_flashed(tmp_path, write_config, procs):
+    """Rollback (Uptane): the gateway never skips the downgrade check. An ECU whose version read
+    (22 F189) is lost once is asked again and flashed; one that never answers it is refused at
+    rollback_check before anything is erased, its bank untouched."""
+    path = write_config({
+        "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}},
+        "deploy": {"segment": "bb", "package_dir": str(tmp_path / "gw" / "packages")},
+        "gateway": {"results_dir": str(tmp_path / "gw" / "results"), **_trust(tmp_path)},
+        "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt", faults=["vcu:22:drop"]),
+                 "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt", faults=["bms:22#1:drop"])},
+    })
+    config, link = _start(tmp_path, path, procs)
+    images = {"vcu": os.urandom(20_000), "bms": os.urandom(20_000)}
+    before = (tmp_path / "ecu" / "vcu" / "meta.json").read_text()
+    with Segment(config.segments["bb"]) as segment:
+        gw = GatewayClient(segment, link)
+        for ecu, data in images.items():
+            _deploy(segment, link, tmp_path, f"{ecu}-2.0.bin", data)
+        _deploy(segment, link, tmp_path, "install-c-9.json",
+                _manifest("c-9", {e: (f"{e}-2.0.bin", data, "2.0") for e, data in images.items()}))
+        gw.start_install("install-c-9.json")
+        assert gw.wait_install("c-9", timeout=120) == InstallStatus.FAILED
+        results = {r["ecu"]: r for r in json.loads(gw.read_file("c-9/summary.json"))["results"]}
+    assert (results["bms"]["result"], results["bms"]["version_before"], results["bms"]["version_after"]) == \
+        ("success", "1.0.0", "2.0")
+    assert results["vcu"]["failed_step"] == "rollback_check" and "did not tell its version" in results["vcu"]["reason"]
+    assert (tmp_path / "ecu" / "vcu" / "meta.json").read_text() == before  # nothing erased, nothing written
+
+
 def test_the_gateway_flashes_only_what_a_trusted_party_signed(tmp_path, write_config, procs):
     """Any node on the backbone can deploy files and start an install: the gateway checks each
     install against the signed campaign it carries, and refuses, before erasing anything, an
@@ -157,6 +186,76 @@ def test_the_gateway_flashes_only_what_a_trusted_party_signed(tmp_path, write_co
             assert gw.install_status(cid)[0] == InstallStatus.REFUSED
             assert why in json.loads(gw.read_file(f"{cid}/install.json"))["error"]
         assert {e["ecu"]: e["software_version"] for e in gw.inventory()} == {"vcu": "1.0.0", "bms": "1.0.0"}
+
+
+def test_a_key_revoked_by_a_signed_key_list_stays_revoked_on_the_gateway(tmp_path, write_config, procs):
+    """Key compromise on the backbone: once an install carried a key list (signed by the root key)
+    that revokes KEY, the gateway refuses KEY's campaigns, also when a later manifest leaves the
+    list out and after a restart; a list not signed by the root is refused with the install."""
+    from agent.core.roles import key_list_doc, sign_key_list
+
+    root, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    (tmp_path / "root.pub").write_bytes(root.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    path = write_config({
+        "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}},
+        "deploy": {"segment": "bb", "package_dir": str(tmp_path / "gw" / "packages")},
+        "gateway": {"results_dir": str(tmp_path / "gw" / "results"), **_trust(tmp_path),
+                    "root_keys": [str(tmp_path / "root.pub")]},
+        "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt")},
+    })
+    config, link = _start(tmp_path, path, procs)
+
+    def key_list() -> str:  # version 1: KEY revoked, ``new`` signs campaigns
+        doc = key_list_doc(1, {"root": ([root.public_key()], 1), "campaign": ([new.public_key()], 1),
+                               "content": ([new.public_key()], 1)})
+        return base64.b64encode(sign_key_list(doc, [root])).decode()
+
+    def with_keys(manifest: bytes, keys: str) -> bytes:
+        doc = json.loads(manifest)
+        doc["proof"]["keys"] = [keys]
+        return json.dumps(doc).encode()
+
+    image = os.urandom(20_000)
+    vcu = {"vcu": ("vcu-2.0.bin", image, "2.0")}
+    forged = json.loads(base64.b64decode(key_list()))
+    payload = base64.b64decode(forged["payload"])  # the root's key id on another key's signature
+    forged["signatures"] = [{"keyid": forged["signatures"][0]["keyid"],
+                             "sig": base64.b64encode(new.sign(b"vota-keys-v1\n" + payload)).decode()}]
+    attempts = [
+        ("k-1", with_keys(_manifest("k-1", vcu, key=new), base64.b64encode(json.dumps(forged).encode()).decode()),
+         "key list rejected (bad_signature)"),
+        ("k-2", with_keys(_manifest("k-2", vcu), key_list()), "untrusted_key"),  # the list is taken, KEY revoked
+        ("k-3", _manifest("k-3", vcu), "untrusted_key"),  # the list left out: still revoked
+    ]
+    with Segment(config.segments["bb"]) as segment:
+        gw = GatewayClient(segment, link)
+        _deploy(segment, link, tmp_path, "vcu-2.0.bin", image)
+        for cid, manifest, why in attempts:
+            _deploy(segment, link, tmp_path, f"install-{cid}.json", manifest)
+            try:
+                gw.start_install(f"install-{cid}.json")
+                raise AssertionError(f"{cid} started")
+            except GatewayError:
+                pass
+            assert why in json.loads(gw.read_file(f"{cid}/install.json"))["error"], cid
+    assert sorted(p.name for p in (tmp_path / "gw" / "results" / "keys").iterdir()) == ["keys-000001.json"]
+    procs[1].stop()
+    procs.append(Proc("gateway", "-c", str(path), log=tmp_path / "gw2.log"))
+    _ready(procs[-1], "gateway ready")
+    with Segment(config.segments["bb"]) as segment:
+        gw = GatewayClient(segment, link)
+        _deploy(segment, link, tmp_path, "install-k-4.json", _manifest("k-4", vcu))
+        try:
+            gw.start_install("install-k-4.json")
+            raise AssertionError("k-4 started: the revoked key is back after a restart")
+        except GatewayError:
+            pass
+        assert "untrusted_key" in json.loads(gw.read_file("k-4/install.json"))["error"]
+        _deploy(segment, link, tmp_path, "install-k-5.json", _manifest("k-5", vcu, key=new))  # the new key
+        gw.start_install("install-k-5.json")
+        assert gw.wait_install("k-5", timeout=120) == InstallStatus.SUCCEEDED
+        assert {e["ecu"]: e["software_version"] for e in gw.inventory()} == {"vcu": "2.0"}
 
 
 def test_content_for_an_ecu_that_is_being_flashed_waits_for_the_flash(tmp_path, write_config, procs):

@@ -43,6 +43,9 @@ class Vehicle:
         (tmp / "keys" / "platform.pub").write_bytes(_pem(self.platform))
         (tmp / "keys" / "vehicle.key").write_bytes(self.vehicle_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        self.report_key = Ed25519PrivateKey.generate()  # signs every report; the cloud stores only what it signed
+        (tmp / "keys" / "report.key").write_bytes(self.report_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         self.config = write_config({
             "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}, "body": {"bus": multicast_bus()}},
             "deploy": {"segment": "bb", "package_dir": str(tmp / "gw" / "packages"), "security_secret": f"{VIN}-deploy"},
@@ -58,9 +61,12 @@ class Vehicle:
                                  "light_sensor": {"ecu": "bcm"}, "targets": {"boot_animation": "bcm"}, "tick_ms": 200},
                      **(tbox_extra or {}),
                      "cloud": {"broker": mosquitto.url, "outbox": str(tmp / "tbox" / "outbox.db"),
+                               "report_key": str(tmp / "keys" / "report.key"),
                                "reconnect_min_s": 1, "reconnect_max_s": 2}},
         })
-        self.cloud = CloudSim(mosquitto.url, tmp / "cloud" / "store", tmp / "cloud" / "packages", platform_key=self.platform)
+        self.cloud = CloudSim(mosquitto.url, tmp / "cloud" / "store", tmp / "cloud" / "packages", platform_key=self.platform,
+                              require_signed=True)
+        self.cloud.register_vehicle(VIN, self.report_key.public_key())
         self.cloud.vehicle_keys[VIN] = self.vehicle_key.public_key()
         self.cloud.start()
         assert self.cloud.collector.connected.wait(10)
@@ -96,7 +102,8 @@ class Vehicle:
             out.append((ecu, path, version))
         return out
 
-    def campaign(self, cid: str, version: str, key: Ed25519PrivateKey | None = None, **kw: Any) -> bytes:
+    def campaign(self, cid: str, version: str, key: Ed25519PrivateKey | list[Ed25519PrivateKey] | None = None,
+                 **kw: Any) -> bytes:
         return make_campaign(vin=kw.pop("vin", VIN), packages=kw.pop("packages", None) or self.packages(version),
                              base_url=self.cloud.base_url, key=key or self.key, campaign_id=cid, **kw)
 

@@ -12,7 +12,8 @@ Topic tree (``<prefix>`` is ``vota/v1/<vin>``)::
     <prefix>/traces      out             header-only traces, gzip + base64, split in parts
 
 Every outgoing message is a JSON object ``{"id", "vin", "type", "ts", "body"}``; ``id``
-is stable, so a message delivered twice is recognisably the same message.
+is stable, so a message delivered twice is recognisably the same message. With
+``cloud.report_key`` each carries the vehicle's signature (``agent/core/signed_report.py``).
 """
 
 from __future__ import annotations
@@ -28,17 +29,21 @@ import ssl
 import threading
 import time
 import zlib
+from pathlib import Path
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.adapters.outbox import Outbox
+from agent.core.campaign import load_private_key
 from agent.core.config import CloudConfig
-from agent.errors import ConfigError
+from agent.core.signed_report import sign_report
+from agent.errors import ConfigError, VotaError
 
 __all__ = ["CloudConfig", "CloudLink", "make_client", "topic_prefix", "trace_parts", "join_trace_parts", "OUT_KINDS", "IN_KINDS"]
 
@@ -87,6 +92,20 @@ def join_trace_parts(parts: list[str], max_bytes: int = MAX_TRACE_BYTES) -> byte
     return data
 
 
+def _report_key(path: str | None) -> Ed25519PrivateKey | None:
+    """The vehicle's report signing key; one line naming the file when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError("tbox.cloud", "report_key", f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return load_private_key(pem, path)
+    except VotaError as exc:
+        raise ConfigError("tbox.cloud", "report_key", str(exc)) from None
+
+
 class CloudLink:
     """Publishes the outbox to the broker and hands inbound messages to ``on_message``."""
 
@@ -112,6 +131,7 @@ class CloudLink:
         self.client.will_set(f"{self.prefix}/status", json.dumps({"state": "offline", "vin": vin}), qos=1, retain=True)
         self.client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
         self.client.max_inflight_messages_set(20)
+        self.report_key = _report_key(config.report_key)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
@@ -159,8 +179,10 @@ class CloudLink:
         if kind not in OUT_KINDS:
             raise ValueError(f"unknown report kind {kind!r}")
         msg_id = msg_id or Outbox.new_id()
-        payload = json.dumps({"id": msg_id, "vin": self.vin, "type": kind, "ts": round(time.time(), 3), "body": body},
-                             separators=(",", ":")).encode()
+        doc: dict[str, Any] = {"id": msg_id, "vin": self.vin, "type": kind, "ts": round(time.time(), 3), "body": body}
+        if self.report_key is not None:
+            doc = sign_report(doc, self.report_key)
+        payload = json.dumps(doc, separators=(",", ":")).encode()
         stored = self.outbox.put(f"{self.prefix}/{kind}", payload, msg_id)
         self._wake.set()
         return stored

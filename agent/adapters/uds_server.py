@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Protocol, TypeVar
 
+import isotp
+
 from agent.adapters.canbus import Segment
 from agent.adapters.heartbeat import Heartbeats
 from agent.core.faults import FaultCounter, FaultSpec
@@ -149,6 +151,8 @@ class UdsServer(Generic[S]):
                 continue
             try:
                 self._handle(self.physical, bytes(data), functional)  # every answer is physical
+            except isotp.errors.BlockingSendFailure as exc:  # the bus, not this server: e.g. an overflow flow control
+                log.warning("%s: the answer to %s was not sent: %s", self.name, bytes(data[:8]).hex(), exc)
             except Exception:  # noqa: BLE001 - a bad request must not stop the server
                 log.exception("%s: request %s failed", self.name, bytes(data[:8]).hex())
 

@@ -1,6 +1,7 @@
 """``vota bench``: a whole simulated vehicle and a stand-in cloud on one machine.
 
-Processes: an MQTT broker (embedded amqtt unless ``--broker`` names one), one ECU simulator
+Processes: an MQTT broker (``--broker``, else Mosquitto running the shipped configuration with
+per-vehicle ACLs where it is installed, else the embedded amqtt), one ECU simulator
 per ECU, the gateway, the TBOX; this process plays the cloud (package server, campaign
 signing and publishing, collector). It publishes one campaign for the chosen ECUs, shows
 its progress, and writes ``report.json`` with the outcome, the inventory, deploy and flash
@@ -25,7 +26,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.adapters.storage import atomic_write_json, atomic_write_text
+from agent.adapters.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
 from agent.core.config import load_vehicle_config, load_yaml, parse_vehicle_config
 from agent.core.faults import parse_faults
 from agent.errors import UsageError, VotaError
@@ -51,16 +52,18 @@ class Processes:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ready: set[str] = set()  # known to be ready (a process that prints no "ready" line is marked by its starter)
 
-    def start(self, name: str, *args: str) -> None:
+    def start(self, name: str, *args: str, argv: list[str] | None = None) -> None:
+        """``vota ARGS`` (or another program's ``argv``), its output in ``<log_dir>/<name>.log``."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=log,
+            self.procs[name] = subprocess.Popen(argv or [sys.executable, "-m", "agent.cli", *args], stdout=log,
                                                 stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        pending = set(self.procs)
+        pending = set(self.procs) - self.ready
         while pending:
             for name in list(pending):
                 if self.procs[name].poll() is not None:
@@ -68,6 +71,7 @@ class Processes:
                     raise VotaError(f"{name} exited at start-up: {text[-1] if text else 'no output'}")
                 if " ready" in (self.log_dir / f"{name}.log").read_text(errors="replace"):
                     pending.discard(name)
+                    self.ready.add(name)
             if time.monotonic() > deadline:
                 raise VotaError(f"not ready after {timeout:.0f} s: {', '.join(sorted(pending))} (see {self.log_dir})")
             time.sleep(0.05)
@@ -84,7 +88,53 @@ class Processes:
                 proc.wait()
 
 
-def _runtime_config(source: str, out: Path, broker: str, mqtt_version: str, vin: str) -> Path:
+SHIPPED_MOSQUITTO = Path(__file__).resolve().parents[2] / "configs" / "mosquitto"
+
+
+def _mosquitto(out: Path, procs: Processes, vin: str) -> tuple[str, str, tuple[str, str]] | None:
+    """Mosquitto with the shipped vota.conf and vota.acl on a free loopback port, a password for
+    the cloud and one for this vehicle (made with mosquitto_passwd, as an operator would): the
+    broker URL, the cloud's (with its login) and the vehicle's login. None when Mosquitto is not
+    installed."""
+    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    passwd_tool = shutil.which("mosquitto_passwd")
+    if binary is None or passwd_tool is None or not (SHIPPED_MOSQUITTO / "vota.conf").exists():
+        return None
+    import os
+    import secrets
+
+    directory = out / "broker"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    logins = {"vota-cloud": secrets.token_urlsafe(16), vin: secrets.token_urlsafe(16)}
+    passwd = directory / "vota.passwd"
+    passwd.write_text("")
+    for user, password in logins.items():
+        subprocess.run([passwd_tool, "-b", str(passwd), user, password], check=True, capture_output=True, timeout=30)
+    port = _free_port()
+    conf = (SHIPPED_MOSQUITTO / "vota.conf").read_text().replace("listener 1883", f"listener {port} 127.0.0.1")
+    conf = conf.replace("/etc/mosquitto/vota.passwd", str(passwd)).replace("/etc/mosquitto/vota.acl",
+                                                                            str(SHIPPED_MOSQUITTO / "vota.acl"))
+    conf += f"persistence_location {directory}/\n"
+    if os.geteuid() == 0:
+        conf += "user root\n"  # else it drops to user mosquitto, who cannot read the bench's files
+    atomic_write_text(directory / "mosquitto.conf", conf)
+    procs.start("broker", argv=[binary, "-c", str(directory / "mosquitto.conf")])
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if procs.procs["broker"].poll() is not None or time.monotonic() > deadline:
+                raise VotaError(f"mosquitto did not start (see {procs.log_dir / 'broker.log'})") from None
+            time.sleep(0.05)
+    procs.ready.add("broker")
+    return f"mqtt://127.0.0.1:{port}", f"mqtt://vota-cloud:{logins['vota-cloud']}@127.0.0.1:{port}", (vin, logins[vin])
+
+
+def _runtime_config(source: str, out: Path, broker: str, mqtt_version: str, vin: str,
+                    login: tuple[str, str] | None = None) -> Path:
     """The user's configuration with every path moved under ``out`` and the bench's broker/key."""
     data = load_yaml(source)
     parse_vehicle_config(data, source)  # errors name the user's file, not the copy
@@ -105,7 +155,11 @@ def _runtime_config(source: str, out: Path, broker: str, mqtt_version: str, vin:
         content["app_dir"] = str(out / "tbox" / "apps")
     cloud = tbox.setdefault("cloud", {})
     cloud.update(broker=broker, outbox=str(out / "tbox" / "outbox.db"), mqtt_version=mqtt_version,
-                 reconnect_min_s=1, reconnect_max_s=5)
+                 reconnect_min_s=1, reconnect_max_s=5, report_key=str(out / "keys" / "report.key"))
+    for stale in ("username", "password"):
+        cloud.pop(stale, None)
+    if login is not None:
+        cloud.update(username=login[0], password=login[1])
     path = out / "vehicle.yaml"
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
     return path
@@ -131,25 +185,37 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
     cloud: CloudSim | None = None
     started = time.time()
     try:
-        if args.broker:
-            broker, mqtt_version = args.broker, args.mqtt_version
+        # the broker: the vehicle's URL and login, the cloud's URL (with its login where there are ACLs)
+        login: tuple[str, str] | None = None
+        mosquitto = None if args.broker else _mosquitto(out, procs, vin)
+        if args.broker and args.broker != "embedded":
+            tbox_broker, mqtt_version, broker_kind = args.broker, args.mqtt_version, "given"
+            broker = tbox_broker
+        elif mosquitto is not None:
+            tbox_broker, broker, login = mosquitto
+            mqtt_version, broker_kind = "5", "mosquitto, configs/mosquitto: per-vehicle ACLs"
         else:
             port = _free_port()
             procs.start("broker", "cloud", "broker", "--port", str(port))
-            broker, mqtt_version = f"mqtt://127.0.0.1:{port}", "3.1.1"
+            tbox_broker = broker = f"mqtt://127.0.0.1:{port}"
+            mqtt_version, broker_kind = "3.1.1", "embedded amqtt, no ACLs"
             procs.wait_ready()
         key = Ed25519PrivateKey.generate()
         (out / "keys").mkdir(exist_ok=True)
         (out / "keys" / "signing.pub").write_bytes(key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         platform, vehicle_key = content_keys(out)
-        runtime = _runtime_config(args.config, out, broker, mqtt_version, vin)
+        report_key = Ed25519PrivateKey.generate()  # the vehicle signs every report with it; the cloud checks
+        atomic_write_bytes(out / "keys" / "report.key", report_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        runtime = _runtime_config(args.config, out, tbox_broker, mqtt_version, vin, login)
         cloud = CloudSim(broker, out / "cloud" / "store", out / "cloud" / "packages", mqtt_version=mqtt_version,
-                         platform_key=platform)
+                         platform_key=platform, require_signed=True)
         cloud.vehicle_keys[vin] = vehicle_key.public_key()
+        cloud.register_vehicle(vin, report_key.public_key())
         cloud.start()
         if not cloud.collector.connected.wait(15):
-            raise VotaError(f"the cloud cannot reach the broker {broker}")
+            raise VotaError(f"the cloud cannot reach the broker {tbox_broker}")
         def routed(stage: str, side: str, ecu: str | None = None) -> list[str]:
             return [a for f in faults if f.stage == stage and f.side == side and (ecu is None or f.target in ("*", ecu))
                     for a in ("--fault", f.text)]
@@ -163,8 +229,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
             clock = ["--clock", begin.isoformat(timespec="seconds"), "--clock-rate", f"{rate:g}"]
         procs.start("tbox", "tbox", "-c", str(runtime), "-v", *routed("deploy", "client"), *clock)
         procs.wait_ready()
-        print(f"bench: broker {broker}, {len(names)} ECU simulators, gateway, TBOX {vin}; cloud packages at {cloud.base_url}",
-              flush=True)
+        print(f"bench: broker {tbox_broker} ({broker_kind}), {len(names)} ECU simulators, gateway, TBOX {vin}; "
+              f"cloud packages at {cloud.base_url}", flush=True)
         if content_spec is not None:
             print(f"bench: simulated clock from {clock[1]}, {clock[3]} s per second", flush=True)
             result = run_content(cloud, vin, *content_spec, begin, args.timeout)

@@ -27,7 +27,16 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         run_broker("127.0.0.1", args.port, ready=lambda: print(f"broker ready on 127.0.0.1:{args.port}", flush=True))
         return 0
     if args.cloud_command == "serve":
-        sim = CloudSim(args.broker, args.store, args.packages, args.http_port, args.mqtt_version)
+        sim = CloudSim(args.broker, args.store, args.packages, args.http_port, args.mqtt_version,
+                       require_signed=args.report_keys is not None)
+        if args.report_keys is not None:
+            from agent.core.campaign import load_public_key
+
+            directory = Path(args.report_keys)
+            if not directory.is_dir():
+                raise UsageError(f"{directory}: not a directory of <VIN>.pub report keys")
+            for path in sorted(directory.glob("*.pub")):
+                sim.register_vehicle(path.stem, load_public_key(read_input(str(path), "report key"), str(path)))
         return serve(f"cloud (packages at {sim.base_url})", sim.start, sim.stop)
     if args.cloud_command == "campaign":
         key = load_private_key(read_input(args.key, "key"), args.key)
@@ -48,6 +57,13 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         return 0
     if args.cloud_command == "publish":
         publish(args.broker, args.vin, "campaign", read_input(args.campaign, "campaign"), args.mqtt_version)
+        return 0
+    if args.cloud_command == "keys":
+        import base64
+
+        body = json.dumps({"command": "keys_update", "vin": args.vin,
+                           "keys": base64.b64encode(read_input(args.keys, "key list")).decode()}).encode()
+        publish(args.broker, args.vin, "command", body, args.mqtt_version)
         return 0
     if args.cloud_command == "offer-content":
         from cloud_sim.cloud import content_offer

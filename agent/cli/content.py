@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from agent.cli.inputs import read_input, trusted_keys
+from agent.cli.inputs import read_input, threshold_role, trusted_keys
 from agent.errors import UsageError
 
 __all__ = ["cmd_content"]
@@ -66,10 +66,10 @@ def cmd_content(args: argparse.Namespace) -> int:
         print(f"{args.spec}: approved ({len(spec['items'])} items)")
         return 0
     if args.content_command == "sign":
-        platform_key = load_private_key(read_input(args.key, "key"), args.key)
-        atomic_write_bytes(args.out, c.sign_bundle(read_input(args.bundle, "bundle"), platform_key))
+        keys = [load_private_key(read_input(path, "key"), path) for path in args.key]
+        atomic_write_bytes(args.out, c.sign_bundle(read_input(args.bundle, "bundle"), keys))
         return 0
-    trusted = trusted_keys(args.trusted)
+    trusted = threshold_role(trusted_keys(args.trusted), args.threshold)
     data = read_input(args.bundle, "bundle")
     probe = c.read_archive(data, len(data) + c.SLACK)
     bid = json.loads(probe.get("manifest.json", b"{}") or b"{}").get("bundle_id", "")

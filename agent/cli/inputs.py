@@ -7,7 +7,7 @@ from typing import Any
 
 from agent.errors import UsageError
 
-__all__ = ["read_input", "trusted_keys"]
+__all__ = ["read_input", "trusted_keys", "threshold_role"]
 
 
 def read_input(path: str, what: str) -> bytes:
@@ -28,3 +28,12 @@ def trusted_keys(paths: list[str]) -> dict[str, Any]:
         key = load_public_key(read_input(path, "public key"), path)
         keys[key_id(key)] = key
     return keys
+
+
+def threshold_role(keys: dict[str, Any], threshold: int) -> Any:
+    """``--trusted`` keys with ``--threshold``: a role (a threshold above the key count is a usage error)."""
+    from agent.core.roles import Role
+
+    if not 1 <= threshold <= len(keys):
+        raise UsageError(f"--threshold must be from 1 to the number of distinct --trusted keys ({len(keys)})")
+    return Role(keys, threshold)

@@ -132,21 +132,34 @@ def build_parser() -> argparse.ArgumentParser:
         "campaign",
         help="make keys, sign and verify upgrade campaigns (what the cloud does)",
         description="Campaign tools: keygen writes an Ed25519 key pair, sign wraps a campaign JSON in a signed "
-        "envelope, verify checks an envelope as a vehicle would.",
+        "envelope, verify checks an envelope as a vehicle would, keys makes a signed key list (rotation, revocation, "
+        "thresholds).",
     )
     csub = p.add_subparsers(dest="campaign_command", metavar="ACTION")
     csub.required = True
     k = csub.add_parser("keygen", help="write an Ed25519 signing key and its public key")
-    k.add_argument("--out", default="keys", metavar="DIR", help="directory for signing.key and signing.pub (default: keys)")
+    k.add_argument("--out", default="keys", metavar="DIR", help="directory for NAME.key and NAME.pub (default: keys)")
+    k.add_argument("--name", default="signing", help="file name: signing (default), root, report (a vehicle's report key)...")
     k = csub.add_parser("sign", help="sign a campaign JSON file")
     k.add_argument("campaign", metavar="CAMPAIGN.json")
-    k.add_argument("--key", required=True, metavar="PEM", help="Ed25519 private key (PEM)")
+    k.add_argument("--key", action="append", required=True, metavar="PEM",
+                   help="Ed25519 private key (PEM); repeat for a campaign that needs several signatures")
     k.add_argument("--out", metavar="FILE", help="signed envelope (default: standard output)")
     k = csub.add_parser("verify", help="verify a signed campaign as a vehicle would")
     k.add_argument("envelope", metavar="SIGNED.json")
     k.add_argument("--trusted", action="append", required=True, metavar="PEM", help="trusted public key (repeatable)")
+    k.add_argument("--threshold", type=int, default=1, metavar="N", help="distinct trusted keys that must sign (default 1)")
     k.add_argument("--vin", required=True, help="this vehicle's VIN")
     k.add_argument("--installed", action="append", default=[], metavar="ECU=VERSION", help="installed version (anti-rollback)")
+    k = csub.add_parser("keys", help="make and sign a key list: the keys and threshold of each role (vehicles take "
+                        "it when the current root keys signed it and its version is higher)")
+    k.add_argument("--version", type=int, required=True, metavar="N", help="the list's version (higher than the vehicle's)")
+    for role, what in (("root", "signs key lists"), ("campaign", "signs campaigns"), ("content", "signs content bundles")):
+        k.add_argument(f"--{role}", action="append", required=True, metavar="PUB", help=f"public key that {what} (repeatable)")
+        k.add_argument(f"--{role}-threshold", type=int, default=1, metavar="N", help=f"{role} signatures needed (default 1)")
+    k.add_argument("--key", action="append", required=True, metavar="PEM",
+                   help="root private key to sign with (repeat: a threshold of the current and of the new root keys)")
+    k.add_argument("--out", metavar="FILE", help="signed key list (default: standard output)")
     for k in csub.choices.values():
         k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
@@ -163,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--packages", default="var/cloud/packages", metavar="DIR", help="package files to serve")
     k.add_argument("--http-port", type=int, default=8080, help="HTTP port for packages (default 8080)")
     k.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5")
+    k.add_argument("--report-keys", metavar="DIR",
+                   help="vehicles' report public keys, one <VIN>.pub each: only reports a vehicle signed are stored "
+                   "(and none from a VIN without a key)")
     k = csub.add_parser("campaign", help="make and sign a campaign for package files")
     k.add_argument("packages", nargs="+", metavar="ECU=FILE@VERSION")
     k.add_argument("--vin", required=True)
@@ -175,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = csub.add_parser("broker", help="run the demo's embedded MQTT broker (amqtt, MQTT 3.1.1)")
     k.add_argument("--port", type=int, default=1883)
     for name, what in (("publish", "a signed campaign file"), ("command", "a command"),
+                       ("keys", "a signed key list (vota campaign keys)"),
                        ("offer-content", "a signed content bundle (its items go to --packages)"),
                        ("request-content", "the owner's request to download and run offered content")):
         k = csub.add_parser(name, help=f"send {what} to a vehicle over MQTT")
@@ -183,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5")
         if name == "publish":
             k.add_argument("campaign", metavar="SIGNED.json")
+        elif name == "keys":
+            k.add_argument("keys", metavar="KEYS.json")
         elif name == "command":
             k.add_argument("command", choices=("confirm_install",))
             k.add_argument("campaign_id")
@@ -216,13 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     k = csub.add_parser("review", help="the trust platform's review of a content spec (exit 1 with the problems)")
     k.add_argument("spec", metavar="SPEC.yaml")
     k.add_argument("--at", metavar="TIME", help="review as of this time (ISO 8601 with offset; default: now)")
-    k = csub.add_parser("sign", help="sign a bundle's manifest")
+    k = csub.add_parser("sign", help="sign a bundle's manifest (adds to the signatures already there)")
     k.add_argument("bundle", metavar="BUNDLE.tar")
-    k.add_argument("--key", required=True, metavar="PEM", help="the trust platform's Ed25519 private key")
+    k.add_argument("--key", action="append", required=True, metavar="PEM",
+                   help="the trust platform's Ed25519 private key (repeatable)")
     k.add_argument("--out", required=True, metavar="SIGNED.tar")
     k = csub.add_parser("verify", help="verify a bundle as the vehicle would")
     k.add_argument("bundle", metavar="SIGNED.tar")
     k.add_argument("--trusted", action="append", required=True, metavar="PEM")
+    k.add_argument("--threshold", type=int, default=1, metavar="N", help="distinct trusted keys that must sign (default 1)")
     k.add_argument("--vin", required=True)
     k.add_argument("--installed", type=int, metavar="VERSION", help="the installed version of this bundle id")
     k = csub.add_parser("list", help="on the vehicle: the offered and installed content and each item's state")
@@ -270,13 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="run a whole simulated vehicle and a stand-in cloud through one campaign",
-        description="Start an MQTT broker (embedded unless --broker), one ECU simulator per ECU, the gateway and the "
+        description="Start an MQTT broker (Mosquitto with the shipped per-vehicle ACLs where it is installed, else the "
+        "embedded one; or use --broker), one ECU simulator per ECU, the gateway and the "
         "TBOX as separate processes; play the cloud: publish a signed campaign, follow it, collect results and "
         "traces, write DIR/report.json. Exit 0 when the campaign succeeded, 1 when it failed, 2 on bad usage.",
     )
     _add_common(p)
     p.add_argument("--out", default="out/bench", metavar="DIR", help="report directory (default: out/bench)")
-    p.add_argument("--broker", metavar="URL", help="use this MQTT broker (mqtt://host:port) instead of the embedded one")
+    p.add_argument("--broker", metavar="URL", help="use this MQTT broker (mqtt://[user:password@]host:port; the cloud's "
+                   "login) instead of starting one; 'embedded': the embedded amqtt broker even where Mosquitto is installed")
     p.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5", help="MQTT version with --broker (default 5)")
     p.add_argument("--image-size", type=_size, default=256 * 1024, metavar="BYTES",
                    help="size of each generated package, e.g. 1M or 262144 (default: 256K)")

@@ -8,7 +8,9 @@ so that the signed bytes are exactly the bytes that travel::
      "payload": "<base64 of the campaign JSON>",
      "signatures": [{"keyid": "<16 hex>", "sig": "<base64 Ed25519 signature>"}]}
 
-The signature covers ``b"vota-campaign-v1\\n" + payload``. The campaign itself::
+Each signature covers ``b"vota-campaign-v1\\n" + payload``; the campaign is authentic when a
+threshold of distinct keys of the ``campaign`` role signed it (``agent/core/roles.py``). The
+campaign itself::
 
     {"format": "vota-campaign", "version": 1, "campaign_id": "c-0001",
      "vin": "LVOTA000000000001", "issued": "2026-11-21T10:00:00Z",
@@ -19,20 +21,17 @@ The signature covers ``b"vota-campaign-v1\\n" + payload``. The campaign itself::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as _dt
-import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.core import strict_json
+from agent.core.roles import Role, SignatureProblem, check_signatures, key_id, open_envelope, sign_envelope
 from agent.errors import UsageError, VotaError
 from agent.protocol.files import PARTIAL_SUFFIXES, is_name
 
@@ -62,7 +61,7 @@ class CampaignRejected(VotaError):
     """A campaign the vehicle must not run; ``reason`` is a stable code for the cloud."""
 
     REASONS = ("malformed", "unsigned", "untrusted_key", "bad_signature", "expired", "not_yet_valid",
-               "wrong_vehicle", "downgrade", "unknown_version", "unknown_ecu", "dependency")
+               "wrong_vehicle", "downgrade", "unknown_version", "unknown_ecu", "dependency", "threshold")
 
     def __init__(self, reason: str, message: str, campaign_id: str | None = None) -> None:
         assert reason in self.REASONS
@@ -107,11 +106,6 @@ class Campaign:
         return dict(self.raw)
 
 
-def key_id(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
 def load_private_key(pem: bytes, source: str = "key") -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
@@ -132,17 +126,11 @@ def load_public_key(pem: bytes, source: str = "key") -> Ed25519PublicKey:
     return key
 
 
-def sign_campaign(campaign: Mapping[str, Any], key: Ed25519PrivateKey) -> bytes:
-    """The signed envelope for a campaign document (validated first)."""
+def sign_campaign(campaign: Mapping[str, Any], key: Ed25519PrivateKey | Iterable[Ed25519PrivateKey]) -> bytes:
+    """The signed envelope for a campaign document (validated first), one signature per key."""
     payload = json.dumps(campaign, sort_keys=True, separators=(",", ":")).encode()
     _parse(payload)  # refuse to sign what a vehicle would refuse to read
-    signature = key.sign(_DOMAIN + payload)
-    envelope = {
-        "payload_type": PAYLOAD_TYPE,
-        "payload": base64.b64encode(payload).decode(),
-        "signatures": [{"keyid": key_id(key.public_key()), "sig": base64.b64encode(signature).decode()}],
-    }
-    return json.dumps(envelope, indent=2).encode() + b"\n"
+    return sign_envelope(payload, PAYLOAD_TYPE, _DOMAIN, key)
 
 
 def _time(value: Any, field: str) -> _dt.datetime:
@@ -238,7 +226,7 @@ def compare_versions(a: str, b: str) -> int:
 
 def verify_campaign(
     envelope: bytes,
-    trusted: Mapping[str, Ed25519PublicKey],
+    trusted: Role | Mapping[str, Ed25519PublicKey],
     *,
     vin: str,
     now: _dt.datetime,
@@ -248,42 +236,16 @@ def verify_campaign(
 ) -> Campaign:
     """Verify a signed campaign for this vehicle at ``now`` against the installed versions.
     ``check_time=False`` skips the validity period (re-reading a campaign already running)."""
-    if len(envelope) > MAX_ENVELOPE:
-        raise CampaignRejected("malformed", f"envelope larger than {MAX_ENVELOPE} bytes")
     try:
-        env = strict_json.loads(envelope)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
-        raise CampaignRejected("malformed", f"not JSON{strict_json.why(exc)}") from None
-    if not isinstance(env, dict) or env.get("payload_type") != PAYLOAD_TYPE or not isinstance(env.get("payload"), str):
-        raise CampaignRejected("malformed", f"not a signed campaign envelope ({PAYLOAD_TYPE})")
-    try:
-        payload = base64.b64decode(env["payload"], validate=True)
-    except (binascii.Error, ValueError):
-        raise CampaignRejected("malformed", "payload is not base64") from None
+        payload, signatures = open_envelope(envelope, PAYLOAD_TYPE, MAX_ENVELOPE, "campaign")
+    except ValueError as exc:
+        raise CampaignRejected("malformed", str(exc)) from None
     campaign = _parse(payload)
     cid = campaign.campaign_id
-    signatures = env.get("signatures")
-    if not isinstance(signatures, list) or not signatures:
-        raise CampaignRejected("unsigned", "the campaign carries no signature", cid)
-    verified = False
-    seen_trusted = False
-    for entry in signatures:
-        if not isinstance(entry, dict):
-            continue
-        key = trusted.get(str(entry.get("keyid")))
-        if key is None:
-            continue
-        seen_trusted = True
-        try:
-            key.verify(base64.b64decode(str(entry.get("sig")), validate=True), _DOMAIN + payload)
-            verified = True
-            break
-        except (InvalidSignature, binascii.Error, ValueError):
-            continue
-    if not seen_trusted:
-        raise CampaignRejected("untrusted_key", "no signature by a trusted key", cid)
-    if not verified:
-        raise CampaignRejected("bad_signature", "the signature does not verify", cid)
+    try:
+        check_signatures(signatures, _DOMAIN + payload, Role.of(trusted))
+    except SignatureProblem as exc:
+        raise CampaignRejected(exc.reason, f"{exc}", cid) from None
     if campaign.vin != vin:
         raise CampaignRejected("wrong_vehicle", f"the campaign is for {campaign.vin}, this vehicle is {vin}", cid)
     if check_time and now >= campaign.expires:

@@ -6,6 +6,7 @@ A bundle is an uncompressed tar archive::
 
     manifest.json        the manifest (the exact bytes that are signed)
     manifest.sig.json    {"keyid": "<16 hex>", "sig": "<base64 Ed25519 over 'vota-content-v1\\n' + manifest>"}
+                         or {"signatures": [{"keyid", "sig"}, ...]} (a threshold of the content role)
     items/<file>         one file per item (the ciphertext, for encrypted items)
 
 The manifest::
@@ -34,10 +35,10 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -45,7 +46,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.core import strict_json
-from agent.core.campaign import key_id
+from agent.core.roles import Role, SignatureProblem, check_signatures, key_id
 from agent.errors import VotaError
 from agent.protocol.files import is_name
 
@@ -66,7 +67,7 @@ SLACK = 64 * 1024  # archive overhead allowed beyond the declared item sizes
 
 
 class BundleRejected(VotaError):
-    REASONS = ("malformed", "unsigned", "untrusted_key", "bad_signature", "wrong_vehicle", "expired", "rollback",
+    REASONS = ("malformed", "unsigned", "untrusted_key", "bad_signature", "threshold", "wrong_vehicle", "expired", "rollback",
                "digest_mismatch", "unsafe_path", "too_large", "cannot_decrypt")
 
     def __init__(self, reason: str, message: str, bundle_id: str | None = None) -> None:
@@ -219,14 +220,20 @@ def build_bundle(spec: Mapping[str, Any], files: Mapping[str, bytes], vehicle: X
     return pack_archive({"manifest.json": body, **members})
 
 
-def sign_bundle(bundle: bytes, key: Ed25519PrivateKey) -> bytes:
+def sign_bundle(bundle: bytes, key: Ed25519PrivateKey | Iterable[Ed25519PrivateKey]) -> bytes:
+    """The bundle with ``manifest.sig.json``: one signature per key (``{"keyid", "sig"}`` for one
+    key, ``{"signatures": [...]}`` for several), adding to the signatures already there."""
     members = read_archive(bundle, limit=len(bundle) + SLACK)
     manifest = members.get("manifest.json")
     if manifest is None:
         raise BundleRejected("malformed", "no manifest.json in the bundle")
     _parse_manifest(manifest)
-    signature = {"keyid": key_id(key.public_key()), "sig": _b64(key.sign(_DOMAIN + manifest))}
-    members["manifest.sig.json"] = json.dumps(signature).encode()
+    signers = [key] if isinstance(key, Ed25519PrivateKey) else list(key)
+    entries = [{"keyid": key_id(k.public_key()), "sig": _b64(k.sign(_DOMAIN + manifest))} for k in signers]
+    if "manifest.sig.json" in members:
+        entries = _signatures(members["manifest.sig.json"]) + entries
+    doc: dict[str, Any] = entries[0] if len(entries) == 1 else {"signatures": entries}
+    members["manifest.sig.json"] = json.dumps(doc).encode()
     return pack_archive(members)
 
 
@@ -337,10 +344,20 @@ def _parse_manifest(body: bytes) -> dict[str, Any]:
     return doc
 
 
+def _signatures(sig_doc: bytes) -> list[Any]:
+    """The signature entries of ``manifest.sig.json``: one ``{"keyid", "sig"}`` or ``{"signatures": [...]}``."""
+    doc = strict_json.loads(sig_doc)
+    if isinstance(doc, dict) and isinstance(doc.get("signatures"), list):
+        return list(doc["signatures"])
+    if isinstance(doc, dict) and "keyid" in doc:
+        return [doc]
+    raise ValueError("no signature entries")
+
+
 def verify_manifest(
     body: bytes,
     sig_doc: bytes | None,
-    trusted: Mapping[str, Ed25519PublicKey],
+    trusted: Role | Mapping[str, Ed25519PublicKey],
     *,
     vin: str,
     now: _dt.datetime,
@@ -355,17 +372,13 @@ def verify_manifest(
     if sig_doc is None:
         raise BundleRejected("unsigned", "the bundle carries no signature", bid)
     try:
-        sig = strict_json.loads(sig_doc)
-        key = trusted.get(str(sig.get("keyid")))
-        signature = _unb64(sig.get("sig"))
-    except (ValueError, AttributeError, binascii.Error, RecursionError):
+        signatures = _signatures(sig_doc)
+    except (ValueError, RecursionError):
         raise BundleRejected("malformed", "manifest.sig.json is not a signature", bid) from None
-    if key is None:
-        raise BundleRejected("untrusted_key", "not signed by a trusted key", bid)
     try:
-        key.verify(signature, _DOMAIN + body)
-    except InvalidSignature:
-        raise BundleRejected("bad_signature", "the signature does not verify", bid) from None
+        check_signatures(signatures, _DOMAIN + body, Role.of(trusted))
+    except SignatureProblem as exc:
+        raise BundleRejected(exc.reason, str(exc), bid) from None
     if doc.get("vin") not in (None, vin):
         raise BundleRejected("wrong_vehicle", f"the bundle is for {doc['vin']}", bid)
     previous = (installed or {}).get(bid)
@@ -396,7 +409,7 @@ def check_item(bundle_id: str, item: Item, content: bytes) -> None:
 
 def verify_bundle(
     data: bytes,
-    trusted: Mapping[str, Ed25519PublicKey],
+    trusted: Role | Mapping[str, Ed25519PublicKey],
     *,
     vin: str,
     now: _dt.datetime,

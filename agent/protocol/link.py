@@ -22,7 +22,9 @@ Install manifest (JSON, deployed like a package, then named in routine 0x0301)::
 ``activation`` (per_ecu when absent) and ``order`` (0 when absent) are what gateway/install.py follows.
 ``proof`` is what the gateway checks the install against before it erases anything (gateway/verify.py):
 the signed campaign, or for a software item of owner content ``{"content": {"manifest": <b64>,
-"signature": <b64>, "item": <id>}}``, the signed bundle manifest and the item.
+"signature": <b64>, "item": <id>}}``, the signed bundle manifest and the item; plus ``"keys":
+[<b64>, ...]``, the signed key lists the TBOX has taken (agent/core/roles.py), which the gateway
+takes too before it checks the signatures.
 """
 
 from __future__ import annotations

@@ -157,6 +157,10 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         trusted_keys=tuple(_str(k) for k in gw.get("trusted_keys", list, [], what="a list of public key files (PEM)")),
         content_trusted_keys=tuple(_str(k) for k in gw.get("content_trusted_keys", list, [],
                                                             what="a list of public key files (PEM)")),
+        root_keys=tuple(_str(k) for k in gw.get("root_keys", list, [], what="a list of public key files (PEM)")),
+        signature_threshold=gw.get("signature_threshold", _positive, None),
+        content_signature_threshold=gw.get("content_signature_threshold", _positive, None),
+        root_threshold=gw.get("root_threshold", _positive, None),
         vin=gw.get("vin", _str, None),
     )
     gw.done()
@@ -192,6 +196,7 @@ def _tbox(sec: _Section) -> TboxConfig:
         password=cloud.get("password", _str, None),
         mqtt_version=cloud.get("mqtt_version", _choice("5", "3.1.1"), d.mqtt_version),
         session_expiry_s=cloud.get("session_expiry_s", _nonneg, d.session_expiry_s),
+        report_key=cloud.get("report_key", _str, None),
     )
     tls.done()
     cloud.done()
@@ -203,6 +208,9 @@ def _tbox(sec: _Section) -> TboxConfig:
         vin=sec.get("vin", _str, what="the vehicle's VIN"),
         state_dir=sec.get("state_dir", _str, d2.state_dir),
         trusted_keys=tuple(_str(k) for k in keys),
+        signature_threshold=sec.get("signature_threshold", _positive, d2.signature_threshold),
+        root_keys=tuple(_str(k) for k in sec.get("root_keys", list, [], what="a list of public key files (PEM)")),
+        root_threshold=sec.get("root_threshold", _positive, d2.root_threshold),
         max_attempts=sec.get("max_attempts", _positive, d2.max_attempts),
         retry_delay_s=float(sec.get("retry_delay_ms", _positive, 2000)) / 1000.0,
         retry_max_delay_s=float(sec.get("retry_max_delay_ms", _positive, 60000)) / 1000.0,
@@ -219,6 +227,10 @@ def _tbox(sec: _Section) -> TboxConfig:
     sec.done()
     if not cfg.trusted_keys:
         raise ConfigError(sec.source, sec.key("trusted_keys"), "at least one trusted campaign signing key is needed")
+    for key, threshold, count in (("signature_threshold", cfg.signature_threshold, len(cfg.trusted_keys)),
+                                  ("root_threshold", cfg.root_threshold, len(cfg.root_keys))):
+        if count and threshold > count:
+            raise ConfigError(sec.source, sec.key(key), f"{threshold} signatures needed but only {count} key(s) listed")
     return cfg
 
 
@@ -238,6 +250,7 @@ def _content(sec: _Section) -> ContentConfig:
     cfg = ContentConfig(
         vehicle_key=sec.get("vehicle_key", _str, None),
         trusted_keys=tuple(_str(k) for k in keys),
+        signature_threshold=sec.get("signature_threshold", _positive, d.signature_threshold),
         targets=tuple((str(k), _str(v)) for k, v in targets.items()),
         app_dir=sec.get("app_dir", _str, None),
         light_ecu=light.get("ecu", _str, None),

@@ -30,6 +30,7 @@ class CloudConfig:
     # the broker keeps the TBOX's session (its subscriptions and the QoS 1 messages for it) this
     # long while it is offline: a campaign published meanwhile is delivered when it is back; 0: none
     session_expiry_s: int = 7 * 24 * 3600
+    report_key: str | None = None  # the vehicle's Ed25519 private key (PEM) that signs every report
 
     def host_port(self) -> tuple[str, int, bool]:
         url = urlparse(self.broker)
@@ -122,6 +123,10 @@ class GatewayConfig:
     # where both daemons read one vehicle.yaml
     trusted_keys: tuple[str, ...] = ()
     content_trusted_keys: tuple[str, ...] = ()
+    root_keys: tuple[str, ...] = ()
+    signature_threshold: int | None = None  # None: the tbox section's
+    content_signature_threshold: int | None = None
+    root_threshold: int | None = None
     vin: str | None = None
 
 
@@ -147,6 +152,7 @@ class ContentConfig:
 
     vehicle_key: str | None = None  # X25519 private key (PEM) that decrypts owner resource items
     trusted_keys: tuple[str, ...] = ()  # the trust platform's keys; empty: the campaign keys
+    signature_threshold: int = 1  # distinct trusted keys that must sign a bundle
     targets: tuple[tuple[str, str], ...] = ()  # resource target -> ECU that shows it (default: same name)
     app_dir: str | None = None  # the infotainment app area (default: <state_dir>/apps)
     light_ecu: str | None = None  # day/night from this ECU's light sensor DID ...
@@ -162,6 +168,9 @@ class TboxConfig:
     vin: str
     state_dir: str = "var/tbox"
     trusted_keys: tuple[str, ...] = ()
+    signature_threshold: int = 1  # distinct trusted keys that must sign a campaign
+    root_keys: tuple[str, ...] = ()  # the keys that sign key lists (rotation, revocation); none: keys never change
+    root_threshold: int = 1
     max_attempts: int = 3
     retry_delay_s: float = 2.0  # first pause after a transient problem; doubles each retry ...
     retry_max_delay_s: float = 60.0  # ... up to this
