@@ -34,15 +34,16 @@ def flash_trace(ecu: str, image: int, fail: bool) -> str:
     rows = [[0, "1003", 2, 1.1, "5003003201f4"], [2, "8502", 2, 1, "c502"], [4, "280301", 3, 1, "6803"],
             [6, "1002", 2, 1, "5002003201f4"], [8, "2701", 2, 1, "670112345678"], [10, "2702", 6, 1, "6702"],
             [12, "2ef15a", 12, 1.2, "6ef15a"], [14, "3101ff00", 13, 500.3, "7101ff0000", {"pend": [3.4]}],
-            [520, "3400440800000000100000", 11, 2.1, "74200fff"]]
+            [520, f"34004408000000{image:08x}", 11, 2.1, "74200fff"]]
     t = 530.0
     blocks = -(-image // block)
     for n in range(blocks):
         counter = (n + 1) & 0xFF
+        length = 2 + min(block, image - n * block)  # SID, counter and the data (the last block is short)
         if fail and n == blocks - 3:
-            rows.append([round(t, 1), f"36{counter:02x}", 4095, 1.3, "7f3672"])
+            rows.append([round(t, 1), f"36{counter:02x}", length, 1.3, "7f3672"])
             break
-        rows.append([round(t, 1), f"36{counter:02x}", 4095, 38.7, f"76{counter:02x}"])
+        rows.append([round(t, 1), f"36{counter:02x}", length, 38.7, f"76{counter:02x}"])
         t += 40.2
     else:
         rows += [[t, "37", 1, 3, "77"], [t + 5, "31010202", 8, 104, "7101020200", {"pend": [3.1]}],

@@ -198,11 +198,13 @@ class Collector:
         from agent.adapters.diagnosis_files import inputs_from_store, load_rules
         from agent.core.diagnosis import diagnose, render_markdown
 
-        results = [m["body"] for m in self.messages if m.get("vin") == vin and m.get("type") == "results"
-                   and isinstance(m.get("body"), dict) and m["body"].get("campaign_id") == campaign_id]
+        mine = [m for m in self.messages if m.get("vin") == vin and isinstance(m.get("body"), dict)
+                and m["body"].get("campaign_id") == campaign_id]
+        results = [m["body"] for m in mine if m.get("type") == "results"]
+        failure = next((m["body"].get("failure") for m in mine if m["body"].get("event") == "finished"), None)
         try:
             verdict = diagnose(inputs_from_store(results, self.store / vin / "traces", campaign_id), load_rules(),
-                               "first", campaign_id)
+                               "first", campaign_id, failure if isinstance(failure, dict) else None)
         except Exception:  # noqa: BLE001 - a diagnosis problem must not stop collecting
             log.exception("diagnosis of %s failed", campaign_id)
             return

@@ -445,9 +445,9 @@ class CampaignRunner:
 
         try:
             inputs, _, problems = load_inputs(record.dir)
-        except VotaError:
-            return None  # nothing deployed or flashed: the failure itself says why
-        verdict = diagnose(inputs, load_rules(), "first", record.campaign_id)
+        except VotaError:  # nothing deployed or flashed: the verdict says the traces cannot show it
+            inputs, problems = [], []
+        verdict = diagnose(inputs, load_rules(), "first", record.campaign_id, record.failure)
         verdict.unanalysed.extend(problems)
         return verdict.to_json()
 

@@ -23,21 +23,21 @@ FLASH_HEAD = {"format": "vota-trace", "version": 1, "stage": "flash", "client": 
 DEPLOY_HEAD = {**FLASH_HEAD, "stage": "deploy", "client": "TBOX", "server": "GW", "packet": "vcu.bin",
                "request_id": 0x7D0, "response_id": 0x7D8, "functional_id": None}
 
-# A clean flash: 3 TransferData blocks of 4095 bytes.
+# A clean flash: 3 TransferData blocks of 4095 bytes (4093 bytes of image each: 12279 announced).
 FLASH = [
     [0, "1003", 2, 1, "5003003201f4"], [2, "8502", 2, 1, "c502"], [4, "280301", 3, 1, "6803"],
     [6, "1002", 2, 1, "5002003201f4"], [8, "2701", 2, 1, "670112345678"], [10, "2702", 6, 1, "6702"],
     [12, "2ef15a", 12, 1, "6ef15a"], [14, "3101ff00", 13, 500, "7101ff0000", {"pend": [3]}],
-    [520, "3400440800000000003000", 11, 2, "74200fff"],
+    [520, "3400440800000000002ff7", 11, 2, "74200fff"],
     [530, "3601", 4095, 30, "7601"], [570, "3602", 4095, 30, "7602"], [610, "3603", 4095, 30, "7603"],
     [650, "37", 1, 2, "77"], [660, "31010202", 8, 100, "7101020200", {"pend": [2]}],
     [770, "3101ff01", 4, 1, "7101ff0100"], [780, "1101", 2, 1, "5101", {"back": 300}],
     [1100, "1003", 2, 1, "5003003201f4"], [1102, "280003", 3, 1, "6800"], [1104, "8501", 2, 1, "c501"],
     [1106, "1001", 2, 1, "5001003201f4"],
 ]
-# A clean deploy: packets 0..2 of 4089 bytes (block 4095 - SID - counter - packet id).
+# A clean deploy: packets 0..2 of 4089 bytes (block 4095 - SID - counter - packet id): 12267 announced.
 DEPLOY = [
-    [0, "1003", 2, 1, "5003003201f4"], [2, "3803000776632e62696e0004" + "00003000" * 2, 23, 2, "7803020fff00"],
+    [0, "1003", 2, 1, "5003003201f4"], [2, "38030006" + "vc.bin".encode().hex() + "0004" + "00002feb" * 2, 20, 2, "7803020fff00"],
     [10, "360100000000", 4095, 25, "7601"], [40, "360200000001", 4095, 25, "7602"], [70, "360300000002", 4095, 25, "7603"],
     [100, "37", 33, 3, "77"],
 ]
@@ -135,7 +135,8 @@ def test_every_cause_is_covered_in_both_stages():
 
 def test_resumed_deploy_counts_packets_from_the_file_position():
     rows = [[0, "1003", 2, 1, "5003003201f4"],
-            [2, "3806000776632e62696e0004" + "00003000" * 2, 23, 2, "7806020fff00" + (4089 * 2).to_bytes(8, "big").hex()],
+            [2, "38060006" + "vc.bin".encode().hex() + "0004" + "00002feb" * 2, 20, 2,
+             "7806020fff00" + (4089 * 2).to_bytes(8, "big").hex()],
             [10, "360100000002", 4095, 25, "7601"], [40, "37", 33, 3, "77"]]
     assert check_trace(trace(rows, DEPLOY_HEAD), RULES, "vcu.bin", "all") == []
     rows[2] = [10, "360100000001", 4095, 25, "7601"]
@@ -149,8 +150,44 @@ def test_all_mode_reports_every_failure():
     first = check_trace(trace(rows), RULES, "bms", "first")
     every = check_trace(trace(rows), RULES, "bms", "all")
     assert [f.cause for f in first] == ["response_timeout"]
-    # both injected faults, then the client going on after a refused block (also illegal)
-    assert [f.cause for f in every] == ["response_timeout", "negative_response", "illegal_request_flow"]
+    # both injected faults, then the client going on after a refused block (also illegal), and
+    # ending the transfer with the refused and the following block's bytes missing
+    assert [f.cause for f in every] == ["response_timeout", "negative_response", "illegal_request_flow",
+                                        "illegal_request_flow"]
+    assert every[-1].request == "37" and "after 4093 of the 12279 bytes" in every[-1].detail
+
+
+def test_a_late_answer_after_response_pending_names_p2_star():
+    rows = with_row(FLASH, 7, [14, "3101ff00", 13, None, None, {"pend": [3], "late": [[6500, "7101ff0000"]]}])
+    f = one(rows)
+    assert f.cause == "response_timeout" and f.detail.endswith("when the client had given up (P2* 6000 ms)")
+    f = one(with_row(FLASH, 10, [570, "3602", 4095, None, None, {"late": [[1600, "7602"]]}]))
+    assert f.detail.endswith("(P2 1000 ms)")
+
+
+def test_transfers_are_accounted_byte_by_byte():
+    """The size RequestDownload / RequestFileTransfer announced against the TransferData bytes:
+    an exit before the last block, or a block past the announced size, is the client's flow or
+    length fault at that exchange (not the ECU's answer to it)."""
+    short = [list(r) for r in FLASH]
+    del short[11]  # the last block left out; the ECU refuses the exit
+    short[11] = [650, "37", 1, 2, "7f3724"]
+    f = one(short)
+    assert (f.cause, f.side, f.unit, f.index, f.request) == ("illegal_request_flow", "client", "GW", 11, "37")
+    assert f.detail == "0x37 ends the transfer after 8186 of the 12279 bytes announced by 0x34"
+    long = [list(r) for r in FLASH]
+    long[8] = [520, "3400440800000000002ff0", 11, 2, "74200fff"]  # 7 bytes fewer announced
+    f = one(long)
+    assert (f.cause, f.index, f.request) == ("illegal_request_length", 11, "3603")
+    assert "12279 bytes with this block, 12272 announced by 0x34" in f.detail
+    retried = [list(r) for r in FLASH]
+    retried.insert(11, [600, "3602", 4095, 30, "7602"])  # a block sent again: counted once
+    assert check_trace(trace(retried, trailer="success"), RULES, "bms", "all") == []
+    deploy = [list(r) for r in DEPLOY]
+    del deploy[4]
+    f = one(deploy, DEPLOY_HEAD)
+    assert (f.cause, f.side, f.unit, f.request, f.packet) == ("illegal_request_flow", "client", "TBOX", "37", None)
+    assert "after 8178 of the 12267 bytes announced by 0x38" in f.detail
 
 
 def test_d5_stage_selection_and_report():
@@ -250,3 +287,22 @@ def test_a_deploy_with_security_access_is_a_clean_flow():
     early = [DEPLOY[0], [0.5, "2702", 34, 1, "6702"], *DEPLOY[1:]]  # a key before any seed
     (finding,) = check_trace(trace(early, DEPLOY_HEAD), RULES, "vc.bin", "first")
     assert finding.cause == "illegal_request_flow" and finding.request == "2702"
+
+
+def test_a_failure_no_rule_explains_gets_the_verdict_unexplained():
+    """Never silence: a failed flash whose trace passes every check (the failed step is not
+    traced), or a campaign that failed before anything was deployed, is `unexplained`, with
+    what failed and why the evidence does not show it."""
+    clean = trace(FLASH, trailer="failed")
+    verdict = diagnose([StageInput("flash", "bms", {"result": "failed", "failed_step": "verify",
+                                                     "reason": "the ECU answered from another id"}, clean)], RULES)
+    doc = verdict.to_json()
+    assert (doc["cause"], doc["side"], doc["findings"]) == ("unexplained", None, [])
+    assert doc["unexplained"]["failed_step"] == "verify" and "is not in the trace" in doc["unexplained"]["why"]
+    text = render_markdown(verdict)
+    assert "## `unexplained`" in text and "failed at `verify`" in text
+    failure = {"stage": "download", "reason": "package_refused", "detail": "vcu-2.0.bin: the digest does not match"}
+    before = diagnose([], RULES, "first", "c-1", failure).to_json()
+    assert before["cause"] == "unexplained" and before["unexplained"]["failed_step"] == "package_refused"
+    assert "no deploy or flash trace shows this failure" in before["unexplained"]["why"]
+    assert diagnose([], RULES, "first", "c-1").to_json()["cause"] is None  # nothing failed: no verdict to give

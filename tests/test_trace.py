@@ -29,6 +29,14 @@ def test_request_header_never_keeps_data():
     assert request_header(b"\x2e\xf1\x5a" + b"x" * 20) == b"\x2e\xf1\x5a"
     assert request_header(b"\x31\x01\x02\x02\xde\xad\xbe\xef") == b"\x31\x01\x02\x02"
     assert request_header(bytes.fromhex("3400440800000000100000")) == bytes.fromhex("3400440800000000100000")
+    # the activation phase's SecurityAccess key is not recorded either
+    assert request_header(b"\x27\x02\x9b\x16\x48\xfb", "activate") == b"\x27\x02"
+    assert request_header(b"\x31\x01\xff\x02\x00\x01", "activate") == b"\x31\x01\xff\x02"
+    # an unknown or garbled service id: its SID only (what follows may be a digest or an image)
+    digest = bytes(range(32))
+    assert request_header(b"\xba" + digest, "deploy") == b"\xba"
+    assert request_header(b"\x77" + digest, "flash") == b"\x77"
+    assert request_header(b"\x22\xf1\x89\xf1\x8c", "activate") == b"\x22\xf1\x89\xf1\x8c"  # parameters only
 
 
 def test_recorder_round_trip(tmp_path):

@@ -115,3 +115,28 @@ def test_garbage_frames_during_a_request_do_not_stop_the_link(segments: tuple[Se
             assert not done.is_alive()
         # both answered: the segment's receive thread lives on
         assert [e.response for e in recorder.exchanges] == [bytes.fromhex("5003003201f4")] * 2
+
+
+def test_a_left_out_request_gets_a_reply_the_client_library_accepts():
+    """skip_step: the reply the client takes instead of the ECU's is laid out as the service's
+    real one (udsoncan parses it), so the client goes on to its next request."""
+    from udsoncan import Response, services
+
+    from agent.protocol.uds import plausible_reply
+
+    def parsed(service, request: bytes, **kw):  # type: ignore[no-untyped-def]
+        response = Response.from_payload(plausible_reply(request))
+        assert response.valid and response.positive, request.hex()
+        service.interpret_response(response, **kw)
+        return response.service_data
+
+    session = parsed(services.DiagnosticSessionControl, b"\x10\x02")
+    assert (session.session_echo, session.p2_server_max, session.p2_star_server_max) == (2, 0.05, 5.0)
+    assert parsed(services.SecurityAccess, b"\x27\x01", mode=services.SecurityAccess.Mode.RequestSeed).seed
+    parsed(services.SecurityAccess, b"\x27\x02" + b"k" * 4, mode=services.SecurityAccess.Mode.SendKey)
+    assert parsed(services.RequestDownload, bytes.fromhex("3400440800000000010000")).max_length == 0xFFF
+    assert parsed(services.RequestFileTransfer, b"\x38\x03" + bytes(8)).max_length == 0xFFF
+    assert parsed(services.RoutineControl, bytes.fromhex("3101ff00")).routine_id_echo == 0xFF00
+    assert parsed(services.TransferData, b"\x36\x05" + bytes(10)).sequence_number_echo == 5
+    parsed(services.RequestTransferExit, b"\x37")
+    parsed(services.ECUReset, b"\x11\x01")

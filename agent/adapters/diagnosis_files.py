@@ -100,6 +100,16 @@ def load_inputs(path: str | Path) -> tuple[list[StageInput], str | None, list[di
     return inputs, campaign_id, problems
 
 
+def campaign_failure(path: str | Path) -> dict[str, Any] | None:
+    """How the campaign of a TBOX campaign directory (``state.json``) or a bench directory
+    (``report.json``) failed, when it did."""
+    for name in ("state.json", "report.json"):
+        doc = _json(Path(path) / name)
+        if isinstance(doc, dict) and isinstance(doc.get("failure"), dict):
+            return dict(doc["failure"])
+    return None
+
+
 def inputs_from_store(results: list[dict[str, Any]], traces_dir: Path, campaign_id: str) -> list[StageInput]:
     """Inputs from what the cloud stored: result reports and reassembled traces."""
     out = []

@@ -29,6 +29,7 @@ from agent.adapters.canbus import Segment
 from agent.core.faults import FaultCounter, FaultSpec
 from agent.core.trace import TraceRecorder
 from agent.errors import FlashError
+from agent.protocol.uds import plausible_reply
 
 __all__ = ["TracingConnection", "ClientFaults", "StrayListener", "UdsLink", "RawCodec", "describe_failure"]
 
@@ -123,7 +124,7 @@ class TracingConnection(BaseConnection):
         if fault is not None:
             log.warning("injecting client fault %s", fault.text)
             if fault.action == "skip_step":  # left out: the client goes on as if it had been answered
-                self._fake = bytes(((payload[0] + 0x40) & 0xFF,)) + payload[1:4] + (b"\x00" if payload[0] == 0x31 else b"")
+                self._fake = plausible_reply(payload)
                 return
             payload = self.faults.mangle(fault, payload)  # type: ignore[union-attr]
         if rec is not None:

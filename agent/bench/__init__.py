@@ -306,7 +306,7 @@ def _report(cloud: Any, out: Path, vin: str, campaign_id: str, finished: dict[st
     traces = sorted(str(p) for p in traces_dir.glob(f"{campaign_id}.*.jsonl")) if traces_dir.exists() else []
     outcome = (finished or {}).get("outcome") or ("timeout" if finished is None else "failed")
     return {
-        "diagnosis": _diagnose(out, campaign_id),
+        "diagnosis": _diagnose(out, campaign_id, (finished or {}).get("failure")),
         "schema": "vota-bench-report/2",
         "campaign_id": campaign_id,
         "vin": vin,
@@ -324,7 +324,7 @@ def _report(cloud: Any, out: Path, vin: str, campaign_id: str, finished: dict[st
     }
 
 
-def _diagnose(out: Path, campaign_id: str) -> dict[str, Any] | None:
+def _diagnose(out: Path, campaign_id: str, failure: dict[str, Any] | None) -> dict[str, Any] | None:
     """The verdict for the campaign, from the TBOX's own copy of results and traces."""
     from agent.adapters.diagnosis_files import load_inputs, load_rules
     from agent.core.diagnosis import diagnose
@@ -333,10 +333,13 @@ def _diagnose(out: Path, campaign_id: str) -> dict[str, Any] | None:
         try:
             if json.loads(state.read_text()).get("campaign_id") != campaign_id:
                 continue
-            inputs, _, problems = load_inputs(state.parent)
-        except (ValueError, OSError, VotaError):
+        except (ValueError, OSError):
             continue
-        verdict = diagnose(inputs, load_rules(), "first", campaign_id)
+        try:
+            inputs, _, problems = load_inputs(state.parent)
+        except VotaError:  # nothing deployed or flashed
+            inputs, problems = [], []
+        verdict = diagnose(inputs, load_rules(), "first", campaign_id, failure)
         verdict.unanalysed.extend(problems)
         return verdict.to_json()
     return None

@@ -34,10 +34,17 @@ def print_report(report: dict[str, Any]) -> None:
     why = f" ({failure.get('reason')}: {failure.get('detail')})" if isinstance(failure, dict) else ""
     diagnosis = report.get("diagnosis") or {}
     for f in diagnosis.get("findings", [])[:3]:
-        where = f"packet {f['packet']}" if f["stage"] == "deploy" else f"ECU {f['packet']}"
+        if f["stage"] == "deploy":  # a TransferData names its packet; any other request the whole package
+            where = f"packet {f['packet']}" if f.get("packet") is not None else "before or after the packets"
+        else:
+            where = f"ECU {f['packet']}"
         nrc = f" 0x{f['nrc']:02X} {f['nrc_name']}" if f.get("nrc") is not None else ""
         print(f"diagnosis: {f['cause']}{nrc}: {f['side']} side ({f['unit']}), {f['stage']} of {f['package']}, "
               f"{where}, request #{f['index']} {f['request']}: {f['detail']}")
+    unexplained = diagnosis.get("unexplained")
+    if isinstance(unexplained, dict):  # a failure no rule explains is said so, never left silent
+        print(f"diagnosis: unexplained: {unexplained.get('stage')} of {unexplained.get('name')} failed at "
+              f"{unexplained.get('failed_step')}: {unexplained.get('result')}; {unexplained.get('why')}")
     final = report.get("final_versions") or {}
     if final:
         print("vehicle now runs: " + ", ".join(f"{ecu} {v.get('software_version') or '?'}" for ecu, v in sorted(final.items())))

@@ -133,13 +133,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from agent.adapters.diagnosis_files import load_inputs, load_rules
+    from agent.adapters.diagnosis_files import campaign_failure, load_inputs, load_rules
     from agent.adapters.storage import atomic_write_json
     from agent.core.diagnosis import diagnose, render_markdown
 
     rules = load_rules(args.rules)
     inputs, campaign_id, problems = load_inputs(args.path)
-    verdict = diagnose(inputs, rules, args.mode, campaign_id)
+    verdict = diagnose(inputs, rules, args.mode, campaign_id, campaign_failure(args.path))
     verdict.unanalysed.extend(problems)
     if args.json == "-":
         print(json.dumps(verdict.to_json(), indent=2))

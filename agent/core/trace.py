@@ -69,14 +69,22 @@ _HEADER_LENGTH = {
         0x38: 0x10000,  # RequestFileTransfer: mode, path, format and sizes are all header
     },
 }
+_HEADER_LENGTH["activate"] = _HEADER_LENGTH["flash"]  # the same services: the key is never recorded either
 _DEFAULT_HEADER_LENGTH = 12
+# Services whose whole request is parameters (sessions, resets, reads, RequestDownload's address
+# and size...): up to the default length is recorded. Any other service id (a garbled or unknown
+# one) gets its SID only: what follows it may be data (a digest, an image).
+_PARAMETER_SERVICES = frozenset({0x10, 0x11, 0x14, 0x19, 0x22, 0x23, 0x28, 0x2C, 0x2F, 0x34, 0x35, 0x3E, 0x85, 0x87})
 _MAX_RESPONSE = 64
 
 
 def request_header(payload: bytes, stage: str = "flash") -> bytes:
     if not payload:
         return b""
-    return payload[: _HEADER_LENGTH.get(stage, {}).get(payload[0], _DEFAULT_HEADER_LENGTH)]
+    known = _HEADER_LENGTH.get(stage, {}).get(payload[0])
+    if known is None:
+        known = _DEFAULT_HEADER_LENGTH if payload[0] in _PARAMETER_SERVICES else 1
+    return payload[:known]
 
 
 def _ms(seconds: float) -> float:

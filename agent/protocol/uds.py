@@ -19,7 +19,8 @@ from udsoncan.services import (
 )
 
 __all__ = ["Nrc", "Session", "ResetType", "DtcSetting", "CommunicationType", "RoutineType", "COMMUNICATION_NORMAL",
-           "COMMUNICATION_ALL", "Request", "BlockCounter", "negative", "session_response", "malformed", "mismatched"]
+           "COMMUNICATION_ALL", "Request", "BlockCounter", "negative", "session_response", "malformed", "mismatched",
+           "plausible_reply"]
 
 Nrc = Response.Code
 Session = DiagnosticSessionControl.Session
@@ -104,3 +105,26 @@ def mismatched(request: bytes, response: bytes) -> bytes:
     if response[0] == NEGATIVE:
         return bytes((NEGATIVE, (request[0] + 1) & 0xFF)) + response[2:]
     return bytes(((response[0] + 1) & 0xFF,)) + response[1:]
+
+
+def plausible_reply(request: bytes) -> bytes:
+    """A well-formed positive answer to ``request``, laid out as the service's real one (a
+    session's P2/P2*, a seed, a block length): what a client that leaves a request out
+    (fault ``skip_step``) takes as its answer, so that it goes on and the next request is the
+    one out of sequence."""
+    sid, sub = request[0], request[1:2]
+    if sid == 0x10:
+        return session_response(sub[0] if sub else 0x01, 50, 5000)
+    if sid == 0x27:  # an odd sub-function asks for a seed, an even one sends the key
+        return b"\x67" + sub + (b"\x5a" * 4 if sub and sub[0] % 2 else b"")
+    if sid == 0x31:
+        return b"\x71" + request[1:4] + b"\x00"  # routine done, status 00
+    if sid == 0x34:
+        return b"\x74\x20\x0f\xff"  # maxNumberOfBlockLength 4095
+    if sid == 0x38:  # mode, lengthFormat 2, maxNumberOfBlockLength 4095, dataFormat; a resume starts at 0
+        return b"\x78" + sub + b"\x02\x0f\xff\x00" + (bytes(8) if sub == b"\x06" else b"")
+    if sid in (0x22, 0x2E):
+        return bytes((sid + 0x40,)) + request[1:3]
+    if sid in (0x36, 0x11, 0x28, 0x85, 0x3E):
+        return bytes((sid + 0x40,)) + sub
+    return bytes(((sid + 0x40) & 0xFF,)) + request[1:4]

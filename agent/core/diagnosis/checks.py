@@ -23,6 +23,12 @@ class _Checker:
         self.expected = stage.counter_start
         self.last: int | None = None
         self.next_packet = 0
+        # transfer accounting: the size the open transfer announced (0x34 memorySize, 0x38
+        # fileSizeCompressed) and the TransferData bytes accepted so far (a repeated block once)
+        self.announced: int | None = None
+        self.transferred = 0
+        p = stage.packet
+        self.data_offset = p[1] + p[2] if p else 2  # SID, counter[, packet id]: what precedes a block's data
         self.findings: list[Finding] = []
 
     # -- helpers
@@ -50,6 +56,11 @@ class _Checker:
             if header.startswith(prefix):
                 return target
         return None
+
+    def _transferring(self) -> bool:
+        """The state is the one in which TransferData blocks go out."""
+        sid = self.stage.counter_service
+        return sid is not None and self._in_transfer(sid)
 
     def _in_transfer(self, sid: int) -> bool:
         return sid == self.stage.counter_service and any(
@@ -110,13 +121,27 @@ class _Checker:
             bound = f"{low}..{limit}" if limit is not None else f"at least {low}"
             why = " (the negotiated maxNumberOfBlockLength)" if high is None and limit is not None else ""
             return f"request of {e.length} bytes; legal for 0x{e.header[0]:02X}: {bound}{why}"
+        if self._new_block(e) and self.announced is not None:
+            total = self.transferred + max(e.length - self.data_offset, 0)
+            if total > self.announced:
+                announced, self.announced = self.announced, None  # said once; this transfer is no longer counted
+                return (f"TransferData past the announced size: {total} bytes with this block, "
+                        f"{announced} announced by 0x{self.stage.block_length_from:02X}")
         return None
+
+    def _new_block(self, e: Exchange) -> bool:
+        """A TransferData block of the open transfer that is not a repeat of the last one."""
+        return self._in_transfer(e.header[0]) and len(e.header) >= 2 and e.header[1] == self.expected
 
     def _req_flow(self, e: Exchange) -> str | None:
         target = self._move(e.header)
         if target is None:
             return f"0x{e.header.hex()} is not allowed in state '{self.state}' of the {self.trace.header.stage} sequence"
         sid = e.header[0]
+        if (self.announced is not None and sid != self.stage.counter_service and target != self.state
+                and self.transferred < self.announced and self._transferring()):
+            return (f"0x{e.header.hex()} ends the transfer after {self.transferred} of the {self.announced} bytes "
+                    f"announced by 0x{self.stage.block_length_from:02X}")
         if self._in_transfer(sid) and len(e.header) >= 2:
             counter = e.header[1]
             if counter != self.expected and counter != self.last:
@@ -148,8 +173,9 @@ class _Checker:
         s = self.stage
         if e.response is None:
             late = e.extra.get("late")
-            if late:
-                return f"the response came after {late[0][0]} ms, when the client had given up (P2 {s.p2_ms:.0f} ms)"
+            if late:  # after a 0x78 response-pending the client waits P2*, else P2
+                gave_up = f"P2* {s.p2_star_ms:.0f} ms" if e.extra.get("pend") else f"P2 {s.p2_ms:.0f} ms"
+                return f"the response came after {late[0][0]} ms, when the client had given up ({gave_up})"
             return None
         marks = list(e.extra.get("pend", [])) + [e.dt]
         previous = 0.0
@@ -235,14 +261,18 @@ class _Checker:
             counter = e.header[1]
             if counter == self.expected:
                 self.last, self.expected = counter, (counter + 1) & 0xFF
+                self.transferred += max(e.length - self.data_offset, 0)
                 if isinstance(self._packet(e), int):
                     self.next_packet += 1
         if target is not None:
             if target != self.state and sid != self.stage.counter_service:
                 self.expected, self.last = self.stage.counter_start, None
+                if sid != self.stage.block_length_from:
+                    self.announced = None  # the transfer is over
             self.state = target
 
     def _negotiated(self, e: Exchange, r: bytes) -> None:
+        self.announced, self.transferred = _announced(e.header), 0
         try:
             if r[0] == 0x74:  # RequestDownload: lengthFormatIdentifier, maxNumberOfBlockLength
                 n = r[1] >> 4
@@ -255,8 +285,30 @@ class _Checker:
                     position = int.from_bytes(r[4 + n : 12 + n], "big")
                     payload = self.block - self.stage.packet[1] - self.stage.packet[2]
                     self.next_packet = position // payload if payload > 0 else 0
+                    self.transferred = position
         except (IndexError, ValueError):
             self.block = None
+
+
+def _announced(header: bytes) -> int | None:
+    """The bytes a RequestDownload (0x34: memorySize) or a RequestFileTransfer that writes
+    (0x38 add/replace/resume: fileSizeCompressed) announces; None when the header does not say."""
+    try:
+        if header[0] == 0x34:
+            size_len, addr_len = header[2] >> 4, header[2] & 0x0F
+            start = 3 + addr_len
+            if size_len and len(header) >= start + size_len:
+                return int.from_bytes(header[start : start + size_len], "big")
+        elif header[0] == 0x38 and header[1] in (0x01, 0x03, 0x06):
+            path_len = int.from_bytes(header[2:4], "big")
+            at = 4 + path_len + 1  # the path, the dataFormatIdentifier
+            n = header[at]
+            end = at + 1 + 2 * n
+            if n and len(header) >= end:
+                return int.from_bytes(header[at + 1 + n : end], "big")
+    except IndexError:
+        return None
+    return None
 
 
 class _FastTransfer:
@@ -291,10 +343,14 @@ class _FastTransfer:
         counter = h[1]
         if counter != c.expected or r[0] != self.answer or r[1] != counter or e.dt is None or e.dt > self.p2:
             return False
+        total = c.transferred + e.length - c.data_offset
+        if c.announced is not None and total > c.announced:
+            return False  # past the announced size: the full checks say so
         if self.packet is not None:
             if c.state not in c.stage.packet_states or int.from_bytes(h[self.packet[1]:self.header_length], "big") != c.next_packet:
                 return False
             c.next_packet += 1
+        c.transferred = total
         c.last, c.expected = counter, (counter + 1) & 0xFF
         return True
 

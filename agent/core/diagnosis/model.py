@@ -49,10 +49,14 @@ class Verdict:
     findings: list[Finding]
     unanalysed: list[dict[str, str]]
     campaign_id: str | None = None
+    # a failure no finding explains: what failed, and why the evidence does not show it
+    unexplained: dict[str, Any] | None = None
 
     @property
     def cause(self) -> str | None:
-        return self.findings[0].cause if self.findings else None
+        if self.findings:
+            return self.findings[0].cause
+        return "unexplained" if self.unexplained is not None else None
 
     def to_json(self) -> dict[str, Any]:
         first = self.findings[0] if self.findings else None
@@ -62,11 +66,12 @@ class Verdict:
             "mode": self.mode,
             "abnormal_packages": self.abnormal,
             "stage": self.stage,
-            "cause": first.cause if first else None,
+            "cause": self.cause,
             "side": first.side if first else None,
             "unit": first.unit if first else None,
             "findings": [asdict(f) for f in self.findings],
             "unanalysed": self.unanalysed,
+            "unexplained": self.unexplained,
         }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from agent.core.diagnosis.checks import check_trace
 from agent.core.diagnosis.model import Finding, StageInput, Verdict
 from agent.core.diagnosis.rules import Rules
@@ -9,9 +11,15 @@ from agent.core.diagnosis.rules import Rules
 __all__ = ["diagnose", "render_markdown"]
 
 
-def diagnose(inputs: list[StageInput], rules: Rules, mode: str = "first", campaign_id: str | None = None) -> Verdict:
+_CLEAN = "the result is failed but every exchange passed the checks"
+
+
+def diagnose(inputs: list[StageInput], rules: Rules, mode: str = "first", campaign_id: str | None = None,
+             failure: Mapping[str, Any] | None = None) -> Verdict:
     """D5: a failed deploy -> the deploy traces of the failed packages only; otherwise the flash
-    traces of every failed ECU, one after another; nothing failed -> no abnormal package."""
+    traces of every failed ECU, one after another; nothing failed -> no abnormal package.
+    ``failure``: how the campaign failed, when it did. A failure no finding explains gets the
+    verdict ``unexplained``, with what failed and why the traces do not show it."""
     if mode not in ("first", "all"):
         raise ValueError("mode must be first or all")
     deploy_failed = [i for i in inputs if i.stage == "deploy" and i.result.get("result") != "success"]
@@ -29,18 +37,39 @@ def diagnose(inputs: list[StageInput], rules: Rules, mode: str = "first", campai
             unanalysed.append({"stage": item.stage, "name": item.name, "reason": str(exc)})
             continue
         if not found:
-            unanalysed.append({"stage": item.stage, "name": item.name,
-                               "reason": "the result is failed but every exchange passed the checks"})
+            unanalysed.append({"stage": item.stage, "name": item.name, "reason": _CLEAN})
         findings.extend(found)
-    return Verdict(mode, [i.name for i in chosen], stage, findings, unanalysed, campaign_id)
+    verdict = Verdict(mode, [i.name for i in chosen], stage, findings, unanalysed, campaign_id)
+    if not findings and (chosen or failure):
+        verdict.unexplained = _unexplained(chosen, unanalysed, failure)
+    return verdict
+
+
+def _unexplained(chosen: list[StageInput], unanalysed: list[dict[str, str]],
+                 failure: Mapping[str, Any] | None) -> dict[str, Any]:
+    if chosen:
+        item = chosen[0]
+        step, reason = item.result.get("failed_step"), item.result.get("reason")
+        if item.trace is None or any(u["name"] == item.name and u["reason"] != _CLEAN for u in unanalysed):
+            why = next(u["reason"] for u in unanalysed if u["name"] == item.name)
+            why = f"the trace cannot be analysed ({why})"
+        else:
+            why = (f"every exchange in the trace passed the checks: the failed step {step!r} is not in the trace "
+                   f"(an exchange that is not traced), or the client stopped on its own")
+        return {"stage": item.stage, "name": item.name, "failed_step": step, "result": reason, "why": why}
+    f = dict(failure or {})
+    return {"stage": f.get("stage"), "name": f.get("package") or f.get("ecu"), "failed_step": f.get("reason"),
+            "result": f.get("detail"),
+            "why": "no deploy or flash result failed, so no deploy or flash trace shows this failure"}
 
 
 def render_markdown(verdict: Verdict) -> str:
     lines = [f"# Upgrade diagnosis{f' of campaign {verdict.campaign_id}' if verdict.campaign_id else ''}", ""]
-    if not verdict.abnormal:
+    if not verdict.abnormal and verdict.unexplained is None:
         lines += ["No abnormal package: every deploy and flash result is a success.", ""]
         return "\n".join(lines)
-    lines += [f"Abnormal in the **{verdict.stage}** stage: {', '.join(verdict.abnormal)} (mode `{verdict.mode}`).", ""]
+    if verdict.abnormal:
+        lines += [f"Abnormal in the **{verdict.stage}** stage: {', '.join(verdict.abnormal)} (mode `{verdict.mode}`).", ""]
     for f in verdict.findings:
         where = f"deploy packet {f.packet}" if f.stage == "deploy" and f.packet is not None else (
             f"ECU {f.packet}" if f.stage in ("flash", "activate") else f"package {f.package}")
@@ -62,6 +91,11 @@ def render_markdown(verdict: Verdict) -> str:
             if rec["index"] == f.index:
                 lines.append(f"   ^ {f.check} failed: {f.cause}")
         lines += ["```", ""]
+    u = verdict.unexplained
+    if u is not None:
+        lines += ["## `unexplained`", "",
+                  f"- {u.get('stage')} of {u.get('name')} failed at `{u.get('failed_step')}`: {u.get('result')}",
+                  f"- no rule matched: {u.get('why')}", ""]
     for u in verdict.unanalysed:
         lines.append(f"- not analysed: {u['stage']} {u['name']}: {u['reason']}")
     return "\n".join(lines) + "\n"
