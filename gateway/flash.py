@@ -185,10 +185,13 @@ class EcuFlasher:
             faults=ClientFaults(self.faults, ecu.name, "flash", lambda: self.max_block or None) if self.faults else None,
         )
         try:
-            with link.untraced():
+            with link.step("version_before"):
+                first = len(self.recorder.exchanges)
                 result.version_before = self._read_version(link)
                 if job.guard_rollback and result.version_before is None:  # never skip the check: ask once more
                     result.version_before = self._read_version(link)
+                    if len(self.recorder.exchanges) > first:
+                        self.recorder.exchanges[first].extra["retried"] = True  # asked again: the last one is judged
             running = result.version_before
             if job.guard_rollback and running is None:
                 raise FlashError("rollback_check", "the ECU did not tell its version (F189), so a downgrade cannot be "
@@ -228,6 +231,8 @@ class EcuFlasher:
                 return action()
             except NegativeResponseException as exc:
                 if exc.response.code == 0x21 and attempt + 1 < attempts:  # busyRepeatRequest
+                    if self.recorder.current is not None:  # asked again: the last attempt is the one judged
+                        self.recorder.current.extra["retried"] = True
                     time.sleep(0.1)
                     continue
                 reason, nrc = describe_failure(exc)
@@ -280,7 +285,7 @@ class EcuFlasher:
         self._do("default_session", lambda: c.change_session(Session.defaultSession))
         self.progress(self.ecu.name, "verify", self.sent, len(image))
         self.step = "verify"
-        with link.untraced():
+        with link.step("verify"):
             try:
                 got = link.client.read_data_by_identifier(DID.SOFTWARE_VERSION).service_data.values[DID.SOFTWARE_VERSION]
             except Exception as exc:  # noqa: BLE001
@@ -300,7 +305,7 @@ class EcuFlasher:
         self._do("dtc_setting_on", lambda: c.control_dtc_setting(DtcSetting.on))
         self._do("default_session", lambda: c.change_session(Session.defaultSession))
         self.step = "verify"
-        with link.untraced():
+        with link.step("verify"):
             try:
                 raw = bytes(c.read_data_by_identifier(DID.STAGED_IMAGE).service_data.values[DID.STAGED_IMAGE])
             except Exception as exc:  # noqa: BLE001
@@ -309,7 +314,8 @@ class EcuFlasher:
         digest = hashlib.sha256(self.job.image).hexdigest()
         if staged is None or staged.status == STAGED_NONE or staged.sha256 != digest or staged.version != self.job.version:
             raise FlashError("verify", f"the ECU does not hold this image staged ({raw[:40].hex()})")
-        return self._read_version(link) or ""
+        with link.step("version_after"):
+            return self._read_version(link) or ""
 
     def _routine(self, c: Any, routine: int, data: bytes | None) -> Any:
         response = c.routine_control(routine, RoutineType.startRoutine, data)

@@ -306,3 +306,25 @@ def test_a_failure_no_rule_explains_gets_the_verdict_unexplained():
     assert before["cause"] == "unexplained" and before["unexplained"]["failed_step"] == "package_refused"
     assert "no deploy or flash trace shows this failure" in before["unexplained"]["why"]
     assert diagnose([], RULES, "first", "c-1").to_json()["cause"] is None  # nothing failed: no verdict to give
+
+
+def test_the_version_reads_are_traced_and_judged():
+    """The version read after the reset (step verify) is in the trace: a wrong-id answer to it is
+    the ECU's illegal_responder there; a read the client asked again with success is no cause."""
+    verify = [1110, "22f189", 3, None, None, {"stray": [[2, 0x7F9, "62f189322e30"]], "step": "verify"}]
+    f = one([*FLASH, verify])
+    assert (f.cause, f.side, f.unit, f.index, f.request) == ("illegal_responder", "server", "bms", len(FLASH), "22f189")
+    retried = [[0, "22f189", 3, None, None, {"err": "no response (timeout)", "retried": True, "step": "version_before"}],
+               [1, "22f189", 3, 1, "62f189312e302e30", {"step": "version_before"}]]
+    assert check_trace(trace(retried + FLASH, trailer="success"), RULES, "bms", "all") == []
+    assert one(retried[:1] + [[1, "22f189", 3, None, None, {"step": "version_before"}]] + FLASH).index == 1
+
+
+def test_an_answer_the_client_asked_again_is_not_judged_its_last_attempt_is():
+    busy = [570, "3602", 4095, 1, "7f3621", {"retried": True}]  # busyRepeatRequest, asked again
+    rows = [list(r) for r in FLASH]
+    rows.insert(10, busy)
+    assert check_trace(trace(rows, trailer="success"), RULES, "bms", "all") == []
+    rows[11] = [600, "3602", 4095, 1, "7f3672"]  # the last attempt refused: that is the finding
+    f = one(rows)
+    assert (f.cause, f.index, f.nrc) == ("negative_response", 11, 0x72)

@@ -72,7 +72,11 @@ def test_flash_three_ecus_in_separate_processes(tmp_path, write_config, procs):
         assert saved["result"] == "success" and saved["image_sha256"] == r["image_sha256"]
         trace = read_trace(out / f"{ecu}.trace.jsonl")
         services = [e.service for e in trace.exchanges]
-        assert services[:7] == [0x10, 0x85, 0x28, 0x10, 0x27, 0x27, 0x2E]
+        # the version read before flashing, then the programming sequence, then the read after the reset
+        assert services[:8] == [0x22, 0x10, 0x85, 0x28, 0x10, 0x27, 0x27, 0x2E]
+        assert (trace.exchanges[0].header, trace.exchanges[0].extra["step"]) == (b"\x22\xf1\x89", "version_before")
+        assert (trace.exchanges[-1].header, trace.exchanges[-1].extra["step"]) == (b"\x22\xf1\x89", "verify")
+        assert trace.exchanges[-1].response == b"\x62\xf1\x89" + r["version_after"].encode()
         transfers = [e for e in trace.exchanges if e.service == 0x36]
         block = 4093 if ecu == "vcu" else 0x4000
         assert len(transfers) == -(-MiB // block)

@@ -304,6 +304,21 @@ class UdsLink:
             segment.notifier.add_listener(self.listener)
 
     @contextmanager
+    def step(self, name: str) -> Iterator[list[Any]]:
+        """Exchanges outside the programming sequence (version reads), traced with their step
+        name (``x.step``); yields the list of those exchanges."""
+        rec = self.connection.recorder
+        first = len(rec.exchanges) if rec is not None else 0
+        made: list[Any] = []
+        try:
+            yield made
+        finally:
+            if rec is not None:
+                made.extend(rec.exchanges[first:])
+                for exchange in made:
+                    exchange.extra["step"] = name
+
+    @contextmanager
     def untraced(self) -> Iterator[None]:
         self.connection.paused = True
         try:

@@ -173,6 +173,8 @@ class UdsServer(Generic[S]):
             request = Request(data, now, functional)
             scope = self.fault_scope(self.state) if self.fault_scope is not None else None
             response, outcome = self._dispatch(request)
+            if scope is None and self.fault_scope is not None:
+                scope = self.fault_scope(self.state)  # the request that opened it (0x38) is the package's too
             fault = self._faults.next(request.sid, scope)
         if outcome is not None and outcome.work is not None:
             response = self._work(stack, request.sid, outcome.work)

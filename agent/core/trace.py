@@ -19,9 +19,11 @@ request never left, ``func`` true for functional requests, ``pend`` the ms of ev
 response-pending, ``late`` [ms, hex] a response that came after the client gave up,
 ``other`` [[ms, hex], ...] responses to an earlier request (dropped, never taken for this
 one's), ``stray`` [[ms, can_id, hex], ...] response frames from other CAN ids, ``err`` what went
-wrong on the client side. In the deploy stage a TransferData header is ``36 nn PPPPPPPP``:
-block counter and the deploy packet id (the packet's number within the package). The last line may be a trailer
-object ``{"end": true, "exchanges": N, "result": "success"|"failed", "tester_present": [ms, ...]}``
+wrong on the client side, ``step`` the step of an exchange outside the programming sequence
+(the version reads), ``retried`` a request the client asked again (only its last attempt is judged). In the
+deploy stage a TransferData header is ``36 nn PPPPPPPP``: block counter and the deploy packet
+id (the packet's number within the package). The last line may be a trailer object
+``{"end": true, "exchanges": N, "result": "success"|"failed", "tester_present": [ms, ...]}``
 (the functional TesterPresent requests, ``3E 80`` on the functional id, sent meanwhile).
 """
 

@@ -153,7 +153,10 @@ class _Checker:
 
     # -- response checks
     def response(self, i: int, e: Exchange) -> None:
-        """Record the first failed response check (later ones would only repeat it)."""
+        """Record the first failed response check (later ones would only repeat it). An
+        exchange the client asked again (``x.retried``) is not judged: its last attempt is."""
+        if e.extra.get("retried"):
+            return
         for check in self.rules.response_checks:
             if e.response is None and check in ("format", "type") or (
                     e.response is None and check == "match" and not e.extra.get("other")):
