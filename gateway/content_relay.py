@@ -7,22 +7,28 @@ No software is flashed.
 The routine's layout is in ``agent/protocol/link.py``.
 
 The gateway's copy of stored material is removed once the ECU holds it; the transfer's
-result and header-only trace stay in ``<results_dir>/content/`` (the TBOX reads them back).
+result and header-only trace stay in ``<results_dir>/content/`` (the TBOX reads them back),
+and so do the last show, stop and delete exchanges with each ECU and a failed DID read
+(``<ecu>.<step>.link.trace.jsonl``, stage ``link``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 from agent.adapters.canbus import Segment
 from agent.adapters.file_client import PackageDeployer
+from agent.adapters.storage import atomic_write_json
+from agent.adapters.trace_files import write_trace
 from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
 from agent.core.config import DeployConfig, EcuConfig, VehicleConfig
+from agent.core.trace import TraceHeader, TraceRecorder
 from agent.protocol.ecu import ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT
 from agent.protocol.files import is_name
-from agent.protocol.link import ContentOp, RelayStatus, decode_content_request
+from agent.protocol.link import LINK_RESULT_SCHEMA, ContentOp, RelayStatus, decode_content_request
 from agent.protocol.uds import RoutineType, Session
 from gateway.buses import Buses, EcuBusy
 
@@ -32,6 +38,9 @@ log = logging.getLogger(__name__)
 
 DONE, REFUSED, SILENT = RelayStatus.DONE, RelayStatus.REFUSED, RelayStatus.SILENT
 
+
+_STEPS = {ContentOp.SHOW: "show", ContentOp.STOP: "stop", ContentOp.DELETE: "delete", ContentOp.READ_DID: "read_did",
+          ContentOp.STORE: "store"}
 
 BUSY_WAIT_S = 1.0  # how long a content request waits for an ECU held by other work (a flash) before "try later"
 
@@ -69,24 +78,53 @@ class ContentRelay:
         if op == ContentOp.STORE:
             return self._store(segment, ecu.name, name)
         did = int.from_bytes(arg, "big") if op == ContentOp.READ_DID else 0
-        with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=ecu.p2_ms / 1000.0,
-                     p2_star=ecu.p2_star_ms / 1000.0, dids={did: RawCodec()} if did else None) as link:
+        step = _STEPS[ContentOp(op)]
+        recorder = TraceRecorder(TraceHeader(
+            stage="link", client="GW", server=ecu.name, packet=ecu.name, request_id=ecu.request_id,
+            response_id=ecu.response_id, functional_id=ecu.functional_id, started=time.time(), extra={"segment": ecu.segment}))
+        failure: tuple[str, int | None] | None = None
+        with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=ecu.p2_ms / 1000.0, recorder=recorder,
+                     p2_star=ecu.p2_star_ms / 1000.0, dids={did: RawCodec()} if did else None) as link, link.step(step):
             try:
                 if op == ContentOp.READ_DID:
-                    return DONE, bytes(link.client.read_data_by_identifier(did).service_data.values[did])
-                link.client.change_session(Session.extendedDiagnosticSession)
-                if op == ContentOp.SHOW:
-                    link.client.routine_control(ROUTINE_SHOW_CONTENT, RoutineType.startRoutine, arg)
-                elif op == ContentOp.DELETE:
-                    link.client.delete_file(name)
+                    value = bytes(link.client.read_data_by_identifier(did).service_data.values[did])
                 else:
-                    link.client.routine_control(ROUTINE_STOP_CONTENT, RoutineType.startRoutine)
-                log.info("content on %s: %s", ecu.name, {ContentOp.SHOW: f"showing {name}", ContentOp.DELETE: f"{name} deleted"}
-                         .get(ContentOp(op), "stopped"))
-                return DONE, b""
+                    link.client.change_session(Session.extendedDiagnosticSession)
+                    if op == ContentOp.SHOW:
+                        link.client.routine_control(ROUTINE_SHOW_CONTENT, RoutineType.startRoutine, arg)
+                    elif op == ContentOp.DELETE:
+                        link.client.delete_file(name)
+                    else:
+                        link.client.routine_control(ROUTINE_STOP_CONTENT, RoutineType.startRoutine)
+                    log.info("content on %s: %s", ecu.name, {ContentOp.SHOW: f"showing {name}",
+                                                             ContentOp.DELETE: f"{name} deleted"}.get(ContentOp(op), "stopped"))
+                    value = b""
             except Exception as exc:  # noqa: BLE001 - the ECU's answer goes back to the TBOX
-                reason, nrc = describe_failure(exc)
-                return REFUSED if nrc is not None else SILENT, reason.encode("ascii", "replace")[:200]
+                failure = describe_failure(exc)
+                recorder.note(failure[0])
+        if failure is not None or op != ContentOp.READ_DID:  # a sensor read that went well is not kept each time
+            self._write(ecu.name, step, recorder, failure)
+        if failure is not None:
+            return REFUSED if failure[1] is not None else SILENT, failure[0].encode("ascii", "replace")[:200]
+        return DONE, value
+
+    def _write(self, ecu: str, step: str, recorder: TraceRecorder, failure: tuple[str, int | None] | None) -> None:
+        """The last exchange of each kind with an ECU: ``content/<ecu>.<step>.link.trace.jsonl`` and its result."""
+        if self.results_dir is None:
+            return
+        name = f"{ecu}.{step}"
+        out = self.results_dir / "content"
+        result = "failed" if failure is not None else "success"
+        path = out / f"{name}.link.trace.jsonl"
+        try:
+            size = write_trace(path, recorder, result)
+            atomic_write_json(out / f"{name}.link.result.json", {
+                "schema": LINK_RESULT_SCHEMA, "name": name, "client": "GW", "server": ecu, "result": result,
+                "failed_step": step if failure else None, "reason": failure[0] if failure else None,
+                "nrc": failure[1] if failure else None, "exchanges": len(recorder.exchanges),
+                "trace_file": path.name, "trace_bytes": size})
+        except OSError as exc:  # the relay's answer matters more than its evidence
+            log.warning("content trace of %s not written: %s", name, exc)
 
     def _store(self, segment: Segment, ecu_name: str, name: str) -> tuple[int, bytes]:
 

@@ -236,7 +236,8 @@ class GatewayInstaller:
 
     def inventory(self) -> None:
         atomic_write_json(self.results_dir / INVENTORY_FILE,
-                          {"schema": "vota-inventory/1", "ecus": collect_versions(self.config, buses=self.buses)})
+                          {"schema": "vota-inventory/1", "ecus": collect_versions(self.config, buses=self.buses,
+                                                                                  trace_dir=self.results_dir / "inventory")})
 
     def join(self) -> None:
         if self._thread is not None:

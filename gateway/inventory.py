@@ -5,12 +5,17 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent.adapters.canbus import Segment
+from agent.adapters.storage import atomic_write_json
+from agent.adapters.trace_files import write_trace
 from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
 from agent.core.config import EcuConfig, VehicleConfig
+from agent.core.trace import TraceHeader, TraceRecorder
 from agent.protocol.ecu import DID, StagedImage, decode_staged_image
+from agent.protocol.link import LINK_RESULT_SCHEMA
 from gateway.buses import Buses
 
 __all__ = ["collect_versions", "wait_reachable", "EcuImages", "read_images"]
@@ -54,30 +59,63 @@ def read_images(config: VehicleConfig, buses: Buses, name: str, p2: float = 0.5)
                      None if staged is None else decode_staged_image(staged))
 
 
-def _read_ecu(segment: Segment, ecu: EcuConfig, p2: float) -> dict[str, Any]:
+def _read_ecu(segment: Segment, ecu: EcuConfig, p2: float, trace_dir: Path | None = None) -> dict[str, Any]:
+    """One ECU's identification. With ``trace_dir``, the reads are traced (stage ``link``, step
+    ``inventory``) into ``<trace_dir>/<ecu>.link.trace.jsonl`` with its result beside it, and the
+    entry names the trace (``trace_file``, relative to the directory above ``trace_dir``)."""
     entry: dict[str, Any] = {"ecu": ecu.name, "segment": ecu.segment, "request_id": ecu.request_id, "response_id": ecu.response_id}
     dids = {did: RawCodec() for did in (*DID.INVENTORY.values(), DID.IMAGE_DIGEST)}
-    with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=p2, dids=dids) as link:
-        for key, did in DID.INVENTORY.items():
-            try:
-                value = bytes(link.client.read_data_by_identifier(did).service_data.values[did])
-                if did == DID.BOOT_SOFTWARE and value[:1] == b"\x01":
-                    value = value[1:]  # numberOfModules (one module), then its identification
-                entry[key] = value.decode("ascii", "replace")
-            except Exception as exc:  # noqa: BLE001 - a silent ECU is reported, not fatal
-                entry[key] = None
-                entry.setdefault("errors", {})[key] = describe_failure(exc)[0]
-                if "timeout" in entry["errors"][key]:
-                    break
-        if entry.get("software_version") is not None:  # F1A0: the SHA-256 of the image it runs
-            try:
-                entry["image_sha256"] = bytes(link.client.read_data_by_identifier(DID.IMAGE_DIGEST)
-                                              .service_data.values[DID.IMAGE_DIGEST]).hex()
-            except Exception as exc:  # noqa: BLE001 - informative only
-                entry["image_sha256"] = None
-                entry.setdefault("errors", {})["image_sha256"] = describe_failure(exc)[0]
+    recorder = None if trace_dir is None else TraceRecorder(TraceHeader(
+        stage="link", client="GW", server=ecu.name, packet=ecu.name, request_id=ecu.request_id,
+        response_id=ecu.response_id, functional_id=ecu.functional_id, started=time.time(), extra={"segment": ecu.segment}))
+    with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=p2, dids=dids, recorder=recorder) as link, \
+            link.step("inventory"):
+        nrc = _read_dids(link, entry)
     entry["reachable"] = entry.get("software_version") is not None
+    if trace_dir is not None and recorder is not None:
+        _write_trace(trace_dir, ecu.name, recorder, entry, nrc)
     return entry
+
+
+def _write_trace(trace_dir: Path, name: str, recorder: TraceRecorder, entry: dict[str, Any], nrc: int | None) -> None:
+    errors = entry.get("errors") or {}
+    result = "failed" if errors else "success"
+    path = trace_dir / f"{name}.link.trace.jsonl"
+    size = write_trace(path, recorder, result)
+    key, reason = next(iter(errors.items())) if errors else (None, None)
+    atomic_write_json(trace_dir / f"{name}.link.result.json", {
+        "schema": LINK_RESULT_SCHEMA, "name": f"inventory-{name}", "client": "GW", "server": name, "result": result,
+        "failed_step": f"inventory: {key}" if key else None, "reason": reason, "nrc": nrc,
+        "exchanges": len(recorder.exchanges), "trace_file": path.name, "trace_bytes": size})
+    entry["trace_file"] = f"{trace_dir.name}/{path.name}"
+
+
+def _read_dids(link: UdsLink, entry: dict[str, Any]) -> int | None:
+    """Fills ``entry``; the NRC of the first read refused, if any."""
+    first_nrc = None
+    for key, did in DID.INVENTORY.items():
+        try:
+            value = bytes(link.client.read_data_by_identifier(did).service_data.values[did])
+            if did == DID.BOOT_SOFTWARE and value[:1] == b"\x01":
+                value = value[1:]  # numberOfModules (one module), then its identification
+            entry[key] = value.decode("ascii", "replace")
+        except Exception as exc:  # noqa: BLE001 - a silent ECU is reported, not fatal
+            entry[key] = None
+            reason, nrc = describe_failure(exc)
+            entry.setdefault("errors", {})[key] = reason
+            first_nrc = first_nrc if first_nrc is not None else nrc
+            if "timeout" in reason:
+                break
+    if entry.get("software_version") is not None:  # F1A0: the SHA-256 of the image it runs
+        try:
+            entry["image_sha256"] = bytes(link.client.read_data_by_identifier(DID.IMAGE_DIGEST)
+                                          .service_data.values[DID.IMAGE_DIGEST]).hex()
+        except Exception as exc:  # noqa: BLE001 - informative only
+            entry["image_sha256"] = None
+            reason, nrc = describe_failure(exc)
+            entry.setdefault("errors", {})["image_sha256"] = reason
+            first_nrc = first_nrc if first_nrc is not None else nrc
+    return first_nrc
 
 
 def _per_segment(config: VehicleConfig, names: list[str], work: Any, buses: Buses | None = None) -> dict[str, Any]:
@@ -113,9 +151,10 @@ def _per_segment(config: VehicleConfig, names: list[str], work: Any, buses: Buse
 
 
 def collect_versions(config: VehicleConfig, names: list[str] | None = None, p2: float = 0.5,
-                     buses: Buses | None = None) -> list[dict[str, Any]]:
+                     buses: Buses | None = None, trace_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Every named ECU's identification, one thread per segment; ``trace_dir``: see ``_read_ecu``."""
     names = names or list(config.ecus)
-    found = _per_segment(config, names, lambda seg, ecu: _read_ecu(seg, ecu, p2), buses)
+    found = _per_segment(config, names, lambda seg, ecu: _read_ecu(seg, ecu, p2, trace_dir), buses)
     return [found[n] for n in names]
 
 

@@ -1,19 +1,32 @@
 """The TBOX's side of the gateway link beyond package deploy: start the install, follow it,
-read back flash results, flash traces and the inventory (RequestFileTransfer ReadFile)."""
+read back flash results, flash traces and the inventory (RequestFileTransfer ReadFile).
+
+Inside ``traced(directory, name)`` every exchange of these calls is recorded (stage ``link``,
+each with its step: ``boot id``, ``collect inventory``, ``install status``, ``read <file>``...)
+and written with its result as ``<name>.link.trace.jsonl`` / ``<name>.link.result.json``, so
+that a campaign that fails on them is diagnosed like a failed transfer. Identical polls of one
+step (the install status every half second) are kept once, with their count (``x.rep``).
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from agent.adapters.canbus import Segment
 from agent.adapters.file_client import DeployResult, PackageDeployer, deploy_security
+from agent.adapters.storage import atomic_write_json
+from agent.adapters.trace_files import write_trace
 from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
 from agent.core.config import DeployConfig
 from agent.core.faults import FaultSpec
+from agent.core.trace import Exchange, TraceHeader, TraceRecorder
 from agent.errors import Refused, TryLater, VotaError
 from agent.protocol.link import (
     BOOT_ID_DID,
@@ -21,6 +34,7 @@ from agent.protocol.link import (
     INSTALL_ROUTINE,
     INVENTORY_FILE,
     INVENTORY_ROUTINE,
+    LINK_RESULT_SCHEMA,
     ContentOp,
     InstallStatus,
     RelayStatus,
@@ -30,6 +44,24 @@ from agent.protocol.link import (
 from agent.protocol.uds import RoutineType, Session
 
 __all__ = ["GatewayClient", "GatewayError", "InstallStatus", "ContentOp"]
+
+
+@dataclass
+class _LinkTrace:
+    """The exchanges of the gateway calls made in one ``traced`` block, and how the last failed."""
+
+    recorder: TraceRecorder
+    last: tuple[str, tuple[Any, ...], int] | None = None  # step, what its exchanges were, index of its first
+    failure: dict[str, Any] | None = None
+    calls: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def _shape(exchanges: list[Exchange]) -> tuple[Any, ...]:
+    """What makes two polls the same: requests, answers, errors (a seed's value aside)."""
+    return tuple((e.header, e.length, None if e.header[:1] == b"\x27" else e.response,
+                  tuple(sorted((k, repr(v)) for k, v in e.extra.items() if k not in ("step", "rep"))))
+                 for e in exchanges)
 
 
 class GatewayError(TryLater):
@@ -47,6 +79,7 @@ class GatewayClient:
         self.stop = stop or threading.Event()
         self.faults = faults or []
         self.lock = threading.RLock()
+        self._local = threading.local()  # the open ``traced`` block of the calling thread, if any
 
     def deploy(self, name: str, path: Path, sha256: str, out_dir: Path | None = None, *, resume: bool = False,
                progress: Callable[[int, int], None] | None = None) -> DeployResult:
@@ -65,22 +98,89 @@ class GatewayClient:
             deployer.write(out_dir, result)
         return result
 
-    def _link(self) -> UdsLink:
-        return UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway",
+    @contextmanager
+    def traced(self, directory: Path, name: str) -> Iterator[None]:
+        """Record the calls made inside (this thread's only) into ``directory``: the trace and a
+        result that is ``failed`` when the block ends with a call's failure."""
+        header = TraceHeader(stage="link", client="TBOX", server="GW", packet=name, request_id=self.link.request_id,
+                             response_id=self.link.response_id, functional_id=None, started=time.time())
+        trace = _LinkTrace(TraceRecorder(header))
+        outer, self._local.trace = getattr(self._local, "trace", None), trace
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = trace.failure is not None
+            raise
+        finally:
+            self._local.trace = outer
+            if trace.recorder.exchanges:
+                self._write(directory, name, trace, failed)
+
+    @staticmethod
+    def _write(directory: Path, name: str, trace: _LinkTrace, failed: bool) -> None:
+        result = "failed" if failed else "success"
+        path = directory / f"{name}.link.trace.jsonl"
+        size = write_trace(path, trace.recorder, result)
+        doc = {"schema": LINK_RESULT_SCHEMA, "name": name, "client": "TBOX", "server": "GW", "result": result,
+               **({"failed_step": trace.failure["step"], "reason": trace.failure["reason"], "nrc": trace.failure["nrc"]}
+                  if failed and trace.failure else {"failed_step": None, "reason": None, "nrc": None}),
+               "calls": trace.calls, "exchanges": len(trace.recorder.exchanges),
+               "started": _dt.datetime.fromtimestamp(trace.recorder.header.started, _dt.timezone.utc)
+               .isoformat(timespec="seconds"),
+               "trace_file": path.name, "trace_bytes": size}
+        atomic_write_json(directory / f"{name}.link.result.json", doc)
+
+    def _link(self, recorder: TraceRecorder | None = None) -> UdsLink:
+        return UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway", recorder=recorder,
                        p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0, dids={BOOT_ID_DID: RawCodec()},
                        security=deploy_security(self.link))
 
     def _call(self, what: str, fn: Any) -> Any:
-        with self.lock, self._link() as link:
+        trace: _LinkTrace | None = getattr(self._local, "trace", None)
+        recorder = trace.recorder if trace is not None else None
+        with self.lock, self._link(recorder) as link, link.step(what) as made:
             try:
                 link.client.change_session(Session.extendedDiagnosticSession)
                 if self.link.security_secret is not None:
                     link.client.unlock_security_access(1)
-                return fn(link.client)
-            except VotaError:
+                answer = fn(link.client)
+            except VotaError as exc:
+                self._failed(trace, what, str(exc), None)
                 raise
             except Exception as exc:  # noqa: BLE001 - one error type for the TBOX's state machine
-                raise GatewayError(f"{what}: {describe_failure(exc)[0]}") from None
+                reason, nrc = describe_failure(exc)
+                if recorder is not None:
+                    recorder.note(reason)
+                self._failed(trace, what, reason, nrc)
+                raise GatewayError(f"{what}: {reason}") from None
+        if trace is not None:
+            trace.failure = None  # a later call went through: an earlier failure did not end the block
+            self._fold(trace, what, made)
+        return answer
+
+    @staticmethod
+    def _failed(trace: _LinkTrace | None, what: str, reason: str, nrc: int | None) -> None:
+        if trace is not None:
+            trace.calls += 1
+            trace.last = None
+            trace.failure = {"step": what, "reason": reason, "nrc": nrc}
+
+    @staticmethod
+    def _fold(trace: _LinkTrace, what: str, made: list[Exchange]) -> None:
+        """A call that went exactly as the one before it (the same step, the same answers) is
+        kept once, with the count of repeats on its first exchange."""
+        trace.calls += 1
+        exchanges = trace.recorder.exchanges
+        first = len(exchanges) - len(made)
+        shape = _shape(made)
+        last = trace.last
+        if last is not None and last[0] == what and last[1] == shape and made:
+            del exchanges[first:]
+            head = exchanges[last[2]]
+            head.extra["rep"] = int(head.extra.get("rep", 0)) + 1
+        else:
+            trace.last = (what, shape, first)
 
     def boot_id(self) -> bytes:
         def read(c: Any) -> bytes:

@@ -6,7 +6,7 @@ with fakes: the cloud (``agent/adapters/cloud_link.py`` is the real one) and the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 from agent.adapters.file_client import DeployResult
 
@@ -45,6 +45,9 @@ class GatewayPort(Protocol):
 
     def boot_id(self) -> bytes:
         """Changes at every start of the gateway (TryLater while it does not answer)."""
+
+    def traced(self, directory: Path, name: str) -> ContextManager[None]:
+        """The calls made inside, header-only traced into ``directory`` (``<name>.link.*``)."""
 
 
 Fetch = Callable[..., Any]  # download(url, dest, size, sha256, *, progress, should_stop) -> DownloadInfo

@@ -4,6 +4,7 @@ TBOX that reports again after a restart is deduplicated by the cloud."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,19 @@ class CampaignReports:
                           msg_id=f"{cid}.{stage}.{unit}.result")
         if trace.exists():
             self.cloud.report_trace(f"{cid}.{stage}.{unit}", trace.read_bytes(), {"campaign_id": cid, "stage": stage, **meta})
+
+    def link_failures(self, record: CampaignRecord) -> None:
+        """The failed exchanges with the gateway around the transfers (``link/``), each result
+        with its trace, for a campaign that ended failed: the cloud diagnoses them too."""
+        for path in sorted((record.dir / "link").glob("*.link.result.json")):
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(doc, dict) or doc.get("result") != "failed":
+                continue
+            name = str(doc.get("name"))
+            self.stage(record, "link", name, doc, path.parent / f"{name}.link.trace.jsonl", {"name": name})
 
     def deploy_interrupted(self, record: CampaignRecord, result: DeployResult, out: Path, n: int) -> None:
         """The ``n``-th deploy of a package cut off by a gateway restart: an event and its trace."""

@@ -22,6 +22,7 @@ What a handler's error means is told by its class (``agent/errors.py``):
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import functools
 import hashlib
@@ -39,6 +40,7 @@ from agent.core.campaign import Campaign, CampaignRejected, Package, compare_ver
 from agent.core.config import TboxConfig
 from agent.core.roles import Role
 from agent.errors import Refused, TryLater, VotaError
+from agent.protocol.files import is_name
 from agent.protocol.link import InstallJob, InstallManifest, InstallStatus, encode_manifest
 from tbox.campaign_state import TERMINAL, CampaignRecord
 from tbox.download import download
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 LOCAL_CAMPAIGN = "campaign.local.json"  # a campaign the TBOX made itself from a verified content item
 PROGRESS_INTERVAL_S = 1.0  # at most one progress event a second per download, deploy or install
 WAITING = ("awaiting_install",)  # states that wait for the owner: entering them again is no loop
+LINKED = ("received", "deploying", "deployed", "installing")  # states whose gateway exchanges are traced (link/)
 
 
 class CampaignFailure(Refused):
@@ -145,7 +148,8 @@ class CampaignRunner:
         retries = 0
         while True:
             try:
-                return handler(record)
+                with self.gateway.traced(record.dir / "link", state) if state in LINKED else contextlib.nullcontext():
+                    return handler(record)
             except CampaignFailure as failure:
                 self._fail(record, failure)
                 return record.state
@@ -254,6 +258,7 @@ class CampaignRunner:
     # ---- states -----------------------------------------------------------------------------
     def _received(self, record: CampaignRecord) -> str:
         inventory = self.gateway.inventory()  # D11: versions before the campaign (TryLater when unreachable)
+        self._inventory_evidence(record, inventory)
         installed = {e["ecu"]: e["software_version"] for e in inventory if e.get("software_version")}
         try:
             if (record.dir / LOCAL_CAMPAIGN).exists():
@@ -286,6 +291,26 @@ class CampaignRunner:
         self.cloud.report("inventory", {"campaign_id": campaign.campaign_id, "ecus": inventory},
                           msg_id=f"{campaign.campaign_id}.inventory")
         return "verified"
+
+    def _inventory_evidence(self, record: CampaignRecord, inventory: list[dict[str, Any]]) -> None:
+        """The gateway's trace of each ECU whose identification it could not read completely, kept
+        in ``link/`` as ``inventory-<ecu>``: what explains a campaign refused for an unknown version."""
+        for entry in inventory:
+            ecu, trace_file = entry.get("ecu"), entry.get("trace_file")
+            if not entry.get("errors") or not isinstance(trace_file, str) or not isinstance(ecu, str) or not is_name(ecu):
+                continue
+            try:
+                trace = self.gateway.read_file(trace_file)
+                result = json.loads(self.gateway.read_file(trace_file.replace(".trace.jsonl", ".result.json")))
+            except (TryLater, ValueError) as exc:
+                log.warning("the inventory trace of %s is not available: %s", ecu, exc)
+                continue
+            if not isinstance(result, dict):
+                continue
+            name = f"inventory-{ecu}"
+            atomic_write_bytes(record.dir / "link" / f"{name}.link.trace.jsonl", trace)
+            atomic_write_json(record.dir / "link" / f"{name}.link.result.json",
+                              {**result, "name": name, "trace_file": f"{name}.link.trace.jsonl"})
 
     @staticmethod
     def package_path(record: CampaignRecord, name: str) -> Path:
@@ -362,7 +387,7 @@ class CampaignRunner:
         name = f"install-{campaign.campaign_id}.json"
         path = record.dir / name
         atomic_write_bytes(path, encode_manifest(manifest))
-        result = self.gateway.deploy(name, path, hashlib.sha256(path.read_bytes()).hexdigest())
+        result = self.gateway.deploy(name, path, hashlib.sha256(path.read_bytes()).hexdigest(), record.dir / "deploy")
         if result.result != "success":
             raise TryLater(f"install manifest: {result.failed_step}: {result.reason}")
         return "awaiting_install"
@@ -459,6 +484,8 @@ class CampaignRunner:
             body["interruptions"] = record.interruptions
         if record.revertible is not None:
             body["revertible"] = record.revertible
+        if record.outcome != "success" and record.campaign_id:
+            self.reports.link_failures(record)
         if self.tbox.diagnose and record.outcome != "success" and record.campaign_id:
             verdict = self._diagnose(record)
             if verdict is not None:

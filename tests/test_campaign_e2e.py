@@ -61,6 +61,11 @@ def test_bad_campaigns_are_refused_with_the_reason(vehicle):
     assert done["outcome"] == "failed" and done["failure"]["reason"] == "package_refused"
     assert "does not match" in done["failure"]["detail"]
     assert not vehicle.reports("results", "c-tampered")  # nothing deployed, nothing flashed
+    # no CAN exchange failed, so no trace can explain it: the verdict says so, it is never silent
+    assert vehicle.cloud.collector.wait_for(lambda c: "c-tampered" in c.verdicts, 10)
+    unexplained = vehicle.cloud.collector.verdicts["c-tampered"]["unexplained"]
+    assert unexplained["stage"] == "download" and unexplained["failed_step"] == "package_refused", unexplained
+    assert "no traced exchange shows this failure" in unexplained["why"]
     for bad in (b"not json", b'{"command": "self_destruct", "campaign_id": "x"}', b'{"command": "confirm_install"}',
                 json.dumps({"command": "confirm_install", "campaign_id": "c-1", "vin": "LOTHER"}).encode()):
         publish(vehicle.broker, VIN, "command", bad)
@@ -83,3 +88,61 @@ def test_transient_failures_are_retried_with_their_own_budget_not_the_loop_guard
     entered = [b["attempt"] for b in events if b.get("event") == "state" and b["state"] == "downloading"]
     assert entered == [1]  # entered once: retries are no entries
     assert sorted(b["retry"] for b in events if b.get("event") == "retry") == list(range(1, 9))  # max_retries (8), backing off
+
+
+def test_a_campaign_that_fails_on_the_link_around_the_transfers_is_diagnosed_on_it(vehicle):
+    """The install status the TBOX polls is refused by the gateway every time: the campaign fails
+    with its retries used up, and the verdict names the gateway, the NRC and the step, from the
+    link trace (the exchanges around the transfers), in the vehicle and in the cloud."""
+    vehicle.gateway.stop()
+    vehicle.restart_gateway("--fault", "deploy:GW:31#2+:nrc=0x22")  # #1: the inventory; #2 on: the install
+    vehicle.send(vehicle.campaign("c-link", "2.3.0"))
+    done = vehicle.finished("c-link", timeout=90)
+    assert (done["outcome"], done["failure"]["stage"], done["failure"]["reason"]) == (
+        "failed", "installing", "retries_exhausted"), done
+    assert vehicle.cloud.collector.wait_for(lambda c: "c-link" in c.verdicts, 10)
+    verdict = vehicle.cloud.collector.verdicts["c-link"]
+    (first, *_) = verdict["findings"]
+    assert (verdict["stage"], verdict["abnormal_packages"], verdict["side"], verdict["unit"]) == (
+        "link", ["installing"], "server", "GW"), verdict
+    assert (first["nrc"], first["step"], first["request"]) == (0x22, "install status", "31030301"), first
+    (result,) = [r for r in vehicle.reports("results", "c-link") if r["stage"] == "link"]
+    assert result["result"]["failed_step"] == "install status" and result["result"]["nrc"] == 0x22
+    link = vehicle.tmp / "tbox" / "campaigns"
+    (trace,) = link.glob("*/link/installing.link.trace.jsonl")
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert rows[0]["stage"] == "link" and rows[0]["client"] == "TBOX" and rows[0]["server"] == "GW"
+    steps = {row[5]["step"] for row in rows[1:-1]}
+    assert steps == {"install status"}, steps
+    assert all(row[1] in ("2701", "2702") for row in rows[1:-1] if row[1].startswith("27"))  # no key recorded
+    for state, asked in (("received", {"collect inventory", "read inventory.json"}), ("deploying", {"boot id"})):
+        assert json.loads((trace.parent / f"{state}.link.result.json").read_text())["result"] == "success"
+        rows = [json.loads(line) for line in (trace.parent / f"{state}.link.trace.jsonl").read_text().splitlines()[1:-1]]
+        assert {row[5]["step"] for row in rows} == asked, rows
+
+
+def test_a_campaign_refused_for_an_unknown_version_is_explained_by_the_inventory_trace(tmp_path, mosquitto,
+                                                                                        write_config, procs):
+    """bms answers no identification read: its version is unknown, so the campaign is refused
+    before anything is downloaded; the gateway's inventory trace of bms, fetched by the TBOX,
+    names bms's silence as the cause."""
+    from tests.vehicle import Vehicle
+
+    vehicle = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_faults=("bms:22:drop",))
+    try:
+        vehicle.send(vehicle.campaign("c-unknown", "2.4.0"))
+        done = vehicle.finished("c-unknown", timeout=60)
+        assert (done["outcome"], done["failure"]["reason"]) == ("failed", "unknown_version"), done
+        assert vehicle.cloud.collector.wait_for(lambda c: "c-unknown" in c.verdicts, 10)
+        verdict = vehicle.cloud.collector.verdicts["c-unknown"]
+        (first, *_) = verdict["findings"]
+        assert (verdict["stage"], verdict["abnormal_packages"], verdict["cause"], verdict["side"], verdict["unit"]) == (
+            "link", ["inventory-bms"], "response_not_sent", "server", "bms"), verdict
+        assert (first["request"], first["step"]) == ("22f187", "inventory"), first
+        (link,) = (tmp_path / "tbox" / "campaigns").glob("*/link")
+        assert sorted(p.name for p in link.glob("inventory-*")) == ["inventory-bms.link.result.json",
+                                                                    "inventory-bms.link.trace.jsonl"]
+        good = tmp_path / "gw" / "results" / "inventory" / "vcu.link.result.json"
+        assert json.loads(good.read_text())["result"] == "success"  # every ECU's reads are traced, kept on the gateway
+    finally:
+        vehicle.close()

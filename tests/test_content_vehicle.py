@@ -60,6 +60,10 @@ def test_projection_runs_on_the_evening_of_20_may_at_night_only(bare_vehicle):
     v.wait_content("dlp-520", lambda s: s.get("heart") == "active", timeout=20)
     assert v.shown() == HEART
     assert (v.ecu_state("dlp_headlamp") / "content" / HEART).read_bytes() == FILES["heart"]  # decrypted on the way
+    relay = v.tmp / "gw" / "results" / "content"  # the gateway's exchange with the lamp, traced with its step
+    assert json.loads((relay / "dlp_headlamp.show.link.result.json").read_text())["result"] == "success"
+    rows = [json.loads(line) for line in (relay / "dlp_headlamp.show.link.trace.jsonl").read_text().splitlines()[1:-1]]
+    assert [(row[1][:8], row[5]["step"]) for row in rows] == [("1003", "show"), ("31010401", "show")], rows
 
     run = vota("content", "accept", "-c", str(v.config), "dlp-520", "music")
     assert run.returncode == 0, run.stderr

@@ -232,7 +232,7 @@ def test_cli_on_bad_input(tmp_path):
     assert vota("diagnose", str(tmp_path / "nope")).returncode == 2
     (tmp_path / "empty").mkdir()
     run = vota("diagnose", str(tmp_path / "empty"))
-    assert run.returncode == 2 and "no deploy or flash results" in run.stderr
+    assert run.returncode == 2 and "no deploy, flash or link results" in run.stderr
     d = tmp_path / "run"
     d.mkdir()
     (d / "bms.result.json").write_text(json.dumps({"schema": "vota-flash-result/1", "ecu": "bms", "result": "failed",
@@ -304,7 +304,8 @@ def test_a_failure_no_rule_explains_gets_the_verdict_unexplained():
     failure = {"stage": "download", "reason": "package_refused", "detail": "vcu-2.0.bin: the digest does not match"}
     before = diagnose([], RULES, "first", "c-1", failure).to_json()
     assert before["cause"] == "unexplained" and before["unexplained"]["failed_step"] == "package_refused"
-    assert "no deploy or flash trace shows this failure" in before["unexplained"]["why"]
+    assert "failed in its download stage" in before["unexplained"]["why"]
+    assert "no traced exchange shows this failure" in before["unexplained"]["why"]
     assert diagnose([], RULES, "first", "c-1").to_json()["cause"] is None  # nothing failed: no verdict to give
 
 
@@ -328,3 +329,44 @@ def test_an_answer_the_client_asked_again_is_not_judged_its_last_attempt_is():
     rows[11] = [600, "3602", 4095, 1, "7f3672"]  # the last attempt refused: that is the finding
     f = one(rows)
     assert (f.cause, f.index, f.nrc) == ("negative_response", 11, 0x72)
+
+
+LINK_HEAD = {**DEPLOY_HEAD, "stage": "link", "packet": "installing"}
+LINK = [  # the TBOX polls the install status twice (the second poll folded into the first), then reads a file
+    [0, "1003", 2, 1, "5003003201f4", {"step": "install status", "rep": 1}], [2, "2701", 2, 1, "670112345678",
+                                                                          {"step": "install status"}],
+    [4, "2702", 34, 1, "6702", {"step": "install status"}], [6, "31030301", 9, 1, "710303010100000003",
+                                                             {"step": "install status"}],
+    [900, "1003", 2, 1, "5003003201f4", {"step": "read summary.json"}],
+    [902, "38040010" + "summary.json".encode().hex(), 18, 1, "7804020fff00000400000da200000da2",
+     {"step": "read summary.json"}],
+    [904, "3601", 2, 5, "7601", {"step": "read summary.json", "rlen": 3492}],
+    [910, "37", 1, 1, "77", {"step": "read summary.json"}],
+]
+
+
+def test_link_exchanges_are_judged_after_deploy_and_flash_with_their_step():
+    ok = StageInput("link", "installing", {"result": "success"}, trace(LINK, LINK_HEAD, "success"))
+    assert check_trace(ok.trace, RULES, "installing", "all") == []
+    bad = StageInput("link", "installing", {"result": "failed"},
+                     trace(with_row(LINK, 3, [6, "31030301", 9, 1, "7f3122", {"step": "install status"}]), LINK_HEAD))
+    v = diagnose([ok, bad], RULES, campaign_id="c-1")
+    assert (v.stage, v.abnormal, v.cause) == ("link", ["installing"], "negative_response")
+    f = v.findings[0]
+    assert (f.unit, f.side, f.step, f.stage, f.nrc) == ("GW", "server", "install status", "link", 0x22)
+    assert "link exchanges of installing, step `install status`" in render_markdown(v)
+    flash = StageInput("flash", "bms", {"result": "failed"}, trace(with_row(FLASH, 10, [570, "3602", 4095, 1, "7f3672"])))
+    assert diagnose([bad, flash], RULES).stage == "flash"  # a failed transfer comes first: link exchanges only explain the rest
+    too_long = with_row(LINK, 6, [904, "3601", 2, 5, "7601", {"step": "read summary.json", "rlen": 5000}])
+    (finding,) = check_trace(trace(too_long, LINK_HEAD), RULES, "installing", "first")  # the real length is judged
+    assert finding.cause == "illegal_response_format" and "5000 bytes" in finding.detail
+
+
+def test_a_link_trace_never_records_the_data_of_a_file_it_reads():
+    from agent.core.trace import TraceHeader, TraceRecorder
+
+    rec = TraceRecorder(TraceHeader("link", "TBOX", "GW", "installing", 0x7D0, 0x7D8, None, 0.0), clock=lambda: 1.0)
+    rec.request(bytes.fromhex("3601"))
+    rec.response(bytes.fromhex("7601") + b'{"secret": "the file content"}')
+    (row,) = [e.to_json() for e in rec.exchanges]
+    assert row[4] == "7601" and row[5] == {"rlen": 32}

@@ -84,7 +84,10 @@ def test_a_fault_at_the_third_activation_rolls_back_the_first_two(tmp_path, mosq
         assert verdict["abnormal_packages"] == ["bcm"] and not verdict["unanalysed"], verdict
         finding = verdict["findings"][0]
         assert (finding["stage"], finding["cause"], finding["side"], finding["nrc"]) == ("activate", "negative_response", "server", 0x22)
-        assert finding["request"].startswith("3101ff02")
+        assert finding["request"].startswith("3101ff02") and finding["step"] == "activate"
+        rollback = (v.tmp / "cloud" / "store" / VIN / "traces" / "c-activate.rollback.vcu.jsonl").read_text().splitlines()
+        steps = [json.loads(line)[5]["step"] for line in rollback[1:-1]]
+        assert steps[:3] == ["extended_session", "security_access", "security_access"] and "rollback" in steps, steps
     finally:
         v.close()
 

@@ -88,8 +88,8 @@ class Vehicle:
             _ready(tbox, "tbox ready")
         return tbox
 
-    def restart_gateway(self) -> Proc:
-        self.gateway = Proc("gateway", "-c", str(self.config), log=self.tmp / f"gw-{time.monotonic_ns()}.log")
+    def restart_gateway(self, *args: str) -> Proc:
+        self.gateway = Proc("gateway", "-c", str(self.config), *args, log=self.tmp / f"gw-{time.monotonic_ns()}.log")
         self.procs.append(self.gateway)
         _ready(self.gateway, "gateway ready")
         return self.gateway

@@ -83,6 +83,9 @@ def load_inputs(path: str | Path) -> tuple[list[StageInput], str | None, list[di
         if schema.startswith("vota-deploy-result"):
             stage, name = "deploy", str(doc.get("package"))
             trace_path = result_path.parent / (doc.get("trace_file") or f"{name}.deploy.trace.jsonl")
+        elif schema.startswith("vota-link-result"):
+            stage, name = "link", str(doc.get("name"))
+            trace_path = result_path.parent / (doc.get("trace_file") or f"{name}.link.trace.jsonl")
         elif schema.startswith("vota-flash-result"):
             stage, name = "flash", str(doc.get("ecu"))
             trace_path = result_path.parent / (f"{name}.activate.trace.jsonl" if failed_at_activation(doc)
@@ -95,8 +98,9 @@ def load_inputs(path: str | Path) -> tuple[list[StageInput], str | None, list[di
         if key not in found or found[key][0] < stamp:
             found[key] = (stamp, StageInput(stage, name, doc, trace, error))
     if not found and not problems:
-        raise UsageError(f"{root}: no deploy or flash results found")
-    inputs = [v for _, v in sorted(found.values(), key=lambda item: (item[1].stage != "deploy", item[1].name))]
+        raise UsageError(f"{root}: no deploy, flash or link results found")
+    order = {"deploy": 0, "flash": 1}
+    inputs = [v for _, v in sorted(found.values(), key=lambda item: (order.get(item[1].stage, 2), item[1].name))]
     return inputs, campaign_id, problems
 
 
@@ -115,7 +119,7 @@ def inputs_from_store(results: list[dict[str, Any]], traces_dir: Path, campaign_
     out = []
     for body in results:
         stage = body.get("stage")
-        name = str(body.get("package") if stage == "deploy" else body.get("ecu"))
+        name = str(body.get("package") if stage == "deploy" else body.get("name") if stage == "link" else body.get("ecu"))
         kind = "activate" if stage == "flash" and failed_at_activation(body.get("result") or {}) else stage
         path = traces_dir / f"{campaign_id}.{kind}.{name}.jsonl"
         trace: Any = None

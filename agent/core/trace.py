@@ -20,7 +20,9 @@ response-pending, ``late`` [ms, hex] a response that came after the client gave 
 ``other`` [[ms, hex], ...] responses to an earlier request (dropped, never taken for this
 one's), ``stray`` [[ms, can_id, hex], ...] response frames from other CAN ids, ``err`` what went
 wrong on the client side, ``step`` the step of an exchange outside the programming sequence
-(the version reads), ``retried`` a request the client asked again (only its last attempt is judged). In the
+(the version reads), ``retried`` a request the client asked again (only its last attempt is judged), ``rlen`` the
+length of a response whose data was left out (a block of a file read in stage ``link``), ``rep`` how many
+times more the same step went exactly so (a polled status: one record for identical polls). In the
 deploy stage a TransferData header is ``36 nn PPPPPPPP``: block counter and the deploy packet
 id (the packet's number within the package). The last line may be a trailer object
 ``{"end": true, "exchanges": N, "result": "success"|"failed", "tester_present": [ms, ...]}``
@@ -72,6 +74,10 @@ _HEADER_LENGTH = {
     },
 }
 _HEADER_LENGTH["activate"] = _HEADER_LENGTH["flash"]  # the same services: the key is never recorded either
+# stage "link": the exchanges around the transfers (the TBOX asking the gateway for its boot id, the
+# inventory, an install and its status, a result file; the gateway reading an ECU's identification or
+# relaying content to it): the deploy link's services, recorded the same way
+_HEADER_LENGTH["link"] = _HEADER_LENGTH["deploy"]
 _DEFAULT_HEADER_LENGTH = 12
 # Services whose whole request is parameters (sessions, resets, reads, RequestDownload's address
 # and size...): up to the default length is recorded. Any other service id (a garbled or unknown
@@ -226,6 +232,10 @@ class TraceRecorder:
         if exchange is None:
             return
         dt = self._since_sent(exchange)
+        if payload[:1] == b"\x76" and self.header.stage == "link" and len(payload) > 2:
+            # a block of a file the client reads (a result, a trace): its data is never recorded
+            exchange.extra["rlen"] = len(payload)
+            payload = payload[:2]
         payload = payload[:_MAX_RESPONSE]
         if len(payload) >= 3 and payload[0] == 0x7F and payload[2] == 0x78:
             exchange.extra.setdefault("pend", []).append(dt)

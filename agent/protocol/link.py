@@ -48,6 +48,7 @@ INVENTORY_ROUTINE = 0x0302
 CONTENT_ROUTINE = 0x0303
 BOOT_ID_DID = 0xF1B0
 INVENTORY_FILE = "inventory.json"
+LINK_RESULT_SCHEMA = "vota-link-result/1"  # the result beside a trace of stage link (exchanges around the transfers)
 STATUS_RECORD_LENGTH = 5
 
 

@@ -46,7 +46,8 @@ class _Checker:
         self.findings.append(Finding(
             stage=self.trace.header.stage, package=self.name, unit=unit, side=side, cause=cause, check=check,
             index=index, request=e.header.hex(), packet=self._packet(e), detail=detail, nrc=nrc,
-            nrc_name=nrc_name(nrc) if nrc is not None else None, context=context))
+            nrc_name=nrc_name(nrc) if nrc is not None else None, context=context,
+            step=str(e.extra["step"]) if "step" in e.extra else None))
 
     def _move(self, header: bytes) -> str | None:
         for prefix in self.stage.anywhere:
@@ -218,8 +219,10 @@ class _Checker:
             return None
         low, high = rule.response_length
         limit = high if high is not None else self.block
-        if len(r) < low or (limit is not None and len(r) > limit):
-            return f"response of {len(r)} bytes ({r[:8].hex()}); legal for 0x{e.header[0] + 0x40:02X}: {low}..{limit}"
+        full = e.extra.get("rlen") if e.extra else None  # a response recorded without its data: its real length
+        size = full if type(full) is int else len(r)
+        if size < low or (limit is not None and size > limit):
+            return f"response of {size} bytes ({r[:8].hex()}); legal for 0x{e.header[0] + 0x40:02X}: {low}..{limit}"
         return None
 
     def _rsp_type(self, e: Exchange) -> tuple[str, int] | None:

@@ -28,6 +28,7 @@ class Finding:
     nrc: int | None = None
     nrc_name: str | None = None
     context: list[dict[str, Any]] = field(default_factory=list)
+    step: str | None = None  # the exchange's step outside the programming sequence (x.step), if named
 
 
 @dataclass

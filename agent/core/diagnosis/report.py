@@ -17,14 +17,21 @@ _CLEAN = "the result is failed but every exchange passed the checks"
 def diagnose(inputs: list[StageInput], rules: Rules, mode: str = "first", campaign_id: str | None = None,
              failure: Mapping[str, Any] | None = None) -> Verdict:
     """D5: a failed deploy -> the deploy traces of the failed packages only; otherwise the flash
-    traces of every failed ECU, one after another; nothing failed -> no abnormal package.
+    traces of every failed ECU, one after another; otherwise the failed link exchanges (the TBOX
+    asking the gateway for the inventory, an install, its status, a result file); nothing failed
+    -> no abnormal package.
     ``failure``: how the campaign failed, when it did. A failure no finding explains gets the
     verdict ``unexplained``, with what failed and why the traces do not show it."""
     if mode not in ("first", "all"):
         raise ValueError("mode must be first or all")
-    deploy_failed = [i for i in inputs if i.stage == "deploy" and i.result.get("result") != "success"]
-    flash_failed = [i for i in inputs if i.stage == "flash" and i.result.get("result") != "success"]
-    chosen, stage = (deploy_failed, "deploy") if deploy_failed else ((flash_failed, "flash") if flash_failed else ([], None))
+    chosen: list[StageInput] = []
+    stage: str | None = None
+    for stage in ("deploy", "flash", "link"):  # the link: exchanges around the transfers (inventory, install status...)
+        chosen = [i for i in inputs if i.stage == stage and i.result.get("result") != "success"]
+        if chosen:
+            break
+    else:
+        stage = None
     findings: list[Finding] = []
     unanalysed: list[dict[str, str]] = []
     for item in chosen:
@@ -60,7 +67,8 @@ def _unexplained(chosen: list[StageInput], unanalysed: list[dict[str, str]],
     f = dict(failure or {})
     return {"stage": f.get("stage"), "name": f.get("package") or f.get("ecu"), "failed_step": f.get("reason"),
             "result": f.get("detail"),
-            "why": "no deploy or flash result failed, so no deploy or flash trace shows this failure"}
+            "why": f"the campaign failed in its {f.get('stage') or 'unknown'} stage and no deploy, flash or link "
+                   f"result failed: no traced exchange shows this failure"}
 
 
 def render_markdown(verdict: Verdict) -> str:
@@ -72,7 +80,10 @@ def render_markdown(verdict: Verdict) -> str:
         lines += [f"Abnormal in the **{verdict.stage}** stage: {', '.join(verdict.abnormal)} (mode `{verdict.mode}`).", ""]
     for f in verdict.findings:
         where = f"deploy packet {f.packet}" if f.stage == "deploy" and f.packet is not None else (
-            f"ECU {f.packet}" if f.stage in ("flash", "activate") else f"package {f.package}")
+            f"ECU {f.packet}" if f.stage in ("flash", "activate") else
+            f"link exchanges of {f.package}" if f.stage == "link" else f"package {f.package}")
+        if f.step:
+            where += f", step `{f.step}`"
         nrc = f" 0x{f.nrc:02X} {f.nrc_name}" if f.nrc is not None else ""
         lines += [
             f"## `{f.cause}`{nrc}",
