@@ -1,14 +1,14 @@
 """The fault-injection matrix: every one of the eleven causes, in both stages, injected on
 the real processes at a non-trivial point, must come out of the diagnosis as exactly that
-cause, with the right side, unit and packet or ECU. The TransferData block each fault hits
-is drawn at random (seeded: VOTA_MATRIX_SEED repeats a run; the seed is in every failure)."""
+cause, with the right side, unit and packet or ECU. The point each fault hits is drawn at
+random: the service (from the cell's variants) and, for TransferData, the block (seeded:
+VOTA_MATRIX_SEED repeats a run; the seed is printed and in every failure)."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import re
 import time
 
 import pytest
@@ -17,41 +17,43 @@ from tests.conftest import Proc, ecu_entry, multicast_bus, vota
 
 pytestmark = pytest.mark.slow  # separate processes
 
-# name: (fault spec, cause, side) -- flash stage: server = the ECU, client = the gateway
+# name: (fault spec variants, cause, side) -- flash stage: server = the ECU, client = the gateway.
+# Each run draws one variant per cell (the service and occurrence the fault hits) and, where it
+# is TransferData ("36#{n}"), the block: every variant must come out as exactly that cause.
 FLASH = {
-    "c_notsent": ("c_notsent:36#3:not_sent", "request_not_sent", "client"),
-    "c_fromid": ("c_fromid:36#2:from_id=0x7F5", "illegal_request_sender", "client"),
-    "c_format": ("c_format:85:bad_format", "illegal_request_format", "client"),
-    "c_length": ("c_length:36#2:bad_length", "illegal_request_length", "client"),
-    "c_flow": ("c_flow:36#3:skip_counter", "illegal_request_flow", "client"),
-    "s_drop": ("s_drop:36#3:drop", "response_not_sent", "server"),
-    "s_late": ("s_late:36#2:delay=1500", "response_timeout", "server"),
-    "s_wrongid": ("s_wrongid:27#2:wrong_id=0x6F0", "illegal_responder", "server"),
-    "s_format": ("s_format:37:malformed", "illegal_response_format", "server"),
-    "s_nrc": ("s_nrc:36#3:nrc=0x72", "negative_response", "server"),
-    "s_match": ("s_match:36#2:mismatch", "unmatched_response", "server"),
+    "c_notsent": (["36#{n}:not_sent", "34:not_sent", "37:not_sent", "31#1:not_sent"], "request_not_sent", "client"),
+    "c_fromid": (["36#{n}:from_id=0x7F5", "34:from_id=0x7F5", "37:from_id=0x7F5"], "illegal_request_sender", "client"),
+    "c_format": (["85:bad_format", "10#2:bad_format", "31#1:bad_format", "36#{n}:bad_format"], "illegal_request_format",
+                 "client"),
+    "c_length": (["36#{n}:bad_length", "34:bad_length", "10#1:bad_length"], "illegal_request_length", "client"),
+    "c_flow": (["36#{n}:skip_counter", "31#1:skip_step", "34:skip_step"], "illegal_request_flow", "client"),
+    "s_drop": (["36#{n}:drop", "34:drop", "37:drop", "27#1:drop"], "response_not_sent", "server"),
+    "s_late": (["36#{n}:delay=1500", "34:delay=1500", "37:delay=1500"], "response_timeout", "server"),
+    "s_wrongid": (["27#2:wrong_id=0x6F0", "36#{n}:wrong_id=0x6F0", "34:wrong_id=0x6F0"], "illegal_responder", "server"),
+    "s_format": (["37:malformed", "34:malformed", "36#{n}:malformed"], "illegal_response_format", "server"),
+    "s_nrc": (["36#{n}:nrc=0x72", "34:nrc=0x70", "31#1:nrc=0x72", "27#2:nrc=0x35"], "negative_response", "server"),
+    "s_match": (["36#{n}:mismatch", "31#1:mismatch", "37:mismatch"], "unmatched_response", "server"),
     # the version read after the reset (step verify) is traced: a wrong-id answer there is found
-    "s_verify": ("s_verify:22#2:wrong_id=0x6F2", "illegal_responder", "server"),
+    "s_verify": (["22#2:wrong_id=0x6F2"], "illegal_responder", "server"),
     # a left-out request gets a plausible reply: the client goes on, the next request is out of sequence
-    "c_skip10": ("c_skip10:10#2:skip_step", "illegal_request_flow", "client"),
-    "c_skip27": ("c_skip27:27#1:skip_step", "illegal_request_flow", "client"),
+    "c_skip10": (["10#2:skip_step"], "illegal_request_flow", "client"),
+    "c_skip27": (["27#1:skip_step"], "illegal_request_flow", "client"),
 }
-# package: (fault spec, cause, side, deploy packet id) -- deploy stage: server = GW, client = TBOX
+# package: (fault spec variants, cause, side) -- deploy stage: server = GW, client = TBOX. The
+# deploy packet id in the verdict is the block's (packets count from 0) for TransferData, else none.
 DEPLOY = {
-    "c_notsent.bin": ("deploy:c_notsent.bin:36#3:not_sent", "request_not_sent", "client", 2),
-    "c_fromid.bin": ("deploy:c_fromid.bin:36#2:from_id=0x7D5", "illegal_request_sender", "client", 1),
-    "c_format.bin": ("deploy:c_format.bin:36#2:bad_format", "illegal_request_format", "client", None),
-    "c_length.bin": ("deploy:c_length.bin:36#2:bad_length", "illegal_request_length", "client", 1),
-    "c_flow.bin": ("deploy:c_flow.bin:36#3:skip_counter", "illegal_request_flow", "client", 2),
-    "s_drop.bin": ("deploy:s_drop.bin:36#3:drop", "response_not_sent", "server", 2),
-    "s_late.bin": ("deploy:s_late.bin:36#2:delay=1500", "response_timeout", "server", 1),
-    "s_wrongid.bin": ("deploy:s_wrongid.bin:36#3:wrong_id=0x6F1", "illegal_responder", "server", 2),
-    "s_format.bin": ("deploy:s_format.bin:36#2:malformed", "illegal_response_format", "server", 1),
-    "s_nrc.bin": ("deploy:s_nrc.bin:36#3:nrc=0x22", "negative_response", "server", 2),
-    "s_match.bin": ("deploy:s_match.bin:36#2:mismatch", "unmatched_response", "server", 1),
-    "c_skip.bin": ("deploy:c_skip.bin:36#2:skip_step", "illegal_request_flow", "client", 2),
-    # a fault named by its package fires on the RequestFileTransfer that opens it too
-    "s_nrc38.bin": ("deploy:s_nrc38.bin:38:nrc=0x70", "negative_response", "server", None),
+    "c_notsent.bin": (["36#{n}:not_sent", "37:not_sent", "38:not_sent"], "request_not_sent", "client"),
+    "c_fromid.bin": (["36#{n}:from_id=0x7D5", "37:from_id=0x7D5"], "illegal_request_sender", "client"),
+    "c_format.bin": (["36#{n}:bad_format", "38:bad_format"], "illegal_request_format", "client"),
+    "c_length.bin": (["36#{n}:bad_length", "38:bad_length"], "illegal_request_length", "client"),
+    "c_flow.bin": (["36#{n}:skip_counter"], "illegal_request_flow", "client"),
+    "s_drop.bin": (["36#{n}:drop", "38:drop", "37:drop"], "response_not_sent", "server"),
+    "s_late.bin": (["36#{n}:delay=1500", "37:delay=1500"], "response_timeout", "server"),
+    "s_wrongid.bin": (["36#{n}:wrong_id=0x6F1", "38:wrong_id=0x6F1"], "illegal_responder", "server"),
+    "s_format.bin": (["36#{n}:malformed", "38:malformed", "37:malformed"], "illegal_response_format", "server"),
+    "s_nrc.bin": (["36#{n}:nrc=0x22", "38:nrc=0x70", "37:nrc=0x72"], "negative_response", "server"),
+    "s_match.bin": (["36#{n}:mismatch", "37:mismatch"], "unmatched_response", "server"),
+    "c_skip.bin": (["36#{n}:skip_step"], "illegal_request_flow", "client"),
 }
 
 
@@ -68,29 +70,30 @@ def _verdict(path, mode: str) -> dict:  # type: ignore[no-untyped-def]
     return json.loads(run.stdout)
 
 
-def _at_random(rnd: random.Random, spec: str) -> tuple[str, int | None]:
-    """The spec with its TransferData occurrence drawn from the 2nd to the 5th block (16 KiB
-    images: five blocks), and the deploy packet that block carries (packets count from 0)."""
-    match = re.search(r":36#(\d+):", spec)
-    if match is None:
-        return spec, None
+def _draw(rnd: random.Random, target: str, variants: list[str]) -> tuple[str, int | None]:
+    """One variant as a spec for ``target``, its TransferData block drawn from the 2nd to the
+    5th (16 KiB images: five blocks); and that block's deploy packet (None: not TransferData)."""
+    variant = rnd.choice(variants)
+    if "{n}" not in variant:
+        return f"{target}:{variant}", None
     n = rnd.randint(2, 5)
-    return spec[: match.start()] + f":36#{n}:" + spec[match.end():], n - 1
+    return f"{target}:{variant.format(n=n)}", n - 1
 
 
 def test_matrix_flash_and_deploy(tmp_path, write_config, procs):
     seed = int(os.environ.get("VOTA_MATRIX_SEED") or random.SystemRandom().randrange(10**6))
     rnd = random.Random(seed)
     print(f"matrix seed {seed} (VOTA_MATRIX_SEED={seed} repeats it)")
-    flash_cells = {n: (_at_random(rnd, spec)[0], cause, side) for n, (spec, cause, side) in FLASH.items()}
+    flash_cells = {n: (_draw(rnd, n, variants)[0], cause, side) for n, (variants, cause, side) in FLASH.items()}
     deploy_cells = {}
-    for n, (spec, cause, side, packet) in DEPLOY.items():
-        drawn, block = _at_random(rnd, spec)
-        if block is not None and packet is not None:
-            packet = block
-            if "skip_step" in spec:  # the next packet is the one out of sequence; after the last, the exit is
-                packet = block + 1 if block + 1 < 5 else None
+    for n, (variants, cause, side) in DEPLOY.items():
+        drawn, packet = _draw(rnd, f"deploy:{n}", variants)
+        if packet is not None and "skip_step" in drawn:  # the next packet is the one out of sequence; after the last, the exit
+            packet = packet + 1 if packet + 1 < 5 else None
+        if "bad_format" in drawn:  # a TransferData header cut to SID and counter: no packet id to name
+            packet = None
         deploy_cells[n] = (drawn, cause, side, packet)
+    print("cells:", *(spec for spec, *_ in (*flash_cells.values(), *deploy_cells.values())))
     segments = {f"s{i}": {"bus": multicast_bus()} for i in range(3)}
     segments["bb"] = {"bus": multicast_bus()}
     ecus = {}
@@ -141,7 +144,7 @@ def test_matrix_flash_and_deploy(tmp_path, write_config, procs):
         for name, (spec, cause, side) in flash_cells.items():
             f = groups[name][0]
             unit = "GW" if side == "client" else name
-            assert (f["cause"], f["side"], f["unit"], f["packet"]) == (cause, side, unit, name), (f"seed {seed}", mode, f)
+            assert (f["cause"], f["side"], f["unit"], f["packet"]) == (cause, side, unit, name), (f"seed {seed}", spec, mode, f)
             assert f["index"] > 0  # not the first request
             # exactly one cause per injected fault; a client that went on after a left-out request
             # (skip_step) sends every later request out of sequence, each one a flow finding
@@ -155,9 +158,9 @@ def test_matrix_flash_and_deploy(tmp_path, write_config, procs):
         got = {}
         for f in deploy["findings"]:
             got.setdefault(f["package"], f)
-        for name, (_, cause, side, packet) in deploy_cells.items():
+        for name, (spec, cause, side, packet) in deploy_cells.items():
             f = got[name]
             unit = "TBOX" if side == "client" else "GW"
-            assert (f["cause"], f["side"], f["unit"], f["packet"]) == (cause, side, unit, packet), (f"seed {seed}", mode, f)
+            assert (f["cause"], f["side"], f["unit"], f["packet"]) == (cause, side, unit, packet), (f"seed {seed}", spec, mode, f)
             assert f["index"] > 0
         assert len(deploy["findings"]) == len(deploy_cells)
