@@ -5,7 +5,8 @@ Starts one ``vota ecu-sim`` process and runs ``vota flash`` (the gateway) agains
 python-can's udp_multicast, for classic CAN framing and CAN FD framing, without and with
 bus-timing emulation. Prints, per run: TransferData goodput in KiB/s, CAN frames/s
 (counted from the ISO-TP framing of what was sent), the trace size per MiB flashed and,
-with emulation, the goodput as a fraction of the physical ISO-TP limit.
+with emulation, the goodput as a fraction of the physical ISO-TP limit; and the CPU time
+the gateway process spent per MiB flashed.
 
     .venv/bin/python benchmarks/flash_throughput.py [--size 1M] [--emulated-size 1M] [--runs 1] [--mode NAME]
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,20 @@ MODES = [
     ("classic @500k", 8, "500000", 4095),
     ("fd @500k/2M", 64, "500000/2000000", 0x4002),
 ]
+# compressed transfer (RequestDownload's dataFormatIdentifier) of a firmware-like image: a real
+# compiled binary, PyYAML's C extension as pip installed it, repeated to the image size
+COMPRESSED = [
+    ("classic @500k zlib", 8, "500000", 4095, "zlib"),
+    ("classic @500k lzma", 8, "500000", 4095, "lzma"),
+    ("fd @500k/2M zlib", 64, "500000/2000000", 0x4002, "zlib"),
+]
+
+
+def firmware_like(size: int) -> bytes:
+    import yaml._yaml as compiled  # noqa: PLC0415 - the binary is the point, not the module
+
+    data = Path(compiled.__file__).read_bytes()
+    return (data * (size // len(data) + 1))[:size]
 
 
 def _size(text: str) -> int:
@@ -57,7 +73,8 @@ def frames_for(request_len: int, dl: int) -> int:
     return 1 + 1 + -(-rest // (dl - 1))  # first frame + flow control + consecutive frames
 
 
-def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, work: Path) -> dict:
+def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, work: Path, method: str | None = None,
+             firmware: bool = False) -> dict:
     rng = random.Random()
     bus = {"interface": "udp_multicast", "channel": f"239.{rng.randint(64, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
            "port": rng.randint(20000, 60000), "fd": dl > 8}
@@ -68,10 +85,12 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
               "ecus": {"ecu": {"segment": "bench", "request_id": 0x7E0, "response_id": 0x7E8, "security_secret": "s",
                                "memory": {"address": 0, "size": 16 * 1024 * 1024},
                                "sim": {"max_block_length": block, "erase_ms": 100, "check_ms": 10, "reset_ms": 100}}}}
+    if method:
+        config["ecus"]["ecu"]["compression"] = {method: 1}
     cfg = work / f"{name.replace(' ', '_').replace('/', '_')}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     image = work / "image.bin"
-    image.write_bytes(os.urandom(size))
+    image.write_bytes(firmware_like(size) if method or firmware else os.urandom(size))
     sim = subprocess.Popen([sys.executable, "-m", "agent.cli", "ecu-sim", "-c", str(cfg), "--state-dir", str(work / "state")],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
@@ -79,9 +98,11 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
         sim.stdout.readline()  # "ecu-sim ready"
         out = work / f"out-{time.monotonic_ns()}"
         t0 = time.monotonic()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         run = subprocess.run([sys.executable, "-m", "agent.cli", "flash", "-c", str(cfg), "--out", str(out), "--json",
                               "--no-progress", f"ecu={image}@{time.monotonic_ns()}"], capture_output=True, text=True, cwd=ROOT)
         wall = time.monotonic() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     finally:
         sim.terminate()
         sim.wait()
@@ -92,15 +113,21 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
     transfers = [e for e in trace.exchanges if e.service == 0x36]
     seconds = (transfers[-1].t + transfers[-1].dt - transfers[0].t) / 1000.0
     frames = sum(frames_for(e.length, dl) + 1 for e in transfers)  # + the response frame
-    goodput = size / seconds
+    on_bus = result["bytes_transferred"]
+    goodput = size / seconds  # image bytes (decompressed) per second of transfer
     row = {
         "mode": name,
+        "image": "firmware" if method or firmware else "random",
         "image_kib": size // 1024,
+        "on_bus_kib": on_bus // 1024,
         "transfer_s": round(seconds, 2),
         "goodput_kib_s": round(goodput / 1024, 1),
         "frames_per_s": round(frames / seconds),
         "flash_s": result["duration_s"],
         "wall_s": round(wall, 1),
+        # the gateway process's CPU (user + system) for the whole flash, per MiB of image
+        "gateway_cpu_s_per_mib": round((cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime)
+                                       * 1024 * 1024 / size, 1),
         "trace_bytes_per_mib": round(result["trace_bytes"] * 1024 * 1024 / size),
         "trace_percent": round(100 * result["trace_fraction"], 3),
     }
@@ -108,7 +135,7 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
         nominal, _, data = bitrate.partition("/")
         limit = physical_goodput(dl, int(nominal), int(data) if data else None)
         row["physical_kib_s"] = round(limit / 1024, 1)
-        row["of_physical"] = f"{100 * goodput / limit:.1f} %"
+        row["of_physical"] = f"{100 * goodput / limit:.1f} %"  # above 100 %: fewer bytes on the bus than the image
     return row
 
 
@@ -117,24 +144,27 @@ def main() -> None:
     parser.add_argument("--size", default="1M", help="image size without emulation (default 1M)")
     parser.add_argument("--emulated-size", default="1M", help="image size with bus-timing emulation (default 1M)")
     parser.add_argument("--runs", type=int, default=1, help="runs per mode (default 1)")
-    parser.add_argument("--mode", action="append", help="only these modes (classic, fd, 'fd 4K blocks', 'classic @500k', 'fd @500k/2M')")
+    parser.add_argument("--mode", action="append", help="only these modes (classic, fd, 'fd 4K blocks', 'classic @500k', "
+                        "'fd @500k/2M', 'classic @500k zlib', 'classic @500k lzma', 'fd @500k/2M zlib')")
     parser.add_argument("--json", action="store_true", help="print JSON rows")
+    parser.add_argument("--image", choices=("random", "firmware"), default="random",
+                        help="image of the uncompressed modes (compressed ones always use the firmware-like image)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="vota-bench-") as tmp:
-        for name, dl, bitrate, block in MODES:
+        for name, dl, bitrate, block, method in [(*m, None) for m in MODES] + COMPRESSED:
             if args.mode and name not in args.mode:
                 continue
             size = _size(args.emulated_size if bitrate else args.size)
             for _ in range(args.runs):
-                rows.append(run_mode(name, dl, bitrate, block, size, Path(tmp)))
+                rows.append(run_mode(name, dl, bitrate, block, size, Path(tmp), method, args.image == "firmware"))
                 if not args.json:
                     print(json.dumps(rows[-1]), flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    head = ["mode", "image_kib", "transfer_s", "goodput_kib_s", "frames_per_s", "trace_bytes_per_mib", "trace_percent",
-            "physical_kib_s", "of_physical"]
+    head = ["mode", "image", "image_kib", "on_bus_kib", "transfer_s", "goodput_kib_s", "frames_per_s", "trace_bytes_per_mib",
+            "trace_percent", "physical_kib_s", "of_physical", "gateway_cpu_s_per_mib"]
     widths = [max(len(h), *(len(str(r.get(h, ""))) for r in rows)) for h in head]
     print()
     print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))

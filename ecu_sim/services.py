@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from udsoncan import services as svc
 
@@ -22,6 +22,7 @@ from agent.adapters.file_store import transfer_exit as file_transfer_exit
 from agent.adapters.storage import atomic_write_json
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import EcuConfig
+from agent.protocol.compression import DecompressError, Decompressor, decompressor
 from agent.protocol.ecu import (
     ROUTINE_SHOW_CONTENT,
     ROUTINE_STOP_CONTENT,
@@ -56,6 +57,7 @@ class EcuState:
     download_active: bool = False
     download_size: int = 0
     received: int = 0
+    decompressor: Decompressor | None = None  # a compressed download: decompressed while written
     counter: BlockCounter = field(default_factory=BlockCounter)
     resets: int = 0
     erased_region: tuple[int, int] | None = field(default=None)
@@ -91,7 +93,7 @@ class EcuState:
         if self.content is not None:
             self.content.files.abort()
         if self.download_active:
-            self.download_active = False
+            self.download_active, self.decompressor = False, None
             self.banks.close()
 
     def reset(self) -> None:
@@ -304,7 +306,8 @@ def request_download(s: EcuState, r: Request) -> bytes:
         return r.negative(Nrc.ServiceNotSupportedInActiveSession)
     if not s.unlocked:
         return r.negative(Nrc.SecurityAccessDenied)
-    if r.data[1] != 0x00:  # dataFormatIdentifier: no compression, no encryption
+    method = _data_format(s.config, r.data[1])  # dataFormatIdentifier: compression nibble, encryption nibble
+    if method is False:
         return r.negative(Nrc.RequestOutOfRange)
     region = _memory(r.data[2:])
     if region is None:
@@ -320,8 +323,24 @@ def request_download(s: EcuState, r: Request) -> bytes:
         return r.negative(Nrc.UploadDownloadNotAccepted)
     s.banks.begin_write(size)
     s.download_active, s.download_size, s.received = True, size, 0
+    s.decompressor = decompressor(method) if method else None
     s.counter = BlockCounter()
     return b"\x74\x20" + s.sim.max_block_length.to_bytes(2, "big")
+
+
+def _data_format(ecu: EcuConfig, identifier: int) -> str | None | Literal[False]:
+    """The compression method a dataFormatIdentifier names (None: no compression); False when
+    this ECU does not accept it (an encryption method, or a compression it was not built with)."""
+    if identifier & 0x0F:
+        return False  # no encryption method is supported
+    nibble = identifier >> 4
+    if nibble == 0:
+        return None
+    accepted = ecu.sim.accept_compression
+    for method, value in ecu.compression:
+        if value == nibble and (accepted is None or method in accepted):
+            return method
+    return False
 
 
 def transfer_data(s: EcuState, r: Request) -> bytes:
@@ -338,6 +357,11 @@ def transfer_data(s: EcuState, r: Request) -> bytes:
     if len(r.data) > s.sim.max_block_length or len(r.data) == 2:
         return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     data = r.data[2:]
+    if s.decompressor is not None:  # decompressed as it arrives; never more than memorySize announced
+        try:
+            data = s.decompressor.feed(data, s.download_size - s.received)
+        except DecompressError:
+            return r.negative(Nrc.RequestOutOfRange)  # the transferRequestParameterRecord is not valid data
     if s.received + len(data) > s.download_size:
         return r.negative(Nrc.TransferDataSuspended)
     s.banks.write(s.received, data)
@@ -349,10 +373,10 @@ def transfer_data(s: EcuState, r: Request) -> bytes:
 def request_transfer_exit(s: EcuState, r: Request) -> bytes:
     if not s.download_active:
         return r.negative(Nrc.RequestSequenceError)
-    if s.received != s.download_size:
+    if s.received != s.download_size or (s.decompressor is not None and not s.decompressor.finished):
         return r.negative(Nrc.RequestSequenceError)
     s.banks.finish_write(s.received)
-    s.download_active = False
+    s.download_active, s.decompressor = False, None
     return b"\x77"
 
 

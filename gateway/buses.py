@@ -2,7 +2,9 @@
 
 Everything the gateway does on an ECU (flash it, store or show owner content, read its versions)
 takes that ECU's lock, so no two conversations with one ECU ever run at once; work on different
-ECUs, and on different segments, goes on in parallel over the same segment objects.
+ECUs, and on different segments, goes on in parallel over the same segment objects. A segment
+flashed by a worker process is lent to it whole (``lend``): its ECUs held, this process's bus
+on it closed until the flash is over.
 """
 
 from __future__ import annotations
@@ -59,6 +61,23 @@ class Buses:
         finally:
             self._holders.pop(name, None)
             lock.release()
+
+    @contextlib.contextmanager
+    def lend(self, segment: str, what: str) -> Iterator[None]:
+        """Every ECU of ``segment`` held for ``what``, and this process's bus on it closed, while a
+        worker process drives the segment on a bus of its own (gateway/segment_worker.py): a bus
+        left open here would decode every frame of the flash in this process, for nothing. Other
+        work on the segment's ECUs waits (or is told the ECU is busy); the bus opens again on
+        its next use."""
+        names = sorted(n for n, e in self.config.ecus.items() if e.segment == segment)
+        with contextlib.ExitStack() as held:
+            for name in names:
+                held.enter_context(self.ecu(name, what))
+            with self._lock:
+                open_segment = self._segments.pop(segment, None)
+            if open_segment is not None:
+                open_segment.shutdown()
+            yield
 
     def busy(self, name: str) -> str | None:
         """What holds the ECU now, if anything."""

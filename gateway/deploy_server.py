@@ -78,7 +78,8 @@ class DeployState:
     seed: bytes | None = None
 
     def __post_init__(self) -> None:
-        self.files = FileStore(Path(self.config.package_dir), self.config.max_block_length, Path(self.results_dir))
+        self.files = FileStore(Path(self.config.package_dir), self.config.max_block_length, Path(self.results_dir),
+                               compression=self.config.compression)
         self.security_file = Path(self.results_dir) / "deploy-security.json"  # wrong keys outlive a restart
 
     @property

@@ -18,18 +18,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from udsoncan import MemoryLocation
+from udsoncan import DataFormatIdentifier, MemoryLocation
 from udsoncan.exceptions import NegativeResponseException, TimeoutException
 
 from agent.adapters.canbus import Segment
-from agent.adapters.storage import atomic_write_json
-from agent.adapters.trace_files import write_trace
+from agent.adapters.storage import atomic_write_json, atomic_write_text
 from agent.adapters.uds_client import ClientFaults, RawCodec, UdsLink, describe_failure
 from agent.core.campaign import compare_versions
 from agent.core.config import EcuConfig, GatewayConfig, VehicleConfig
 from agent.core.faults import FaultSpec
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError, UsageError
+from agent.protocol.compression import compress
 from agent.protocol.ecu import DID, STAGED_NONE, decode_staged_image, security_key
 from agent.protocol.uds import (
     COMMUNICATION_ALL,
@@ -41,6 +41,7 @@ from agent.protocol.uds import (
     Session,
 )
 from gateway.buses import Buses, TesterPresentKeeper
+from gateway.segment_worker import SegmentWorker
 
 __all__ = ["FlashJob", "FlashResult", "FlashHooks", "flash_all", "EcuFlasher", "STEPS", "fingerprint"]
 
@@ -105,7 +106,10 @@ class FlashResult:
     version_after: str | None = None
     started: str = ""
     duration_s: float = 0.0
-    bytes_transferred: int = 0
+    bytes_transferred: int = 0  # TransferData payload bytes on the bus (compressed, when the image was)
+    compression: str | None = None  # the method the image went with (RequestDownload's dataFormatIdentifier)
+    compression_refused: list[str] = field(default_factory=list)  # methods the ECU answered NRC 0x31 to first
+    transfer_ratio: float = 0.0  # bytes_transferred / image_size
     trace_file: str | None = None
     trace_bytes: int = 0
     trace_fraction: float = 0.0
@@ -163,6 +167,9 @@ class EcuFlasher:
         self.step = ""
         self.max_block = 0
         self.sent = 0
+        self.compression: str | None = None  # the method the image went with, if any
+        self.total = len(job.image)  # the bytes TransferData carries (fewer when compressed)
+        self.fallbacks: list[str] = []  # methods the ECU refused first
 
     # ---- the sequence -----------------------------------------------------------------
     def run(self) -> FlashResult:
@@ -209,6 +216,9 @@ class EcuFlasher:
             link.close()
         result.duration_s = round(time.time() - started, 3)
         result.bytes_transferred = self.sent
+        result.compression = self.compression
+        result.compression_refused = list(self.fallbacks)
+        result.transfer_ratio = round(self.sent / max(1, len(job.image)), 4)
         return result
 
     def _read_version(self, link: UdsLink) -> str | None:
@@ -224,7 +234,7 @@ class EcuFlasher:
         if self.on_step is not None and step != self.step:
             self.on_step(self.ecu.name, step, self.recorder)
         self.step = step
-        self.progress(self.ecu.name, step, self.sent, len(self.job.image))
+        self.progress(self.ecu.name, step, self.sent, self.total)
         attempts = self.gateway.retries + 1
         for attempt in range(attempts):
             try:
@@ -260,14 +270,14 @@ class EcuFlasher:
             ecu.fingerprint_did, fingerprint(self.job.version, _dt.date.today())))
         erase_option = region.alfid.get_byte() + region.get_address_bytes() + region.get_memorysize_bytes()
         self._do("erase", lambda: self._routine(c, ecu.erase_routine, erase_option))
-        response = self._do("request_download", lambda: c.request_download(region))
+        response, payload = self._request_download(c, region)
         self.max_block = int(response.service_data.max_length)
         if self.max_block < 3:
             raise FlashError("request_download", f"maxNumberOfBlockLength {self.max_block} is too small")
         chunk = self.max_block - 2
         counter = 1
-        for offset in range(0, len(image), chunk):
-            block = image[offset : offset + chunk]
+        for offset in range(0, len(payload), chunk):
+            block = payload[offset : offset + chunk]
             self._do("transfer_data", functools.partial(c.transfer_data, counter, block))
             self.sent = offset + len(block)
             counter = (counter + 1) & 0xFF
@@ -283,7 +293,7 @@ class EcuFlasher:
         self._do("communication_enable", lambda: c.communication_control(CommunicationType.enableRxAndTx, COMMUNICATION_ALL))
         self._do("dtc_setting_on", lambda: c.control_dtc_setting(DtcSetting.on))
         self._do("default_session", lambda: c.change_session(Session.defaultSession))
-        self.progress(self.ecu.name, "verify", self.sent, len(image))
+        self.progress(self.ecu.name, "verify", self.sent, self.total)
         self.step = "verify"
         with link.step("verify"):
             try:
@@ -295,6 +305,32 @@ class EcuFlasher:
         if reported != self.job.version:
             raise FlashError("verify", f"ECU reports software {reported!r} after reset, expected {self.job.version!r}")
         return self.job.version
+
+    def _request_download(self, c: Any, region: MemoryLocation) -> tuple[Any, bytes]:
+        """RequestDownload, compressed with the first of the ECU's methods that makes the image
+        smaller and that the ECU accepts; an ECU that refuses a method (NRC 0x31) is asked again
+        with the next one, at last without compression. (The response, the bytes to transfer.)"""
+        image = self.job.image
+        for method, nibble in self.ecu.compression:
+            packed = compress(method, image)
+            if len(packed) >= len(image):
+                continue
+            try:
+                response = self._do("request_download", functools.partial(
+                    c.request_download, region, dfi=DataFormatIdentifier(compression=nibble)))
+            except FlashError as exc:
+                if exc.nrc != 0x31:  # requestOutOfRange: this ECU does not take this method
+                    raise
+                if self.recorder.current is not None:
+                    self.recorder.current.extra.update(retried=True, csize=len(packed))  # judged: the next attempt
+                log.warning("%s refused %s compression (NRC 0x31): trying the next way", self.ecu.name, method)
+                self.fallbacks.append(method)
+                continue
+            if self.recorder.current is not None:
+                self.recorder.current.extra["csize"] = len(packed)  # the bytes TransferData carries
+            self.compression, self.total = method, len(packed)
+            return response, packed
+        return self._do("request_download", lambda: c.request_download(region)), image
 
     def _staged(self, link: UdsLink) -> str:
         """Staging only: leave the programming session without a reset, then read the staged
@@ -364,10 +400,33 @@ def flash_all(
     own = buses is None
     owner = buses if buses is not None else Buses(config)
 
+    mode = config.gateway.segment_workers
+    in_processes = mode == "process" or (mode == "auto" and len(by_segment) > 1)
+
+    def record(job: FlashJob, result: FlashResult, trace: str) -> None:
+        trace_path = out / f"{job.ecu}.trace.jsonl"
+        atomic_write_text(trace_path, trace)
+        result.trace_bytes = len(trace.encode())
+        result.trace_file = trace_path.name
+        result.trace_fraction = round(result.trace_bytes / max(1, len(job.image)), 5)
+        atomic_write_json(out / f"{job.ecu}.result.json", result.to_json())
+        results[job.ecu] = result
+        if hooks and hooks.result:
+            hooks.result(result)
+        if progress:
+            progress(job.ecu, "done" if result.result == "success" else "failed", result.bytes_transferred, len(job.image))
+
     def run_segment(name: str, seg_jobs: list[FlashJob]) -> None:
+        functional = config.ecu(seg_jobs[0].ecu).functional_id
+        if in_processes:  # this segment's flashing in a process of its own (gateway/segment_worker.py)
+            with owner.lend(name, "flash"), \
+                    SegmentWorker(config, name, functional, faults, bool(hooks and hooks.step)) as worker:
+                for job in seg_jobs:
+                    result, trace = worker.flash(job, progress, stop, hooks.step if hooks else None)
+                    record(job, result, trace)
+            return
         segment = owner.segment(name)
         period = config.gateway.tester_present_ms / 1000.0
-        functional = config.ecu(seg_jobs[0].ecu).functional_id
         with TesterPresentKeeper(segment, functional, period) as keeper:
             for job in seg_jobs:
                 with owner.ecu(job.ecu, "flash"):
@@ -376,16 +435,7 @@ def flash_all(
                     keeper.recorder = flasher.recorder
                     result = flasher.run()
                     keeper.recorder = None
-                trace_path = out / f"{job.ecu}.trace.jsonl"
-                result.trace_bytes = write_trace(trace_path, flasher.recorder, result.result)
-                result.trace_file = trace_path.name
-                result.trace_fraction = round(result.trace_bytes / max(1, len(job.image)), 5)
-                atomic_write_json(out / f"{job.ecu}.result.json", result.to_json())
-                results[job.ecu] = result
-                if hooks and hooks.result:
-                    hooks.result(result)
-                if progress:
-                    progress(job.ecu, "done" if result.result == "success" else "failed", result.bytes_transferred, len(job.image))
+                record(job, result, flasher.recorder.trace(result.result).to_text())
 
     errors: list[BaseException] = []
     finished = threading.Semaphore(0)

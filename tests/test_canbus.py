@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 from agent.adapters.canbus import Segment
@@ -34,3 +35,32 @@ def test_a_single_frame_held_back_by_the_bus_timing_still_completes_its_send():
     finally:
         timed.shutdown()
         peer.shutdown()
+
+
+def test_emulated_bus_timing_never_runs_ahead_of_the_bus_and_never_hangs():
+    """Many short transfers both ways on a segment at 500 kbit/s: every one arrives whole and
+    in order, every send returns (a send that never completes would fail here by its timeout),
+    and the frames never leave faster than the bus carries them."""
+    from agent.adapters.canbus import BusClock, frame_time
+
+    bus = virtual_bus()
+    a = Segment(SegmentConfig("pt", bus, bitrate=(500000, None)))
+    b = Segment(SegmentConfig("pt", bus, bitrate=(500000, None)))
+    rng = random.Random(7)
+    try:
+        tester, ecu = a.stack(0x7E0, 0x7E8), b.stack(0x7E8, 0x7E0)
+        for i in range(300):
+            size = rng.choice((1, 2, 7, 8, 20, 62, 63, 300))
+            payload = bytes((i + k) & 0xFF for k in range(size))
+            tester.send(payload, send_timeout=5)
+            assert ecu.recv(block=True, timeout=5) == payload, i
+            ecu.send(payload[::-1], send_timeout=5)
+            assert tester.recv(block=True, timeout=5) == payload[::-1], i
+    finally:
+        a.shutdown()
+        b.shutdown()
+    clock = BusClock(500000, None, False)
+    started = time.monotonic()
+    for _ in range(1000):
+        clock.take(8)
+    assert time.monotonic() - started >= 1000 * frame_time(8, 500000) - clock.burst

@@ -152,17 +152,20 @@ def test_versions_reports_a_silent_ecu(write_config):
 
 
 def test_bus_timing_emulation_parameters():
-    from agent.adapters.canbus import isotp_params, physical_goodput
+    from agent.adapters.canbus import Segment, frame_time, isotp_params, physical_goodput
     from agent.core.config import SegmentConfig
 
     off = isotp_params(SegmentConfig("s", {"interface": "virtual"}))
     assert "rate_limit_enable" not in off and off["blocking_send"] and off["tx_data_length"] == 8
+    # the pacing is the segment's own (BusClock), never can-isotp's rate limiter
     classic = isotp_params(SegmentConfig("s", {"interface": "virtual"}, bitrate=(500000, None)))
-    assert classic["rate_limit_enable"] is True
-    # 8 data bytes per ~116-bit frame at 500 kbit/s: about 275 kbit/s of frame data
-    assert 270_000 < classic["rate_limit_max_bitrate"] < 280_000
-    fd = isotp_params(SegmentConfig("s", {"interface": "virtual"}, tx_data_length=64, bitrate=(500000, 2000000)))
-    assert fd["can_fd"] and fd["bitrate_switch"] and 1_400_000 < fd["rate_limit_max_bitrate"] < 1_600_000
+    assert "rate_limit_enable" not in classic
+    segment = Segment(SegmentConfig("s", virtual_bus(), bitrate=(500000, None)))
+    try:
+        assert segment.clock is not None and segment.clock.nominal == 500000
+    finally:
+        segment.shutdown()
+    assert 115 / 500000 < frame_time(8, 500000) < 117 / 500000  # ~116 bits with stuffing
     assert round(physical_goodput(8, 500000) / 1024, 1) == 29.5
     assert round(physical_goodput(64, 500000, 2000000) / 1024) == 179
 

@@ -230,3 +230,49 @@ def test_the_deploy_link_needs_security_access_and_locks_out_wrong_keys(tmp_path
         assert not (tmp_path / "pk" / "vcu2.bin").exists()
     finally:
         gw.close()
+
+
+def test_compressed_deploy_falls_back_resumes_after_kill_and_refuses_a_broken_stream(tmp_path, write_config, procs):
+    """The TBOX prefers lzma, the gateway takes only zlib: NRC 0x31, then zlib. Fewer bytes on
+    the link than the package, the package unpacked identical at the gateway, a deploy killed
+    midway resumed in the compressed stream, and a stream damaged on the way refused at the
+    exit (digest never matched, nothing kept)."""
+    import yaml._yaml as compiled
+
+    bus = multicast_bus()
+    gateway = write_config({"segments": {"bb": {"bus": bus}},
+                            "deploy": {"segment": "bb", "package_dir": str(tmp_path / "gw"), "compression": {"zlib": 1}}},
+                           "gateway.yaml")
+    tbox = write_config({"segments": {"bb": {"bus": bus}},
+                         "deploy": {"segment": "bb", "package_dir": str(tmp_path / "gw"),
+                                    "compression": {"lzma": 2, "zlib": 1}}}, "tbox.yaml")
+    _start_gateway(procs, gateway, tmp_path)
+    package = tmp_path / "vcu-2.0.bin"
+    package.write_bytes(Path(compiled.__file__).read_bytes()[:MiB])
+    out = tmp_path / "deploy"
+    first = Proc("deploy", "-c", str(tbox), "--out", str(out), "--no-progress", str(package), log=tmp_path / "d1.log")
+    procs.append(first)
+    part = tmp_path / "gw" / "vcu-2.0.bin.part"
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size > 60 * 1024):
+        assert time.monotonic() < deadline, first.text()
+        time.sleep(0.01)
+    os.kill(first.p.pid, signal.SIGKILL)
+    first.stop()
+    run = vota("deploy", "-c", str(tbox), "--out", str(out), "--json", "--resume", str(package))
+    assert run.returncode == 0, run.stderr
+    (result,) = json.loads(run.stdout)
+    assert (result["result"], result["compression"]) == ("success", "zlib"), result
+    assert result["resumed_from"] >= 60 * 1024 and result["resumed_from"] + result["bytes_transferred"] < MiB // 2
+    assert (tmp_path / "gw" / "vcu-2.0.bin").read_bytes() == package.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "gw").iterdir()) == ["vcu-2.0.bin"]  # no .part, .part.raw or sidecar left
+    asked = [(e.header[:2].hex(), e.header[4 + 11], (e.response or b"")[:3].hex())
+             for e in read_trace(out / "vcu-2.0.bin.deploy.trace.jsonl").exchanges if e.service == 0x38]
+    assert asked == [("3806", 0x20, "7f3831"), ("3806", 0x10, "780602")], asked  # lzma refused, then zlib
+
+    run = vota("deploy", "-c", str(tbox), "--out", str(tmp_path / "bad"), "--json", "--fault", "deploy:bms.bin:36#3:corrupt_data",
+               str(package.rename(tmp_path / "bms.bin")))
+    assert run.returncode == 3, run.stderr
+    (bad,) = json.loads(run.stdout)
+    assert (bad["failed_step"], bad["nrc"], bad["compression"]) == ("transfer_exit", 0x72, "zlib"), bad
+    assert not (tmp_path / "gw" / "bms.bin").exists() and not (tmp_path / "gw" / "bms.bin.part.raw").exists()

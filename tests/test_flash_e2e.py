@@ -240,3 +240,91 @@ def test_sigterm_cancels_a_flash_cleanly(tmp_path, write_config, procs):
     result = json.loads((tmp_path / "f" / "vcu.result.json").read_text())
     assert result["result"] == "failed" and result["reason"] == "cancelled"
     assert "Traceback" not in flash.text()
+
+
+def _firmware_like(size: int) -> bytes:
+    """A real compiled binary (a shared library of this Python), cut to ``size``."""
+    import _ssl
+
+    data = Path(_ssl.__file__).read_bytes()
+    return (data * (size // len(data) + 1))[:size]
+
+
+def test_compressed_transfer_each_method_and_the_fallback(tmp_path, write_config, procs):
+    """zlib and lzma through RequestDownload's dataFormatIdentifier: fewer bytes on the bus than
+    the image, the image read back identical from the ECU's bank; an ECU whose bootloader does
+    not take the method answers NRC 0x31 and gets the image uncompressed; a compressed stream
+    damaged on the way fails at that TransferData, and the diagnosis names it."""
+    segment = {"bus": multicast_bus()}
+    config = write_config({
+        "segments": {"pt": segment},
+        "gateway": {"results_dir": str(tmp_path / "gw")},
+        "ecus": {
+            "z": ecu_entry("z", 0x7E0, 0x7E8) | {"compression": {"zlib": 1}},
+            "l": ecu_entry("l", 0x7E1, 0x7E9) | {"compression": {"lzma": 2, "zlib": 1}},
+            "f": ecu_entry("f", 0x7E2, 0x7EA, accept_compression=[]) | {"compression": {"lzma": 3}},
+        },
+    })
+    state = tmp_path / "state"
+    procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim.log"))
+    _wait_ready(procs[0])
+    image = _firmware_like(96 * 1024)
+    (tmp_path / "fw.bin").write_bytes(image)
+    out = tmp_path / "flash"
+    run = vota("flash", "-c", str(config), "--out", str(out), "--json", "--no-progress",
+               *[f"{e}={tmp_path / 'fw.bin'}@3.0.0" for e in ("z", "l", "f")], timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = {r["ecu"]: r for r in json.loads(run.stdout)}
+    for ecu, method in (("z", "zlib"), ("l", "lzma"), ("f", None)):
+        r = results[ecu]
+        assert (r["result"], r["version_after"], r["compression"]) == ("success", "3.0.0", method), r
+        assert _active_image(state, ecu) == image  # decompressed by the ECU, identical
+    assert results["z"]["bytes_transferred"] < len(image) * 0.6 and results["l"]["bytes_transferred"] < len(image) * 0.6
+    assert results["f"]["bytes_transferred"] == len(image) and results["f"]["compression_refused"] == ["lzma"]
+    z = [e for e in read_trace(out / "z.trace.jsonl").exchanges if e.service == 0x34]
+    assert [(e.header[:2].hex(), e.extra.get("csize")) for e in z] == [("3410", results["z"]["bytes_transferred"])]
+    f = [e for e in read_trace(out / "f.trace.jsonl").exchanges if e.service == 0x34]
+    assert [(e.header[:2].hex(), (e.response or b"").hex(), bool(e.extra.get("retried"))) for e in f] == [
+        ("3430", "7f3431", True), ("3400", "74200fff", False)]
+    assert json.loads(vota("diagnose", str(out), "--json", "-").stdout)["abnormal_packages"] == []
+
+    bad = tmp_path / "bad"
+    run = vota("flash", "-c", str(config), "--out", str(bad), "--json", "--no-progress", "--fault", "z:36#2:corrupt_data",
+               f"z={tmp_path / 'fw.bin'}@3.0.1", timeout=300)
+    assert run.returncode == 3, run.stderr
+    (r,) = json.loads(run.stdout)
+    assert (r["failed_step"], r["nrc"], r["compression"]) == ("transfer_data", 0x31, "zlib"), r
+    verdict = json.loads(vota("diagnose", str(bad), "--json", "-").stdout)
+    (finding,) = verdict["findings"]
+    assert (finding["cause"], finding["nrc"], finding["request"], finding["unit"]) == ("negative_response", 0x31, "3602", "z")
+    assert _active_image(state, "z") == image  # the ECU still runs the image it had
+
+
+def test_segments_flash_at_the_same_time_in_worker_processes_and_a_failure_stays_on_its_segment(tmp_path, write_config,
+                                                                                                procs):
+    """Two segments, one ECU each, flashed by one `vota flash` with a worker process per segment:
+    the two transfers overlap in time, and an ECU that fails on one segment leaves the other
+    flashing to the end."""
+    config = write_config({
+        "segments": {"a": {"bus": multicast_bus()}, "b": {"bus": multicast_bus()}},
+        "gateway": {"results_dir": str(tmp_path / "gw"), "segment_workers": "process"},
+        "ecus": {"ea": ecu_entry("ea", 0x7E0, 0x7E8, "a", faults=["ea:36#6:nrc=0x72"]),
+                 "eb": ecu_entry("eb", 0x7E1, 0x7E9, "b")},
+    })
+    procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "state"), log=tmp_path / "sim.log"))
+    _wait_ready(procs[0])
+    (tmp_path / "img.bin").write_bytes(os.urandom(64 * 1024))
+    out = tmp_path / "flash"
+    run = vota("flash", "-c", str(config), "--out", str(out), "--json", "--no-progress",
+               f"ea={tmp_path / 'img.bin'}@2.0", f"eb={tmp_path / 'img.bin'}@2.0", timeout=300)
+    assert run.returncode == 3, run.stderr
+    results = {r["ecu"]: r for r in json.loads(run.stdout)}
+    assert (results["ea"]["result"], results["ea"]["failed_step"], results["ea"]["nrc"]) == ("failed", "transfer_data", 0x72)
+    assert (results["eb"]["result"], results["eb"]["version_after"]) == ("success", "2.0")
+    spans = {}
+    for ecu in ("ea", "eb"):
+        trace = read_trace(out / f"{ecu}.trace.jsonl")
+        blocks = [e for e in trace.exchanges if e.service == 0x36]
+        spans[ecu] = (trace.header.started + blocks[0].t / 1000, trace.header.started + blocks[-1].t / 1000)
+    assert spans["ea"][0] < spans["eb"][1] and spans["eb"][0] < spans["ea"][1], spans  # at the same time
+    assert "WARNING flash-a gateway.flash: ea: flash failed" in run.stderr  # logged by segment a's worker process

@@ -11,6 +11,7 @@ import logging
 import math
 import socket
 import threading
+import time
 from typing import Any, cast
 
 import can
@@ -19,7 +20,7 @@ import isotp
 from agent.core.config import SegmentConfig
 from agent.errors import ConfigError, VotaError
 
-__all__ = ["Segment", "RoutedStack", "frame_time", "isotp_params", "physical_goodput"]
+__all__ = ["Segment", "RoutedStack", "BusClock", "frame_time", "isotp_params", "physical_goodput"]
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,46 @@ def physical_goodput(tx_data_length: int, bitrate: int, data_bitrate: int | None
     return (tx_data_length - 1) / frame_time(tx_data_length, bitrate, data_bitrate)
 
 
+class BusClock:
+    """Bus-timing emulation for one segment, in our own code: every frame this process sends
+    takes its slot on the bus (``frame_time`` at the segment's rates, back to back with the
+    frames before it); once the sender is more than ``burst`` seconds ahead of the bus it sleeps
+    until it is ``slack`` ahead: no CPU is spent waiting, wake-ups come in batches, and no frame
+    is ever held back for good (can-isotp's own rate limiter spins its thread while it holds
+    frames, and can lose a single frame's completion). ``burst`` is the controller's transmit
+    queue: a few frames may leave early, never more than ``burst`` seconds' worth."""
+
+    def __init__(self, nominal: int, data: int | None, fd: bool, slack: float = 0.002, burst: float = 0.008) -> None:
+        self.nominal, self.data, self.fd, self.slack, self.burst = nominal, data, fd, slack, burst
+        self._free_at = 0.0  # monotonic time at which the bus is free again
+        self._lock = threading.Lock()
+        self._times: dict[tuple[int, bool], float] = {}
+
+    def _frame_time(self, length: int, brs: bool) -> float:
+        key = (length, brs)
+        known = self._times.get(key)
+        if known is None:
+            if length > 8 or self.fd:
+                known = frame_time(length, self.nominal, (self.data or self.nominal) if brs else self.nominal)
+            else:
+                known = frame_time(length, self.nominal)
+            self._times[key] = known
+        return known
+
+    def take(self, length: int, brs: bool = False) -> None:
+        """Reserve the slot of one frame of ``length`` data bytes; return when it may be sent."""
+        duration = self._frame_time(max(8, length) if not self.fd else length, brs)
+        with self._lock:
+            now = time.monotonic()
+            start = self._free_at if self._free_at > now else now
+            self._free_at = start + duration
+            ahead = start - now
+        if ahead > self.burst:  # sleep in batches (fewer wake-ups), down to ``slack`` ahead
+            time.sleep(ahead - self.slack)
+
+
 def isotp_params(segment: SegmentConfig) -> dict[str, Any]:
-    """can-isotp parameters for a segment; bus timing emulated through the rate limiter."""
+    """can-isotp parameters for a segment (bus timing is emulated by the segment's ``BusClock``)."""
     params: dict[str, Any] = {
         "stmin": 0,
         "blocksize": 0,
@@ -61,12 +100,6 @@ def isotp_params(segment: SegmentConfig) -> dict[str, Any]:
         "rx_flowcontrol_timeout": 1000,
         "rx_consecutive_frame_timeout": 1000,
     }
-    if segment.bitrate is not None:
-        nominal, data = segment.bitrate
-        per_frame = frame_time(segment.tx_data_length, nominal, data if segment.fd else None)
-        params["rate_limit_enable"] = True
-        params["rate_limit_max_bitrate"] = int(8 * segment.tx_data_length / per_frame)
-        params["rate_limit_window_size"] = 0.01
     params.update(segment.isotp)
     return params
 
@@ -102,6 +135,9 @@ class RoutedStack(isotp.TransportLayer):
         return None
 
     def _tx(self, msg: isotp.CanMessage) -> None:
+        clock = self.segment.clock
+        if clock is not None:
+            clock.take(len(msg.data), msg.bitrate_switch)
         self.segment.bus.send(
             can.Message(
                 arbitration_id=msg.arbitration_id,
@@ -144,6 +180,9 @@ class Segment:
                                 f"(yet): {exc.strerror}") from None
             raise ConfigError("segment " + config.name, "bus", f"cannot open CAN bus {config.bus!r}: {exc}") from None
         self._raise_receive_buffer()
+        self.clock: BusClock | None = None
+        if config.bitrate is not None:
+            self.clock = BusClock(config.bitrate[0], config.bitrate[1], config.fd)
         self._stacks: list[RoutedStack] = []
         self._routes: dict[tuple[int, bool], list[RoutedStack]] = {}
         self._fc_routes: dict[tuple[int, bool], list[RoutedStack]] = {}  # flow control only, from another id
@@ -228,6 +267,8 @@ class Segment:
             bitrate_switch=len(data) > 8 and bool(self.config.bitrate and self.config.bitrate[1]),
         )
         try:
+            if self.clock is not None:
+                self.clock.take(len(data), msg.bitrate_switch)
             self.bus.send(msg)
         except can.CanError as exc:
             raise VotaError(f"segment {self.config.name}: cannot send frame 0x{can_id:X}: {exc}") from exc

@@ -7,12 +7,15 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import hashlib
+import io
 import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from udsoncan import DataFormatIdentifier, Filesize
 
 from agent.adapters.canbus import Segment
 from agent.adapters.storage import atomic_write_json
@@ -22,6 +25,7 @@ from agent.core.config import DeployConfig
 from agent.core.faults import FaultSpec
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError
+from agent.protocol.compression import compress
 from agent.protocol.files import PACKET_HEADER, packet_payload
 from agent.protocol.link import deploy_key
 from agent.protocol.uds import Session
@@ -60,7 +64,8 @@ class DeployResult:
     failed_packet: int | None = None
     packets: int = 0
     resumed_from: int = 0
-    bytes_transferred: int = 0
+    bytes_transferred: int = 0  # on the link this time (compressed, when it was)
+    compression: str | None = None  # the method the package went with (RequestFileTransfer's dataFormatIdentifier)
     started: str = ""
     duration_s: float = 0.0
     trace_file: str | None = None
@@ -114,6 +119,8 @@ class PackageDeployer:
         self.step = ""
         self.sent = 0
         self.packet: int | None = None
+        self.compression: str | None = None  # the method the package went with, if any
+        self.total = self.size  # the bytes TransferData carries (fewer when compressed)
 
     def run(self) -> DeployResult:
         started = time.time()
@@ -143,7 +150,7 @@ class PackageDeployer:
         if self.stop.is_set():
             raise FlashError(step, "cancelled")
         self.step = step
-        self.progress(self.name, step, self.sent, self.size)
+        self.progress(self.name, step, self.sent, self.total)
         return run_step(step, action, self.recorder)
 
     def _sequence(self, link: UdsLink, result: DeployResult) -> None:
@@ -151,25 +158,21 @@ class PackageDeployer:
         self._do("extended_session", lambda: c.change_session(Session.extendedDiagnosticSession))
         if self.link.security_secret is not None:
             self._do("security_access", lambda: c.unlock_security_access(1))
-        if self.resume:
-            response = self._do("request_file_transfer", lambda: c.resume_file(self.name, filesize=self.size))
-            position = int(response.service_data.fileposition or 0)
-        else:
-            # ReplaceFile: a package deployed before under the same name is replaced
-            response = self._do("request_file_transfer", lambda: c.replace_file(self.name, filesize=self.size))
-            position = 0
+        response, stream = self._request_file_transfer(c)
+        position = int(response.service_data.fileposition or 0) if self.resume else 0
         max_block = self.max_block = int(response.service_data.max_length)
         payload = packet_payload(max_block)
         if payload < 1:
             raise FlashError("request_file_transfer", f"maxNumberOfBlockLength {max_block} leaves no room for data")
-        if position % payload or position > self.size:
+        if position % payload or position > self.total:
             raise FlashError("request_file_transfer", f"gateway resumes at byte {position}, not a packet boundary")
         result.resumed_from = self.sent = position
+        result.compression = self.compression
         counter = 1
-        with open(self.path, "rb") as handle:
+        with (open(self.path, "rb") if stream is None else io.BytesIO(stream)) as handle:
             handle.seek(position)
             self.packet = position // payload
-            while self.sent < self.size:
+            while self.sent < self.total:
                 data = handle.read(payload)
                 block = self.packet.to_bytes(PACKET_HEADER, "big") + data
                 self._do("transfer_data", functools.partial(c.transfer_data, counter, block))
@@ -179,7 +182,33 @@ class PackageDeployer:
                 counter = (counter + 1) & 0xFF
         digest = bytes.fromhex(self.sha256)
         self._do("transfer_exit", lambda: c.request_transfer_exit(digest))
-        self.progress(self.name, "done", self.sent, self.size)
+        self.progress(self.name, "done", self.sent, self.total)
+
+    def _request_file_transfer(self, c: Any) -> tuple[Any, bytes | None]:
+        """ReplaceFile (or ResumeFile), compressed with the first of the link's methods that
+        makes the package smaller and that the gateway takes; a method it refuses (NRC 0x31) is
+        followed by the next, at last none. (The response, the compressed stream or None.)"""
+        send = c.resume_file if self.resume else c.replace_file  # Replace: a package of that name is replaced
+        if self.link.compression:
+            data = self.path.read_bytes()
+            for method, nibble in self.link.compression:
+                packed = compress(method, data)
+                if len(packed) >= len(data):
+                    continue
+                size = Filesize(uncompressed=len(data), compressed=len(packed), width=4)
+                try:
+                    response = self._do("request_file_transfer", functools.partial(
+                        send, self.name, dfi=DataFormatIdentifier(compression=nibble), filesize=size))
+                except FlashError as exc:
+                    if exc.nrc != 0x31:
+                        raise
+                    if self.recorder.current is not None:
+                        self.recorder.current.extra["retried"] = True  # judged: the next attempt
+                    log.warning("the gateway refused %s for %s (NRC 0x31): trying the next way", method, self.name)
+                    continue
+                self.compression, self.total = method, len(packed)
+                return response, packed
+        return self._do("request_file_transfer", lambda: send(self.name, filesize=self.size)), None
 
     def write(self, out_dir: str | Path, result: DeployResult) -> None:
         """Write ``<package>.deploy.trace.jsonl`` and ``<package>.deploy.result.json``."""

@@ -15,8 +15,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from agent.adapters.storage import atomic_write_json, fsync_dir
+from agent.protocol.compression import DecompressError, decompressor
 from agent.protocol.files import (
     DIGEST_LENGTH,
     PACKET_HEADER,
@@ -38,9 +40,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Transfer:
     name: str
-    size: int
+    size: int  # bytes TransferData carries (the compressed stream, when compressed)
     handle: object
     received: int = 0
+    method: str | None = None  # compression: the stream is unpacked and checked at the exit
+    unpacked: int = 0  # the file's size once unpacked
     counter: BlockCounter = field(default_factory=BlockCounter)
     digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
 
@@ -63,6 +67,7 @@ class FileStore:
     dir: Path
     max_block_length: int
     readable: Path | None = None
+    compression: tuple[tuple[str, int], ...] = ()  # methods accepted, with their dataFormatIdentifier nibble
     transfer: _Transfer | None = None
     upload: _Upload | None = None
 
@@ -97,6 +102,17 @@ class FileStore:
     def sidecar(self, name: str) -> Path:
         return self.dir / f"{name}.part.json"
 
+    def raw(self, name: str) -> Path:
+        return self.dir / f"{name}.part.raw"
+
+    def method(self, dfi: int) -> str | None | Literal[False]:
+        """The compression a dataFormatIdentifier names (None: none); False: not accepted here."""
+        if dfi & 0x0F:
+            return False  # no encryption method
+        if dfi == 0:
+            return None
+        return next((m for m, nibble in self.compression if nibble == dfi >> 4), False)
+
 
 def request_file_transfer(s: FileStore, r: Request) -> bytes:
     if len(r.data) < 2:
@@ -115,44 +131,49 @@ def request_file_transfer(s: FileStore, r: Request) -> bytes:
     if s.transfer is not None:
         return r.negative(Nrc.ConditionsNotCorrect)
     if mode == Mode.DeleteFile:
-        for p in (s.path(name), s.part(name), s.sidecar(name)):
+        for p in (s.path(name), s.part(name), s.sidecar(name), s.raw(name)):
             p.unlink(missing_ok=True)
         return file_transfer_response(mode, s.max_block_length)
     assert size is not None
-    if size == 0:
+    method = s.method(parsed.dfi)
+    if method is False:
+        return r.negative(Nrc.RequestOutOfRange)  # a compression (or encryption) this server does not take
+    stream = parsed.packed if method else size  # the bytes TransferData will carry
+    if size == 0 or not stream:
         return r.negative(Nrc.RequestOutOfRange)
     if mode == Mode.AddFile and s.path(name).exists():
         return r.negative(Nrc.ConditionsNotCorrect)  # AddFile of a package already accepted
+    meta = {"name": name, "size": stream, "method": method, "unpacked": size}
     position = 0
     if mode == Mode.ResumeFile:
-        position = _resume_position(s, name, size)
+        position = _resume_position(s, name, meta)
     else:
-        atomic_write_json(s.sidecar(name), {"name": name, "size": size})
+        atomic_write_json(s.sidecar(name), meta)
         with open(s.part(name), "wb"):
             pass
     handle = open(s.part(name), "r+b")
     handle.truncate(position)
-    transfer = _Transfer(name, size, handle, received=position)
+    transfer = _Transfer(name, stream, handle, received=position, method=method, unpacked=size)
     if position:
         handle.seek(0)
         transfer.digest.update(handle.read(position))
     s.transfer = transfer
-    return file_transfer_response(mode, s.max_block_length, position)
+    return file_transfer_response(mode, s.max_block_length, position, parsed.dfi)
 
 
-def _resume_position(s: FileStore, name: str, size: int) -> int:
-    """Bytes of whole packets already stored for this file (0: start afresh)."""
+def _resume_position(s: FileStore, name: str, meta: dict[str, object]) -> int:
+    """Bytes of whole packets already stored for this file, sent the same way (0: start afresh)."""
     try:
-        meta = json.loads(s.sidecar(name).read_text())
+        have_meta = json.loads(s.sidecar(name).read_text())
         have = s.part(name).stat().st_size
     except (OSError, ValueError):
-        meta, have = None, 0
-    if not meta or meta.get("size") != size:
-        atomic_write_json(s.sidecar(name), {"name": name, "size": size})
+        have_meta, have = None, 0
+    if have_meta != meta:
+        atomic_write_json(s.sidecar(name), meta)
         with open(s.part(name), "wb"):
             pass
         return 0
-    return min(have, size) // s.payload * s.payload
+    return min(have, int(meta["size"])) // s.payload * s.payload  # type: ignore[call-overload]
 
 
 def _read_file(s: FileStore, r: Request, path: str) -> bytes:
@@ -238,13 +259,44 @@ def transfer_exit(s: FileStore, r: Request) -> bytes:
     os.fsync(handle.fileno())  # type: ignore[attr-defined]
     handle.close()  # type: ignore[attr-defined]
     s.transfer = None
-    if t.digest.digest() != r.data[1:]:
-        log.warning("package %s refused: SHA-256 %s does not match", t.name, t.digest.hexdigest())
-        s.part(t.name).unlink(missing_ok=True)
-        s.sidecar(t.name).unlink(missing_ok=True)
+    got, problem = (t.digest.hexdigest(), None) if t.method is None else _unpack(s, t)
+    if problem is not None or got != r.data[1:].hex():
+        log.warning("package %s refused: %s", t.name, problem or f"SHA-256 {got} does not match")
+        for p in (s.part(t.name), s.sidecar(t.name), s.raw(t.name)):
+            p.unlink(missing_ok=True)
         return r.negative(Nrc.GeneralProgrammingFailure)
-    os.replace(s.part(t.name), s.path(t.name))
+    if t.method is not None:
+        os.replace(s.raw(t.name), s.path(t.name))
+        s.part(t.name).unlink(missing_ok=True)
+    else:
+        os.replace(s.part(t.name), s.path(t.name))
     s.sidecar(t.name).unlink(missing_ok=True)
     fsync_dir(s.dir)
-    log.info("package %s accepted (%d bytes, sha256 %s)", t.name, t.size, t.digest.hexdigest())
+    log.info("package %s accepted (%d bytes%s, sha256 %s)", t.name, t.unpacked,
+             f", {t.size} on the link ({t.method})" if t.method else "", got)
     return b"\x77"
+
+
+def _unpack(s: FileStore, t: _Transfer) -> tuple[str, str | None]:
+    """Unpack a compressed file into ``<name>.part.raw`` (never more than announced): its
+    SHA-256, or the reason it is not the file announced."""
+    assert t.method is not None
+    unpack = decompressor(t.method)
+    digest = hashlib.sha256()
+    written = 0
+    try:
+        with open(s.part(t.name), "rb") as source, open(s.raw(t.name), "wb") as target:
+            for chunk in iter(lambda: source.read(1 << 16), b""):
+                out = unpack.feed(chunk, t.unpacked - written)
+                written += len(out)
+                if written > t.unpacked:
+                    return "", f"unpacks to more than the {t.unpacked} bytes announced"
+                target.write(out)
+                digest.update(out)
+            target.flush()
+            os.fsync(target.fileno())
+    except DecompressError as exc:
+        return "", f"the {t.method} stream is broken ({exc})"
+    if not unpack.finished or written != t.unpacked:
+        return "", f"the {t.method} stream unpacks to {written} of the {t.unpacked} bytes announced"
+    return digest.hexdigest(), None

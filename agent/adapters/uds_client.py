@@ -77,6 +77,9 @@ class ClientFaults:
             if sid == 0x36:
                 return payload + bytes(max(16, (self.block_length() or len(payload)) - len(payload) + 16))
             return payload + bytes(300 if sid == 0x38 else 64)
+        if spec.action == "corrupt_data" and sid == 0x36:
+            keep = 6 if self.stage == "deploy" else 2  # SID, counter[, packet id]
+            return payload[:keep] + bytes(b ^ 0xFF for b in payload[keep:])
         if spec.action == "skip_counter" and sid == 0x36 and len(payload) >= 2:
             return payload[:1] + bytes(((payload[1] + 1) & 0xFF,)) + payload[2:]
         return payload

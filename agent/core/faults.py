@@ -14,7 +14,9 @@ Server-side actions (the ECU in flash, the gateway in deploy): ``drop``, ``delay
 ``wrong_id[=CANID]``, ``malformed``, ``nrc=CODE``, ``mismatch``. Client-side actions (the
 gateway in flash, the TBOX in deploy): ``not_sent`` (a transmit error), ``from_id[=CANID]``
 (sent from a wrong CAN id), ``bad_format``, ``bad_length``, ``skip_counter`` (TransferData
-skips a block counter), ``skip_step`` (the request is left out, the sequence goes on).
+skips a block counter), ``skip_step`` (the request is left out, the sequence goes on),
+``corrupt_data`` (TransferData's data inverted, header kept: what a compressed stream damaged
+on the way looks like to the ECU).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from agent.errors import UsageError
 __all__ = ["FaultSpec", "parse_fault", "parse_faults", "SERVER_ACTIONS", "CLIENT_ACTIONS", "FaultCounter"]
 
 SERVER_ACTIONS = ("drop", "delay", "wrong_id", "malformed", "nrc", "mismatch")
-CLIENT_ACTIONS = ("not_sent", "from_id", "bad_format", "bad_length", "skip_counter", "skip_step")
+CLIENT_ACTIONS = ("not_sent", "from_id", "bad_format", "bad_length", "skip_counter", "skip_step", "corrupt_data")
 STAGES = ("flash", "deploy")
 _NEEDS_ARG = {"delay", "nrc"}
 

@@ -25,7 +25,7 @@ __all__ = ["NAME", "is_name", "Mode", "PACKET_HEADER", "packet_payload", "FileRe
            "file_transfer_response", "read_file_response", "DIGEST_LENGTH", "PARTIAL_SUFFIXES"]
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-PARTIAL_SUFFIXES = (".part", ".part.json")  # a file still arriving, and its sidecar
+PARTIAL_SUFFIXES = (".part", ".part.json", ".part.raw")  # a file still arriving, its sidecar, its unpacked copy
 Mode = RequestFileTransfer.ModeOfOperation
 PACKET_HEADER = 4  # deploy packet id, big endian, after SID and block counter
 DIGEST_LENGTH = 32  # RequestTransferExit carries the file's SHA-256
@@ -45,7 +45,9 @@ def packet_payload(max_block_length: int) -> int:
 class FileRequest:
     mode: int
     path: str
-    size: int | None  # None for delete and read
+    size: int | None  # the file's size (fileSizeUncompressed); None for delete and read
+    dfi: int = 0  # dataFormatIdentifier: compression method (high nibble), encryption (low)
+    packed: int | None = None  # fileSizeCompressed: the bytes TransferData carries
 
 
 def parse_file_request(data: bytes) -> FileRequest | None:
@@ -64,19 +66,20 @@ def parse_file_request(data: bytes) -> FileRequest | None:
         return FileRequest(mode, path, None) if not rest else None
     if mode == Mode.ReadFile:
         return FileRequest(mode, path, None) if rest == b"\x00" else None
-    if len(rest) < 2 or rest[0] != 0x00:  # dataFormatIdentifier: no compression/encryption
+    if len(rest) < 2:
         return None
-    width = rest[1]
+    dfi, width = rest[0], rest[1]  # dataFormatIdentifier, fileSizeParameterLength
     if not 1 <= width <= 8 or len(rest) != 2 + 2 * width:
         return None
-    return FileRequest(mode, path, int.from_bytes(rest[2 : 2 + width], "big"))
+    size, packed = int.from_bytes(rest[2 : 2 + width], "big"), int.from_bytes(rest[2 + width :], "big")
+    return FileRequest(mode, path, size, dfi, packed)
 
 
-def file_transfer_response(mode: int, max_block_length: int, position: int | None = None) -> bytes:
+def file_transfer_response(mode: int, max_block_length: int, position: int | None = None, dfi: int = 0) -> bytes:
     """Positive answer to add / replace / resume (with the position to go on from) / delete."""
     if mode == Mode.DeleteFile:
         return bytes((0x78, mode))
-    head = bytes((0x78, mode, 0x02)) + max_block_length.to_bytes(2, "big") + b"\x00"
+    head = bytes((0x78, mode, 0x02)) + max_block_length.to_bytes(2, "big") + bytes((dfi,))
     return head + (position or 0).to_bytes(8, "big") if mode == Mode.ResumeFile else head
 
 

@@ -19,6 +19,7 @@ from agent.core.config.model import (
     VehicleConfig,
 )
 from agent.errors import ConfigError
+from agent.protocol.compression import METHODS
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -81,11 +82,37 @@ def _ecu_sim(sec: _Section) -> EcuSimConfig:
         lockout_ms=sec.get("lockout_ms", _nonneg, d.lockout_ms),
         state_dir=sec.get("state_dir", _str, d.state_dir),
         faults=tuple(_str(f) for f in faults),
+        accept_compression=_accepted(sec),
     )
     sec.done()
     if cfg.max_block_length < 3:
         raise ConfigError(sec.source, sec.key("max_block_length"), "must be at least 3")
     return cfg
+
+
+def _method(sec: _Section, key: str, value: Any) -> str:
+    if value not in METHODS:
+        raise ConfigError(sec.source, sec.key(key), f"unknown compression method {value!r} (known: {', '.join(METHODS)})")
+    return str(value)
+
+
+def _accepted(sec: _Section) -> tuple[str, ...] | None:
+    accepted = sec.get("accept_compression", list, None, what="a list of compression methods")
+    return None if accepted is None else tuple(_method(sec, "accept_compression", m) for m in accepted)
+
+
+def _compression(sec: _Section) -> tuple[tuple[str, int], ...]:
+    """``compression: {zlib: 1, lzma: 2}``: method -> the dataFormatIdentifier's high nibble."""
+    raw = sec.get("compression", dict, {}, what="a mapping of compression method to its nibble (1-15)")
+    out: list[tuple[str, int]] = []
+    for method, nibble in raw.items():
+        _method(sec, "compression", method)
+        if isinstance(nibble, bool) or not isinstance(nibble, int) or not 1 <= nibble <= 15:
+            raise ConfigError(sec.source, f"{sec.key('compression')}.{method}", f"expected a nibble from 1 to 15, got {nibble!r}")
+        if nibble in (n for _, n in out):
+            raise ConfigError(sec.source, f"{sec.key('compression')}.{method}", f"nibble {nibble} is already taken")
+        out.append((str(method), nibble))
+    return tuple(out)
 
 
 def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentConfig]) -> EcuConfig:
@@ -118,6 +145,7 @@ def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentCo
         fingerprint_did=sec.get("fingerprint_did", _int, d.fingerprint_did),
         p2_ms=timing.get("p2_ms", _positive, d.p2_ms),
         p2_star_ms=timing.get("p2_star_ms", _positive, d.p2_star_ms),
+        compression=_compression(sec),
         sim=_ecu_sim(sec.section("sim", {})),
     )
     for s in (memory, routines, timing):
@@ -154,6 +182,7 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         reset_wait_ms=gw.get("reset_wait_ms", _positive, d.reset_wait_ms),
         retries=gw.get("retries", _nonneg, d.retries),
         worker_stale_s=gw.get("worker_stale_s", _positive, d.worker_stale_s),
+        segment_workers=gw.get("segment_workers", _choice("auto", "process", "thread"), d.segment_workers),
         trusted_keys=tuple(_str(k) for k in gw.get("trusted_keys", list, [], what="a list of public key files (PEM)")),
         content_trusted_keys=tuple(_str(k) for k in gw.get("content_trusted_keys", list, [],
                                                             what="a list of public key files (PEM)")),
@@ -283,6 +312,7 @@ def _deploy(source: str, sec: _Section, segments: Mapping[str, SegmentConfig]) -
         late_response_grace_ms=timing.get("late_response_grace_ms", _nonneg, d.late_response_grace_ms),
         security_secret=sec.get("security_secret", _str, None),
         lockout_s=sec.get("lockout_s", _nonneg, d.lockout_s),
+        compression=_compression(sec),
     )
     timing.done()
     sec.done()

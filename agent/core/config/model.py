@@ -77,6 +77,9 @@ class EcuSimConfig:
     lockout_ms: int = 10000
     state_dir: str = "var/ecu_sim"
     faults: tuple[str, ...] = ()
+    # the compression methods the simulated bootloader really accepts; None: every one of the
+    # ECU's ``compression`` (a smaller set simulates an ECU configured wrongly: NRC 0x31, fallback)
+    accept_compression: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ class EcuConfig:
     fingerprint_did: int = 0xF15A
     p2_ms: int = 1000
     p2_star_ms: int = 6000
+    # compressed transfer (agent/protocol/compression.py): (method, dataFormatIdentifier nibble)
+    # pairs the ECU's bootloader accepts, in the order the gateway prefers them; the mapping is OEM-defined
+    compression: tuple[tuple[str, int], ...] = ()
     sim: EcuSimConfig = field(default_factory=EcuSimConfig)
 
 
@@ -119,6 +125,10 @@ class GatewayConfig:
     reset_wait_ms: int = 5000
     retries: int = 2
     worker_stale_s: int = 300  # the install or a serving thread without progress this long: no watchdog pings
+    # how segments are flashed in parallel: each in a process of its own (no shared interpreter
+    # lock), in threads of the gateway's process, or "auto": processes when more than one
+    # segment flashes at once
+    segment_workers: str = "auto"
     # what installs are checked against (gateway/verify.py); empty: the tbox section's, as on a vehicle
     # where both daemons read one vehicle.yaml
     trusted_keys: tuple[str, ...] = ()
@@ -143,6 +153,9 @@ class DeployConfig:
     p2_star_ms: int = 6000
     late_response_grace_ms: int = 1000
     security_secret: str | None = None  # set: the TBOX must pass SecurityAccess before deploying or installing
+    # compressed deploy (RequestFileTransfer's dataFormatIdentifier): (method, nibble) pairs the gateway
+    # takes, in the order the TBOX prefers them (agent/protocol/compression.py)
+    compression: tuple[tuple[str, int], ...] = ()
     lockout_s: int = 60  # after 3 wrong keys
 
 

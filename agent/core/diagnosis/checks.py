@@ -279,6 +279,11 @@ class _Checker:
 
     def _negotiated(self, e: Exchange, r: bytes) -> None:
         self.announced, self.transferred = _announced(e.header), 0
+        if e.header[:1] == b"\x34" and len(e.header) > 1 and e.header[1] >> 4:
+            # a compressed download: memorySize is the image's; the bytes TransferData carries are
+            # what the client recorded (x.csize), else they are not known and not counted
+            packed = e.extra.get("csize") if e.extra else None
+            self.announced = packed if type(packed) is int else None
         try:
             if r[0] == 0x74:  # RequestDownload: lengthFormatIdentifier, maxNumberOfBlockLength
                 n = r[1] >> 4
