@@ -30,7 +30,7 @@ sysdeps:
 	@if [ "$$(id -u)" = 0 ]; then sysctl -q -w net.core.rmem_max=4194304 2>/dev/null || true; fi
 
 demo: venv
-	$(PY) -m agent.cli bench --config configs/bench.yaml --out out/demo --image-size 256K
+	$(PY) -m agent.cli bench --config configs/bench.yaml --out out/demo --image-size 256K --image-kind firmware
 
 test: venv sysdeps lint
 	$(PY) -m pytest -q tests

@@ -28,13 +28,14 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config):
     config = write_config({
         "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}, "body": {"bus": multicast_bus()}},
-        "deploy": {"segment": "bb"},
-        "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bcm": ecu_entry("bcm", 0x740, 0x748, "body")},
+        "deploy": {"segment": "bb", "compression": {"zlib": 1}},
+        "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"),
+                 "bcm": ecu_entry("bcm", 0x740, 0x748, "body") | {"compression": {"lzma": 4}}},
         "tbox": {"vin": "LVOTABENCHTEST001", "trusted_keys": ["unused.pub"], "retry_delay_ms": 300, "diagnose": True},
     })
     out = tmp_path / "bench"
     run = vota("bench", "-c", str(config), "--out", str(out), "--image-size", "32K", "--fault", "vcu:36#2:nrc=0x72",
-               "--broker", "embedded", timeout=300)
+               "--broker", "embedded", "--image-kind", "firmware", timeout=300)
     assert "(embedded amqtt, no ACLs)" in run.stdout
     assert run.returncode == 1, run.stdout + run.stderr  # the campaign failed, as the fault demands
     report = json.loads((out / "report.json").read_text())
@@ -46,13 +47,20 @@ def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config
     assert {e: v["software_version"] for e, v in report["final_versions"].items()} == {"vcu": "1.0.0", "bcm": "1.0.0"}
     assert "vehicle now runs: bcm 1.0.0, vcu 1.0.0" in run.stdout
     assert [d["result"] for d in report["deploy"]] == ["success", "success"]
+    # firmware-like images: compressed on the deploy link for both, and to bcm (lzma), not to vcu (no method)
+    assert {d["package"]: d["compression"] for d in report["deploy"]} == {"vcu-2.0.0.bin": "zlib", "bcm-2.0.0.bin": "zlib"}
+    assert (flash["bcm"]["compression"], flash["vcu"]["compression"]) == ("lzma", None)
+    assert flash["bcm"]["bytes_transferred"] < flash["bcm"]["image_size"] // 2 and flash["bcm"]["transfer_ratio"] < 0.5
+    moved = flash["bcm"]["bytes_transferred"] // 1024
+    assert f"  flash bcm: success ({moved} KiB on the bus for 32 KiB, lzma)" in run.stdout, run.stdout
     names = sorted(Path(t).name.split(".", 1)[1] for t in report["traces"])  # every trace at the cloud
     assert names == ["deploy.bcm-2.0.0.bin.jsonl", "deploy.vcu-2.0.0.bin.jsonl", "discard.bcm.jsonl", "discard.vcu.jsonl",
                      "flash.bcm.jsonl", "flash.vcu.jsonl"]
     assert "campaign bench-" in run.stdout and "flash_failed" in run.stdout
     size = (out / "cloud" / "packages" / "vcu-2.0.0.bin").stat().st_size
-    for stage in ("download", "deploy"):  # byte progress as it goes, and once complete
-        assert f"  {stage} vcu-2.0.0.bin: {size} of {size} bytes (100 %)" in run.stdout, run.stdout
+    packed = next(d["bytes_transferred"] for d in report["deploy"] if d["package"] == "vcu-2.0.0.bin")
+    for stage, total in (("download", size), ("deploy", packed)):  # byte progress as it goes, and once complete
+        assert f"  {stage} vcu-2.0.0.bin: {total} of {total} bytes (100 %)" in run.stdout, run.stdout
     assert not _processes_mentioning(str(out))  # every process the bench started is gone
     # D10: the diagnosis ran in the bench (report.json), in the cloud and in the vehicle
     d = report["diagnosis"]

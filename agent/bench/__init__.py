@@ -34,9 +34,18 @@ from agent.errors import UsageError, VotaError
 __all__ = ["run_bench", "make_image", "Processes"]
 
 
-def make_image(ecu: str, version: str, size: int) -> bytes:
-    """A deterministic pseudo-random image per ECU and version (incompressible, like code)."""
+def make_image(ecu: str, version: str, size: int, kind: str = "random") -> bytes:
+    """A deterministic image per ECU and version: pseudo-random (incompressible), or
+    firmware-like: a real compiled binary (PyYAML's C extension as pip installed it), taken
+    from an offset that depends on ECU and version, repeated to ``size``."""
     seed = int.from_bytes(hashlib.sha256(f"{ecu}/{version}".encode()).digest()[:8], "big")
+    if kind == "firmware":
+        import yaml._yaml as compiled  # noqa: PLC0415 - its bytes are the point
+
+        data = Path(compiled.__file__).read_bytes()
+        start = seed % len(data)
+        data = data[start:] + data[:start]
+        return (data * (size // len(data) + 1))[:size]
     return random.Random(seed).randbytes(size)
 
 
@@ -245,7 +254,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
         packages = []
         for name in names:
             path = out / "cloud" / "packages" / f"{name}-{args.image_version}.bin"
-            path.write_bytes(make_image(name, args.image_version, args.image_size))
+            path.write_bytes(make_image(name, args.image_version, args.image_size, getattr(args, "image_kind", "random")))
             packages.append((name, path, args.image_version))
         envelope = make_campaign(vin=vin, packages=packages, base_url=cloud.base_url, key=key, campaign_id=campaign_id)
         (out / "campaign.signed.json").write_bytes(envelope)
@@ -288,6 +297,11 @@ def _follow(cloud: Any, vin: str, campaign_id: str, timeout: float) -> dict[str,
                 r = body.get("result", {})
                 unit = body.get("package") or body.get("ecu")
                 why = f" at {r.get('failed_step')}: {r.get('reason')}" if r.get("result") != "success" else ""
+                size = r.get("image_size", r.get("size"))
+                moved = r.get("bytes_transferred")
+                if isinstance(size, int) and isinstance(moved, int) and size and body.get("stage") in ("flash", "deploy"):
+                    # per ECU / package: what went over the bus against the image (compressed transfer)
+                    why += f" ({moved // 1024} KiB on the bus for {size // 1024} KiB, {r.get('compression') or 'uncompressed'})"
                 print(f"  {body.get('stage')} {unit}: {r.get('result')}{why}", flush=True)
         seen = len(messages)
         done = cloud.finished(vin, campaign_id)

@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inject a fault where it belongs: flash/server -> ECU simulators, flash/client and "
                    "deploy/server -> gateway, deploy/client -> TBOX (see README)")
     p.add_argument("--version", dest="image_version", default="2.0.0", help="version of the new software (default: 2.0.0)")
+    p.add_argument("--image-kind", choices=("random", "firmware"), default="random",
+                   help="random images (incompressible), or firmware-like ones: a real compiled binary (PyYAML's C "
+                        "extension), which ECUs configured with `compression` receive compressed (default: random)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the campaign (default 600)")
     p.add_argument("--content", metavar="SPEC.yaml",
                    help="run an owner-content scenario instead of the campaign: the cloud reviews, signs and offers the "
