@@ -39,6 +39,11 @@ class Buses:
         self._lock = threading.Lock()
         self._ecu_locks = {name: threading.Lock() for name in config.ecus}
         self._holders: dict[str, str] = {}
+        self._pinned: set[str] = set()  # segments whose bus must stay open (the deploy server listens on it)
+
+    def pin(self, name: str) -> None:
+        """Keep this process's bus on segment ``name`` open, also while the segment is lent."""
+        self._pinned.add(name)
 
     def segment(self, name: str) -> Segment:
         """The segment's one bus object, opened on first use."""
@@ -74,7 +79,7 @@ class Buses:
             for name in names:
                 held.enter_context(self.ecu(name, what))
             with self._lock:
-                open_segment = self._segments.pop(segment, None)
+                open_segment = None if segment in self._pinned else self._segments.pop(segment, None)
             if open_segment is not None:
                 open_segment.shutdown()
             yield

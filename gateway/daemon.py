@@ -253,6 +253,7 @@ class GatewayDaemon:
         self.faults = [f for f in faults if f.stage == "deploy" and f.side == "server"]
         self.flash_faults = [f for f in faults if f.stage == "flash" and f.side == "client"]
         self.buses = Buses(config)  # every segment opened once; one conversation per ECU at a time
+        self.buses.pin(self.link.segment)  # the deploy server listens there, also while an ECU on it is flashed
         self.server: UdsServer[DeployState] | None = None
         self._stopped = threading.Event()
         self.installer = GatewayInstaller(config, Path(self.link.package_dir), Path(config.gateway.results_dir), self._stopped,

@@ -64,3 +64,31 @@ def test_emulated_bus_timing_never_runs_ahead_of_the_bus_and_never_hangs():
     for _ in range(1000):
         clock.take(8)
     assert time.monotonic() - started >= 1000 * frame_time(8, 500000) - clock.burst
+
+
+def test_a_segment_lent_to_a_worker_closes_this_process_bus_unless_it_is_pinned():
+    """While a worker process flashes a segment, the gateway's own bus on it is closed (it would
+    decode every frame for nothing) and every ECU on it is held; the deploy link's segment is
+    pinned: its bus stays open, the deploy server goes on listening."""
+    from agent.core.config import parse_vehicle_config
+    from gateway.buses import Buses, EcuBusy
+
+    config = parse_vehicle_config({"segments": {"pt": {"bus": virtual_bus()}, "bb": {"bus": virtual_bus()}},
+                                   "ecus": {"a": {"segment": "pt", "request_id": 0x7E0, "response_id": 0x7E8},
+                                            "b": {"segment": "pt", "request_id": 0x7E1, "response_id": 0x7E9},
+                                            "g": {"segment": "bb", "request_id": 0x7E2, "response_id": 0x7EA}}}, "test")
+    buses = Buses(config)
+    try:
+        buses.pin("bb")
+        pt, bb = buses.segment("pt"), buses.segment("bb")
+        with buses.lend("pt", "flash"), buses.lend("bb", "flash"):
+            assert buses.busy("a") == buses.busy("b") == buses.busy("g") == "flash"
+            try:
+                with buses.ecu("b", "content", wait=0.1):
+                    raise AssertionError("an ECU of a lent segment was free")
+            except EcuBusy:
+                pass
+        assert buses.segment("bb") is bb  # pinned: the same open bus
+        assert buses.segment("pt") is not pt  # closed while lent, opened again on its next use
+    finally:
+        buses.shutdown()
