@@ -150,7 +150,8 @@ class PackageDeployer:
         if self.stop.is_set():
             raise FlashError(step, "cancelled")
         self.step = step
-        self.progress(self.name, step, self.sent, self.total)
+        if step in ("transfer_data", "transfer_exit"):  # before, the bytes to send are not settled (compression)
+            self.progress(self.name, step, self.sent, self.total)
         return run_step(step, action, self.recorder)
 
     def _sequence(self, link: UdsLink, result: DeployResult) -> None:
@@ -168,6 +169,7 @@ class PackageDeployer:
             raise FlashError("request_file_transfer", f"gateway resumes at byte {position}, not a packet boundary")
         result.resumed_from = self.sent = position
         result.compression = self.compression
+        self.progress(self.name, "request_file_transfer", position, self.total)
         counter = 1
         with (open(self.path, "rb") if stream is None else io.BytesIO(stream)) as handle:
             handle.seek(position)
