@@ -22,7 +22,7 @@ from agent.adapters.file_store import transfer_exit as file_transfer_exit
 from agent.adapters.storage import atomic_write_json
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import EcuConfig
-from agent.protocol.compression import DecompressError, Decompressor, decompressor
+from agent.protocol.compression import DecompressError, Decompressor, decompressor, named_by
 from agent.protocol.ecu import (
     ROUTINE_SHOW_CONTENT,
     ROUTINE_STOP_CONTENT,
@@ -331,16 +331,8 @@ def request_download(s: EcuState, r: Request) -> bytes:
 def _data_format(ecu: EcuConfig, identifier: int) -> str | None | Literal[False]:
     """The compression method a dataFormatIdentifier names (None: no compression); False when
     this ECU does not accept it (an encryption method, or a compression it was not built with)."""
-    if identifier & 0x0F:
-        return False  # no encryption method is supported
-    nibble = identifier >> 4
-    if nibble == 0:
-        return None
     accepted = ecu.sim.accept_compression
-    for method, value in ecu.compression:
-        if value == nibble and (accepted is None or method in accepted):
-            return method
-    return False
+    return named_by(identifier, [(m, n) for m, n in ecu.compression if accepted is None or m in accepted])
 
 
 def transfer_data(s: EcuState, r: Request) -> bytes:

@@ -107,12 +107,8 @@ class EcuAction:
         if self.on_step is not None and step != self.step:
             self.on_step(self.ecu.name, step, self.recorder)
         self.step = step
-        first = len(self.recorder.exchanges)
-        try:
+        with self.recorder.step(step):  # each exchange with its step (x.step)
             return run_step(step, action, self.recorder)
-        finally:
-            for exchange in self.recorder.exchanges[first:]:  # each exchange with its step (x.step)
-                exchange.extra["step"] = step
 
     def _sequence(self, link: UdsLink, result: ActionResult) -> None:
         c = link.client

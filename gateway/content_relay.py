@@ -21,14 +21,13 @@ from pathlib import Path
 
 from agent.adapters.canbus import Segment
 from agent.adapters.file_client import PackageDeployer
-from agent.adapters.storage import atomic_write_json
-from agent.adapters.trace_files import write_trace
+from agent.adapters.trace_files import write_link_trace
 from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
 from agent.core.config import DeployConfig, EcuConfig, VehicleConfig
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.protocol.ecu import ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT
 from agent.protocol.files import is_name
-from agent.protocol.link import LINK_RESULT_SCHEMA, ContentOp, RelayStatus, decode_content_request
+from agent.protocol.link import ContentOp, RelayStatus, decode_content_request
 from agent.protocol.uds import RoutineType, Session
 from gateway.buses import Buses, EcuBusy
 
@@ -113,16 +112,9 @@ class ContentRelay:
         if self.results_dir is None:
             return
         name = f"{ecu}.{step}"
-        out = self.results_dir / "content"
-        result = "failed" if failure is not None else "success"
-        path = out / f"{name}.link.trace.jsonl"
         try:
-            size = write_trace(path, recorder, result)
-            atomic_write_json(out / f"{name}.link.result.json", {
-                "schema": LINK_RESULT_SCHEMA, "name": name, "client": "GW", "server": ecu, "result": result,
-                "failed_step": step if failure else None, "reason": failure[0] if failure else None,
-                "nrc": failure[1] if failure else None, "exchanges": len(recorder.exchanges),
-                "trace_file": path.name, "trace_bytes": size})
+            write_link_trace(self.results_dir / "content", name, recorder,
+                             None if failure is None else (step, failure[0], failure[1]))
         except OSError as exc:  # the relay's answer matters more than its evidence
             log.warning("content trace of %s not written: %s", name, exc)
 

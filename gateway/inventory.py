@@ -9,13 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.adapters.canbus import Segment
-from agent.adapters.storage import atomic_write_json
-from agent.adapters.trace_files import write_trace
+from agent.adapters.trace_files import write_link_trace
 from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
 from agent.core.config import EcuConfig, VehicleConfig
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.protocol.ecu import DID, StagedImage, decode_staged_image
-from agent.protocol.link import LINK_RESULT_SCHEMA
 from gateway.buses import Buses
 
 __all__ = ["collect_versions", "wait_reachable", "EcuImages", "read_images"]
@@ -79,14 +77,9 @@ def _read_ecu(segment: Segment, ecu: EcuConfig, p2: float, trace_dir: Path | Non
 
 def _write_trace(trace_dir: Path, name: str, recorder: TraceRecorder, entry: dict[str, Any], nrc: int | None) -> None:
     errors = entry.get("errors") or {}
-    result = "failed" if errors else "success"
-    path = trace_dir / f"{name}.link.trace.jsonl"
-    size = write_trace(path, recorder, result)
     key, reason = next(iter(errors.items())) if errors else (None, None)
-    atomic_write_json(trace_dir / f"{name}.link.result.json", {
-        "schema": LINK_RESULT_SCHEMA, "name": f"inventory-{name}", "client": "GW", "server": name, "result": result,
-        "failed_step": f"inventory: {key}" if key else None, "reason": reason, "nrc": nrc,
-        "exchanges": len(recorder.exchanges), "trace_file": path.name, "trace_bytes": size})
+    path = write_link_trace(trace_dir, name, recorder, (f"inventory: {key}", str(reason), nrc) if key else None,
+                            name=f"inventory-{name}")
     entry["trace_file"] = f"{trace_dir.name}/{path.name}"
 
 

@@ -10,7 +10,6 @@ step (the install status every half second) are kept once, with their count (``x
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import threading
 import time
@@ -21,8 +20,7 @@ from typing import Any, Callable, Iterator
 
 from agent.adapters.canbus import Segment
 from agent.adapters.file_client import DeployResult, PackageDeployer, deploy_security
-from agent.adapters.storage import atomic_write_json
-from agent.adapters.trace_files import write_trace
+from agent.adapters.trace_files import write_link_trace
 from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
 from agent.core.config import DeployConfig
 from agent.core.faults import FaultSpec
@@ -34,7 +32,6 @@ from agent.protocol.link import (
     INSTALL_ROUTINE,
     INVENTORY_FILE,
     INVENTORY_ROUTINE,
-    LINK_RESULT_SCHEMA,
     ContentOp,
     InstallStatus,
     RelayStatus,
@@ -119,17 +116,9 @@ class GatewayClient:
 
     @staticmethod
     def _write(directory: Path, name: str, trace: _LinkTrace, failed: bool) -> None:
-        result = "failed" if failed else "success"
-        path = directory / f"{name}.link.trace.jsonl"
-        size = write_trace(path, trace.recorder, result)
-        doc = {"schema": LINK_RESULT_SCHEMA, "name": name, "client": "TBOX", "server": "GW", "result": result,
-               **({"failed_step": trace.failure["step"], "reason": trace.failure["reason"], "nrc": trace.failure["nrc"]}
-                  if failed and trace.failure else {"failed_step": None, "reason": None, "nrc": None}),
-               "calls": trace.calls, "exchanges": len(trace.recorder.exchanges),
-               "started": _dt.datetime.fromtimestamp(trace.recorder.header.started, _dt.timezone.utc)
-               .isoformat(timespec="seconds"),
-               "trace_file": path.name, "trace_bytes": size}
-        atomic_write_json(directory / f"{name}.link.result.json", doc)
+        failure = trace.failure if failed else None
+        write_link_trace(directory, name, trace.recorder,
+                         None if failure is None else (failure["step"], failure["reason"], failure["nrc"]), calls=trace.calls)
 
     def _link(self, recorder: TraceRecorder | None = None) -> UdsLink:
         return UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway", recorder=recorder,

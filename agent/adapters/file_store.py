@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from agent.adapters.storage import atomic_write_json, fsync_dir
-from agent.protocol.compression import DecompressError, decompressor
+from agent.protocol.compression import DecompressError, decompressor, named_by
 from agent.protocol.files import (
     DIGEST_LENGTH,
     PACKET_HEADER,
@@ -107,11 +107,7 @@ class FileStore:
 
     def method(self, dfi: int) -> str | None | Literal[False]:
         """The compression a dataFormatIdentifier names (None: none); False: not accepted here."""
-        if dfi & 0x0F:
-            return False  # no encryption method
-        if dfi == 0:
-            return None
-        return next((m for m, nibble in self.compression if nibble == dfi >> 4), False)
+        return named_by(dfi, self.compression)
 
 
 def request_file_transfer(s: FileStore, r: Request) -> bytes:

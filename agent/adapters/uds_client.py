@@ -311,15 +311,11 @@ class UdsLink:
         """Exchanges outside the programming sequence (version reads), traced with their step
         name (``x.step``); yields the list of those exchanges."""
         rec = self.connection.recorder
-        first = len(rec.exchanges) if rec is not None else 0
-        made: list[Any] = []
-        try:
+        if rec is None:
+            yield []
+            return
+        with rec.step(name) as made:
             yield made
-        finally:
-            if rec is not None:
-                made.extend(rec.exchanges[first:])
-                for exchange in made:
-                    exchange.extra["step"] = name
 
     @contextmanager
     def untraced(self) -> Iterator[None]:

@@ -34,8 +34,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from agent.errors import TraceFormatError
 
@@ -232,7 +233,7 @@ class TraceRecorder:
         if exchange is None:
             return
         dt = self._since_sent(exchange)
-        if payload[:1] == b"\x76" and self.header.stage == "link" and len(payload) > 2:
+        if self.header.stage == "link" and payload[:1] == b"\x76" and len(payload) > 2:
             # a block of a file the client reads (a result, a trace): its data is never recorded
             exchange.extra["rlen"] = len(payload)
             payload = payload[:2]
@@ -272,6 +273,19 @@ class TraceRecorder:
     def functional_tester_present(self) -> None:
         """A functional TesterPresent (3E 80, no response expected) went out on the segment."""
         self.tester_present.append(self._now())
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[list[Exchange]]:
+        """The exchanges recorded inside get ``x.step`` = ``name`` (also when it raises); yields
+        the list of them, filled when the block ends."""
+        first = len(self.exchanges)
+        made: list[Exchange] = []
+        try:
+            yield made
+        finally:
+            made.extend(self.exchanges[first:])
+            for exchange in made:
+                exchange.extra["step"] = name
 
     def note(self, error: str) -> None:
         if self.current is not None:

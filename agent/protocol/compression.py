@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import lzma
 import zlib
-from typing import Protocol
+from typing import Iterable, Literal, Protocol
 
-__all__ = ["METHODS", "compress", "Decompressor", "decompressor", "DecompressError"]
+__all__ = ["METHODS", "compress", "Decompressor", "decompressor", "DecompressError", "named_by"]
 
 METHODS = ("zlib", "lzma")
 
@@ -34,6 +34,17 @@ class Decompressor(Protocol):
     @property
     def finished(self) -> bool:
         """The stream ended (its end marker and check were read)."""
+
+
+def named_by(identifier: int, accepted: Iterable[tuple[str, int]]) -> str | None | Literal[False]:
+    """The compression method a dataFormatIdentifier names among the ``accepted`` (method,
+    nibble) pairs: None for no compression; False when the receiver does not take it (an
+    encryption method, or a compression it does not know), which it answers with NRC 0x31."""
+    if identifier & 0x0F:
+        return False  # no encryption method is supported
+    if identifier == 0:
+        return None
+    return next((method for method, nibble in accepted if nibble == identifier >> 4), False)
 
 
 def compress(method: str, data: bytes) -> bytes:
