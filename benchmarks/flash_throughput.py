@@ -47,7 +47,53 @@ COMPRESSED = [
     ("classic @500k zlib", 8, "500000", 4095, "zlib"),
     ("classic @500k lzma", 8, "500000", 4095, "lzma"),
     ("fd @500k/2M zlib", 64, "500000/2000000", 0x4002, "zlib"),
+    # delta images: the ECU runs one release of a real compiled binary, the new one goes as a
+    # detools patch (agent/protocol/delta.py); the two releases are fetched from PyPI once
+    ("classic @500k delta", 8, "500000", 4095, "delta"),
+    ("fd @500k/2M delta", 64, "500000/2000000", 0x4002, "delta"),
 ]
+# two consecutive releases of a compiled package: the C extension of ``regex`` as its wheels
+# for CPython 3.11 on x86-64 Linux carry it
+RELEASES = ("regex", "2024.5.10", "2024.5.15")
+CACHE = ROOT / "out" / "bench-cache"
+
+
+def releases() -> tuple[bytes, bytes]:
+    """The old and the new release's binary (downloaded with pip once, then from the cache)."""
+    import zipfile
+
+    package, *versions = RELEASES
+    found = []
+    for version in versions:
+        directory = CACHE / f"{package}-{version}"
+        wheels = sorted(directory.glob("*.whl")) if directory.exists() else []
+        if not wheels:
+            run = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                                  "--python-version", "3.11", "--platform", "manylinux_2_17_x86_64",
+                                  f"{package}=={version}", "-d", str(directory)], capture_output=True, text=True)
+            wheels = sorted(directory.glob("*.whl"))
+            if run.returncode != 0 or not wheels:
+                raise SystemExit(f"the delta modes need {package} {version} from PyPI: {run.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            name = next(n for n in wheel.namelist() if n.endswith(".so"))
+            found.append(wheel.read(name))
+    return found[0], found[1]
+
+
+def _runs(state: Path, image: bytes) -> None:
+    """The simulated ECU runs ``image``, as a finished flash leaves it (written, checked, active)."""
+    import hashlib
+
+    from ecu_sim.flash_banks import FlashBanks
+
+    banks = FlashBanks(state / "ecu", "1.0.0")
+    banks.erase()
+    banks.begin_write(len(image))
+    banks.write(0, image)
+    banks.finish_write(len(image))
+    banks.pending_version = RELEASES[1]
+    assert banks.check("sha256", hashlib.sha256(image).digest()) and banks.check_dependencies()
+    assert banks.activate_if_ready()
 
 
 def firmware_like(size: int) -> bytes:
@@ -85,12 +131,23 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
               "ecus": {"ecu": {"segment": "bench", "request_id": 0x7E0, "response_id": 0x7E8, "security_secret": "s",
                                "memory": {"address": 0, "size": 16 * 1024 * 1024},
                                "sim": {"max_block_length": block, "erase_ms": 100, "check_ms": 10, "reset_ms": 100}}}}
-    if method:
-        config["ecus"]["ecu"]["compression"] = {method: 1}
+    flash_args = []
+    kind = "firmware" if method or firmware else "random"
+    image = work / "image.bin"
+    if method == "delta":
+        old, new = releases()
+        config["ecus"]["ecu"]["delta"] = 13
+        size, kind = len(new), f"{RELEASES[0]} {RELEASES[1]} -> {RELEASES[2]}"
+        image.write_bytes(new)
+        (work / "old.bin").write_bytes(old)
+        _runs(work / "state", old)
+        flash_args = [f"--delta-from=ecu={work / 'old.bin'}"]
+    else:
+        if method:
+            config["ecus"]["ecu"]["compression"] = {method: 1}
+        image.write_bytes(firmware_like(size) if method or firmware else os.urandom(size))
     cfg = work / f"{name.replace(' ', '_').replace('/', '_')}.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    image = work / "image.bin"
-    image.write_bytes(firmware_like(size) if method or firmware else os.urandom(size))
     sim = subprocess.Popen([sys.executable, "-m", "agent.cli", "ecu-sim", "-c", str(cfg), "--state-dir", str(work / "state")],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
@@ -100,7 +157,8 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
         t0 = time.monotonic()
         cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         run = subprocess.run([sys.executable, "-m", "agent.cli", "flash", "-c", str(cfg), "--out", str(out), "--json",
-                              "--no-progress", f"ecu={image}@{time.monotonic_ns()}"], capture_output=True, text=True, cwd=ROOT)
+                              "--no-progress", f"ecu={image}@{time.monotonic_ns()}", *flash_args], capture_output=True,
+                             text=True, cwd=ROOT)
         wall = time.monotonic() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     finally:
@@ -109,6 +167,8 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
     if run.returncode != 0:
         raise SystemExit(f"{name}: flash failed: {run.stdout} {run.stderr}")
     result = json.loads(run.stdout)[0]
+    if method and result["compression"] != method:
+        raise SystemExit(f"{name}: the image went as {result['compression']}, not {method}: {result}")
     trace = read_trace(out / "ecu.trace.jsonl")
     transfers = [e for e in trace.exchanges if e.service == 0x36]
     seconds = (transfers[-1].t + transfers[-1].dt - transfers[0].t) / 1000.0
@@ -117,7 +177,7 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
     goodput = size / seconds  # image bytes (decompressed) per second of transfer
     row = {
         "mode": name,
-        "image": "firmware" if method or firmware else "random",
+        "image": kind,
         "image_kib": size // 1024,
         "on_bus_kib": on_bus // 1024,
         "transfer_s": round(seconds, 2),
@@ -145,7 +205,8 @@ def main() -> None:
     parser.add_argument("--emulated-size", default="1M", help="image size with bus-timing emulation (default 1M)")
     parser.add_argument("--runs", type=int, default=1, help="runs per mode (default 1)")
     parser.add_argument("--mode", action="append", help="only these modes (classic, fd, 'fd 4K blocks', 'classic @500k', "
-                        "'fd @500k/2M', 'classic @500k zlib', 'classic @500k lzma', 'fd @500k/2M zlib')")
+                        "'fd @500k/2M', 'classic @500k zlib', 'classic @500k lzma', 'fd @500k/2M zlib', 'classic @500k delta', "
+                        "'fd @500k/2M delta')")
     parser.add_argument("--json", action="store_true", help="print JSON rows")
     parser.add_argument("--image", choices=("random", "firmware"), default="random",
                         help="image of the uncompressed modes (compressed ones always use the firmware-like image)")

@@ -8,6 +8,7 @@ import datetime as _dt
 import hashlib
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -56,10 +57,13 @@ def make_campaign(
     order: dict[str, int] | None = None,
     requires: dict[str, dict[str, str]] | None = None,
     activation: str | None = None,
+    deltas: dict[str, tuple[Path, str]] | None = None,
 ) -> bytes:
     """Sign a campaign for ``packages`` [(ecu, file, version)], served under ``base_url``;
     ``order`` and ``requires`` per ECU, ``activation`` atomic or per_ecu (the vehicle's default
-    when None: atomic for more than one package)."""
+    when None: atomic for more than one package). ``deltas`` per ECU: (the image it runs, its
+    version): the delta from it is made beside the package (``<name>.from-<version>.delta``)
+    and the campaign carries both."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
     entries = []
     for ecu, path, version in packages:
@@ -73,6 +77,8 @@ def make_campaign(
             entry["order"] = order[ecu]
         if requires and ecu in requires:
             entry["requires"] = requires[ecu]
+        if deltas and ecu in deltas:
+            entry["delta"] = _delta_entry(path, data, *deltas[ecu], base_url)
         entries.append(entry)
     doc = {"format": "vota-campaign", "version": 1, "campaign_id": campaign_id, "vin": vin,
            "issued": (now - _dt.timedelta(seconds=1)).isoformat(timespec="seconds"),
@@ -80,6 +86,24 @@ def make_campaign(
     if activation is not None:
         doc["activation"] = activation
     return sign_campaign(doc, key)
+
+
+def _delta_entry(path: Path, data: bytes, base_path: Path, base_version: str, base_url: str) -> dict[str, Any]:
+    """Make the delta from the image at ``base_path`` to ``data`` beside ``path``; its campaign entry."""
+    from agent.protocol.delta import apply_delta, make_delta  # noqa: PLC0415 - detools only where deltas are made
+
+    try:
+        base = base_path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{base_path}: cannot read the delta's base image ({exc.strerror})") from None
+    patch = make_delta(base, data)
+    if apply_delta(base, patch) != data:  # never sign a patch that does not make the image
+        raise VotaError(f"the delta from {base_path} to {path} does not make the image")
+    name = f"{path.name}.from-{base_version}.delta"
+    atomic_write_bytes(path.parent / name, patch)
+    return {"name": name, "url": f"{base_url.rstrip('/')}/{name}", "size": len(patch),
+            "sha256": hashlib.sha256(patch).hexdigest(), "base_sha256": hashlib.sha256(base).hexdigest(),
+            "base_version": base_version, "image_crc32": zlib.crc32(data)}
 
 
 COMMAND_EXPIRY_S = 24 * 3600  # a command not delivered within a day is dropped by the broker

@@ -6,6 +6,7 @@ Byte layouts follow ISO 14229-1 and the usual OEM flash bootloader (see the READ
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -23,6 +24,7 @@ from agent.adapters.storage import atomic_write_json
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import EcuConfig
 from agent.protocol.compression import DecompressError, Decompressor, decompressor, named_by
+from agent.protocol.delta import DeltaApplier
 from agent.protocol.ecu import (
     ROUTINE_SHOW_CONTENT,
     ROUTINE_STOP_CONTENT,
@@ -58,6 +60,8 @@ class EcuState:
     download_size: int = 0
     received: int = 0
     decompressor: Decompressor | None = None  # a compressed download: decompressed while written
+    delta: tuple[str, str] | None = None  # (base, new image) SHA-256 the delta base routine accepted
+    written: "hashlib._Hash" = field(default_factory=hashlib.sha256)  # of the image as written
     counter: BlockCounter = field(default_factory=BlockCounter)
     resets: int = 0
     erased_region: tuple[int, int] | None = field(default=None)
@@ -92,9 +96,15 @@ class EcuState:
         self.seed = None
         if self.content is not None:
             self.content.files.abort()
+        self.delta = None
         if self.download_active:
-            self.download_active, self.decompressor = False, None
+            self._end_download()
             self.banks.close()
+
+    def _end_download(self) -> None:
+        if self.decompressor is not None:
+            self.decompressor.close()
+        self.download_active, self.decompressor = False, None
 
     def reset(self) -> None:
         """What a power cycle does: default session, locked, new image active if ready."""
@@ -235,7 +245,7 @@ def routine_control(s: EcuState, r: Request) -> Outcome | bytes:
     cfg = s.config
     if routine in (cfg.activate_routine, cfg.discard_routine, cfg.rollback_routine, cfg.commit_routine):
         return _bank_routine(s, r, routine)
-    if routine not in (cfg.erase_routine, cfg.check_memory_routine, cfg.check_dependencies_routine):
+    if routine not in (cfg.erase_routine, cfg.check_memory_routine, cfg.check_dependencies_routine, cfg.delta_base_routine):
         return r.negative(Nrc.RequestOutOfRange)
     if kind != 0x01:
         return r.negative(Nrc.SubFunctionNotSupported)
@@ -247,6 +257,8 @@ def routine_control(s: EcuState, r: Request) -> Outcome | bytes:
         return r.negative(Nrc.RequestSequenceError)
     head = b"\x71" + r.data[1:4]
     option = r.data[4:]
+    if routine == cfg.delta_base_routine:
+        return _delta_base(s, r, head, option)
     if routine == cfg.erase_routine:
         region = _memory(option)
         if region is None:
@@ -299,6 +311,23 @@ def _bank_routine(s: EcuState, r: Request, routine: int) -> bytes:
     return r.positive(r.data[1:4] + b"\x00")
 
 
+def _delta_base(s: EcuState, r: Request, head: bytes, option: bytes) -> bytes:
+    """Before a delta is erased for: is the active image the delta's base? Option: the base's and
+    the new image's SHA-256. A bootloader without deltas (or a single bank, which a sequential
+    patch cannot be applied in) answers requestOutOfRange; another active image
+    conditionsNotCorrect, and nothing is erased."""
+    if s.config.delta is None or not s.sim.accept_delta or s.banks.single:
+        return r.negative(Nrc.RequestOutOfRange)
+    if len(option) != 64:
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    base, new = option[:32].hex(), option[32:].hex()
+    if s.banks.active_info.state != "valid" or hashlib.sha256(s.banks.active_image()).hexdigest() != base:
+        s.delta = None
+        return r.negative(Nrc.ConditionsNotCorrect)
+    s.delta = (base, new)
+    return head + b"\x00"
+
+
 def request_download(s: EcuState, r: Request) -> bytes:
     if len(r.data) < 5:
         return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
@@ -321,9 +350,16 @@ def request_download(s: EcuState, r: Request) -> bytes:
         s.erased_region[0] <= address and address + size <= sum(s.erased_region)
     ):
         return r.negative(Nrc.UploadDownloadNotAccepted)
+    if method == "delta" and s.delta is None:
+        return r.negative(Nrc.RequestSequenceError)  # the delta base routine comes first
     s.banks.begin_write(size)
     s.download_active, s.download_size, s.received = True, size, 0
-    s.decompressor = decompressor(method) if method else None
+    s.written = hashlib.sha256()
+    if method == "delta":  # applied from the active bank while it arrives
+        s.decompressor = DeltaApplier(s.banks.path(s.banks.active))
+    else:
+        s.decompressor = decompressor(method) if method else None
+        s.delta = None
     s.counter = BlockCounter()
     return b"\x74\x20" + s.sim.max_block_length.to_bytes(2, "big")
 
@@ -332,6 +368,8 @@ def _data_format(ecu: EcuConfig, identifier: int) -> str | None | Literal[False]
     """The compression method a dataFormatIdentifier names (None: no compression); False when
     this ECU does not accept it (an encryption method, or a compression it was not built with)."""
     accepted = ecu.sim.accept_compression
+    if ecu.delta is not None and identifier == ecu.delta << 4:
+        return "delta" if ecu.sim.accept_delta else False
     return named_by(identifier, [(m, n) for m, n in ecu.compression if accepted is None or m in accepted])
 
 
@@ -357,6 +395,7 @@ def transfer_data(s: EcuState, r: Request) -> bytes:
     if s.received + len(data) > s.download_size:
         return r.negative(Nrc.TransferDataSuspended)
     s.banks.write(s.received, data)
+    s.written.update(data)
     s.received += len(data)
     s.counter.accept(counter)
     return bytes((0x76, counter))
@@ -367,8 +406,11 @@ def request_transfer_exit(s: EcuState, r: Request) -> bytes:
         return r.negative(Nrc.RequestSequenceError)
     if s.received != s.download_size or (s.decompressor is not None and not s.decompressor.finished):
         return r.negative(Nrc.RequestSequenceError)
+    if s.delta is not None and s.written.hexdigest() != s.delta[1]:
+        return r.negative(Nrc.GeneralProgrammingFailure)  # the patch made another image: wrong base, or damaged
     s.banks.finish_write(s.received)
-    s.download_active, s.decompressor = False, None
+    s._end_download()
+    s.delta = None
     return b"\x77"
 
 

@@ -24,14 +24,14 @@ from agent.adapters.uds_server import UdsServer
 from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec
 from agent.core.roles import KeysRejected
-from agent.protocol.link import INVENTORY_FILE, InstallStatus, parse_manifest
+from agent.protocol.link import INVENTORY_FILE, InstallJob, InstallStatus, parse_manifest
 from gateway.buses import Buses
 from gateway.content_relay import ContentRelay
 from gateway.deploy_server import DEPLOY_SERVICES, DeployState
-from gateway.flash import FlashJob
+from gateway.flash import DeltaImage, FlashJob
 from gateway.install import InstallInterrupted, InstallPlan, install
 from gateway.inventory import collect_versions
-from gateway.verify import Trust, check_install
+from gateway.verify import Approved, Trust, check_install
 
 __all__ = ["GatewayDaemon", "GatewayInstaller"]
 
@@ -92,10 +92,13 @@ class GatewayInstaller:
         for job in manifest.jobs:
             if job.ecu not in self.config.ecus:
                 return f"unknown ECU {job.ecu!r}"
-            path = self.package_dir / job.package
-            if not path.is_file():
+            for name in (job.package, job.delta):  # the full image, a delta to it, or both
+                if name is not None and (self.package_dir / name).is_file():
+                    images[name] = (self.package_dir / name).read_bytes()
+            if job.delta is not None and job.delta not in images:
+                return f"delta {job.delta!r} was not deployed"
+            if job.package not in images and job.delta is None:
                 return f"package {job.package!r} was not deployed"
-            images[job.package] = path.read_bytes()
         refused = self._follow_keys(manifest.proof or {})
         if refused is not None:
             return refused
@@ -103,12 +106,21 @@ class GatewayInstaller:
         if self.keys is not None:
             current = self.keys.current
             trust = Trust(trust.vin, current.role("campaign"), current.role("content"))
-        refused = check_install(manifest, images, trust, set(self.config.ecus))
-        if refused is not None:
-            return refused
-        jobs = [(job.order, FlashJob(job.ecu, images[job.package], job.version, job.package, guard_rollback=True))
-                for job in manifest.jobs]
+        approved = check_install(manifest, images, trust, set(self.config.ecus))
+        if isinstance(approved, str):
+            return approved
+        jobs = [(job.order, self._job(job, images, approved)) for job in manifest.jobs]
         return InstallPlan(manifest.campaign_id, tuple(jobs), manifest.activation)
+
+    @staticmethod
+    def _job(job: InstallJob, images: dict[str, bytes], approved: Approved) -> FlashJob:
+        """A verified job: its full image when it was deployed, and the delta to it when one was."""
+        delta = None
+        signed = approved.deltas.get(job.ecu)
+        if job.delta is not None and signed is not None and signed.delta is not None:
+            delta = DeltaImage(images[job.delta], signed.delta.base_sha256, signed.size, signed.sha256,
+                               signed.delta.image_crc32, job.delta)
+        return FlashJob(job.ecu, images.get(job.package, b""), job.version, job.package, guard_rollback=True, delta=delta)
 
     def _follow_keys(self, proof: dict[str, Any]) -> str | None:
         """The key lists the TBOX has taken, taken here too (kept: leaving them out of a later

@@ -43,7 +43,7 @@ from agent.protocol.uds import (
 from gateway.buses import Buses, TesterPresentKeeper
 from gateway.segment_worker import SegmentWorker
 
-__all__ = ["FlashJob", "FlashResult", "FlashHooks", "flash_all", "EcuFlasher", "STEPS", "fingerprint"]
+__all__ = ["DeltaImage", "FlashJob", "FlashResult", "FlashHooks", "flash_all", "EcuFlasher", "STEPS", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ STEPS = (
     "programming_session",
     "security_access",
     "write_fingerprint",
+    "delta_base",
     "erase",
     "request_download",
     "transfer_data",
@@ -81,15 +82,43 @@ class FlashHooks:
 
 
 @dataclass(frozen=True)
+class DeltaImage:
+    """A delta to the new image (agent/protocol/delta.py) and what the new image must be."""
+
+    patch: bytes
+    base_sha256: str  # the image the ECU must run for the patch to apply
+    size: int  # the new image's
+    sha256: str
+    crc32: int
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class FlashJob:
     ecu: str
-    image: bytes
+    image: bytes  # the full image; empty when only a delta was deployed
     version: str
     source: str = ""
     stage_only: bool = False  # vehicle-level campaigns: stop once the image is staged, do not reset onto it
     # installs: refuse, before erasing, an image older than what the ECU runs, or when the ECU does not
     # tell its version (an empty F189, no valid application, is no version to protect)
     guard_rollback: bool = False
+    delta: DeltaImage | None = None  # sent instead of the image when the ECU runs its base
+
+    @property
+    def size(self) -> int:
+        return self.delta.size if self.delta is not None else len(self.image)
+
+    @property
+    def sha256(self) -> str:
+        return self.delta.sha256 if self.delta is not None else hashlib.sha256(self.image).hexdigest()
+
+    def check_value(self, algorithm: str) -> bytes:
+        """What check memory compares the written image with."""
+        if algorithm == "crc32":
+            crc = self.delta.crc32 if self.delta is not None else zlib.crc32(self.image)
+            return crc.to_bytes(4, "big")
+        return bytes.fromhex(self.sha256)
 
 
 @dataclass
@@ -110,6 +139,8 @@ class FlashResult:
     compression: str | None = None  # the method the image went with (RequestDownload's dataFormatIdentifier)
     compression_refused: list[str] = field(default_factory=list)  # methods the ECU answered NRC 0x31 to first
     transfer_ratio: float = 0.0  # bytes_transferred / image_size
+    image_sent: str = "full"  # full | delta: what TransferData carried
+    delta_refused: str | None = None  # a delta was offered and the full image went instead: why
     trace_file: str | None = None
     trace_bytes: int = 0
     trace_fraction: float = 0.0
@@ -161,22 +192,23 @@ class EcuFlasher:
                 response_id=ecu.response_id,
                 functional_id=ecu.functional_id,
                 started=started,
-                extra={"segment": ecu.segment, "image_size": len(job.image), "image_version": job.version},
+                extra={"segment": ecu.segment, "image_size": job.size, "image_version": job.version},
             )
         )
         self.step = ""
         self.max_block = 0
         self.sent = 0
         self.compression: str | None = None  # the method the image went with, if any
-        self.total = len(job.image)  # the bytes TransferData carries (fewer when compressed)
+        self.total = job.size  # the bytes TransferData carries (fewer when compressed)
         self.fallbacks: list[str] = []  # methods the ECU refused first
+        self.image_sent = "full"
+        self.delta_refused: str | None = None
 
     # ---- the sequence -----------------------------------------------------------------
     def run(self) -> FlashResult:
         job, ecu = self.job, self.ecu
-        digest = hashlib.sha256(job.image).hexdigest()
         started = time.time()
-        result = FlashResult(ecu.name, "failed", job.version, len(job.image), digest,
+        result = FlashResult(ecu.name, "failed", job.version, job.size, job.sha256,
                              started=_dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"))
         link = UdsLink(
             self.segment,
@@ -209,6 +241,8 @@ class EcuFlasher:
             result.result = "success"
         except FlashError as exc:
             result.failed_step, result.reason, result.nrc = exc.step, exc.reason, exc.nrc
+            if exc.nrc == 0x72 and exc.step == "transfer_exit" and self.image_sent == "delta":
+                self.delta_refused = f"the delta did not make the signed image: {exc.reason}"
             log.warning("%s: flash failed at %s: %s", ecu.name, exc.step, exc.reason)
             if exc.nrc is None and self.gateway.late_response_grace_ms:
                 link.connection.drain_late(self.gateway.late_response_grace_ms / 1000.0)
@@ -218,7 +252,8 @@ class EcuFlasher:
         result.bytes_transferred = self.sent
         result.compression = self.compression
         result.compression_refused = list(self.fallbacks)
-        result.transfer_ratio = round(self.sent / max(1, len(job.image)), 4)
+        result.transfer_ratio = round(self.sent / max(1, job.size), 4)
+        result.image_sent, result.delta_refused = self.image_sent, self.delta_refused
         return result
 
     def _read_version(self, link: UdsLink) -> str | None:
@@ -257,10 +292,12 @@ class EcuFlasher:
         raise AssertionError("unreachable")
 
     def _sequence(self, link: UdsLink) -> str:
-        c, ecu, image = link.client, self.ecu, self.job.image
-        region = MemoryLocation(ecu.memory_address, len(image), 32, 32)
-        if len(image) == 0 or len(image) > ecu.memory_size:
-            raise FlashError("request_download", f"image of {len(image)} bytes does not fit {ecu.memory_size} bytes of memory")
+        c, ecu, job = link.client, self.ecu, self.job
+        region = MemoryLocation(ecu.memory_address, job.size, 32, 32)
+        if job.size == 0 or job.size > ecu.memory_size:
+            raise FlashError("request_download", f"image of {job.size} bytes does not fit {ecu.memory_size} bytes of memory")
+        if job.delta is not None and ecu.delta is None:
+            self._no_delta("this ECU takes no delta images (ecus.<name>.delta)")
         self._do("extended_session", lambda: c.change_session(Session.extendedDiagnosticSession))
         self._do("dtc_setting_off", lambda: c.control_dtc_setting(DtcSetting.off))
         self._do("communication_disable", lambda: c.communication_control(CommunicationType.disableRxAndTx, COMMUNICATION_NORMAL))
@@ -268,9 +305,10 @@ class EcuFlasher:
         self._do("security_access", lambda: c.unlock_security_access(ecu.security_level))
         self._do("write_fingerprint", lambda: c.write_data_by_identifier(
             ecu.fingerprint_did, fingerprint(self.job.version, _dt.date.today())))
+        delta = self._delta_base(c) if job.delta is not None and ecu.delta is not None else None
         erase_option = region.alfid.get_byte() + region.get_address_bytes() + region.get_memorysize_bytes()
         self._do("erase", lambda: self._routine(c, ecu.erase_routine, erase_option))
-        response, payload = self._request_download(c, region)
+        response, payload = self._request_download(c, region, delta)
         self.max_block = int(response.service_data.max_length)
         if self.max_block < 3:
             raise FlashError("request_download", f"maxNumberOfBlockLength {self.max_block} is too small")
@@ -282,7 +320,7 @@ class EcuFlasher:
             self.sent = offset + len(block)
             counter = (counter + 1) & 0xFF
         self._do("transfer_exit", lambda: c.request_transfer_exit())
-        check = zlib.crc32(image).to_bytes(4, "big") if ecu.check_memory == "crc32" else hashlib.sha256(image).digest()
+        check = job.check_value(ecu.check_memory)
         self._do("check_memory", lambda: self._routine(c, ecu.check_memory_routine, check))
         self._do("check_dependencies", lambda: self._routine(c, ecu.check_dependencies_routine, None))
         if self.job.stage_only:
@@ -306,10 +344,56 @@ class EcuFlasher:
             raise FlashError("verify", f"ECU reports software {reported!r} after reset, expected {self.job.version!r}")
         return self.job.version
 
-    def _request_download(self, c: Any, region: MemoryLocation) -> tuple[Any, bytes]:
-        """RequestDownload, compressed with the first of the ECU's methods that makes the image
-        smaller and that the ECU accepts; an ECU that refuses a method (NRC 0x31) is asked again
-        with the next one, at last without compression. (The response, the bytes to transfer.)"""
+    def _no_delta(self, why: str) -> None:
+        """The delta cannot go: the full image goes instead, or, when it was not deployed, the flash fails."""
+        if not self.job.image:
+            self.delta_refused = why  # the TBOX sends the full image in another round
+            raise FlashError(self.step or "delta_base", f"{why}, and the full image was not deployed")
+        log.warning("%s: %s: the full image goes instead of the delta", self.ecu.name, why)
+        self.delta_refused = why
+        self.total = len(self.job.image)
+
+    def _delta_base(self, c: Any) -> DeltaImage | None:
+        """Before anything is erased: does the ECU run the delta's base? (The delta to send, or
+        None when the ECU refused it and the full image goes.)"""
+        delta = self.job.delta
+        assert delta is not None
+        option = bytes.fromhex(delta.base_sha256) + bytes.fromhex(delta.sha256)
+        try:
+            self._do("delta_base", lambda: self._routine(c, self.ecu.delta_base_routine, option))
+        except FlashError as exc:
+            if exc.nrc not in (0x22, 0x31):
+                raise
+            if not self.job.image:
+                self.delta_refused = f"the ECU refused the delta's base check: {exc.reason}"
+                raise FlashError(exc.step, f"{self.delta_refused}, and the full image was not deployed", exc.nrc) from None
+            if self.recorder.current is not None:
+                self.recorder.current.extra.update(retried=True, fallback="full")  # judged: the full image's flash
+            self._no_delta(f"the ECU refused the delta's base check: {exc.reason}")
+            return None
+        self.total = len(delta.patch)
+        return delta
+
+    def _request_download(self, c: Any, region: MemoryLocation, delta: DeltaImage | None = None) -> tuple[Any, bytes]:
+        """RequestDownload of a delta (its nibble), or compressed with the first of the ECU's
+        methods that makes the image smaller and that the ECU accepts; an ECU that refuses a
+        delta or a method (NRC 0x31) is asked again with the full image, the next method, at last
+        without compression. (The response, the bytes to transfer.)"""
+        if delta is not None and self.ecu.delta is not None:
+            try:
+                response = self._do("request_download", functools.partial(
+                    c.request_download, region, dfi=DataFormatIdentifier(compression=self.ecu.delta)))
+            except FlashError as exc:
+                if exc.nrc != 0x31:
+                    raise
+                if self.recorder.current is not None and self.job.image:
+                    self.recorder.current.extra.update(retried=True, csize=len(delta.patch), fallback="full")
+                self._no_delta(f"the ECU does not take delta images: {exc.reason}")
+            else:
+                if self.recorder.current is not None:
+                    self.recorder.current.extra.update(csize=len(delta.patch), delta=delta.base_sha256[:16])
+                self.image_sent, self.compression, self.total = "delta", "delta", len(delta.patch)
+                return response, delta.patch
         image = self.job.image
         for method, nibble in self.ecu.compression:
             packed = compress(method, image)
@@ -347,7 +431,7 @@ class EcuFlasher:
             except Exception as exc:  # noqa: BLE001
                 raise FlashError("verify", f"cannot read the staged image: {describe_failure(exc)[0]}") from None
         staged = decode_staged_image(raw)
-        digest = hashlib.sha256(self.job.image).hexdigest()
+        digest = self.job.sha256
         if staged is None or staged.status == STAGED_NONE or staged.sha256 != digest or staged.version != self.job.version:
             raise FlashError("verify", f"the ECU does not hold this image staged ({raw[:40].hex()})")
         with link.step("version_after"):
@@ -408,13 +492,13 @@ def flash_all(
         atomic_write_text(trace_path, trace)
         result.trace_bytes = len(trace.encode())
         result.trace_file = trace_path.name
-        result.trace_fraction = round(result.trace_bytes / max(1, len(job.image)), 5)
+        result.trace_fraction = round(result.trace_bytes / max(1, job.size), 5)
         atomic_write_json(out / f"{job.ecu}.result.json", result.to_json())
         results[job.ecu] = result
         if hooks and hooks.result:
             hooks.result(result)
         if progress:
-            progress(job.ecu, "done" if result.result == "success" else "failed", result.bytes_transferred, len(job.image))
+            progress(job.ecu, "done" if result.result == "success" else "failed", result.bytes_transferred, job.size)
 
     def run_segment(name: str, seg_jobs: list[FlashJob]) -> None:
         functional = config.ecu(seg_jobs[0].ecu).functional_id

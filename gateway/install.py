@@ -27,7 +27,6 @@ named in that ECU's result, and the summary lists the interruptions.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -72,11 +71,11 @@ class InstallPlan:
 
 
 def _sha(job: FlashJob) -> str:
-    return hashlib.sha256(job.image).hexdigest()
+    return job.sha256
 
 
 def _not_started(job: FlashJob, why: str) -> FlashResult:
-    return FlashResult(job.ecu, "failed", job.version, len(job.image), _sha(job), failed_step="not_started", reason=why)
+    return FlashResult(job.ecu, "failed", job.version, job.size, _sha(job), failed_step="not_started", reason=why)
 
 
 @dataclass
@@ -137,9 +136,12 @@ class _Install:
         found running its new image is not flashed again."""
         todo = []
         for job in jobs:
-            if self.resumed and self.images(job.ecu).runs(job.version, _sha(job)):
-                self.set(FlashResult(job.ecu, "success", job.version, len(job.image), _sha(job), version_after=job.version,
-                                     phase="committed", reason="found running this image when the install resumed"))
+            # a delta cannot apply to the image it makes: an ECU already running it (a second round
+            # after another ECU refused its delta) is done
+            if (self.resumed or job.delta is not None) and self.images(job.ecu).runs(job.version, _sha(job)):
+                self.set(FlashResult(job.ecu, "success", job.version, job.size, _sha(job), version_after=job.version,
+                                     phase="committed", reason="found running this image when the install "
+                                                               + ("resumed" if self.resumed else "started")))
             else:
                 todo.append(job)
         self.flash(todo, "flash")
@@ -257,7 +259,7 @@ def _stage(run: _Install) -> None:
                 images = run.images(job.ecu)
                 if images.holds_staged(job.version, _sha(job)):
                     if done is None or done.phase != "staged":
-                        run.set(FlashResult(job.ecu, "success", job.version, len(job.image), _sha(job),
+                        run.set(FlashResult(job.ecu, "success", job.version, job.size, _sha(job),
                                             version_before=images.version, phase="staged",
                                             reason="found staged when the install resumed"))
                     continue

@@ -6,7 +6,8 @@ is erased, every job of an install manifest is checked against the signed docume
 manifest carries (``proof``): a campaign signed by a threshold of the campaign role's keys
 (the configured ones, or those of the newest key list taken) for this vehicle,
 whose packages are exactly the jobs (ECU, file name, version, order, activation) and whose
-digests and sizes are those of the deployed files; or, for a software item of owner content,
+digests and sizes are those of the deployed files (a delta's too: the patch is the signed one,
+and the image it makes is the package's, checked by the ECU against the signed digest); or, for a software item of owner content,
 the bundle manifest signed by a trusted content key, the item for that ECU at that version,
 and the image's digest (the plaintext digest the manifest signs for encrypted items).
 Whether an image is older than what the ECU runs is checked per ECU when it is flashed
@@ -24,12 +25,12 @@ from typing import Any, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.core.campaign import CampaignRejected, verify_campaign
+from agent.core.campaign import CampaignRejected, Package, verify_campaign
 from agent.core.content import BundleRejected, verify_manifest
 from agent.core.roles import Role
 from agent.protocol.link import InstallManifest
 
-__all__ = ["Trust", "check_install"]
+__all__ = ["Trust", "Approved", "check_install"]
 
 # The validity period is the TBOX's to check (it has the network time); the gateway checks
 # authenticity, the vehicle, the targets and the images.
@@ -45,6 +46,14 @@ class Trust:
     content_keys: Role | Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Approved:
+    """An install whose every job is what a trusted party signed; by ECU, the signed packages
+    whose delta is to be sent."""
+
+    deltas: Mapping[str, Package] = field(default_factory=dict)
+
+
 def _b64(value: Any, what: str) -> bytes:
     if not isinstance(value, str):
         raise ValueError(f"{what} is missing")
@@ -58,8 +67,8 @@ def _image_matches(image: bytes, size: int, sha256: str) -> bool:
     return len(image) == size and hashlib.sha256(image).hexdigest() == sha256
 
 
-def check_install(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, ecus: set[str]) -> str | None:
-    """None when every job is what a trusted party signed for this vehicle; else why not."""
+def check_install(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, ecus: set[str]) -> Approved | str:
+    """Approved when every job is what a trusted party signed for this vehicle; else why not."""
     if not trust.vin:
         return "the gateway knows no VIN to check signed campaigns against (tbox.vin or gateway.vin)"
     proof = manifest.proof or {}
@@ -74,7 +83,7 @@ def check_install(manifest: InstallManifest, images: Mapping[str, bytes], trust:
 
 
 def _check_campaign(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, ecus: set[str],
-                    envelope: bytes) -> str | None:
+                    envelope: bytes) -> Approved | str:
     if not Role.of(trust.campaign_keys).keys:
         return "the gateway has no trusted campaign keys (gateway.trusted_keys or tbox.trusted_keys)"
     assert trust.vin is not None
@@ -92,13 +101,22 @@ def _check_campaign(manifest: InstallManifest, images: Mapping[str, bytes], trus
     if asked != signed:  # no job added, none left out (mix-and-match, partial bundle)
         extra, missing = sorted(asked - signed), sorted(signed - asked)
         return f"the jobs are not the signed campaign's packages (not signed: {extra}, left out: {missing})"
+    jobs = {j.ecu: j for j in manifest.jobs}
     for p in campaign.packages:
-        if not _image_matches(images.get(p.name, b""), p.size, p.sha256):
+        job, full = jobs[p.ecu], images.get(p.name)
+        if full is not None and not _image_matches(full, p.size, p.sha256):
             return f"{p.name}: the deployed file is not the signed package (size or SHA-256)"
-    return None
+        if job.delta is not None:
+            if p.delta is None or job.delta != p.delta.name:
+                return f"{job.delta}: not the signed campaign's delta for {p.ecu}"
+            if not _image_matches(images.get(job.delta, b""), p.delta.size, p.delta.sha256):
+                return f"{job.delta}: the deployed file is not the signed delta (size or SHA-256)"
+        elif full is None:
+            return f"package {p.name!r} was not deployed"
+    return Approved({p.ecu: p for p in campaign.packages if p.delta is not None and jobs[p.ecu].delta is not None})
 
 
-def _check_content(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, proof: dict[str, Any]) -> str | None:
+def _check_content(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, proof: dict[str, Any]) -> Approved | str:
     keys = trust.content_keys if Role.of(trust.content_keys).keys else trust.campaign_keys
     if not Role.of(keys).keys:
         return "the gateway has no trusted content keys"
@@ -114,6 +132,8 @@ def _check_content(manifest: InstallManifest, images: Mapping[str, bytes], trust
     if len(manifest.jobs) != 1:
         return "a content item installs on one ECU"
     job = manifest.jobs[0]
+    if job.delta is not None:
+        return "a content item installs a full image, not a delta"
     if (job.ecu, job.version) != (item.target, item.raw.get("version")):
         return f"the signed item installs {item.raw.get('version')!r} on {item.target}, the manifest {job.version!r} on {job.ecu}"
     image = images.get(job.package, b"")
@@ -122,4 +142,4 @@ def _check_content(manifest: InstallManifest, images: Mapping[str, bytes], trust
                else _image_matches(image, item.size, item.sha256))
     if not matches:
         return f"{job.package}: the deployed file is not the signed item {item.id} (size or SHA-256)"
-    return None
+    return Approved()

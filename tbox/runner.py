@@ -287,10 +287,45 @@ class CampaignRunner:
         record.campaign_id = campaign.campaign_id
         record.packages = {p.name: {"ecu": p.ecu, "version": p.version, **record.packages.get(p.name, {})}
                            for p in campaign.packages}
+        self._choose_images(record, campaign, inventory)
         record.save()
         self.cloud.report("inventory", {"campaign_id": campaign.campaign_id, "ecus": inventory},
                           msg_id=f"{campaign.campaign_id}.inventory")
         return "verified"
+
+    def _choose_images(self, record: CampaignRecord, campaign: Campaign, inventory: list[dict[str, Any]]) -> None:
+        """For each package that carries a delta: the delta when the inventory says its ECU runs the
+        delta's base (F1A0), else the full image; the choice and why are reported. (An ECU that
+        refuses the delta all the same gets the full image in a second round: ``_delta_fallback``.)"""
+        running = {e.get("ecu"): e.get("image_sha256") for e in inventory}
+        chosen: dict[str, dict[str, str]] = {}
+        for p in campaign.packages:
+            entry = record.packages[p.name]
+            if p.delta is None or "image" in entry:
+                continue
+            sha = running.get(p.ecu)
+            if sha == p.delta.base_sha256:
+                entry.update(image="delta", why=f"{p.ecu} runs the delta's base {p.delta.base_version}")
+            else:
+                seen = f"runs {sha[:16]}" if isinstance(sha, str) and sha else "did not tell its image digest (F1A0)"
+                entry.update(image="full", why=f"{p.ecu} {seen}, not the delta's base {p.delta.base_version} "
+                                               f"({p.delta.base_sha256[:16]})")
+            chosen[p.name] = {"image": entry["image"], "why": entry["why"]}
+        if chosen:
+            self._report_images(record, chosen, 0)
+
+    def _report_images(self, record: CampaignRecord, chosen: dict[str, Any], round_: int) -> None:
+        """The ``images`` event: per package, ``image`` (delta or full) and ``why``."""
+        cid = record.campaign_id
+        self.cloud.report("events", {"event": "images", "campaign_id": cid, "round": round_, "packages": chosen},
+                          msg_id=f"{cid}.images.{round_}")
+
+    @staticmethod
+    def _file(p: Package, entry: dict[str, Any]) -> tuple[str, str, int, str]:
+        """What goes to the gateway for a package: (name, url, size, SHA-256) of the delta or the image."""
+        if p.delta is not None and entry.get("image") == "delta":
+            return p.delta.name, p.delta.url, p.delta.size, p.delta.sha256
+        return p.name, p.url, p.size, p.sha256
 
     def _inventory_evidence(self, record: CampaignRecord, inventory: list[dict[str, Any]]) -> None:
         """The gateway's trace of each ECU whose identification it could not read completely, kept
@@ -323,17 +358,18 @@ class CampaignRunner:
             if entry.get("downloaded"):
                 continue
 
+            name, url, size, sha256 = self._file(p, entry)
             try:
-                info = self.fetch(p.url, self.package_path(record, p.name), p.size, p.sha256,
-                                  progress=self._progress(campaign.campaign_id, "download", package=p.name),
+                info = self.fetch(url, self.package_path(record, name), size, sha256,
+                                  progress=self._progress(campaign.campaign_id, "download", package=name),
                                   should_stop=self.stop.is_set)
             except TryLater:
                 raise  # the network: back off and resume the download (HTTP ranges)
             except VotaError as exc:
-                raise CampaignFailure("download", "package_refused", str(exc), package=p.name) from None
+                raise CampaignFailure("download", "package_refused", str(exc), package=name) from None
             entry.update(downloaded=True, resumed_from=info.resumed_from)
             record.save()
-            log.info("downloaded %s (%d bytes, resumed from %d)", p.name, p.size, info.resumed_from)
+            log.info("downloaded %s (%d bytes, resumed from %d)", name, size, info.resumed_from)
         return "downloaded"
 
     def _deploying(self, record: CampaignRecord) -> str | None:
@@ -347,22 +383,23 @@ class CampaignRunner:
             entry["deploy_started"] = True
             record.save()
             boot = self.gateway.boot_id()
-            result = self.gateway.deploy(p.name, self.package_path(record, p.name), p.sha256, out, resume=resume,
-                                         progress=self._progress(campaign.campaign_id, "deploy", package=p.name))
+            name, _, _, sha256 = self._file(p, entry)
+            result = self.gateway.deploy(name, self.package_path(record, name), sha256, out, resume=resume,
+                                         progress=self._progress(campaign.campaign_id, "deploy", package=name))
             if result.reason == "cancelled":
                 return None  # SIGTERM: checkpointed; the deploy resumes after restart
             if result.result != "success" and result.nrc is None and self._restarted(boot):
                 n = entry["deploy_interruptions"] = int(entry.get("deploy_interruptions", 0)) + 1
                 record.save()
                 self.reports.deploy_interrupted(record, result, out, n)
-                raise TryLater(f"{p.name}: the gateway restarted during its deploy ({result.failed_step}: {result.reason})")
+                raise TryLater(f"{name}: the gateway restarted during its deploy ({result.failed_step}: {result.reason})")
             entry["deploy"] = result.result
             record.save()
-            self.reports.stage(record, "deploy", p.name, result.to_json(), out / f"{p.name}.deploy.trace.jsonl",
-                               {"package": p.name})
+            self.reports.stage(record, "deploy", name, result.to_json(), out / f"{name}.deploy.trace.jsonl",
+                               {"package": name})
             if result.result != "success":  # D4: a failed deploy ends the campaign here
-                raise CampaignFailure("deploy", "deploy_failed", f"{p.name}: {result.failed_step}: {result.reason}",
-                                      package=p.name, packet=result.failed_packet)
+                raise CampaignFailure("deploy", "deploy_failed", f"{name}: {result.failed_step}: {result.reason}",
+                                      package=name, packet=result.failed_packet)
         return "deployed"
 
     def _restarted(self, boot: bytes) -> bool:
@@ -382,8 +419,10 @@ class CampaignRunner:
         chain = self.key_chain()
         if chain:  # the key lists taken since the configuration's: the gateway follows them
             proof["keys"] = [base64.b64encode(k).decode() for k in chain]
-        manifest = InstallManifest(campaign.campaign_id, tuple(InstallJob(p.ecu, p.name, p.version, p.order)
-                                                                for p in campaign.packages), campaign.activation, proof)
+        jobs = tuple(InstallJob(p.ecu, p.name, p.version, p.order, delta=p.delta.name if p.delta is not None
+                                and record.packages[p.name].get("image") == "delta" else None)
+                     for p in campaign.packages)
+        manifest = InstallManifest(campaign.campaign_id, jobs, campaign.activation, proof)
         name = f"install-{campaign.campaign_id}.json"
         path = record.dir / name
         atomic_write_bytes(path, encode_manifest(manifest))
@@ -449,12 +488,42 @@ class CampaignRunner:
         record.versions = summary.get("final_versions") if isinstance(summary.get("final_versions"), dict) else None
         record.interruptions = summary.get("interruptions") or None
         record.revertible = summary.get("revertible") if isinstance(summary.get("revertible"), bool) else None
+        if status != InstallStatus.SUCCEEDED and self._delta_fallback(record, results):
+            return "downloading"  # the full image for the ECUs that refused their delta, then install again
         failed = self.reports.install_results(record, results)
         if failed or status != InstallStatus.SUCCEEDED:
             raise CampaignFailure("flash", "flash_failed", "; ".join(failed) or "install failed on the gateway")
         record.outcome = "success"
         record.save()
         return "done"
+
+    def _delta_fallback(self, record: CampaignRecord, results: list[dict[str, Any]]) -> bool:
+        """An ECU refused its delta (it does not run the base after all, takes no deltas, or the
+        patch made another image) and its full image was not on the gateway: that package goes
+        again as the full image, the others as they were, and the install runs once more (an ECU
+        found already running its new image is not flashed again). Once per package."""
+        campaign = self.campaign(record)
+        by_ecu = {p.ecu: p for p in campaign.packages}
+        refused: dict[str, dict[str, Any]] = {}
+        for r in results:
+            p = by_ecu.get(r.get("ecu"))  # type: ignore[arg-type]
+            if p is None or r.get("result") == "success" or not r.get("delta_refused"):
+                continue
+            entry = record.packages[p.name]
+            if entry.get("image") != "delta":
+                continue
+            entry.update(image="full", why=f"the ECU refused the delta: {r['delta_refused']}")
+            for key in ("downloaded", "deploy", "deploy_started", "resumed_from"):
+                entry.pop(key, None)
+            refused[p.name] = {"image": "full", "why": entry["why"], "result": r}
+        if not refused:
+            return False
+        log.warning("%s: %s refused the delta; the full image goes instead", record.campaign_id,
+                    ", ".join(r["result"]["ecu"] for r in refused.values()))
+        record.install_started = record.install_ended = False
+        record.save()
+        self._report_images(record, refused, 1)
+        return True
 
     def _refusal(self, cid: str) -> str:
         """Why the gateway refused to install (it keeps the reason in the campaign's install.json)."""

@@ -80,6 +80,24 @@ def ecu_entry(name: str, request_id: int, response_id: int, segment: str = "pt",
             "security_secret": f"{name}-secret", "sim": base_sim}
 
 
+def firmware_like(size: int) -> bytes:
+    """A real compiled binary (a shared library of this Python), cut to ``size``."""
+    import _ssl
+
+    data = Path(_ssl.__file__).read_bytes()
+    return (data * (size // len(data) + 1))[:size]
+
+
+def next_release(image: bytes) -> bytes:
+    """A new version that differs from ``image`` the way a rebuild does: a few changed bytes here
+    and there, a function grown by a few bytes (everything after it shifts), a new string."""
+    new = bytearray(image)
+    for at in range(1000, len(new), 7919):
+        new[at] ^= 0x5A
+    new[len(new) // 3 : len(new) // 3] = b"\x90" * 37
+    return bytes(new[: len(image) - 64]) + b"release notes of 3.1.0 " * 4
+
+
 @pytest.fixture
 def write_config(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Write a vehicle config dict as YAML; returns its path."""

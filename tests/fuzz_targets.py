@@ -677,6 +677,45 @@ class SignedReports(Target):
         assert all(now.get(k) == v for k, v in self.stored.items()), f"{example!r}: a stored message changed"
 
 
+class DeltaPatches(Target):
+    """Delta patches, damaged, into the applier an ECU runs while a patch arrives, in blocks of
+    any size: each block gives image bytes or a DecompressError, never another exception, never
+    a hang; what it makes is never longer than announced; the base image is never written."""
+
+    name = "delta-patches"
+
+    def open(self, tmp: Path) -> None:
+        from agent.protocol.delta import make_delta
+
+        super().open(tmp)
+        self.base = bytes(range(256)) * 24 + b"firmware" * 100
+        new = self.base[:2000] + b"inserted" + self.base[2000:5000] + bytes(300)
+        (tmp / "base.bin").write_bytes(self.base)
+        valid = make_delta(self.base, new)
+        self.strategy = st.tuples(st.one_of(mutated(valid), st.binary(max_size=400), st.just(valid)),
+                                  st.lists(st.integers(1, 600), min_size=1, max_size=8))
+
+    def feed(self, example: tuple[bytes, list[int]]) -> None:
+        from agent.protocol.compression import DecompressError
+        from agent.protocol.delta import DeltaApplier
+
+        patch, sizes = example
+        applier = DeltaApplier(self.tmp / "base.bin")
+        made, at, i = 0, 0, 0
+        try:
+            while at < len(patch):
+                block = patch[at : at + sizes[i % len(sizes)]]
+                at, i = at + len(block), i + 1
+                made += len(applier.feed(block, 1 << 20))
+                assert made <= (1 << 20) + 1
+        except DecompressError as exc:
+            assert str(exc).startswith("delta: ")
+        finally:
+            applier.close()
+        assert not applier._thread.is_alive()  # noqa: SLF001 - no applier left waiting
+        assert (self.tmp / "base.bin").read_bytes() == self.base
+
+
 TARGETS: dict[str, Callable[[], Target]] = {t.name: t for t in (EcuServer, DeployServer, CanFrames, TboxInbound, Collector,
                                                                 CampaignEnvelopes, ContentBundles, Traces, KeyLists,
-                                                                SignedReports)}
+                                                                SignedReports, DeltaPatches)}

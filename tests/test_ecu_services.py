@@ -327,3 +327,55 @@ def test_a_lock_out_survives_a_power_cycle(tmp_path):
     finally:
         tester.close()
         sim.stop()
+
+
+def test_delta_base_check_and_a_delta_applied_while_it_arrives(tmp_path):
+    """The delta base routine (FF06: base SHA-256, new SHA-256) before the erase; RequestDownload
+    with the delta's nibble only after it; the patch applied from the active bank, the transfer
+    exit refused (0x72) when what it made is not the announced image."""
+    import hashlib
+
+    from agent.protocol.delta import make_delta
+
+    data = {"segments": {"pt": {"bus": virtual_bus()}},
+            "ecus": {"bms": ecu_entry("bms", 0x7E1, 0x7E9, max_block_length=258)
+                     | {"memory": {"address": 0x1000, "size": 0x10000}, "delta": 13}}}
+    config, sim = start_sim(data, ["bms"], str(tmp_path / "state"))
+    t = UdsTester(config, "bms")
+    try:
+        old = bytes(range(256)) * 40
+        new = old[:3000] + b"a new function" + old[3000:9000] + b"\x00" * 100
+        patch = make_delta(old, new)
+        state = sim.servers["bms"].state
+        state.banks.erase()  # the running image: as a finished flash left it
+        state.banks.begin_write(len(old))
+        state.banks.write(0, old)
+        state.banks.finish_write(len(old))
+        state.banks.pending_version = "2.0.0"
+        assert state.banks.check("crc32", zlib.crc32(old).to_bytes(4, "big")) and state.banks.check_dependencies()
+        t.ask(b"\x11\x01")
+        time.sleep(0.4)
+        base, target = hashlib.sha256(old).digest(), hashlib.sha256(new).digest()
+        t.unlock()
+        assert t.ask(b"\x31\x01\xff\x06" + bytes(32) + target) == bytes.fromhex("7f3122")  # not the base it runs
+        assert t.ask(b"\x31\x01\xff\x06" + base) == bytes.fromhex("7f3113")
+        erase = bytes.fromhex("3101ff00 44 00001000") + struct.pack(">I", len(new))
+        download = bytes.fromhex("34d0 44 00001000") + struct.pack(">I", len(new))
+        assert t.ask(erase) == bytes.fromhex("7101ff0000")
+        assert t.ask(download) == bytes.fromhex("7f3424")  # no base checked: a sequence error
+        for announced, exit_answer in ((bytes(32), "7f3772"), (target, "77")):
+            assert t.ask(b"\x31\x01\xff\x06" + base + announced) == bytes.fromhex("7101ff0600")
+            assert t.ask(erase) == bytes.fromhex("7101ff0000")
+            assert t.ask(download) == bytes.fromhex("7420 0102")
+            for counter, offset in enumerate(range(0, len(patch), 256), start=1):
+                assert t.ask(bytes((0x36, counter)) + patch[offset : offset + 256]) == bytes((0x76, counter))
+            assert t.ask(b"\x37") == bytes.fromhex(exit_answer)
+            if exit_answer != "77":
+                t.ask(b"\x10\x01")  # out of the session: the download is dropped
+                t.unlock()
+        assert t.ask(b"\x31\x01\x02\x02" + zlib.crc32(new).to_bytes(4, "big")) == bytes.fromhex("7101020200")
+        assert state.banks.path(state.banks.target).read_bytes()[: len(new)] == new
+        assert state.banks.active_image() == old  # the base is never written
+    finally:
+        t.close()
+        sim.stop()

@@ -12,7 +12,7 @@ import pytest
 
 from agent.adapters.trace_files import read_trace
 from ecu_sim.flash_banks import FlashBanks
-from tests.conftest import Proc, ecu_entry, multicast_bus, vota
+from tests.conftest import Proc, ecu_entry, firmware_like, multicast_bus, next_release, vota
 
 pytestmark = pytest.mark.slow  # separate processes
 
@@ -242,14 +242,6 @@ def test_sigterm_cancels_a_flash_cleanly(tmp_path, write_config, procs):
     assert "Traceback" not in flash.text()
 
 
-def _firmware_like(size: int) -> bytes:
-    """A real compiled binary (a shared library of this Python), cut to ``size``."""
-    import _ssl
-
-    data = Path(_ssl.__file__).read_bytes()
-    return (data * (size // len(data) + 1))[:size]
-
-
 def test_compressed_transfer_each_method_and_the_fallback(tmp_path, write_config, procs):
     """zlib and lzma through RequestDownload's dataFormatIdentifier: fewer bytes on the bus than
     the image, the image read back identical from the ECU's bank; an ECU whose bootloader does
@@ -268,7 +260,7 @@ def test_compressed_transfer_each_method_and_the_fallback(tmp_path, write_config
     state = tmp_path / "state"
     procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim.log"))
     _wait_ready(procs[0])
-    image = _firmware_like(96 * 1024)
+    image = firmware_like(96 * 1024)
     (tmp_path / "fw.bin").write_bytes(image)
     out = tmp_path / "flash"
     run = vota("flash", "-c", str(config), "--out", str(out), "--json", "--no-progress",
@@ -328,3 +320,111 @@ def test_segments_flash_at_the_same_time_in_worker_processes_and_a_failure_stays
         spans[ecu] = (trace.header.started + blocks[0].t / 1000, trace.header.started + blocks[-1].t / 1000)
     assert spans["ea"][0] < spans["eb"][1] and spans["eb"][0] < spans["ea"][1], spans  # at the same time
     assert "WARNING flash-a gateway.flash: ea: flash failed" in run.stderr  # logged by segment a's worker process
+
+
+def test_delta_applied_wrong_base_refused_before_erase_and_the_full_image_sent(tmp_path, write_config, procs):
+    """A delta from the running image: far fewer bytes on the bus than the image, applied by the
+    ECU from its active bank, the new image identical. A delta from an image the ECU does not run
+    is refused at the base check, before the erase (NRC 0x22), and the full image goes instead;
+    an ECU whose bootloader takes no deltas answers the check NRC 0x31, likewise."""
+    config = write_config({
+        "segments": {"pt": {"bus": multicast_bus()}},
+        "gateway": {"results_dir": str(tmp_path / "gw")},
+        "ecus": {
+            "d": ecu_entry("d", 0x7E0, 0x7E8) | {"delta": 13},
+            "s": ecu_entry("s", 0x7E1, 0x7E9) | {"delta": 13, "check_memory": "sha256"},
+            "n": ecu_entry("n", 0x7E2, 0x7EA, accept_delta=False) | {"delta": 13},
+        },
+    })
+    state = tmp_path / "state"
+    procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim.log"))
+    _wait_ready(procs[0])
+    old = firmware_like(160 * 1024)
+    new = next_release(old)
+    (tmp_path / "old.bin").write_bytes(old)
+    (tmp_path / "new.bin").write_bytes(new)
+    (tmp_path / "other.bin").write_bytes(os.urandom(len(old)))
+    first = vota("flash", "-c", str(config), "--out", str(tmp_path / "f0"), "--json", "--no-progress",
+                 *[f"{e}={tmp_path / 'old.bin'}@3.0.0" for e in ("d", "n")], f"s={tmp_path / 'other.bin'}@3.0.0",
+                 timeout=300)
+    assert first.returncode == 0, first.stderr
+
+    out = tmp_path / "f1"
+    run = vota("flash", "-c", str(config), "--out", str(out), "--json", "--no-progress",
+               *[f"{e}={tmp_path / 'new.bin'}@3.1.0" for e in ("d", "s", "n")],
+               *[f"--delta-from={e}={tmp_path / 'old.bin'}" for e in ("d", "s", "n")], timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = {r["ecu"]: r for r in json.loads(run.stdout)}
+    for ecu in ("d", "s", "n"):
+        assert (results[ecu]["result"], results[ecu]["version_after"]) == ("success", "3.1.0"), results[ecu]
+        assert _active_image(state, ecu) == new
+    d = results["d"]
+    assert (d["image_sent"], d["compression"], d["delta_refused"]) == ("delta", "delta", None)
+    assert d["bytes_transferred"] * 5 < len(new), d
+    trace = read_trace(out / "d.trace.jsonl").exchanges
+    steps = [e.extra.get("step") for e in trace if e.service in (0x31, 0x34)]
+    assert [(e.header[:4].hex(), (e.response or b"")[:1].hex()) for e in trace if e.service == 0x31][:2] == [
+        ("3101ff06", "71"), ("3101ff00", "71")], steps  # the base check, then the erase
+    (rd,) = [e for e in trace if e.service == 0x34]
+    assert rd.header[:2].hex() == "34d0" and rd.extra["csize"] == d["bytes_transferred"]
+    assert len(json.dumps([e.header.hex() for e in trace])) < 10_000  # header-only: no patch bytes in the trace
+
+    for ecu, nrc in (("s", "22"), ("n", "31")):
+        r = results[ecu]
+        assert (r["image_sent"], r["bytes_transferred"]) == ("full", len(new)), r
+        assert "refused" in r["delta_refused"], r
+        checks = [e for e in read_trace(out / f"{ecu}.trace.jsonl").exchanges if e.service == 0x31]
+        assert (checks[0].header[:4].hex(), (checks[0].response or b"").hex()) == ("3101ff06", f"7f31{nrc}")
+        assert checks[0].extra.get("retried") and checks[1].header[:4].hex() == "3101ff00"  # erased only after
+    assert json.loads(vota("diagnose", str(out), "--json", "-").stdout)["abnormal_packages"] == []
+
+
+def test_ecu_killed_while_a_delta_is_applied_keeps_the_old_image_and_takes_the_delta_again(tmp_path, write_config, procs):
+    """kill -9 of the ECU simulator at a random point of a delta (seeded; the seed is printed):
+    the old image stays active, and the same delta applies from it after the restart."""
+    import random
+
+    seed = int(os.environ.get("VOTA_DELTA_KILL_SEED", random.randrange(1 << 30)))
+    print(f"VOTA_DELTA_KILL_SEED={seed}")
+    rng = random.Random(seed)
+    config = write_config({"segments": {"pt": {"bus": multicast_bus()}},
+                           "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, erase_ms=50) | {"delta": 13}}})
+    state = tmp_path / "state"
+    sim = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim.log")
+    procs.append(sim)
+    _wait_ready(sim)
+    old = firmware_like(MiB)
+    new = bytearray(next_release(old))
+    for at in range(0, len(new) - 4096, 16384):  # a quarter rebuilt: a patch that takes a while on the bus
+        new[at : at + 4096] = rng.randbytes(4096)
+    (tmp_path / "old.bin").write_bytes(old)
+    (tmp_path / "new.bin").write_bytes(new)
+    assert vota("flash", "-c", str(config), "--out", str(tmp_path / "f0"), "--no-progress",
+                f"vcu={tmp_path / 'old.bin'}@1.5.0", timeout=300).returncode == 0
+    active = json.loads((state / "vcu" / "meta.json").read_text())["active"]
+    target = state / "vcu" / f"bank_{'a' if active == 'b' else 'b'}.bin"
+    args = ("flash", "-c", str(config), "--no-progress", "--json", f"vcu={tmp_path / 'new.bin'}@2.0.0",
+            f"--delta-from=vcu={tmp_path / 'old.bin'}")
+    flash = Proc(*args, "--out", str(tmp_path / "f1"), log=tmp_path / "flash1.log")
+    procs.append(flash)
+    at = rng.randrange(4096, len(new) - 65536)
+    deadline = time.monotonic() + 60
+    while not (target.exists() and target.stat().st_size > at):
+        assert time.monotonic() < deadline, f"the delta never wrote {at} bytes (seed {seed}): {flash.text()}"
+        time.sleep(0.005)
+    os.kill(sim.p.pid, signal.SIGKILL)
+    sim.stop()
+    assert flash.p.wait(timeout=60) == 3, f"seed {seed}"
+    result = json.loads((tmp_path / "f1" / "vcu.result.json").read_text())
+    assert (result["result"], result["failed_step"], result["image_sent"]) == ("failed", "transfer_data", "delta"), result
+    assert json.loads((state / "vcu" / "meta.json").read_text())["active"] == active
+
+    sim2 = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim2.log")
+    procs.append(sim2)
+    _wait_ready(sim2)
+    assert _active_image(state, "vcu") == old, f"seed {seed}"
+    again = vota(*args, "--out", str(tmp_path / "f2"), timeout=300)
+    assert again.returncode == 0, again.stderr
+    (r,) = json.loads(again.stdout)
+    assert (r["version_after"], r["image_sent"]) == ("2.0.0", "delta") and r["bytes_transferred"] < len(new) // 2, r
+    assert _active_image(state, "vcu") == bytes(new)

@@ -4,6 +4,7 @@ its new one, read back from the ECUs themselves; install order groups run one af
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from tests.conftest import vota
 from tests.vehicle import VIN, Vehicle
 
 ALL = ("vcu", "bms", "bcm", "dlp_headlamp")
+ECUS3 = ("vcu", "bms", "bcm")
 ORDER = {"vcu": 0, "bms": 1, "bcm": 2, "dlp_headlamp": 3}  # one ECU per group: "the third ECU" is bcm
 
 
@@ -163,5 +165,52 @@ def test_a_single_bank_ecu_that_fails_sends_the_others_back(tmp_path, mosquitto,
         results = flash_results(v, "c-single-fail")
         assert results["dlp_headlamp"]["failed_step"] == "transfer_data"
         assert [results[e]["phase"] for e in ("vcu", "bms", "bcm")] == ["rolled_back"] * 3
+    finally:
+        v.close()
+
+
+def test_a_campaign_with_deltas_sends_each_ecu_the_delta_it_can_take_and_the_full_image_otherwise(
+        tmp_path, mosquitto, write_config, procs):
+    """Three packages with deltas from the images the vehicle runs: vcu runs the base (the delta
+    goes, a fraction of the image on the bus); bms runs another image (the inventory says so: the
+    full image goes, and why); bcm runs the base but its bootloader takes no deltas (refused at the
+    base check, before anything is erased: a second round with the full image). Every ECU ends
+    on the new image; the cloud hears which image went and why."""
+    from tests.conftest import ecu_entry, firmware_like, next_release
+
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_extra={
+        "vcu": {"delta": 13}, "bms": {"delta": 13},
+        "bcm": {"delta": 13, "sim": ecu_entry("bcm", 0x740, 0x748, "body", accept_delta=False)["sim"]}})
+    try:
+        pkgs = v.tmp / "cloud" / "packages"
+        old, other = firmware_like(128 * 1024), firmware_like(150 * 1024)[22 * 1024:]
+        new = next_release(old)
+        for name, data in (("old.bin", old), ("other.bin", other), *((f"{e}-2.1.0.bin", new) for e in ECUS3)):
+            (pkgs / name).write_bytes(data)
+        for e, data in (("vcu", old), ("bms", other), ("bcm", old)):
+            (pkgs / f"{e}-2.0.0.bin").write_bytes(data)
+        v.send(v.campaign("c-base", "2.0.0", packages=[(e, pkgs / f"{e}-2.0.0.bin", "2.0.0") for e in ECUS3]))
+        assert v.finished("c-base")["outcome"] == "success"
+
+        deltas = {e: (pkgs / "old.bin", "2.0.0") for e in ECUS3}  # bms does not run it
+        v.send(v.campaign("c-delta", "2.1.0", packages=[(e, pkgs / f"{e}-2.1.0.bin", "2.1.0") for e in ECUS3],
+                          deltas=deltas))
+        done = v.finished("c-delta", timeout=180)
+        assert done["outcome"] == "success", done
+        sha = hashlib.sha256(new).hexdigest()
+        assert {e: r for e, r in running(v).items() if e in ECUS3} == {e: ("2.1.0", sha) for e in ECUS3}
+
+        events = sorted((e["round"], e["packages"]) for e in v.reports("events", "c-delta") if e.get("event") == "images")
+        assert [(r, {n.split("-")[0]: p["image"] for n, p in chosen.items()}) for r, chosen in events] == [
+            (0, {"vcu": "delta", "bms": "full", "bcm": "delta"}), (1, {"bcm": "full"})], events
+        assert "not the delta's base 2.0.0" in events[0][1]["bms-2.1.0.bin"]["why"]
+        assert "refused the delta" in events[1][1]["bcm-2.1.0.bin"]["why"]
+        assert events[1][1]["bcm-2.1.0.bin"]["result"]["failed_step"] == "delta_base"
+        results = {r["ecu"]: r["result"] for r in v.reports("results", "c-delta") if r["stage"] == "flash"}
+        assert results["vcu"]["image_sent"] == "delta" and results["vcu"]["bytes_transferred"] * 5 < len(new), results["vcu"]
+        assert [results[e]["image_sent"] for e in ("bms", "bcm")] == ["full", "full"]
+        deployed = {r["package"] for r in v.reports("results", "c-delta") if r["stage"] == "deploy"}
+        assert deployed == {"vcu-2.1.0.bin.from-2.0.0.delta", "bms-2.1.0.bin", "bcm-2.1.0.bin.from-2.0.0.delta",
+                            "bcm-2.1.0.bin"}
     finally:
         v.close()

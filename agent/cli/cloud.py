@@ -47,9 +47,18 @@ def cmd_cloud(args: argparse.Namespace) -> int:
             if not ecu or not path_text or not version:
                 raise UsageError(f"expected ECU=FILE@VERSION, got {item!r}")
             packages.append((ecu, Path(path_text), version))
+        deltas = {}
+        for item in args.delta_from:
+            ecu, _, rest = item.partition("=")
+            path_text, _, version = rest.partition("@")
+            if not ecu or not path_text or not version:
+                raise UsageError(f"--delta-from: expected ECU=OLD_IMAGE@VERSION, got {item!r}")
+            if ecu not in {e for e, _, _ in packages}:
+                raise UsageError(f"--delta-from {item}: the campaign has no package for {ecu}")
+            deltas[ecu] = (Path(path_text), version)
         envelope = make_campaign(vin=args.vin, packages=packages, base_url=args.base_url, key=key,
                                  campaign_id=args.campaign_id, install=args.install,
-                                 valid_for=_dt.timedelta(days=args.valid_days))
+                                 valid_for=_dt.timedelta(days=args.valid_days), deltas=deltas)
         if args.out:
             atomic_write_bytes(args.out, envelope)
         else:

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a client-side fault into the gateway's flashing, e.g. vcu:36#3:skip_counter (see README)")
+    p.add_argument("--delta-from", action="append", default=[], metavar="ECU=OLD_IMAGE",
+                   help="send ECU a delta from OLD_IMAGE (the image it runs) to its new image, the full image "
+                        "when the ECU does not run OLD_IMAGE or takes no deltas (repeatable)")
 
     p = sub.add_parser(
         "versions",
@@ -187,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--id", dest="campaign_id", required=True, help="campaign id")
     k.add_argument("--install", choices=("immediate", "confirm"), default="immediate")
     k.add_argument("--valid-days", type=float, default=30.0, help="days until the campaign expires (default 30)")
+    k.add_argument("--delta-from", action="append", default=[], metavar="ECU=OLD_IMAGE@VERSION",
+                   help="also carry a delta from the image the ECU runs (made beside its package, served with it); "
+                        "the vehicle sends it when the ECU runs OLD_IMAGE, the full image otherwise (repeatable)")
     k.add_argument("--out", metavar="FILE", help="signed campaign (default: standard output)")
     k = csub.add_parser("broker", help="run the demo's embedded MQTT broker (amqtt, MQTT 3.1.1)")
     k.add_argument("--port", type=int, default=1883)

@@ -51,6 +51,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
         if not image:
             raise UsageError(f"{path}: image file is empty")
         jobs.append(FlashJob(ecu, image, version, str(path)))
+    jobs = _with_deltas(jobs, args.delta_from)
     out = Path(args.out) if args.out else Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S")
     signal.signal(signal.SIGTERM, _interrupt)
     board = ProgressBoard([j.ecu for j in jobs], enabled=not args.no_progress)
@@ -63,6 +64,33 @@ def cmd_flash(args: argparse.Namespace) -> int:
         print(format_flash_table(rows))
         print(f"results and traces: {out}")
     return 0 if all(r.result == "success" for r in results) else 3
+
+
+def _with_deltas(jobs: list[Any], delta_from: list[str]) -> list[Any]:
+    """``--delta-from ECU=OLD``: each such job also carries the delta from OLD to its image."""
+    import dataclasses
+    import hashlib
+    import zlib
+
+    from agent.protocol.delta import make_delta
+    from gateway.flash import DeltaImage
+
+    by_ecu = {j.ecu: j for j in jobs}
+    for item in delta_from:
+        ecu, sep, path_text = item.partition("=")
+        if not sep or not ecu or not path_text:
+            raise UsageError(f"--delta-from: expected ECU=OLD_IMAGE, got {item!r}")
+        if ecu not in by_ecu:
+            raise UsageError(f"--delta-from {item}: {ecu} is not flashed here")
+        try:
+            base = Path(path_text).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{path_text}: cannot read the old image ({exc.strerror})") from None
+        job = by_ecu[ecu]
+        delta = DeltaImage(make_delta(base, job.image), hashlib.sha256(base).hexdigest(), len(job.image),
+                           hashlib.sha256(job.image).hexdigest(), zlib.crc32(job.image), path_text)
+        by_ecu[ecu] = dataclasses.replace(job, delta=delta)
+    return [by_ecu[j.ecu] for j in jobs]
 
 
 def cmd_versions(args: argparse.Namespace) -> int:

@@ -16,7 +16,14 @@ campaign itself::
      "vin": "LVOTA000000000001", "issued": "2026-11-21T10:00:00Z",
      "expires": "2026-12-31T00:00:00Z", "install": "immediate" | "confirm",
      "packages": [{"name": "vcu-2.0.0.bin", "ecu": "vcu", "version": "2.0.0",
-                   "url": "http://.../vcu-2.0.0.bin", "size": 1048576, "sha256": "<hex>"}]}
+                   "url": "http://.../vcu-2.0.0.bin", "size": 1048576, "sha256": "<hex>",
+                   "delta": {"name": "vcu-2.0.0.from-1.0.0.delta", "url": "http://...", "size": 52000,
+                             "sha256": "<hex of the patch>", "base_sha256": "<hex of the image it applies to>",
+                             "base_version": "1.0.0", "image_crc32": 123456789}}]}
+
+A package may carry a delta (``agent/protocol/delta.py``) from the image the ECU runs: the
+vehicle sends it when the ECU runs ``base_sha256`` (``image_crc32``, of the new image, is what a
+CRC-checking ECU's check memory compares), and the full image otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ __all__ = [
     "check_requirements",
     "Campaign",
     "Package",
+    "Delta",
     "CampaignRejected",
     "sign_campaign",
     "verify_campaign",
@@ -55,6 +63,7 @@ FORMAT = "vota-campaign"
 VERSION = 1
 MAX_ENVELOPE = 1 << 20
 _PACKAGE_KEYS = {"name", "ecu", "version", "url", "size", "sha256"}
+_DELTA_KEYS = {"name", "url", "size", "sha256", "base_sha256", "base_version", "image_crc32"}
 
 
 class CampaignRejected(VotaError):
@@ -71,6 +80,23 @@ class CampaignRejected(VotaError):
 
 
 @dataclass(frozen=True)
+class Delta:
+    """A patch from the image with ``base_sha256`` (version ``base_version``) to its package's image."""
+
+    name: str
+    url: str
+    size: int
+    sha256: str
+    base_sha256: str
+    base_version: str
+    image_crc32: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "url": self.url, "size": self.size, "sha256": self.sha256,
+                "base_sha256": self.base_sha256, "base_version": self.base_version, "image_crc32": self.image_crc32}
+
+
+@dataclass(frozen=True)
 class Package:
     name: str
     ecu: str
@@ -80,6 +106,7 @@ class Package:
     sha256: str
     order: int = 0  # install order: same order, one group (in parallel across segments); groups one after another
     requires: tuple[tuple[str, str], ...] = ()  # (ECU, minimum version) that must hold once the campaign is in
+    delta: Delta | None = None  # a patch to this image from one the ECU may run
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"name": self.name, "ecu": self.ecu, "version": self.version, "url": self.url,
@@ -88,6 +115,8 @@ class Package:
             doc["order"] = self.order
         if self.requires:
             doc["requires"] = dict(self.requires)
+        if self.delta is not None:
+            doc["delta"] = self.delta.to_json()
         return doc
 
 
@@ -175,9 +204,9 @@ def _parse(payload: bytes) -> Campaign:
     packages = []
     for i, p in enumerate(packages_doc):
         where = f"packages[{i}]"
-        if not isinstance(p, dict) or not _PACKAGE_KEYS <= set(p) or set(p) - _PACKAGE_KEYS - {"order", "requires"}:
+        if not isinstance(p, dict) or not _PACKAGE_KEYS <= set(p) or set(p) - _PACKAGE_KEYS - {"order", "requires", "delta"}:
             raise CampaignRejected("malformed", f"{where} needs name, ecu, version, url, size, sha256 (and may have order, "
-                                                f"requires), nothing else", cid)
+                                                f"requires, delta), nothing else", cid)
         if not all(isinstance(p[k], str) and p[k] for k in ("name", "ecu", "version", "url", "sha256")):
             raise CampaignRejected("malformed", f"{where}: name, ecu, version, url and sha256 must be strings", cid)
         if not is_name(p["name"]) or p["name"].endswith(PARTIAL_SUFFIXES):
@@ -188,10 +217,12 @@ def _parse(payload: bytes) -> Campaign:
             raise CampaignRejected("malformed", f"{where}.sha256 must be 64 lower-case hex digits", cid)
         if not p["url"].startswith(("http://", "https://")):
             raise CampaignRejected("malformed", f"{where}.url must be http or https", cid)
+        delta = _delta(p["delta"], f"{where}.delta", cid) if "delta" in p else None
         packages.append(Package(p["name"], p["ecu"], p["version"], p["url"], p["size"], p["sha256"],
-                                _order(p.get("order", 0), where, cid), _requires(p.get("requires", {}), where, cid)))
-    if len({p.name for p in packages}) != len(packages) or len({p.ecu for p in packages}) != len(packages):
-        raise CampaignRejected("malformed", "package names and target ECUs must be unique", cid)
+                                _order(p.get("order", 0), where, cid), _requires(p.get("requires", {}), where, cid), delta))
+    names = [p.name for p in packages] + [p.delta.name for p in packages if p.delta is not None]
+    if len(set(names)) != len(names) or len({p.ecu for p in packages}) != len(packages):
+        raise CampaignRejected("malformed", "package (and delta) names and target ECUs must be unique", cid)
     issued, expires = _time(doc.get("issued"), "issued"), _time(doc.get("expires"), "expires")
     if expires <= issued:
         raise CampaignRejected("malformed", "expires must be after issued", cid)
@@ -199,6 +230,25 @@ def _parse(payload: bytes) -> Campaign:
     if activation not in ("atomic", "per_ecu"):
         raise CampaignRejected("malformed", "activation must be atomic or per_ecu", cid)
     return Campaign(cid, vin, issued, expires, install, tuple(packages), doc, activation)
+
+
+def _delta(d: Any, where: str, cid: str) -> Delta:
+    if not isinstance(d, dict) or set(d) != _DELTA_KEYS:
+        raise CampaignRejected("malformed", f"{where} needs {', '.join(sorted(_DELTA_KEYS))}, nothing else", cid)
+    if not all(isinstance(d[k], str) and d[k] for k in ("name", "url", "sha256", "base_sha256", "base_version")):
+        raise CampaignRejected("malformed", f"{where}: name, url, sha256, base_sha256 and base_version must be strings", cid)
+    if not is_name(d["name"]) or d["name"].endswith(PARTIAL_SUFFIXES):
+        raise CampaignRejected("malformed", f"{where}.name {d['name']!r} is not a plain file name", cid)
+    for key in ("size", "image_crc32"):
+        value = d[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not (0 < value if key == "size" else 0 <= value < 1 << 32):
+            raise CampaignRejected("malformed", f"{where}.{key} must be a {'positive' if key == 'size' else '32-bit'} integer", cid)
+    for key in ("sha256", "base_sha256"):
+        if not re.fullmatch(r"[0-9a-f]{64}", d[key]):
+            raise CampaignRejected("malformed", f"{where}.{key} must be 64 lower-case hex digits", cid)
+    if not d["url"].startswith(("http://", "https://")):
+        raise CampaignRejected("malformed", f"{where}.url must be http or https", cid)
+    return Delta(d["name"], d["url"], d["size"], d["sha256"], d["base_sha256"], d["base_version"], d["image_crc32"])
 
 
 def _order(value: Any, where: str, cid: str) -> int:

@@ -35,6 +35,9 @@ class Decompressor(Protocol):
     def finished(self) -> bool:
         """The stream ended (its end marker and check were read)."""
 
+    def close(self) -> None:
+        """The download is over (or abandoned): let go of what it held."""
+
 
 def named_by(identifier: int, accepted: Iterable[tuple[str, int]]) -> str | None | Literal[False]:
     """The compression method a dataFormatIdentifier names among the ``accepted`` (method,
@@ -72,6 +75,9 @@ class _Zlib:
     def finished(self) -> bool:
         return self._d.eof
 
+    def close(self) -> None:
+        pass
+
 
 class _Lzma:
     def __init__(self) -> None:
@@ -89,6 +95,9 @@ class _Lzma:
     @property
     def finished(self) -> bool:
         return self._d.eof
+
+    def close(self) -> None:
+        pass
 
 
 def decompressor(method: str) -> Decompressor:

@@ -108,6 +108,7 @@ class InstallJob:
     package: str
     version: str
     order: int = 0
+    delta: str | None = None  # the deployed patch to this image (its file name), sent when the ECU runs its base
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ class InstallManifest:
 
 def encode_manifest(manifest: InstallManifest) -> bytes:
     doc: dict[str, Any] = {"format": "vota-install", "version": 1, "campaign_id": manifest.campaign_id, "activation": manifest.activation,
-           "jobs": [{"ecu": j.ecu, "package": j.package, "version": j.version, "order": j.order} for j in manifest.jobs]}
+           "jobs": [{"ecu": j.ecu, "package": j.package, "version": j.version, "order": j.order,
+                     **({"delta": j.delta} if j.delta else {})} for j in manifest.jobs]}
     if manifest.proof is not None:
         doc["proof"] = manifest.proof
     return json.dumps(doc, indent=1).encode()
@@ -149,7 +151,10 @@ def parse_manifest(data: bytes) -> InstallManifest | str:
         order = job.get("order", 0)
         if not isinstance(order, int) or isinstance(order, bool) or not 0 <= order <= 999:
             return "malformed manifest (order must be an integer from 0 to 999)"
-        jobs.append(InstallJob(job["ecu"], job["package"], job["version"], order))
+        delta = job.get("delta")
+        if delta is not None and not is_name(delta):
+            return f"delta {delta!r} was not deployed"
+        jobs.append(InstallJob(job["ecu"], job["package"], job["version"], order, delta))
     activation = doc.get("activation", "per_ecu")
     if activation not in ("per_ecu", "atomic"):
         return "malformed manifest (activation must be per_ecu or atomic)"

@@ -6,7 +6,7 @@ import os
 import re
 from typing import Any, Mapping
 
-from agent.core.config._values import _bitrate, _bool, _can_id, _choice, _int, _nonneg, _positive, _Section, _str, load_yaml
+from agent.core.config._values import _bitrate, _bool, _can_id, _choice, _int, _nibble, _nonneg, _positive, _Section, _str, load_yaml
 from agent.core.config.model import (
     CloudConfig,
     ContentConfig,
@@ -83,6 +83,7 @@ def _ecu_sim(sec: _Section) -> EcuSimConfig:
         state_dir=sec.get("state_dir", _str, d.state_dir),
         faults=tuple(_str(f) for f in faults),
         accept_compression=_accepted(sec),
+        accept_delta=sec.get("accept_delta", _bool, d.accept_delta),
     )
     sec.done()
     if cfg.max_block_length < 3:
@@ -140,12 +141,14 @@ def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentCo
         discard_routine=routines.get("discard", _int, d.discard_routine),
         rollback_routine=routines.get("rollback", _int, d.rollback_routine),
         commit_routine=routines.get("commit", _int, d.commit_routine),
+        delta_base_routine=routines.get("delta_base", _int, d.delta_base_routine),
         check_memory=sec.get("check_memory", _choice("crc32", "sha256"), d.check_memory),
         banks=sec.get("banks", _int, d.banks),
         fingerprint_did=sec.get("fingerprint_did", _int, d.fingerprint_did),
         p2_ms=timing.get("p2_ms", _positive, d.p2_ms),
         p2_star_ms=timing.get("p2_star_ms", _positive, d.p2_star_ms),
         compression=_compression(sec),
+        delta=sec.get("delta", _nibble, None, what="the dataFormatIdentifier nibble of a delta (1-15)"),
         sim=_ecu_sim(sec.section("sim", {})),
     )
     for s in (memory, routines, timing):
@@ -155,6 +158,8 @@ def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentCo
         raise ConfigError(source, sec.key("security_level"), "expected an odd level (the seed request)")
     if cfg.request_id == cfg.response_id:
         raise ConfigError(source, sec.key("response_id"), "must differ from request_id")
+    if cfg.delta is not None and cfg.delta in (n for _, n in cfg.compression):
+        raise ConfigError(source, sec.key("delta"), f"nibble {cfg.delta} is already a compression method's")
     if cfg.banks not in (1, 2):
         raise ConfigError(source, sec.key("banks"), "expected 2 (A/B flash banks) or 1 (a single bank, flashed in place)")
     return cfg

@@ -106,6 +106,13 @@ def _positive(value: Any) -> int:
     return number
 
 
+def _nibble(value: Any) -> int:
+    number = _int(value)
+    if not 1 <= number <= 15:
+        raise ValueError("outside 1..15")
+    return number
+
+
 def _nonneg(value: Any) -> int:
     number = _int(value)
     if number < 0:

@@ -80,6 +80,8 @@ class EcuSimConfig:
     # the compression methods the simulated bootloader really accepts; None: every one of the
     # ECU's ``compression`` (a smaller set simulates an ECU configured wrongly: NRC 0x31, fallback)
     accept_compression: tuple[str, ...] | None = None
+    # whether the simulated bootloader applies delta images (false simulates one without: NRC 0x31)
+    accept_delta: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ class EcuConfig:
     discard_routine: int = 0xFF03
     rollback_routine: int = 0xFF04
     commit_routine: int = 0xFF05
+    # delta images: the routine that checks, before anything is erased, that the active image is
+    # the delta's base (option: base SHA-256, new image SHA-256)
+    delta_base_routine: int = 0xFF06
     # 2: A/B banks (an image can be staged, activated, rolled back); 1: a single bank, flashed in
     # place: it cannot be staged, so a vehicle-level campaign flashes it last and is not fully revertible
     banks: int = 2
@@ -114,6 +119,9 @@ class EcuConfig:
     # compressed transfer (agent/protocol/compression.py): (method, dataFormatIdentifier nibble)
     # pairs the ECU's bootloader accepts, in the order the gateway prefers them; the mapping is OEM-defined
     compression: tuple[tuple[str, int], ...] = ()
+    # delta images (agent/protocol/delta.py): the dataFormatIdentifier nibble that names a patch;
+    # None: this ECU takes full images only
+    delta: int | None = None
     sim: EcuSimConfig = field(default_factory=EcuSimConfig)
 
 
