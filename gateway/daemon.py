@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import threading
@@ -25,6 +26,7 @@ from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec
 from agent.core.roles import KeysRejected
 from agent.protocol.link import INVENTORY_FILE, InstallJob, InstallStatus, parse_manifest
+from gateway.arrivals import Arrivals, Awaited
 from gateway.buses import Buses
 from gateway.content_relay import ContentRelay
 from gateway.deploy_server import DEPLOY_SERVICES, DeployState
@@ -62,6 +64,10 @@ def load_keys(config: VehicleConfig, results_dir: Path) -> tuple[str | None, Key
     return vin, KeyStore(results_dir / "keys", initial)
 
 
+def _matches(data: bytes | None, size: int, sha256: str) -> bool:
+    return data is not None and len(data) == size and hashlib.sha256(data).hexdigest() == sha256
+
+
 class GatewayInstaller:
     """Flashes per install manifest in a background thread; status kept on disk too. An install
     that was running when the gateway stopped goes on when it starts again (``resume``)."""
@@ -95,6 +101,8 @@ class GatewayInstaller:
             for name in (job.package, job.delta):  # the full image, a delta to it, or both
                 if name is not None and (self.package_dir / name).is_file():
                     images[name] = (self.package_dir / name).read_bytes()
+            if manifest.arriving:
+                continue  # a pipelined install: each job waits for its file (gateway/arrivals.py)
             if job.delta is not None and job.delta not in images:
                 return f"delta {job.delta!r} was not deployed"
             if job.package not in images and job.delta is None:
@@ -110,16 +118,23 @@ class GatewayInstaller:
         if isinstance(approved, str):
             return approved
         jobs = [(job.order, self._job(job, images, approved)) for job in manifest.jobs]
-        return InstallPlan(manifest.campaign_id, tuple(jobs), manifest.activation)
+        ready = Arrivals(self.package_dir, self.config.gateway.arrival_idle_s, self.stop).ready if manifest.arriving else None
+        return InstallPlan(manifest.campaign_id, tuple(jobs), manifest.activation, ready)
 
     @staticmethod
     def _job(job: InstallJob, images: dict[str, bytes], approved: Approved) -> FlashJob:
         """A verified job: its full image when it was deployed, and the delta to it when one was."""
         delta = None
-        signed = approved.deltas.get(job.ecu)
-        if job.delta is not None and signed is not None and signed.delta is not None:
-            delta = DeltaImage(images[job.delta], signed.delta.base_sha256, signed.size, signed.sha256,
-                               signed.delta.image_crc32, job.delta)
+        signed = approved.packages.get(job.ecu)
+        if signed is not None and job.delta is not None and signed.delta is not None:
+            d = signed.delta
+            if not _matches(images.get(job.delta), d.size, d.sha256):  # a pipelined install: still on its way
+                awaited = Awaited(d.name, d.size, d.sha256, signed.size, signed.sha256, d.base_sha256, d.image_crc32)
+                return FlashJob(job.ecu, b"", job.version, job.package, guard_rollback=True, awaited=awaited)
+            delta = DeltaImage(images[job.delta], d.base_sha256, signed.size, signed.sha256, d.image_crc32, job.delta)
+        elif signed is not None and not _matches(images.get(job.package), signed.size, signed.sha256):
+            awaited = Awaited(signed.name, signed.size, signed.sha256, signed.size, signed.sha256)
+            return FlashJob(job.ecu, b"", job.version, job.package, guard_rollback=True, awaited=awaited)
         return FlashJob(job.ecu, images.get(job.package, b""), job.version, job.package, guard_rollback=True, delta=delta)
 
     def _follow_keys(self, proof: dict[str, Any]) -> str | None:

@@ -40,6 +40,7 @@ from agent.protocol.uds import (
     RoutineType,
     Session,
 )
+from gateway.arrivals import Awaited
 from gateway.buses import Buses, TesterPresentKeeper
 from gateway.segment_worker import SegmentWorker
 
@@ -79,6 +80,8 @@ class FlashHooks:
 
     step: Callable[[str, str, TraceRecorder], None] | None = None
     result: Callable[["FlashResult"], None] | None = None
+    # a pipelined install: the job with its package read and checked, once it arrived (FlashError if not)
+    ready: Callable[["FlashJob"], "FlashJob"] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,13 +107,18 @@ class FlashJob:
     # tell its version (an empty F189, no valid application, is no version to protect)
     guard_rollback: bool = False
     delta: DeltaImage | None = None  # sent instead of the image when the ECU runs its base
+    awaited: Awaited | None = None  # a pipelined install: the package is still on its way (gateway/arrivals.py)
 
     @property
     def size(self) -> int:
+        if self.awaited is not None:
+            return self.awaited.image_size
         return self.delta.size if self.delta is not None else len(self.image)
 
     @property
     def sha256(self) -> str:
+        if self.awaited is not None:
+            return self.awaited.image_sha256
         return self.delta.sha256 if self.delta is not None else hashlib.sha256(self.image).hexdigest()
 
     def check_value(self, algorithm: str) -> bytes:
@@ -152,6 +160,22 @@ class FlashResult:
         return asdict(self)
 
 
+def flash_header(ecu: EcuConfig, job: FlashJob) -> TraceHeader:
+    return TraceHeader(stage="flash", client="GW", server=ecu.name, packet=ecu.name, request_id=ecu.request_id,
+                       response_id=ecu.response_id, functional_id=ecu.functional_id, started=time.time(),
+                       extra={"segment": ecu.segment, "image_size": job.size, "image_version": job.version})
+
+
+def not_arrived(ecu: EcuConfig, job: FlashJob, error: FlashError) -> tuple[FlashResult, str]:
+    """The result and (empty) trace of a job whose package did not arrive: nothing was sent to the ECU."""
+    recorder = TraceRecorder(flash_header(ecu, job))
+    recorder.note(error.reason)
+    started = _dt.datetime.fromtimestamp(recorder.header.started, _dt.timezone.utc).isoformat(timespec="seconds")
+    result = FlashResult(ecu.name, "failed", job.version, job.size, job.sha256, failed_step=error.step,
+                         reason=error.reason, started=started)
+    return result, recorder.trace("failed").to_text()
+
+
 def fingerprint(version: str, today: _dt.date) -> bytes:
     """WriteDataByIdentifier F15A: date as BCD YYMMDD, length, software version (ASCII)."""
     text = version.encode("ascii", "replace")[:60]
@@ -181,20 +205,7 @@ class EcuFlasher:
         self.job = job
         self.progress = progress or (lambda *a: None)
         self.stop = stop or threading.Event()
-        started = time.time()
-        self.recorder = TraceRecorder(
-            TraceHeader(
-                stage="flash",
-                client="GW",
-                server=ecu.name,
-                packet=ecu.name,
-                request_id=ecu.request_id,
-                response_id=ecu.response_id,
-                functional_id=ecu.functional_id,
-                started=started,
-                extra={"segment": ecu.segment, "image_size": job.size, "image_version": job.version},
-            )
-        )
+        self.recorder = TraceRecorder(flash_header(ecu, job))
         self.step = ""
         self.max_block = 0
         self.sent = 0
@@ -500,19 +511,42 @@ def flash_all(
         if progress:
             progress(job.ecu, "done" if result.result == "success" else "failed", result.bytes_transferred, job.size)
 
+    def ready(job: FlashJob) -> FlashJob | tuple[FlashResult, str]:
+        """The job once its package is here (a pipelined install), or the result of one that never came."""
+        if job.awaited is None:
+            return job
+        if hooks is None or hooks.ready is None:
+            return not_arrived(config.ecu(job.ecu), job, FlashError("package_arrival", "the package was not deployed"))
+        if progress:
+            progress(job.ecu, "package_arrival", 0, job.size)
+        try:
+            return hooks.ready(job)
+        except FlashError as exc:
+            log.warning("%s: %s", job.ecu, exc.reason)
+            return not_arrived(config.ecu(job.ecu), job, exc)
+
     def run_segment(name: str, seg_jobs: list[FlashJob]) -> None:
         functional = config.ecu(seg_jobs[0].ecu).functional_id
         if in_processes:  # this segment's flashing in a process of its own (gateway/segment_worker.py)
             with owner.lend(name, "flash"), \
                     SegmentWorker(config, name, functional, faults, bool(hooks and hooks.step)) as worker:
                 for job in seg_jobs:
-                    result, trace = worker.flash(job, progress, stop, hooks.step if hooks else None)
-                    record(job, result, trace)
+                    arrived = ready(job)
+                    if isinstance(arrived, tuple):
+                        record(job, *arrived)
+                        continue
+                    result, trace = worker.flash(arrived, progress, stop, hooks.step if hooks else None)
+                    record(arrived, result, trace)
             return
         segment = owner.segment(name)
         period = config.gateway.tester_present_ms / 1000.0
         with TesterPresentKeeper(segment, functional, period) as keeper:
             for job in seg_jobs:
+                arrived = ready(job)
+                if isinstance(arrived, tuple):
+                    record(job, *arrived)
+                    continue
+                job = arrived
                 with owner.ecu(job.ecu, "flash"):
                     flasher = EcuFlasher(segment, config.ecu(job.ecu), config.gateway, job, progress, stop, faults,
                                          hooks.step if hooks else None)

@@ -31,6 +31,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from agent.adapters.storage import atomic_write_json
 from agent.adapters.trace_files import write_trace
@@ -61,6 +62,8 @@ class InstallPlan:
     campaign_id: str
     jobs: tuple[tuple[int, FlashJob], ...]  # (install order, job), in the campaign's order
     activation: str = "per_ecu"
+    # a pipelined install: waits for a job's package just before its ECU is flashed (gateway/arrivals.py)
+    ready: Callable[[FlashJob], FlashJob] | None = None
 
     def groups(self) -> list[list[FlashJob]]:
         orders = sorted({order for order, _ in self.jobs})
@@ -129,7 +132,7 @@ class _Install:
             phase = ("staged" if doing == "stage" else "committed") if r.result == "success" else None
             self.set(dataclasses.replace(r, phase=phase))
 
-        return FlashHooks(step, result)
+        return FlashHooks(step, result, self.plan.ready)
 
     def flash_whole(self, jobs: list[FlashJob]) -> None:
         """The whole sequence, reset included (per_ecu, single-bank ECUs); after a restart an ECU

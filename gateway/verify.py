@@ -49,9 +49,11 @@ class Trust:
 @dataclass(frozen=True)
 class Approved:
     """An install whose every job is what a trusted party signed; by ECU, the signed packages
-    whose delta is to be sent."""
+    whose delta is to be sent, and every signed package (a pipelined install checks the
+    packages still on their way against them when they arrive)."""
 
     deltas: Mapping[str, Package] = field(default_factory=dict)
+    packages: Mapping[str, Package] = field(default_factory=dict)
 
 
 def _b64(value: Any, what: str) -> bytes:
@@ -102,18 +104,20 @@ def _check_campaign(manifest: InstallManifest, images: Mapping[str, bytes], trus
         extra, missing = sorted(asked - signed), sorted(signed - asked)
         return f"the jobs are not the signed campaign's packages (not signed: {extra}, left out: {missing})"
     jobs = {j.ecu: j for j in manifest.jobs}
+    arriving = manifest.arriving  # what is not here yet (or not yet replaced) is checked when it arrives
     for p in campaign.packages:
         job, full = jobs[p.ecu], images.get(p.name)
-        if full is not None and not _image_matches(full, p.size, p.sha256):
+        if full is not None and not _image_matches(full, p.size, p.sha256) and not arriving:
             return f"{p.name}: the deployed file is not the signed package (size or SHA-256)"
         if job.delta is not None:
             if p.delta is None or job.delta != p.delta.name:
                 return f"{job.delta}: not the signed campaign's delta for {p.ecu}"
-            if not _image_matches(images.get(job.delta, b""), p.delta.size, p.delta.sha256):
+            if not _image_matches(images.get(job.delta, b""), p.delta.size, p.delta.sha256) and not arriving:
                 return f"{job.delta}: the deployed file is not the signed delta (size or SHA-256)"
-        elif full is None:
+        elif full is None and not arriving:
             return f"package {p.name!r} was not deployed"
-    return Approved({p.ecu: p for p in campaign.packages if p.delta is not None and jobs[p.ecu].delta is not None})
+    return Approved({p.ecu: p for p in campaign.packages if p.delta is not None and jobs[p.ecu].delta is not None},
+                    {p.ecu: p for p in campaign.packages})
 
 
 def _check_content(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, proof: dict[str, Any]) -> Approved | str:
@@ -132,8 +136,8 @@ def _check_content(manifest: InstallManifest, images: Mapping[str, bytes], trust
     if len(manifest.jobs) != 1:
         return "a content item installs on one ECU"
     job = manifest.jobs[0]
-    if job.delta is not None:
-        return "a content item installs a full image, not a delta"
+    if job.delta is not None or manifest.arriving:
+        return "a content item installs a full image, deployed before its install"
     if (job.ecu, job.version) != (item.target, item.raw.get("version")):
         return f"the signed item installs {item.raw.get('version')!r} on {item.target}, the manifest {job.version!r} on {job.ecu}"
     image = images.get(job.package, b"")

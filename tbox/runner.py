@@ -375,7 +375,12 @@ class CampaignRunner:
     def _deploying(self, record: CampaignRecord) -> str | None:
         campaign = self.campaign(record)
         out = record.dir / "deploy"
-        for p in campaign.packages:
+        if self._pipelined(record, campaign) and not record.install_started:
+            # the install starts first and each ECU is flashed as soon as its package is on the
+            # gateway, while the next one is deployed (gateway/arrivals.py)
+            self._send_manifest(record, campaign, arriving=True)
+            self._start_install(record)
+        for p in sorted(campaign.packages, key=lambda p: p.order):  # install order: what is flashed first comes first
             entry = record.packages[p.name]
             if entry.get("deploy") == "success":
                 continue
@@ -410,8 +415,18 @@ class CampaignRunner:
         except TryLater:
             return True
 
+    def _pipelined(self, record: CampaignRecord, campaign: Campaign) -> bool:
+        return (self.tbox.pipeline and not (record.dir / LOCAL_CAMPAIGN).exists()
+                and (campaign.install == "immediate" or record.confirmed))
+
     def _deployed(self, record: CampaignRecord) -> str:
         campaign = self.campaign(record)
+        if not (self._pipelined(record, campaign) and record.install_started):  # else: sent before the packages
+            self._send_manifest(record, campaign, arriving=False)
+        return "awaiting_install"
+
+    def _send_manifest(self, record: CampaignRecord, campaign: Campaign, arriving: bool) -> None:
+        """The install manifest to the gateway: the jobs, and the signed documents it verifies them against."""
         local = record.dir / LOCAL_CAMPAIGN
         # what the gateway verifies the install against before it erases anything (gateway/verify.py)
         proof = dict((json.loads(local.read_text()).get("proof") or {}) if local.exists()
@@ -422,14 +437,13 @@ class CampaignRunner:
         jobs = tuple(InstallJob(p.ecu, p.name, p.version, p.order, delta=p.delta.name if p.delta is not None
                                 and record.packages[p.name].get("image") == "delta" else None)
                      for p in campaign.packages)
-        manifest = InstallManifest(campaign.campaign_id, jobs, campaign.activation, proof)
+        manifest = InstallManifest(campaign.campaign_id, jobs, campaign.activation, proof, arriving)
         name = f"install-{campaign.campaign_id}.json"
         path = record.dir / name
         atomic_write_bytes(path, encode_manifest(manifest))
         result = self.gateway.deploy(name, path, hashlib.sha256(path.read_bytes()).hexdigest(), record.dir / "deploy")
         if result.result != "success":
             raise TryLater(f"install manifest: {result.failed_step}: {result.reason}")
-        return "awaiting_install"
 
     def _awaiting_install(self, record: CampaignRecord) -> str | None:
         campaign = self.campaign(record)
@@ -460,14 +474,7 @@ class CampaignRunner:
         assert cid is not None
         status, _, _ = self.gateway.install_status(cid)
         if status in (InstallStatus.NONE, InstallStatus.REFUSED) or (status == InstallStatus.FAILED and not record.install_started):
-            record.install_started = True  # first: a TBOX killed right after starting it does not start it twice
-            record.save()
-            try:
-                self.gateway.start_install(f"install-{cid}.json")
-            except TryLater:
-                if self.gateway.install_status(cid)[0] != InstallStatus.REFUSED:
-                    raise
-                raise CampaignFailure("install", "install_refused", self._refusal(cid)) from None
+            self._start_install(record)
         progress = self._progress(cid, "install")
 
         def polling(done: int, total: int) -> bool:  # at every status poll: progress; True when stopping
@@ -496,6 +503,18 @@ class CampaignRunner:
         record.outcome = "success"
         record.save()
         return "done"
+
+    def _start_install(self, record: CampaignRecord) -> None:
+        cid = record.campaign_id
+        assert cid is not None
+        record.install_started = True  # first: a TBOX killed right after starting it does not start it twice
+        record.save()
+        try:
+            self.gateway.start_install(f"install-{cid}.json")
+        except TryLater:
+            if self.gateway.install_status(cid)[0] != InstallStatus.REFUSED:
+                raise
+            raise CampaignFailure("install", "install_refused", self._refusal(cid)) from None
 
     def _delta_fallback(self, record: CampaignRecord, results: list[dict[str, Any]]) -> bool:
         """An ECU refused its delta (it does not run the base after all, takes no deltas, or the

@@ -23,6 +23,16 @@ DOC = {
                   "size": 1024, "sha256": "ab" * 32}],
 }
 
+DELTA = {"name": "vcu-2.0.0.from-1.0.0.delta", "url": "http://127.0.0.1:1/d", "size": 99, "sha256": "cd" * 32,
+         "base_sha256": "ef" * 32, "base_version": "1.0.0", "image_crc32": 7}
+
+
+def test_a_package_may_carry_a_delta():
+    doc = copy.deepcopy(DOC)
+    doc["packages"][0]["delta"] = DELTA
+    (package,) = verify(sign_campaign(doc, KEY)).packages
+    assert package.delta is not None and package.delta.to_json() == DELTA and package.to_json()["delta"] == DELTA
+
 
 def verify(envelope: bytes, **kw):  # type: ignore[no-untyped-def]
     args = {"vin": "LVOTA000000000001", "now": NOW, "installed": {"vcu": "1.0.0"}, "known_ecus": {"vcu", "bms"}}
@@ -72,6 +82,14 @@ def test_rejections():
     lambda d: d["packages"][0].update(sha256="xyz"),
     lambda d: d["packages"][0].update(url="file:///etc/passwd"),
     lambda d: d.update(packages=[]),
+    lambda d: d["packages"][0].update(delta={**DELTA, "name": "../evil"}),
+    lambda d: d["packages"][0].update(delta={**DELTA, "base_sha256": "AB" * 32}),
+    lambda d: d["packages"][0].update(delta={**DELTA, "image_crc32": 1 << 32}),
+    lambda d: d["packages"][0].update(delta={**DELTA, "size": 0}),
+    lambda d: d["packages"][0].update(delta={**DELTA, "url": "ftp://x"}),
+    lambda d: d["packages"][0].update(delta={**DELTA, "extra": 1}),
+    lambda d: d["packages"][0].update(delta={k: v for k, v in DELTA.items() if k != "base_version"}),
+    lambda d: d["packages"][0].update(delta={**DELTA, "name": "vcu-2.0.0.bin"}),  # the package's own name
 ])
 def test_malformed_campaigns_cannot_be_signed(mutate):
     doc = copy.deepcopy(DOC)
@@ -168,3 +186,31 @@ def test_a_document_two_parsers_read_differently_is_refused():
     env = {**json.loads(good), "payload": base64.b64encode(json.dumps({**DOC, "x": float("nan")}).encode()).decode()}
     with pytest.raises(CampaignRejected, match="NaN is not a JSON number"):
         verify(json.dumps(env).encode())
+
+
+def test_cloud_campaign_makes_a_delta_beside_the_package(tmp_path):
+    import hashlib
+    import zlib
+
+    from agent.protocol.delta import apply_delta
+
+    assert vota("campaign", "keygen", "--out", str(tmp_path)).returncode == 0
+    old = bytes(range(256)) * 64
+    new = old[:5000] + b"patched" + old[5000:]
+    (tmp_path / "vcu-1.0.0.bin").write_bytes(old)
+    (tmp_path / "vcu-2.0.0.bin").write_bytes(new)
+    base = ["cloud", "campaign", "--vin", "LVOTA000000000001", "--key", str(tmp_path / "signing.key"),
+            "--base-url", "http://127.0.0.1:1/p", "--id", "c-delta", f"vcu={tmp_path / 'vcu-2.0.0.bin'}@2.0.0"]
+    run = vota(*base, "--delta-from", f"vcu={tmp_path / 'vcu-1.0.0.bin'}@1.0.0", "--out", str(tmp_path / "c.json"))
+    assert run.returncode == 0, run.stderr
+    (package,) = json.loads(base64.b64decode(json.loads((tmp_path / "c.json").read_text())["payload"]))["packages"]
+    delta = package["delta"]
+    patch = (tmp_path / "vcu-2.0.0.bin.from-1.0.0.delta").read_bytes()
+    assert delta == {"name": "vcu-2.0.0.bin.from-1.0.0.delta", "url": "http://127.0.0.1:1/p/vcu-2.0.0.bin.from-1.0.0.delta",
+                     "size": len(patch), "sha256": hashlib.sha256(patch).hexdigest(),
+                     "base_sha256": hashlib.sha256(old).hexdigest(), "base_version": "1.0.0", "image_crc32": zlib.crc32(new)}
+    assert apply_delta(old, patch) == new and len(patch) < len(new) // 10
+    for bad, words in ((f"bms={tmp_path / 'vcu-1.0.0.bin'}@1.0.0", "no package for bms"), ("vcu=nothing@1.0.0", "cannot read"),
+                       ("vcu", "expected ECU=OLD_IMAGE@VERSION")):
+        run = vota(*base, "--delta-from", bad)
+        assert run.returncode == 2 and words in run.stderr and "Traceback" not in run.stderr, run.stderr

@@ -54,6 +54,14 @@ def test_content_config_errors_name_the_key(content, key, words):
     (lambda d: d["ecus"].update(bms={"segment": "pt", "request_id": 0x7E8, "response_id": 0x7F0}),
      "ecus.bms.request_id", "already used by vcu"),
     (lambda d: d.update(gatway={}), "gatway", "unknown key"),
+    (lambda d: d["ecus"]["vcu"].update(delta=16), "ecus.vcu.delta", "outside 1..15"),
+    (lambda d: d["ecus"]["vcu"].update(delta=1, compression={"zlib": 1}), "ecus.vcu.delta", "already a compression"),
+    (lambda d: d["ecus"]["vcu"].update(sim={"accept_delta": "yes"}), "ecus.vcu.sim.accept_delta", "true/false"),
+    (lambda d: d.update(gateway={"arrival_idle_s": 0}), "gateway.arrival_idle_s", "greater than 0"),
+    (lambda d: d["segments"]["pt"].update(isotp_backend="kernel"), "segments.pt.isotp_backend", "need interface socketcan"),
+    (lambda d: d["segments"]["pt"].update(isotp_backend="fpga"), "segments.pt.isotp_backend", "python or kernel"),
+    (lambda d: d["segments"]["pt"].update(isotp_backend="kernel", bitrate=500000, bus={"interface": "socketcan", "channel": "vcan9"}),
+     "segments.pt.bitrate", "own timing"),
 ])
 def test_config_errors_name_the_key(mutate, key, words):
     import copy

@@ -233,6 +233,40 @@ def test_flash_on_vcan0(tmp_path, write_config, procs):
     assert json.loads(run.stdout)[0]["version_after"] == "4.0"
 
 
+def _kernel_isotp_available() -> str | None:
+    import socket
+
+    missing = _socketcan_available()
+    if missing is not None:
+        return missing
+    try:
+        socket.socket(socket.AF_CAN, socket.SOCK_DGRAM, socket.CAN_ISOTP).close()
+    except (OSError, AttributeError) as exc:
+        return f"no kernel ISO-TP (CAN_ISOTP, Linux 5.10+, module can-isotp): {exc}"
+    return None
+
+
+@pytest.mark.socketcan
+@pytest.mark.skipif(_kernel_isotp_available() is not None, reason=f"kernel ISO-TP missing: {_kernel_isotp_available()}")
+def test_flash_on_vcan0_with_kernel_isotp_sockets_on_both_sides(tmp_path, write_config, procs):
+    """The gateway and the ECU simulator with ``isotp_backend: kernel``: the same flash, the
+    image read back, the trace as with the Python stack (requests, responses, 0x78 pending)."""
+    config = write_config({"segments": {"vcan": {"bus": {"interface": "socketcan", "channel": "vcan0"},
+                                                  "isotp_backend": "kernel"}},
+                           "ecus": {"vcu": ecu_entry("vcu", 0x7A2, 0x7AA)}})
+    procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "st"), log=tmp_path / "sim.log"))
+    _wait_ready(procs[0])
+    image = os.urandom(256 * 1024)
+    (tmp_path / "img.bin").write_bytes(image)
+    run = vota("flash", "-c", str(config), "--out", str(tmp_path / "f"), "--json", f"vcu={tmp_path / 'img.bin'}@4.1")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)[0]["version_after"] == "4.1"
+    assert _active_image(tmp_path / "st", "vcu") == image
+    exchanges = read_trace(tmp_path / "f" / "vcu.trace.jsonl").exchanges
+    assert [e.header[:1].hex() for e in exchanges if e.service == 0x31][:1] == ["31"]
+    assert any(e.extra.get("pend") for e in exchanges if e.service == 0x31)  # the erase's 0x78
+
+
 def test_sigterm_cancels_a_flash_cleanly(tmp_path, write_config, procs):
     _, _, _, flash, _ = _flash_under_way(tmp_path, write_config, procs, "f", 64 * 1024)
     flash.p.terminate()

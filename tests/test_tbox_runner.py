@@ -76,6 +76,7 @@ class FakeGateway:
         self.deployed: dict[str, bytes] = {}
         self.deploys: list[tuple[str, bool]] = []
         self.installs: list[str] = []
+        self.manifests: dict[str, dict[str, Any]] = {}
         self.install: dict[str, int] = {}
         self.fail: dict[str, list[BaseException]] = {}  # per method: errors to raise first, in order
         self.boot = b"boot-one"
@@ -128,13 +129,17 @@ class FakeGateway:
         if self.refuse is not None:
             self.install[manifest["campaign_id"]] = InstallStatus.REFUSED
             raise GatewayError("start install: negative response 0x22")
-        assert {j["package"] for j in manifest["jobs"]} <= set(self.deployed)
+        if not manifest.get("arriving"):  # else each package is waited for as the install goes (gateway/arrivals.py)
+            assert {j["package"] for j in manifest["jobs"]} <= set(self.deployed)
+        self.manifests[manifest["campaign_id"]] = manifest
         self.installs.append(manifest["campaign_id"])
         self.install[manifest["campaign_id"]] = InstallStatus.RUNNING
 
     def wait_install(self, campaign_id: str, timeout: float, poll: float = 0.5,
                      should_stop: Callable[[int, int], bool] | None = None) -> int:
         self._maybe_fail("wait_install")
+        manifest = self.manifests[campaign_id]  # by now every package is on the gateway
+        assert {j.get("delta") or j["package"] for j in manifest["jobs"]} <= set(self.deployed)
         if should_stop is not None:
             should_stop(len(IMAGES), len(IMAGES))
         self.install[campaign_id] = InstallStatus.SUCCEEDED
@@ -206,13 +211,23 @@ def test_a_campaign_runs_through_every_state(tmp_path: Path) -> None:
     assert seen == ["received", "verified", "downloading", "downloaded", "deploying", "deployed", "awaiting_install",
                     "installing", "done"]
     assert v.record().state == "reported" and v.finished()["outcome"] == "success"
-    assert v.gateway.deploys == [("vcu-2.0.0.bin", False), ("bms-2.0.0.bin", False), ("install-c-1.json", False)]
-    assert v.gateway.installs == ["c-1"]
+    # pipelined: the manifest and the install's start first, then each package while the gateway installs
+    assert v.gateway.deploys == [("install-c-1.json", False), ("vcu-2.0.0.bin", False), ("bms-2.0.0.bin", False)]
+    assert v.gateway.installs == ["c-1"] and json.loads(v.gateway.deployed["install-c-1.json"])["arriving"] is True
     assert {"c-1.deploy.vcu-2.0.0.bin", "c-1.flash.vcu", "c-1.flash.bms"} <= set(v.cloud.traces)
     assert "c-1.inventory" in v.cloud.messages
     progress = [(b["stage"], b.get("package"), b["done"], b["total"]) for b in v.cloud.events(event="progress")]
     assert ("install", None, 2, 2) in progress and {p[:2] for p in progress} >= {("deploy", "vcu-2.0.0.bin"),
                                                                                 ("deploy", "bms-2.0.0.bin")}
+
+
+def test_without_pipelining_the_install_starts_once_every_package_is_on_the_gateway(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path, pipeline=False)
+    v.receive(envelope())
+    v.runner().step()
+    assert v.record().state == "reported" and v.finished()["outcome"] == "success"
+    assert v.gateway.deploys == [("vcu-2.0.0.bin", False), ("bms-2.0.0.bin", False), ("install-c-1.json", False)]
+    assert "arriving" not in json.loads(v.gateway.deployed["install-c-1.json"])
 
 
 def test_the_runner_says_what_it_does_in_one_line(tmp_path: Path) -> None:
@@ -255,11 +270,11 @@ def test_killed_in_every_state_resumes_and_finishes_once(tmp_path: Path, state: 
     assert v.finished()["outcome"] == "success"
     assert v.gateway.installs == ["c-1"]  # never installed twice
     assert len(v.fetches) == len(IMAGES)  # nothing downloaded twice
-    assert [name for name, _ in v.gateway.deploys] == ["vcu-2.0.0.bin", "bms-2.0.0.bin", "install-c-1.json"]
+    assert [name for name, _ in v.gateway.deploys] == ["install-c-1.json", "vcu-2.0.0.bin", "bms-2.0.0.bin"]
 
 
 def test_killed_in_the_middle_of_a_deploy_resumes_that_package(tmp_path: Path) -> None:
-    v = Vehicle(tmp_path)
+    v = Vehicle(tmp_path, pipeline=False)  # the packages' deploys first, as the faults below count them
     v.receive(envelope())
     v.gateway.fail["deploy"] = [Killed("in TransferData")]
     with pytest.raises(Killed):
@@ -282,7 +297,7 @@ def test_the_loop_guard_counts_restarts_not_retries(tmp_path: Path) -> None:
 
 
 def test_a_deploy_cut_off_by_a_gateway_restart_is_resumed_not_failed(tmp_path: Path) -> None:
-    v = Vehicle(tmp_path)
+    v = Vehicle(tmp_path, pipeline=False)  # the packages' deploys first, as the faults below count them
     v.receive(envelope())
     v.gateway.broken_deploys = [True]  # the gateway restarts in the middle of the first package
     v.runner().step()
@@ -293,7 +308,7 @@ def test_a_deploy_cut_off_by_a_gateway_restart_is_resumed_not_failed(tmp_path: P
 
 
 def test_a_deploy_that_breaks_off_on_a_gateway_that_did_not_restart_fails(tmp_path: Path) -> None:
-    v = Vehicle(tmp_path)
+    v = Vehicle(tmp_path, pipeline=False)  # the packages' deploys first, as the faults below count them
     v.receive(envelope())
     v.gateway.broken_deploys = [False]  # no answer, same boot id: the gateway's fault (D4)
     v.runner().step()

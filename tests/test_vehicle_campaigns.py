@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -212,5 +213,64 @@ def test_a_campaign_with_deltas_sends_each_ecu_the_delta_it_can_take_and_the_ful
         deployed = {r["package"] for r in v.reports("results", "c-delta") if r["stage"] == "deploy"}
         assert deployed == {"vcu-2.1.0.bin.from-2.0.0.delta", "bms-2.1.0.bin", "bcm-2.1.0.bin.from-2.0.0.delta",
                             "bcm-2.1.0.bin"}
+    finally:
+        v.close()
+
+
+def _span(path: Path) -> tuple[float, float]:
+    """(first request, last answer) of a trace, in epoch seconds."""
+    from agent.adapters.trace_files import read_trace
+
+    trace = read_trace(path)
+    last = trace.exchanges[-1]
+    return trace.header.started, trace.header.started + (last.t + (last.dt or 0)) / 1000.0
+
+
+def test_a_pipelined_install_flashes_an_ecu_while_the_next_package_is_deployed(tmp_path, mosquitto, write_config, procs):
+    """The backbone at 500 kbit/s (emulated): the TBOX starts the install before the packages,
+    the gateway stages each ECU as soon as its package arrived and checked out against the
+    signed campaign, while the next package is still on the backbone; the campaign ends as
+    without pipelining (all ECUs on the new images, activated together)."""
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, backbone={"bitrate": 500000})
+    try:
+        new = packages(v, "2.0.0")
+        v.send(v.campaign("c-pipe", "2.0.0", packages=new, order=ORDER))
+        done = v.finished("c-pipe", timeout=180)
+        assert done["outcome"] == "success", done
+        assert {e: version for e, (version, _) in running(v).items()} == {e: "2.0.0" for e in ALL}
+        (record,) = (v.tmp / "tbox" / "campaigns").glob("*/flash")
+        deploys = {e: _span(record.parent / "deploy" / f"{e}-2.0.0.bin.deploy.trace.jsonl") for e in ALL}
+        flashes = {e: _span(record / f"{e}.trace.jsonl") for e in ALL}
+        for first, second in zip(ALL[:-1], ALL[1:], strict=True):  # install order: vcu, bms, bcm, dlp_headlamp
+            assert flashes[first][0] >= deploys[first][1] - 0.05  # its package was there and checked first
+            assert flashes[first][0] < deploys[second][1], (first, flashes[first], second, deploys[second])
+        manifest = json.loads((v.tmp / "gw" / "packages" / "install-c-pipe.json").read_text())
+        assert manifest["arriving"] is True
+    finally:
+        v.close()
+
+
+def test_a_package_that_never_arrives_fails_its_pipelined_install_and_every_ecu_stays_old(
+        tmp_path, mosquitto, write_config, procs):
+    """The deploy of the third package is refused (a gateway fault): the campaign fails at
+    deploy; the install the TBOX already started waits for that package until nothing was
+    deployed for ``arrival_idle_s``, fails that ECU at package_arrival and discards what it staged."""
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, gateway_extra={"arrival_idle_s": 3})
+    try:
+        v.gateway.stop()
+        v.restart_gateway("--fault", "deploy:bcm-2.0.0.bin:38:nrc=0x72")
+        v.send(v.campaign("c-lost", "2.0.0", packages=packages(v, "2.0.0"), order=ORDER))
+        done = v.finished("c-lost", timeout=120)
+        assert (done["outcome"], done["failure"]["stage"]) == ("failed", "deploy"), done
+        status = v.tmp / "gw" / "results" / "c-lost" / "install.json"
+        deadline = time.monotonic() + 60
+        while json.loads(status.read_text())["status"] == "running":
+            assert time.monotonic() < deadline, status.read_text()
+            time.sleep(0.2)
+        summary = json.loads((status.parent / "summary.json").read_text())
+        by_ecu = {r["ecu"]: r for r in summary["results"]}
+        assert (by_ecu["bcm"]["failed_step"], by_ecu["vcu"]["phase"], by_ecu["bms"]["phase"]) == (
+            "package_arrival", "discarded", "discarded"), by_ecu
+        assert {e: version for e, (version, _) in running(v).items()} == {e: "1.0.0" for e in ALL}
     finally:
         v.close()

@@ -33,7 +33,8 @@ def _pem(key: Any) -> bytes:
 class Vehicle:
     def __init__(self, tmp: Path, mosquitto: Any, write_config: Any, procs: list[Proc], tbox: bool = True,
                  tbox_extra: dict[str, Any] | None = None, ecu_faults: tuple[str, ...] = (),
-                 ecu_extra: dict[str, dict[str, Any]] | None = None) -> None:
+                 ecu_extra: dict[str, dict[str, Any]] | None = None, backbone: dict[str, Any] | None = None,
+                 gateway_extra: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
         self.key = Ed25519PrivateKey.generate()
         self.platform = Ed25519PrivateKey.generate()  # the content trust platform
@@ -47,9 +48,10 @@ class Vehicle:
         (tmp / "keys" / "report.key").write_bytes(self.report_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         self.config = write_config({
-            "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}, "body": {"bus": multicast_bus()}},
+            "segments": {"bb": {"bus": multicast_bus(), **(backbone or {})}, "pt": {"bus": multicast_bus()},
+                         "body": {"bus": multicast_bus()}},
             "deploy": {"segment": "bb", "package_dir": str(tmp / "gw" / "packages"), "security_secret": f"{VIN}-deploy"},
-            "gateway": {"results_dir": str(tmp / "gw" / "results")},
+            "gateway": {"results_dir": str(tmp / "gw" / "results"), **(gateway_extra or {})},
             "ecus": {name: entry | (ecu_extra or {}).get(name, {}) for name, entry in {
                 "vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt"),
                 "bcm": ecu_entry("bcm", 0x740, 0x748, "body"),

@@ -2,6 +2,12 @@
 
 The bus settings of a segment go unchanged to ``can.Bus(**settings)``, so the same code
 runs on ``socketcan`` (vcan0, can0) and on ``udp_multicast`` where SocketCAN is missing.
+
+ISO-TP runs in Python (can-isotp's stack, fed by the segment's router), or, on SocketCAN with
+``isotp_backend: kernel``, in the kernel's CAN_ISOTP sockets (Linux 5.10+): segmentation, flow
+control and timing leave Python, which keeps only whole requests and responses. The python-can
+bus stays open beside them for what needs single frames (TesterPresent, fault injection, the
+stray frames a trace records).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import select
 import socket
 import threading
 import time
@@ -20,7 +27,7 @@ import isotp
 from agent.core.config import SegmentConfig
 from agent.errors import ConfigError, VotaError
 
-__all__ = ["Segment", "RoutedStack", "BusClock", "frame_time", "isotp_params", "physical_goodput"]
+__all__ = ["Segment", "RoutedStack", "KernelStack", "BusClock", "frame_time", "isotp_params", "physical_goodput"]
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +170,69 @@ class RoutedStack(isotp.TransportLayer):
         )
 
 
+class KernelStack:
+    """An ISO-TP channel in the kernel (can-isotp's ``isotp.socket``): the interface the
+    segment's stacks offer (send a payload, receive one), the frames sent and reassembled by
+    the kernel. Used on SocketCAN with ``isotp_backend: kernel``."""
+
+    def __init__(self, segment: "Segment", address: isotp.Address, params: dict[str, Any], listen_only: bool = False) -> None:
+        try:
+            isotp.tpsock.check_support()
+        except NotImplementedError as exc:
+            raise ConfigError("segment " + segment.config.name, "isotp_backend", f"kernel: {exc}") from None
+        self.address = address
+        self.segment = segment
+        self._sock = isotp.socket()
+        flags = isotp.socket.flags.WAIT_TX_DONE | (isotp.socket.flags.LISTEN_MODE if listen_only else 0)
+        self._sock.set_opts(optflag=flags, txpad=params.get("tx_padding"))
+        self._sock.set_fc_opts(bs=int(params.get("blocksize", 0)), stmin=int(params.get("stmin", 0)))
+        fd = bool(params.get("can_fd"))
+        self._sock.set_ll_opts(mtu=isotp.socket.LinkLayerProtocol.CAN_FD if fd else isotp.socket.LinkLayerProtocol.CAN,
+                               tx_dl=int(params.get("tx_data_length", 8)),
+                               tx_flags=0x01 if params.get("bitrate_switch") else 0)  # CANFD_BRS
+        try:
+            self._sock.bind(str(segment.config.bus.get("channel")), address)
+        except OSError as exc:
+            self._sock.close()
+            raise VotaError(f"segment {segment.config.name}: cannot bind a kernel ISO-TP socket: {exc.strerror}") from None
+
+    def start(self) -> None:
+        pass
+
+    def send(self, payload: bytes, send_timeout: float | None = None) -> None:
+        self._sock.settimeout(send_timeout)
+        try:
+            self._sock.send(payload)
+        except OSError as exc:  # ECOMM (no flow control), a timeout: as can-isotp's own stack reports them
+            raise isotp.BlockingSendFailure(f"kernel ISO-TP send: {exc}") from None
+
+    def recv(self, block: bool = False, timeout: float | None = None) -> bytes | None:
+        ready, _, _ = select.select([self._sock.fileno()], [], [], (timeout if timeout is not None else None) if block else 0)
+        if not ready:
+            return None
+        try:
+            return bytes(self._sock.recv())
+        except OSError as exc:  # a reception the kernel gave up on (timeout, wrong sequence): nothing for us
+            log.debug("kernel ISO-TP receive on %s: %s", self.segment.config.name, exc)
+            return None
+
+    def stop_receiving(self) -> None:
+        pass
+
+    def clear_rx_queue(self) -> None:
+        while self.recv(block=False) is not None:
+            pass
+
+    def stop_sending(self) -> None:
+        pass
+
+    def clear_tx_queue(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._sock.close()
+
+
 class Segment:
     """An open CAN segment. Owns the bus and one notifier; hands out ISO-TP stacks.
 
@@ -230,6 +300,11 @@ class Segment:
         address = isotp.Address(mode, txid=txid, rxid=rxid)
         params = isotp_params(self.config)
         params.update(overrides)
+        if self.config.isotp_backend == "kernel":  # the kernel reassembles; flow control from another id is not offered
+            kernel = KernelStack(self, address, params, listen_only=receive_only)
+            with self._lock:
+                self._stacks.append(kernel)  # type: ignore[arg-type]
+            return kernel  # type: ignore[return-value]
         try:
             stack = RoutedStack(self, address, params)
         except ValueError as exc:

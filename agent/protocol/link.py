@@ -117,6 +117,7 @@ class InstallManifest:
     jobs: tuple[InstallJob, ...]
     activation: str = "per_ecu"  # or atomic: stage every ECU, then activate them in order, roll back on failure
     proof: dict[str, Any] | None = None  # the signed documents the gateway verifies the install against
+    arriving: bool = False  # packages may still be on their way: each job waits for its own (gateway/arrivals.py)
 
 
 def encode_manifest(manifest: InstallManifest) -> bytes:
@@ -125,6 +126,8 @@ def encode_manifest(manifest: InstallManifest) -> bytes:
                      **({"delta": j.delta} if j.delta else {})} for j in manifest.jobs]}
     if manifest.proof is not None:
         doc["proof"] = manifest.proof
+    if manifest.arriving:
+        doc["arriving"] = True
     return json.dumps(doc, indent=1).encode()
 
 
@@ -161,4 +164,7 @@ def parse_manifest(data: bytes) -> InstallManifest | str:
     proof = doc.get("proof")
     if proof is not None and not isinstance(proof, dict):
         return "malformed manifest (proof must be an object)"
-    return InstallManifest(str(campaign), tuple(jobs), activation, proof)
+    arriving = doc.get("arriving", False)
+    if not isinstance(arriving, bool):
+        return "malformed manifest (arriving must be true or false)"
+    return InstallManifest(str(campaign), tuple(jobs), activation, proof, arriving)

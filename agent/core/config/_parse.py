@@ -57,8 +57,15 @@ def _segment(source: str, name: str, sec: _Section) -> SegmentConfig:
     bitrate = sec.get("bitrate", _bitrate, None, what="bit/s, e.g. 500000 or 500000/2000000")
     isotp_params = sec.get("isotp", dict, {}, what="a mapping of can-isotp parameters")
     rcvbuf = sec.get("receive_buffer", _positive, 4 * 1024 * 1024)
+    backend = sec.get("isotp_backend", _choice("python", "kernel"), "python")
     sec.done()
-    return SegmentConfig(name, dict(bus), tx_dl, bitrate, dict(isotp_params), rcvbuf)
+    if backend == "kernel" and bus.get("interface") != "socketcan":
+        raise ConfigError(source, sec.key("isotp_backend"), f"kernel ISO-TP sockets need interface socketcan, not "
+                                                            f"{bus.get('interface')!r}")
+    if backend == "kernel" and bitrate is not None:
+        raise ConfigError(source, sec.key("bitrate"), "bus-timing emulation paces frames in Python; with kernel ISO-TP "
+                                                      "sockets the bus (vcan or a real one) has its own timing")
+    return SegmentConfig(name, dict(bus), tx_dl, bitrate, dict(isotp_params), rcvbuf, backend)
 
 
 def _ecu_sim(sec: _Section) -> EcuSimConfig:
@@ -188,6 +195,7 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         retries=gw.get("retries", _nonneg, d.retries),
         worker_stale_s=gw.get("worker_stale_s", _positive, d.worker_stale_s),
         segment_workers=gw.get("segment_workers", _choice("auto", "process", "thread"), d.segment_workers),
+        arrival_idle_s=gw.get("arrival_idle_s", _positive, d.arrival_idle_s),
         trusted_keys=tuple(_str(k) for k in gw.get("trusted_keys", list, [], what="a list of public key files (PEM)")),
         content_trusted_keys=tuple(_str(k) for k in gw.get("content_trusted_keys", list, [],
                                                             what="a list of public key files (PEM)")),
@@ -254,6 +262,7 @@ def _tbox(sec: _Section) -> TboxConfig:
         download_rate_window_s=sec.get("download_rate_window_s", _positive, d2.download_rate_window_s),
         download_max_time_s=sec.get("download_max_time_s", _positive, d2.download_max_time_s),
         worker_stale_s=sec.get("worker_stale_s", _positive, d2.worker_stale_s),
+        pipeline=sec.get("pipeline", _bool, d2.pipeline),
         diagnose=sec.get("diagnose", _bool, d2.diagnose),
         cloud=cloud_cfg,
         content=content,

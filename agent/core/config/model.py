@@ -50,6 +50,8 @@ class SegmentConfig:
     bitrate: tuple[int, int | None] | None = None
     isotp: dict[str, Any] = field(default_factory=dict)
     receive_buffer: int = 4 * 1024 * 1024
+    # python: can-isotp's stack in this process; kernel: the kernel's CAN_ISOTP sockets (SocketCAN only)
+    isotp_backend: str = "python"
 
     @property
     def fd(self) -> bool:
@@ -137,6 +139,9 @@ class GatewayConfig:
     # lock), in threads of the gateway's process, or "auto": processes when more than one
     # segment flashes at once
     segment_workers: str = "auto"
+    # a pipelined install (gateway/arrivals.py): a job whose package is still being deployed fails
+    # when nothing at all was deployed for this long
+    arrival_idle_s: int = 120
     # what installs are checked against (gateway/verify.py); empty: the tbox section's, as on a vehicle
     # where both daemons read one vehicle.yaml
     trusted_keys: tuple[str, ...] = ()
@@ -202,6 +207,9 @@ class TboxConfig:
     download_max_time_s: int = 3600  # ... as is one attempt longer than this (then resumed, within the retries)
     worker_stale_s: int = 300  # a worker without progress this long stops the systemd watchdog pings
     diagnose: bool = False
+    # start an immediate (or confirmed) install once its manifest is on the gateway, so that an
+    # ECU is flashed while the next package is still being deployed
+    pipeline: bool = True
     cloud: CloudConfig = field(default_factory=lambda: _cloud_default())
     content: ContentConfig = field(default_factory=ContentConfig)
 
