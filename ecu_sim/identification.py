@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING
 
 from agent.protocol.ecu import (
     DID,
+    SIGNALS,
     STAGED,
     STAGED_NONE,
     STAGED_SELECTED,
     StagedImage,
+    encode_signal,
     encode_staged_image,
 )
 from agent.protocol.uds import Nrc, Request, Session
@@ -46,6 +48,8 @@ def _did_value(s: EcuState, did: int) -> bytes | None:
     }
     if did == DID.AMBIENT_LIGHT:
         return _ambient_light(s)
+    if did in _SIGNAL_OF:
+        return _signal(s, _SIGNAL_OF[did])
     if s.banks.single and did in (DID.STAGED_IMAGE, DID.BANK_STATUS):
         return None  # one bank: nothing staged, nothing kept to go back to
     return values.get(did)
@@ -68,6 +72,22 @@ def _ambient_light(s: EcuState) -> bytes | None:
         lux = json.loads(s.sensors.read_text())["ambient_lux"]
         return max(0, min(0xFFFF, int(lux))).to_bytes(2, "big")
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+_SIGNAL_OF = {did: name for name, (did, _) in SIGNALS.items()}
+
+
+def _signal(s: EcuState, name: str) -> bytes | None:
+    """The vehicle's state as this ECU reports it: ``signals.json`` in its state directory (a
+    bench or test writes it, and may change it at any time), e.g. ``{"soc": 80, "power_mode":
+    "off", "gear": "P", "speed_kmh": 0, "battery_mv": 12600, "charging": "no"}``; a signal it
+    does not name (or no file) is not supported."""
+    if s.signals is None:
+        return None
+    try:
+        return encode_signal(name, json.loads(s.signals.read_text())[name])
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
         return None
 
 

@@ -67,6 +67,7 @@ class EcuState:
     erased_region: tuple[int, int] | None = field(default=None)
     content: ContentStore | None = None
     sensors: Path | None = None  # sensors.json: {"ambient_lux": N}, the simulated light sensor
+    signals: Path | None = None  # signals.json: the vehicle's state (ecu_sim/identification.py)
     security_file: Path | None = None  # security.json: wrong keys and the lock-out, across a power cycle
 
     def load_security(self, now: float) -> None:

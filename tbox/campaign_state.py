@@ -51,6 +51,9 @@ class CampaignRecord:
     versions: dict[str, Any] | None = None  # what the campaign's ECUs run at its end, read back by the gateway
     interruptions: list[Any] | None = None  # where the gateway was stopped in the middle of the install
     revertible: bool | None = None  # false: an ECU of the campaign has a single flash bank (no way back)
+    # epoch seconds and estimates: "waiting_since" (preconditions), "install_began", "install_ended",
+    # "estimated_install_s"
+    times: dict[str, float] = field(default_factory=dict)
 
     @property
     def envelope_path(self) -> Path:
@@ -66,7 +69,7 @@ class CampaignRecord:
             "entries": self.entries, "packages": self.packages, "confirmed": self.confirmed,
             "install_started": self.install_started, "install_ended": self.install_ended, "outcome": self.outcome, "failure": self.failure,
             "versions": self.versions, "interruptions": self.interruptions,
-            "revertible": self.revertible,
+            "revertible": self.revertible, "times": self.times,
         })
 
     @classmethod
@@ -81,7 +84,8 @@ class CampaignRecord:
                        confirmed=bool(doc.get("confirmed")), install_started=bool(doc.get("install_started")),
                        install_ended=bool(doc.get("install_ended")),
                        outcome=doc.get("outcome"), failure=doc.get("failure"), versions=doc.get("versions"),
-                       interruptions=doc.get("interruptions"), revertible=doc.get("revertible"))
+                       interruptions=doc.get("interruptions"), revertible=doc.get("revertible"),
+                       times={k: float(v) for k, v in dict(doc.get("times") or {}).items()})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VotaError(f"{path}: unreadable campaign state ({exc})") from None
 

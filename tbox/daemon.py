@@ -7,6 +7,7 @@ two workers: campaigns and owner content. The systemd watchdog is fed only while
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -19,16 +20,20 @@ from agent.adapters.canbus import Segment
 from agent.adapters.cloud_link import CloudLink
 from agent.adapters.heartbeat import Heartbeats
 from agent.adapters.keys import KeyStore, initial_key_list
+from agent.core.campaign import CampaignRejected, verify_campaign
 from agent.core.config import TboxConfig, VehicleConfig
 from agent.core.faults import FaultSpec
+from agent.core.preconditions import Estimate, estimate_install
 from agent.core.roles import KeysRejected
-from agent.errors import UsageError
+from agent.errors import Refused, UsageError, VotaError
+from agent.protocol.ecu import SIGNALS, decode_signal
 from tbox.apps import AppRegistry
 from tbox.campaign_state import CampaignRecord
 from tbox.content_exec import AppExecutor, ResourceExecutor, SoftwareExecutor
 from tbox.content_manager import ContentManager
 from tbox.gateway_client import ContentOp, GatewayClient, GatewayError
 from tbox.inbound import COMMANDS, Inbound
+from tbox.offline import CAMPAIGN_FILE, import_campaign
 from tbox.ports import CloudPort, GatewayPort
 from tbox.runner import CampaignRunner
 
@@ -58,6 +63,8 @@ class TboxDaemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._content_wake = threading.Event()
+        self._media_seen: set[str] = set()  # campaigns on the media refused (imported ones are records)
+        self._media_problem = ""
         self.heartbeats = Heartbeats(self.tbox.worker_stale_s)
         self.segment: Segment | None = None
         self.gateway: GatewayClient | None = None  # the real gateway client, once started
@@ -65,7 +72,8 @@ class TboxDaemon:
             self.tbox.cloud, self.tbox.vin, on_message=lambda kind, payload: self.inbound.on_message(kind, payload))
         self.runner = CampaignRunner(self.tbox, set(config.ecus), self.cloud, gateway or _NotStarted(), self.trusted,
                                      now=self.now, stop=self._stop, beat=lambda: self.heartbeats.beat("campaign"),
-                                     key_chain=self.keys.chain)
+                                     key_chain=self.keys.chain, estimate=self._estimate,
+                                     signals=self._signals if self.tbox.preconditions.ecu else None)
         self._gateway_injected = gateway is not None
         self.content = self._content_manager()
         self.inbound = Inbound(self.tbox.vin, self.runner, self.content.submit, self._wake.set, self._content_wake.set,
@@ -196,6 +204,7 @@ class TboxDaemon:
             self.heartbeats.beat("campaign")
             try:
                 self.inbound.apply_commands()
+                self._watch_media()
                 moved = self.runner.step()
                 failures = 0
             except Exception:  # noqa: BLE001 - e.g. a state file that cannot be read: logged, tried again
@@ -206,6 +215,50 @@ class TboxDaemon:
             if not moved:
                 self._wake.wait(1.0)
                 self._wake.clear()
+
+    def _estimate(self, jobs: list[tuple[str, int, int]], activation: str, pipelined: bool) -> Estimate:
+        return estimate_install(self.config, jobs, activation, self.link_cfg.segment if pipelined else None)
+
+    def _signals(self) -> dict[str, Any]:
+        """The vehicle's state from the preconditions ECU's DIDs, through the gateway; a signal it
+        does not report is None (and fails what depends on it)."""
+        ecu = self.tbox.preconditions.ecu
+        assert ecu is not None
+        values: dict[str, Any] = {}
+        for name, (did, _) in SIGNALS.items():
+            try:
+                values[name] = decode_signal(name, self._gateway().content(ContentOp.READ_DID, ecu, did.to_bytes(2, "big")))
+            except (Refused, ValueError):  # not supported, or not a value the signal can have
+                values[name] = None
+        return values
+
+    def _watch_media(self) -> None:
+        """``tbox.media_dir``: a campaign on media mounted there is imported as ``vota campaign
+        import`` does (tbox/offline.py); one refused is reported once, not at every look."""
+        if self.tbox.media_dir is None:
+            return
+        media = Path(self.tbox.media_dir)
+        try:
+            envelope = (media / CAMPAIGN_FILE).read_bytes()
+        except OSError:
+            return  # nothing mounted, or no campaign on it
+        key = hashlib.sha256(envelope).hexdigest()[:24]
+        if key in self._media_seen or (self.campaigns_dir / key).exists():
+            return
+
+        def check(data: bytes) -> None:
+            verify_campaign(data, self.runner.trusted, vin=self.tbox.vin, now=self.now(), known_ecus=set(self.config.ecus))
+
+        try:
+            import_campaign(media, self.campaigns_dir, check)
+            log.info("campaign imported from %s", media)
+        except CampaignRejected as exc:
+            self._media_seen.add(key)
+            self.runner.reject("campaign", exc.reason, f"on the media at {media}: {exc}", key, exc.campaign_id)
+        except VotaError as exc:  # e.g. a package not (yet) on it: looked at again, said once
+            if str(exc) != self._media_problem:
+                log.warning("the campaign on %s cannot be imported: %s", media, exc)
+            self._media_problem = str(exc)
 
     def _run_content(self) -> None:
         interval = self.tbox.content.tick_ms / 1000.0

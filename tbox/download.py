@@ -141,3 +141,30 @@ def download(
     os.replace(part, dest)
     fsync_dir(dest.parent)
     return DownloadInfo(resumed_from, size - resumed_from)
+
+
+def take_verified(source: Path, dest: str | Path, size: int, sha256: str, *,
+                  progress: Callable[[int, int], None] | None = None) -> DownloadInfo:
+    """A package that came on removable media (``tbox/offline.py``), taken as a download is:
+    the declared size and SHA-256 enforced before it becomes ``dest``."""
+    dest = Path(dest)
+    try:
+        have = source.stat().st_size
+    except OSError as exc:
+        raise DownloadError(f"{source.name}: not among the packages that came on the media ({exc.strerror})") from None
+    if have != size:
+        raise DownloadError(f"{source.name}: {have} bytes on the media, the campaign declares {size}",
+                            "too_large" if have > size else "digest_mismatch")
+    digest = hashlib.sha256()
+    with open(source, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise DownloadError(f"{source.name}: SHA-256 {digest.hexdigest()} does not match the declared {sha256}",
+                            "digest_mismatch")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, dest)  # the copy off the media, on the same file system
+    fsync_dir(dest.parent)
+    if progress is not None:
+        progress(size, size)
+    return DownloadInfo(0, size)

@@ -38,12 +38,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.core.campaign import Campaign, CampaignRejected, Package, compare_versions, verify_campaign
 from agent.core.config import TboxConfig
+from agent.core.preconditions import Estimate, unmet
 from agent.core.roles import Role
 from agent.errors import Refused, TryLater, VotaError
 from agent.protocol.files import is_name
 from agent.protocol.link import InstallJob, InstallManifest, InstallStatus, encode_manifest
 from tbox.campaign_state import TERMINAL, CampaignRecord
-from tbox.download import download
+from tbox.download import download, take_verified
+from tbox.offline import MEDIA, ORIGIN
 from tbox.ports import CloudPort, Fetch, GatewayPort
 from tbox.reports import CampaignReports
 
@@ -70,10 +72,16 @@ class CampaignRunner:
                  trusted: Role | Mapping[str, Ed25519PublicKey], *, now: Callable[[], _dt.datetime],
                  stop: threading.Event | None = None, fetch: Fetch | None = None,
                  beat: Callable[[], None] | None = None, entered: Callable[[CampaignRecord], None] | None = None,
-                 key_chain: Callable[[], list[bytes]] | None = None) -> None:
+                 key_chain: Callable[[], list[bytes]] | None = None,
+                 estimate: Callable[[list[tuple[str, int, int]], str, bool], Estimate] | None = None,
+                 signals: Callable[[], dict[str, Any]] | None = None) -> None:
         self.tbox, self.ecus, self.cloud, self.gateway = tbox, ecus, cloud, gateway
         self.trusted = Role.of(trusted)  # the campaign role; replaced when a signed key list is taken
         self.key_chain = key_chain or list
+        self.estimate = estimate  # the install time a campaign will take (agent/core/preconditions.py)
+        self.signals = signals  # the vehicle's state, read from the preconditions ECU
+        self._checked: dict[str, float] = {}  # campaign -> when its preconditions were last read
+        self._said: dict[str, str] = {}  # campaign -> the unmet conditions last reported
         self.now = now
         # slow retrieval (Uptane): a download below the minimum rate, or too long, is cut off and resumed later
         self.fetch = fetch or functools.partial(download, min_rate=tbox.download_min_rate,
@@ -291,6 +299,10 @@ class CampaignRunner:
         record.save()
         self.cloud.report("inventory", {"campaign_id": campaign.campaign_id, "ecus": inventory},
                           msg_id=f"{campaign.campaign_id}.inventory")
+        origin = record.dir / ORIGIN
+        if origin.exists():  # imported from removable media: the cloud hears it when the vehicle is next online
+            self.cloud.report("events", {"event": "imported", "campaign_id": campaign.campaign_id,
+                                         **json.loads(origin.read_text())}, msg_id=f"{campaign.campaign_id}.imported")
         return "verified"
 
     def _choose_images(self, record: CampaignRecord, campaign: Campaign, inventory: list[dict[str, Any]]) -> None:
@@ -302,6 +314,10 @@ class CampaignRunner:
         for p in campaign.packages:
             entry = record.packages[p.name]
             if p.delta is None or "image" in entry:
+                continue
+            if (record.dir / MEDIA).is_dir():  # the media carries full images
+                entry.update(image="full", why="an offline campaign: the full image came on the media")
+                chosen[p.name] = {"image": entry["image"], "why": entry["why"]}
                 continue
             sha = running.get(p.ecu)
             if sha == p.delta.base_sha256:
@@ -359,10 +375,14 @@ class CampaignRunner:
                 continue
 
             name, url, size, sha256 = self._file(p, entry)
+            progress = self._progress(campaign.campaign_id, "download", package=name)
             try:
-                info = self.fetch(url, self.package_path(record, name), size, sha256,
-                                  progress=self._progress(campaign.campaign_id, "download", package=name),
-                                  should_stop=self.stop.is_set)
+                if (record.dir / MEDIA).is_dir():  # an offline campaign: the packages came on the media
+                    info = take_verified(record.dir / MEDIA / name, self.package_path(record, name), size, sha256,
+                                         progress=progress)
+                else:
+                    info = self.fetch(url, self.package_path(record, name), size, sha256, progress=progress,
+                                      should_stop=self.stop.is_set)
             except TryLater:
                 raise  # the network: back off and resume the download (HTTP ranges)
             except VotaError as exc:
@@ -375,6 +395,7 @@ class CampaignRunner:
     def _deploying(self, record: CampaignRecord) -> str | None:
         campaign = self.campaign(record)
         out = record.dir / "deploy"
+        self._report_estimate(record, campaign)  # before the install starts (it may start here)
         if self._pipelined(record, campaign) and not record.install_started:
             # the install starts first and each ECU is flashed as soon as its package is on the
             # gateway, while the next one is deployed (gateway/arrivals.py)
@@ -416,8 +437,13 @@ class CampaignRunner:
             return True
 
     def _pipelined(self, record: CampaignRecord, campaign: Campaign) -> bool:
-        return (self.tbox.pipeline and not (record.dir / LOCAL_CAMPAIGN).exists()
+        # with preconditions the install waits for them once everything is on the gateway
+        return (self.tbox.pipeline and not (record.dir / LOCAL_CAMPAIGN).exists() and not self._with_preconditions
                 and (campaign.install == "immediate" or record.confirmed))
+
+    @property
+    def _with_preconditions(self) -> bool:
+        return self.tbox.preconditions.ecu is not None and self.signals is not None
 
     def _deployed(self, record: CampaignRecord) -> str:
         campaign = self.campaign(record)
@@ -448,8 +474,53 @@ class CampaignRunner:
     def _awaiting_install(self, record: CampaignRecord) -> str | None:
         campaign = self.campaign(record)
         if campaign.install == "immediate" or record.confirmed:
-            return "installing"
+            return "installing" if self._preconditions_hold(record, campaign) else None
         return None  # wait for the confirm command
+
+    def _report_estimate(self, record: CampaignRecord, campaign: Campaign) -> None:
+        """The estimated install time (how long the car will be unusable), told before it starts."""
+        if self.estimate is None or "estimated_install_s" in record.times:
+            return
+        jobs = [(p.ecu, self._file(p, record.packages[p.name])[2], p.order) for p in campaign.packages]  # bytes on the bus
+        estimate = self.estimate(jobs, campaign.activation, self._pipelined(record, campaign))
+        record.times["estimated_install_s"] = round(estimate.install_s, 1)
+        record.save()
+        self.cloud.report("events", {"event": "estimate", "campaign_id": campaign.campaign_id, **estimate.to_json()},
+                          msg_id=f"{campaign.campaign_id}.estimate")
+
+    def _preconditions_hold(self, record: CampaignRecord, campaign: Campaign) -> bool:
+        """The vehicle can finish the install now (``tbox.preconditions``). While it cannot, the
+        campaign waits here, reads the signals again every ``recheck_s`` and reports each new set
+        of unmet conditions with their values; past ``window_s`` (or the campaign's expiry) it
+        fails with reason ``preconditions`` and the last values."""
+        if not self._with_preconditions:
+            return True
+        assert self.signals is not None
+        cfg, key = self.tbox.preconditions, record.key
+        if time.monotonic() - self._checked.get(key, -1e9) < cfg.recheck_s:
+            return False
+        self._checked[key] = time.monotonic()
+        values = self.signals()
+        install_s = record.times.get("estimated_install_s", 0.0)
+        bad = unmet(cfg, values, install_s)
+        cid = campaign.campaign_id
+        if not bad:
+            self.cloud.report("events", {"event": "preconditions", "campaign_id": cid, "met": True, "values": values},
+                              msg_id=f"{cid}.preconditions.met")
+            return True
+        since = record.times.setdefault("waiting_since", time.time())
+        record.save()
+        said = json.dumps(bad, sort_keys=True)
+        if self._said.get(key) != said:
+            self._said[key] = said
+            self.cloud.report("events", {"event": "preconditions", "campaign_id": cid, "met": False, "unmet": bad,
+                                         "values": values}, msg_id=f"{cid}.preconditions.{hashlib.sha256(said.encode()).hexdigest()[:12]}")
+            log.info("%s waits for its preconditions: %s", cid, "; ".join(bad.values()))
+        deadline = min(since + cfg.window_s, campaign.expires.timestamp())
+        if time.time() >= deadline:
+            raise CampaignFailure("awaiting_install", "preconditions", "; ".join(bad.values()), unmet=bad, values=values)
+        self.activity = f"campaign {cid}: waiting for " + ", ".join(bad)
+        return False
 
     def _progress(self, campaign_id: str, stage: str, **where: Any) -> Callable[[int, int], None]:
         """A progress callback for one download, deploy or install: feeds the worker's heartbeat
@@ -486,6 +557,7 @@ class CampaignRunner:
             return None  # checkpointed: after restart the TBOX asks the gateway again
         if not record.install_ended:
             record.install_ended = True  # from here on a restart in this state counts for the loop guard
+            record.times["install_ended"] = time.time()
             record.save()
         try:
             summary = json.loads(self.gateway.read_file(f"{cid}/summary.json"))
@@ -508,6 +580,7 @@ class CampaignRunner:
         cid = record.campaign_id
         assert cid is not None
         record.install_started = True  # first: a TBOX killed right after starting it does not start it twice
+        record.times["install_began"] = time.time()
         record.save()
         try:
             self.gateway.start_install(f"install-{cid}.json")
@@ -572,6 +645,10 @@ class CampaignRunner:
             body["interruptions"] = record.interruptions
         if record.revertible is not None:
             body["revertible"] = record.revertible
+        if "estimated_install_s" in record.times:  # told before, against what it took
+            body["estimated_install_s"] = record.times["estimated_install_s"]
+            if "install_began" in record.times and "install_ended" in record.times:
+                body["install_s"] = round(record.times["install_ended"] - record.times["install_began"], 1)
         if record.outcome != "success" and record.campaign_id:
             self.reports.link_failures(record)
         if self.tbox.diagnose and record.outcome != "success" and record.campaign_id:

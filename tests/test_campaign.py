@@ -214,3 +214,26 @@ def test_cloud_campaign_makes_a_delta_beside_the_package(tmp_path):
                        ("vcu", "expected ECU=OLD_IMAGE@VERSION")):
         run = vota(*base, "--delta-from", bad)
         assert run.returncode == 2 and words in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_export_writes_only_the_packages_the_campaign_signs(tmp_path):
+    import hashlib
+
+    from agent.errors import UsageError
+    from tbox.offline import CAMPAIGN_FILE, export_campaign
+
+    data = b"image" * 100
+    doc = copy.deepcopy(DOC)
+    doc["packages"][0].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    envelope = sign_campaign(doc, KEY)
+    (tmp_path / "pkgs").mkdir()
+    (tmp_path / "pkgs" / "vcu-2.0.0.bin").write_bytes(data[:-1] + b"X")
+    with pytest.raises(UsageError, match="not the package the campaign signs"):
+        export_campaign(envelope, tmp_path / "pkgs", tmp_path / "stick")
+    assert not (tmp_path / "stick" / CAMPAIGN_FILE).exists()
+    (tmp_path / "pkgs" / "vcu-2.0.0.bin").write_bytes(data)
+    assert export_campaign(envelope, tmp_path / "pkgs", tmp_path / "stick") == ["vcu-2.0.0.bin"]
+    assert (tmp_path / "stick" / CAMPAIGN_FILE).read_bytes() == envelope
+    assert (tmp_path / "stick" / "packages" / "vcu-2.0.0.bin").read_bytes() == data
+    with pytest.raises(UsageError, match="not a signed campaign"):
+        export_campaign(b"{}", tmp_path / "pkgs", tmp_path / "stick2")

@@ -63,7 +63,8 @@ def test_emulated_bus_timing_never_runs_ahead_of_the_bus_and_never_hangs():
     started = time.monotonic()
     for _ in range(1000):
         clock.take(8)
-    assert time.monotonic() - started >= 1000 * frame_time(8, 500000) - clock.burst
+    # the last frame may start up to ``burst`` early: its own slot on the bus is still to come
+    assert time.monotonic() - started >= 1000 * frame_time(8, 500000) - clock.burst - frame_time(8, 500000)
 
 
 def test_a_segment_lent_to_a_worker_closes_this_process_bus_unless_it_is_pinned():

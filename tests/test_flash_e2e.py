@@ -427,7 +427,7 @@ def test_ecu_killed_while_a_delta_is_applied_keeps_the_old_image_and_takes_the_d
     sim = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim.log")
     procs.append(sim)
     _wait_ready(sim)
-    old = firmware_like(MiB)
+    old = firmware_like(MiB // 2)
     new = bytearray(next_release(old))
     for at in range(0, len(new) - 4096, 16384):  # a quarter rebuilt: a patch that takes a while on the bus
         new[at : at + 4096] = rng.randbytes(4096)
@@ -441,7 +441,7 @@ def test_ecu_killed_while_a_delta_is_applied_keeps_the_old_image_and_takes_the_d
             f"--delta-from=vcu={tmp_path / 'old.bin'}")
     flash = Proc(*args, "--out", str(tmp_path / "f1"), log=tmp_path / "flash1.log")
     procs.append(flash)
-    at = rng.randrange(4096, len(new) - 65536)
+    at = rng.randrange(4096, len(new) - 32768)
     deadline = time.monotonic() + 60
     while not (target.exists() and target.stat().st_size > at):
         assert time.monotonic() < deadline, f"the delta never wrote {at} bytes (seed {seed}): {flash.text()}"

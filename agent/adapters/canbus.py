@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import select
 import socket
 import threading
@@ -26,32 +25,13 @@ import isotp
 
 from agent.core.config import SegmentConfig
 from agent.errors import ConfigError, VotaError
+from agent.protocol.can_timing import frame_time, physical_goodput
 
 __all__ = ["Segment", "RoutedStack", "KernelStack", "BusClock", "frame_time", "isotp_params", "physical_goodput"]
 
 log = logging.getLogger(__name__)
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-
-
-def frame_time(data_length: int, bitrate: int, data_bitrate: int | None = None) -> float:
-    """Seconds one data frame with 11-bit id occupies the bus, with average bit stuffing.
-
-    Classic CAN: 47 framing bits + 8 per data byte, about 5 % stuffing on the stuffable
-    part (111 bits for 8 bytes, ~116 with random data). CAN FD with bit-rate switch: about
-    32 bits at the arbitration rate and data, DLC, stuff count and CRC at the data rate.
-    """
-    if data_bitrate is None:
-        bits = 47 + 8 * data_length + math.ceil(0.05 * (34 + 8 * data_length))
-        return bits / bitrate
-    crc = 17 if data_length <= 16 else 21
-    data_bits = (8 * data_length + 1 + 4 + 4 + crc + 1) * 1.03
-    return 32 / bitrate + data_bits / data_bitrate
-
-
-def physical_goodput(tx_data_length: int, bitrate: int, data_bitrate: int | None = None) -> float:
-    """ISO-TP goodput limit in bytes/s: consecutive frames back to back."""
-    return (tx_data_length - 1) / frame_time(tx_data_length, bitrate, data_bitrate)
 
 
 class BusClock:

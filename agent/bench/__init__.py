@@ -290,6 +290,11 @@ def _follow(cloud: Any, vin: str, campaign_id: str, timeout: float) -> dict[str,
                 share = f" ({100 * done // total} %)" if total else ""
                 what = " ".join(str(x) for x in (body.get("stage"), body.get("package")) if x)
                 print(f"  {what}: {done} of {total} {counted}{share}", flush=True)
+            elif body.get("event") == "estimate":
+                print(f"  tbox: estimated install time {body.get('install_s')} s", flush=True)
+            elif body.get("event") == "preconditions":
+                print(f"  tbox: preconditions {'met' if body.get('met') else 'unmet: ' + '; '.join((body.get('unmet') or {}).values())}",
+                      flush=True)
             elif body.get("event") == "rejected":
                 print(f"  tbox: rejected ({body.get('reason')}): {body.get('detail')}", flush=True)
                 return {"outcome": "rejected", "failure": body}
@@ -327,6 +332,8 @@ def _report(cloud: Any, out: Path, vin: str, campaign_id: str, finished: dict[st
         "outcome": outcome,
         "failure": (finished or {}).get("failure"),
         "final_versions": (finished or {}).get("versions"),  # read back from the ECUs at the end
+        "estimated_install_s": (finished or {}).get("estimated_install_s"),  # told before the install ...
+        "install_s": (finished or {}).get("install_s"),  # ... against what it took
         "duration_s": round(time.time() - started, 1),
         "image_size": args.image_size,
         "faults": args.fault,

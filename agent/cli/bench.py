@@ -45,6 +45,8 @@ def print_report(report: dict[str, Any]) -> None:
     if isinstance(unexplained, dict):  # a failure no rule explains is said so, never left silent
         print(f"diagnosis: unexplained: {unexplained.get('stage')} of {unexplained.get('name')} failed at "
               f"{unexplained.get('failed_step')}: {unexplained.get('result')}; {unexplained.get('why')}")
+    if report.get("install_s") is not None:
+        print(f"install took {report['install_s']:.1f} s, estimated {report['estimated_install_s']:.1f} s before it started")
     final = report.get("final_versions") or {}
     if final:
         print("vehicle now runs: " + ", ".join(f"{ecu} {v.get('software_version') or '?'}" for ecu, v in sorted(final.items())))

@@ -69,6 +69,8 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(envelope.decode())
         return 0
+    if args.campaign_command in ("export", "import"):
+        return _media(args)
     trusted = threshold_role(trusted_keys(args.trusted), args.threshold)
     # without --installed the versions are not checked; with it, every target ECU needs one
     installed = dict(item.partition("=")[::2] for item in args.installed) if args.installed else None
@@ -77,3 +79,50 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     print(f"campaign {campaign.campaign_id} verified: {len(campaign.packages)} package(s), install {campaign.install}, "
           f"expires {campaign.expires.isoformat()}")
     return 0
+
+
+def _media(args: argparse.Namespace) -> int:
+    """``export``: a signed campaign and its packages to a directory; ``import``: such a directory to the TBOX."""
+    import datetime as _dt
+    import time
+
+    from tbox.offline import export_campaign, import_campaign
+
+    if args.campaign_command == "export":
+        names = export_campaign(read_input(args.envelope, "campaign"), Path(args.packages), Path(args.out))
+        print(f"campaign and {len(names)} package(s) written to {args.out}")
+        return 0
+    from agent.adapters.keys import KeyStore, initial_key_list
+    from agent.core.campaign import verify_campaign
+    from agent.core.config import load_vehicle_config
+    from tbox.campaign_state import TERMINAL, CampaignRecord
+
+    config = load_vehicle_config(args.config)
+    t = config.tbox_config()
+    state = Path(t.state_dir)
+    keys = KeyStore(state / "keys", initial_key_list((t.trusted_keys, t.signature_threshold),
+                                                     (t.content.trusted_keys, t.content.signature_threshold),
+                                                     (t.root_keys, t.root_threshold)))
+    media = Path(args.media)
+    if not media.is_dir():
+        raise UsageError(f"{media}: not a directory")
+
+    def check(envelope: bytes) -> None:  # what the TBOX checks first of a campaign that arrives over MQTT
+        verify_campaign(envelope, keys.current.role("campaign"), vin=t.vin, now=_dt.datetime.now(_dt.timezone.utc),
+                        known_ecus=set(config.ecus))
+
+    record = import_campaign(media, state / "campaigns", check)
+    print(f"campaign imported from {media}: the TBOX runs it ({record.dir})", flush=True)
+    if args.wait <= 0:
+        return 0
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        record = CampaignRecord.load(record.dir)
+        if record.state in TERMINAL:
+            failure = record.failure or {}
+            print(f"campaign {record.campaign_id}: {record.outcome}"
+                  + (f" ({failure.get('stage')}: {failure.get('reason')}: {failure.get('detail')})" if failure else ""))
+            return 0 if record.outcome == "success" else 1
+        time.sleep(0.5)
+    print(f"campaign {record.campaign_id or record.key}: still {record.state} after {args.wait:g} s (is the TBOX running?)")
+    return 1

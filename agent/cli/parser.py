@@ -133,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "campaign",
-        help="make keys, sign and verify upgrade campaigns (what the cloud does)",
+        help="make keys, sign, verify, export and import upgrade campaigns",
         description="Campaign tools: keygen writes an Ed25519 key pair, sign wraps a campaign JSON in a signed "
         "envelope, verify checks an envelope as a vehicle would, keys makes a signed key list (rotation, revocation, "
-        "thresholds).",
+        "thresholds), export writes a campaign and its packages to removable media, import hands such media to the "
+        "vehicle's TBOX.",
     )
     csub = p.add_subparsers(dest="campaign_command", metavar="ACTION")
     csub.required = True
@@ -163,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--key", action="append", required=True, metavar="PEM",
                    help="root private key to sign with (repeat: a threshold of the current and of the new root keys)")
     k.add_argument("--out", metavar="FILE", help="signed key list (default: standard output)")
+    k = csub.add_parser("export", help="write a signed campaign and its packages to a directory (a USB stick) for "
+                        "vota campaign import")
+    k.add_argument("envelope", metavar="SIGNED.json")
+    k.add_argument("--packages", required=True, metavar="DIR", help="directory with the campaign's package files")
+    k.add_argument("--out", required=True, metavar="DIR", help="the directory to write (the stick's mount point)")
+    k = csub.add_parser("import", help="hand the campaign on a directory (a mounted stick) to this vehicle's TBOX: "
+                        "verified as an online campaign, its results reported when the vehicle is next online")
+    k.add_argument("media", metavar="DIR", help="directory written by vota campaign export")
+    k.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"vehicle configuration YAML (default: {DEFAULT_CONFIG})")
+    k.add_argument("--wait", type=float, default=0.0, metavar="S",
+                   help="wait up to S seconds for the campaign to end and exit with its outcome (0 success, 1 not)")
     for k in csub.choices.values():
         k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 

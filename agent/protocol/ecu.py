@@ -27,6 +27,13 @@ class DID:
     BANK_STATUS = 0xF1A2  # vendor-specific: the running image confirmed (01) or on trial (00), a previous image kept (01)
     ACTIVE_CONTENT = 0xF1C0  # vendor-specific: the owner content being shown (empty: none)
     AMBIENT_LIGHT = 0xF1C1  # vendor-specific: the light sensor, lux as uint16 (day/night for content, C4)
+    # vendor-specific: the vehicle's state, what install preconditions are judged on (SIGNALS below)
+    BATTERY_VOLTAGE = 0xF1C2
+    STATE_OF_CHARGE = 0xF1C3
+    POWER_MODE = 0xF1C4
+    VEHICLE_SPEED = 0xF1C5
+    GEAR = 0xF1C6
+    CHARGING = 0xF1C7
 
     INVENTORY = {
         "part_number": PART_NUMBER,
@@ -66,3 +73,52 @@ def decode_staged_image(data: bytes) -> StagedImage | None:
     digest = data[5:37]
     return StagedImage(data[0], int.from_bytes(data[1:5], "big"), digest.hex() if any(digest) else "",
                        data[37:].decode("ascii", "replace"))
+
+
+# ---- the vehicle's state, as install preconditions read it ---------------------------------------
+POWER_MODES = ("off", "accessory", "run", "crank")
+GEARS = ("P", "R", "N", "D")
+CHARGING_STATES = ("no", "charging", "fault")
+# signal name -> (DID, length): battery in mV (uint16), state of charge in % (uint8), power mode and
+# charging state as an index into their tuples, speed in 0.01 km/h (uint16), the gear as its letter
+SIGNALS: dict[str, tuple[int, int]] = {
+    "battery_mv": (DID.BATTERY_VOLTAGE, 2),
+    "soc": (DID.STATE_OF_CHARGE, 1),
+    "power_mode": (DID.POWER_MODE, 1),
+    "speed_kmh": (DID.VEHICLE_SPEED, 2),
+    "gear": (DID.GEAR, 1),
+    "charging": (DID.CHARGING, 1),
+}
+
+
+def encode_signal(name: str, value: object) -> bytes:
+    """A signal's DID value; ValueError when the value is not one the signal can have."""
+    if name == "power_mode":
+        return bytes((POWER_MODES.index(str(value)),))
+    if name == "charging":
+        return bytes((CHARGING_STATES.index(str(value)),))
+    if name == "gear":
+        if str(value) not in GEARS:
+            raise ValueError(f"gear {value!r} is not one of {', '.join(GEARS)}")
+        return str(value).encode("ascii")
+    if name == "speed_kmh":
+        return round(float(value) * 100).to_bytes(2, "big")  # type: ignore[arg-type]  # OverflowError is a ValueError's kin
+    number = int(value)  # type: ignore[call-overload]
+    if name == "soc" and not 0 <= number <= 100:
+        raise ValueError(f"soc {number} is not a percentage")
+    return number.to_bytes(SIGNALS[name][1], "big")
+
+
+def decode_signal(name: str, raw: bytes) -> object:
+    """The value a signal's DID carries; ValueError when it is not one."""
+    if len(raw) != SIGNALS[name][1]:
+        raise ValueError(f"{name}: {len(raw)} bytes, expected {SIGNALS[name][1]}")
+    if name == "power_mode":
+        return POWER_MODES[raw[0]] if raw[0] < len(POWER_MODES) else f"unknown {raw[0]}"
+    if name == "charging":
+        return CHARGING_STATES[raw[0]] if raw[0] < len(CHARGING_STATES) else f"unknown {raw[0]}"
+    if name == "gear":
+        return raw.decode("ascii", "replace")
+    if name == "speed_kmh":
+        return int.from_bytes(raw, "big") / 100.0
+    return int.from_bytes(raw, "big")

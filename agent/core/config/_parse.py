@@ -14,6 +14,7 @@ from agent.core.config.model import (
     EcuConfig,
     EcuSimConfig,
     GatewayConfig,
+    PreconditionsConfig,
     SegmentConfig,
     TboxConfig,
     VehicleConfig,
@@ -215,6 +216,9 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         for key, ecu in [("light_sensor.ecu", tbox.content.light_ecu)] + [(f"targets.{t}", e) for t, e in tbox.content.targets]:
             if ecu is not None and ecu not in ecus:
                 raise ConfigError(source, f"tbox.content.{key}", f"unknown ECU {ecu!r} (configured: {', '.join(sorted(ecus))})")
+        ecu = tbox.preconditions.ecu
+        if ecu is not None and ecu not in ecus:
+            raise ConfigError(source, "tbox.preconditions.ecu", f"unknown ECU {ecu!r} (configured: {', '.join(sorted(ecus))})")
     return VehicleConfig(source, segments, ecus, gateway, deploy, tbox)
 
 
@@ -246,6 +250,7 @@ def _tbox(sec: _Section) -> TboxConfig:
         raise ConfigError(sec.source, cloud.key("broker"), f"expected mqtt://host:port or mqtts://host:port, got {cloud_cfg.broker!r}")
     d2 = TboxConfig("")
     content = _content(sec.section("content", {}))
+    preconditions = _preconditions(sec.section("preconditions", {}))
     cfg = TboxConfig(
         vin=sec.get("vin", _str, what="the vehicle's VIN"),
         state_dir=sec.get("state_dir", _str, d2.state_dir),
@@ -263,6 +268,8 @@ def _tbox(sec: _Section) -> TboxConfig:
         download_max_time_s=sec.get("download_max_time_s", _positive, d2.download_max_time_s),
         worker_stale_s=sec.get("worker_stale_s", _positive, d2.worker_stale_s),
         pipeline=sec.get("pipeline", _bool, d2.pipeline),
+        media_dir=sec.get("media_dir", _str, None),
+        preconditions=preconditions,
         diagnose=sec.get("diagnose", _bool, d2.diagnose),
         cloud=cloud_cfg,
         content=content,
@@ -275,6 +282,34 @@ def _tbox(sec: _Section) -> TboxConfig:
         if count and threshold > count:
             raise ConfigError(sec.source, sec.key(key), f"{threshold} signatures needed but only {count} key(s) listed")
     return cfg
+
+
+def _preconditions(sec: _Section) -> PreconditionsConfig:
+    d = PreconditionsConfig()
+    cfg = PreconditionsConfig(
+        ecu=sec.get("ecu", _str, None),
+        min_soc=float(sec.get("min_soc", _number, d.min_soc)),
+        soc_per_minute=float(sec.get("soc_per_minute", _number, d.soc_per_minute)),
+        min_battery_mv=sec.get("min_battery_mv", _nonneg, d.min_battery_mv),
+        parked=sec.get("parked", _bool, d.parked),
+        ignition_off=sec.get("ignition_off", _bool, d.ignition_off),
+        speed_zero=sec.get("speed_zero", _bool, d.speed_zero),
+        charging=sec.get("charging", _choice("allowed", "forbidden"), d.charging),
+        recheck_s=float(sec.get("recheck_s", _number, d.recheck_s)),
+        window_s=float(sec.get("window_s", _number, d.window_s)),
+    )
+    sec.done()
+    if cfg.recheck_s <= 0 or cfg.window_s <= 0:
+        raise ConfigError(sec.source, sec.key("recheck_s" if cfg.recheck_s <= 0 else "window_s"), "must be greater than 0")
+    return cfg
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("not a number")
+    if value < 0:
+        raise ValueError("must not be negative")
+    return float(value)
 
 
 def _clock(value: Any) -> str:

@@ -8,8 +8,8 @@ from urllib.parse import urlparse
 
 from agent.errors import ConfigError
 
-__all__ = ["CloudConfig", "SegmentConfig", "EcuSimConfig", "EcuConfig", "GatewayConfig", "DeployConfig", "ContentConfig",
-           "TboxConfig", "VehicleConfig"]
+__all__ = ["CloudConfig", "PreconditionsConfig", "SegmentConfig", "EcuSimConfig", "EcuConfig", "GatewayConfig",
+           "DeployConfig", "ContentConfig", "TboxConfig", "VehicleConfig"]
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,23 @@ class ContentConfig:
 
 
 @dataclass(frozen=True)
+class PreconditionsConfig:
+    """What must hold before an install starts (agent/core/preconditions.py), judged on the vehicle
+    state DIDs of one ECU; without ``ecu``, none are checked."""
+
+    ecu: str | None = None
+    min_soc: float = 20.0  # % of charge always needed ...
+    soc_per_minute: float = 0.5  # ... and this much more per minute of estimated install time
+    min_battery_mv: int = 0
+    parked: bool = True  # gear P
+    ignition_off: bool = True  # power mode off
+    speed_zero: bool = True
+    charging: str = "allowed"  # or "forbidden"; a charging fault always blocks
+    recheck_s: float = 10.0  # while unmet: read again this often ...
+    window_s: float = 86400.0  # ... for at most this long (and never past the campaign's expiry): then failed
+
+
+@dataclass(frozen=True)
 class TboxConfig:
     vin: str
     state_dir: str = "var/tbox"
@@ -210,6 +227,10 @@ class TboxConfig:
     # start an immediate (or confirmed) install once its manifest is on the gateway, so that an
     # ECU is flashed while the next package is still being deployed
     pipeline: bool = True
+    # where removable media is mounted: a campaign found there is imported (tbox/offline.py); None: only
+    # ``vota campaign import``
+    media_dir: str | None = None
+    preconditions: PreconditionsConfig = field(default_factory=PreconditionsConfig)
     cloud: CloudConfig = field(default_factory=lambda: _cloud_default())
     content: ContentConfig = field(default_factory=ContentConfig)
 
