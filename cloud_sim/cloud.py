@@ -58,12 +58,13 @@ def make_campaign(
     requires: dict[str, dict[str, str]] | None = None,
     activation: str | None = None,
     deltas: dict[str, tuple[Path, str]] | None = None,
+    preconditions: dict[str, Any] | None = None,
 ) -> bytes:
     """Sign a campaign for ``packages`` [(ecu, file, version)], served under ``base_url``;
     ``order`` and ``requires`` per ECU, ``activation`` atomic or per_ecu (the vehicle's default
     when None: atomic for more than one package). ``deltas`` per ECU: (the image it runs, its
     version): the delta from it is made beside the package (``<name>.from-<version>.delta``)
-    and the campaign carries both."""
+    and the campaign carries both. ``preconditions``: this campaign's overrides of the vehicle's."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
     entries = []
     for ecu, path, version in packages:
@@ -85,6 +86,8 @@ def make_campaign(
            "expires": (now + valid_for).isoformat(timespec="seconds"), "install": install, "packages": entries}
     if activation is not None:
         doc["activation"] = activation
+    if preconditions is not None:
+        doc["preconditions"] = preconditions
     return sign_campaign(doc, key)
 
 

@@ -24,6 +24,7 @@ from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.adapters.uds_server import UdsServer
 from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec
+from agent.core.preconditions import Gate, parse_gate
 from agent.core.roles import KeysRejected
 from agent.protocol.link import INVENTORY_FILE, InstallJob, InstallStatus, parse_manifest
 from gateway.arrivals import Arrivals, Awaited
@@ -33,6 +34,7 @@ from gateway.deploy_server import DEPLOY_SERVICES, DeployState
 from gateway.flash import DeltaImage, FlashJob
 from gateway.install import InstallInterrupted, InstallPlan, install
 from gateway.inventory import collect_versions
+from gateway.vehicle_state import read_signals
 from gateway.verify import Approved, Trust, check_install
 
 __all__ = ["GatewayDaemon", "GatewayInstaller"]
@@ -40,6 +42,7 @@ __all__ = ["GatewayDaemon", "GatewayInstaller"]
 log = logging.getLogger(__name__)
 
 MANIFEST_COPY = "install-manifest.json"  # the manifest an install runs, kept beside its journal
+WAITING_FILE = "preconditions.json"  # why an install waits before activating (status 0x05), for the TBOX to read
 
 
 def load_keys(config: VehicleConfig, results_dir: Path) -> tuple[str | None, KeyStore]:
@@ -88,6 +91,7 @@ class GatewayInstaller:
         self._step = "starting"
         self._done = 0
         self._total = 0
+        self._waiting: dict[str, str] | None = None  # the install waits for these preconditions
         self.heartbeats = Heartbeats(config.gateway.worker_stale_s)  # the install thread, while one runs
 
     def _parse(self, data: bytes) -> InstallPlan | str:
@@ -107,6 +111,14 @@ class GatewayInstaller:
                 return f"delta {job.delta!r} was not deployed"
             if job.package not in images and job.delta is None:
                 return f"package {job.package!r} was not deployed"
+        gate: Gate | None = None
+        if manifest.preconditions is not None:
+            parsed_gate = parse_gate(manifest.preconditions)
+            if isinstance(parsed_gate, str):
+                return parsed_gate
+            if parsed_gate.conditions.ecu not in self.config.ecus:
+                return f"preconditions: unknown ECU {parsed_gate.conditions.ecu!r}"
+            gate = parsed_gate
         refused = self._follow_keys(manifest.proof or {})
         if refused is not None:
             return refused
@@ -119,7 +131,7 @@ class GatewayInstaller:
             return approved
         jobs = [(job.order, self._job(job, images, approved)) for job in manifest.jobs]
         ready = Arrivals(self.package_dir, self.config.gateway.arrival_idle_s, self.stop).ready if manifest.arriving else None
-        return InstallPlan(manifest.campaign_id, tuple(jobs), manifest.activation, ready)
+        return InstallPlan(manifest.campaign_id, tuple(jobs), manifest.activation, ready, gate)
 
     @staticmethod
     def _job(job: InstallJob, images: dict[str, bytes], approved: Approved) -> FlashJob:
@@ -173,6 +185,7 @@ class GatewayInstaller:
 
     def _begin(self, plan: InstallPlan, resume: bool) -> None:
         self._campaign, self._done, self._total, self._step = plan.campaign_id, 0, len(plan.jobs), "starting"
+        self._waiting = None
         self.heartbeats.beat("install")
         self._write_status(plan.campaign_id, InstallStatus.RUNNING)
         self._thread = threading.Thread(target=self._run, args=(plan, resume), name="install", daemon=True)
@@ -218,7 +231,8 @@ class GatewayInstaller:
         out = self.results_dir / campaign
         try:
             ok, _ = install(self.config, plan, out, buses=self.buses, progress=self._progress, stop=self.stop,
-                            faults=self.faults, resume=resume)
+                            faults=self.faults, resume=resume, waiting=lambda check: self._wait(out, check),
+                            signals=lambda ecu, wait: read_signals(self.config, self.buses, ecu, wait))
             self._write_status(campaign, InstallStatus.SUCCEEDED if ok else InstallStatus.FAILED)
             log.info("install %s finished: %s", campaign, "success" if ok else "failed")
         except InstallInterrupted as exc:  # status stays running: the next start goes on from the journal
@@ -228,6 +242,15 @@ class GatewayInstaller:
             self._write_status(campaign, InstallStatus.FAILED, str(exc))
         finally:
             self.heartbeats.forget("install")
+
+    def _wait(self, out: Path, check: dict[str, Any] | None) -> None:
+        """The install waits for its preconditions (the check, kept for the TBOX), or goes on (None)."""
+        self.heartbeats.beat("install")
+        unmet = check["unmet"] if check is not None else None
+        if check is not None and unmet != self._waiting:  # written when what is unmet changes, not at every check
+            atomic_write_json(out / WAITING_FILE, check)
+            self._step = "waiting for " + ", ".join(check["unmet"])
+        self._waiting = unmet
 
     def _write_status(self, campaign: str, status: int, error: str | None = None) -> None:
         doc: dict[str, Any] = {"campaign_id": campaign, "status": InstallStatus(status).name.lower(), "code": status,
@@ -241,7 +264,7 @@ class GatewayInstaller:
             running = self._thread is not None and self._thread.is_alive()
             if campaign is None or campaign == self._campaign:
                 if running:
-                    return InstallStatus.RUNNING, self._done, self._total
+                    return InstallStatus.WAITING if self._waiting is not None else InstallStatus.RUNNING, self._done, self._total
                 campaign = campaign or self._campaign
         if campaign is None:
             return InstallStatus.NONE, 0, 0

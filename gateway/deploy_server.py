@@ -204,7 +204,7 @@ def _routine(s: DeployState, r: Request) -> bytes | Outcome:
     name = option.decode("ascii", "replace")
     if not is_name(name) or not s.files.path(name).is_file():
         return r.negative(Nrc.RequestOutOfRange)
-    if installer.status(None)[0] == InstallStatus.RUNNING:
+    if installer.status(None)[0] in (InstallStatus.RUNNING, InstallStatus.WAITING):
         return r.negative(Nrc.ConditionsNotCorrect)
     refused = installer.start(s.files.path(name).read_bytes())
     if refused:

@@ -144,6 +144,7 @@ class FlashResult:
     started: str = ""
     duration_s: float = 0.0
     bytes_transferred: int = 0  # TransferData payload bytes on the bus (compressed, when the image was)
+    transfer_s: float = 0.0  # from the first TransferData to the transfer exit's answer: the measured rate's time
     compression: str | None = None  # the method the image went with (RequestDownload's dataFormatIdentifier)
     compression_refused: list[str] = field(default_factory=list)  # methods the ECU answered NRC 0x31 to first
     transfer_ratio: float = 0.0  # bytes_transferred / image_size
@@ -209,6 +210,7 @@ class EcuFlasher:
         self.step = ""
         self.max_block = 0
         self.sent = 0
+        self.transfer_s = 0.0
         self.compression: str | None = None  # the method the image went with, if any
         self.total = job.size  # the bytes TransferData carries (fewer when compressed)
         self.fallbacks: list[str] = []  # methods the ECU refused first
@@ -261,6 +263,7 @@ class EcuFlasher:
             link.close()
         result.duration_s = round(time.time() - started, 3)
         result.bytes_transferred = self.sent
+        result.transfer_s = round(self.transfer_s, 3)
         result.compression = self.compression
         result.compression_refused = list(self.fallbacks)
         result.transfer_ratio = round(self.sent / max(1, job.size), 4)
@@ -325,12 +328,14 @@ class EcuFlasher:
             raise FlashError("request_download", f"maxNumberOfBlockLength {self.max_block} is too small")
         chunk = self.max_block - 2
         counter = 1
+        began = time.monotonic()
         for offset in range(0, len(payload), chunk):
             block = payload[offset : offset + chunk]
             self._do("transfer_data", functools.partial(c.transfer_data, counter, block))
             self.sent = offset + len(block)
             counter = (counter + 1) & 0xFF
         self._do("transfer_exit", lambda: c.request_transfer_exit())
+        self.transfer_s = time.monotonic() - began
         check = job.check_value(ecu.check_memory)
         self._do("check_memory", lambda: self._routine(c, ecu.check_memory_routine, check))
         self._do("check_dependencies", lambda: self._routine(c, ecu.check_dependencies_routine, None))

@@ -22,21 +22,36 @@ programming sequence is flashed again from the erase, activation goes on (or rol
 and commit are finished, each asked again: they are idempotent on the ECU). The trace of the
 interrupted piece of work is kept as ``<ecu>.<work>.interrupted-<attempt>.trace.jsonl`` and
 named in that ECU's result, and the summary lists the interruptions.
+
+Preconditions (``InstallPlan.gate``, from the manifest the TBOX sends): the vehicle's state is
+read from the ECU that reports it (gateway/vehicle_state.py) before each install-order group and
+every ``recheck_s`` while the ECUs stage, whenever that ECU is free (while it or its segment is
+being flashed it cannot answer: the check waits until it can). A condition that fails while
+staging cancels the flash under way and discards everything staged: nothing is activated, and
+the summary's ``preconditions`` says why (the TBOX waits for them again). Before the first
+activation the install waits, staged, while they do not hold (``waiting`` is told, and the
+gateway reports status 0x05), until they do or the campaign's install window ends (then
+everything staged is discarded). One that fails between activations turns the install back as a
+failed activation does: the ECUs activated are rolled back, the rest discarded. Without
+``atomic`` activation the check is made before each install-order group, the first one waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from agent.adapters.storage import atomic_write_json
 from agent.adapters.trace_files import write_trace
 from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec
+from agent.core.preconditions import Gate
 from agent.core.trace import TraceRecorder
 from agent.errors import VotaError
 from gateway.activation import ActionResult, EcuAction
@@ -64,6 +79,7 @@ class InstallPlan:
     activation: str = "per_ecu"
     # a pipelined install: waits for a job's package just before its ECU is flashed (gateway/arrivals.py)
     ready: Callable[[FlashJob], FlashJob] | None = None
+    gate: Gate | None = None  # the vehicle's state the install needs (checked as the module says)
 
     def groups(self) -> list[list[FlashJob]]:
         orders = sorted({order for order, _ in self.jobs})
@@ -95,6 +111,10 @@ class _Install:
     journal: InstallJournal
     resumed: bool
     results: dict[str, FlashResult]
+    # the vehicle's state from an ECU (gateway/vehicle_state.py; None while it is busy), and who is
+    # told when the install waits for it (the check) and goes on (None)
+    signals: Callable[[str, float], dict[str, Any] | None] | None = None
+    waiting: Callable[[dict[str, Any] | None], None] | None = None
 
     @property
     def jobs(self) -> dict[str, FlashJob]:
@@ -151,8 +171,88 @@ class _Install:
 
     def flash(self, jobs: list[FlashJob], doing: str) -> None:
         if jobs:
-            flash_all(self.config, jobs, self.out, progress=self.progress, stop=self.stop, faults=self.faults,
-                      buses=self.buses, summary=False, hooks=self.journaling(doing))
+            with self.watching(doing == "stage") as cancel:
+                flash_all(self.config, jobs, self.out, progress=self.progress, stop=cancel, faults=self.faults,
+                          buses=self.buses, summary=False, hooks=self.journaling(doing))
+
+    # ---- preconditions ------------------------------------------------------------------
+    def check(self, phase: str, wait: float = 0.5) -> dict[str, Any] | None:
+        """The preconditions now: a check (``met``, ``unmet``, ``values``, ``phase``, ``at``), or
+        None when there are none or the ECU that reports them is busy."""
+        gate = self.plan.gate
+        if gate is None or self.signals is None:
+            return None
+        values = self.signals(gate.conditions.ecu or "", wait)
+        if values is None:
+            return None
+        bad = gate.unmet(values)
+        return {"phase": phase, "met": not bad, "unmet": bad, "values": values, "at": round(time.time(), 3)}
+
+    def unmet(self, phase: str, wait: float = 0.5) -> dict[str, Any] | None:
+        """The check, when the preconditions are known not to hold now."""
+        check = self.check(phase, wait)
+        return check if check is not None and not check["met"] else None
+
+    @contextlib.contextmanager
+    def watching(self, staging: bool) -> Iterator[threading.Event]:
+        """The event that cancels a flash: the gateway stopping, and while staging under a gate
+        the preconditions failing (checked every ``recheck_s``; the check is journaled)."""
+        if not staging or self.plan.gate is None:
+            yield self.stop
+            return
+        cancel, done = threading.Event(), threading.Event()
+        every = self.plan.gate.conditions.recheck_s
+
+        def watch() -> None:
+            due = time.monotonic() + every
+            while not done.wait(0.1):
+                if self.stop.is_set():
+                    cancel.set()
+                    return
+                if time.monotonic() < due:
+                    continue
+                check = self.unmet("stage")
+                due = time.monotonic() + every
+                if check is not None:
+                    log.warning("preconditions no longer hold while staging: %s; staging stops",
+                                "; ".join(check["unmet"].values()))
+                    self.journal.hold(check)
+                    cancel.set()
+                    return
+
+        watcher = threading.Thread(target=watch, name="preconditions", daemon=True)
+        watcher.start()
+        try:
+            yield cancel
+        finally:
+            done.set()
+            watcher.join()
+
+    def wait_for_gate(self, phase: str) -> bool:
+        """Before the first activation (or the first ECU flashed in place): True once the
+        preconditions hold; False when the install window ended first (the check journaled)."""
+        gate = self.plan.gate
+        if gate is None or self.signals is None:
+            return True
+        told: dict[str, str] | None = None
+        while True:
+            check = self.check(phase, wait=5.0)
+            if check is not None and check["met"]:
+                if told is not None and self.waiting is not None:
+                    self.waiting(None)
+                    log.info("preconditions hold: the install goes on")
+                return True
+            if check is not None:
+                if time.time() >= gate.until:
+                    self.journal.hold(check)
+                    return False
+                if check["unmet"] != told:
+                    told = check["unmet"]
+                    log.info("the install waits for its preconditions: %s", "; ".join(told.values()))
+                if self.waiting is not None:  # at every check: the waiting install is alive
+                    self.waiting(check)
+            if self.stop.wait(gate.conditions.recheck_s):
+                raise InstallInterrupted(f"install {self.plan.campaign_id} stopped waiting for its preconditions")
 
 
 def _trace_name(ecu: str, doing: str) -> str:
@@ -160,11 +260,13 @@ def _trace_name(ecu: str, doing: str) -> str:
 
 
 def install(config: VehicleConfig, plan: InstallPlan, out: Path, *, buses: Buses, progress: Progress | None = None,
-            stop: threading.Event | None = None, faults: list[FaultSpec] | None = None,
-            resume: bool = False) -> tuple[bool, list[FlashResult]]:
+            stop: threading.Event | None = None, faults: list[FaultSpec] | None = None, resume: bool = False,
+            signals: Callable[[str, float], dict[str, Any] | None] | None = None,
+            waiting: Callable[[dict[str, Any] | None], None] | None = None) -> tuple[bool, list[FlashResult]]:
     """(everything installed, one result per job in the campaign's order); writes summary.json with
     what every ECU of the campaign runs at the end (``final_versions``). ``resume``: go on from the
-    journal in ``out`` (a gateway restarted in the middle of this install)."""
+    journal in ``out`` (a gateway restarted in the middle of this install). ``signals(ecu, wait)``
+    reads the vehicle's state for ``plan.gate``; ``waiting`` is told when the install waits for it."""
     out.mkdir(parents=True, exist_ok=True)
     journal = InstallJournal.load(out) if resume else None
     resumed = journal is not None
@@ -173,7 +275,7 @@ def install(config: VehicleConfig, plan: InstallPlan, out: Path, *, buses: Buses
     else:
         _keep_interrupted(out, journal)
     run = _Install(config, plan, out, buses, progress, stop or threading.Event(), faults, journal, resumed,
-                   journal.results() if resumed else {})
+                   journal.results() if resumed else {}, signals, waiting)
     if journal.phase == "done":
         ok = journal.doc.get("outcome") == "success"
     else:
@@ -190,7 +292,7 @@ def install(config: VehicleConfig, plan: InstallPlan, out: Path, *, buses: Buses
                                              "activation": plan.activation, "results": [r.to_json() for r in ordered],
                                              "final_versions": final, "interruptions": journal.interruptions,
                                              "revertible": plan.activation == "atomic" and not single,
-                                             "single_bank": single})
+                                             "single_bank": single, "preconditions": journal.held})
     return ok, ordered
 
 
@@ -217,17 +319,43 @@ def _with_notes(result: FlashResult, journal: InstallJournal) -> FlashResult:
 
 
 def _per_ecu(run: _Install) -> bool:
-    for group in run.plan.groups():
-        if any(r.result != "success" for r in run.results.values()):
-            run.not_started(group, "an earlier install group failed")
+    for n, group in enumerate(run.plan.groups()):
+        if any(r.result != "success" for r in run.results.values()) or run.journal.held is not None:
+            run.not_started(group, "an earlier install group failed" if run.journal.held is None else _held(run))
             continue
-        run.flash_whole([job for job in group if job.ecu not in run.results])  # not finished before an interruption
-    return all(r.result == "success" for r in run.results.values())
+        todo = [job for job in group if job.ecu not in run.results]  # not finished before an interruption
+        if todo and not _gate(run, first=n == 0 or len(run.results) == 0, phase="flash"):
+            run.not_started(group, _held(run))
+            continue
+        run.flash_whole(todo)
+    return all(r.result == "success" for r in run.results.values()) and run.journal.held is None
+
+
+def _gate(run: _Install, first: bool, phase: str) -> bool:
+    """Before a step that changes what a vehicle runs: the first waits for the preconditions (within
+    the install window), a later one goes on only if they hold now. False: the check is journaled."""
+    if run.plan.gate is None:
+        return True
+    if first:
+        return run.wait_for_gate(phase)
+    check = run.unmet(phase, wait=5.0)
+    if check is None:
+        return True
+    log.warning("preconditions no longer hold before %s: %s", phase, "; ".join(check["unmet"].values()))
+    run.journal.hold(check)
+    return False
+
+
+def _held(run: _Install) -> str:
+    held = run.journal.held or {}
+    return "preconditions: " + "; ".join((held.get("unmet") or {}).values())
 
 
 def _atomic(run: _Install) -> bool:
     if run.journal.phase == "stage":
         _stage(run)
+    if run.journal.phase == "activate" and _nothing_activated(run) and not _gate(run, first=True, phase="activate"):
+        run.journal.set_phase("discard", _held(run))
     if run.journal.phase == "activate":
         _activate(run)
     if run.journal.phase == "flash_last":
@@ -269,13 +397,39 @@ def _stage(run: _Install) -> None:
             elif done is not None:
                 continue
             todo.append(dataclasses.replace(job, stage_only=True))
-        run.flash(todo, "stage")
+        if todo and run.journal.held is None and not _gate(run, first=False, phase="stage"):
+            pass  # journaled: staging stops
+        elif todo:
+            run.flash(todo, "stage")
+        if run.journal.held is not None:
+            _stop_staging(run)
+            return
     if all(run.results.get(e) is not None and run.results[e].phase == "staged" for e in run.staging()):
         run.journal.set_phase("activate")
         return
     culprit = next(r for r in run.results.values() if r.result != "success" and r.failed_step != "not_started")
     run.not_started([j for j in run.plan.in_order() if run.single(j.ecu)], "an ECU failed to stage")
     run.journal.set_phase("discard", f"{culprit.ecu} failed to stage at {culprit.failed_step}", culprit.ecu)
+
+
+def _nothing_activated(run: _Install) -> bool:
+    """No ECU was told to run its new image yet (after a restart: none is found running it)."""
+    if any(r.phase == "activated" for r in run.results.values()):
+        return False
+    if not run.resumed or run.plan.gate is None:
+        return True
+    return not any(run.images(j.ecu).runs(j.version, _sha(j)) for j in run.plan.in_order() if not run.single(j.ecu))
+
+
+def _stop_staging(run: _Install) -> None:
+    """The preconditions failed while staging: what was cut off, and what was not reached, say so;
+    everything staged is discarded (nothing was activated)."""
+    why = _held(run)
+    for r in list(run.results.values()):
+        if r.result != "success" and r.reason == "cancelled":
+            run.set(dataclasses.replace(r, reason=f"staging stopped: {why}"))
+    run.not_started([j for j in run.plan.in_order()], why)
+    run.journal.set_phase("discard", why)
 
 
 def _activate(run: _Install) -> None:
@@ -288,6 +442,9 @@ def _activate(run: _Install) -> None:
         if run.resumed and run.images(ecu).runs(job.version, _sha(job)):  # the reset was done before the kill
             run.set(dataclasses.replace(run.results[ecu], phase="activated", version_after=job.version))
             continue
+        if any(r.phase == "activated" for r in run.results.values()) and not _gate(run, first=False, phase="activate"):
+            run.journal.set_phase("rollback", _held(run))  # as a failed activation: back to the old set
+            return
         done = _act(run, ecu, "activate", (job.version, _sha(job)))
         if done.result == "success":
             run.set(dataclasses.replace(run.results[ecu], phase="activated", version_after=done.version_after))
@@ -303,6 +460,10 @@ def _activate(run: _Install) -> None:
 def _flash_last(run: _Install) -> None:
     """The single-bank ECUs, flashed in place once every other ECU runs its new image (on trial):
     if one fails, the others go back (it cannot)."""
+    if not _gate(run, first=not any(r.phase == "activated" for r in run.results.values()), phase="flash_last"):
+        run.not_started([j for j in run.plan.in_order() if run.single(j.ecu)], _held(run))
+        run.journal.set_phase("rollback", _held(run))
+        return
     for group in run.plan.groups():
         run.flash_whole([j for j in group if run.single(j.ecu) and (
             j.ecu not in run.results or run.results[j.ecu].failed_step == "not_started")])  # not done before an interruption

@@ -14,6 +14,7 @@ every phase of the install and at every step of every ECU::
                       "notes": [{"action": "interrupted", ...}]}}, # work cut off by a restart
      "interruptions": [{"attempt": 1, "phase": "stage", "ecus": {"bms": "stage: transfer_data"},
                         "last_write": "...", "resumed": "..."}],
+     "preconditions": null,       # the check that stopped or turned back the install (unmet, values)
      "outcome": null}             # success | failed once phase is done
 
 The campaign-level ``phase`` is the decision (go on, or go back); what each ECU holds is read
@@ -110,6 +111,17 @@ class InstallJournal:
                 self.doc["why"] = why
             if culprit is not None:
                 self.doc["culprit"] = culprit
+            self._save()
+
+    @property
+    def held(self) -> dict[str, Any] | None:
+        """The preconditions check that stopped or turned back the install, if one did."""
+        held = self.doc.get("preconditions")
+        return held if isinstance(held, dict) else None
+
+    def hold(self, check: dict[str, Any]) -> None:
+        with self._lock:
+            self.doc["preconditions"] = check
             self._save()
 
     def finish(self, ok: bool) -> None:

@@ -216,8 +216,9 @@ class TboxDaemon:
                 self._wake.wait(1.0)
                 self._wake.clear()
 
-    def _estimate(self, jobs: list[tuple[str, int, int]], activation: str, pipelined: bool) -> Estimate:
-        return estimate_install(self.config, jobs, activation, self.link_cfg.segment if pipelined else None)
+    def _estimate(self, jobs: list[tuple[str, int, int]], activation: str, pipelined: bool,
+                  measured: dict[str, float]) -> Estimate:
+        return estimate_install(self.config, jobs, activation, self.link_cfg.segment if pipelined else None, measured)
 
     def _signals(self) -> dict[str, Any]:
         """The vehicle's state from the preconditions ECU's DIDs, through the gateway; a signal it

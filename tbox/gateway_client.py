@@ -190,12 +190,17 @@ class GatewayClient:
 
         return self._call("install status", ask)  # type: ignore[no-any-return]
 
-    def wait_install(self, campaign: str, timeout: float, poll: float = 0.5, should_stop: Any = None) -> int:
+    def wait_install(self, campaign: str, timeout: float, poll: float = 0.5, should_stop: Any = None,
+                     waiting: Any = None) -> int:
         deadline = time.monotonic() + timeout
         while True:
             status, done, total = self.install_status(campaign)
-            if status != InstallStatus.RUNNING:
+            if status not in (InstallStatus.RUNNING, InstallStatus.WAITING):
                 return status
+            if waiting is not None:
+                waiting(status == InstallStatus.WAITING)
+            if status == InstallStatus.WAITING:  # for the vehicle's state, within the campaign's window: no work to time
+                deadline = time.monotonic() + timeout
             if time.monotonic() > deadline:
                 raise GatewayError(f"install of {campaign} still running after {timeout:.0f} s")
             if should_stop is not None and should_stop(done, total):

@@ -36,9 +36,11 @@ class GatewayPort(Protocol):
     def start_install(self, manifest_name: str) -> None: ...
 
     def wait_install(self, campaign_id: str, timeout: float, poll: float = 0.5,
-                     should_stop: Callable[[int, int], bool] | None = None) -> int:
+                     should_stop: Callable[[int, int], bool] | None = None,
+                     waiting: Callable[[bool], None] | None = None) -> int:
         """Poll until the install is no longer running; its final InstallStatus. ``should_stop``
-        is asked at every poll with (ECUs done, ECUs in total)."""
+        is asked at every poll with (ECUs done, ECUs in total), ``waiting`` told whether the
+        gateway waits for the vehicle's preconditions (that time does not count for ``timeout``)."""
 
     def read_file(self, path: str) -> bytes:
         """A file the gateway produced (results, traces, the inventory)."""

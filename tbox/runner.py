@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime as _dt
 import functools
 import hashlib
@@ -37,8 +38,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.core.campaign import Campaign, CampaignRejected, Package, compare_versions, verify_campaign
-from agent.core.config import TboxConfig
-from agent.core.preconditions import Estimate, unmet
+from agent.core.config import PreconditionsConfig, TboxConfig
+from agent.core.preconditions import Estimate, Gate, unmet
 from agent.core.roles import Role
 from agent.errors import Refused, TryLater, VotaError
 from agent.protocol.files import is_name
@@ -73,7 +74,7 @@ class CampaignRunner:
                  stop: threading.Event | None = None, fetch: Fetch | None = None,
                  beat: Callable[[], None] | None = None, entered: Callable[[CampaignRecord], None] | None = None,
                  key_chain: Callable[[], list[bytes]] | None = None,
-                 estimate: Callable[[list[tuple[str, int, int]], str, bool], Estimate] | None = None,
+                 estimate: Callable[[list[tuple[str, int, int]], str, bool, dict[str, float]], Estimate] | None = None,
                  signals: Callable[[], dict[str, Any]] | None = None) -> None:
         self.tbox, self.ecus, self.cloud, self.gateway = tbox, ecus, cloud, gateway
         self.trusted = Role.of(trusted)  # the campaign role; replaced when a signed key list is taken
@@ -445,9 +446,15 @@ class CampaignRunner:
     def _with_preconditions(self) -> bool:
         return self.tbox.preconditions.ecu is not None and self.signals is not None
 
+    def _conditions(self, campaign: Campaign) -> PreconditionsConfig:
+        """The vehicle's preconditions with the campaign's signed overrides (agent/core/campaign.py)."""
+        return dataclasses.replace(self.tbox.preconditions, **dict(campaign.preconditions or {}))
+
     def _deployed(self, record: CampaignRecord) -> str:
         campaign = self.campaign(record)
-        if not (self._pipelined(record, campaign) and record.install_started):  # else: sent before the packages
+        # sent now, unless it went before the packages (pipelined) or goes when the install starts
+        # (with preconditions: it carries the install window, known then)
+        if not (self._pipelined(record, campaign) and record.install_started) and not self._with_preconditions:
             self._send_manifest(record, campaign, arriving=False)
         return "awaiting_install"
 
@@ -463,7 +470,13 @@ class CampaignRunner:
         jobs = tuple(InstallJob(p.ecu, p.name, p.version, p.order, delta=p.delta.name if p.delta is not None
                                 and record.packages[p.name].get("image") == "delta" else None)
                      for p in campaign.packages)
-        manifest = InstallManifest(campaign.campaign_id, jobs, campaign.activation, proof, arriving)
+        gate = None
+        if self._with_preconditions:  # checked again by the gateway while it stages and before each activation
+            cfg = self._conditions(campaign)
+            since = record.times.get("waiting_since", time.time())
+            gate = Gate(cfg, record.times.get("estimated_install_s", 0.0),
+                        min(since + cfg.window_s, campaign.expires.timestamp())).to_json()
+        manifest = InstallManifest(campaign.campaign_id, jobs, campaign.activation, proof, arriving, gate)
         name = f"install-{campaign.campaign_id}.json"
         path = record.dir / name
         atomic_write_bytes(path, encode_manifest(manifest))
@@ -482,11 +495,43 @@ class CampaignRunner:
         if self.estimate is None or "estimated_install_s" in record.times:
             return
         jobs = [(p.ecu, self._file(p, record.packages[p.name])[2], p.order) for p in campaign.packages]  # bytes on the bus
-        estimate = self.estimate(jobs, campaign.activation, self._pipelined(record, campaign))
+        estimate = self.estimate(jobs, campaign.activation, self._pipelined(record, campaign), self._measured())
         record.times["estimated_install_s"] = round(estimate.install_s, 1)
         record.save()
         self.cloud.report("events", {"event": "estimate", "campaign_id": campaign.campaign_id, **estimate.to_json()},
                           msg_id=f"{campaign.campaign_id}.estimate")
+
+    @property
+    def _rates_file(self) -> Path:
+        return Path(self.tbox.state_dir) / "rates.json"
+
+    def _measured(self) -> dict[str, float]:
+        """Bytes a second each ECU's image went at when it was last flashed (the estimate's rates)."""
+        try:
+            doc = json.loads(self._rates_file.read_text())
+            return {str(e): float(v["bytes_per_s"]) for e, v in doc.items()}
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            return {}  # none yet, or unreadable: the configured rates
+
+    def _learn_rates(self, results: list[dict[str, Any]]) -> None:
+        """Each ECU flashed: the rate its image went at (image bytes, or the delta's, over the time from
+        the first TransferData to the transfer exit's answer), kept for the next estimate."""
+        learned = {}
+        for r in results:
+            try:
+                seconds, sent = float(r.get("transfer_s") or 0), int(r.get("bytes_transferred") or 0)
+                size = int(r["image_size"]) if r.get("image_sent", "full") == "full" else sent
+            except (TypeError, ValueError, KeyError):
+                continue
+            if r.get("result") == "success" and seconds > 0.05 and sent > 0 and isinstance(r.get("ecu"), str):
+                learned[r["ecu"]] = {"bytes_per_s": round(size / seconds, 1), "measured": round(time.time())}
+        if learned:
+            try:
+                old = json.loads(self._rates_file.read_text())
+                old = old if isinstance(old, dict) else {}
+            except (OSError, ValueError):
+                old = {}
+            atomic_write_json(self._rates_file, {**old, **learned})
 
     def _preconditions_hold(self, record: CampaignRecord, campaign: Campaign) -> bool:
         """The vehicle can finish the install now (``tbox.preconditions``). While it cannot, the
@@ -496,7 +541,7 @@ class CampaignRunner:
         if not self._with_preconditions:
             return True
         assert self.signals is not None
-        cfg, key = self.tbox.preconditions, record.key
+        cfg, key = self._conditions(campaign), record.key
         if time.monotonic() - self._checked.get(key, -1e9) < cfg.recheck_s:
             return False
         self._checked[key] = time.monotonic()
@@ -552,7 +597,8 @@ class CampaignRunner:
             progress(done, total)
             return self.stop.is_set()
 
-        status = self.gateway.wait_install(cid, self.tbox.install_timeout_s, should_stop=polling)
+        status = self.gateway.wait_install(cid, self.tbox.install_timeout_s, should_stop=polling,
+                                           waiting=self._gateway_waits(record))
         if self.stop.is_set():
             return None  # checkpointed: after restart the TBOX asks the gateway again
         if not record.install_ended:
@@ -567,6 +613,10 @@ class CampaignRunner:
         record.versions = summary.get("final_versions") if isinstance(summary.get("final_versions"), dict) else None
         record.interruptions = summary.get("interruptions") or None
         record.revertible = summary.get("revertible") if isinstance(summary.get("revertible"), bool) else None
+        self._learn_rates(results)
+        held = summary.get("preconditions")
+        if status != InstallStatus.SUCCEEDED and isinstance(held, dict) and held.get("met") is False:
+            return self._held(record, results, held)
         if status != InstallStatus.SUCCEEDED and self._delta_fallback(record, results):
             return "downloading"  # the full image for the ECUs that refused their delta, then install again
         failed = self.reports.install_results(record, results)
@@ -576,9 +626,73 @@ class CampaignRunner:
         record.save()
         return "done"
 
+    def _gateway_waits(self, record: CampaignRecord) -> Callable[[bool], None]:
+        """Told at every status poll whether the gateway holds the staged install for the vehicle's
+        preconditions: each new set of unmet conditions (from its ``preconditions.json``) is reported,
+        and that they hold once it goes on."""
+        cid, key = record.campaign_id, record.key
+        was = [False, -1e9]  # waiting at the last poll; when the gateway's file was last read
+
+        def waiting(now: bool) -> None:
+            if not now:
+                if was[0]:
+                    self.cloud.report("events", {"event": "preconditions", "campaign_id": cid, "phase": "activate",
+                                                 "met": True}, msg_id=f"{cid}.preconditions.activate.met")
+                was[0] = False
+                return
+            was[0] = True
+            if time.monotonic() - was[1] < self.tbox.preconditions.recheck_s:
+                return
+            was[1] = time.monotonic()
+            try:
+                check = json.loads(self.gateway.read_file(f"{cid}/preconditions.json"))
+                bad, values = dict(check["unmet"]), dict(check["values"])
+            except (TryLater, ValueError, KeyError, TypeError):
+                return  # asked again at the next interval
+            self.activity = f"campaign {cid}: staged, waiting for " + ", ".join(bad)
+            said = json.dumps(bad, sort_keys=True)
+            if self._said.get(key) != "activate" + said:
+                self._said[key] = "activate" + said
+                self.cloud.report("events", {"event": "preconditions", "campaign_id": cid, "phase": "activate",
+                                             "met": False, "unmet": bad, "values": values},
+                                  msg_id=f"{cid}.preconditions.activate.{hashlib.sha256(said.encode()).hexdigest()[:12]}")
+
+        return waiting
+
+    def _held(self, record: CampaignRecord, results: list[dict[str, Any]], held: dict[str, Any]) -> str:
+        """The gateway stopped the install for the vehicle's state. Stopped while staging (nothing
+        activated, everything staged discarded): the campaign waits for its preconditions again,
+        within its window. Turned back before or between activations: the campaign fails with
+        reason ``preconditions``, the ECUs' results (rolled back, discarded) reported."""
+        campaign = self.campaign(record)
+        cid = campaign.campaign_id
+        bad: dict[str, Any] = held["unmet"] if isinstance(held.get("unmet"), dict) else {}
+        values: dict[str, Any] = held["values"] if isinstance(held.get("values"), dict) else {}
+        phase = str(held.get("phase"))
+        since = record.times.setdefault("waiting_since", time.time())
+        window_open = time.time() < min(since + self._conditions(campaign).window_s, campaign.expires.timestamp())
+        if phase == "stage" and window_open and self._with_preconditions:
+            n = int(record.times.get("staging_stopped", 0)) + 1
+            record.times["staging_stopped"] = n
+            record.install_started = record.install_ended = False
+            record.save()
+            stopped = {str(r.get("ecu")): str(r.get("phase") or r.get("failed_step")) for r in results}
+            self.cloud.report("events", {"event": "preconditions", "campaign_id": cid, "phase": "stage", "met": False,
+                                         "staging": "stopped", "unmet": bad, "values": values, "ecus": stopped},
+                              msg_id=f"{cid}.preconditions.stage.{n}")
+            log.warning("%s: staging stopped, the preconditions no longer hold: %s", cid, "; ".join(bad.values()))
+            self._said[record.key] = json.dumps(bad, sort_keys=True)  # said with the stop
+            self._checked[record.key] = time.monotonic()
+            return "awaiting_install"
+        self.reports.install_results(record, results)
+        raise CampaignFailure("install", "preconditions", "; ".join(map(str, bad.values())) or "preconditions",
+                              unmet=bad, values=values, phase=phase)
+
     def _start_install(self, record: CampaignRecord) -> None:
         cid = record.campaign_id
         assert cid is not None
+        if self._with_preconditions:  # with the install window, known now
+            self._send_manifest(record, self.campaign(record), arriving=False)
         record.install_started = True  # first: a TBOX killed right after starting it does not start it twice
         record.times["install_began"] = time.time()
         record.save()

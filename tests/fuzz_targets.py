@@ -354,7 +354,8 @@ class _Cloud:
 
 def _campaign_doc(key: Ed25519PrivateKey) -> dict[str, Any]:
     return {"format": "vota-campaign", "version": 1, "campaign_id": "c-fuzz", "vin": VIN, "install": "immediate",
-            "issued": "2026-11-01T00:00:00Z", "expires": "2026-12-31T00:00:00Z", "activation": "atomic", "packages": [
+            "issued": "2026-11-01T00:00:00Z", "expires": "2026-12-31T00:00:00Z", "activation": "atomic",
+            "preconditions": {"min_soc": 40, "charging": "forbidden", "window_s": 3600}, "packages": [
                 {"name": "vcu-2.0.0.bin", "ecu": "vcu", "version": "2.0.0", "url": "http://127.0.0.1:1/vcu.bin",
                  "size": 3000, "sha256": hashlib.sha256(b"v" * 3000).hexdigest(), "order": 1},
                 {"name": "bms-2.0.0.bin", "ecu": "bms", "version": "2.0.0", "url": "http://127.0.0.1:1/bms.bin",
@@ -716,6 +717,46 @@ class DeltaPatches(Target):
         assert (self.tmp / "base.bin").read_bytes() == self.base
 
 
+class InstallManifests(Target):
+    """Install manifests (what the TBOX names in routine 0x0301) into the gateway's parsing, the
+    preconditions it is handed with them included: a manifest and a gate it can use, or a reason;
+    never an exception, and a gate taken is one the checks can run on."""
+
+    name = "install-manifests"
+
+    def open(self, tmp: Path) -> None:
+        from agent.core.config import PreconditionsConfig
+        from agent.core.preconditions import Gate
+        from agent.protocol.link import InstallJob, InstallManifest, encode_manifest
+
+        super().open(tmp)
+        gate = Gate(PreconditionsConfig(ecu="bcm", min_soc=30, charging="forbidden", recheck_s=2.0), 180.0, 1.8e9)
+        valid = encode_manifest(InstallManifest("c-fuzz", (InstallJob("vcu", "vcu-2.bin", "2.0.0", 1, "vcu-2.delta"),
+                                                           InstallJob("bms", "bms-2.bin", "2.0.0")), "atomic",
+                                                {"campaign": "AAAA"}, False, gate.to_json()))
+        self.strategy = st.one_of(mutated(valid), json_mutations(json.loads(valid)), st.binary(max_size=300))
+
+    def feed(self, example: bytes) -> None:
+        from agent.core.preconditions import parse_gate
+        from agent.protocol.link import InstallManifest, parse_manifest
+
+        manifest = parse_manifest(example)
+        if isinstance(manifest, str):
+            assert manifest, "a refusal without a reason"
+            return
+        assert isinstance(manifest, InstallManifest) and manifest.jobs
+        if manifest.preconditions is None:
+            return
+        gate = parse_gate(manifest.preconditions)
+        if isinstance(gate, str):
+            assert gate.startswith("preconditions"), gate
+            return
+        assert gate.conditions.recheck_s > 0 and gate.conditions.ecu
+        gate.unmet({"soc": 50, "power_mode": "off", "gear": "P", "speed_kmh": 0, "battery_mv": 12000, "charging": "no"})
+        gate.unmet({})
+        json.dumps(gate.to_json(), allow_nan=False)
+
+
 TARGETS: dict[str, Callable[[], Target]] = {t.name: t for t in (EcuServer, DeployServer, CanFrames, TboxInbound, Collector,
                                                                 CampaignEnvelopes, ContentBundles, Traces, KeyLists,
-                                                                SignedReports, DeltaPatches)}
+                                                                SignedReports, DeltaPatches, InstallManifests)}

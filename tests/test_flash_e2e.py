@@ -54,7 +54,7 @@ def test_flash_three_ecus_in_separate_processes(tmp_path, write_config, procs):
     images = {}
     args = []
     for ecu in ("vcu", "bms", "adas"):
-        images[ecu] = os.urandom(MiB)
+        images[ecu] = os.urandom(MiB // 2)
         (tmp_path / f"{ecu}.bin").write_bytes(images[ecu])
         args.append(f"{ecu}={tmp_path / f'{ecu}.bin'}@2.1.{len(args)}")
     out = tmp_path / "flash"
@@ -65,7 +65,7 @@ def test_flash_three_ecus_in_separate_processes(tmp_path, write_config, procs):
         r = results[ecu]
         assert r["result"] == "success", r
         assert (r["version_before"], r["version_after"]) == ("1.0.0", f"2.1.{i}")
-        assert r["bytes_transferred"] == MiB
+        assert r["bytes_transferred"] == MiB // 2
         assert r["trace_fraction"] < 0.01
         assert _active_image(state, ecu) == images[ecu]  # read back from the ECU's active bank
         saved = json.loads((out / f"{ecu}.result.json").read_text())
@@ -79,7 +79,7 @@ def test_flash_three_ecus_in_separate_processes(tmp_path, write_config, procs):
         assert trace.exchanges[-1].response == b"\x62\xf1\x89" + r["version_after"].encode()
         transfers = [e for e in trace.exchanges if e.service == 0x36]
         block = 4093 if ecu == "vcu" else 0x4000
-        assert len(transfers) == -(-MiB // block)
+        assert len(transfers) == -(-(MiB // 2) // block)
         assert all(len(e.header) == 2 and e.length <= block + 2 for e in transfers)  # header only
         assert [e.header[1] for e in transfers[:3]] == [1, 2, 3]
         assert all(e.response == bytes((0x76, e.header[1])) for e in transfers)
@@ -164,15 +164,16 @@ def test_each_fault_kind_fails_at_the_right_step(tmp_path, write_config, procs):
         assert f["request"] == last.header.hex() and f["index"] == len(read_trace(out / f"{name}.trace.jsonl").exchanges) - 1
 
 
-def _flash_under_way(tmp_path, write_config, procs, out: str, written: int):  # type: ignore[no-untyped-def]
-    """An ECU simulator and a background 1 MiB flash into it, once ``written`` bytes are in."""
+def _flash_under_way(tmp_path, write_config, procs, out: str, written: int,  # type: ignore[no-untyped-def]
+                     size: int = MiB):
+    """An ECU simulator and a background flash of ``size`` bytes into it, once ``written`` bytes are in."""
     config = write_config({"segments": {"pt": {"bus": multicast_bus()}},
                            "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, erase_ms=50)}})
     state = tmp_path / "state"
     sim = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / f"sim-{out}.log")
     procs.append(sim)
     _wait_ready(sim)
-    image = os.urandom(MiB)
+    image = os.urandom(size)
     (tmp_path / "new.bin").write_bytes(image)
     flash = Proc("flash", "-c", str(config), "--out", str(tmp_path / out), "--no-progress",
                  f"vcu={tmp_path / 'new.bin'}@3.0.0", log=tmp_path / f"flash-{out}.log")
@@ -186,7 +187,8 @@ def _flash_under_way(tmp_path, write_config, procs, out: str, written: int):  # 
 
 
 def test_killed_ecu_keeps_old_image_and_flashes_again(tmp_path, write_config, procs):
-    config, state, sim, flash, image = _flash_under_way(tmp_path, write_config, procs, "f1", MiB // 2)
+    config, state, sim, flash, image = _flash_under_way(tmp_path, write_config, procs, "f1", 128 * 1024,
+                                                             size=384 * 1024)
     meta = state / "vcu" / "meta.json"
     os.kill(sim.p.pid, signal.SIGKILL)
     sim.stop()
@@ -373,7 +375,7 @@ def test_delta_applied_wrong_base_refused_before_erase_and_the_full_image_sent(t
     state = tmp_path / "state"
     procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim.log"))
     _wait_ready(procs[0])
-    old = firmware_like(160 * 1024)
+    old = firmware_like(96 * 1024)
     new = next_release(old)
     (tmp_path / "old.bin").write_bytes(old)
     (tmp_path / "new.bin").write_bytes(new)

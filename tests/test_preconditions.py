@@ -5,6 +5,8 @@ time told before, the real one after."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from typing import Any
 
@@ -14,13 +16,15 @@ from agent.adapters.storage import atomic_write_json
 from agent.core.config import PreconditionsConfig
 from agent.core.preconditions import unmet
 from tests.conftest import vota
-from tests.vehicle import Vehicle
+from tests.vehicle import VIN, Vehicle
 
+ECUS3 = ("vcu", "bms", "bcm")
 PARKED = {"soc": 80, "power_mode": "off", "gear": "P", "speed_kmh": 0, "battery_mv": 12600, "charging": "no"}
 
 
-def _vehicle(tmp_path, mosquitto, write_config, procs, **conditions: Any) -> Vehicle:  # type: ignore[no-untyped-def]
-    return Vehicle(tmp_path, mosquitto, write_config, procs, tbox_extra={"preconditions": {
+def _vehicle(tmp_path, mosquitto, write_config, procs, faults: tuple[str, ...] = (),  # type: ignore[no-untyped-def]
+             **conditions: Any) -> Vehicle:
+    return Vehicle(tmp_path, mosquitto, write_config, procs, ecu_faults=faults, tbox_extra={"preconditions": {
         "ecu": "bcm", "min_soc": 30, "soc_per_minute": 1.0, "recheck_s": 0.3, **conditions}})
 
 
@@ -30,6 +34,34 @@ def _signals(v: Vehicle, **values: Any) -> None:
 
 def _events(v: Vehicle, cid: str, event: str) -> list[dict[str, Any]]:
     return [b for b in v.reports("events", cid) if b.get("event") == event]
+
+
+def _journal(v: Vehicle, cid: str) -> dict[str, Any]:
+    try:
+        return dict(json.loads((v.tmp / "gw" / "results" / cid / "journal.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _until(what: str, check: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _nothing_staged(v: Vehicle) -> None:
+    for ecu in ("vcu", "bms", "bcm"):
+        meta = json.loads((v.ecu_state(ecu) / "meta.json").read_text())
+        assert all(b["state"] in ("valid", "empty") for b in meta["banks"].values()) and meta["next_boot"] == "", (ecu, meta)
+
+
+def _all_old(v: Vehicle) -> None:
+    """Every ECU runs 1.0.0, read from the simulators' own state: while a campaign waits, the TBOX
+    or the gateway reads bcm's signals every 0.3 s, and a second tester on bcm would collide."""
+    for ecu in ECUS3:
+        meta = json.loads((v.ecu_state(ecu) / "meta.json").read_text())
+        assert meta["banks"][meta["active"]]["version"] == "1.0.0", (ecu, meta)
 
 
 def _versions(v: Vehicle) -> dict[str, str]:
@@ -52,7 +84,7 @@ def test_a_low_charge_holds_the_install_until_it_is_raised(tmp_path, mosquitto, 
         (estimate,) = _events(v, "c-soc", "estimate")
         assert estimate["install_s"] > 0 and set(estimate["per_ecu"]) == {"vcu", "bms", "bcm"}
         time.sleep(1.0)
-        assert set(_versions(v).values()) == {"1.0.0"}  # nothing started
+        _all_old(v)  # nothing started
         _signals(v, soc=45, gear="D")  # still in D: only the charge was raised
         assert v.cloud.collector.wait_for(lambda c: len(_events(v, "c-soc", "preconditions")) >= 2, 30)
         assert set(_events(v, "c-soc", "preconditions")[-1]["unmet"]) == {"parked"}
@@ -79,6 +111,102 @@ def test_preconditions_that_never_hold_fail_the_campaign_when_its_window_ends(tm
         assert set(_versions(v).values()) == {"1.0.0"}
     finally:
         v.close()
+
+
+@pytest.mark.slow
+def test_ignition_on_while_staging_stops_it_and_the_campaign_waits_until_parked_again(
+        tmp_path, mosquitto, write_config, procs):
+    # vcu's 2nd to 7th TransferData answer after 0.7 s each, the first time only: long enough to be
+    # caught staging; bcm (on the other segment, the ECU that reports the vehicle's state) is
+    # staged by then and can be read
+    v = _vehicle(tmp_path, mosquitto, write_config, procs, window_s=120,
+                 faults=tuple(f"vcu:36#{n}:delay=700" for n in range(2, 8)))
+    try:
+        _signals(v)
+        v.send(v.campaign("c-ign", "2.0.0"))
+        _until("vcu staging while bcm is staged", lambda: (j := _journal(v, "c-ign")) and j["phase"] == "stage"
+               and j["ecus"]["vcu"].get("step") == "transfer_data"
+               and ((j["ecus"]["bcm"].get("result") or {}).get("phase") == "staged"))
+        _signals(v, power_mode="run")
+        assert v.cloud.collector.wait_for(lambda c: any(
+            e.get("phase") == "stage" for e in _events(v, "c-ign", "preconditions")), 60)
+        (stopped,) = [e for e in _events(v, "c-ign", "preconditions") if e.get("phase") == "stage"]
+        assert stopped["staging"] == "stopped" and set(stopped["unmet"]) == {"ignition_off"}, stopped
+        assert stopped["values"]["power_mode"] == "run" and stopped["ecus"]["bcm"] == "discarded", stopped
+        assert _journal(v, "c-ign")["outcome"] == "failed"
+        _all_old(v)
+        _nothing_staged(v)  # what was staged, and the image cut off, discarded
+        time.sleep(1.0)
+        assert v.cloud.finished(VIN, "c-ign") is None  # waiting, not failed
+        _signals(v)  # parked again: staged from the start, activated
+        done = v.finished("c-ign", timeout=120)
+        assert done["outcome"] == "success", done
+        assert {e: s for e, s in _versions(v).items() if e != "dlp_headlamp"} == {e: "2.0.0" for e in ("vcu", "bms", "bcm")}
+    finally:
+        v.close()
+
+
+@pytest.mark.slow
+def test_staged_waits_for_the_preconditions_before_activating_and_turns_back_if_they_fail_between(
+        tmp_path, mosquitto, write_config, procs):
+    # vcu's activate routine (its 4th RoutineControl) answers after 0.8 s: the gateway is killed
+    # then, the ignition turned on while it is down; after the restart the staged install waits.
+    # vcu's activation reset answers after 0.8 s: the ignition turned on again then is found
+    # before bms is activated
+    v = _vehicle(tmp_path, mosquitto, write_config, procs, window_s=120, faults=("vcu:31#4:delay=800", "vcu:11:delay=800"))
+    try:
+        _signals(v)
+        v.send(v.campaign("c-act", "2.0.0"))
+        _until("vcu activating", lambda: _journal(v, "c-act").get("ecus", {}).get("vcu", {}).get("step") == "activate")
+        os.kill(v.gateway.p.pid, signal.SIGKILL)
+        v.gateway.stop()
+        _signals(v, power_mode="run")
+        v.restart_gateway()
+        assert v.cloud.collector.wait_for(lambda c: any(
+            e.get("phase") == "activate" for e in _events(v, "c-act", "preconditions")), 60)
+        (waiting,) = [e for e in _events(v, "c-act", "preconditions") if e.get("phase") == "activate"]
+        assert waiting["met"] is False and set(waiting["unmet"]) == {"ignition_off"}, waiting
+        journal = _journal(v, "c-act")
+        assert journal["phase"] == "activate" and {e: journal["ecus"][e]["result"]["phase"] for e in ECUS3} == \
+            {e: "staged" for e in ECUS3}
+        _all_old(v)  # staged, held
+        _signals(v)
+        _until("vcu reset", lambda: _journal(v, "c-act")["ecus"]["vcu"].get("step") == "ecu_reset")
+        _signals(v, power_mode="run")
+        done = v.finished("c-act", timeout=120)
+        failure = done["failure"]
+        assert (done["outcome"], failure["stage"], failure["reason"], failure["phase"]) == \
+            ("failed", "install", "preconditions", "activate"), done
+        assert set(failure["unmet"]) == {"ignition_off"}
+        assert any(e.get("phase") == "activate" and e["met"] for e in _events(v, "c-act", "preconditions"))
+        phases = {r["ecu"]: r["result"]["phase"] for r in v.reports("results", "c-act") if r["stage"] == "flash"}
+        assert phases == {"vcu": "rolled_back", "bms": "discarded", "bcm": "discarded"}, phases
+        assert set(_versions(v).values()) == {"1.0.0"}
+        _nothing_staged(v)
+    finally:
+        v.close()
+
+
+def test_the_gate_the_gateway_gets_round_trips_and_refuses_what_it_cannot_use():
+    from agent.core.preconditions import Gate, parse_gate
+    from agent.protocol.link import InstallJob, InstallManifest, encode_manifest, parse_manifest
+
+    gate = Gate(PreconditionsConfig(ecu="bcm", min_soc=25, charging="forbidden", recheck_s=2), 184.93, 1.8e9)
+    manifest = parse_manifest(encode_manifest(InstallManifest("c-1", (InstallJob("vcu", "v.bin", "2"),),
+                                                               preconditions=gate.to_json())))
+    assert not isinstance(manifest, str)
+    back = parse_gate(manifest.preconditions)
+    assert back == Gate(gate.conditions, 184.9, 1.8e9)
+    assert set(back.unmet({**PARKED, "soc": 26})) == {"soc"}  # 25 % + 0.5 % a minute of about 3 minutes
+    assert parse_gate([]) == "preconditions must be an object"
+    assert parse_gate({"ecu": "bcm"}) == "preconditions: ecu and until are needed"
+    assert parse_gate({**gate.to_json(), "doors": True}) == "preconditions: unknown key 'doors'"
+    assert parse_gate({**gate.to_json(), "parked": "yes"}) == "preconditions: parked must be true or false"
+    assert parse_gate({**gate.to_json(), "min_soc": float("nan")}) == "preconditions: min_soc must be a number, 0 or more"
+    assert parse_gate({**gate.to_json(), "recheck_s": 0}) == "preconditions: recheck_s must be greater than 0"
+    assert parse_manifest(b'{"format": "vota-install", "version": 1, "campaign_id": "c", "preconditions": 3,'
+                          b' "jobs": [{"ecu": "a", "package": "p", "version": "1"}]}') == \
+        "malformed manifest (preconditions must be an object)"
 
 
 def test_what_cannot_be_read_cannot_be_relied_on():
@@ -113,3 +241,6 @@ def test_the_estimate_adds_groups_runs_segments_in_parallel_and_counts_activatio
     assert set(atomic.to_json()["per_ecu"]) == {"x", "z"}
     pipelined = estimate_install(config, [("x", size, 0), ("z", size, 1)], "per_ecu", deploy_segment="a")
     assert pipelined.install_s == pytest.approx(2 * size / a + 2 * PER_ECU_S + size / b + fixed)  # both deployed, then z
+    learned = estimate_install(config, [("x", size, 0), ("z", size, 1)], "per_ecu", measured={"x": 8192.0, "y": 1.0})
+    assert learned.install_s == pytest.approx(size / 8192 + size / b + 2 * fixed)  # x at the rate it was last flashed at
+    assert learned.to_json()["rates"] == {"x": "measured", "z": "configured"}

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.adapters.file_client import DeployResult
 from agent.core.campaign import key_id, sign_campaign
-from agent.core.config import TboxConfig
+from agent.core.config import PreconditionsConfig, TboxConfig
 from agent.errors import TryLater
 from agent.protocol.link import InstallStatus
 from tbox.campaign_state import STATES, TERMINAL, CampaignRecord
@@ -37,13 +37,14 @@ TRUSTED = {key_id(KEY.public_key()): KEY.public_key()}
 IMAGES = {"vcu": b"v" * 3000, "bms": b"b" * 2000}
 
 
-def envelope(cid: str = "c-1", install: str = "immediate", version: str = "2.0.0", **package: Any) -> bytes:
+def envelope(cid: str = "c-1", install: str = "immediate", version: str = "2.0.0", campaign: dict[str, Any] | None = None,
+             **package: Any) -> bytes:
     return sign_campaign({
         "format": "vota-campaign", "version": 1, "campaign_id": cid, "vin": VIN, "install": install,
         "issued": "2026-11-21T10:00:00Z", "expires": "2026-12-31T00:00:00Z",
         "packages": [{"name": f"{ecu}-{version}.bin", "ecu": ecu, "version": version, "url": f"http://cloud/{ecu}",
                       "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), **package}
-                     for ecu, data in IMAGES.items()],
+                     for ecu, data in IMAGES.items()], **(campaign or {}),
     }, KEY)
 
 
@@ -136,7 +137,8 @@ class FakeGateway:
         self.install[manifest["campaign_id"]] = InstallStatus.RUNNING
 
     def wait_install(self, campaign_id: str, timeout: float, poll: float = 0.5,
-                     should_stop: Callable[[int, int], bool] | None = None) -> int:
+                     should_stop: Callable[[int, int], bool] | None = None,
+                     waiting: Callable[[bool], None] | None = None) -> int:
         self._maybe_fail("wait_install")
         manifest = self.manifests[campaign_id]  # by now every package is on the gateway
         assert {j.get("delta") or j["package"] for j in manifest["jobs"]} <= set(self.deployed)
@@ -151,7 +153,9 @@ class FakeGateway:
             return json.dumps({"campaign_id": cid, "status": "refused", "error": self.refuse}).encode()
         if name == "summary.json":
             return json.dumps({"results": [{"ecu": ecu, "result": "success", "failed_step": None, "reason": None,
-                                            "version_after": "2.0.0", "trace_file": f"{ecu}.trace.jsonl"} for ecu in IMAGES]}).encode()
+                                            "version_after": "2.0.0", "trace_file": f"{ecu}.trace.jsonl",
+                                            "image_size": len(data), "bytes_transferred": len(data), "transfer_s": 0.5}
+                                           for ecu, data in IMAGES.items()]}).encode()
         return b'{"format":"vota-trace","version":1}\n'
 
 
@@ -164,6 +168,8 @@ class Vehicle:
         self.cloud, self.gateway = FakeCloud(), FakeGateway()
         self.fetches: list[str] = []
         self.fetch_errors: list[BaseException] = []
+        self.signals: dict[str, Any] | None = None  # the vehicle's state, with tbox.preconditions
+        self.estimate: Any = None
 
     def fetch(self, url: str, dest: Path, size: int, sha256: str, *, progress: Any = None, should_stop: Any = None) -> DownloadInfo:
         self.fetches.append(url)
@@ -175,7 +181,8 @@ class Vehicle:
 
     def runner(self, entered: Callable[[CampaignRecord], None] | None = None) -> CampaignRunner:
         return CampaignRunner(self.config, set(IMAGES), self.cloud, self.gateway, TRUSTED, now=lambda: NOW,
-                              stop=threading.Event(), fetch=self.fetch, entered=entered)
+                              stop=threading.Event(), fetch=self.fetch, entered=entered, estimate=self.estimate,
+                              signals=None if self.signals is None else lambda: dict(self.signals or {}))
 
     def receive(self, data: bytes) -> None:
         runner = self.runner()
@@ -431,3 +438,59 @@ def test_the_install_manifest_carries_the_signed_campaign_and_a_refusal_ends_the
     finished = v.finished()
     assert finished["outcome"] == "failed" and finished["failure"]["reason"] == "install_refused"
     assert "untrusted_key" in finished["failure"]["detail"] and v.gateway.installs == []
+
+
+def test_a_signed_campaign_overrides_the_vehicle_preconditions_and_the_gateway_is_handed_them(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path, preconditions=PreconditionsConfig(ecu="vcu", min_soc=20, soc_per_minute=0, recheck_s=0.001))
+    v.signals = {"soc": 60, "power_mode": "off", "gear": "P", "speed_kmh": 0, "battery_mv": 12600, "charging": "charging"}
+    v.receive(envelope(campaign={"preconditions": {"min_soc": 70, "charging": "forbidden"}}))
+    v.runner().step()
+    assert v.record().state == "awaiting_install" and not v.gateway.installs
+    (waiting,) = v.cloud.events(event="preconditions")
+    assert set(waiting["unmet"]) == {"soc", "charging"} and "70 % needed" in waiting["unmet"]["soc"], waiting
+    v.signals.update(soc=75, charging="no")
+    v.runner().step()
+    assert v.finished()["outcome"] == "success"
+    gate = json.loads(v.gateway.deployed["install-c-1.json"])["preconditions"]
+    assert (gate["ecu"], gate["min_soc"], gate["charging"], gate["parked"]) == ("vcu", 70, "forbidden", True), gate
+    assert gate["until"] > 0 and "install_s" in gate
+
+
+@pytest.mark.parametrize("override, why", [
+    ({"ecu": "bcm"}, "'ecu' cannot be set by a campaign"),
+    ({"min_soc": "high"}, "preconditions.min_soc must be a number, 0 or more"),
+    ({"parked": 1}, "preconditions.parked must be true or false"),
+    ({"charging": "sometimes"}, "preconditions.charging must be allowed or forbidden"),
+    ({"window_s": 0}, "preconditions.window_s must be a number above 0"),
+    ([], "preconditions must be an object"),
+])
+def test_a_campaign_override_the_vehicle_cannot_use_is_refused_as_malformed(override: Any, why: str) -> None:
+    from agent.core.campaign import CampaignRejected, verify_campaign
+
+    doc = json.loads(base64.b64decode(json.loads(envelope())["payload"]))
+    with pytest.raises(CampaignRejected) as refused:
+        verify_campaign(_unchecked({**doc, "preconditions": override}), TRUSTED, vin=VIN, now=NOW)
+    assert refused.value.reason == "malformed" and why in str(refused.value), str(refused.value)
+
+
+def _unchecked(doc: dict[str, Any]) -> bytes:
+    """Signed without the signing side's own check (what a broken or hostile signer could send)."""
+    from agent.core.campaign import _DOMAIN, PAYLOAD_TYPE
+    from agent.core.roles import sign_envelope
+
+    return sign_envelope(json.dumps(doc).encode(), PAYLOAD_TYPE, _DOMAIN, KEY)
+
+
+def test_the_rate_each_ecu_was_last_flashed_at_goes_into_the_next_estimate(tmp_path: Path) -> None:
+    from agent.core.preconditions import Estimate
+
+    v = Vehicle(tmp_path)
+    measured: list[dict[str, float]] = []
+    v.estimate = lambda jobs, activation, pipelined, rates: measured.append(rates) or Estimate(9.5, {"vcu": 5.0})
+    v.receive(envelope())
+    v.runner().step()
+    v.receive(envelope("c-2", version="3.0.0"))
+    v.runner().step()
+    assert measured == [{}, {"vcu": 6000.0, "bms": 4000.0}]  # image bytes over 0.5 s of transfer
+    assert [e["install_s"] for e in v.cloud.events(event="estimate")] == [9.5, 9.5]
+    assert v.cloud.events(event="finished", campaign_id="c-2")[0]["estimated_install_s"] == 9.5

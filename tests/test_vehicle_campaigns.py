@@ -184,7 +184,7 @@ def test_a_campaign_with_deltas_sends_each_ecu_the_delta_it_can_take_and_the_ful
         "bcm": {"delta": 13, "sim": ecu_entry("bcm", 0x740, 0x748, "body", accept_delta=False)["sim"]}})
     try:
         pkgs = v.tmp / "cloud" / "packages"
-        old, other = firmware_like(128 * 1024), firmware_like(150 * 1024)[22 * 1024:]
+        old, other = firmware_like(64 * 1024), firmware_like(86 * 1024)[22 * 1024:]
         new = next_release(old)
         for name, data in (("old.bin", old), ("other.bin", other), *((f"{e}-2.1.0.bin", new) for e in ECUS3)):
             (pkgs / name).write_bytes(data)

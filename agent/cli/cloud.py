@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent.cli.daemons import serve
 from agent.cli.inputs import read_input
@@ -56,9 +57,19 @@ def cmd_cloud(args: argparse.Namespace) -> int:
             if ecu not in {e for e, _, _ in packages}:
                 raise UsageError(f"--delta-from {item}: the campaign has no package for {ecu}")
             deltas[ecu] = (Path(path_text), version)
+        preconditions: dict[str, Any] = {}
+        for item in args.precondition:
+            name, eq, text = item.partition("=")
+            if not name or not eq or not text:
+                raise UsageError(f"--precondition: expected KEY=VALUE, got {item!r}")
+            try:
+                preconditions[name] = json.loads(text)  # numbers, true, false
+            except ValueError:
+                preconditions[name] = text  # allowed, forbidden
         envelope = make_campaign(vin=args.vin, packages=packages, base_url=args.base_url, key=key,
                                  campaign_id=args.campaign_id, install=args.install,
-                                 valid_for=_dt.timedelta(days=args.valid_days), deltas=deltas)
+                                 valid_for=_dt.timedelta(days=args.valid_days), deltas=deltas,
+                                 preconditions=preconditions or None)
         if args.out:
             atomic_write_bytes(args.out, envelope)
         else:

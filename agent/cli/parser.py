@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--delta-from", action="append", default=[], metavar="ECU=OLD_IMAGE@VERSION",
                    help="also carry a delta from the image the ECU runs (made beside its package, served with it); "
                         "the vehicle sends it when the ECU runs OLD_IMAGE, the full image otherwise (repeatable)")
+    k.add_argument("--precondition", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the vehicle's install preconditions for this campaign: min_soc, soc_per_minute, "
+                        "min_battery_mv, parked, ignition_off, speed_zero, charging (allowed|forbidden), window_s "
+                        "(repeatable; e.g. min_soc=50)")
     k.add_argument("--out", metavar="FILE", help="signed campaign (default: standard output)")
     k = csub.add_parser("broker", help="run the demo's embedded MQTT broker (amqtt, MQTT 3.1.1)")
     k.add_argument("--port", type=int, default=1883)

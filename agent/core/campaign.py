@@ -21,6 +21,11 @@ campaign itself::
                              "sha256": "<hex of the patch>", "base_sha256": "<hex of the image it applies to>",
                              "base_version": "1.0.0", "image_crc32": 123456789}}]}
 
+A campaign may carry ``"preconditions": {"min_soc": 50, "charging": "forbidden", ...}``: what the
+vehicle's configuration (``tbox.preconditions``) asks before its install, overridden for this
+campaign (any of ``OVERRIDABLE``; which ECU reports the state and how often it is read stay the
+vehicle's). Signed with the rest, so only a campaign key holder can change them.
+
 A package may carry a delta (``agent/protocol/delta.py``) from the image the ECU runs: the
 vehicle sends it when the ECU runs ``base_sha256`` (``image_crc32``, of the new image, is what a
 CRC-checking ECU's check memory compares), and the full image otherwise.
@@ -55,6 +60,7 @@ __all__ = [
     "load_public_key",
     "compare_versions",
     "PAYLOAD_TYPE",
+    "OVERRIDABLE",
 ]
 
 PAYLOAD_TYPE = "application/vnd.vota.campaign+json"
@@ -130,6 +136,7 @@ class Campaign:
     packages: tuple[Package, ...]
     raw: dict[str, Any]
     activation: str = "per_ecu"  # atomic: every ECU changes together, or none does; per_ecu: each on its own
+    preconditions: Mapping[str, Any] | None = None  # this campaign's overrides of tbox.preconditions
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.raw)
@@ -186,7 +193,7 @@ def _parse(payload: bytes) -> Campaign:
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise CampaignRejected("malformed", f"format must be {FORMAT} version {VERSION}", cid_text)
     known = {"format", "version", "campaign_id", "vin", "issued", "expires", "install", "packages", "description",
-             "activation"}
+             "activation", "preconditions"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise CampaignRejected("malformed", f"unknown field {unknown[0]!r}", cid_text)
@@ -229,7 +236,34 @@ def _parse(payload: bytes) -> Campaign:
     activation = doc.get("activation", "atomic" if len(packages) > 1 else "per_ecu")
     if activation not in ("atomic", "per_ecu"):
         raise CampaignRejected("malformed", "activation must be atomic or per_ecu", cid)
-    return Campaign(cid, vin, issued, expires, install, tuple(packages), doc, activation)
+    preconditions = _preconditions(doc["preconditions"], cid) if "preconditions" in doc else None
+    return Campaign(cid, vin, issued, expires, install, tuple(packages), doc, activation, preconditions)
+
+
+OVERRIDABLE: dict[str, str | tuple[str, ...]] = {
+    "min_soc": "number", "soc_per_minute": "number", "min_battery_mv": "integer", "parked": "bool",
+    "ignition_off": "bool", "speed_zero": "bool", "charging": ("allowed", "forbidden"), "window_s": "positive"}
+
+
+def _preconditions(doc: Any, cid: str) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise CampaignRejected("malformed", "preconditions must be an object", cid)
+    for key, value in doc.items():
+        kind = OVERRIDABLE.get(key)
+        if kind is None:
+            raise CampaignRejected("malformed", f"preconditions: {key!r} cannot be set by a campaign "
+                                                f"(only {', '.join(sorted(OVERRIDABLE))})", cid)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e9
+        ok = (value in kind if isinstance(kind, tuple) else
+              isinstance(value, bool) if kind == "bool" else
+              number and isinstance(value, int) if kind == "integer" else
+              number and value > 0 if kind == "positive" else number)
+        if not ok:
+            wants = {"bool": "true or false", "integer": "an integer, 0 or more", "positive": "a number above 0",
+                     "number": "a number, 0 or more"}
+            want = " or ".join(kind) if isinstance(kind, tuple) else wants[kind]
+            raise CampaignRejected("malformed", f"preconditions.{key} must be {want}", cid)
+    return dict(doc)
 
 
 def _delta(d: Any, where: str, cid: str) -> Delta:

@@ -1,8 +1,10 @@
 """Install preconditions and the estimated install time (pure: configuration and values in,
 an estimate and the unmet conditions out; the TBOX reads the signals, ``tbox/runner.py``).
 
-The estimate is what is known before an install starts: each image's bytes at its segment's
-ISO-TP goodput limit (the emulated or configured bit rate; 500 kbit/s when none is set), the
+The estimate is what is known before an install starts: each image's bytes at the rate measured
+when that ECU was last flashed (``measured``: TransferData bytes over the time from the first
+TransferData to the transfer exit's answer), else at its segment's ISO-TP goodput limit (the
+emulated or configured bit rate; 500 kbit/s when none is set), the
 ECU's erase, check and reset times, a second per ECU for the sessions, SecurityAccess and the
 version reads around the flash, and in an atomic campaign the activation of each ECU (its reset
 and a second). Install-order groups run one after another; in a group, segments in parallel and
@@ -13,13 +15,14 @@ crossed the deploy segment and the last ECU in install order was flashed after i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from agent.core.config import PreconditionsConfig, VehicleConfig
 from agent.protocol.can_timing import physical_goodput
 
-__all__ = ["Estimate", "estimate_install", "unmet", "required_soc"]
+__all__ = ["Estimate", "estimate_install", "unmet", "required_soc", "Gate", "parse_gate"]
 
 DEFAULT_BITRATE = 500_000
 PER_ECU_S = 1.0  # sessions, SecurityAccess, fingerprint, the version reads before and after
@@ -29,9 +32,11 @@ PER_ECU_S = 1.0  # sessions, SecurityAccess, fingerprint, the version reads befo
 class Estimate:
     install_s: float
     per_ecu: dict[str, float]
+    rates: dict[str, str] = dataclasses.field(default_factory=dict)  # ECU -> "measured" | "configured"
 
     def to_json(self) -> dict[str, Any]:
-        return {"install_s": round(self.install_s, 1), "per_ecu": {e: round(s, 1) for e, s in self.per_ecu.items()}}
+        return {"install_s": round(self.install_s, 1), "per_ecu": {e: round(s, 1) for e, s in self.per_ecu.items()},
+                "rates": dict(self.rates)}
 
 
 def _rate(config: VehicleConfig, segment_name: str) -> float:
@@ -40,16 +45,18 @@ def _rate(config: VehicleConfig, segment_name: str) -> float:
     return physical_goodput(segment.tx_data_length, nominal, data if segment.fd else None)
 
 
-def _flash_s(config: VehicleConfig, ecu: str, size: int) -> float:
+def _flash_s(config: VehicleConfig, ecu: str, size: int, rate: float | None) -> float:
     e = config.ecu(ecu)
-    return size / _rate(config, e.segment) + (e.sim.erase_ms + e.sim.check_ms + e.sim.reset_ms) / 1000.0 + PER_ECU_S
+    return size / (rate or _rate(config, e.segment)) + (e.sim.erase_ms + e.sim.check_ms + e.sim.reset_ms) / 1000.0 + PER_ECU_S
 
 
 def estimate_install(config: VehicleConfig, jobs: Iterable[tuple[str, int, int]], activation: str,
-                     deploy_segment: str | None = None) -> Estimate:
-    """``jobs``: (ECU, image bytes, install order); ``deploy_segment``: a pipelined install's backbone."""
+                     deploy_segment: str | None = None, measured: Mapping[str, float] | None = None) -> Estimate:
+    """``jobs``: (ECU, image bytes, install order); ``deploy_segment``: a pipelined install's backbone;
+    ``measured``: bytes a second each ECU took when it was last flashed."""
     jobs = list(jobs)
-    per_ecu = {ecu: _flash_s(config, ecu, size) for ecu, size, _ in jobs}
+    measured = {e: r for e, r in (measured or {}).items() if isinstance(r, (int, float)) and r > 0}
+    per_ecu = {ecu: _flash_s(config, ecu, size, measured.get(ecu)) for ecu, size, _ in jobs}
     total = 0.0
     for order in sorted({o for _, _, o in jobs}):
         by_segment: dict[str, float] = {}
@@ -63,7 +70,7 @@ def estimate_install(config: VehicleConfig, jobs: Iterable[tuple[str, int, int]]
         backbone = sum(size for _, size, _ in jobs) / _rate(config, deploy_segment) + PER_ECU_S * len(jobs)
         last = max(jobs, key=lambda j: j[2])[0]  # deployed last, flashed once it is there
         total = max(total, backbone + per_ecu[last])
-    return Estimate(total + activate, per_ecu)
+    return Estimate(total + activate, per_ecu, {e: "measured" if e in measured else "configured" for e, _, _ in jobs})
 
 
 def required_soc(cfg: PreconditionsConfig, install_s: float) -> float:
@@ -97,3 +104,56 @@ def unmet(cfg: PreconditionsConfig, signals: Mapping[str, Any], install_s: float
         out["charging"] = f"charging {charging or 'unknown'}" + (", not charging needed" if cfg.charging == "forbidden"
                                                                  else ", no charging fault needed")
     return out
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The preconditions an install runs under, as the TBOX hands them to the gateway in the install
+    manifest (``preconditions``): the conditions, the estimated install time the charge is judged
+    against, and the end of the campaign's install window (epoch seconds). The gateway checks them
+    again while it stages and before each activation (gateway/install.py)."""
+
+    conditions: PreconditionsConfig
+    install_s: float
+    until: float
+
+    def unmet(self, signals: Mapping[str, Any]) -> dict[str, str]:
+        return unmet(self.conditions, signals, self.install_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.conditions), "install_s": round(self.install_s, 1), "until": round(self.until, 3)}
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(PreconditionsConfig)}
+
+
+def parse_gate(doc: Any) -> Gate | str:
+    """The manifest's ``preconditions``, or why they cannot be used."""
+    if not isinstance(doc, dict):
+        return "preconditions must be an object"
+    unknown = sorted(set(doc) - set(_FIELDS) - {"install_s", "until"})
+    if unknown:
+        return f"preconditions: unknown key {unknown[0]!r}"
+    values: dict[str, Any] = {}
+    for name, value in doc.items():
+        if name == "ecu":
+            if not isinstance(value, str) or not value:
+                return "preconditions: ecu must be an ECU's name"
+        elif name == "charging":
+            if value not in ("allowed", "forbidden"):
+                return "preconditions: charging must be allowed or forbidden"
+        elif name in ("parked", "ignition_off", "speed_zero"):
+            if not isinstance(value, bool):
+                return f"preconditions: {name} must be true or false"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e12 or value != value:
+            return f"preconditions: {name} must be a number, 0 or more"
+        values[name] = value
+    if "ecu" not in values or "until" not in values:
+        return "preconditions: ecu and until are needed"
+    install_s, until = float(values.pop("install_s", 0.0)), float(values.pop("until"))
+    if "min_battery_mv" in values:
+        values["min_battery_mv"] = int(values["min_battery_mv"])
+    conditions = PreconditionsConfig(**values)
+    if conditions.recheck_s <= 0:
+        return "preconditions: recheck_s must be greater than 0"
+    return Gate(conditions, install_s, until)

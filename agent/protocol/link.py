@@ -1,7 +1,9 @@
 """The TBOX <-> gateway link beyond file transfer (``files``): gateway routines and records.
 
     31 01 0301 manifest                  start installing per the install manifest (a deployed file)
-    31 03 0301 [campaign]                install status: 71 03 0301 SS DDDD TTTT
+    31 03 0301 [campaign]                install status: 71 03 0301 SS DDDD TTTT (SS: 00 none, 01 running,
+                                         02 succeeded, 03 failed, 04 refused, 05 staged and waiting for the
+                                         vehicle's preconditions; DDDD of TTTT ECUs done)
     31 01 0302                           collect the ECU inventory (0x78 meanwhile), then ReadFile inventory.json
     31 01 0303 op ecu 00 arg             owner content on an ECU behind the gateway:
         op 01 store <file>, 02 show <file>, 03 stop, 04 read <did:2>, 05 delete <file>
@@ -19,7 +21,10 @@ Install manifest (JSON, deployed like a package, then named in routine 0x0301)::
      "jobs": [{"ecu": "vcu", "package": "vcu-2.0.0.bin", "version": "2.0.0", "order": 0}],
      "proof": {"campaign": "<base64 of the signed campaign envelope>"}}
 
-``activation`` (per_ecu when absent) and ``order`` (0 when absent) are what gateway/install.py follows.
+``activation`` (per_ecu when absent) and ``order`` (0 when absent) are what gateway/install.py follows;
+with ``"preconditions": {"ecu": "bcm", "min_soc": 30, ..., "install_s": 185.0, "until": <epoch>}`` it
+reads the vehicle's state from that ECU while it stages and before each activation, and waits
+(status 0x05) before activating while they do not hold (agent/core/preconditions.py: Gate).
 ``proof`` is what the gateway checks the install against before it erases anything (gateway/verify.py):
 the signed campaign, or for a software item of owner content ``{"content": {"manifest": <b64>,
 "signature": <b64>, "item": <id>}}``, the signed bundle manifest and the item; plus ``"keys":
@@ -58,6 +63,7 @@ class InstallStatus(IntEnum):
     SUCCEEDED = 0x02
     FAILED = 0x03
     REFUSED = 0x04  # the manifest could not be used
+    WAITING = 0x05  # staged, waiting for the vehicle's preconditions before activating (<campaign>/preconditions.json)
 
 
 class ContentOp(IntEnum):
@@ -118,6 +124,9 @@ class InstallManifest:
     activation: str = "per_ecu"  # or atomic: stage every ECU, then activate them in order, roll back on failure
     proof: dict[str, Any] | None = None  # the signed documents the gateway verifies the install against
     arriving: bool = False  # packages may still be on their way: each job waits for its own (gateway/arrivals.py)
+    # the vehicle's state the install needs, checked again while staging and before each activation
+    # (agent/core/preconditions.py: Gate)
+    preconditions: dict[str, Any] | None = None
 
 
 def encode_manifest(manifest: InstallManifest) -> bytes:
@@ -128,6 +137,8 @@ def encode_manifest(manifest: InstallManifest) -> bytes:
         doc["proof"] = manifest.proof
     if manifest.arriving:
         doc["arriving"] = True
+    if manifest.preconditions is not None:
+        doc["preconditions"] = manifest.preconditions
     return json.dumps(doc, indent=1).encode()
 
 
@@ -167,4 +178,7 @@ def parse_manifest(data: bytes) -> InstallManifest | str:
     arriving = doc.get("arriving", False)
     if not isinstance(arriving, bool):
         return "malformed manifest (arriving must be true or false)"
-    return InstallManifest(str(campaign), tuple(jobs), activation, proof, arriving)
+    preconditions = doc.get("preconditions")
+    if preconditions is not None and not isinstance(preconditions, dict):
+        return "malformed manifest (preconditions must be an object)"
+    return InstallManifest(str(campaign), tuple(jobs), activation, proof, arriving, preconditions)
