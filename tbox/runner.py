@@ -148,6 +148,8 @@ class CampaignRunner:
             record.state = nxt
             if nxt in TERMINAL:
                 record.enter(nxt)
+            else:  # persisted now: a state entered before (back to waiting) is not entered again below
+                record.save()
             moved = True
         return moved
 
@@ -550,8 +552,9 @@ class CampaignRunner:
         bad = unmet(cfg, values, install_s)
         cid = campaign.campaign_id
         if not bad:
+            again = int(record.times.get("staging_stopped", 0))  # told again after each stop of staging
             self.cloud.report("events", {"event": "preconditions", "campaign_id": cid, "met": True, "values": values},
-                              msg_id=f"{cid}.preconditions.met")
+                              msg_id=f"{cid}.preconditions.met" + (f".{again}" if again else ""))
             return True
         since = record.times.setdefault("waiting_since", time.time())
         record.save()

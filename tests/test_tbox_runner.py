@@ -83,6 +83,8 @@ class FakeGateway:
         self.boot = b"boot-one"
         self.broken_deploys: list[bool] = []
         self.refuse: str | None = None  # the gateway refuses installs, with this reason
+        self.held: list[dict[str, Any]] = []  # installs stopped for the vehicle's preconditions, first to last
+        self.on_held: Callable[[], None] = lambda: None
 
     def _maybe_fail(self, method: str) -> None:
         if self.fail.get(method):
@@ -144,6 +146,12 @@ class FakeGateway:
         assert {j.get("delta") or j["package"] for j in manifest["jobs"]} <= set(self.deployed)
         if should_stop is not None:
             should_stop(len(IMAGES), len(IMAGES))
+        if self.held:
+            self.summary_extra = {"preconditions": self.held.pop(0)}
+            self.on_held()
+            self.install[campaign_id] = InstallStatus.FAILED
+            return InstallStatus.FAILED
+        self.summary_extra = {}
         self.install[campaign_id] = InstallStatus.SUCCEEDED
         return InstallStatus.SUCCEEDED
 
@@ -155,7 +163,7 @@ class FakeGateway:
             return json.dumps({"results": [{"ecu": ecu, "result": "success", "failed_step": None, "reason": None,
                                             "version_after": "2.0.0", "trace_file": f"{ecu}.trace.jsonl",
                                             "image_size": len(data), "bytes_transferred": len(data), "transfer_s": 0.5}
-                                           for ecu, data in IMAGES.items()]}).encode()
+                                           for ecu, data in IMAGES.items()], **getattr(self, "summary_extra", {})}).encode()
         return b'{"format":"vota-trace","version":1}\n'
 
 
@@ -494,3 +502,38 @@ def test_the_rate_each_ecu_was_last_flashed_at_goes_into_the_next_estimate(tmp_p
     assert measured == [{}, {"vcu": 6000.0, "bms": 4000.0}]  # image bytes over 0.5 s of transfer
     assert [e["install_s"] for e in v.cloud.events(event="estimate")] == [9.5, 9.5]
     assert v.cloud.events(event="finished", campaign_id="c-2")[0]["estimated_install_s"] == 9.5
+
+
+def test_staging_stopped_for_the_vehicle_s_state_waits_again_and_a_restart_keeps_waiting(tmp_path: Path) -> None:
+    """The gateway stopped staging (the ignition went on): the campaign is back in awaiting_install,
+    persisted, so neither this runner nor a restarted one starts the install again until the
+    vehicle allows it; when it does, the install runs once more. Turned back between
+    activations: failed ``preconditions``."""
+    parked = {"soc": 80, "power_mode": "off", "gear": "P", "speed_kmh": 0, "battery_mv": 12600, "charging": "no"}
+    v = Vehicle(tmp_path, preconditions=PreconditionsConfig(ecu="vcu", soc_per_minute=0, recheck_s=0.001))
+    v.signals = dict(parked)
+    check = {"phase": "stage", "met": False, "unmet": {"ignition_off": "power mode run, off needed"},
+             "values": {**parked, "power_mode": "run"}}
+    v.gateway.held = [check]
+    v.gateway.on_held = lambda: v.signals.update(power_mode="run")  # as the gateway found it
+    v.receive(envelope())
+    v.runner().step()
+    assert v.record().state == "awaiting_install" and v.gateway.installs == ["c-1"]
+    for _ in range(3):
+        v.runner().step()
+    assert v.record().state == "awaiting_install" and v.gateway.installs == ["c-1"]  # not started again
+    (stopped,) = v.cloud.events(event="preconditions", phase="stage")
+    assert stopped["staging"] == "stopped" and stopped["unmet"] == check["unmet"], stopped
+    v.signals["power_mode"] = "off"
+    v.runner().step()
+    assert v.finished()["outcome"] == "success" and v.gateway.installs == ["c-1", "c-1"]
+    assert len(v.cloud.events(event="preconditions", met=True)) == 2  # met, stopped, met again
+
+    w = Vehicle(tmp_path / "between", preconditions=PreconditionsConfig(ecu="vcu", soc_per_minute=0, recheck_s=0.001))
+    w.signals = dict(parked)
+    w.gateway.held = [{**check, "phase": "activate"}]
+    w.receive(envelope())
+    w.runner().step()
+    failure = w.finished()["failure"]
+    assert (failure["stage"], failure["reason"], failure["phase"]) == ("install", "preconditions", "activate"), failure
+    assert failure["unmet"] == check["unmet"] and w.gateway.installs == ["c-1"]
