@@ -41,8 +41,8 @@ def test_projection_runs_on_the_evening_of_20_may_at_night_only(bare_vehicle):
     reviewed = trust.review("dlp-520", now=dt.datetime(2026, 5, 18, tzinfo=dt.timezone.utc))  # submitted two days before
     assert reviewed.status == "approved", reviewed.problems
     v.set_light(800)  # daylight: the night-only projection must wait even inside its window
-    # 18:50 Shanghai time on 20 May, 10 simulated minutes per real second
-    v.tbox = v.start_tbox("--clock", "2026-05-20T18:50:00+08:00", "--clock-rate", "600")
+    # 18:50 Shanghai time on 20 May, 15 simulated minutes per real second
+    v.tbox = v.start_tbox("--clock", "2026-05-20T18:50:00+08:00", "--clock-rate", "900")
     v.cloud.offer_content("dlp-520", VIN)
     state = v.wait_content("dlp-520", lambda s: s.get("bundle") == "offered")
     assert v.shown() is None and not (v.tmp / "tbox" / "content" / "bundles" / "dlp-520-v1" / "items").exists()
@@ -53,7 +53,7 @@ def test_projection_runs_on_the_evening_of_20_may_at_night_only(bare_vehicle):
     served = [r["path"] for r in v.cloud.packages.requests]
     assert not any("maps" in p for p in served), served  # policy never: not downloaded
     assert state.get("music") is None  # manual: waits for the owner
-    time.sleep(3)  # 19:20 by now: inside the window, but the light sensor says day
+    time.sleep(2)  # 19:20 by now: inside the window, but the light sensor says day
     assert v.shown() is None and v.cloud.content_state(VIN, "dlp-520")["heart"] == "scheduled"
 
     v.set_light(3)  # dusk
