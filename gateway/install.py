@@ -397,9 +397,7 @@ def _stage(run: _Install) -> None:
             elif done is not None:
                 continue
             todo.append(dataclasses.replace(job, stage_only=True))
-        if todo and run.journal.held is None and not _gate(run, first=False, phase="stage"):
-            pass  # journaled: staging stops
-        elif todo:
+        if todo and run.journal.held is None and _gate(run, first=False, phase="stage"):  # else journaled: it stops
             run.flash(todo, "stage")
         if run.journal.held is not None:
             _stop_staging(run)

@@ -452,6 +452,26 @@ class CampaignRunner:
         """The vehicle's preconditions with the campaign's signed overrides (agent/core/campaign.py)."""
         return dataclasses.replace(self.tbox.preconditions, **dict(campaign.preconditions or {}))
 
+    def _window_end(self, record: CampaignRecord, campaign: Campaign) -> float:
+        """When the campaign's install window ends (epoch seconds): ``window_s`` after it first waited
+        for its preconditions (now, if it never did), and never past its expiry."""
+        since = record.times.get("waiting_since", time.time())
+        return min(since + self._conditions(campaign).window_s, campaign.expires.timestamp())
+
+    def _report_unmet(self, record: CampaignRecord, bad: dict[str, Any], values: dict[str, Any],
+                      **where: Any) -> None:
+        """A ``preconditions`` event for a set of unmet conditions, once per set (and phase)."""
+        cid, said = record.campaign_id, json.dumps(bad, sort_keys=True)
+        tag = ".".join(map(str, where.values()))
+        if self._said.get(record.key) == tag + said:
+            return
+        self._said[record.key] = tag + said
+        self.cloud.report("events", {"event": "preconditions", "campaign_id": cid, **where, "met": False, "unmet": bad,
+                                     "values": values},
+                          msg_id=".".join([str(cid), "preconditions", *([tag] if tag else []),
+                                           hashlib.sha256(said.encode()).hexdigest()[:12]]))
+        log.info("%s waits for its preconditions: %s", cid, "; ".join(map(str, bad.values())))
+
     def _deployed(self, record: CampaignRecord) -> str:
         campaign = self.campaign(record)
         # sent now, unless it went before the packages (pipelined) or goes when the install starts
@@ -474,10 +494,8 @@ class CampaignRunner:
                      for p in campaign.packages)
         gate = None
         if self._with_preconditions:  # checked again by the gateway while it stages and before each activation
-            cfg = self._conditions(campaign)
-            since = record.times.get("waiting_since", time.time())
-            gate = Gate(cfg, record.times.get("estimated_install_s", 0.0),
-                        min(since + cfg.window_s, campaign.expires.timestamp())).to_json()
+            gate = Gate(self._conditions(campaign), record.times.get("estimated_install_s", 0.0),
+                        self._window_end(record, campaign)).to_json()
         manifest = InstallManifest(campaign.campaign_id, jobs, campaign.activation, proof, arriving, gate)
         name = f"install-{campaign.campaign_id}.json"
         path = record.dir / name
@@ -507,13 +525,20 @@ class CampaignRunner:
     def _rates_file(self) -> Path:
         return Path(self.tbox.state_dir) / "rates.json"
 
+    def _rates(self) -> dict[str, Any]:
+        """``rates.json`` as stored: ECU -> {"bytes_per_s", "measured"}; empty when none yet or unreadable."""
+        try:
+            doc = json.loads(self._rates_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
     def _measured(self) -> dict[str, float]:
         """Bytes a second each ECU's image went at when it was last flashed (the estimate's rates)."""
         try:
-            doc = json.loads(self._rates_file.read_text())
-            return {str(e): float(v["bytes_per_s"]) for e, v in doc.items()}
-        except (OSError, ValueError, TypeError, AttributeError, KeyError):
-            return {}  # none yet, or unreadable: the configured rates
+            return {str(e): float(v["bytes_per_s"]) for e, v in self._rates().items()}
+        except (ValueError, TypeError, KeyError):
+            return {}  # not what was written: the configured rates
 
     def _learn_rates(self, results: list[dict[str, Any]]) -> None:
         """Each ECU flashed: the rate its image went at (image bytes, or the delta's, over the time from
@@ -528,12 +553,7 @@ class CampaignRunner:
             if r.get("result") == "success" and seconds > 0.05 and sent > 0 and isinstance(r.get("ecu"), str):
                 learned[r["ecu"]] = {"bytes_per_s": round(size / seconds, 1), "measured": round(time.time())}
         if learned:
-            try:
-                old = json.loads(self._rates_file.read_text())
-                old = old if isinstance(old, dict) else {}
-            except (OSError, ValueError):
-                old = {}
-            atomic_write_json(self._rates_file, {**old, **learned})
+            atomic_write_json(self._rates_file, {**self._rates(), **learned})
 
     def _preconditions_hold(self, record: CampaignRecord, campaign: Campaign) -> bool:
         """The vehicle can finish the install now (``tbox.preconditions``). While it cannot, the
@@ -556,16 +576,10 @@ class CampaignRunner:
             self.cloud.report("events", {"event": "preconditions", "campaign_id": cid, "met": True, "values": values},
                               msg_id=f"{cid}.preconditions.met" + (f".{again}" if again else ""))
             return True
-        since = record.times.setdefault("waiting_since", time.time())
+        record.times.setdefault("waiting_since", time.time())
         record.save()
-        said = json.dumps(bad, sort_keys=True)
-        if self._said.get(key) != said:
-            self._said[key] = said
-            self.cloud.report("events", {"event": "preconditions", "campaign_id": cid, "met": False, "unmet": bad,
-                                         "values": values}, msg_id=f"{cid}.preconditions.{hashlib.sha256(said.encode()).hexdigest()[:12]}")
-            log.info("%s waits for its preconditions: %s", cid, "; ".join(bad.values()))
-        deadline = min(since + cfg.window_s, campaign.expires.timestamp())
-        if time.time() >= deadline:
+        self._report_unmet(record, bad, values)
+        if time.time() >= self._window_end(record, campaign):
             raise CampaignFailure("awaiting_install", "preconditions", "; ".join(bad.values()), unmet=bad, values=values)
         self.activity = f"campaign {cid}: waiting for " + ", ".join(bad)
         return False
@@ -633,7 +647,7 @@ class CampaignRunner:
         """Told at every status poll whether the gateway holds the staged install for the vehicle's
         preconditions: each new set of unmet conditions (from its ``preconditions.json``) is reported,
         and that they hold once it goes on."""
-        cid, key = record.campaign_id, record.key
+        cid = record.campaign_id
         was = [False, -1e9]  # waiting at the last poll; when the gateway's file was last read
 
         def waiting(now: bool) -> None:
@@ -653,12 +667,7 @@ class CampaignRunner:
             except (TryLater, ValueError, KeyError, TypeError):
                 return  # asked again at the next interval
             self.activity = f"campaign {cid}: staged, waiting for " + ", ".join(bad)
-            said = json.dumps(bad, sort_keys=True)
-            if self._said.get(key) != "activate" + said:
-                self._said[key] = "activate" + said
-                self.cloud.report("events", {"event": "preconditions", "campaign_id": cid, "phase": "activate",
-                                             "met": False, "unmet": bad, "values": values},
-                                  msg_id=f"{cid}.preconditions.activate.{hashlib.sha256(said.encode()).hexdigest()[:12]}")
+            self._report_unmet(record, bad, values, phase="activate")
 
         return waiting
 
@@ -672,8 +681,8 @@ class CampaignRunner:
         bad: dict[str, Any] = held["unmet"] if isinstance(held.get("unmet"), dict) else {}
         values: dict[str, Any] = held["values"] if isinstance(held.get("values"), dict) else {}
         phase = str(held.get("phase"))
-        since = record.times.setdefault("waiting_since", time.time())
-        window_open = time.time() < min(since + self._conditions(campaign).window_s, campaign.expires.timestamp())
+        record.times.setdefault("waiting_since", time.time())
+        window_open = time.time() < self._window_end(record, campaign)
         if phase == "stage" and window_open and self._with_preconditions:
             n = int(record.times.get("staging_stopped", 0)) + 1
             record.times["staging_stopped"] = n
