@@ -30,7 +30,7 @@ sysdeps:
 	@if [ "$$(id -u)" = 0 ]; then sysctl -q -w net.core.rmem_max=4194304 2>/dev/null || true; fi
 
 demo: venv
-	$(PY) -m agent.cli bench --config configs/bench.yaml --out out/demo --image-size 256K --image-kind firmware
+	$(PY) -m vota bench --config configs/bench.yaml --out out/demo --image-size 256K --image-kind firmware
 
 test: venv sysdeps lint
 	$(PY) -m pytest -q tests
@@ -40,8 +40,8 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: venv
-	$(PY) -m ruff check agent gateway ecu_sim tbox cloud_sim tests benchmarks
-	$(PY) -m mypy agent gateway ecu_sim tbox cloud_sim
+	$(PY) -m ruff check vota agent gateway ecu_sim tbox cloud_sim tests benchmarks
+	$(PY) -m mypy vota agent gateway ecu_sim tbox cloud_sim
 	$(VENV)/bin/lint-imports --no-cache
 
 bench: venv

@@ -148,7 +148,7 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
         image.write_bytes(firmware_like(size) if method or firmware else os.urandom(size))
     cfg = work / f"{name.replace(' ', '_').replace('/', '_')}.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    sim = subprocess.Popen([sys.executable, "-m", "agent.cli", "ecu-sim", "-c", str(cfg), "--state-dir", str(work / "state")],
+    sim = subprocess.Popen([sys.executable, "-m", "vota", "ecu-sim", "-c", str(cfg), "--state-dir", str(work / "state")],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
         assert sim.stdout is not None
@@ -156,7 +156,7 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
         out = work / f"out-{time.monotonic_ns()}"
         t0 = time.monotonic()
         cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        run = subprocess.run([sys.executable, "-m", "agent.cli", "flash", "-c", str(cfg), "--out", str(out), "--json",
+        run = subprocess.run([sys.executable, "-m", "vota", "flash", "-c", str(cfg), "--out", str(out), "--json",
                               "--no-progress", f"ecu={image}@{time.monotonic_ns()}", *flash_args], capture_output=True,
                              text=True, cwd=ROOT)
         wall = time.monotonic() - t0

@@ -64,7 +64,7 @@ def run_layout(segments: int, per_segment: int, size: int, work: Path, workers: 
     try:
         for s in range(segments):  # one simulator process per segment, as separate ECUs would be
             names = [f"--ecu=e{s * per_segment + e}" for e in range(per_segment)]
-            sims.append(subprocess.Popen([sys.executable, "-m", "agent.cli", "ecu-sim", "-c", str(cfg), *names,
+            sims.append(subprocess.Popen([sys.executable, "-m", "vota", "ecu-sim", "-c", str(cfg), *names,
                                           "--state-dir", str(work / f"state-{segments}x{per_segment}")],
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT))
         for sim in sims:
@@ -73,7 +73,7 @@ def run_layout(segments: int, per_segment: int, size: int, work: Path, workers: 
         out = work / f"out-{time.monotonic_ns()}"
         cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
-        run = subprocess.run([sys.executable, "-m", "agent.cli", "flash", "-c", str(cfg), "--out", str(out), "--json",
+        run = subprocess.run([sys.executable, "-m", "vota", "flash", "-c", str(cfg), "--out", str(out), "--json",
                               "--no-progress", *[f"e{i}={image}@{time.monotonic_ns()}" for i in range(segments * per_segment)]],
                              capture_output=True, text=True, cwd=ROOT)
         wall = time.monotonic() - t0

@@ -4,7 +4,6 @@ written before programming): versions, the active and the staged image, the ligh
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from agent.protocol.ecu import (
     DID,
@@ -18,9 +17,7 @@ from agent.protocol.ecu import (
 )
 from agent.protocol.uds import Nrc, Request, Session
 from ecu_sim.flash_banks import BankInfo
-
-if TYPE_CHECKING:
-    from ecu_sim.services import EcuState
+from ecu_sim.state import EcuState
 
 __all__ = ["read_data_by_identifier", "write_data_by_identifier"]
 

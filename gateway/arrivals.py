@@ -20,31 +20,14 @@ import dataclasses
 import hashlib
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from agent.errors import FlashError
+from gateway.jobs import Awaited, DeltaImage, FlashJob
 
-if TYPE_CHECKING:
-    from gateway.flash import FlashJob
-
-__all__ = ["Awaited", "Arrivals", "STEP"]
+__all__ = ["Arrivals", "STEP"]
 
 STEP = "package_arrival"
-
-
-@dataclass(frozen=True)
-class Awaited:
-    """The file a job waits for, as the signed campaign names it, and the image it makes."""
-
-    file: str
-    size: int
-    sha256: str
-    image_size: int
-    image_sha256: str
-    delta_base: str | None = None  # the file is a delta to the image: its base's SHA-256
-    image_crc32: int = 0
 
 
 class Arrivals:
@@ -65,8 +48,6 @@ class Arrivals:
 
     def ready(self, job: FlashJob) -> FlashJob:
         """``job`` with its file read and checked, once it is here; FlashError when it does not come."""
-        from gateway.flash import DeltaImage  # noqa: PLC0415 - gateway.flash depends on this module
-
         awaited: Awaited | None = job.awaited
         if awaited is None:
             return job

@@ -27,13 +27,13 @@ from agent.core.faults import FaultSpec
 from agent.core.preconditions import Gate, parse_gate
 from agent.core.roles import KeysRejected
 from agent.protocol.link import INVENTORY_FILE, InstallJob, InstallStatus, parse_manifest
-from gateway.arrivals import Arrivals, Awaited
+from gateway.arrivals import Arrivals
 from gateway.buses import Buses
 from gateway.content_relay import ContentRelay
 from gateway.deploy_server import DEPLOY_SERVICES, DeployState
-from gateway.flash import DeltaImage, FlashJob
 from gateway.install import InstallInterrupted, InstallPlan, install
 from gateway.inventory import collect_versions
+from gateway.jobs import Awaited, DeltaImage, FlashJob
 from gateway.vehicle_state import read_signals
 from gateway.verify import Approved, Trust, check_install
 

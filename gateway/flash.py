@@ -1,34 +1,26 @@
-"""Gateway flashing: the standard UDS programming sequence per ECU, traced header-only.
-
-ECUs on different segments flash in parallel; ECUs on one segment one after another.
-Each ECU gets a flash result (D3: failed at the first negative or missing response, with
-the step) and a header-only flash interaction trace (D2).
-"""
+"""Gateway flashing of one ECU: the standard UDS programming sequence, traced header-only
+(D2), ending in the ECU's flash result (D3). ``gateway/orchestrator.py`` runs it for several
+ECUs and segments."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import functools
-import hashlib
 import logging
 import threading
 import time
-import zlib
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from udsoncan import DataFormatIdentifier, MemoryLocation
 from udsoncan.exceptions import NegativeResponseException, TimeoutException
 
 from agent.adapters.canbus import Segment
-from agent.adapters.storage import atomic_write_json, atomic_write_text
 from agent.adapters.uds_client import ClientFaults, RawCodec, UdsLink, describe_failure
 from agent.core.campaign import compare_versions
-from agent.core.config import EcuConfig, GatewayConfig, VehicleConfig
+from agent.core.config import EcuConfig, GatewayConfig
 from agent.core.faults import FaultSpec
 from agent.core.trace import TraceHeader, TraceRecorder
-from agent.errors import FlashError, UsageError
+from agent.errors import FlashError
 from agent.protocol.compression import compress
 from agent.protocol.ecu import DID, STAGED_NONE, decode_staged_image, security_key
 from agent.protocol.uds import (
@@ -40,141 +32,16 @@ from agent.protocol.uds import (
     RoutineType,
     Session,
 )
-from gateway.arrivals import Awaited
-from gateway.buses import Buses, TesterPresentKeeper
-from gateway.segment_worker import SegmentWorker
+from gateway.jobs import DeltaImage, FlashJob, FlashResult, Progress
 
-__all__ = ["DeltaImage", "FlashJob", "FlashResult", "FlashHooks", "flash_all", "EcuFlasher", "STEPS", "fingerprint"]
+__all__ = ["EcuFlasher", "fingerprint", "flash_header"]
 
 log = logging.getLogger(__name__)
-
-STEPS = (
-    "extended_session",
-    "dtc_setting_off",
-    "communication_disable",
-    "programming_session",
-    "security_access",
-    "write_fingerprint",
-    "delta_base",
-    "erase",
-    "request_download",
-    "transfer_data",
-    "transfer_exit",
-    "check_memory",
-    "check_dependencies",
-    "ecu_reset",
-    "post_extended_session",
-    "communication_enable",
-    "dtc_setting_on",
-    "default_session",
-    "verify",
-)
-
-Progress = Callable[[str, str, int, int], None]
-
-
-@dataclass(frozen=True)
-class FlashHooks:
-    """What an install journals (gateway/journal.py): ``step`` when an ECU starts a new step
-    (with the trace so far), ``result`` when an ECU's result is on disk."""
-
-    step: Callable[[str, str, TraceRecorder], None] | None = None
-    result: Callable[["FlashResult"], None] | None = None
-    # a pipelined install: the job with its package read and checked, once it arrived (FlashError if not)
-    ready: Callable[["FlashJob"], "FlashJob"] | None = None
-
-
-@dataclass(frozen=True)
-class DeltaImage:
-    """A delta to the new image (agent/protocol/delta.py) and what the new image must be."""
-
-    patch: bytes
-    base_sha256: str  # the image the ECU must run for the patch to apply
-    size: int  # the new image's
-    sha256: str
-    crc32: int
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class FlashJob:
-    ecu: str
-    image: bytes  # the full image; empty when only a delta was deployed
-    version: str
-    source: str = ""
-    stage_only: bool = False  # vehicle-level campaigns: stop once the image is staged, do not reset onto it
-    # installs: refuse, before erasing, an image older than what the ECU runs, or when the ECU does not
-    # tell its version (an empty F189, no valid application, is no version to protect)
-    guard_rollback: bool = False
-    delta: DeltaImage | None = None  # sent instead of the image when the ECU runs its base
-    awaited: Awaited | None = None  # a pipelined install: the package is still on its way (gateway/arrivals.py)
-
-    @property
-    def size(self) -> int:
-        if self.awaited is not None:
-            return self.awaited.image_size
-        return self.delta.size if self.delta is not None else len(self.image)
-
-    @property
-    def sha256(self) -> str:
-        if self.awaited is not None:
-            return self.awaited.image_sha256
-        return self.delta.sha256 if self.delta is not None else hashlib.sha256(self.image).hexdigest()
-
-    def check_value(self, algorithm: str) -> bytes:
-        """What check memory compares the written image with."""
-        if algorithm == "crc32":
-            crc = self.delta.crc32 if self.delta is not None else zlib.crc32(self.image)
-            return crc.to_bytes(4, "big")
-        return bytes.fromhex(self.sha256)
-
-
-@dataclass
-class FlashResult:
-    ecu: str
-    result: str  # success | failed
-    version: str
-    image_size: int
-    image_sha256: str
-    failed_step: str | None = None
-    reason: str | None = None
-    nrc: int | None = None
-    version_before: str | None = None
-    version_after: str | None = None
-    started: str = ""
-    duration_s: float = 0.0
-    bytes_transferred: int = 0  # TransferData payload bytes on the bus (compressed, when the image was)
-    transfer_s: float = 0.0  # from the first TransferData to the transfer exit's answer: the measured rate's time
-    compression: str | None = None  # the method the image went with (RequestDownload's dataFormatIdentifier)
-    compression_refused: list[str] = field(default_factory=list)  # methods the ECU answered NRC 0x31 to first
-    transfer_ratio: float = 0.0  # bytes_transferred / image_size
-    image_sent: str = "full"  # full | delta: what TransferData carried
-    delta_refused: str | None = None  # a delta was offered and the full image went instead: why
-    trace_file: str | None = None
-    trace_bytes: int = 0
-    trace_fraction: float = 0.0
-    phase: str | None = None  # staged, activated, committed, discarded, rolled_back (gateway/install.py)
-    actions: list[dict[str, Any]] = field(default_factory=list)  # activation-phase actions on this ECU, in order
-    schema: str = field(default="vota-flash-result/1")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def flash_header(ecu: EcuConfig, job: FlashJob) -> TraceHeader:
     return TraceHeader(stage="flash", client="GW", server=ecu.name, packet=ecu.name, request_id=ecu.request_id,
                        response_id=ecu.response_id, functional_id=ecu.functional_id, started=time.time(),
                        extra={"segment": ecu.segment, "image_size": job.size, "image_version": job.version})
-
-
-def not_arrived(ecu: EcuConfig, job: FlashJob, error: FlashError) -> tuple[FlashResult, str]:
-    """The result and (empty) trace of a job whose package did not arrive: nothing was sent to the ECU."""
-    recorder = TraceRecorder(flash_header(ecu, job))
-    recorder.note(error.reason)
-    started = _dt.datetime.fromtimestamp(recorder.header.started, _dt.timezone.utc).isoformat(timespec="seconds")
-    result = FlashResult(ecu.name, "failed", job.version, job.size, job.sha256, failed_step=error.step,
-                         reason=error.reason, started=started)
-    return result, recorder.trace("failed").to_text()
 
 
 def fingerprint(version: str, today: _dt.date) -> bytes:
@@ -469,137 +336,3 @@ class EcuFlasher:
             reset_exchange.extra["back"] = round((time.time() - self.recorder.header.started) * 1000.0 - reset_exchange.t, 1)
 
 
-def flash_all(
-    config: VehicleConfig,
-    jobs: list[FlashJob],
-    out_dir: str | Path,
-    progress: Progress | None = None,
-    stop: threading.Event | None = None,
-    faults: list[FaultSpec] | None = None,
-    buses: Buses | None = None,
-    summary: bool = True,
-    hooks: FlashHooks | None = None,
-) -> list[FlashResult]:
-    """Flash every job; write ``<ecu>.trace.jsonl``, ``<ecu>.result.json``, ``summary.json``.
-
-    ``buses``: the gateway's segments and ECU locks (each ECU is held while it is flashed);
-    without it the flash opens its own and closes them at the end.
-
-    Setting ``stop`` (or an interrupt in the calling thread) cancels at the next request;
-    the ECUs being flashed get a ``failed`` result with the reason ``cancelled``.
-    """
-    out = Path(out_dir)
-    stop = stop or threading.Event()
-    by_segment: dict[str, list[FlashJob]] = {}
-    for job in jobs:
-        ecu = config.ecu(job.ecu)
-        by_segment.setdefault(ecu.segment, []).append(job)
-    if len({j.ecu for j in jobs}) != len(jobs):
-        raise UsageError("an ECU is named twice in one flash")
-    results: dict[str, FlashResult] = {}
-    own = buses is None
-    owner = buses if buses is not None else Buses(config)
-
-    mode = config.gateway.segment_workers
-    in_processes = mode == "process" or (mode == "auto" and len(by_segment) > 1)
-
-    def record(job: FlashJob, result: FlashResult, trace: str) -> None:
-        trace_path = out / f"{job.ecu}.trace.jsonl"
-        atomic_write_text(trace_path, trace)
-        result.trace_bytes = len(trace.encode())
-        result.trace_file = trace_path.name
-        result.trace_fraction = round(result.trace_bytes / max(1, job.size), 5)
-        atomic_write_json(out / f"{job.ecu}.result.json", result.to_json())
-        results[job.ecu] = result
-        if hooks and hooks.result:
-            hooks.result(result)
-        if progress:
-            progress(job.ecu, "done" if result.result == "success" else "failed", result.bytes_transferred, job.size)
-
-    def ready(job: FlashJob) -> FlashJob | tuple[FlashResult, str]:
-        """The job once its package is here (a pipelined install), or the result of one that never came."""
-        if job.awaited is None:
-            return job
-        if hooks is None or hooks.ready is None:
-            return not_arrived(config.ecu(job.ecu), job, FlashError("package_arrival", "the package was not deployed"))
-        if progress:
-            progress(job.ecu, "package_arrival", 0, job.size)
-        try:
-            return hooks.ready(job)
-        except FlashError as exc:
-            log.warning("%s: %s", job.ecu, exc.reason)
-            return not_arrived(config.ecu(job.ecu), job, exc)
-
-    def run_segment(name: str, seg_jobs: list[FlashJob]) -> None:
-        functional = config.ecu(seg_jobs[0].ecu).functional_id
-        if in_processes:  # this segment's flashing in a process of its own (gateway/segment_worker.py)
-            with owner.lend(name, "flash"), \
-                    SegmentWorker(config, name, functional, faults, bool(hooks and hooks.step)) as worker:
-                for job in seg_jobs:
-                    arrived = ready(job)
-                    if isinstance(arrived, tuple):
-                        record(job, *arrived)
-                        continue
-                    result, trace = worker.flash(arrived, progress, stop, hooks.step if hooks else None)
-                    record(arrived, result, trace)
-            return
-        segment = owner.segment(name)
-        period = config.gateway.tester_present_ms / 1000.0
-        with TesterPresentKeeper(segment, functional, period) as keeper:
-            for job in seg_jobs:
-                arrived = ready(job)
-                if isinstance(arrived, tuple):
-                    record(job, *arrived)
-                    continue
-                job = arrived
-                with owner.ecu(job.ecu, "flash"):
-                    flasher = EcuFlasher(segment, config.ecu(job.ecu), config.gateway, job, progress, stop, faults,
-                                         hooks.step if hooks else None)
-                    keeper.recorder = flasher.recorder
-                    result = flasher.run()
-                    keeper.recorder = None
-                record(job, result, flasher.recorder.trace(result.result).to_text())
-
-    errors: list[BaseException] = []
-    finished = threading.Semaphore(0)
-
-    def guarded(name: str, seg_jobs: list[FlashJob]) -> None:
-        try:
-            run_segment(name, seg_jobs)
-        except BaseException as exc:  # noqa: BLE001 - reported after join
-            errors.append(exc)
-        finally:
-            finished.release()
-
-    threads = [threading.Thread(target=guarded, args=item, name=f"flash-{item[0]}") for item in by_segment.items()]
-    try:
-        _run_all(threads, finished, stop)
-    finally:
-        if own:
-            owner.shutdown()
-    if errors:
-        raise errors[0]
-    ordered = [results[j.ecu] for j in jobs if j.ecu in results]
-    if summary:  # one flash on its own; gateway/install.py writes the campaign's summary itself
-        atomic_write_json(out / "summary.json", {"schema": "vota-flash-summary/1", "results": [r.to_json() for r in ordered]})
-    return ordered
-
-
-def _run_all(threads: list[threading.Thread], finished: threading.Semaphore, stop: threading.Event) -> None:
-    for t in threads:
-        t.start()
-    # Wait on a semaphore, not Thread.join: an interrupt inside join() can leave the
-    # thread looking finished while it still writes its results.
-    pending = len(threads)
-    try:
-        while pending:
-            if finished.acquire(timeout=0.2):
-                pending -= 1
-    except BaseException:
-        stop.set()
-        while pending:
-            finished.acquire()
-            pending -= 1
-        raise
-    for t in threads:
-        t.join()

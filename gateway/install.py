@@ -56,9 +56,10 @@ from agent.core.trace import TraceRecorder
 from agent.errors import VotaError
 from gateway.activation import ActionResult, EcuAction
 from gateway.buses import Buses
-from gateway.flash import FlashHooks, FlashJob, FlashResult, Progress, flash_all
 from gateway.inventory import EcuImages, collect_versions, read_images
+from gateway.jobs import FlashHooks, FlashJob, FlashResult, Progress
 from gateway.journal import InstallJournal
+from gateway.orchestrator import flash_all
 
 __all__ = ["InstallPlan", "InstallInterrupted", "install"]
 

@@ -16,7 +16,7 @@ from agent.core.trace import TraceHeader, TraceRecorder
 from agent.protocol.ecu import DID, StagedImage, decode_staged_image
 from gateway.buses import Buses
 
-__all__ = ["collect_versions", "wait_reachable", "EcuImages", "read_images"]
+__all__ = ["collect_versions", "EcuImages", "read_images"]
 
 
 @dataclass(frozen=True)
@@ -149,21 +149,3 @@ def collect_versions(config: VehicleConfig, names: list[str] | None = None, p2: 
     names = names or list(config.ecus)
     found = _per_segment(config, names, lambda seg, ecu: _read_ecu(seg, ecu, p2, trace_dir), buses)
     return [found[n] for n in names]
-
-
-def wait_reachable(config: VehicleConfig, names: list[str], timeout: float) -> list[str]:
-    """Wait until every named ECU answers TesterPresent; return those that never did."""
-
-    def probe(segment: Segment, ecu: EcuConfig) -> bool:
-        deadline = time.monotonic() + timeout
-        with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=0.2) as link:
-            while time.monotonic() < deadline:
-                try:
-                    link.client.tester_present()
-                    return True
-                except Exception:  # noqa: BLE001 - not up yet
-                    time.sleep(0.05)
-        return False
-
-    result = _per_segment(config, names, probe)
-    return [n for n in names if not result.get(n)]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.adapters.storage import atomic_write_json
-from gateway.flash import FlashResult
+from gateway.jobs import FlashResult
 
 __all__ = ["InstallJournal", "PHASES", "JOURNAL_FILE"]
 

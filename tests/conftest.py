@@ -112,7 +112,7 @@ def write_config(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def vota(*args: str, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
     """Run the vota command line as a separate process."""
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vota", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
 
 
@@ -122,7 +122,7 @@ class Proc:
     def __init__(self, *args: str, log: Path) -> None:
         self.log = log
         self._out = open(log, "wb")
-        self.p = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=self._out,
+        self.p = subprocess.Popen([sys.executable, "-m", "vota", *args], stdout=self._out,
                                   stderr=subprocess.STDOUT, cwd=ROOT)
 
     def stop(self, sig_kill: bool = False) -> int:
@@ -138,6 +138,16 @@ class Proc:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def wait_ready(self, word: str, timeout: float = 30.0) -> "Proc":
+        """Wait until the process has printed ``word`` (e.g. ``gateway ready``); fails with its
+        output when it exits first or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while word not in self.text():
+            assert self.p.poll() is None, f"exited with {self.p.returncode} before {word!r}:\n{self.text()}"
+            assert time.monotonic() < deadline, f"no {word!r} within {timeout:.0f} s:\n{self.text()}"
+            time.sleep(0.05)
+        return self
 
 
 @pytest.fixture

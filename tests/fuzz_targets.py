@@ -698,7 +698,7 @@ class DeltaPatches(Target):
 
     def feed(self, example: tuple[bytes, list[int]]) -> None:
         from agent.protocol.compression import DecompressError
-        from agent.protocol.delta import DeltaApplier
+        from ecu_sim.delta import DeltaApplier
 
         patch, sizes = example
         applier = DeltaApplier(self.tmp / "base.bin")

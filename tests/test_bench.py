@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.core.config import load_yaml
+from agent.adapters.config_files import load_yaml
 from tests.conftest import ROOT, ecu_entry, multicast_bus, vota
 
 pytestmark = pytest.mark.slow  # separate processes

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.core.config import load_vehicle_config, parse_vehicle_config
+from agent.adapters.config_files import load_vehicle_config
+from agent.core.config import parse_vehicle_config
 from agent.core.faults import FaultCounter, parse_fault
 from agent.errors import ConfigError, UsageError
 from tests.conftest import ecu_entry, multicast_bus, virtual_bus, vota

@@ -263,7 +263,6 @@ def test_software_items_flash_their_ecu_and_a_fault_there_is_diagnosed(tmp_path,
 
 def test_a_lamp_that_does_not_answer_gets_its_material_when_it_is_back(bare_vehicle):
     from tests.conftest import Proc
-    from tests.vehicle import _ready
 
     v = bare_vehicle
     sim = v.procs[0]
@@ -279,7 +278,7 @@ def test_a_lamp_that_does_not_answer_gets_its_material_when_it_is_back(bare_vehi
 
     sim = Proc("ecu-sim", "-c", str(v.config), "--state-dir", str(v.tmp / "ecu"), log=v.tmp / "ecu2.log")
     v.procs.append(sim)
-    _ready(sim, "ecu-sim ready")
+    sim.wait_ready("ecu-sim ready")
     v.wait_content("now", lambda s: s.get("glow") == "active", timeout=90)
     assert v.shown() == "c-now-v1-glow.bin"
     assert not list((v.tmp / "gw" / "packages").glob("c-now-*"))  # the gateway's copy went once the ECU held it

@@ -24,7 +24,7 @@ def test_gateway_speaks_sd_notify_and_stops_on_sigterm(tmp_path, write_config):
     sock.bind(sock_path)
     sock.settimeout(15)
     env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "gateway", "-c", str(config)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "vota", "gateway", "-c", str(config)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert sock.recv(1024) == b"READY=1"

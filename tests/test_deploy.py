@@ -111,11 +111,7 @@ def _start_gateway(procs, config: Path, tmp_path: Path, *faults: str) -> Proc:
         args += ["--fault", f]
     gw = Proc(*args, log=tmp_path / "gw.log")
     procs.append(gw)
-    deadline = time.monotonic() + 20
-    while "gateway ready" not in gw.text():
-        assert gw.p.poll() is None and time.monotonic() < deadline, gw.text()
-        time.sleep(0.05)
-    return gw
+    return gw.wait_ready("gateway ready")
 
 
 def test_deploy_across_processes_with_resume_after_kill(tmp_path, write_config, procs):

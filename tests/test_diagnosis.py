@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from agent.adapters.config_files import load_yaml
 from agent.adapters.diagnosis_files import load_rules
-from agent.core.config import load_yaml
 from agent.core.diagnosis import CAUSES, StageInput, check_trace, diagnose, parse_rules, render_markdown
 from agent.core.trace import parse_trace
 from agent.errors import ConfigError

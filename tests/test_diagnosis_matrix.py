@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 
 import pytest
 
@@ -57,11 +56,6 @@ DEPLOY = {
 }
 
 
-def _ready(proc: Proc, word: str) -> None:
-    deadline = time.monotonic() + 30
-    while word not in proc.text():
-        assert proc.p.poll() is None and time.monotonic() < deadline, proc.text()
-        time.sleep(0.05)
 
 
 def _verdict(path, mode: str) -> dict:  # type: ignore[no-untyped-def]
@@ -109,8 +103,8 @@ def test_matrix_flash_and_deploy(tmp_path, write_config, procs):
         if side == "server":
             gw_args += ["--fault", spec]
     procs.append(Proc(*gw_args, log=tmp_path / "gw.log"))
-    _ready(procs[0], "ecu-sim ready")
-    _ready(procs[1], "gateway ready")
+    procs[0].wait_ready("ecu-sim ready")
+    procs[1].wait_ready("gateway ready")
 
     # -- flash stage: the gateway's client faults on the command line, the ECUs' in their config
     image = tmp_path / "img.bin"

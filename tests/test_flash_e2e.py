@@ -19,14 +19,6 @@ pytestmark = pytest.mark.slow  # separate processes
 MiB = 1024 * 1024
 
 
-def _wait_ready(proc: Proc, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if "ecu-sim ready" in proc.text():
-            return
-        assert proc.p.poll() is None, proc.text()
-        time.sleep(0.05)
-    raise AssertionError(f"ECU simulator not ready: {proc.text()}")
 
 
 def _active_image(state: Path, ecu: str) -> bytes:
@@ -50,7 +42,7 @@ def test_flash_three_ecus_in_separate_processes(tmp_path, write_config, procs):
     for ecu in ("vcu", "bms", "adas"):
         procs.append(Proc("ecu-sim", "-c", str(config), "--ecu", ecu, "--state-dir", str(state), log=tmp_path / f"{ecu}.log"))
     for p in procs:
-        _wait_ready(p)
+        p.wait_ready("ecu-sim ready")
     images = {}
     args = []
     for ecu in ("vcu", "bms", "adas"):
@@ -116,7 +108,7 @@ def test_each_fault_kind_fails_at_the_right_step(tmp_path, write_config, procs):
         "ecus": ecus,
     })
     procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "state"), log=tmp_path / "sim.log"))
-    _wait_ready(procs[0])
+    procs[0].wait_ready("ecu-sim ready")
     image = tmp_path / "img.bin"
     image.write_bytes(os.urandom(40 * 1024))
     out = tmp_path / "flash"
@@ -172,7 +164,7 @@ def _flash_under_way(tmp_path, write_config, procs, out: str, written: int,  # t
     state = tmp_path / "state"
     sim = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / f"sim-{out}.log")
     procs.append(sim)
-    _wait_ready(sim)
+    sim.wait_ready("ecu-sim ready")
     image = os.urandom(size)
     (tmp_path / "new.bin").write_bytes(image)
     flash = Proc("flash", "-c", str(config), "--out", str(tmp_path / out), "--no-progress",
@@ -199,7 +191,7 @@ def test_killed_ecu_keeps_old_image_and_flashes_again(tmp_path, write_config, pr
 
     sim2 = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim2.log")
     procs.append(sim2)
-    _wait_ready(sim2)
+    sim2.wait_ready("ecu-sim ready")
     versions = vota("versions", "-c", str(config), "--json")
     assert json.loads(versions.stdout)[0]["software_version"] == "1.0.0"  # old image still active
     again = vota("flash", "-c", str(config), "--out", str(tmp_path / "f2"), "--json", f"vcu={tmp_path / 'new.bin'}@3.0.0")
@@ -228,7 +220,7 @@ def test_flash_on_vcan0(tmp_path, write_config, procs):
     config = write_config({"segments": {"vcan": {"bus": {"interface": "socketcan", "channel": "vcan0"}}},
                            "ecus": {"vcu": ecu_entry("vcu", 0x7A0, 0x7A8)}})
     procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "st"), log=tmp_path / "sim.log"))
-    _wait_ready(procs[0])
+    procs[0].wait_ready("ecu-sim ready")
     (tmp_path / "img.bin").write_bytes(os.urandom(256 * 1024))
     run = vota("flash", "-c", str(config), "--out", str(tmp_path / "f"), "--json", f"vcu={tmp_path / 'img.bin'}@4.0")
     assert run.returncode == 0, run.stderr
@@ -257,7 +249,7 @@ def test_flash_on_vcan0_with_kernel_isotp_sockets_on_both_sides(tmp_path, write_
                                                   "isotp_backend": "kernel"}},
                            "ecus": {"vcu": ecu_entry("vcu", 0x7A2, 0x7AA)}})
     procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "st"), log=tmp_path / "sim.log"))
-    _wait_ready(procs[0])
+    procs[0].wait_ready("ecu-sim ready")
     image = os.urandom(256 * 1024)
     (tmp_path / "img.bin").write_bytes(image)
     run = vota("flash", "-c", str(config), "--out", str(tmp_path / "f"), "--json", f"vcu={tmp_path / 'img.bin'}@4.1")
@@ -295,7 +287,7 @@ def test_compressed_transfer_each_method_and_the_fallback(tmp_path, write_config
     })
     state = tmp_path / "state"
     procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim.log"))
-    _wait_ready(procs[0])
+    procs[0].wait_ready("ecu-sim ready")
     image = firmware_like(96 * 1024)
     (tmp_path / "fw.bin").write_bytes(image)
     out = tmp_path / "flash"
@@ -340,7 +332,7 @@ def test_segments_flash_at_the_same_time_in_worker_processes_and_a_failure_stays
                  "eb": ecu_entry("eb", 0x7E1, 0x7E9, "b")},
     })
     procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "state"), log=tmp_path / "sim.log"))
-    _wait_ready(procs[0])
+    procs[0].wait_ready("ecu-sim ready")
     (tmp_path / "img.bin").write_bytes(os.urandom(64 * 1024))
     out = tmp_path / "flash"
     run = vota("flash", "-c", str(config), "--out", str(out), "--json", "--no-progress",
@@ -374,7 +366,7 @@ def test_delta_applied_wrong_base_refused_before_erase_and_the_full_image_sent(t
     })
     state = tmp_path / "state"
     procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim.log"))
-    _wait_ready(procs[0])
+    procs[0].wait_ready("ecu-sim ready")
     old = firmware_like(96 * 1024)
     new = next_release(old)
     (tmp_path / "old.bin").write_bytes(old)
@@ -428,7 +420,7 @@ def test_ecu_killed_while_a_delta_is_applied_keeps_the_old_image_and_takes_the_d
     state = tmp_path / "state"
     sim = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim.log")
     procs.append(sim)
-    _wait_ready(sim)
+    sim.wait_ready("ecu-sim ready")
     old = firmware_like(MiB // 2)
     new = bytearray(next_release(old))
     for at in range(0, len(new) - 4096, 16384):  # a quarter rebuilt: a patch that takes a while on the bus
@@ -457,7 +449,7 @@ def test_ecu_killed_while_a_delta_is_applied_keeps_the_old_image_and_takes_the_d
 
     sim2 = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim2.log")
     procs.append(sim2)
-    _wait_ready(sim2)
+    sim2.wait_ready("ecu-sim ready")
     assert _active_image(state, "vcu") == old, f"seed {seed}"
     again = vota(*args, "--out", str(tmp_path / "f2"), timeout=300)
     assert again.returncode == 0, again.stderr

@@ -15,21 +15,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.adapters.canbus import Segment
+from agent.adapters.config_files import load_vehicle_config
 from agent.adapters.file_client import PackageDeployer
 from agent.core.campaign import sign_campaign
-from agent.core.config import load_vehicle_config
 from agent.core.trace import parse_trace
 from agent.protocol.link import ContentOp
 from tbox.gateway_client import GatewayClient, GatewayError, InstallStatus
 from tests.conftest import Proc, ecu_entry, multicast_bus
-
-
-def _ready(proc: Proc, word: str) -> None:
-    deadline = time.monotonic() + 20
-    while word not in proc.text():
-        assert proc.p.poll() is None and time.monotonic() < deadline, proc.text()
-        time.sleep(0.05)
-
 
 VIN = "LVOTAINSTALL00001"
 KEY = Ed25519PrivateKey.generate()
@@ -66,8 +58,8 @@ def _start(tmp_path, path, procs):  # type: ignore[no-untyped-def]
     """The ECU simulators and the gateway of ``path`` as processes; the config and the deploy link."""
     procs.append(Proc("ecu-sim", "-c", str(path), "--state-dir", str(tmp_path / "ecu"), log=tmp_path / "ecu.log"))
     procs.append(Proc("gateway", "-c", str(path), log=tmp_path / "gw.log"))
-    _ready(procs[0], "ecu-sim ready")
-    _ready(procs[1], "gateway ready")
+    procs[0].wait_ready("ecu-sim ready")
+    procs[1].wait_ready("gateway ready")
     config = load_vehicle_config(path)
     return config, config.deploy_link()
 
@@ -242,7 +234,7 @@ def test_a_key_revoked_by_a_signed_key_list_stays_revoked_on_the_gateway(tmp_pat
     assert sorted(p.name for p in (tmp_path / "gw" / "results" / "keys").iterdir()) == ["keys-000001.json"]
     procs[1].stop()
     procs.append(Proc("gateway", "-c", str(path), log=tmp_path / "gw2.log"))
-    _ready(procs[-1], "gateway ready")
+    procs[-1].wait_ready("gateway ready")
     with Segment(config.segments["bb"]) as segment:
         gw = GatewayClient(segment, link)
         _deploy(segment, link, tmp_path, "install-k-4.json", _manifest("k-4", vcu))

@@ -151,7 +151,7 @@ def test_the_cli_makes_a_key_list_and_verifies_a_threshold(tmp_path: Path):
     root, a, b = write("root", ROOT1), write("a", A), write("b", B)
 
     def vota(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, "-m", "vota", *args], capture_output=True, text=True, timeout=60)
 
     made = vota("campaign", "keys", "--version", "1", "--root", root[1], "--campaign", a[1], "--campaign", b[1],
                 "--campaign-threshold", "2", "--content", a[1], "--key", root[0], "--out", str(tmp_path / "keys.json"))

@@ -6,7 +6,6 @@ tester sends its flow control from."""
 
 from __future__ import annotations
 
-import time
 from typing import Any, Iterator
 
 import can
@@ -32,11 +31,8 @@ def ecu(tmp_path, write_config) -> Iterator[dict[str, Any]]:  # type: ignore[no-
     config = write_config({"segments": {"pt": {"bus": bus}},
                            "ecus": {"bms": ecu_entry("bms", 0x7E1, 0x7E9, state_dir=str(tmp_path / "ecu"))}})
     sim = Proc("ecu-sim", "-c", str(config), log=tmp_path / "ecu.log")
-    deadline = time.monotonic() + 20
-    while "ecu-sim ready" not in sim.text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "ecu-sim ready" in sim.text(), sim.text()
     try:
+        sim.wait_ready("ecu-sim ready")
         yield bus
     finally:
         sim.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.core.config import load_vehicle_config
+from agent.adapters.config_files import load_vehicle_config
 from tbox.daemon import TboxDaemon
 from tests.conftest import free_port, multicast_bus
 

@@ -19,11 +19,6 @@ VIN = "LVOTA000000000042"
 ECUS = ("vcu", "bms", "bcm")
 
 
-def _ready(proc: Proc, word: str) -> None:
-    deadline = time.monotonic() + 30
-    while word not in proc.text():
-        assert proc.p.poll() is None and time.monotonic() < deadline, proc.text()
-        time.sleep(0.05)
 
 
 def _pem(key: Any) -> bytes:
@@ -78,8 +73,8 @@ class Vehicle:
         procs.append(Proc("ecu-sim", "-c", str(self.config), "--state-dir", str(tmp / "ecu"), *faults, log=tmp / "ecu.log"))
         procs.append(Proc("gateway", "-c", str(self.config), log=tmp / "gw.log"))
         self.gateway = procs[-1]
-        _ready(procs[-2], "ecu-sim ready")
-        _ready(procs[-1], "gateway ready")
+        procs[-2].wait_ready("ecu-sim ready")
+        procs[-1].wait_ready("gateway ready")
         if tbox:
             self.tbox = self.start_tbox()
 
@@ -87,13 +82,13 @@ class Vehicle:
         tbox = Proc("tbox", "-c", str(self.config), "-v", *args, log=self.tmp / f"tbox-{time.monotonic_ns()}.log")
         self.procs.append(tbox)
         if wait:
-            _ready(tbox, "tbox ready")
+            tbox.wait_ready("tbox ready")
         return tbox
 
     def restart_gateway(self, *args: str) -> Proc:
         self.gateway = Proc("gateway", "-c", str(self.config), *args, log=self.tmp / f"gw-{time.monotonic_ns()}.log")
         self.procs.append(self.gateway)
-        _ready(self.gateway, "gateway ready")
+        self.gateway.wait_ready("gateway ready")
         return self.gateway
 
     def packages(self, version: str, size: int = 48 * 1024) -> list[tuple[str, Path, str]]:

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
+from agent.adapters.config_files import load_yaml
 from agent.adapters.trace_files import read_trace
-from agent.core.config import load_yaml
 from agent.core.diagnosis import Rules, StageInput, parse_rules
 from agent.core.trace import parse_trace
 from agent.errors import TraceFormatError, UsageError

@@ -15,15 +15,10 @@ memorySize announces the new image, TransferData carries the patch.
 from __future__ import annotations
 
 import io
-import threading
-from pathlib import Path
-from typing import BinaryIO
 
-from agent.protocol.compression import DecompressError
+__all__ = ["make_delta", "apply_delta", "patched_size", "DeltaError", "PATCH_COMPRESSION"]
 
-__all__ = ["make_delta", "apply_delta", "patched_size", "DeltaApplier", "DeltaError"]
-
-_COMPRESSION = "lzma"
+PATCH_COMPRESSION = "lzma"  # the patch compression this project makes and ECUs apply
 
 
 class DeltaError(ValueError):
@@ -35,7 +30,7 @@ def make_delta(base: bytes, new: bytes) -> bytes:
     import detools  # noqa: PLC0415 - only the cloud side makes deltas
 
     patch = io.BytesIO()
-    detools.create_patch(io.BytesIO(base), io.BytesIO(new), patch, compression=_COMPRESSION,
+    detools.create_patch(io.BytesIO(base), io.BytesIO(new), patch, compression=PATCH_COMPRESSION,
                          patch_type="sequential", algorithm="bsdiff")
     return patch.getvalue()
 
@@ -49,117 +44,23 @@ def patched_size(patch: bytes) -> int:
         compression, size = read_header_sequential(io.BytesIO(patch[:16]))
     except (Error, IndexError, ValueError) as exc:
         raise DeltaError(f"not a sequential patch ({exc})") from None
-    if compression != _COMPRESSION or size <= 0:
-        raise DeltaError(f"a sequential patch compressed with {_COMPRESSION} is expected, got {compression} "
+    if compression != PATCH_COMPRESSION or size <= 0:
+        raise DeltaError(f"a sequential patch compressed with {PATCH_COMPRESSION} is expected, got {compression} "
                          f"for {size} bytes")
     return int(size)
 
 
 def apply_delta(base: bytes, patch: bytes) -> bytes:
-    """The whole new image at once (the cloud's check of a delta it made, and tests)."""
-    applier = DeltaApplier(io.BytesIO(base))
+    """The whole new image at once (the cloud's check of a delta it made, and tests); a patch
+    that is not one this project makes, or that is damaged or cut short, is DeltaError. (The
+    ECU applies it block by block as it arrives: ``ecu_sim/delta.py``.)"""
+    from detools import apply_patch  # noqa: PLC0415
+    from detools.errors import Error  # noqa: PLC0415
+
+    patched_size(patch)  # the type and compression this project makes
+    out = io.BytesIO()
     try:
-        out = applier.feed(patch, 1 << 40)
-        if not applier.finished:
-            raise DeltaError("the patch ends early")
-        return out
-    finally:
-        applier.close()
-
-
-class _Patch:
-    """The patch as detools reads it: a read blocks until the next block has arrived."""
-
-    def __init__(self, cond: threading.Condition) -> None:
-        self.cond = cond
-        self.buf = bytearray()
-        self.closed = False
-        self.waiting = False  # the applier wants more than has arrived
-
-    def read(self, size: int = -1) -> bytes:
-        with self.cond:
-            while not self.buf and not self.closed:
-                self.waiting = True
-                self.cond.notify_all()
-                self.cond.wait()
-            self.waiting = False
-            n = len(self.buf) if size < 0 else min(size, len(self.buf))
-            data = bytes(self.buf[:n])
-            del self.buf[:n]
-            return data
-
-
-class _Image:
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        self.parts.append(bytes(data))
-        return len(data)
-
-
-class DeltaApplier:
-    """Applies a patch pushed block by block (the ``Decompressor`` protocol of
-    ``agent/protocol/compression.py``): ``feed`` returns the new image's bytes that block made.
-
-    detools' applier pulls its input; it runs in a thread of its own that waits for each block,
-    so the new image is written while the patch arrives, never held whole. ``base`` is the old
-    image (a path: opened here and closed by ``close``)."""
-
-    def __init__(self, base: str | Path | BinaryIO) -> None:
-        self._cond = threading.Condition()
-        self._patch = _Patch(self._cond)
-        self._image = _Image()
-        self._own = isinstance(base, (str, Path))
-        self._base: BinaryIO = open(base, "rb") if isinstance(base, (str, Path)) else base  # noqa: SIM115
-        self._done = False
-        self._error: str | None = None
-        self._thread = threading.Thread(target=self._run, name="delta", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        from detools.apply import apply_patch_sequential  # noqa: PLC0415
-        from detools.common import COMPRESSION_LZMA, PATCH_TYPE_SEQUENTIAL  # noqa: PLC0415
-
-        try:
-            head = self._patch.read(1)
-            # the type and compression this project makes; the others detools reads need the
-            # whole patch at once (its length), which a bootloader receiving blocks has not
-            if len(head) != 1 or (head[0] >> 4) & 7 != PATCH_TYPE_SEQUENTIAL or head[0] & 0x0F != COMPRESSION_LZMA:
-                raise DeltaError(f"not a sequential {_COMPRESSION} patch (header {head.hex() or 'missing'})")
-            self._patch.buf[:0] = head  # give it back: detools reads the header itself
-            apply_patch_sequential(self._base, self._patch, self._image)
-        except Exception as exc:  # noqa: BLE001 - whatever a damaged patch makes detools raise is this patch's fault
-            self._error = f"{exc}" or type(exc).__name__
-        finally:
-            with self._cond:
-                self._done = True
-                self._cond.notify_all()
-
-    def feed(self, data: bytes, limit: int) -> bytes:
-        with self._cond:
-            if self._done and data:
-                if self._error is None:
-                    raise DecompressError("delta: data after the end of the patch")
-            self._patch.buf += data
-            self._cond.notify_all()
-            while not self._done and not (self._patch.waiting and not self._patch.buf):
-                self._cond.wait()
-            out = b"".join(self._image.parts)
-            self._image.parts.clear()
-            if self._error is not None:
-                raise DecompressError(f"delta: {self._error}")
-        return out if len(out) <= limit else out[: limit + 1]
-
-    @property
-    def finished(self) -> bool:
-        """The patch ended (its whole image written, its end marker read)."""
-        return self._done and self._error is None
-
-    def close(self) -> None:
-        with self._cond:
-            self._patch.closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout=5.0)
-        if self._own:
-            self._base.close()
+        apply_patch(io.BytesIO(base), io.BytesIO(patch), out)
+    except (Error, ValueError, IndexError, EOFError) as exc:
+        raise DeltaError(f"the patch does not apply ({exc})") from None
+    return out.getvalue()

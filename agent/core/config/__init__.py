@@ -2,13 +2,14 @@
 
 One file describes the CAN segments and the ECUs on them; the gateway reads the client side
 of each ECU, the ECU simulator reads the ``sim`` part. Every error names the file, the key
-and what was expected.
+and what was expected. This package parses what was read; the file itself is read by
+``agent/adapters/config_files.py``.
 """
 
 from __future__ import annotations
 
-from agent.core.config._parse import load_vehicle_config, parse_vehicle_config
-from agent.core.config._values import load_yaml
+from agent.core.config._parse import parse_vehicle_config
+from agent.core.config._values import parse_yaml
 from agent.core.config.model import (
     CloudConfig,
     ContentConfig,
@@ -33,7 +34,6 @@ __all__ = [
     "ContentConfig",
     "TboxConfig",
     "VehicleConfig",
-    "load_vehicle_config",
     "parse_vehicle_config",
-    "load_yaml",
+    "parse_yaml",
 ]

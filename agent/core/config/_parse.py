@@ -6,7 +6,7 @@ import os
 import re
 from typing import Any, Mapping
 
-from agent.core.config._values import _bitrate, _bool, _can_id, _choice, _int, _nibble, _nonneg, _positive, _Section, _str, load_yaml
+from agent.core.config._values import _bitrate, _bool, _can_id, _choice, _int, _nibble, _nonneg, _positive, _Section, _str
 from agent.core.config.model import (
     CloudConfig,
     ContentConfig,
@@ -381,6 +381,3 @@ def _check_unique_ids(source: str, ecus: Mapping[str, EcuConfig]) -> None:
                 raise ConfigError(source, f"ecus.{ecu.name}.{key}", f"CAN id 0x{can_id:X} is already used by {other}")
             seen[(ecu.segment, can_id)] = ecu.name
 
-
-def load_vehicle_config(path: str | os.PathLike[str]) -> VehicleConfig:
-    return parse_vehicle_config(load_yaml(path), str(path))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 import yaml
@@ -13,17 +11,8 @@ from agent.errors import ConfigError
 T = TypeVar("T")
 
 
-def load_yaml(path: str | os.PathLike[str]) -> Any:
-    """Read a YAML file; any problem becomes one ConfigError naming the file."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(source, None, "file not found") from None
-    except OSError as exc:
-        raise ConfigError(source, None, f"cannot read file ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(source, None, f"not UTF-8 text (byte {exc.start}): a binary file?") from None
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text (read from ``source``) as data; any problem becomes one ConfigError naming ``source``."""
     try:
         return yaml.safe_load(text)
     except RecursionError:

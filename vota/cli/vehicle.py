@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.cli.tables import format_flash_table, table
 from agent.errors import UsageError
+from vota.cli.tables import format_flash_table, table
 
 __all__ = ["cmd_flash", "cmd_versions", "cmd_deploy", "cmd_diagnose", "parse_image_arg"]
 
@@ -32,10 +32,11 @@ def parse_image_arg(text: str) -> tuple[str, Path, str]:
 def cmd_flash(args: argparse.Namespace) -> int:
     import time
 
-    from agent.cli.progress import ProgressBoard
-    from agent.core.config import load_vehicle_config
+    from agent.adapters.config_files import load_vehicle_config
     from agent.core.faults import parse_faults
-    from gateway.flash import FlashJob, flash_all
+    from gateway.jobs import FlashJob
+    from gateway.orchestrator import flash_all
+    from vota.cli.progress import ProgressBoard
 
     config = load_vehicle_config(args.config)
     jobs = []
@@ -73,7 +74,7 @@ def _with_deltas(jobs: list[Any], delta_from: list[str]) -> list[Any]:
     import zlib
 
     from agent.protocol.delta import make_delta
-    from gateway.flash import DeltaImage
+    from gateway.jobs import DeltaImage
 
     by_ecu = {j.ecu: j for j in jobs}
     for item in delta_from:
@@ -94,7 +95,7 @@ def _with_deltas(jobs: list[Any], delta_from: list[str]) -> list[Any]:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from agent.core.config import load_vehicle_config
+    from agent.adapters.config_files import load_vehicle_config
     from gateway.inventory import collect_versions
 
     config = load_vehicle_config(args.config)
@@ -114,10 +115,10 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from agent.adapters.canbus import Segment
+    from agent.adapters.config_files import load_vehicle_config
     from agent.adapters.file_client import PackageDeployer, file_sha256
-    from agent.cli.progress import ProgressBoard
-    from agent.core.config import load_vehicle_config
     from agent.core.faults import parse_faults
+    from vota.cli.progress import ProgressBoard
 
     config = load_vehicle_config(args.config)
     link = config.deploy_link()

@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from agent.cli.inputs import read_input, threshold_role, trusted_keys
 from agent.errors import UsageError
+from vota.cli.inputs import read_input, threshold_role, trusted_keys
 
 __all__ = ["cmd_content"]
 
@@ -37,7 +37,7 @@ def cmd_content(args: argparse.Namespace) -> int:
         print(f"{out / 'vehicle.key'} (stays in the vehicle), {out / 'vehicle.pub'} (for the trust platform)")
         return 0
     if args.content_command == "build":
-        from agent.bench.content import load_content_spec
+        from vota.bench.content import load_content_spec
 
         spec, files = load_content_spec(args.spec)
         vehicle = None
@@ -51,9 +51,9 @@ def cmd_content(args: argparse.Namespace) -> int:
     if args.content_command == "review":
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-        from agent.bench.content import load_content_spec
         from agent.core.clock import parse_time
         from cloud_sim.trust import TrustPlatform
+        from vota.bench.content import load_content_spec
 
         spec, files = load_content_spec(args.spec)
         trust = TrustPlatform(Ed25519PrivateKey.generate())  # the review signs nothing
@@ -82,7 +82,7 @@ def cmd_content(args: argparse.Namespace) -> int:
 
 def _content_on_vehicle(args: argparse.Namespace) -> int:
     """C8: the vehicle side lists, shows, accepts and declines content."""
-    from agent.core.config import load_vehicle_config
+    from agent.adapters.config_files import load_vehicle_config
     from tbox.content_state import load_records, write_inbox
 
     state_dir = load_vehicle_config(args.config).tbox_config().state_dir

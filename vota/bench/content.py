@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agent.adapters.config_files import load_yaml
 from agent.adapters.storage import atomic_write_bytes
-from agent.core.config import load_yaml
 from agent.core.content import BundleRejected, parse_schedule
 from agent.errors import UsageError
 

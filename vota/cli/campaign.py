@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.cli.inputs import read_input, threshold_role, trusted_keys
 from agent.errors import UsageError
 from agent.protocol.files import is_name
+from vota.cli.inputs import read_input, threshold_role, trusted_keys
 
 __all__ = ["cmd_campaign"]
 
@@ -92,9 +92,9 @@ def _media(args: argparse.Namespace) -> int:
         names = export_campaign(read_input(args.envelope, "campaign"), Path(args.packages), Path(args.out))
         print(f"campaign and {len(names)} package(s) written to {args.out}")
         return 0
+    from agent.adapters.config_files import load_vehicle_config
     from agent.adapters.keys import KeyStore, initial_key_list
     from agent.core.campaign import verify_campaign
-    from agent.core.config import load_vehicle_config
     from tbox.campaign_state import TERMINAL, CampaignRecord
 
     config = load_vehicle_config(args.config)

@@ -77,7 +77,7 @@ def _only_one(directory: str, what: str) -> Iterator[None]:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from agent.core.config import load_vehicle_config
+    from agent.adapters.config_files import load_vehicle_config
     from agent.core.faults import parse_faults
     from gateway.daemon import GatewayDaemon
 
@@ -89,8 +89,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_tbox(args: argparse.Namespace) -> int:
+    from agent.adapters.config_files import load_vehicle_config
     from agent.core.clock import parse_time, simulated_clock
-    from agent.core.config import load_vehicle_config
     from agent.core.faults import parse_faults
     from tbox.daemon import TboxDaemon
 
@@ -103,7 +103,7 @@ def cmd_tbox(args: argparse.Namespace) -> int:
 
 
 def cmd_ecu_sim(args: argparse.Namespace) -> int:
-    from agent.core.config import load_vehicle_config
+    from agent.adapters.config_files import load_vehicle_config
     from agent.core.faults import parse_faults
     from ecu_sim.simulator import EcuSimulator
 

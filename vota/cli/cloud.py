@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.cli.daemons import serve
-from agent.cli.inputs import read_input
 from agent.errors import UsageError
+from vota.cli.daemons import serve
+from vota.cli.inputs import read_input
 
 __all__ = ["cmd_cloud"]
 

@@ -7,13 +7,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from agent.cli.tables import table
+from vota.cli.tables import table
 
 __all__ = ["cmd_bench"]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from agent.bench import run_bench
+    from vota.bench import run_bench
 
     report = run_bench(args)
     if isinstance(report, int):

@@ -11,8 +11,8 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from agent.cli.parser import build_parser
 from agent.errors import VotaError
+from vota.cli.parser import build_parser
 
 __all__ = ["main"]
 
@@ -34,7 +34,7 @@ def _setup_logging(verbose: int, command: str) -> None:
 
 
 def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
-    from agent.cli import bench, campaign, cloud, content, daemons, vehicle
+    from vota.cli import bench, campaign, cloud, content, daemons, vehicle
 
     return {
         "ecu-sim": daemons.cmd_ecu_sim,

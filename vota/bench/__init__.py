@@ -26,8 +26,9 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.adapters.config_files import load_vehicle_config, load_yaml
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
-from agent.core.config import load_vehicle_config, load_yaml, parse_vehicle_config
+from agent.core.config import parse_vehicle_config
 from agent.core.faults import parse_faults
 from agent.errors import UsageError, VotaError
 
@@ -67,7 +68,7 @@ class Processes:
         """``vota ARGS`` (or another program's ``argv``), its output in ``<log_dir>/<name>.log``."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(argv or [sys.executable, "-m", "agent.cli", *args], stdout=log,
+            self.procs[name] = subprocess.Popen(argv or [sys.executable, "-m", "vota.cli", *args], stdout=log,
                                                 stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -176,8 +177,8 @@ def _runtime_config(source: str, out: Path, broker: str, mqtt_version: str, vin:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
     """The bench report (also written to ``report.json``), or 130 when interrupted."""
-    from agent.bench.content import content_clock, content_keys, load_content_spec, run_content
     from cloud_sim.cloud import CloudSim, make_campaign, publish
+    from vota.bench.content import content_clock, content_keys, load_content_spec, run_content
 
     config = load_vehicle_config(args.config)
     content_spec = load_content_spec(args.content) if args.content else None

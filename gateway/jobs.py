@@ -1,0 +1,120 @@
+"""What the gateway flashes and what comes of it: a job per ECU (the image, or a delta to it, or
+a package still on its way), the ECU's flash result (D3), and the hooks an install journals
+through. Plain data: the per-ECU sequence is ``gateway/flash.py``, the segments' orchestration
+``gateway/orchestrator.py``."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from agent.core.trace import TraceRecorder
+
+__all__ = ["Progress", "FlashHooks", "DeltaImage", "Awaited", "FlashJob", "FlashResult"]
+
+Progress = Callable[[str, str, int, int], None]
+
+
+@dataclass(frozen=True)
+class FlashHooks:
+    """What an install journals (gateway/journal.py): ``step`` when an ECU starts a new step
+    (with the trace so far), ``result`` when an ECU's result is on disk."""
+
+    step: Callable[[str, str, TraceRecorder], None] | None = None
+    result: Callable[["FlashResult"], None] | None = None
+    # a pipelined install: the job with its package read and checked, once it arrived (FlashError if not)
+    ready: Callable[["FlashJob"], "FlashJob"] | None = None
+
+
+@dataclass(frozen=True)
+class DeltaImage:
+    """A delta to the new image (agent/protocol/delta.py) and what the new image must be."""
+
+    patch: bytes
+    base_sha256: str  # the image the ECU must run for the patch to apply
+    size: int  # the new image's
+    sha256: str
+    crc32: int
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Awaited:
+    """The file a job waits for, as the signed campaign names it, and the image it makes."""
+
+    file: str
+    size: int
+    sha256: str
+    image_size: int
+    image_sha256: str
+    delta_base: str | None = None  # the file is a delta to the image: its base's SHA-256
+    image_crc32: int = 0
+
+
+@dataclass(frozen=True)
+class FlashJob:
+    ecu: str
+    image: bytes  # the full image; empty when only a delta was deployed
+    version: str
+    source: str = ""
+    stage_only: bool = False  # vehicle-level campaigns: stop once the image is staged, do not reset onto it
+    # installs: refuse, before erasing, an image older than what the ECU runs, or when the ECU does not
+    # tell its version (an empty F189, no valid application, is no version to protect)
+    guard_rollback: bool = False
+    delta: DeltaImage | None = None  # sent instead of the image when the ECU runs its base
+    awaited: Awaited | None = None  # a pipelined install: the package is still on its way (gateway/arrivals.py)
+
+    @property
+    def size(self) -> int:
+        if self.awaited is not None:
+            return self.awaited.image_size
+        return self.delta.size if self.delta is not None else len(self.image)
+
+    @property
+    def sha256(self) -> str:
+        if self.awaited is not None:
+            return self.awaited.image_sha256
+        return self.delta.sha256 if self.delta is not None else hashlib.sha256(self.image).hexdigest()
+
+    def check_value(self, algorithm: str) -> bytes:
+        """What check memory compares the written image with."""
+        if algorithm == "crc32":
+            crc = self.delta.crc32 if self.delta is not None else zlib.crc32(self.image)
+            return crc.to_bytes(4, "big")
+        return bytes.fromhex(self.sha256)
+
+
+@dataclass
+class FlashResult:
+    ecu: str
+    result: str  # success | failed
+    version: str
+    image_size: int
+    image_sha256: str
+    failed_step: str | None = None
+    reason: str | None = None
+    nrc: int | None = None
+    version_before: str | None = None
+    version_after: str | None = None
+    started: str = ""
+    duration_s: float = 0.0
+    bytes_transferred: int = 0  # TransferData payload bytes on the bus (compressed, when the image was)
+    transfer_s: float = 0.0  # from the first TransferData to the transfer exit's answer: the measured rate's time
+    compression: str | None = None  # the method the image went with (RequestDownload's dataFormatIdentifier)
+    compression_refused: list[str] = field(default_factory=list)  # methods the ECU answered NRC 0x31 to first
+    transfer_ratio: float = 0.0  # bytes_transferred / image_size
+    image_sent: str = "full"  # full | delta: what TransferData carried
+    delta_refused: str | None = None  # a delta was offered and the full image went instead: why
+    trace_file: str | None = None
+    trace_bytes: int = 0
+    trace_fraction: float = 0.0
+    phase: str | None = None  # staged, activated, committed, discarded, rolled_back (gateway/install.py)
+    actions: list[dict[str, Any]] = field(default_factory=list)  # activation-phase actions on this ECU, in order
+    schema: str = field(default="vota-flash-result/1")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+

@@ -1,0 +1,7 @@
+"""``python -m vota.cli``: the same as the installed ``vota`` command."""
+
+import sys
+
+from vota.cli import main
+
+sys.exit(main())
