@@ -18,11 +18,12 @@ import hashlib
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from agent.adapters.canbus import Segment
 from agent.adapters.file_client import PackageDeployer
 from agent.adapters.trace_files import write_link_trace
-from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
+from agent.adapters.uds_sequence import CallSequence, Peer
 from agent.core.config import DeployConfig, EcuConfig, VehicleConfig
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.protocol.ecu import ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT
@@ -81,26 +82,26 @@ class ContentRelay:
         recorder = TraceRecorder(TraceHeader(
             stage="link", client="GW", server=ecu.name, packet=ecu.name, request_id=ecu.request_id,
             response_id=ecu.response_id, functional_id=ecu.functional_id, started=time.time(), extra={"segment": ecu.segment}))
-        failure: tuple[str, int | None] | None = None
-        with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=ecu.p2_ms / 1000.0, recorder=recorder,
-                     p2_star=ecu.p2_star_ms / 1000.0, dids={did: RawCodec()} if did else None) as link, link.step(step):
-            try:
-                if op == ContentOp.READ_DID:
-                    value = bytes(link.client.read_data_by_identifier(did).service_data.values[did])
-                else:
-                    link.client.change_session(Session.extendedDiagnosticSession)
-                    if op == ContentOp.SHOW:
-                        link.client.routine_control(ROUTINE_SHOW_CONTENT, RoutineType.startRoutine, arg)
-                    elif op == ContentOp.DELETE:
-                        link.client.delete_file(name)
-                    else:
-                        link.client.routine_control(ROUTINE_STOP_CONTENT, RoutineType.startRoutine)
-                    log.info("content on %s: %s", ecu.name, {ContentOp.SHOW: f"showing {name}",
-                                                             ContentOp.DELETE: f"{name} deleted"}.get(ContentOp(op), "stopped"))
-                    value = b""
-            except Exception as exc:  # noqa: BLE001 - the ECU's answer goes back to the TBOX
-                failure = describe_failure(exc)
-                recorder.note(failure[0])
+
+        def steps(c: Any) -> bytes:
+            if op == ContentOp.READ_DID:
+                return bytes(c.read_data_by_identifier(did).service_data.values[did])
+            c.change_session(Session.extendedDiagnosticSession)
+            if op == ContentOp.SHOW:
+                c.routine_control(ROUTINE_SHOW_CONTENT, RoutineType.startRoutine, arg)
+            elif op == ContentOp.DELETE:
+                c.delete_file(name)
+            else:
+                c.routine_control(ROUTINE_STOP_CONTENT, RoutineType.startRoutine)
+            log.info("content on %s: %s", ecu.name, {ContentOp.SHOW: f"showing {name}",
+                                                     ContentOp.DELETE: f"{name} deleted"}.get(ContentOp(op), "stopped"))
+            return b""
+
+        gw = self.config.gateway
+        done = CallSequence(segment, Peer.ecu(ecu, *([did] if did else [])), recorder, step, steps, retries=gw.retries,
+                            late_grace_s=gw.late_response_grace_ms / 1000.0).run()
+        failure = None if done.result == "success" else (str(done.reason), done.nrc)
+        value = bytes(done.value or b"")
         if failure is not None or op != ContentOp.READ_DID:  # a sensor read that went well is not kept each time
             self._write(ecu.name, step, recorder, failure)
         if failure is not None:

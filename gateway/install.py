@@ -95,7 +95,7 @@ def _sha(job: FlashJob) -> str:
 
 
 def _not_started(job: FlashJob, why: str) -> FlashResult:
-    return FlashResult(job.ecu, "failed", job.version, job.size, _sha(job), failed_step="not_started", reason=why)
+    return FlashResult.of(job, failed_step="not_started", reason=why)
 
 
 @dataclass
@@ -163,7 +163,7 @@ class _Install:
             # a delta cannot apply to the image it makes: an ECU already running it (a second round
             # after another ECU refused its delta) is done
             if (self.resumed or job.delta is not None) and self.images(job.ecu).runs(job.version, _sha(job)):
-                self.set(FlashResult(job.ecu, "success", job.version, job.size, _sha(job), version_after=job.version,
+                self.set(FlashResult.of(job, "success", version_after=job.version,
                                      phase="committed", reason="found running this image when the install "
                                                                + ("resumed" if self.resumed else "started")))
             else:
@@ -391,7 +391,7 @@ def _stage(run: _Install) -> None:
                 images = run.images(job.ecu)
                 if images.holds_staged(job.version, _sha(job)):
                     if done is None or done.phase != "staged":
-                        run.set(FlashResult(job.ecu, "success", job.version, job.size, _sha(job),
+                        run.set(FlashResult.of(job, "success",
                                             version_before=images.version, phase="staged",
                                             reason="found staged when the install resumed"))
                     continue

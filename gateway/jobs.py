@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from agent.adapters.uds_sequence import StepResult
 from agent.core.trace import TraceRecorder
 
 __all__ = ["Progress", "FlashHooks", "DeltaImage", "Awaited", "FlashJob", "FlashResult"]
@@ -87,19 +88,13 @@ class FlashJob:
 
 
 @dataclass
-class FlashResult:
+class FlashResult(StepResult):
     ecu: str
-    result: str  # success | failed
     version: str
     image_size: int
     image_sha256: str
-    failed_step: str | None = None
-    reason: str | None = None
-    nrc: int | None = None
     version_before: str | None = None
     version_after: str | None = None
-    started: str = ""
-    duration_s: float = 0.0
     bytes_transferred: int = 0  # TransferData payload bytes on the bus (compressed, when the image was)
     transfer_s: float = 0.0  # from the first TransferData to the transfer exit's answer: the measured rate's time
     compression: str | None = None  # the method the image went with (RequestDownload's dataFormatIdentifier)
@@ -107,14 +102,13 @@ class FlashResult:
     transfer_ratio: float = 0.0  # bytes_transferred / image_size
     image_sent: str = "full"  # full | delta: what TransferData carried
     delta_refused: str | None = None  # a delta was offered and the full image went instead: why
-    trace_file: str | None = None
     trace_bytes: int = 0
     trace_fraction: float = 0.0
     phase: str | None = None  # staged, activated, committed, discarded, rolled_back (gateway/install.py)
     actions: list[dict[str, Any]] = field(default_factory=list)  # activation-phase actions on this ECU, in order
     schema: str = field(default="vota-flash-result/1")
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
+    @classmethod
+    def of(cls, job: "FlashJob", result: str = "failed", **fields: Any) -> "FlashResult":
+        """A result for ``job`` (its ECU, version and image) with ``fields``."""
+        return cls(ecu=job.ecu, version=job.version, image_size=job.size, image_sha256=job.sha256, result=result, **fields)

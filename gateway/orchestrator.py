@@ -29,8 +29,7 @@ def not_arrived(ecu: EcuConfig, job: FlashJob, error: FlashError) -> tuple[Flash
     recorder = TraceRecorder(flash_header(ecu, job))
     recorder.note(error.reason)
     started = _dt.datetime.fromtimestamp(recorder.header.started, _dt.timezone.utc).isoformat(timespec="seconds")
-    result = FlashResult(ecu.name, "failed", job.version, job.size, job.sha256, failed_step=error.step,
-                         reason=error.reason, started=started)
+    result = FlashResult.of(job, failed_step=error.step, reason=error.reason, started=started)
     return result, recorder.trace("failed").to_text()
 
 

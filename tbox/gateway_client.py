@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from agent.adapters.canbus import Segment
-from agent.adapters.file_client import DeployResult, PackageDeployer, deploy_security
+from agent.adapters.file_client import DeployResult, PackageDeployer, deploy_peer
 from agent.adapters.trace_files import write_link_trace
-from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
+from agent.adapters.uds_sequence import CallSequence
 from agent.core.config import DeployConfig
 from agent.core.faults import FaultSpec
 from agent.core.trace import Exchange, TraceHeader, TraceRecorder
@@ -99,9 +99,7 @@ class GatewayClient:
     def traced(self, directory: Path, name: str) -> Iterator[None]:
         """Record the calls made inside (this thread's only) into ``directory``: the trace and a
         result that is ``failed`` when the block ends with a call's failure."""
-        header = TraceHeader(stage="link", client="TBOX", server="GW", packet=name, request_id=self.link.request_id,
-                             response_id=self.link.response_id, functional_id=None, started=time.time())
-        trace = _LinkTrace(TraceRecorder(header))
+        trace = _LinkTrace(TraceRecorder(self._header(name)))
         outer, self._local.trace = getattr(self._local, "trace", None), trace
         failed = False
         try:
@@ -114,39 +112,44 @@ class GatewayClient:
             if trace.recorder.exchanges:
                 self._write(directory, name, trace, failed)
 
+    def _header(self, name: str) -> TraceHeader:
+        return TraceHeader(stage="link", client="TBOX", server="GW", packet=name, request_id=self.link.request_id,
+                           response_id=self.link.response_id, functional_id=None, started=time.time())
+
     @staticmethod
     def _write(directory: Path, name: str, trace: _LinkTrace, failed: bool) -> None:
         failure = trace.failure if failed else None
         write_link_trace(directory, name, trace.recorder,
                          None if failure is None else (failure["step"], failure["reason"], failure["nrc"]), calls=trace.calls)
 
-    def _link(self, recorder: TraceRecorder | None = None) -> UdsLink:
-        return UdsLink(self.segment, self.link.request_id, self.link.response_id, name="gateway", recorder=recorder,
-                       p2=self.link.p2_ms / 1000.0, p2_star=self.link.p2_star_ms / 1000.0, dids={BOOT_ID_DID: RawCodec()},
-                       security=deploy_security(self.link))
-
     def _call(self, what: str, fn: Any) -> Any:
+        """One call on the link (extended session, SecurityAccess when the link has it, then
+        ``fn(client)``), on the sequence engine: traced into the open ``traced`` block of this
+        thread, busyRepeatRequest asked again, a late answer to a request that got none recorded."""
         trace: _LinkTrace | None = getattr(self._local, "trace", None)
-        recorder = trace.recorder if trace is not None else None
-        with self.lock, self._link(recorder) as link, link.step(what) as made:
+        recorder = trace.recorder if trace is not None else TraceRecorder(self._header(what))
+
+        def steps(c: Any) -> Any:
+            c.change_session(Session.extendedDiagnosticSession)
+            if self.link.security_secret is not None:
+                c.unlock_security_access(1)
+            return fn(c)
+
+        call = CallSequence(self.segment, deploy_peer(self.link, BOOT_ID_DID), recorder, what, steps,
+                            retries=self.link.retries, late_grace_s=self.link.late_response_grace_ms / 1000.0)
+        with self.lock:
             try:
-                link.client.change_session(Session.extendedDiagnosticSession)
-                if self.link.security_secret is not None:
-                    link.client.unlock_security_access(1)
-                answer = fn(link.client)
-            except VotaError as exc:
+                result = call.run()
+            except VotaError as exc:  # the gateway's or an ECU's answer, said by ``fn``
                 self._failed(trace, what, str(exc), None)
                 raise
-            except Exception as exc:  # noqa: BLE001 - one error type for the TBOX's state machine
-                reason, nrc = describe_failure(exc)
-                if recorder is not None:
-                    recorder.note(reason)
-                self._failed(trace, what, reason, nrc)
-                raise GatewayError(f"{what}: {reason}") from None
+        if result.result != "success":
+            self._failed(trace, what, str(result.reason), result.nrc)
+            raise GatewayError(f"{what}: {result.reason}")
         if trace is not None:
             trace.failure = None  # a later call went through: an earlier failure did not end the block
-            self._fold(trace, what, made)
-        return answer
+            self._fold(trace, what, result.exchanges)
+        return result.value
 
     @staticmethod
     def _failed(trace: _LinkTrace | None, what: str, reason: str, nrc: int | None) -> None:

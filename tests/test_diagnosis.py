@@ -331,6 +331,17 @@ def test_an_answer_the_client_asked_again_is_not_judged_its_last_attempt_is():
     assert (f.cause, f.index, f.nrc) == ("negative_response", 11, 0x72)
 
 
+def test_an_nrc_the_step_tolerated_is_not_judged():
+    """A step that accepts a negative answer (an ECU without ControlDTCSetting answering 0x11) is
+    marked x.tolerated by the sequence engine: no finding; the same answer not tolerated is one."""
+    rows = [list(r) for r in FLASH]
+    rows[1] = [2, "8502", 2, 1, "7f8511", {"tolerated": True}]
+    assert check_trace(trace(rows, trailer="success"), RULES, "bms", "all") == []
+    rows[1] = [2, "8502", 2, 1, "7f8511"]
+    f = one(rows)
+    assert (f.cause, f.index, f.nrc) == ("negative_response", 1, 0x11)
+
+
 LINK_HEAD = {**DEPLOY_HEAD, "stage": "link", "packet": "installing"}
 LINK = [  # the TBOX polls the install status twice (the second poll folded into the first), then reads a file
     [0, "1003", 2, 1, "5003003201f4", {"step": "install status", "rep": 1}], [2, "2701", 2, 1, "670112345678",

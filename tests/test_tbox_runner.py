@@ -109,14 +109,15 @@ class FakeGateway:
             self.deploys.append((name, resume))
             if restart:
                 self.boot = os.urandom(8)
-            return DeployResult(name, "failed", 0, sha256, failed_step="transfer_data", reason="no response (timeout)")
+            return DeployResult(package=name, result="failed", size=0, sha256=sha256, failed_step="transfer_data",
+                                reason="no response (timeout)")
         data = path.read_bytes()
         assert hashlib.sha256(data).hexdigest() == sha256
         if progress is not None:
             progress(len(data), len(data))
         self.deploys.append((name, resume))
         self.deployed[name] = data
-        result = DeployResult(name, "success", len(data), sha256, packets=1)
+        result = DeployResult(package=name, result="success", size=len(data), sha256=sha256, packets=1)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"{name}.deploy.trace.jsonl").write_text('{"format":"vota-trace","version":1}\n')

@@ -28,7 +28,6 @@ from udsoncan.typing import ClientConfig
 from agent.adapters.canbus import Segment
 from agent.core.faults import FaultCounter, FaultSpec
 from agent.core.trace import TraceRecorder
-from agent.errors import FlashError
 from agent.protocol.uds import plausible_reply
 
 __all__ = ["TracingConnection", "ClientFaults", "StrayListener", "UdsLink", "RawCodec", "describe_failure"]
@@ -239,20 +238,6 @@ class StrayListener(can.Listener):
         sid = exchange.service
         if payload[:1] == bytes((sid + 0x40,)) or payload[:2] == bytes((0x7F, sid)):
             self.recorder.stray(msg.arbitration_id, payload)
-
-
-def run_step(step: str, action: Callable[[], Any], recorder: TraceRecorder) -> Any:
-    """One request of a sequence: its answer, or a FlashError naming the step (and the NRC);
-    a failure other than a negative response is noted in the trace as well."""
-    try:
-        return action()
-    except NegativeResponseException as exc:
-        reason, nrc = describe_failure(exc)
-        raise FlashError(step, reason, nrc) from None
-    except Exception as exc:  # noqa: BLE001 - every failure ends the sequence
-        reason, nrc = describe_failure(exc)
-        recorder.note(reason)
-        raise FlashError(step, reason, nrc) from None
 
 
 def describe_failure(exc: BaseException) -> tuple[str, int | None]:

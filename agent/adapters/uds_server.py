@@ -172,10 +172,16 @@ class UdsServer(Generic[S]):
             self._last_activity = now
             request = Request(data, now, functional)
             scope = self.fault_scope(self.state) if self.fault_scope is not None else None
-            response, outcome = self._dispatch(request)
+            fault = self._faults.next(request.sid, scope) if scope is not None or self.fault_scope is None else None
+            busy = fault is not None and fault.action == "nrc" and fault.arg == Nrc.BusyRepeatRequest
+            if not busy:  # busy: not done at all, the client asks again
+                response, outcome = self._dispatch(request)
             if scope is None and self.fault_scope is not None:
                 scope = self.fault_scope(self.state)  # the request that opened it (0x38) is the package's too
-            fault = self._faults.next(request.sid, scope)
+                fault = self._faults.next(request.sid, scope)
+        if busy:
+            self._respond(stack, request, request.negative(Nrc.BusyRepeatRequest), fault)
+            return
         if outcome is not None and outcome.work is not None:
             response = self._work(stack, request.sid, outcome.work)
         elif outcome is not None and outcome.busy > 0 and response is not None:
@@ -273,6 +279,9 @@ class UdsServer(Generic[S]):
             return
         if action == "delay":
             self._stop.wait((fault.arg or 0) / 1000.0)
+            stack.send(response)
+        elif action == "pending":  # slow, and says so: 0x78 until the answer
+            self._pending(stack, request.sid, (fault.arg or 0) / 1000.0)
             stack.send(response)
         elif action == "nrc":
             stack.send(request.negative(fault.arg or Nrc.GeneralReject))

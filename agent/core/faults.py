@@ -11,7 +11,9 @@ request of that service (to that target) only, ``#N+`` the N-th and every later 
 nothing = every one.
 
 Server-side actions (the ECU in flash, the gateway in deploy): ``drop``, ``delay=MS``,
-``wrong_id[=CANID]``, ``malformed``, ``nrc=CODE``, ``mismatch``. Client-side actions (the
+``pending=MS`` (response-pending 0x78 for MS, then the answer), ``wrong_id[=CANID]``,
+``malformed``, ``nrc=CODE`` (the request is carried out and the answer replaced, except for
+``nrc=0x21``, busyRepeatRequest, where it is not carried out at all), ``mismatch``. Client-side actions (the
 gateway in flash, the TBOX in deploy): ``not_sent`` (a transmit error), ``from_id[=CANID]``
 (sent from a wrong CAN id), ``bad_format``, ``bad_length``, ``skip_counter`` (TransferData
 skips a block counter), ``skip_step`` (the request is left out, the sequence goes on),
@@ -27,10 +29,10 @@ from agent.errors import UsageError
 
 __all__ = ["FaultSpec", "parse_fault", "parse_faults", "SERVER_ACTIONS", "CLIENT_ACTIONS", "FaultCounter"]
 
-SERVER_ACTIONS = ("drop", "delay", "wrong_id", "malformed", "nrc", "mismatch")
+SERVER_ACTIONS = ("drop", "delay", "pending", "wrong_id", "malformed", "nrc", "mismatch")
 CLIENT_ACTIONS = ("not_sent", "from_id", "bad_format", "bad_length", "skip_counter", "skip_step", "corrupt_data")
 STAGES = ("flash", "deploy")
-_NEEDS_ARG = {"delay", "nrc"}
+_NEEDS_ARG = {"delay", "pending", "nrc"}
 
 
 @dataclass(frozen=True)

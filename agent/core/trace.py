@@ -20,7 +20,9 @@ response-pending, ``late`` [ms, hex] a response that came after the client gave 
 ``other`` [[ms, hex], ...] responses to an earlier request (dropped, never taken for this
 one's), ``stray`` [[ms, can_id, hex], ...] response frames from other CAN ids, ``err`` what went
 wrong on the client side, ``step`` the step of an exchange outside the programming sequence
-(the version reads), ``retried`` a request the client asked again (only its last attempt is judged), ``rlen`` the
+(the version reads), ``retried`` a request the client asked again (only its last attempt is judged), ``tolerated`` a
+negative answer the step accepts (not judged), ``csize`` the bytes a compressed or delta
+download carries, ``back`` ms from a reset to the first answer after it, ``rlen`` the
 length of a response whose data was left out (a block of a file read in stage ``link``), ``rep`` how many
 times more the same step went exactly so (a polled status: one record for identical polls). In the
 deploy stage a TransferData header is ``36 nn PPPPPPPP``: block counter and the deploy packet

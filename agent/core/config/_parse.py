@@ -359,6 +359,7 @@ def _deploy(source: str, sec: _Section, segments: Mapping[str, SegmentConfig]) -
         p2_ms=timing.get("p2_ms", _positive, d.p2_ms),
         p2_star_ms=timing.get("p2_star_ms", _positive, d.p2_star_ms),
         late_response_grace_ms=timing.get("late_response_grace_ms", _nonneg, d.late_response_grace_ms),
+        retries=sec.get("retries", _nonneg, d.retries),
         security_secret=sec.get("security_secret", _str, None),
         lockout_s=sec.get("lockout_s", _nonneg, d.lockout_s),
         compression=_compression(sec),

@@ -165,6 +165,7 @@ class DeployConfig:
     p2_ms: int = 1000
     p2_star_ms: int = 6000
     late_response_grace_ms: int = 1000
+    retries: int = 2  # a request answered busyRepeatRequest (NRC 0x21) is asked again this many times
     security_secret: str | None = None  # set: the TBOX must pass SecurityAccess before deploying or installing
     # compressed deploy (RequestFileTransfer's dataFormatIdentifier): (method, nibble) pairs the gateway
     # takes, in the order the TBOX prefers them (agent/protocol/compression.py)

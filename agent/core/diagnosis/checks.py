@@ -155,8 +155,9 @@ class _Checker:
     # -- response checks
     def response(self, i: int, e: Exchange) -> None:
         """Record the first failed response check (later ones would only repeat it). An
-        exchange the client asked again (``x.retried``) is not judged: its last attempt is."""
-        if e.extra.get("retried"):
+        exchange the client asked again (``x.retried``) is not judged: its last attempt is; nor
+        is a negative answer its step accepts (``x.tolerated``)."""
+        if e.extra.get("retried") or e.extra.get("tolerated"):
             return
         for check in self.rules.response_checks:
             if e.response is None and check in ("format", "type") or (
