@@ -12,7 +12,7 @@ programming error and is not retried.
 
 from __future__ import annotations
 
-__all__ = ["VotaError", "TryLater", "Refused", "ConfigError", "UsageError", "FlashError", "TraceFormatError"]
+__all__ = ["VotaError", "TryLater", "Refused", "InstallRefused", "ConfigError", "UsageError", "FlashError", "TraceFormatError"]
 
 
 class VotaError(Exception):
@@ -31,6 +31,18 @@ class Refused(VotaError):
     def __init__(self, reason: str, detail: str, **extra: object) -> None:
         self.reason, self.detail, self.extra = reason, detail, extra
         super().__init__(f"{reason}: {detail}")
+
+
+class InstallRefused(Refused):
+    """The gateway will not run an install manifest: why (``detail``), and the campaign it names
+    (None when the manifest is too broken to say)."""
+
+    def __init__(self, detail: str, campaign_id: str | None = None) -> None:
+        super().__init__("install_refused", detail, campaign_id=campaign_id)
+        self.campaign_id = campaign_id
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class UsageError(VotaError):

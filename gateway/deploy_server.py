@@ -27,6 +27,7 @@ from agent.adapters.file_store import FileStore, request_file_transfer, transfer
 from agent.adapters.storage import atomic_write_json
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import DeployConfig
+from agent.errors import InstallRefused
 from agent.protocol.files import is_name
 from agent.protocol.link import (
     BOOT_ID_DID,
@@ -45,8 +46,8 @@ __all__ = ["DeployState", "DEPLOY_SERVICES", "Installer", "Relay"]
 class Installer(Protocol):
     """The gateway's port to flashing and version collection (I/O lives behind it)."""
 
-    def start(self, manifest: bytes) -> str | None:
-        """Start installing; None, or why the manifest is refused."""
+    def start(self, manifest: bytes) -> None:
+        """Start installing; InstallRefused says why the manifest is refused."""
 
     def status(self, campaign: str | None) -> tuple[int, int, int]:
         """(InstallStatus, ECUs done, ECUs in total)."""
@@ -206,8 +207,9 @@ def _routine(s: DeployState, r: Request) -> bytes | Outcome:
         return r.negative(Nrc.RequestOutOfRange)
     if installer.status(None)[0] in (InstallStatus.RUNNING, InstallStatus.WAITING):
         return r.negative(Nrc.ConditionsNotCorrect)
-    refused = installer.start(s.files.path(name).read_bytes())
-    if refused:
+    try:
+        installer.start(s.files.path(name).read_bytes())
+    except InstallRefused as refused:
         log.warning("install manifest %s refused: %s", name, refused)
         return r.negative(Nrc.ConditionsNotCorrect)
     return head + b"\x00"

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.core.campaign import CampaignRejected, Package, verify_campaign
 from agent.core.content import BundleRejected, verify_manifest
 from agent.core.roles import Role
+from agent.errors import InstallRefused
 from agent.protocol.link import InstallManifest
 
 __all__ = ["Trust", "Approved", "check_install"]
@@ -69,10 +70,16 @@ def _image_matches(image: bytes, size: int, sha256: str) -> bool:
     return len(image) == size and hashlib.sha256(image).hexdigest() == sha256
 
 
-def check_install(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, ecus: set[str]) -> Approved | str:
-    """Approved when every job is what a trusted party signed for this vehicle; else why not."""
+def _refused(why: str, manifest: InstallManifest) -> InstallRefused:
+    return InstallRefused(why, manifest.campaign_id)
+
+
+def check_install(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, ecus: set[str]) -> Approved:
+    """Approved when every job is what a trusted party signed for this vehicle; else InstallRefused
+    says why not."""
     if not trust.vin:
-        return "the gateway knows no VIN to check signed campaigns against (tbox.vin or gateway.vin)"
+        raise _refused("the gateway knows no VIN to check signed campaigns against (tbox.vin or gateway.vin)",
+                       manifest)
     proof = manifest.proof or {}
     try:
         if "campaign" in proof:
@@ -80,70 +87,74 @@ def check_install(manifest: InstallManifest, images: Mapping[str, bytes], trust:
         if "content" in proof and isinstance(proof["content"], dict):
             return _check_content(manifest, images, trust, proof["content"])
     except ValueError as exc:
-        return f"not signed: {exc}"
-    return "not signed: the install manifest carries no signed campaign or content manifest"
+        raise _refused(f"not signed: {exc}", manifest) from None
+    raise _refused("not signed: the install manifest carries no signed campaign or content manifest", manifest)
 
 
 def _check_campaign(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, ecus: set[str],
-                    envelope: bytes) -> Approved | str:
+                    envelope: bytes) -> Approved:
     if not Role.of(trust.campaign_keys).keys:
-        return "the gateway has no trusted campaign keys (gateway.trusted_keys or tbox.trusted_keys)"
+        raise _refused("the gateway has no trusted campaign keys (gateway.trusted_keys or tbox.trusted_keys)",
+                       manifest)
     assert trust.vin is not None
     try:
         campaign = verify_campaign(envelope, trust.campaign_keys, vin=trust.vin, now=_NO_EXPIRY, known_ecus=ecus,
                                    check_time=False)
     except CampaignRejected as exc:
-        return f"not signed: {exc}"
+        raise _refused(f"not signed: {exc}", manifest) from None
     if campaign.campaign_id != manifest.campaign_id:
-        return f"the signed campaign is {campaign.campaign_id}, the manifest names {manifest.campaign_id}"
+        raise _refused(f"the signed campaign is {campaign.campaign_id}, the manifest names {manifest.campaign_id}",
+                       manifest)
     if campaign.activation != manifest.activation:
-        return f"the signed campaign activates {campaign.activation}, the manifest {manifest.activation}"
+        raise _refused(f"the signed campaign activates {campaign.activation}, the manifest {manifest.activation}", manifest)
     signed = {(p.ecu, p.name, p.version, p.order) for p in campaign.packages}
     asked = {(j.ecu, j.package, j.version, j.order) for j in manifest.jobs}
     if asked != signed:  # no job added, none left out (mix-and-match, partial bundle)
         extra, missing = sorted(asked - signed), sorted(signed - asked)
-        return f"the jobs are not the signed campaign's packages (not signed: {extra}, left out: {missing})"
+        raise _refused(f"the jobs are not the signed campaign's packages (not signed: {extra}, left out: {missing})",
+                       manifest)
     jobs = {j.ecu: j for j in manifest.jobs}
     arriving = manifest.arriving  # what is not here yet (or not yet replaced) is checked when it arrives
     for p in campaign.packages:
         job, full = jobs[p.ecu], images.get(p.name)
         if full is not None and not _image_matches(full, p.size, p.sha256) and not arriving:
-            return f"{p.name}: the deployed file is not the signed package (size or SHA-256)"
+            raise _refused(f"{p.name}: the deployed file is not the signed package (size or SHA-256)", manifest)
         if job.delta is not None:
             if p.delta is None or job.delta != p.delta.name:
-                return f"{job.delta}: not the signed campaign's delta for {p.ecu}"
+                raise _refused(f"{job.delta}: not the signed campaign's delta for {p.ecu}", manifest)
             if not _image_matches(images.get(job.delta, b""), p.delta.size, p.delta.sha256) and not arriving:
-                return f"{job.delta}: the deployed file is not the signed delta (size or SHA-256)"
+                raise _refused(f"{job.delta}: the deployed file is not the signed delta (size or SHA-256)", manifest)
         elif full is None and not arriving:
-            return f"package {p.name!r} was not deployed"
+            raise _refused(f"package {p.name!r} was not deployed", manifest)
     return Approved({p.ecu: p for p in campaign.packages if p.delta is not None and jobs[p.ecu].delta is not None},
                     {p.ecu: p for p in campaign.packages})
 
 
-def _check_content(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, proof: dict[str, Any]) -> Approved | str:
+def _check_content(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, proof: dict[str, Any]) -> Approved:
     keys = trust.content_keys if Role.of(trust.content_keys).keys else trust.campaign_keys
     if not Role.of(keys).keys:
-        return "the gateway has no trusted content keys"
+        raise _refused("the gateway has no trusted content keys", manifest)
     assert trust.vin is not None
     body, signature = _b64(proof.get("manifest"), "proof.content.manifest"), _b64(proof.get("signature"), "proof.content.signature")
     try:
         bundle = verify_manifest(body, signature, keys, vin=trust.vin, now=_NO_EXPIRY)
     except BundleRejected as exc:
-        return f"not signed: {exc}"
+        raise _refused(f"not signed: {exc}", manifest) from None
     item = next((i for i in bundle.items if i.id == proof.get("item")), None)
     if item is None or item.cls != "software":
-        return f"the signed bundle {bundle.bundle_id} has no software item {proof.get('item')!r}"
+        raise _refused(f"the signed bundle {bundle.bundle_id} has no software item {proof.get('item')!r}", manifest)
     if len(manifest.jobs) != 1:
-        return "a content item installs on one ECU"
+        raise _refused("a content item installs on one ECU", manifest)
     job = manifest.jobs[0]
     if job.delta is not None or manifest.arriving:
-        return "a content item installs a full image, deployed before its install"
+        raise _refused("a content item installs a full image, deployed before its install", manifest)
     if (job.ecu, job.version) != (item.target, item.raw.get("version")):
-        return f"the signed item installs {item.raw.get('version')!r} on {item.target}, the manifest {job.version!r} on {job.ecu}"
+        raise _refused(f"the signed item installs {item.raw.get('version')!r} on {item.target}, "
+                       f"the manifest {job.version!r} on {job.ecu}", manifest)
     image = images.get(job.package, b"")
     meta = item.encryption
     matches = (_image_matches(image, int(meta.get("plain_size", -1)), str(meta.get("plain_sha256"))) if meta
                else _image_matches(image, item.size, item.sha256))
     if not matches:
-        return f"{job.package}: the deployed file is not the signed item {item.id} (size or SHA-256)"
+        raise _refused(f"{job.package}: the deployed file is not the signed item {item.id} (size or SHA-256)", manifest)
     return Approved()

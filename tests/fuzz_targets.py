@@ -738,18 +738,21 @@ class InstallManifests(Target):
 
     def feed(self, example: bytes) -> None:
         from agent.core.preconditions import parse_gate
+        from agent.errors import InstallRefused
         from agent.protocol.link import InstallManifest, parse_manifest
 
-        manifest = parse_manifest(example)
-        if isinstance(manifest, str):
-            assert manifest, "a refusal without a reason"
+        try:
+            manifest = parse_manifest(example)
+        except InstallRefused as refused:
+            assert refused.detail, "a refusal without a reason"
             return
         assert isinstance(manifest, InstallManifest) and manifest.jobs
         if manifest.preconditions is None:
             return
-        gate = parse_gate(manifest.preconditions)
-        if isinstance(gate, str):
-            assert gate.startswith("preconditions"), gate
+        try:
+            gate = parse_gate(manifest.preconditions, manifest.campaign_id)
+        except InstallRefused as refused:
+            assert refused.detail.startswith("preconditions") and refused.campaign_id == manifest.campaign_id, refused
             return
         assert gate.conditions.recheck_s > 0 and gate.conditions.ecu
         gate.unmet({"soc": 50, "power_mode": "off", "gear": "P", "speed_kmh": 0, "battery_mv": 12000, "charging": "no"})

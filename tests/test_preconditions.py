@@ -190,24 +190,32 @@ def test_staged_waits_for_the_preconditions_before_activating_and_turns_back_if_
 
 def test_the_gate_the_gateway_gets_round_trips_and_refuses_what_it_cannot_use():
     from agent.core.preconditions import Gate, parse_gate
+    from agent.errors import InstallRefused
     from agent.protocol.link import InstallJob, InstallManifest, encode_manifest, parse_manifest
 
     gate = Gate(PreconditionsConfig(ecu="bcm", min_soc=25, charging="forbidden", recheck_s=2), 184.93, 1.8e9)
     manifest = parse_manifest(encode_manifest(InstallManifest("c-1", (InstallJob("vcu", "v.bin", "2"),),
                                                                preconditions=gate.to_json())))
-    assert not isinstance(manifest, str)
     back = parse_gate(manifest.preconditions)
     assert back == Gate(gate.conditions, 184.9, 1.8e9)
     assert set(back.unmet({**PARKED, "soc": 26})) == {"soc"}  # 25 % + 0.5 % a minute of about 3 minutes
-    assert parse_gate([]) == "preconditions must be an object"
-    assert parse_gate({"ecu": "bcm"}) == "preconditions: ecu and until are needed"
-    assert parse_gate({**gate.to_json(), "doors": True}) == "preconditions: unknown key 'doors'"
-    assert parse_gate({**gate.to_json(), "parked": "yes"}) == "preconditions: parked must be true or false"
-    assert parse_gate({**gate.to_json(), "min_soc": float("nan")}) == "preconditions: min_soc must be a number, 0 or more"
-    assert parse_gate({**gate.to_json(), "recheck_s": 0}) == "preconditions: recheck_s must be greater than 0"
-    assert parse_manifest(b'{"format": "vota-install", "version": 1, "campaign_id": "c", "preconditions": 3,'
-                          b' "jobs": [{"ecu": "a", "package": "p", "version": "1"}]}') == \
-        "malformed manifest (preconditions must be an object)"
+
+    def refusal(doc: object) -> str:
+        with pytest.raises(InstallRefused) as refused:
+            parse_gate(doc, "c-1")
+        assert refused.value.campaign_id == "c-1"
+        return refused.value.detail
+
+    assert refusal([]) == "preconditions must be an object"
+    assert refusal({"ecu": "bcm"}) == "preconditions: ecu and until are needed"
+    assert refusal({**gate.to_json(), "doors": True}) == "preconditions: unknown key 'doors'"
+    assert refusal({**gate.to_json(), "parked": "yes"}) == "preconditions: parked must be true or false"
+    assert refusal({**gate.to_json(), "min_soc": float("nan")}) == "preconditions: min_soc must be a number, 0 or more"
+    assert refusal({**gate.to_json(), "recheck_s": 0}) == "preconditions: recheck_s must be greater than 0"
+    with pytest.raises(InstallRefused) as refused:
+        parse_manifest(b'{"format": "vota-install", "version": 1, "campaign_id": "c", "preconditions": 3,'
+                       b' "jobs": [{"ecu": "a", "package": "p", "version": "1"}]}')
+    assert (refused.value.detail, refused.value.campaign_id) == ("malformed manifest (preconditions must be an object)", "c")
 
 
 def test_what_cannot_be_read_cannot_be_relied_on():

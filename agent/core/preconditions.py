@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from agent.core.config import PreconditionsConfig, VehicleConfig
+from agent.errors import InstallRefused
 from agent.protocol.can_timing import physical_goodput
 
 __all__ = ["Estimate", "estimate_install", "unmet", "required_soc", "Gate", "parse_gate"]
@@ -127,33 +128,33 @@ class Gate:
 _FIELDS = {f.name: f for f in dataclasses.fields(PreconditionsConfig)}
 
 
-def parse_gate(doc: Any) -> Gate | str:
-    """The manifest's ``preconditions``, or why they cannot be used."""
+def parse_gate(doc: Any, campaign_id: str | None = None) -> Gate:
+    """The manifest's ``preconditions``; InstallRefused says why they cannot be used."""
     if not isinstance(doc, dict):
-        return "preconditions must be an object"
+        raise InstallRefused("preconditions must be an object", campaign_id)
     unknown = sorted(set(doc) - set(_FIELDS) - {"install_s", "until"})
     if unknown:
-        return f"preconditions: unknown key {unknown[0]!r}"
+        raise InstallRefused(f"preconditions: unknown key {unknown[0]!r}", campaign_id)
     values: dict[str, Any] = {}
     for name, value in doc.items():
         if name == "ecu":
             if not isinstance(value, str) or not value:
-                return "preconditions: ecu must be an ECU's name"
+                raise InstallRefused("preconditions: ecu must be an ECU's name", campaign_id)
         elif name == "charging":
             if value not in ("allowed", "forbidden"):
-                return "preconditions: charging must be allowed or forbidden"
+                raise InstallRefused("preconditions: charging must be allowed or forbidden", campaign_id)
         elif name in ("parked", "ignition_off", "speed_zero"):
             if not isinstance(value, bool):
-                return f"preconditions: {name} must be true or false"
+                raise InstallRefused(f"preconditions: {name} must be true or false", campaign_id)
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e12 or value != value:
-            return f"preconditions: {name} must be a number, 0 or more"
+            raise InstallRefused(f"preconditions: {name} must be a number, 0 or more", campaign_id)
         values[name] = value
     if "ecu" not in values or "until" not in values:
-        return "preconditions: ecu and until are needed"
+        raise InstallRefused("preconditions: ecu and until are needed", campaign_id)
     install_s, until = float(values.pop("install_s", 0.0)), float(values.pop("until"))
     if "min_battery_mv" in values:
         values["min_battery_mv"] = int(values["min_battery_mv"])
     conditions = PreconditionsConfig(**values)
     if conditions.recheck_s <= 0:
-        return "preconditions: recheck_s must be greater than 0"
+        raise InstallRefused("preconditions: recheck_s must be greater than 0", campaign_id)
     return Gate(conditions, install_s, until)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from agent.errors import InstallRefused
 from agent.protocol.files import is_name
 
 __all__ = ["deploy_key", "INSTALL_ROUTINE", "INVENTORY_ROUTINE", "CONTENT_ROUTINE", "InstallStatus", "ContentOp", "RelayStatus",
@@ -142,43 +143,44 @@ def encode_manifest(manifest: InstallManifest) -> bytes:
     return json.dumps(doc, indent=1).encode()
 
 
-def parse_manifest(data: bytes) -> InstallManifest | str:
-    """The manifest, or why it cannot be used (no I/O: whether packages exist is the caller's)."""
+def parse_manifest(data: bytes) -> InstallManifest:
+    """The manifest; InstallRefused says why it cannot be used (no I/O: whether packages exist is
+    the caller's)."""
     try:
         doc: Any = json.loads(data)
     except (ValueError, RecursionError) as exc:
-        return f"malformed manifest ({exc.__class__.__name__})"
+        raise InstallRefused(f"malformed manifest ({exc.__class__.__name__})") from None
     if not isinstance(doc, dict) or doc.get("format") != "vota-install" or doc.get("version") != 1:
-        return "not a vota-install version 1 manifest"
+        raise InstallRefused("not a vota-install version 1 manifest")
     campaign = doc.get("campaign_id")
     if not is_name(campaign):
-        return "bad campaign_id"
+        raise InstallRefused("bad campaign_id")
     raw = doc.get("jobs")
     if not isinstance(raw, list) or not raw:
-        return "no jobs"
+        raise InstallRefused("no jobs", campaign)
     jobs = []
     for job in raw:
         if not isinstance(job, dict) or not all(isinstance(job.get(k), str) for k in ("ecu", "package", "version")):
-            return "malformed manifest (a job needs ecu, package and version strings)"
+            raise InstallRefused("malformed manifest (a job needs ecu, package and version strings)", campaign)
         if not is_name(job["package"]):
-            return f"package {job['package']!r} was not deployed"
+            raise InstallRefused(f"package {job['package']!r} was not deployed", campaign)
         order = job.get("order", 0)
         if not isinstance(order, int) or isinstance(order, bool) or not 0 <= order <= 999:
-            return "malformed manifest (order must be an integer from 0 to 999)"
+            raise InstallRefused("malformed manifest (order must be an integer from 0 to 999)", campaign)
         delta = job.get("delta")
         if delta is not None and not is_name(delta):
-            return f"delta {delta!r} was not deployed"
+            raise InstallRefused(f"delta {delta!r} was not deployed", campaign)
         jobs.append(InstallJob(job["ecu"], job["package"], job["version"], order, delta))
     activation = doc.get("activation", "per_ecu")
     if activation not in ("per_ecu", "atomic"):
-        return "malformed manifest (activation must be per_ecu or atomic)"
+        raise InstallRefused("malformed manifest (activation must be per_ecu or atomic)", campaign)
     proof = doc.get("proof")
     if proof is not None and not isinstance(proof, dict):
-        return "malformed manifest (proof must be an object)"
+        raise InstallRefused("malformed manifest (proof must be an object)", campaign)
     arriving = doc.get("arriving", False)
     if not isinstance(arriving, bool):
-        return "malformed manifest (arriving must be true or false)"
+        raise InstallRefused("malformed manifest (arriving must be true or false)", campaign)
     preconditions = doc.get("preconditions")
     if preconditions is not None and not isinstance(preconditions, dict):
-        return "malformed manifest (preconditions must be an object)"
+        raise InstallRefused("malformed manifest (preconditions must be an object)", campaign)
     return InstallManifest(str(campaign), tuple(jobs), activation, proof, arriving, preconditions)

@@ -35,7 +35,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
     from agent.adapters.config_files import load_vehicle_config
     from agent.core.faults import parse_faults
     from gateway.jobs import FlashJob
-    from gateway.orchestrator import flash_all
+    from gateway.orchestrator import FlashRun, flash_all
     from vota.cli.progress import ProgressBoard
 
     config = load_vehicle_config(args.config)
@@ -56,7 +56,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S")
     signal.signal(signal.SIGTERM, _interrupt)
     board = ProgressBoard([j.ecu for j in jobs], enabled=not args.no_progress)
-    results = flash_all(config, jobs, out, progress=board, faults=parse_faults(args.fault, "flash", [j.ecu for j in jobs]))
+    faults = parse_faults(args.fault, "flash", [j.ecu for j in jobs])
+    results = flash_all(config, jobs, out, FlashRun(progress=board, faults=tuple(faults)))
     board.finish()
     rows = [r.to_json() for r in results]
     if args.json:

@@ -195,6 +195,7 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         reset_wait_ms=gw.get("reset_wait_ms", _positive, d.reset_wait_ms),
         retries=gw.get("retries", _nonneg, d.retries),
         worker_stale_s=gw.get("worker_stale_s", _positive, d.worker_stale_s),
+        worker_pong_s=gw.get("worker_pong_s", _positive, d.worker_pong_s),
         segment_workers=gw.get("segment_workers", _choice("auto", "process", "thread"), d.segment_workers),
         arrival_idle_s=gw.get("arrival_idle_s", _positive, d.arrival_idle_s),
         trusted_keys=tuple(_str(k) for k in gw.get("trusted_keys", list, [], what="a list of public key files (PEM)")),

@@ -135,6 +135,7 @@ class GatewayConfig:
     reset_wait_ms: int = 5000
     retries: int = 2
     worker_stale_s: int = 300  # the install or a serving thread without progress this long: no watchdog pings
+    worker_pong_s: int = 10  # a flash worker process that does not answer a ping this long is stuck: killed
     # how segments are flashed in parallel: each in a process of its own (no shared interpreter
     # lock), in threads of the gateway's process, or "auto": processes when more than one
     # segment flashes at once

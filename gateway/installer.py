@@ -1,0 +1,250 @@
+"""The gateway's installs as the deploy server starts and reports them: one at a time, in a
+thread of its own, with its status on disk (``<results>/<campaign>/install.json``) so that the
+TBOX can ask for it at any time and an install that was running when the gateway stopped goes on
+when it starts again (``resume``). What an install does is ``gateway/install.py``; what it is
+checked against, ``gateway/plan.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from agent.adapters.heartbeat import Heartbeats
+from agent.adapters.keys import KeyStore, initial_key_list
+from agent.adapters.storage import atomic_write_bytes, atomic_write_json
+from agent.core.config import VehicleConfig
+from agent.core.faults import FaultSpec
+from agent.core.roles import KeysRejected
+from agent.errors import InstallRefused
+from agent.protocol.link import INVENTORY_FILE, InstallManifest, InstallStatus, parse_manifest
+from gateway.arrivals import Arrivals
+from gateway.buses import Buses
+from gateway.install import InstallInterrupted, InstallPorts, install
+from gateway.inventory import collect_versions
+from gateway.plan import InstallPlan, build_plan, files_named
+from gateway.vehicle_state import read_signals
+from gateway.verify import Trust
+
+__all__ = ["GatewayInstaller", "load_keys", "MANIFEST_COPY", "WAITING_FILE"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COPY = "install-manifest.json"  # the manifest an install runs, kept beside its journal
+WAITING_FILE = "preconditions.json"  # why an install waits before activating (status 0x05), for the TBOX to read
+
+
+def load_keys(config: VehicleConfig, results_dir: Path) -> tuple[str | None, KeyStore]:
+    """The VIN and the key store installs are verified against: the gateway section's keys,
+    thresholds and VIN, else the tbox section's (one vehicle.yaml for both daemons), then the key
+    lists taken since (``<results_dir>/keys/``). Without a VIN or keys, every install is refused."""
+    gw, tbox = config.gateway, config.tbox
+    campaign = gw.trusted_keys or (tbox.trusted_keys if tbox is not None else ())
+    content = gw.content_trusted_keys or (tbox.content.trusted_keys if tbox is not None else ())
+    root = gw.root_keys or (tbox.root_keys if tbox is not None else ())
+
+    def threshold(own: int | None, tbox_value: int) -> int:
+        return own if own is not None else (tbox_value if tbox is not None else 1)
+
+    initial = initial_key_list(
+        (campaign, threshold(gw.signature_threshold, tbox.signature_threshold if tbox else 1)),
+        (content, threshold(gw.content_signature_threshold, tbox.content.signature_threshold if tbox else 1)),
+        (root, threshold(gw.root_threshold, tbox.root_threshold if tbox else 1)))
+    vin = gw.vin or (tbox.vin if tbox is not None else None)
+    if not vin or not campaign:
+        log.warning("no VIN or no trusted campaign keys configured: every install will be refused")
+    return vin, KeyStore(results_dir / "keys", initial)
+
+
+class GatewayInstaller:
+    """Runs installs per install manifest in a background thread; status kept on disk too. An
+    install that was running when the gateway stopped goes on when it starts again (``resume``)."""
+
+    def __init__(self, config: VehicleConfig, package_dir: Path, results_dir: Path, stop: threading.Event,
+                 faults: list[FaultSpec] | None = None, buses: Buses | None = None, trust: Trust | None = None) -> None:
+        self.config, self.package_dir, self.results_dir, self.stop = config, package_dir, results_dir, stop
+        self.keys: KeyStore | None = None
+        if trust is None:
+            vin, self.keys = load_keys(config, results_dir)
+            trust = Trust(vin)
+        self.trust = trust
+        self.buses = buses if buses is not None else Buses(config)
+        self.faults = faults or []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._campaign: str | None = None
+        self._step = "starting"
+        self._done = 0
+        self._total = 0
+        self._waiting: dict[str, str] | None = None  # the install waits for these preconditions
+        self.heartbeats = Heartbeats(config.gateway.worker_stale_s)  # the install thread, while one runs
+
+    # ---- what a manifest asks for --------------------------------------------------------
+    def plan(self, data: bytes) -> InstallPlan:
+        """The plan of an install manifest, or InstallRefused: parsed, the key lists it carries
+        taken, checked against the deployed files and the signed documents (gateway/plan.py)."""
+        manifest = parse_manifest(data)
+        self._follow_keys(manifest)
+        images = {}
+        for name in files_named(manifest):  # the full image, a delta to it, or both, where deployed
+            if (self.package_dir / name).is_file():
+                images[name] = (self.package_dir / name).read_bytes()
+        return build_plan(manifest, images, self._trust(), self.config)
+
+    def _trust(self) -> Trust:
+        if self.keys is None:
+            return self.trust
+        current = self.keys.current
+        return Trust(self.trust.vin, current.role("campaign"), current.role("content"))
+
+    def _follow_keys(self, manifest: InstallManifest) -> None:
+        """The key lists the TBOX has taken, taken here too (kept: leaving them out of a later
+        manifest brings no revoked key back)."""
+        chain = (manifest.proof or {}).get("keys")
+        if chain is None or self.keys is None:
+            return
+        try:
+            if not isinstance(chain, list) or not all(isinstance(k, str) for k in chain):
+                raise ValueError("proof.keys is not a list of base64 key lists")
+            self.keys.follow([base64.b64decode(k, validate=True) for k in chain])
+        except (binascii.Error, ValueError, KeysRejected) as exc:
+            raise InstallRefused(f"not signed: {exc}", manifest.campaign_id) from None
+
+    # ---- running one ---------------------------------------------------------------------
+    def start(self, manifest: bytes) -> None:
+        """Start the install a manifest asks for; InstallRefused says why not. A campaign refused
+        for good gets its status (refused, and why) for the TBOX to read instead of trying again."""
+        try:
+            plan = self.plan(manifest)
+        except InstallRefused as exc:
+            cid = exc.campaign_id
+            if cid is not None and not (self.results_dir / cid / "install.json").exists():
+                self._write_status(cid, InstallStatus.REFUSED, exc.detail)
+            raise
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                raise InstallRefused("an install is running", plan.campaign_id)
+            atomic_write_bytes(self.results_dir / plan.campaign_id / MANIFEST_COPY, manifest)
+            self._begin(plan, resume=False)
+        log.info("install %s started: %s", plan.campaign_id, ", ".join(f"{j.ecu} <- {j.source}" for _, j in plan.jobs))
+
+    def _begin(self, plan: InstallPlan, resume: bool) -> None:
+        self._campaign, self._done, self._total, self._step = plan.campaign_id, 0, len(plan.jobs), "starting"
+        self._waiting = None
+        self.heartbeats.beat("install")
+        self._write_status(plan.campaign_id, InstallStatus.RUNNING)
+        self._thread = threading.Thread(target=self._run, args=(plan, resume), name="install", daemon=True)
+        self._thread.start()
+
+    def resume(self) -> str | None:
+        """At start-up: the install that was running when the gateway stopped goes on from its
+        journal (the campaign id), or is ended as failed when it cannot (the reason is logged)."""
+        running = []
+        for path in self.results_dir.glob("*/install.json"):
+            try:
+                doc = json.loads(path.read_text())
+                if int(doc.get("code", 0)) == InstallStatus.RUNNING:
+                    running.append((path.stat().st_mtime, path.parent, str(doc.get("campaign_id") or path.parent.name)))
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue
+        resumed = None
+        for _, out, campaign in sorted(running, reverse=True):  # the newest goes on; any other is stale
+            try:
+                if resumed is not None:
+                    raise InstallRefused("another install went on")
+                plan = self.plan((out / MANIFEST_COPY).read_bytes())
+                if plan.campaign_id != campaign:
+                    raise InstallRefused("its manifest names another campaign")
+            except (InstallRefused, OSError) as exc:
+                why = exc.detail if isinstance(exc, InstallRefused) else f"its manifest is gone ({exc.strerror})"
+                log.warning("install %s was interrupted and cannot go on: %s", campaign, why)
+                self._write_status(campaign, InstallStatus.FAILED, f"interrupted by a gateway restart; {why}")
+                continue
+            with self._lock:
+                self._begin(plan, resume=True)
+            log.info("install %s was interrupted by a restart: going on from its journal", campaign)
+            resumed = campaign
+        return resumed
+
+    def _progress(self, ecu: str, step: str, done: int, total: int) -> None:
+        self.heartbeats.beat("install")  # called at every request of a flash
+        self._step = f"{ecu} {step}"
+        if step in ("done", "failed"):
+            with self._lock:
+                self._done += 1
+
+    def _run(self, plan: InstallPlan, resume: bool) -> None:
+        campaign = plan.campaign_id
+        out = self.results_dir / campaign
+        ports = InstallPorts(
+            self.buses, self.stop, progress=self._progress, faults=tuple(self.faults),
+            ready=Arrivals(self.package_dir, self.config.gateway.arrival_idle_s, self.stop).ready if plan.arriving else None,
+            signals=lambda ecu, wait: read_signals(self.config, self.buses, ecu, wait),
+            waiting=lambda check: self._wait(out, check))
+        try:
+            ok, _ = install(self.config, plan, out, ports, resume=resume)
+            self._write_status(campaign, InstallStatus.SUCCEEDED if ok else InstallStatus.FAILED)
+            log.info("install %s finished: %s", campaign, "success" if ok else "failed")
+        except InstallInterrupted as exc:  # status stays running: the next start goes on from the journal
+            log.warning("%s; it goes on when the gateway starts again", exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the TBOX as a failed install
+            log.exception("install %s failed", campaign)
+            self._write_status(campaign, InstallStatus.FAILED, str(exc))
+        finally:
+            self.heartbeats.forget("install")
+
+    def _wait(self, out: Path, check: dict[str, Any] | None) -> None:
+        """The install waits for its preconditions (the check, kept for the TBOX), or goes on (None)."""
+        self.heartbeats.beat("install")
+        unmet = check["unmet"] if check is not None else None
+        if check is not None and unmet != self._waiting:  # written when what is unmet changes, not at every check
+            atomic_write_json(out / WAITING_FILE, check)
+            self._step = "waiting for " + ", ".join(check["unmet"])
+        self._waiting = unmet
+
+    # ---- what the TBOX asks --------------------------------------------------------------
+    def _write_status(self, campaign: str, status: int, error: str | None = None) -> None:
+        doc: dict[str, Any] = {"campaign_id": campaign, "status": InstallStatus(status).name.lower(), "code": status,
+                               "done": self._done, "total": self._total}
+        if error:
+            doc["error"] = error
+        atomic_write_json(self.results_dir / campaign / "install.json", doc)
+
+    def status(self, campaign: str | None) -> tuple[int, int, int]:
+        with self._lock:
+            running = self._thread is not None and self._thread.is_alive()
+            if campaign is None or campaign == self._campaign:
+                if running:
+                    return InstallStatus.WAITING if self._waiting is not None else InstallStatus.RUNNING, self._done, self._total
+                campaign = campaign or self._campaign
+        if campaign is None:
+            return InstallStatus.NONE, 0, 0
+        try:
+            doc = json.loads((self.results_dir / campaign / "install.json").read_text())
+        except (OSError, ValueError):
+            return InstallStatus.NONE, 0, 0
+        code = int(doc.get("code", InstallStatus.NONE))
+        if code == InstallStatus.RUNNING:  # the gateway restarted in the middle of it
+            code = InstallStatus.FAILED
+        return code, int(doc.get("done", 0)), int(doc.get("total", 0))
+
+    def describe(self) -> str:
+        """One line on the install, for systemd's STATUS=."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                return "no install running"
+            return f"install {self._campaign}: {self._done} of {self._total} ECUs done, now {self._step}"
+
+    def inventory(self) -> None:
+        atomic_write_json(self.results_dir / INVENTORY_FILE,
+                          {"schema": "vota-inventory/1", "ecus": collect_versions(self.config, buses=self.buses,
+                                                                                  trace_dir=self.results_dir / "inventory")})
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
