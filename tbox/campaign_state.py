@@ -3,20 +3,22 @@
 ``campaigns/<key>/state.json`` holds the state (stable names, schema version) and what has
 been achieved so far; it is written atomically *before* each state's handler runs, so a
 restart resumes where the TBOX stopped. ``entries`` counts how often each state was
-entered: the loop guard.
+entered: the loop guard. Each package has a typed entry (``PackageEntry``: how far its download
+and deploy got, which image goes), the campaign's times are typed too (``CampaignTimes``); on
+disk both are objects with only the keys that are set.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from agent.adapters.storage import atomic_write_json
 from agent.errors import VotaError
 
-__all__ = ["CampaignRecord", "STATES", "TERMINAL", "SCHEMA"]
+__all__ = ["CampaignRecord", "PackageEntry", "CampaignTimes", "STATES", "TERMINAL", "SCHEMA"]
 
 SCHEMA = 1
 STATES = (
@@ -35,6 +37,69 @@ STATES = (
 TERMINAL = ("reported",)
 
 
+def _set_only(doc: dict[str, Any], defaults: Any) -> dict[str, Any]:
+    """``doc`` without the fields that still have their default value."""
+    return {k: v for k, v in doc.items() if v != getattr(defaults, k)}
+
+
+def _known(cls: type, doc: Any) -> dict[str, Any]:
+    """The keys of ``doc`` that are fields of ``cls`` (a record written by another version keeps its readable part)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in dict(doc or {}).items() if k in names}
+
+
+@dataclass
+class PackageEntry:
+    """How far one package of a campaign got on this TBOX."""
+
+    ecu: str = ""
+    version: str = ""
+    image: str | None = None  # delta | full: what goes to the gateway (a package that carries a delta)
+    why: str | None = None  # ... and why
+    downloaded: bool = False
+    resumed_from: int = 0  # the byte its (last) download resumed at
+    deploy_started: bool = False  # a deploy began: the next one resumes (RequestFileTransfer ResumeFile)
+    deploy: str | None = None  # success | failed, once its deploy ended
+    deploy_interruptions: int = 0  # deploys cut off by a gateway restart
+
+    def to_json(self) -> dict[str, Any]:
+        return _set_only(asdict(self), _NO_ENTRY)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> "PackageEntry":
+        return cls(**_known(cls, doc))
+
+    def start_over(self) -> None:
+        """Download and deploy again (the full image instead of a refused delta)."""
+        self.downloaded, self.resumed_from, self.deploy_started, self.deploy = False, 0, False, None
+
+
+_NO_ENTRY = PackageEntry()
+
+
+@dataclass
+class CampaignTimes:
+    """Epoch seconds and estimates of a campaign's install."""
+
+    waiting_since: float | None = None  # it first waited for its preconditions: the install window starts
+    install_began: float | None = None
+    install_ended: float | None = None
+    estimated_install_s: float | None = None  # told to the cloud before the install
+    staging_stopped: int = 0  # times the gateway stopped staging for the vehicle's state
+
+    def to_json(self) -> dict[str, Any]:
+        return _set_only(asdict(self), _NO_TIMES)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> "CampaignTimes":
+        known = {k: v for k, v in _known(cls, doc).items() if v is not None}
+        stopped = int(known.pop("staging_stopped", 0))
+        return cls(**{k: float(v) for k, v in known.items()}, staging_stopped=stopped)
+
+
+_NO_TIMES = CampaignTimes()
+
+
 @dataclass
 class CampaignRecord:
     key: str  # directory name: the envelope's digest prefix until the campaign is verified
@@ -42,7 +107,7 @@ class CampaignRecord:
     state: str = "received"
     campaign_id: str | None = None
     entries: dict[str, int] = field(default_factory=dict)
-    packages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    packages: dict[str, PackageEntry] = field(default_factory=dict)
     confirmed: bool = False
     install_started: bool = False
     install_ended: bool = False  # the gateway said the install is over (its results are being collected)
@@ -51,9 +116,7 @@ class CampaignRecord:
     versions: dict[str, Any] | None = None  # what the campaign's ECUs run at its end, read back by the gateway
     interruptions: list[Any] | None = None  # where the gateway was stopped in the middle of the install
     revertible: bool | None = None  # false: an ECU of the campaign has a single flash bank (no way back)
-    # epoch seconds and estimates: "waiting_since" (preconditions), "install_began", "install_ended",
-    # "estimated_install_s"
-    times: dict[str, float] = field(default_factory=dict)
+    times: CampaignTimes = field(default_factory=CampaignTimes)
 
     @property
     def envelope_path(self) -> Path:
@@ -66,10 +129,11 @@ class CampaignRecord:
     def save(self) -> None:
         atomic_write_json(self.path, {
             "schema": SCHEMA, "key": self.key, "state": self.state, "campaign_id": self.campaign_id,
-            "entries": self.entries, "packages": self.packages, "confirmed": self.confirmed,
+            "entries": self.entries, "packages": {n: e.to_json() for n, e in self.packages.items()},
+            "confirmed": self.confirmed,
             "install_started": self.install_started, "install_ended": self.install_ended, "outcome": self.outcome, "failure": self.failure,
             "versions": self.versions, "interruptions": self.interruptions,
-            "revertible": self.revertible, "times": self.times,
+            "revertible": self.revertible, "times": self.times.to_json(),
         })
 
     @classmethod
@@ -80,12 +144,13 @@ class CampaignRecord:
             if doc.get("schema") != SCHEMA or doc.get("state") not in STATES:
                 raise ValueError(f"schema {doc.get('schema')!r}, state {doc.get('state')!r}")
             return cls(key=doc["key"], dir=directory, state=doc["state"], campaign_id=doc.get("campaign_id"),
-                       entries=dict(doc.get("entries", {})), packages=dict(doc.get("packages", {})),
+                       entries=dict(doc.get("entries", {})),
+                       packages={str(n): PackageEntry.from_json(e) for n, e in dict(doc.get("packages") or {}).items()},
                        confirmed=bool(doc.get("confirmed")), install_started=bool(doc.get("install_started")),
                        install_ended=bool(doc.get("install_ended")),
                        outcome=doc.get("outcome"), failure=doc.get("failure"), versions=doc.get("versions"),
                        interruptions=doc.get("interruptions"), revertible=doc.get("revertible"),
-                       times={k: float(v) for k, v in dict(doc.get("times") or {}).items()})
+                       times=CampaignTimes.from_json(doc.get("times")))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VotaError(f"{path}: unreadable campaign state ({exc})") from None
 

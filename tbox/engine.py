@@ -1,0 +1,184 @@
+"""The TBOX's campaign state engine: it runs each open campaign from state to state, one handler
+per state (``tbox/states.py``), each returning the next state::
+
+    received ──> verified ──> downloading ──> downloaded ──> deploying ──> deployed
+       │                          ▲                             │             │
+       │ (duplicate)              │ the full image after        │             v
+       │                          │ a refused delta       awaiting_install <─────────┐
+       │                          │                             │ owner confirmed,   │ staging stopped
+       │                          │                             v preconditions met  │ (preconditions)
+       │                          └─────────────────────── installing ───────────────┘
+       │                                                        │
+       v           any state: CampaignFailure ──> failed        v
+    reported <──────────────────────────────────────── done | failed  (results, diagnosis, `finished`)
+
+(pipelined: ``deploying`` starts the install before the packages go, and ``installing`` follows
+it.) The state is persisted (``tbox/campaign_state.py``) before its handler runs, so an engine
+built anew on the same state directory (after a kill, a reboot) resumes where the last one
+stopped. What a handler's error means is told by its class (``agent/errors.py``):
+
+- ``TryLater`` (network down, gateway busy or unreachable) or OSError (the TBOX's own storage):
+  the same handler runs again after a back-off (``retry_delay_s`` doubling up to
+  ``retry_max_delay_s``), at most ``max_retries`` times in a row; then the campaign fails with
+  ``retries_exhausted``. These retries are not entries: the state is entered once.
+- ``CampaignFailure`` (a ``Refused``): the campaign ends ``failed`` with that stage and reason.
+- the loop guard counts entries into a state across restarts only: a state entered more than
+  ``max_attempts`` times (the TBOX killed or crashing there again and again) fails the campaign
+  with ``loop_guard``. Waiting is no loop (``waits``: for the owner, or for an install the
+  gateway runs on its own).
+- anything else is a programming error: it is logged with its traceback and the campaign fails
+  with ``internal_error``; it is never retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Mapping
+
+from agent.core.config import TboxConfig
+from agent.errors import Refused, TryLater
+from tbox.campaign_state import TERMINAL, CampaignRecord
+from tbox.ports import CloudPort
+
+__all__ = ["CampaignEngine", "CampaignFailure", "Handler", "Status"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[CampaignRecord], "str | None"]  # the next state; None: waiting, stopping (checkpointed)
+
+
+class CampaignFailure(Refused):
+    """A handler's way to end the campaign: reported with its stage, reason and evidence."""
+
+    def __init__(self, stage: str, reason: str, detail: str, **extra: Any) -> None:
+        super().__init__(reason, detail, **extra)
+        self.failure = {"stage": stage, "reason": reason, "detail": detail, **extra}
+
+
+class Status:
+    """One line on what the campaign worker does now, for systemd's STATUS=."""
+
+    def __init__(self) -> None:
+        self.line = "no campaign open"
+
+
+class CampaignEngine:
+    """``handlers``: state -> handler (every state of ``STATES`` but the terminal one); ``waits(record)``:
+    whether the record's state is a wait (entering it again is no loop); ``traced(record)``: the
+    context its handler runs in (the link trace of its gateway exchanges)."""
+
+    def __init__(self, tbox: TboxConfig, cloud: CloudPort, handlers: Mapping[str, Handler], *,
+                 waits: Callable[[CampaignRecord], bool] = lambda record: False,
+                 traced: Callable[[CampaignRecord], ContextManager[None]] = lambda record: contextlib.nullcontext(),
+                 stop: threading.Event | None = None, beat: Callable[[], None] | None = None,
+                 entered: Callable[[CampaignRecord], None] | None = None, status: Status | None = None) -> None:
+        self.tbox, self.cloud, self.handlers, self.waits, self.traced = tbox, cloud, handlers, waits, traced
+        self.stop = stop or threading.Event()
+        self.beat = beat or (lambda: None)
+        self.entered = entered or (lambda record: None)  # called once a state is persisted (tests kill here)
+        self.status = status or Status()
+        self.campaigns_dir = Path(tbox.state_dir) / "campaigns"
+        self._seen: set[tuple[str, str]] = set()  # (campaign, state) this engine has entered or resumed
+
+    def records(self) -> list[CampaignRecord]:
+        if not self.campaigns_dir.exists():
+            return []
+        records = [CampaignRecord.load(d) for d in sorted(self.campaigns_dir.iterdir()) if (d / "state.json").exists()]
+        return sorted(records, key=lambda r: r.path.stat().st_mtime)
+
+    def step(self) -> bool:
+        """Advance every open campaign as far as it goes now; True when any of them moved."""
+        progressed = False
+        open_records = [r for r in self.records() if r.state not in TERMINAL]
+        if not open_records:
+            self.status.line = "no campaign open"
+        for record in open_records:
+            if self.stop.is_set():
+                break
+            progressed |= self.advance(record)
+        return progressed
+
+    def advance(self, record: CampaignRecord) -> bool:
+        """Run the campaign until it ends or waits; False when it waits without having moved."""
+        moved = False
+        while record.state not in TERMINAL and not self.stop.is_set():
+            self.beat()
+            state = record.state
+            self.status.line = f"campaign {record.campaign_id or record.key}: {state}"
+            if (record.key, state) not in self._seen and not self._enter(record, state):
+                continue  # failed by the loop guard
+            nxt = self._run(record, self.handlers[state])
+            if nxt is None:  # waiting (a confirm command), stopping, or backing off
+                return moved
+            record.state = nxt
+            if nxt in TERMINAL:
+                record.enter(nxt)
+            else:  # persisted now: a state entered before (back to waiting) is not entered again below
+                record.save()
+            moved = True
+        return moved
+
+    def _enter(self, record: CampaignRecord, state: str) -> bool:
+        """A new state, or one resumed after a restart: counted (unless it is a wait already entered),
+        told to the cloud, persisted. False when the loop guard failed the campaign instead."""
+        waiting = self.waits(record)
+        entries = record.entries.get(state, 0)
+        if entries >= self.tbox.max_attempts and state not in ("done", "failed") and not waiting:
+            self.fail(record, CampaignFailure(state, "loop_guard", f"state {state} entered {entries} times"))
+            return False
+        if not waiting or entries == 0:
+            record.enter(state)
+            self._event(record, state)
+        self._seen.add((record.key, state))
+        self.entered(record)
+        return True
+
+    def _run(self, record: CampaignRecord, handler: Handler) -> str | None:
+        """The handler's next state; transient problems are retried here with back-off."""
+        state = record.state
+        retries = 0
+        while True:
+            try:
+                with self.traced(record):
+                    return handler(record)
+            except CampaignFailure as failure:
+                self.fail(record, failure)
+                return record.state
+            except (TryLater, OSError) as exc:  # OSError: the TBOX's own storage, worth another try too
+                if self.stop.is_set():
+                    return None  # checkpointed: the state is entered again after the restart
+                retries += 1
+                if retries > self.tbox.max_retries:
+                    self.fail(record, CampaignFailure(state, "retries_exhausted", f"{retries - 1} retries: {exc}"))
+                    return record.state
+                delay = min(self.tbox.retry_max_delay_s, self.tbox.retry_delay_s * 2 ** (retries - 1))
+                log.warning("%s %s: %s; retry %d of %d in %.1f s", record.campaign_id or record.key, state, exc, retries,
+                            self.tbox.max_retries, delay)
+                self._report_retry(record, state, retries, str(exc))
+                self.stop.wait(delay)
+                self.beat()
+            except Exception as exc:  # noqa: BLE001 - a programming error: surfaced, never retried
+                log.exception("%s %s: internal error", record.campaign_id or record.key, state)
+                self.fail(record, CampaignFailure(state, "internal_error", f"{type(exc).__name__}: {exc}"))
+                return record.state
+
+    def fail(self, record: CampaignRecord, failure: CampaignFailure) -> None:
+        record.failure = failure.failure
+        record.outcome = "failed"
+        record.state = "failed"
+        record.save()
+
+    def _report_retry(self, record: CampaignRecord, state: str, retry: int, reason: str) -> None:
+        cid = record.campaign_id or record.key
+        self.cloud.report("events", {"event": "retry", "campaign_id": record.campaign_id, "state": state,
+                                     "retry": retry, "of": self.tbox.max_retries, "reason": reason},
+                          msg_id=f"{cid}.retry.{state}.{record.entries.get(state, 0)}.{retry}")
+
+    def _event(self, record: CampaignRecord, state: str) -> None:
+        cid = record.campaign_id or record.key
+        count = record.entries.get(state, 1)
+        self.cloud.report("events", {"event": "state", "campaign_id": record.campaign_id, "state": state,
+                                     "attempt": count}, msg_id=f"{cid}.state.{state}.{count}")
