@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from agent.adapters.storage import fsync_dir
 from agent.errors import TryLater, VotaError
@@ -82,57 +82,11 @@ def download(
     have, digest = _partial_digest(part, size)
     resumed_from = have
     if have < size:
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            response = urllib.request.urlopen(request, timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and have:  # the server says there is nothing after `have`
-                part.unlink(missing_ok=True)
-                raise DownloadInterrupted(f"{url}: server refused the range from byte {have}; starting over") from None
-            if exc.code >= 500:
-                raise DownloadInterrupted(f"{url}: HTTP {exc.code} {exc.reason}") from None
-            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise DownloadInterrupted(f"{url}: {getattr(exc, 'reason', exc)}") from None
-        with response:
+        with _open(url, part, have, timeout) as response:
             if have and response.status != 206:
                 have, digest, resumed_from = 0, hashlib.sha256(), 0  # no range support: whole file again
-            mode = "ab" if have else "wb"
-            started = window_at = clock()
-            window_have = have
-            with open(part, mode) as out:
-                try:
-                    while True:
-                        if should_stop is not None and should_stop():
-                            raise DownloadInterrupted(f"{url}: stopped")
-                        now = clock()
-                        if max_time_s is not None and now - started > max_time_s:
-                            raise DownloadInterrupted(f"{url}: not complete after {max_time_s:.0f} s (at byte {have})")
-                        if now - window_at >= rate_window_s:
-                            rate = (have - window_have) / (now - window_at)
-                            if rate < min_rate:
-                                raise DownloadInterrupted(f"{url}: {rate:.0f} bytes/s over {now - window_at:.0f} s, "
-                                                          f"below the minimum {min_rate:.0f} (slow retrieval)")
-                            window_at, window_have = now, have
-                        chunk = response.read1(CHUNK)  # what has arrived: a trickle cannot hold a read for ever
-                        if not chunk:
-                            break
-                        if have + len(chunk) > size:
-                            out.write(chunk[: size - have])
-                            out.flush()
-                            part.unlink(missing_ok=True)
-                            raise DownloadError(f"{url}: the server sent more than the declared {size} bytes", "too_large")
-                        out.write(chunk)
-                        digest.update(chunk)
-                        have += len(chunk)
-                        if progress is not None:
-                            progress(have, size)
-                except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
-                    out.flush()
-                    raise DownloadInterrupted(f"{url}: interrupted at byte {have} ({exc})") from None
-                finally:
-                    out.flush()
-                    os.fsync(out.fileno())
+            limits = _Limits(should_stop, min_rate, rate_window_s, max_time_s, clock)
+            have = _receive(url, response, part, have, size, digest, limits, progress)
         if have < size:
             raise DownloadInterrupted(f"{url}: connection closed at byte {have} of {size}")
     if digest.hexdigest() != sha256:
@@ -141,6 +95,71 @@ def download(
     os.replace(part, dest)
     fsync_dir(dest.parent)
     return DownloadInfo(resumed_from, size - resumed_from)
+
+
+def _open(url: str, part: Path, have: int, timeout: float) -> Any:
+    """The HTTP response for the rest of the file from byte ``have`` (a range request)."""
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the server says there is nothing after `have`
+            part.unlink(missing_ok=True)
+            raise DownloadInterrupted(f"{url}: server refused the range from byte {have}; starting over") from None
+        if exc.code >= 500:
+            raise DownloadInterrupted(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise DownloadInterrupted(f"{url}: {getattr(exc, 'reason', exc)}") from None
+
+
+@dataclass(frozen=True)
+class _Limits:
+    should_stop: Callable[[], bool] | None
+    min_rate: float
+    rate_window_s: float
+    max_time_s: float | None
+    clock: Callable[[], float]
+
+
+def _receive(url: str, response: Any, part: Path, have: int, size: int, digest: Any, limits: _Limits,
+             progress: Callable[[int, int], None] | None) -> int:
+    """What arrives, appended to ``part`` (synced whatever happens) and hashed; the bytes held now."""
+    started = window_at = limits.clock()
+    window_have = have
+    with open(part, "ab" if have else "wb") as out:
+        try:
+            while True:
+                if limits.should_stop is not None and limits.should_stop():
+                    raise DownloadInterrupted(f"{url}: stopped")
+                now = limits.clock()
+                if limits.max_time_s is not None and now - started > limits.max_time_s:
+                    raise DownloadInterrupted(f"{url}: not complete after {limits.max_time_s:.0f} s (at byte {have})")
+                if now - window_at >= limits.rate_window_s:
+                    rate = (have - window_have) / (now - window_at)
+                    if rate < limits.min_rate:
+                        raise DownloadInterrupted(f"{url}: {rate:.0f} bytes/s over {now - window_at:.0f} s, "
+                                                  f"below the minimum {limits.min_rate:.0f} (slow retrieval)")
+                    window_at, window_have = now, have
+                chunk = response.read1(CHUNK)  # what has arrived: a trickle cannot hold a read for ever
+                if not chunk:
+                    return have
+                if have + len(chunk) > size:
+                    out.write(chunk[: size - have])
+                    out.flush()
+                    part.unlink(missing_ok=True)
+                    raise DownloadError(f"{url}: the server sent more than the declared {size} bytes", "too_large")
+                out.write(chunk)
+                digest.update(chunk)
+                have += len(chunk)
+                if progress is not None:
+                    progress(have, size)
+        except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
+            out.flush()
+            raise DownloadInterrupted(f"{url}: interrupted at byte {have} ({exc})") from None
+        finally:
+            out.flush()
+            os.fsync(out.fileno())
 
 
 def take_verified(source: Path, dest: str | Path, size: int, sha256: str, *,

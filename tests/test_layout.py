@@ -50,3 +50,30 @@ def test_the_file_check_sees_file_access(tmp_path: Path) -> None:
     sample.write_text("import tarfile\nfrom pathlib import Path\n"
                       "def f(p):\n    return Path(p).read_text(), open(p), tarfile.open(fileobj=p), 'a'.replace('a', 'b')\n")
     assert _file_calls(sample) == ["read_text (line 4)", "open (line 4)"]
+
+
+PACKAGES = ("vota", "agent", "tbox", "gateway", "ecu_sim", "cloud_sim")
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 60
+DECLARATIVE = {"vota/cli/parser.py"}  # the argument parser: one table per command
+
+
+def _function_lengths(path: Path) -> list[tuple[str, int]]:
+    """(name, lines of its body without the docstring) of every function in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            docstring = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and len(body) > 1
+            start = body[1].lineno if docstring else body[0].lineno
+            found.append((node.name, (node.end_lineno or start) - start + 1))
+    return found
+
+
+def test_modules_and_functions_stay_small() -> None:
+    """A module does one thing (at most ~450 lines), a function fits on a screen (~60 lines)."""
+    big = {str(p.relative_to(ROOT)): n for p in _modules(*PACKAGES) if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert big == {}, f"modules over {MAX_MODULE_LINES} lines: split them by responsibility"
+    long = {f"{p.relative_to(ROOT)}:{name}": n for p in _modules(*PACKAGES) if str(p.relative_to(ROOT)) not in DECLARATIVE
+            for name, n in _function_lengths(p) if n > MAX_FUNCTION_LINES}
+    assert long == {}, f"functions over {MAX_FUNCTION_LINES} lines"

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from cryptography.hazmat.primitives import serialization
@@ -177,8 +177,8 @@ def _runtime_config(source: str, out: Path, broker: str, mqtt_version: str, vin:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
     """The bench report (also written to ``report.json``), or 130 when interrupted."""
-    from cloud_sim.cloud import CloudSim, make_campaign, publish
-    from vota.bench.content import content_clock, content_keys, load_content_spec, run_content
+    from cloud_sim.cloud import CloudSim
+    from vota.bench.content import content_clock, load_content_spec, run_content
 
     config = load_vehicle_config(args.config)
     content_spec = load_content_spec(args.content) if args.content else None
@@ -195,51 +195,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
     cloud: CloudSim | None = None
     started = time.time()
     try:
-        # the broker: the vehicle's URL and login, the cloud's URL (with its login where there are ACLs)
-        login: tuple[str, str] | None = None
-        mosquitto = None if args.broker else _mosquitto(out, procs, vin)
-        if args.broker and args.broker != "embedded":
-            tbox_broker, mqtt_version, broker_kind = args.broker, args.mqtt_version, "given"
-            broker = tbox_broker
-        elif mosquitto is not None:
-            tbox_broker, broker, login = mosquitto
-            mqtt_version, broker_kind = "5", "mosquitto, configs/mosquitto: per-vehicle ACLs"
-        else:
-            port = _free_port()
-            procs.start("broker", "cloud", "broker", "--port", str(port))
-            tbox_broker = broker = f"mqtt://127.0.0.1:{port}"
-            mqtt_version, broker_kind = "3.1.1", "embedded amqtt, no ACLs"
-            procs.wait_ready()
-        key = Ed25519PrivateKey.generate()
-        (out / "keys").mkdir(exist_ok=True)
-        (out / "keys" / "signing.pub").write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        platform, vehicle_key = content_keys(out)
-        report_key = Ed25519PrivateKey.generate()  # the vehicle signs every report with it; the cloud checks
-        atomic_write_bytes(out / "keys" / "report.key", report_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        runtime = _runtime_config(args.config, out, tbox_broker, mqtt_version, vin, login)
-        cloud = CloudSim(broker, out / "cloud" / "store", out / "cloud" / "packages", mqtt_version=mqtt_version,
-                         platform_key=platform, require_signed=True)
-        cloud.vehicle_keys[vin] = vehicle_key.public_key()
-        cloud.register_vehicle(vin, report_key.public_key())
-        cloud.start()
-        if not cloud.collector.connected.wait(15):
-            raise VotaError(f"the cloud cannot reach the broker {tbox_broker}")
-        def routed(stage: str, side: str, ecu: str | None = None) -> list[str]:
-            return [a for f in faults if f.stage == stage and f.side == side and (ecu is None or f.target in ("*", ecu))
-                    for a in ("--fault", f.text)]
-
-        for name in names:  # each simulator gets the faults for its own ECU
-            procs.start(f"ecu-{name}", "ecu-sim", "-c", str(runtime), "--ecu", name, *routed("flash", "server", name))
-        procs.start("gateway", "gateway", "-c", str(runtime), *routed("deploy", "server"), *routed("flash", "client"))
+        broker = _broker(args, out, procs, vin)
+        key, cloud, runtime = _cloud(args, out, vin, broker)
         clock: list[str] = []
         if content_spec is not None:
             begin, rate = content_clock(content_spec[0], args.content_seconds)
             clock = ["--clock", begin.isoformat(timespec="seconds"), "--clock-rate", f"{rate:g}"]
-        procs.start("tbox", "tbox", "-c", str(runtime), "-v", *routed("deploy", "client"), *clock)
-        procs.wait_ready()
-        print(f"bench: broker {tbox_broker} ({broker_kind}), {len(names)} ECU simulators, gateway, TBOX {vin}; "
+        _start_vehicle(procs, runtime, names, faults, clock)
+        print(f"bench: broker {broker.tbox} ({broker.kind}), {len(names)} ECU simulators, gateway, TBOX {vin}; "
               f"cloud packages at {cloud.base_url}", flush=True)
         if content_spec is not None:
             print(f"bench: simulated clock from {clock[1]}, {clock[3]} s per second", flush=True)
@@ -251,18 +214,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
             print(f"content {content_spec[0]['bundle_id']}: {result['outcome']} in {report['duration_s']:.1f} s; "
                   f"report: {out / 'report.json'}", flush=True)
             return report
-        campaign_id = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
-        packages = []
-        for name in names:
-            path = out / "cloud" / "packages" / f"{name}-{args.image_version}.bin"
-            path.write_bytes(make_image(name, args.image_version, args.image_size, getattr(args, "image_kind", "random")))
-            packages.append((name, path, args.image_version))
-        envelope = make_campaign(vin=vin, packages=packages, base_url=cloud.base_url, key=key, campaign_id=campaign_id)
-        (out / "campaign.signed.json").write_bytes(envelope)
-        publish(broker, vin, "campaign", envelope, mqtt_version)
-        print(f"cloud: campaign {campaign_id} published ({len(packages)} packages of {args.image_size // 1024} KiB)", flush=True)
-        finished = _follow(cloud, vin, campaign_id, args.timeout)
-        report = _report(cloud, out, vin, campaign_id, finished, started, args)
+        report = _campaign(args, out, vin, names, key, cloud, broker, started)
     except KeyboardInterrupt:
         print("bench: interrupted; stopping every process", file=sys.stderr)
         return 130
@@ -272,6 +224,86 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
             cloud.stop()
     atomic_write_json(out / "report.json", report)
     return report
+
+
+class _Broker(NamedTuple):
+    tbox: str  # the vehicle's URL
+    cloud: str  # the cloud's URL (with its login where there are ACLs)
+    login: tuple[str, str] | None  # the vehicle's login
+    mqtt_version: str
+    kind: str
+
+
+def _broker(args: argparse.Namespace, out: Path, procs: Processes, vin: str) -> _Broker:
+    """The broker asked for, Mosquitto with the shipped ACLs where it is installed, else the embedded one."""
+    mosquitto = None if args.broker else _mosquitto(out, procs, vin)
+    if args.broker and args.broker != "embedded":
+        return _Broker(args.broker, args.broker, None, args.mqtt_version, "given")
+    if mosquitto is not None:
+        tbox_broker, cloud_broker, login = mosquitto
+        return _Broker(tbox_broker, cloud_broker, login, "5", "mosquitto, configs/mosquitto: per-vehicle ACLs")
+    port = _free_port()
+    procs.start("broker", "cloud", "broker", "--port", str(port))
+    procs.wait_ready()
+    return _Broker(f"mqtt://127.0.0.1:{port}", f"mqtt://127.0.0.1:{port}", None, "3.1.1", "embedded amqtt, no ACLs")
+
+
+def _cloud(args: argparse.Namespace, out: Path, vin: str, broker: _Broker) -> tuple[Ed25519PrivateKey, Any, Path]:
+    """The keys (campaign signing, content platform, vehicle, report), the stand-in cloud started,
+    the vehicle's configuration: (the campaign key, the cloud, the configuration's path)."""
+    from cloud_sim.cloud import CloudSim
+    from vota.bench.content import content_keys
+
+    key = Ed25519PrivateKey.generate()
+    (out / "keys").mkdir(exist_ok=True)
+    (out / "keys" / "signing.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    platform, vehicle_key = content_keys(out)
+    report_key = Ed25519PrivateKey.generate()  # the vehicle signs every report with it; the cloud checks
+    atomic_write_bytes(out / "keys" / "report.key", report_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    runtime = _runtime_config(args.config, out, broker.tbox, broker.mqtt_version, vin, broker.login)
+    cloud = CloudSim(broker.cloud, out / "cloud" / "store", out / "cloud" / "packages", mqtt_version=broker.mqtt_version,
+                     platform_key=platform, require_signed=True)
+    cloud.vehicle_keys[vin] = vehicle_key.public_key()
+    cloud.register_vehicle(vin, report_key.public_key())
+    cloud.start()
+    if not cloud.collector.connected.wait(15):
+        raise VotaError(f"the cloud cannot reach the broker {broker.tbox}")
+    return key, cloud, runtime
+
+
+def _start_vehicle(procs: Processes, runtime: Path, names: list[str], faults: list[Any], clock: list[str]) -> None:
+    """One ECU simulator per ECU, the gateway and the TBOX, each with the faults injected where they belong."""
+
+    def routed(stage: str, side: str, ecu: str | None = None) -> list[str]:
+        return [a for f in faults if f.stage == stage and f.side == side and (ecu is None or f.target in ("*", ecu))
+                for a in ("--fault", f.text)]
+
+    for name in names:  # each simulator gets the faults for its own ECU
+        procs.start(f"ecu-{name}", "ecu-sim", "-c", str(runtime), "--ecu", name, *routed("flash", "server", name))
+    procs.start("gateway", "gateway", "-c", str(runtime), *routed("deploy", "server"), *routed("flash", "client"))
+    procs.start("tbox", "tbox", "-c", str(runtime), "-v", *routed("deploy", "client"), *clock)
+    procs.wait_ready()
+
+
+def _campaign(args: argparse.Namespace, out: Path, vin: str, names: list[str], key: Ed25519PrivateKey, cloud: Any,
+              broker: _Broker, started: float) -> dict[str, Any]:
+    """A campaign of one generated package per ECU, signed, published and followed to its end."""
+    from cloud_sim.cloud import make_campaign, publish
+
+    campaign_id = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    packages = []
+    for name in names:
+        path = out / "cloud" / "packages" / f"{name}-{args.image_version}.bin"
+        path.write_bytes(make_image(name, args.image_version, args.image_size, getattr(args, "image_kind", "random")))
+        packages.append((name, path, args.image_version))
+    envelope = make_campaign(vin=vin, packages=packages, base_url=cloud.base_url, key=key, campaign_id=campaign_id)
+    (out / "campaign.signed.json").write_bytes(envelope)
+    publish(broker.cloud, vin, "campaign", envelope, broker.mqtt_version)
+    print(f"cloud: campaign {campaign_id} published ({len(packages)} packages of {args.image_size // 1024} KiB)", flush=True)
+    finished = _follow(cloud, vin, campaign_id, args.timeout)
+    return _report(cloud, out, vin, campaign_id, finished, started, args)
 
 
 def _follow(cloud: Any, vin: str, campaign_id: str, timeout: float) -> dict[str, Any] | None:

@@ -16,86 +16,115 @@ __all__ = ["cmd_cloud"]
 
 
 def cmd_cloud(args: argparse.Namespace) -> int:
+    action = {"broker": _broker, "serve": _serve, "campaign": _campaign, "publish": _publish, "keys": _keys,
+              "offer-content": _offer_content, "request-content": _request_content}.get(args.cloud_command, _command)
+    return action(args)
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from cloud_sim.broker import run_broker
+
+    run_broker("127.0.0.1", args.port, ready=lambda: print(f"broker ready on 127.0.0.1:{args.port}", flush=True))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cloud_sim.cloud import CloudSim
+
+    sim = CloudSim(args.broker, args.store, args.packages, args.http_port, args.mqtt_version,
+                   require_signed=args.report_keys is not None)
+    if args.report_keys is not None:
+        from agent.core.campaign import load_public_key
+
+        directory = Path(args.report_keys)
+        if not directory.is_dir():
+            raise UsageError(f"{directory}: not a directory of <VIN>.pub report keys")
+        for path in sorted(directory.glob("*.pub")):
+            sim.register_vehicle(path.stem, load_public_key(read_input(str(path), "report key"), str(path)))
+    return serve(f"cloud (packages at {sim.base_url})", sim.start, sim.stop)
+
+
+def _campaign(args: argparse.Namespace) -> int:
     import datetime as _dt
 
     from agent.adapters.storage import atomic_write_bytes
     from agent.core.campaign import load_private_key
-    from cloud_sim.cloud import CloudSim, make_campaign, publish
+    from cloud_sim.cloud import make_campaign
 
-    if args.cloud_command == "broker":
-        from cloud_sim.broker import run_broker
+    key = load_private_key(read_input(args.key, "key"), args.key)
+    packages = [_package(item, "", "ECU=FILE@VERSION") for item in args.packages]
+    deltas = {}
+    for item in args.delta_from:
+        ecu, path, version = _package(item, "--delta-from: ", "ECU=OLD_IMAGE@VERSION")
+        if ecu not in {e for e, _, _ in packages}:
+            raise UsageError(f"--delta-from {item}: the campaign has no package for {ecu}")
+        deltas[ecu] = (path, version)
+    envelope = make_campaign(vin=args.vin, packages=packages, base_url=args.base_url, key=key,
+                             campaign_id=args.campaign_id, install=args.install,
+                             valid_for=_dt.timedelta(days=args.valid_days), deltas=deltas,
+                             preconditions=_preconditions(args.precondition) or None)
+    if args.out:
+        atomic_write_bytes(args.out, envelope)
+    else:
+        sys.stdout.write(envelope.decode())
+    return 0
 
-        run_broker("127.0.0.1", args.port, ready=lambda: print(f"broker ready on 127.0.0.1:{args.port}", flush=True))
-        return 0
-    if args.cloud_command == "serve":
-        sim = CloudSim(args.broker, args.store, args.packages, args.http_port, args.mqtt_version,
-                       require_signed=args.report_keys is not None)
-        if args.report_keys is not None:
-            from agent.core.campaign import load_public_key
 
-            directory = Path(args.report_keys)
-            if not directory.is_dir():
-                raise UsageError(f"{directory}: not a directory of <VIN>.pub report keys")
-            for path in sorted(directory.glob("*.pub")):
-                sim.register_vehicle(path.stem, load_public_key(read_input(str(path), "report key"), str(path)))
-        return serve(f"cloud (packages at {sim.base_url})", sim.start, sim.stop)
-    if args.cloud_command == "campaign":
-        key = load_private_key(read_input(args.key, "key"), args.key)
-        packages = []
-        for item in args.packages:
-            ecu, _, rest = item.partition("=")
-            path_text, _, version = rest.partition("@")
-            if not ecu or not path_text or not version:
-                raise UsageError(f"expected ECU=FILE@VERSION, got {item!r}")
-            packages.append((ecu, Path(path_text), version))
-        deltas = {}
-        for item in args.delta_from:
-            ecu, _, rest = item.partition("=")
-            path_text, _, version = rest.partition("@")
-            if not ecu or not path_text or not version:
-                raise UsageError(f"--delta-from: expected ECU=OLD_IMAGE@VERSION, got {item!r}")
-            if ecu not in {e for e, _, _ in packages}:
-                raise UsageError(f"--delta-from {item}: the campaign has no package for {ecu}")
-            deltas[ecu] = (Path(path_text), version)
-        preconditions: dict[str, Any] = {}
-        for item in args.precondition:
-            name, eq, text = item.partition("=")
-            if not name or not eq or not text:
-                raise UsageError(f"--precondition: expected KEY=VALUE, got {item!r}")
-            try:
-                preconditions[name] = json.loads(text)  # numbers, true, false
-            except ValueError:
-                preconditions[name] = text  # allowed, forbidden
-        envelope = make_campaign(vin=args.vin, packages=packages, base_url=args.base_url, key=key,
-                                 campaign_id=args.campaign_id, install=args.install,
-                                 valid_for=_dt.timedelta(days=args.valid_days), deltas=deltas,
-                                 preconditions=preconditions or None)
-        if args.out:
-            atomic_write_bytes(args.out, envelope)
-        else:
-            sys.stdout.write(envelope.decode())
-        return 0
-    if args.cloud_command == "publish":
-        publish(args.broker, args.vin, "campaign", read_input(args.campaign, "campaign"), args.mqtt_version)
-        return 0
-    if args.cloud_command == "keys":
-        import base64
+def _package(item: str, what: str, form: str) -> tuple[str, Path, str]:
+    ecu, _, rest = item.partition("=")
+    path_text, _, version = rest.partition("@")
+    if not ecu or not path_text or not version:
+        raise UsageError(f"{what}expected {form}, got {item!r}")
+    return ecu, Path(path_text), version
 
-        body = json.dumps({"command": "keys_update", "vin": args.vin,
-                           "keys": base64.b64encode(read_input(args.keys, "key list")).decode()}).encode()
-        publish(args.broker, args.vin, "command", body, args.mqtt_version)
-        return 0
-    if args.cloud_command == "offer-content":
-        from cloud_sim.cloud import content_offer
 
-        Path(args.packages).mkdir(parents=True, exist_ok=True)
-        offer = content_offer(read_input(args.bundle, "bundle"), Path(args.packages), args.base_url, args.vin, args.request)
-        publish(args.broker, args.vin, "command", offer, args.mqtt_version)
-        return 0
-    if args.cloud_command == "request-content":
-        body = json.dumps({"command": "content_request", "bundle_id": args.bundle_id, "vin": args.vin}).encode()
-        publish(args.broker, args.vin, "command", body, args.mqtt_version)
-        return 0
-    body = json.dumps({"command": args.command, "campaign_id": args.campaign_id, "vin": args.vin}).encode()
+def _preconditions(items: list[str]) -> dict[str, Any]:
+    """``--precondition KEY=VALUE``: numbers, true and false as JSON, anything else as text."""
+    preconditions: dict[str, Any] = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        if not name or not eq or not text:
+            raise UsageError(f"--precondition: expected KEY=VALUE, got {item!r}")
+        try:
+            preconditions[name] = json.loads(text)  # numbers, true, false
+        except ValueError:
+            preconditions[name] = text  # allowed, forbidden
+    return preconditions
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from cloud_sim.cloud import publish
+
+    publish(args.broker, args.vin, "campaign", read_input(args.campaign, "campaign"), args.mqtt_version)
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    import base64
+
+    body = {"command": "keys_update", "vin": args.vin, "keys": base64.b64encode(read_input(args.keys, "key list")).decode()}
+    return _send(args, json.dumps(body).encode())
+
+
+def _offer_content(args: argparse.Namespace) -> int:
+    from cloud_sim.cloud import content_offer
+
+    Path(args.packages).mkdir(parents=True, exist_ok=True)
+    return _send(args, content_offer(read_input(args.bundle, "bundle"), Path(args.packages), args.base_url, args.vin,
+                                     args.request))
+
+
+def _request_content(args: argparse.Namespace) -> int:
+    return _send(args, json.dumps({"command": "content_request", "bundle_id": args.bundle_id, "vin": args.vin}).encode())
+
+
+def _command(args: argparse.Namespace) -> int:
+    """``confirm_install`` and the other commands about one campaign."""
+    return _send(args, json.dumps({"command": args.command, "campaign_id": args.campaign_id, "vin": args.vin}).encode())
+
+
+def _send(args: argparse.Namespace, body: bytes) -> int:
+    from cloud_sim.cloud import publish
+
     publish(args.broker, args.vin, "command", body, args.mqtt_version)
     return 0

@@ -14,61 +14,84 @@ __all__ = ["cmd_content"]
 
 
 def cmd_content(args: argparse.Namespace) -> int:
-    import datetime as _dt
+    if args.content_command in ("list", "show", "accept", "decline", "import", "bind"):
+        return _content_on_vehicle(args)
+    action = {"keygen": _keygen, "build": _build, "review": _review, "sign": _sign}.get(args.content_command, _verify)
+    return action(args)
+
+
+def _keygen(args: argparse.Namespace) -> int:
     import os
 
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from agent.adapters.storage import atomic_write_bytes
-    from agent.core import content as c
+
+    key = X25519PrivateKey.generate()
+    out = Path(args.out)
+    atomic_write_bytes(out / "vehicle.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                              serialization.NoEncryption()))
+    os.chmod(out / "vehicle.key", 0o600)
+    atomic_write_bytes(out / "vehicle.pub", key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    print(f"{out / 'vehicle.key'} (stays in the vehicle), {out / 'vehicle.pub'} (for the trust platform)")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+    from agent.adapters.storage import atomic_write_bytes
+    from agent.core.content import build_bundle
+    from vota.bench.content import load_content_spec
+
+    spec, files = load_content_spec(args.spec)
+    vehicle = None
+    if args.vehicle_key:
+        pub = serialization.load_pem_public_key(read_input(args.vehicle_key, "vehicle key"))
+        if not isinstance(pub, X25519PublicKey):
+            raise UsageError(f"{args.vehicle_key}: not an X25519 public key")
+        vehicle = pub
+    atomic_write_bytes(args.out, build_bundle(spec, files, vehicle, args.vin))
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.core.clock import parse_time
+    from cloud_sim.trust import TrustPlatform
+    from vota.bench.content import load_content_spec
+
+    spec, files = load_content_spec(args.spec)
+    trust = TrustPlatform(Ed25519PrivateKey.generate())  # the review signs nothing
+    trust.submit(spec, files)
+    reviewed = trust.review(str(spec["bundle_id"]), now=parse_time(args.at) if args.at else None)
+    if reviewed.status != "approved":
+        for problem in reviewed.problems:
+            print(f"{args.spec}: {problem}")
+        return 1
+    print(f"{args.spec}: approved ({len(spec['items'])} items)")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from agent.adapters.storage import atomic_write_bytes
     from agent.core.campaign import load_private_key
+    from agent.core.content import sign_bundle
 
-    if args.content_command in ("list", "show", "accept", "decline", "import", "bind"):
-        return _content_on_vehicle(args)
-    if args.content_command == "keygen":
-        key = X25519PrivateKey.generate()
-        out = Path(args.out)
-        atomic_write_bytes(out / "vehicle.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                                  serialization.NoEncryption()))
-        os.chmod(out / "vehicle.key", 0o600)
-        atomic_write_bytes(out / "vehicle.pub", key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
-        print(f"{out / 'vehicle.key'} (stays in the vehicle), {out / 'vehicle.pub'} (for the trust platform)")
-        return 0
-    if args.content_command == "build":
-        from vota.bench.content import load_content_spec
+    keys = [load_private_key(read_input(path, "key"), path) for path in args.key]
+    atomic_write_bytes(args.out, sign_bundle(read_input(args.bundle, "bundle"), keys))
+    return 0
 
-        spec, files = load_content_spec(args.spec)
-        vehicle = None
-        if args.vehicle_key:
-            pub = serialization.load_pem_public_key(read_input(args.vehicle_key, "vehicle key"))
-            if not isinstance(pub, X25519PublicKey):
-                raise UsageError(f"{args.vehicle_key}: not an X25519 public key")
-            vehicle = pub
-        atomic_write_bytes(args.out, c.build_bundle(spec, files, vehicle, args.vin))
-        return 0
-    if args.content_command == "review":
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-        from agent.core.clock import parse_time
-        from cloud_sim.trust import TrustPlatform
-        from vota.bench.content import load_content_spec
+def _verify(args: argparse.Namespace) -> int:
+    import datetime as _dt
 
-        spec, files = load_content_spec(args.spec)
-        trust = TrustPlatform(Ed25519PrivateKey.generate())  # the review signs nothing
-        trust.submit(spec, files)
-        reviewed = trust.review(str(spec["bundle_id"]), now=parse_time(args.at) if args.at else None)
-        if reviewed.status != "approved":
-            for problem in reviewed.problems:
-                print(f"{args.spec}: {problem}")
-            return 1
-        print(f"{args.spec}: approved ({len(spec['items'])} items)")
-        return 0
-    if args.content_command == "sign":
-        keys = [load_private_key(read_input(path, "key"), path) for path in args.key]
-        atomic_write_bytes(args.out, c.sign_bundle(read_input(args.bundle, "bundle"), keys))
-        return 0
+    from agent.core import content as c
+
     trusted = threshold_role(trusted_keys(args.trusted), args.threshold)
     data = read_input(args.bundle, "bundle")
     probe = c.read_archive(data, len(data) + c.SLACK)

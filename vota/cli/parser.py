@@ -1,8 +1,9 @@
-"""The ``vota`` command line's arguments: one parser, every command and its help."""
+"""The ``vota`` command line's arguments: one parser, every command and its help, one function a command."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 __all__ = ["build_parser", "DEFAULT_CONFIG"]
 
@@ -46,7 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vota {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _ecu_sim(sub)
+    _flash(sub)
+    _versions(sub)
+    _gateway(sub)
+    _tbox(sub)
+    _deploy(sub)
+    _campaign(sub)
+    _cloud(sub)
+    _content(sub)
+    _diagnose(sub)
+    _bench(sub)
+    return parser
 
+
+def _ecu_sim(sub: Any) -> None:
+    """``vota ecu-sim``."""
     p = sub.add_parser(
         "ecu-sim",
         help="run simulated ECUs (UDS servers) until stopped",
@@ -58,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", metavar="DIR", help="where the flash banks live (default: each ECU's sim.state_dir)")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC", help="inject a fault, e.g. bms:36#5:nrc=0x72 (see README)")
 
+
+def _flash(sub: Any) -> None:
+    """``vota flash``."""
     p = sub.add_parser(
         "flash",
         help="flash ECUs with new images (gateway side)",
@@ -76,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send ECU a delta from OLD_IMAGE (the image it runs) to its new image, the full image "
                         "when the ECU does not run OLD_IMAGE or takes no deltas (repeatable)")
 
+
+def _versions(sub: Any) -> None:
+    """``vota versions``."""
     p = sub.add_parser(
         "versions",
         help="read the identification of every ECU (version collection)",
@@ -85,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to read (repeatable; default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+
+def _gateway(sub: Any) -> None:
+    """``vota gateway``."""
     p = sub.add_parser(
         "gateway",
         help="run the gateway daemon (deploy server on the TBOX link)",
@@ -96,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inject a fault: deploy-stage server faults into the deploy server (deploy:GW:36#5:nrc=0x72), "
                    "flash-stage client faults into the flashing (vcu:36#3:skip_counter); see README")
 
+
+def _tbox(sub: Any) -> None:
+    """``vota tbox``."""
     p = sub.add_parser(
         "tbox",
         help="run the TBOX daemon (campaigns from the cloud, download, deploy, install, reports)",
@@ -112,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock-rate", type=float, default=1.0, metavar="N",
                    help="simulated seconds per real second for --clock (default: 1)")
 
+
+def _deploy(sub: Any) -> None:
+    """``vota deploy``."""
     p = sub.add_parser(
         "deploy",
         help="deploy upgrade packages to the gateway (TBOX side)",
@@ -131,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inject a client-side fault into the deploy, e.g. deploy:vcu.bin:36#3:bad_length (see README)")
     p.add_argument("--keep-going", action="store_true", help="deploy the other packages after one failed (benches)")
 
+
+def _campaign(sub: Any) -> None:
+    """``vota campaign``."""
     p = sub.add_parser(
         "campaign",
         help="make keys, sign, verify, export and import upgrade campaigns",
@@ -178,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     for k in csub.choices.values():
         k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
+
+def _cloud(sub: Any) -> None:
+    """``vota cloud``."""
     p = sub.add_parser(
         "cloud",
         help="the stand-in cloud: serve packages and collect reports, make campaigns, publish to a vehicle",
@@ -237,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     for k in csub.choices.values():
         k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
+
+def _content(sub: Any) -> None:
+    """``vota content``."""
     p = sub.add_parser(
         "content",
         help="custom service content: the trust platform's tools, and the vehicle's list/show/accept/decline",
@@ -294,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name not in ("list", "show", "accept", "decline", "import", "bind"):
             k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
+
+def _diagnose(sub: Any) -> None:
+    """``vota diagnose``."""
     p = sub.add_parser(
         "diagnose",
         help="find the root cause of a failed upgrade from its results and header-only traces",
@@ -310,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "agent/core/diagnosis/rules.yaml)")
     p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
+
+def _bench(sub: Any) -> None:
+    """``vota bench``."""
     p = sub.add_parser(
         "bench",
         help="run a whole simulated vehicle and a stand-in cloud through one campaign",
@@ -340,4 +386,3 @@ def build_parser() -> argparse.ArgumentParser:
                    "simulated clock that covers its schedule in about --content-seconds")
     p.add_argument("--content-seconds", type=float, default=20.0, metavar="S",
                    help="real seconds the content's schedule is compressed into (default 20)")
-    return parser
