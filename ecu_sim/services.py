@@ -1,7 +1,7 @@
 """The simulated ECU's UDS services: a table of handlers, each (state, request) -> response.
 
 Handlers do no bus I/O and read no clock; the flash banks are the only storage they touch.
-Byte layouts follow ISO 14229-1 and the usual OEM flash bootloader (see the README).
+Byte layouts follow ISO 14229-1 and the usual OEM flash bootloader (docs/flashing.md, docs/wire-formats.md).
 """
 
 from __future__ import annotations

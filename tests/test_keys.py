@@ -220,7 +220,7 @@ def test_a_vehicle_takes_a_key_list_from_the_cloud_and_the_revoked_key_signs_not
 
 
 def test_openssl_verifies_every_signature_of_an_envelope(tmp_path: Path):
-    """A tool we did not write checks the signed bytes as the README describes them: the domain
+    """A tool we did not write checks the signed bytes as docs/security.md describes them: the domain
     line plus the decoded payload, Ed25519 (campaigns and key lists alike)."""
     import shutil
 

@@ -51,7 +51,8 @@ __all__ = ["Peer", "StepResult", "StepSpec", "Offer", "UdsSequence", "CallSequen
 
 log = logging.getLogger(__name__)
 
-BUSY = (Nrc.BusyRepeatRequest,)  # asked again after a pause (0x78 the client waits out itself)
+BUSY = frozenset({Nrc.BusyRepeatRequest})  # asked again after a pause (0x78 the client waits out itself)
+NONE: frozenset[int] = frozenset()
 BUSY_PAUSE_S = 0.1
 
 
@@ -105,7 +106,7 @@ class StepSpec:
     name: str
     request: bytes
     tolerate: frozenset[int] = frozenset()
-    retry_on: frozenset[int] = frozenset(BUSY)
+    retry_on: frozenset[int] = BUSY
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ class UdsSequence(Generic[R]):
         return result
 
     def step(self, name: str, action: Callable[[], Any], *, retry_on: Iterable[int] = BUSY,
-             tolerate: Iterable[int] = ()) -> Any:
+             tolerate: Iterable[int] = NONE) -> Any:
         """One step: the answer of ``action`` (None for a tolerated NRC), or FlashError(name, ...)."""
         if self.stop.is_set():
             raise FlashError(name, "cancelled")
@@ -210,7 +211,8 @@ class UdsSequence(Generic[R]):
             self.on_step(name)
         self.current = name
         self.progress(name)
-        retry_on, tolerate = frozenset(retry_on), frozenset(tolerate)
+        retry_on = retry_on if isinstance(retry_on, frozenset) else frozenset(retry_on)
+        tolerate = tolerate if isinstance(tolerate, frozenset) else frozenset(tolerate)
         if not self.trace_steps:
             return self._attempts(name, action, retry_on, tolerate)
         with self.recorder.step(name):

@@ -72,7 +72,8 @@ def _ecu_sim(sub: Any) -> None:
     _add_common(p)
     p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to simulate (repeatable; default: every configured ECU)")
     p.add_argument("--state-dir", metavar="DIR", help="where the flash banks live (default: each ECU's sim.state_dir)")
-    p.add_argument("--fault", action="append", default=[], metavar="SPEC", help="inject a fault, e.g. bms:36#5:nrc=0x72 (see README)")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a fault, e.g. bms:36#5:nrc=0x72 (docs/fault-injection.md)")
 
 
 def _flash(sub: Any) -> None:
@@ -90,7 +91,7 @@ def _flash(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="do not show progress")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
-                   help="inject a client-side fault into the gateway's flashing, e.g. vcu:36#3:skip_counter (see README)")
+                   help="inject a client-side fault into the gateway's flashing, e.g. vcu:36#3:skip_counter (docs/fault-injection.md)")
     p.add_argument("--delta-from", action="append", default=[], metavar="ECU=OLD_IMAGE",
                    help="send ECU a delta from OLD_IMAGE (the image it runs) to its new image, the full image "
                         "when the ECU does not run OLD_IMAGE or takes no deltas (repeatable)")
@@ -119,7 +120,7 @@ def _gateway(sub: Any) -> None:
     _add_common(p)
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a fault: deploy-stage server faults into the deploy server (deploy:GW:36#5:nrc=0x72), "
-                   "flash-stage client faults into the flashing (vcu:36#3:skip_counter); see README")
+                   "flash-stage client faults into the flashing (vcu:36#3:skip_counter); see docs/fault-injection.md")
 
 
 def _tbox(sub: Any) -> None:
@@ -159,7 +160,7 @@ def _deploy(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="do not show progress")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
-                   help="inject a client-side fault into the deploy, e.g. deploy:vcu.bin:36#3:bad_length (see README)")
+                   help="inject a client-side fault into the deploy, e.g. deploy:vcu.bin:36#3:bad_length (docs/fault-injection.md)")
     p.add_argument("--keep-going", action="store_true", help="deploy the other packages after one failed (benches)")
 
 
@@ -374,7 +375,7 @@ def _bench(sub: Any) -> None:
     p.add_argument("--ecu", action="append", metavar="NAME", help="ECU to update (repeatable; default: all)")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a fault where it belongs: flash/server -> ECU simulators, flash/client and "
-                   "deploy/server -> gateway, deploy/client -> TBOX (see README)")
+                   "deploy/server -> gateway, deploy/client -> TBOX (docs/fault-injection.md)")
     p.add_argument("--version", dest="image_version", default="2.0.0", help="version of the new software (default: 2.0.0)")
     p.add_argument("--image-kind", choices=("random", "firmware"), default="random",
                    help="random images (incompressible), or firmware-like ones: a real compiled binary (PyYAML's C "

@@ -103,7 +103,7 @@ class EcuConfig:
     check_memory_routine: int = 0x0202
     check_dependencies_routine: int = 0xFF01
     # vehicle-level campaigns: run the staged image at the next reset, forget it, go back to the
-    # image the running one replaced, confirm the running one (README: the two phases)
+    # image the running one replaced, confirm the running one (docs/flashing.md: staging, activation, rollback and commit)
     activate_routine: int = 0xFF02
     discard_routine: int = 0xFF03
     rollback_routine: int = 0xFF04
