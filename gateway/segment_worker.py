@@ -217,8 +217,12 @@ class SegmentWorker:
               failed: Callable[[FlashJob, str, str, str | None], tuple[FlashResult, str]]) -> tuple[FlashResult, str]:
         """Flash one job in the worker: (its FlashResult, its trace text). A worker that dies or
         gets stuck meanwhile is killed; ``failed(job, step, reason, trace so far)`` makes the job's result."""
-        self.conn.send(FlashOrder(job))
         step, trace = "", None
+        try:
+            self.conn.send(FlashOrder(job))
+        except OSError:  # the worker is gone already
+            self.process.join(1)
+            return self._give_up(job, step, f"ended (exit code {self.process.exitcode})", trace, failed)
         asked: tuple[int, float] | None = None  # the ping waiting for its pong, and when it went
         next_ping = time.monotonic() + PING_INTERVAL_S
         while True:

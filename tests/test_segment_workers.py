@@ -1,7 +1,8 @@
 """Flash worker processes as the gateway supervises them (gateway/segment_worker.py): a worker
 that stops answering in the middle of a transfer (frozen with SIGSTOP: alive, but stuck) is
-found by its missed pong, killed, and its job ends as a failed result at the step it was in, with
-its trace so far; the segment's next job gets a new worker, and the other segment is not touched."""
+found by its missed pong and killed, one killed with SIGKILL is found gone; either way its job
+ends as a failed result at the step it was in, with its trace so far, the segment's next job
+gets a new worker, and the other segment is not touched."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def resource_tracker() -> None:
     tracker.ensure_running()
 
 
-def test_a_stuck_worker_is_killed_and_its_job_fails_at_its_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "problem"), [(signal.SIGSTOP, "did not answer for 2 s"), (signal.SIGKILL, "ended (exit code -9)")],
+                         ids=["stuck", "died"])
+def test_a_lost_worker_is_killed_and_its_job_fails_at_its_step(tmp_path: Path, sig: int, problem: str) -> None:
     data: dict[str, Any] = {
         "segments": {"a": {"bus": multicast_bus()}, "b": {"bus": multicast_bus()}},
         "gateway": {"results_dir": str(tmp_path / "gw"), "segment_workers": "process", "worker_pong_s": 2},
@@ -45,7 +48,7 @@ def test_a_stuck_worker_is_killed_and_its_job_fails_at_its_step(tmp_path: Path) 
         if ecu == "ea" and step == "transfer_data" and done > 0 and not frozen:
             worker = next(p for p in multiprocessing.active_children() if p.name == "vota-flash-a")
             assert worker.pid is not None
-            os.kill(worker.pid, signal.SIGSTOP)  # alive, holding its pipe, answering nothing
+            os.kill(worker.pid, sig)  # SIGSTOP: alive, holding its pipe, answering nothing
             frozen.append(worker.pid)
 
     image = os.urandom(48 * 1024)
@@ -57,7 +60,7 @@ def test_a_stuck_worker_is_killed_and_its_job_fails_at_its_step(tmp_path: Path) 
     assert frozen, "the transfer was never seen"
     stuck = results["ea"]
     assert (stuck.result, stuck.failed_step) == ("failed", "transfer_data"), stuck
-    assert stuck.reason == "the flash worker of segment a did not answer for 2 s: stopped"
+    assert stuck.reason == f"the flash worker of segment a {problem}: stopped"
     trace = read_trace(tmp_path / "out" / "ea.trace.jsonl")
     assert trace.trailer is not None and trace.trailer["result"] == "failed"
     assert any(e.service == 0x34 for e in trace.exchanges)  # what it did before it froze is kept
