@@ -54,7 +54,7 @@ class EcuAction(UdsSequence[ActionResult]):
                              response_id=ecu.response_id, functional_id=ecu.functional_id, started=time.time(),
                              extra={"segment": ecu.segment, "action": action})
         journal = (lambda step: on_step(ecu.name, step, self.recorder)) if on_step is not None else None
-        super().__init__(segment, Peer.ecu(ecu, DID.SOFTWARE_VERSION, DID.IMAGE_DIGEST), header, retries=gateway.retries,
+        super().__init__(segment, Peer.ecu(ecu, ecu.flash_profile.version.did, DID.IMAGE_DIGEST), header, retries=gateway.retries,
                          late_grace_s=gateway.late_response_grace_ms / 1000.0, stop=stop, on_step=journal)
         self.ecu, self.gateway, self.action, self.expect = ecu, gateway, action, expect
         self.out_dir: Path | None = None
@@ -85,9 +85,10 @@ class EcuAction(UdsSequence[ActionResult]):
             return
         self.step("ecu_reset", lambda: c.ecu_reset(ResetType.hardReset))
         self.wait_back("ecu_reset", self.gateway.reset_wait_ms / 1000.0)
-        version = self.step("verify", lambda: c.read_data_by_identifier(DID.SOFTWARE_VERSION))
+        spec = self.ecu.flash_profile.version
+        version = self.step("verify", lambda: c.read_data_by_identifier(spec.did))
         digest = self.step("verify", lambda: c.read_data_by_identifier(DID.IMAGE_DIGEST))
-        result.version_after = bytes(version.service_data.values[DID.SOFTWARE_VERSION]).decode("ascii", "replace")
+        result.version_after = spec.decode(bytes(version.service_data.values[spec.did]))
         result.sha256_after = bytes(digest.service_data.values[DID.IMAGE_DIGEST]).hex()
         if self.expect is None:
             return

@@ -1,15 +1,15 @@
-"""Gateway flashing of one ECU: the standard UDS programming sequence, traced header-only
-(D2), ending in the ECU's flash result (D3). ``gateway/orchestrator.py`` runs it for several
-ECUs and segments::
+"""Gateway flashing of one ECU: its flash profile's programming sequence (agent/core/flash_profile.py,
+docs/flash-profiles.md), traced header-only (D2), ending in the ECU's flash result (D3).
+``gateway/orchestrator.py`` runs it for several ECUs and segments. Around the profile's steps::
 
-    version_before   22 F189 (asked twice if unanswered when the rollback is guarded)
-    pre-programming  10 03, 85 02, 28 03 01, 10 02, 27 01/02, 2E <fingerprint>
+    version_before   the profile's version DID (asked twice if unanswered when the rollback is guarded)
+    pre              the profile's pre-programming steps (simulator: 10 03, 85 02, 28 03 01, 10 02, 27, 2E F15A)
     delta_base       31 01 <delta base> (a delta only: does the ECU run its base?)
-    programming      31 01 <erase>, 34 (compressed or delta: its dataFormatIdentifier), 36..., 37
-    checks           31 01 <check memory>, 31 01 <check dependencies>
-    reset            11 01, then untraced 3E 00 until it answers (staging: no reset, the staged image read back)
-    post-programming 10 03, 28 00 03, 85 01, 10 01
-    verify           22 F189 (staging: 22 F1A1, then 22 F189 as version_after)
+    block            per memory block of the image: the profile's block steps, the download among them
+                     (34 with its dataFormatIdentifier when compressed or a delta, 36..., 37)
+    post             the profile's post steps; a reset step waits (untraced 3E 00) until the ECU answers,
+                     and is left out when the image is only staged
+    verify           the version DID again (staging: 22 F1A1, then the version as version_after)
 """
 
 from __future__ import annotations
@@ -24,33 +24,30 @@ from typing import Any, Callable
 from udsoncan import DataFormatIdentifier, MemoryLocation
 
 from agent.adapters.canbus import Segment
+from agent.adapters.plugins import check_for
 from agent.adapters.uds_client import describe_failure
 from agent.adapters.uds_sequence import Peer, UdsSequence
 from agent.core.campaign import compare_versions
 from agent.core.config import EcuConfig, GatewayConfig
 from agent.core.faults import FaultSpec
+from agent.core.flash_profile import profile_flow
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError
 from agent.protocol.ecu import DID, STAGED_NONE, decode_staged_image
-from agent.protocol.uds import COMMUNICATION_ALL, COMMUNICATION_NORMAL, CommunicationType, DtcSetting, Nrc, ResetType, Session
-from gateway.jobs import DeltaImage, FlashJob, FlashResult, Progress
+from agent.protocol.uds import Nrc
+from gateway.jobs import DeltaImage, FlashJob, FlashResult, ImageBlock, Progress
 
-__all__ = ["EcuFlasher", "fingerprint", "flash_header"]
+__all__ = ["EcuFlasher", "flash_header"]
 
 log = logging.getLogger(__name__)
 
 
 def flash_header(ecu: EcuConfig, job: FlashJob) -> TraceHeader:
+    extra: dict[str, Any] = {"segment": ecu.segment, "image_size": job.size, "image_version": job.version}
+    if ecu.profile is not None:  # a sequence the diagnosis does not know: the header says what it is
+        extra["profile"] = profile_flow(ecu.profile, ecu.delta_base_routine if ecu.delta is not None else None)
     return TraceHeader(stage="flash", client="GW", server=ecu.name, packet=ecu.name, request_id=ecu.request_id,
-                       response_id=ecu.response_id, functional_id=ecu.functional_id, started=time.time(),
-                       extra={"segment": ecu.segment, "image_size": job.size, "image_version": job.version})
-
-
-def fingerprint(version: str, today: _dt.date) -> bytes:
-    """WriteDataByIdentifier F15A: date as BCD YYMMDD, length, software version (ASCII)."""
-    text = version.encode("ascii", "replace")[:60]
-    bcd = bytes(int(f"{v:02d}", 16) for v in (today.year % 100, today.month, today.day))
-    return bcd + bytes((len(text),)) + text
+                       response_id=ecu.response_id, functional_id=ecu.functional_id, started=time.time(), extra=extra)
 
 
 class EcuFlasher(UdsSequence[FlashResult]):
@@ -61,7 +58,7 @@ class EcuFlasher(UdsSequence[FlashResult]):
                  faults: list[FaultSpec] | None = None,
                  on_step: Callable[[str, str, TraceRecorder], None] | None = None) -> None:
         journal = (lambda step: on_step(ecu.name, step, self.recorder)) if on_step is not None else None
-        peer = Peer.ecu(ecu, DID.SOFTWARE_VERSION, DID.IMAGE_DIGEST, DID.STAGED_IMAGE, ecu.fingerprint_did)
+        peer = Peer.ecu(ecu, ecu.flash_profile.version.did, DID.IMAGE_DIGEST, DID.STAGED_IMAGE, ecu.fingerprint_did)
         super().__init__(segment, peer, flash_header(ecu, job), retries=gateway.retries,
                          late_grace_s=gateway.late_response_grace_ms / 1000.0, stop=stop,
                          faults=[f for f in faults or [] if f.applies_to("flash", ecu.name, "client")], on_step=journal)
@@ -74,6 +71,10 @@ class EcuFlasher(UdsSequence[FlashResult]):
         self.fallbacks: list[str] = []  # methods the ECU refused first
         self.image_sent = "full"
         self.delta_refused: str | None = None
+        self.profile = ecu.flash_profile
+        self.check = check_for(ecu)
+        self.trace_steps = self.profile.name != "vota-sim"  # a foreign sequence: its step names in the trace
+        self.blocks: list[dict[str, Any]] = []  # per block: where, how much went on the bus
 
     # ---- the engine's hooks -------------------------------------------------------------
     def new_result(self) -> FlashResult:
@@ -93,36 +94,53 @@ class EcuFlasher(UdsSequence[FlashResult]):
         result.compression_refused = list(self.fallbacks)
         result.transfer_ratio = round(self.sent / max(1, self.job.size), 4)
         result.image_sent, result.delta_refused = self.image_sent, self.delta_refused
+        result.profile, result.blocks = self.profile.name, list(self.blocks)
 
     # ---- the sequence -------------------------------------------------------------------
     def sequence(self, result: FlashResult) -> None:
+        """The profile's steps: pre-programming, per block (the download among them), post."""
         self._check_rollback(result)
-        c, ecu, job = self.client, self.ecu, self.job
-        region = MemoryLocation(ecu.memory_address, job.size, 32, 32)
-        if job.size == 0 or job.size > ecu.memory_size:
-            raise FlashError("request_download", f"image of {job.size} bytes does not fit {ecu.memory_size} bytes of memory")
+        ecu, job, profile = self.ecu, self.job, self.profile
+        blocks = job.blocks(ecu)
         if job.delta is not None and ecu.delta is None:
             self._no_delta("this ECU takes no delta images (ecus.<name>.delta)")
-        self.step("extended_session", lambda: c.change_session(Session.extendedDiagnosticSession))
-        self.step("dtc_setting_off", lambda: c.control_dtc_setting(DtcSetting.off))
-        self.step("communication_disable", lambda: c.communication_control(CommunicationType.disableRxAndTx, COMMUNICATION_NORMAL))
-        self.step("programming_session", lambda: c.change_session(Session.programmingSession))
-        self.step("security_access", lambda: c.unlock_security_access(ecu.security_level))
-        self.step("write_fingerprint", lambda: c.write_data_by_identifier(
-            ecu.fingerprint_did, fingerprint(job.version, _dt.date.today())))
+        today = _dt.date.today()
+        ctx = profile.context(version=job.version, today=today)
+        for spec in profile.pre:
+            self.profile_step(spec, ctx)
         delta = self._delta_base() if job.delta is not None and ecu.delta is not None else None
-        self.routine("erase", ecu.erase_routine, region.alfid.get_byte() + region.get_address_bytes()
-                     + region.get_memorysize_bytes())
-        self._download(region, delta)
-        self.routine("check_memory", ecu.check_memory_routine, job.check_value(ecu.check_memory))
-        self.routine("check_dependencies", ecu.check_dependencies_routine)
-        if job.stage_only:
-            result.version_after = self._staged()
-            return
-        self.step("ecu_reset", lambda: c.ecu_reset(ResetType.hardReset))
-        self.wait_back("ecu_reset", self.gateway.reset_wait_ms / 1000.0)
-        self._leave_programming()
-        result.version_after = self._verify()
+        for block in blocks:
+            check = self._check_value(block.data) if block.data or delta is None else self._delta_check()
+            ctx = profile.context(version=job.version, today=today, address=block.address, size=block.size,
+                                  block=block.number, data=block.data, check=check)
+            for spec in profile.block:
+                if spec.kind == "download":
+                    self._download(block, delta)
+                else:
+                    self.profile_step(spec, ctx)
+        for spec in profile.post:
+            if spec.kind != "reset":
+                self.profile_step(spec, ctx)
+            elif not job.stage_only:  # staging: the ECU keeps running its image
+                self.profile_step(spec, ctx)
+                self.wait_back(spec.name, self.gateway.reset_wait_ms / 1000.0)
+        result.version_after = self._staged() if job.stage_only else self._verify()
+
+    def _check_value(self, data: bytes) -> bytes:
+        return self.check(data)
+
+    def _delta_check(self) -> bytes:
+        """A delta's block: its check value from what the delta says of the new image."""
+        delta = self.job.delta
+        assert delta is not None
+        if self.profile.check == "crc32":
+            return delta.crc32.to_bytes(4, "big")
+        if self.profile.check == "sha256":
+            return bytes.fromhex(delta.sha256)
+        if self.profile.check == "none":
+            return b""
+        raise FlashError("check_memory", f"a delta image cannot be checked with {self.profile.check!r} "
+                                         "(crc32, sha256 or none): send the full image")
 
     def _check_rollback(self, result: FlashResult) -> None:
         """Before anything else: what the ECU runs; a guarded job refuses an older image, or an ECU
@@ -143,47 +161,49 @@ class EcuFlasher(UdsSequence[FlashResult]):
             raise FlashError("rollback_check", f"the ECU runs {running}, newer than {job.version}: not flashed")
 
     def _read_version(self) -> str | None:
+        spec = self.profile.version
         try:
-            response = self.client.read_data_by_identifier(DID.SOFTWARE_VERSION)
+            response = self.client.read_data_by_identifier(spec.did)
         except Exception:  # noqa: BLE001 - the version is informative only
             return None
-        return bytes(response.service_data.values[DID.SOFTWARE_VERSION]).decode("ascii", "replace")
+        return spec.decode(bytes(response.service_data.values[spec.did]))
 
-    def _download(self, region: MemoryLocation, delta: DeltaImage | None) -> None:
+    def _download(self, block: ImageBlock, delta: DeltaImage | None) -> None:
         """RequestDownload (the delta, compressed or not), TransferData, RequestTransferExit."""
-        response, payload = self._request_download(region, delta)
+        region = MemoryLocation(block.address, block.size, 8 * self.profile.address_bytes, 8 * self.profile.size_bytes)
+        response, payload = self._request_download(region, block.data, delta)
         self.max_block = int(response.service_data.max_length)
+        if self.profile.max_block:
+            self.max_block = min(self.max_block, self.profile.max_block)
         if self.max_block < 3:
             raise FlashError("request_download", f"maxNumberOfBlockLength {self.max_block} is too small")
         chunk = self.max_block - 2
         counter = 1
         began = time.monotonic()
+        done = self.sent
         for offset in range(0, len(payload), chunk):
-            block = payload[offset : offset + chunk]
-            self.step("transfer_data", functools.partial(self.client.transfer_data, counter, block))
-            self.sent = offset + len(block)
+            data = payload[offset : offset + chunk]
+            self.step("transfer_data", functools.partial(self.client.transfer_data, counter, data))
+            self.sent = done + offset + len(data)
             counter = (counter + 1) & 0xFF
         self.step("transfer_exit", lambda: self.client.request_transfer_exit())
-        self.transfer_s = time.monotonic() - began
-
-    def _leave_programming(self) -> None:
-        c = self.client
-        self.step("post_extended_session", lambda: c.change_session(Session.extendedDiagnosticSession))
-        self.step("communication_enable", lambda: c.communication_control(CommunicationType.enableRxAndTx, COMMUNICATION_ALL))
-        self.step("dtc_setting_on", lambda: c.control_dtc_setting(DtcSetting.on))
-        self.step("default_session", lambda: c.change_session(Session.defaultSession))
+        self.transfer_s += time.monotonic() - began
+        self.blocks.append({"number": block.number, "address": block.address, "size": block.size,
+                            "bytes_transferred": len(payload), "compression": self.compression})
 
     def _verify(self) -> str:
         """After the reset: the ECU must report the new version."""
         self.current = "verify"
         self.progress("verify")
+        spec = self.profile.version
         with self.link.step("verify"):
             try:
-                got = self.client.read_data_by_identifier(DID.SOFTWARE_VERSION).service_data.values[DID.SOFTWARE_VERSION]
+                got = self.client.read_data_by_identifier(spec.did).service_data.values[spec.did]
             except Exception as exc:  # noqa: BLE001
                 reason = describe_failure(exc)[0]
-                raise FlashError("verify", f"cannot read the software version after reset: {reason}") from None
-        reported = bytes(got).decode("ascii", "replace")
+                raise FlashError("verify", f"cannot read the software version (DID 0x{spec.did:04X}) after reset: "
+                                           f"{reason}") from None
+        reported = spec.decode(bytes(got))
         if reported != self.job.version:
             raise FlashError("verify", f"ECU reports software {reported!r} after reset, expected {self.job.version!r}")
         return self.job.version
@@ -217,7 +237,8 @@ class EcuFlasher(UdsSequence[FlashResult]):
         self.total = len(delta.patch)
         return delta
 
-    def _request_download(self, region: MemoryLocation, delta: DeltaImage | None = None) -> tuple[Any, bytes]:
+    def _request_download(self, region: MemoryLocation, data: bytes,
+                          delta: DeltaImage | None = None) -> tuple[Any, bytes]:
         """RequestDownload of a delta (its nibble), or of the image compressed with the first of the
         ECU's methods that the ECU accepts (``offer_compressed``); an ECU that refuses the delta
         (NRC 0x31) is asked again with the full image. (The response, the bytes to transfer.)"""
@@ -240,16 +261,16 @@ class EcuFlasher(UdsSequence[FlashResult]):
         def send(dfi: DataFormatIdentifier | None, payload: bytes) -> Any:
             return c.request_download(region) if dfi is None else c.request_download(region, dfi=dfi)
 
-        offer = self.offer_compressed("request_download", self.ecu.compression, self.job.image, send)
+        offer = self.offer_compressed("request_download", self.ecu.compression, data, send,
+                                      refused_on=self.profile.compression_fallback)
         self.fallbacks.extend(offer.refused)
         if offer.method is not None:
             self.compression, self.total = offer.method, len(offer.payload)
         return offer.response, offer.payload
 
     def _staged(self) -> str:
-        """Staging only: leave the programming session without a reset, then read the staged
-        image back (DID F1A1): it must be this image. The ECU still runs its old one."""
-        self._leave_programming()
+        """Staging only (the post steps ran without the reset): read the staged image back (DID
+        F1A1): it must be this image. The ECU still runs its old one."""
         self.current = "verify"
         with self.link.step("verify"):
             try:

@@ -39,7 +39,8 @@ def read_images(config: VehicleConfig, buses: Buses, name: str, p2: float = 0.5)
     each ECU where it is before deciding what to do with it)."""
     ecu = config.ecu(name)
     values: dict[int, bytes | None] = {}
-    dids = (DID.SOFTWARE_VERSION, DID.IMAGE_DIGEST, DID.STAGED_IMAGE)
+    spec = ecu.flash_profile.version
+    dids = (spec.did, DID.IMAGE_DIGEST, DID.STAGED_IMAGE)
     with buses.ecu(name, "read images") as segment, \
             UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=p2,
                     dids={d: RawCodec() for d in dids}) as link:
@@ -52,7 +53,7 @@ def read_images(config: VehicleConfig, buses: Buses, name: str, p2: float = 0.5)
                     values[did] = None
                     time.sleep(0.1)
     version, digest, staged = (values.get(d) for d in dids)
-    return EcuImages(None if version is None else version.decode("ascii", "replace"),
+    return EcuImages(None if version is None else spec.decode(version),
                      None if digest is None else digest.hex(),
                      None if staged is None else decode_staged_image(staged))
 
@@ -62,14 +63,19 @@ def _read_ecu(segment: Segment, ecu: EcuConfig, p2: float, trace_dir: Path | Non
     ``inventory``) into ``<trace_dir>/<ecu>.link.trace.jsonl`` with its result beside it, and the
     entry names the trace (``trace_file``, relative to the directory above ``trace_dir``)."""
     entry: dict[str, Any] = {"ecu": ecu.name, "segment": ecu.segment, "request_id": ecu.request_id, "response_id": ecu.response_id}
-    dids = {did: RawCodec() for did in (*DID.INVENTORY.values(), DID.IMAGE_DIGEST)}
+    version = ecu.flash_profile.version
+    wanted = {**DID.INVENTORY, "software_version": version.did}
+    dids = {did: RawCodec() for did in (*wanted.values(), DID.IMAGE_DIGEST)}
     recorder = None if trace_dir is None else TraceRecorder(TraceHeader(
         stage="link", client="GW", server=ecu.name, packet=ecu.name, request_id=ecu.request_id,
         response_id=ecu.response_id, functional_id=ecu.functional_id, started=time.time(), extra={"segment": ecu.segment}))
     with UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=p2, dids=dids, recorder=recorder) as link, \
             link.step("inventory"):
-        nrc = _read_dids(link, entry)
-    entry["reachable"] = entry.get("software_version") is not None
+        nrc = _read_dids(link, entry, wanted, version.decode)
+    answered = [r for r in (entry.get("errors") or {}).values() if "timeout" not in str(r)]
+    entry["reachable"] = entry.get("software_version") is not None or bool(answered)
+    if entry.get("software_version") is None and answered:
+        entry["mode"] = "boot"  # it answers but tells no application version: its bootloader runs
     if trace_dir is not None and recorder is not None:
         _write_trace(trace_dir, ecu.name, recorder, entry, nrc)
     return entry
@@ -83,15 +89,15 @@ def _write_trace(trace_dir: Path, name: str, recorder: TraceRecorder, entry: dic
     entry["trace_file"] = f"{trace_dir.name}/{path.name}"
 
 
-def _read_dids(link: UdsLink, entry: dict[str, Any]) -> int | None:
+def _read_dids(link: UdsLink, entry: dict[str, Any], wanted: dict[str, int], decode_version: Any) -> int | None:
     """Fills ``entry``; the NRC of the first read refused, if any."""
     first_nrc = None
-    for key, did in DID.INVENTORY.items():
+    for key, did in wanted.items():
         try:
             value = bytes(link.client.read_data_by_identifier(did).service_data.values[did])
             if did == DID.BOOT_SOFTWARE and value[:1] == b"\x01":
                 value = value[1:]  # numberOfModules (one module), then its identification
-            entry[key] = value.decode("ascii", "replace")
+            entry[key] = decode_version(value) if key == "software_version" else value.decode("ascii", "replace")
         except Exception as exc:  # noqa: BLE001 - a silent ECU is reported, not fatal
             entry[key] = None
             reason, nrc = describe_failure(exc)

@@ -12,8 +12,9 @@ from typing import Any, Callable
 
 from agent.adapters.uds_sequence import StepResult
 from agent.core.trace import TraceRecorder
+from agent.errors import FlashError
 
-__all__ = ["Progress", "FlashHooks", "DeltaImage", "Awaited", "FlashJob", "FlashResult"]
+__all__ = ["Progress", "FlashHooks", "DeltaImage", "Awaited", "FlashJob", "FlashResult", "ImageBlock"]
 
 Progress = Callable[[str, str, int, int], None]
 
@@ -55,6 +56,17 @@ class Awaited:
 
 
 @dataclass(frozen=True)
+class ImageBlock:
+    """One block of an image as it is programmed: its ECU memory block's number, where, how much,
+    the bytes (empty for a delta's block: the patch goes instead)."""
+
+    number: int
+    address: int
+    size: int
+    data: bytes
+
+
+@dataclass(frozen=True)
 class FlashJob:
     ecu: str
     image: bytes  # the full image; empty when only a delta was deployed
@@ -66,6 +78,28 @@ class FlashJob:
     guard_rollback: bool = False
     delta: DeltaImage | None = None  # sent instead of the image when the ECU runs its base
     awaited: Awaited | None = None  # a pipelined install: the package is still on its way (gateway/arrivals.py)
+
+    # an image container's memory segments ((address, bytes), agent/protocol/images.py); empty: the
+    # image goes to the ECU's first memory block
+    segments: tuple[tuple[int, bytes], ...] = ()
+
+    def blocks(self, ecu: Any) -> list[ImageBlock]:
+        """The blocks to program on ``ecu`` (an EcuConfig), each inside one block of its memory map,
+        or FlashError naming what does not fit."""
+        memory = ecu.memory_map
+        if not self.segments:
+            first = memory[0]
+            if self.size == 0 or self.size > first.size:
+                raise FlashError("request_download", f"image of {self.size} bytes does not fit {first.size} bytes of memory")
+            return [ImageBlock(first.number, first.address, self.size, self.image)]
+        out = []
+        for address, data in self.segments:
+            home = next((m for m in memory if m.address <= address and address + len(data) <= m.address + m.size), None)
+            if home is None or not data:
+                raise FlashError("request_download", f"segment 0x{address:X}+{len(data)} lies outside {ecu.name}'s memory "
+                                                     f"map ({', '.join(f'0x{m.address:X}+{m.size}' for m in memory)})")
+            out.append(ImageBlock(home.number, address, len(data), data))
+        return out
 
     @property
     def size(self) -> int:
@@ -104,6 +138,8 @@ class FlashResult(StepResult):
     delta_refused: str | None = None  # a delta was offered and the full image went instead: why
     trace_bytes: int = 0
     trace_fraction: float = 0.0
+    profile: str = "vota-sim"  # the flash profile that programmed it
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # per block: number, address, size, bytes_transferred, compression
     phase: str | None = None  # staged, activated, committed, discarded, rolled_back (gateway/install.py)
     actions: list[dict[str, Any]] = field(default_factory=list)  # activation-phase actions on this ECU, in order
     schema: str = field(default="vota-flash-result/1")

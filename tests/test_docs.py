@@ -70,6 +70,20 @@ def test_the_link_check_finds_a_broken_link(tmp_path: Path) -> None:
     assert "missing" not in _anchors(tmp_path / "a.md")
 
 
+EVERY_PROFILE_KEY = {
+    "seed_key": {"plugin": "vota-hmac", "params": {}}, "check": "crc16", "tester_id": "0x01", "max_block": 0,
+    "address_format": {"address": 4, "size": 4}, "compression_fallback": [0x31],
+    "version": {"did": 0xF189, "length": 16, "encoding": "ascii", "strip": " "},
+    "steps": {"pre": [{"name": "s", "service": 0x10, "sub": 3, "functional": True, "suppress": True, "optional": True,
+                       "tolerate": [0x11], "retry_on": [0x21], "timeout_ms": 100},
+                      {"name": "k", "security": 1}, {"name": "f", "service": 0x2E, "did": 1,
+                                                     "record": [{"field": "version", "length": 4, "pad": " ", "align": "left"},
+                                                                {"hex": "01"}]}],
+              "block": [{"name": "e", "routine": 0xFF00, "ok_status": [0]}, {"name": "d", "download": True}],
+              "post": [{"name": "r", "reset": True}]},
+}
+
+
 def _keys_read() -> list[str]:
     """Every key path the configuration parser reads, segment and ECU names as ``<name>``, from
     a configuration that has every section."""
@@ -92,13 +106,19 @@ def _keys_read() -> list[str]:
     data["deploy"]["timing"] = {}
     for ecu in data["ecus"].values():
         ecu.update(routines={}, timing={})
+    data["flash_profiles"] = {"example": EVERY_PROFILE_KEY}
+    first = next(iter(data["ecus"].values()))
+    first.update(profile="example", seed_key_params={"mask": 1})
+    first.setdefault("memory", {})["blocks"] = [{"address": 0, "size": 16, "number": 1}]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_values._Section, "get", record_get)
         patch.setattr(_values._Section, "section", record_section)
         parse_vehicle_config(data, "bench.yaml")
     keys = []
     for key in seen:
-        key = re.sub(r"^(segments|ecus)\.[^.]+\.", r"\1.<name>.", key)
+        key = re.sub(r"^(segments|ecus|flash_profiles)\.[^.]+\.", r"\1.<name>.", key)
+        key = re.sub(r"steps\.(pre|block|post)\[\d+\]", "steps.<phase>[]", key)
+        key = re.sub(r"\[\d+\]", "[]", key)
         if not key.endswith(".") and key not in keys:
             keys.append(key)
     return keys

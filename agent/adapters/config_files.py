@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.plugins import check_plugins
 from agent.core.config import VehicleConfig, parse_vehicle_config, parse_yaml
 from agent.errors import ConfigError
 
@@ -29,4 +30,6 @@ def load_yaml(path: str | os.PathLike[str]) -> Any:
 
 def load_vehicle_config(path: str | os.PathLike[str]) -> VehicleConfig:
     """The vehicle configuration in ``path`` (agent/core/config), checked key by key."""
-    return parse_vehicle_config(load_yaml(path), str(path))
+    config = parse_vehicle_config(load_yaml(path), str(path))
+    check_plugins(config)  # a profile naming a plug-in that is not installed: refused now, not mid-flash
+    return config

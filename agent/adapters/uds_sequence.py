@@ -37,14 +37,15 @@ from udsoncan import DataFormatIdentifier
 from udsoncan.exceptions import NegativeResponseException
 
 from agent.adapters.canbus import Segment
+from agent.adapters.plugins import seed_key_for
 from agent.adapters.trace_files import write_trace
 from agent.adapters.uds_client import ClientFaults, RawCodec, UdsLink, describe_failure
 from agent.core.config import EcuConfig
 from agent.core.faults import FaultSpec
+from agent.core.flash_profile import ProfileStep, RecordContext
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError, VotaError
 from agent.protocol.compression import compress
-from agent.protocol.ecu import security_key
 from agent.protocol.uds import Nrc, RoutineType
 
 __all__ = ["Peer", "StepResult", "StepSpec", "Offer", "UdsSequence", "CallSequence", "CallResult", "BUSY", "iso_time"]
@@ -73,13 +74,14 @@ class Peer:
     security: Callable[[int, bytes], bytes] | None = None
     dids: tuple[int, ...] = ()
     watch_ids: frozenset[int] = frozenset()  # other ids whose frames are not stray answers (the functional id)
+    functional_id: int | None = None
 
     @classmethod
     def ecu(cls, ecu: EcuConfig, *dids: int) -> "Peer":
         """An ECU as the gateway talks to it: its addresses, timing and SecurityAccess key."""
         return cls(ecu.name, ecu.request_id, ecu.response_id, ecu.p2_ms / 1000.0, ecu.p2_star_ms / 1000.0,
-                   security=lambda level, seed: security_key(ecu.security_secret, seed), dids=dids,
-                   watch_ids=frozenset({ecu.functional_id}))
+                   security=seed_key_for(ecu), dids=dids,
+                   watch_ids=frozenset({ecu.functional_id}), functional_id=ecu.functional_id)
 
 
 @dataclass(kw_only=True)
@@ -253,6 +255,51 @@ class UdsSequence(Generic[R]):
                              tolerate=spec.tolerate)
         return None if response is None else bytes(response.get_payload())
 
+    def profile_step(self, spec: ProfileStep, ctx: RecordContext) -> bytes | None:
+        """A flash profile's step (agent/core/flash_profile.py) other than a download: the positive
+        response's bytes, or None (suppressed, tolerated, or an optional step that failed)."""
+        if spec.kind == "security":
+            return self._guarded(spec, lambda: self.client.unlock_security_access(spec.level)) and b""
+        payload = spec.payload(ctx)
+        if spec.functional:
+            if len(payload) > 7:
+                raise FlashError(spec.name, f"a functional request must fit one frame (7 bytes), not {len(payload)}")
+            return self._guarded(spec, functools.partial(self._send_functional, payload))
+        request = udsoncan.Request.from_payload(payload)
+        timeout = spec.timeout_ms / 1000.0 if spec.timeout_ms else -1
+
+        def send() -> Any:
+            response = self.client.send_request(request, timeout=timeout)
+            if response is None:
+                self.mark(suppressed=True, tolerated=True)  # suppressPosRsp: no answer is the answer
+                return None
+            data = bytes(response.get_payload())
+            if spec.routine is not None and spec.ok_status and len(data) > 4 and data[4] not in spec.ok_status:
+                raise FlashError(spec.name, f"routine 0x{spec.routine:04X} reported status 0x{data[4]:02X} (failed)")
+            return data
+
+        return self._guarded(spec, send)  # type: ignore[no-any-return]
+
+    def _guarded(self, spec: ProfileStep, action: Callable[[], Any]) -> Any:
+        """``action`` as step ``spec.name``; an optional step's failure is logged and tolerated."""
+        tolerate = spec.tolerate if not spec.optional else frozenset(range(0x10, 0x100))
+        try:
+            return self.step(spec.name, action, retry_on=spec.retry_on, tolerate=tolerate)
+        except FlashError as exc:
+            if not spec.optional or exc.reason == "cancelled":
+                raise
+            self.mark(tolerated=True)
+            log.warning("%s: optional step %s skipped: %s", self.peer.name, spec.name, exc.reason)
+            return None
+
+    def _send_functional(self, payload: bytes) -> None:
+        """A single-frame request on the functional id; nothing is waited for (suppressPosRsp)."""
+        if self.peer.functional_id is None:
+            raise FlashError(self.current, "no functional id is known for this peer")
+        self.recorder.request(payload, functional=True, suppressed=True, tolerated=True)
+        self.segment.send_frame(self.peer.functional_id, bytes((len(payload),)) + payload)
+        self.recorder.sent()
+
     def routine(self, name: str, routine: int, data: bytes | None = None) -> Any:
         """RoutineControl startRoutine as step ``name``; a status byte other than 00 fails it."""
 
@@ -275,10 +322,12 @@ class UdsSequence(Generic[R]):
             reset.extra["back"] = round((time.time() - self.recorder.header.started) * 1000.0 - reset.t, 1)
 
     def offer_compressed(self, step: str, methods: Sequence[tuple[str, int]], data: bytes,
-                         send: Callable[[DataFormatIdentifier | None, bytes], Any]) -> Offer:
+                         send: Callable[[DataFormatIdentifier | None, bytes], Any],
+                         refused_on: frozenset[int] = frozenset({Nrc.RequestOutOfRange})) -> Offer:
         """Offer ``data`` compressed with each of ``methods`` ((name, dataFormatIdentifier nibble),
         in the order preferred) that makes it smaller, until the peer takes one; a method it
-        refuses (requestOutOfRange) is marked ``x.retried`` and the next one asked, at last none.
+        refuses (requestOutOfRange, or any of ``refused_on``) is marked ``x.retried`` and the next
+        one asked, at last none.
         ``send(dfi, payload)`` makes the request (dfi None: uncompressed)."""
         refused: list[str] = []
         for method, nibble in methods:
@@ -288,10 +337,11 @@ class UdsSequence(Generic[R]):
             try:
                 response = self.step(step, functools.partial(send, DataFormatIdentifier(compression=nibble), packed))
             except FlashError as exc:
-                if exc.nrc != Nrc.RequestOutOfRange:
+                if exc.nrc not in refused_on:
                     raise
                 self.mark(retried=True, csize=len(packed))  # judged: the next attempt
-                log.warning("%s refused %s compression (NRC 0x31): trying the next way", self.peer.name, method)
+                log.warning("%s refused %s compression (NRC 0x%02X): trying the next way", self.peer.name, method,
+                            exc.nrc)
                 refused.append(method)
                 continue
             self.mark(csize=len(packed))  # the bytes TransferData carries

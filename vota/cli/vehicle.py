@@ -108,10 +108,18 @@ def cmd_versions(args: argparse.Namespace) -> int:
         print(json.dumps(inventory, indent=2))
     else:
         head = ["ECU", "segment", "part number", "software", "serial", "supplier sw", "bootloader"]
-        rows = [[e["ecu"], e["segment"]] + [e.get(k) or ("(no response)" if not e["reachable"] else "?")
-                for k in ("part_number", "software_version", "serial", "supplier_software", "bootloader")] for e in inventory]
+        rows = [[e["ecu"], e["segment"]] + [_cell(e, k) for k in ("part_number", "software_version", "serial",
+                                                                  "supplier_software", "bootloader")] for e in inventory]
         print(table(head, rows))
     return 0 if all(e["reachable"] for e in inventory) else 1
+
+
+def _cell(entry: dict[str, Any], key: str) -> str:
+    if entry.get(key):
+        return str(entry[key])
+    if not entry["reachable"]:
+        return "(no response)"
+    return "(boot mode)" if key == "software_version" and entry.get("mode") == "boot" else "?"
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import os
 import re
 from typing import Any, Mapping
 
+from agent.core.config._profile import parse_memory_blocks, parse_profiles
 from agent.core.config._values import _bitrate, _bool, _can_id, _choice, _int, _nibble, _nonneg, _positive, _Section, _str
 from agent.core.config.model import (
     CloudConfig,
@@ -19,6 +20,7 @@ from agent.core.config.model import (
     TboxConfig,
     VehicleConfig,
 )
+from agent.core.flash_profile import FlashProfile
 from agent.errors import ConfigError
 from agent.protocol.compression import METHODS
 
@@ -124,7 +126,8 @@ def _compression(sec: _Section) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentConfig]) -> EcuConfig:
+def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentConfig],
+         profiles: Mapping[str, FlashProfile]) -> EcuConfig:
     d = EcuConfig(name, "", 0, 0)
     segment = sec.get("segment", _str)
     if segment not in segments:
@@ -158,6 +161,10 @@ def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentCo
         compression=_compression(sec),
         delta=sec.get("delta", _nibble, None, what="the dataFormatIdentifier nibble of a delta (1-15)"),
         sim=_ecu_sim(sec.section("sim", {})),
+        profile=_ecu_profile(sec, profiles),
+        memory_blocks=parse_memory_blocks(memory, memory.get("address", _nonneg, d.memory_address),
+                                          memory.get("size", _positive, d.memory_size)) if "blocks" in memory.data else (),
+        seed_key_params=dict(sec.get("seed_key_params", dict, {}, what="a mapping of the seed/key plug-in's parameters")),
     )
     for s in (memory, routines, timing):
         s.done()
@@ -173,6 +180,16 @@ def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentCo
     return cfg
 
 
+def _ecu_profile(sec: _Section, profiles: Mapping[str, FlashProfile]) -> FlashProfile | None:
+    name = sec.get("profile", _str, "vota-sim")
+    if name == "vota-sim":
+        return None
+    if name not in profiles:
+        known = ", ".join(["vota-sim", *sorted(profiles)])
+        raise ConfigError(sec.source, sec.key("profile"), f"unknown flash profile {name!r} (known: {known})")
+    return profiles[name]
+
+
 def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
     top = _Section(source, "", data)
     segs = top.section("segments")
@@ -180,9 +197,10 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
     if not segments:
         raise ConfigError(source, "segments", "at least one segment is needed")
     segs.used.update(str(n) for n in segs.data)
+    profiles = parse_profiles(top.section("flash_profiles", {}))
     ecus_sec = top.section("ecus", {})
     ecus = {
-        str(n): _ecu(source, str(n), _Section(source, ecus_sec.key(str(n)), v), segments)
+        str(n): _ecu(source, str(n), _Section(source, ecus_sec.key(str(n)), v), segments, profiles)
         for n, v in ecus_sec.data.items()
     }
     _check_unique_ids(source, ecus)

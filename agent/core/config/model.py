@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+from agent.core.flash_profile import FlashProfile, MemoryBlock, default_profile
 from agent.errors import ConfigError
 
 __all__ = ["CloudConfig", "PreconditionsConfig", "SegmentConfig", "EcuSimConfig", "EcuConfig", "GatewayConfig",
@@ -125,6 +126,19 @@ class EcuConfig:
     # None: this ECU takes full images only
     delta: int | None = None
     sim: EcuSimConfig = field(default_factory=EcuSimConfig)
+    # the programming sequence (agent/core/flash_profile.py, docs/flash-profiles.md); None: the
+    # simulator's, built from the keys above
+    profile: FlashProfile | None = None
+    memory_blocks: tuple[MemoryBlock, ...] = ()  # the memory map; empty: one block at memory_address
+    seed_key_params: dict[str, Any] = field(default_factory=dict)  # this ECU's parameters for the seed/key plug-in
+
+    @property
+    def flash_profile(self) -> FlashProfile:
+        return self.profile if self.profile is not None else default_profile(self)
+
+    @property
+    def memory_map(self) -> tuple[MemoryBlock, ...]:
+        return self.memory_blocks or (MemoryBlock(self.memory_address, self.memory_size, 0),)
 
 
 @dataclass(frozen=True)

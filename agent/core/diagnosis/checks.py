@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.core.diagnosis.model import Finding, nrc_name, record
-from agent.core.diagnosis.rules import Rules, StageRules
+from agent.core.diagnosis.rules import Rules, StageRules, with_profile
 from agent.core.trace import Exchange, Trace
 
 __all__ = ["check_trace"]
@@ -372,6 +372,8 @@ def check_trace(trace: Trace, rules: Rules, name: str, mode: str = "first") -> l
     stage = rules.stages.get(trace.header.stage)
     if stage is None:
         raise ValueError(f"no rules for stage {trace.header.stage!r}")
+    if trace.header.stage == "flash" and "profile" in trace.header.extra:
+        stage = with_profile(stage, trace.header.extra["profile"])
     checker = _Checker(trace, rules, stage, name, mode)
     fast = _FastTransfer(checker)
     for i, e in enumerate(trace.exchanges):

@@ -3,12 +3,12 @@ beside this module is the default), every error naming its key."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, TraceFormatError
 
-__all__ = ["SCHEMA", "CAUSES", "REQUEST_CHECKS", "RESPONSE_CHECKS", "ServiceRule", "StageRules", "Rules", "parse_rules"]
+__all__ = ["SCHEMA", "CAUSES", "REQUEST_CHECKS", "RESPONSE_CHECKS", "ServiceRule", "StageRules", "Rules", "parse_rules", "with_profile"]
 
 SCHEMA = "vota-diagnosis/1"
 CAUSES = (
@@ -168,3 +168,28 @@ def parse_rules(data: Any, source: str = "<rules>") -> Rules:
         if needed not in stages:
             raise ConfigError(source, f"stages.{needed}", "missing")
     return Rules(request, response, causes, stages)
+
+
+def with_profile(stage: StageRules, declared: Any) -> StageRules:
+    """The flash stage's rules for a trace whose header declares its flash profile (a sequence the
+    project did not define: agent/core/flash_profile.py ``profile_flow``): the profile's state
+    machine instead of the built-in one; its services and sub-functions legal besides the rules'."""
+    try:
+        flow: dict[str, list[tuple[bytes, str]]] = {}
+        for state, moves in dict(declared["flow"]).items():
+            pairs = [(bytes.fromhex(str(k)), str(v)) for k, v in dict(moves).items()]
+            flow[str(state)] = sorted(pairs, key=lambda p: -len(p[0]))
+        services = dict(stage.services)
+        for sid_hex, subs in dict(declared["subfunctions"]).items():
+            sid, legal = int(str(sid_hex), 16), frozenset(int(v) for v in subs)
+            rule = services.get(sid)
+            if rule is None:
+                services[sid] = ServiceRule((1, 4095), (1, 4095), legal or None, 1 if legal else 0)
+            elif rule.subfunctions is not None and legal:
+                services[sid] = replace(rule, subfunctions=rule.subfunctions | legal)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise TraceFormatError(f"the header's flash profile cannot be read ({type(exc).__name__}: {exc})") from None
+    unknown = sorted({t for moves in flow.values() for _, t in moves} - set(flow))
+    if "start" not in flow or unknown:
+        raise TraceFormatError(f"the header's flash profile flow has no state {(unknown or ['start'])[0]!r}")
+    return replace(stage, flow=flow, services=services, initial="start")
