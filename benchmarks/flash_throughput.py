@@ -120,7 +120,8 @@ def frames_for(request_len: int, dl: int) -> int:
 
 
 def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, work: Path, method: str | None = None,
-             firmware: bool = False) -> dict:
+             firmware: bool = False, image: bytes | None = None) -> dict:
+    """One flash of ``size`` bytes (``image``: these bytes instead of a made-up image)."""
     rng = random.Random()
     bus = {"interface": "udp_multicast", "channel": f"239.{rng.randint(64, 250)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
            "port": rng.randint(20000, 60000), "fd": dl > 8}
@@ -133,7 +134,7 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
                                "sim": {"max_block_length": block, "erase_ms": 100, "check_ms": 10, "reset_ms": 100}}}}
     flash_args = []
     kind = "firmware" if method or firmware else "random"
-    image = work / "image.bin"
+    given, image = image, work / "image.bin"
     if method == "delta":
         old, new = releases()
         config["ecus"]["ecu"]["delta"] = 13
@@ -145,7 +146,9 @@ def run_mode(name: str, dl: int, bitrate: str | None, block: int, size: int, wor
     else:
         if method:
             config["ecus"]["ecu"]["compression"] = {method: 1}
-        image.write_bytes(firmware_like(size) if method or firmware else os.urandom(size))
+        if given is not None:
+            kind = "given"
+        image.write_bytes(given if given is not None else firmware_like(size) if method or firmware else os.urandom(size))
     cfg = work / f"{name.replace(' ', '_').replace('/', '_')}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     sim = subprocess.Popen([sys.executable, "-m", "vota", "ecu-sim", "-c", str(cfg), "--state-dir", str(work / "state")],

@@ -24,7 +24,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from agent.adapters.storage import atomic_write_json
 from agent.errors import VotaError
@@ -58,6 +58,7 @@ class FlashBanks:
         self.dependencies_ok = False
         self.pending_version = ""
         self.next_boot = ""  # what the next reset does: "activate" the staged bank, "rollback" to the old one
+        self.blocks_written: list[tuple[int, int]] = []  # (offset, size) of the blocks of the image being written
         self._handle: Any = None
         self._load()
 
@@ -115,8 +116,17 @@ class FlashBanks:
         return path.read_bytes() if path.exists() else b""
 
     # ---- programming ------------------------------------------------------------------
-    def erase(self) -> None:
+    def erase(self, offset: int = 0, size: int = 0) -> None:
+        """Erase for a new image. A block of the same image that lies apart from the blocks already
+        written (an image of several memory blocks, each erased before its download) keeps them."""
         self.close()
+        info = self.banks[self.target]
+        apart = all(offset + size <= o or o + n <= offset for o, n in self.blocks_written)
+        if self.blocks_written and size and apart and info.state in ("written", "verified"):
+            self.banks[self.target] = BankInfo("erased", size=info.size)
+            self._save()
+            return
+        self.blocks_written = []
         self.dependencies_ok = False
         self.next_boot = ""
         self.banks[self.target] = BankInfo("erased")
@@ -128,21 +138,25 @@ class FlashBanks:
     def erased(self) -> bool:
         return self.banks[self.target].state == "erased"
 
-    def begin_write(self, size: int) -> None:
-        self.banks[self.target] = BankInfo("writing", size=size)
+    def begin_write(self, size: int, offset: int = 0) -> None:
+        extent = self.banks[self.target].size if self.blocks_written else 0
+        self.banks[self.target] = BankInfo("writing", size=max(extent, offset + size))
         self._save()
         self._handle = open(self.path(self.target), "r+b")
-        self._handle.truncate(0)
+        if not self.blocks_written:
+            self._handle.truncate(0)
 
     def write(self, offset: int, data: bytes) -> None:
         self._handle.seek(offset)
         self._handle.write(data)
 
-    def finish_write(self, written: int) -> None:
+    def finish_write(self, written: int, offset: int = 0) -> None:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self.close()
-        self.banks[self.target] = BankInfo("written", size=written)
+        self.blocks_written.append((offset, written))
+        extent = max(o + n for o, n in self.blocks_written)
+        self.banks[self.target] = BankInfo("written", size=extent)
         self._save()
 
     def close(self) -> None:
@@ -150,16 +164,21 @@ class FlashBanks:
             self._handle.close()
             self._handle = None
 
-    def check(self, algorithm: str, expected: bytes) -> bool:
-        """Check memory: the digest of what was written against the value the tester sent."""
+    def check(self, algorithm: "str | Callable[[bytes], bytes]", expected: bytes) -> bool:
+        """Check memory: the digest of the block just written against the value the tester sent."""
         info = self.banks[self.target]
-        if info.state != "written":
+        if info.state != "written" or not self.blocks_written:
             return False
-        data = self.path(self.target).read_bytes()[: info.size]
-        actual = zlib.crc32(data).to_bytes(4, "big") if algorithm == "crc32" else hashlib.sha256(data).digest()
+        image = self.path(self.target).read_bytes()[: info.size]
+        offset, size = self.blocks_written[-1]  # the block just written
+        data = image[offset : offset + size]
+        if callable(algorithm):
+            actual = algorithm(data)
+        else:
+            actual = zlib.crc32(data).to_bytes(4, "big") if algorithm == "crc32" else hashlib.sha256(data).digest()
         if actual != expected:
             return False
-        self.banks[self.target] = BankInfo("verified", self.pending_version, info.size, hashlib.sha256(data).hexdigest())
+        self.banks[self.target] = BankInfo("verified", self.pending_version, info.size, hashlib.sha256(image).hexdigest())
         self._save()
         return True
 

@@ -16,6 +16,7 @@ from agent.protocol.ecu import (
     encode_staged_image,
 )
 from agent.protocol.uds import Nrc, Request, Session
+from ecu_sim.dialect import fingerprint_version
 from ecu_sim.flash_banks import BankInfo
 from ecu_sim.state import EcuState
 
@@ -32,13 +33,14 @@ def _did_value(s: EcuState, did: int) -> bytes | None:
     values = {
         DID.BOOT_SOFTWARE: b"\x01" + s.sim.bootloader_version.encode(),  # numberOfModules, then the module's id
         DID.PART_NUMBER: s.sim.part_number.encode(),
-        DID.SOFTWARE_VERSION: info.version.encode(),
+        s.speaks.version_did: s.speaks.version_value(info.version),
         DID.SERIAL: s.sim.serial.encode(),
         DID.SUPPLIER_VERSION: s.sim.supplier_version.encode(),
         DID.ACTIVE_SESSION: bytes((s.session,)),
         DID.IMAGE_DIGEST: bytes.fromhex(info.sha256) if info.sha256 else bytes(32),
         DID.FINGERPRINT: s.fingerprint or NEVER_PROGRAMMED,
         DID.FINGERPRINT_ALT: s.fingerprint or NEVER_PROGRAMMED,
+        **({s.speaks.fingerprint_did: s.fingerprint or NEVER_PROGRAMMED} if s.speaks.fingerprint_did is not None else {}),
         DID.ACTIVE_CONTENT: (s.content.active or "").encode() if s.content is not None else b"",
         DID.STAGED_IMAGE: _staged_image(s),
         DID.BANK_STATUS: bytes((int(info.confirmed), int(s.banks.previous is not None))),
@@ -110,7 +112,7 @@ def write_data_by_identifier(s: EcuState, r: Request) -> bytes:
     if len(r.data) < 4:
         return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     did = int.from_bytes(r.data[1:3], "big")
-    if did not in (DID.FINGERPRINT, DID.FINGERPRINT_ALT):
+    if did not in (DID.FINGERPRINT, DID.FINGERPRINT_ALT, s.speaks.fingerprint_did):
         return r.negative(Nrc.RequestOutOfRange)
     if s.session != Session.programmingSession:
         return r.negative(Nrc.ConditionsNotCorrect)
@@ -120,7 +122,12 @@ def write_data_by_identifier(s: EcuState, r: Request) -> bytes:
     if len(value) < 4 or len(value) > 64:
         return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     s.fingerprint = value
-    # Fingerprint layout: 3 bytes date (BCD YYMMDD), 1 byte length, then the software version.
+    if did == s.speaks.fingerprint_did and s.config.profile is not None:  # where its profile puts the version
+        version = fingerprint_version(s.speaks, value)
+        if version is not None:
+            s.banks.pending_version = version
+        return b"\x6e" + r.data[1:3]
+    # the simulator's layout: 3 bytes date (BCD YYMMDD), 1 byte length, then the software version
     version_length = value[3]
     if 4 + version_length <= len(value):
         s.banks.pending_version = value[4 : 4 + version_length].decode("ascii", "replace")

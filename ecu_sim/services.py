@@ -18,11 +18,7 @@ from agent.adapters.file_store import transfer_exit as file_transfer_exit
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import EcuConfig
 from agent.protocol.compression import DecompressError, decompressor, named_by
-from agent.protocol.ecu import (
-    ROUTINE_SHOW_CONTENT,
-    ROUTINE_STOP_CONTENT,
-    security_key,
-)
+from agent.protocol.ecu import ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT
 from agent.protocol.files import is_name
 from agent.protocol.uds import BlockCounter, DtcSetting, Nrc, Request, ResetType, RoutineType, Session, session_response
 from ecu_sim.delta import DeltaApplier
@@ -80,7 +76,7 @@ def communication_control(s: EcuState, r: Request) -> bytes:
 # ---- security access -----------------------------------------------------------------------
 def security_access(s: EcuState, r: Request) -> bytes:
     level = r.data[1]
-    if level != s.config.security_level and level != s.config.security_level + 1:
+    if level not in s.speaks.security_levels and level - 1 not in s.speaks.security_levels:
         return r.negative(Nrc.SubFunctionNotSupported)
     if level % 2 == 1:  # request seed
         if len(r.data) != 2:
@@ -94,9 +90,10 @@ def security_access(s: EcuState, r: Request) -> bytes:
     # send key
     if s.seed is None:
         return r.negative(Nrc.RequestSequenceError)
-    if len(r.data) != 6:
+    expected = s.speaks.key(level - 1, s.seed)  # the profile's seed/key plug-in
+    if len(r.data) != 2 + len(expected):
         return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
-    if hmac.compare_digest(r.data[2:], security_key(s.config.security_secret, s.seed)):
+    if hmac.compare_digest(r.data[2:], expected):
         had_failures = s.failed_attempts
         s.unlocked, s.seed, s.failed_attempts = True, None, 0
         if had_failures:
@@ -156,42 +153,60 @@ def routine_control(s: EcuState, r: Request) -> Outcome | bytes:
     kind, routine = r.data[1], int.from_bytes(r.data[2:4], "big")
     if routine in (ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT):
         return _content_routine(s, r, routine)
-    cfg = s.config
+    cfg, d = s.config, s.speaks
     if routine in (cfg.activate_routine, cfg.discard_routine, cfg.rollback_routine, cfg.commit_routine):
         return _bank_routine(s, r, routine)
-    if routine not in (cfg.erase_routine, cfg.check_memory_routine, cfg.check_dependencies_routine, cfg.delta_base_routine):
+    known = {d.erase_routine, d.check_routine, cfg.delta_base_routine} | d.dependencies_routines | d.other_routines
+    if routine not in known:
         return r.negative(Nrc.RequestOutOfRange)
     if kind != 0x01:
         return r.negative(Nrc.SubFunctionNotSupported)
+    head = b"\x71" + r.data[1:4]
+    if routine in d.other_routines:  # a routine of the profile the simulator has no part in (preconditions): ok
+        return head + b"\x00"
     if s.session != Session.programmingSession:
         return r.negative(Nrc.ServiceNotSupportedInActiveSession)
     if not s.unlocked:
         return r.negative(Nrc.SecurityAccessDenied)
     if s.download_active:
         return r.negative(Nrc.RequestSequenceError)
-    head = b"\x71" + r.data[1:4]
     option = r.data[4:]
     if routine == cfg.delta_base_routine:
         return _delta_base(s, r, head, option)
-    if routine == cfg.erase_routine:
-        region = _memory(option)
-        if region is None:
-            return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
-        if not _in_memory(s, *region):
+    if routine == d.erase_routine:
+        return _erase(s, r, head, option)
+    if routine == d.check_routine:
+        if d.check_with_block and (not option or d.blocks.get(option[0]) is None):
             return r.negative(Nrc.RequestOutOfRange)
-        s.banks.erase()
-        s.erased_region = region
-        return Outcome(head + b"\x00", busy=s.sim.erase_ms / 1000.0)
-    if routine == cfg.check_memory_routine:
-        expected_len = 4 if cfg.check_memory == "crc32" else 32
-        if len(option) != expected_len:
+        value = option[1:] if d.check_with_block else option
+        if len(value) != len(d.check(b"")):
             return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
-        ok = s.banks.check(cfg.check_memory, option)
+        ok = s.banks.check(d.check, value)
         return Outcome(head + (b"\x00" if ok else b"\x01"), busy=s.sim.check_ms / 1000.0)
     if option:
         return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
     ok = s.banks.check_dependencies()
     return head + (b"\x00" if ok else b"\x01")
+
+
+def _erase(s: EcuState, r: Request, head: bytes, option: bytes) -> Outcome | bytes:
+    """Erase by region (alfid, address, size), by logical block number, or all of the memory."""
+    d, cfg = s.speaks, s.config
+    if d.erase_by == "block":
+        region = d.blocks.get(option[0]) if len(option) == 1 else None
+        if len(option) != 1:
+            return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    elif d.erase_by == "region":
+        region = _memory(option)
+        if region is None:
+            return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    else:
+        region = (cfg.memory_address, cfg.memory_size)
+    if region is None or not _in_memory(s, *region):
+        return r.negative(Nrc.RequestOutOfRange)
+    s.banks.erase(region[0] - cfg.memory_address, region[1])
+    s.erased_region = region
+    return Outcome(head + b"\x00", busy=s.sim.erase_ms / 1000.0)
 
 
 def _bank_routine(s: EcuState, r: Request, routine: int) -> bytes:
@@ -266,13 +281,14 @@ def request_download(s: EcuState, r: Request) -> bytes:
         return r.negative(Nrc.UploadDownloadNotAccepted)
     if method == "delta" and s.delta is None:
         return r.negative(Nrc.RequestSequenceError)  # the delta base routine comes first
-    s.banks.begin_write(size)
+    s.download_offset = address - s.config.memory_address
+    s.banks.begin_write(size, s.download_offset)
     s.download_active, s.download_size, s.received = True, size, 0
     s.written = hashlib.sha256()
     if method == "delta":  # applied from the active bank while it arrives
         s.decompressor = DeltaApplier(s.banks.path(s.banks.active))
     else:
-        s.decompressor = decompressor(method) if method else None
+        s.decompressor = decompressor(method, size, s.config.compression_params) if method else None
         s.delta = None
     s.counter = BlockCounter()
     return b"\x74\x20" + s.sim.max_block_length.to_bytes(2, "big")
@@ -308,7 +324,7 @@ def transfer_data(s: EcuState, r: Request) -> bytes:
             return r.negative(Nrc.RequestOutOfRange)  # the transferRequestParameterRecord is not valid data
     if s.received + len(data) > s.download_size:
         return r.negative(Nrc.TransferDataSuspended)
-    s.banks.write(s.received, data)
+    s.banks.write(s.download_offset + s.received, data)
     s.written.update(data)
     s.received += len(data)
     s.counter.accept(counter)
@@ -322,7 +338,7 @@ def request_transfer_exit(s: EcuState, r: Request) -> bytes:
         return r.negative(Nrc.RequestSequenceError)
     if s.delta is not None and s.written.hexdigest() != s.delta[1]:
         return r.negative(Nrc.GeneralProgrammingFailure)  # the patch made another image: wrong base, or damaged
-    s.banks.finish_write(s.received)
+    s.banks.finish_write(s.received, s.download_offset)
     s._end_download()
     s.delta = None
     return b"\x77"

@@ -17,6 +17,7 @@ from agent.core.config import EcuConfig, EcuSimConfig
 from agent.protocol.compression import Decompressor
 from agent.protocol.uds import BlockCounter, Session
 from ecu_sim.content import ContentStore
+from ecu_sim.dialect import Dialect, dialect_of
 from ecu_sim.flash_banks import FlashBanks
 
 __all__ = ["EcuState"]
@@ -45,10 +46,21 @@ class EcuState:
     counter: BlockCounter = field(default_factory=BlockCounter)
     resets: int = 0
     erased_region: tuple[int, int] | None = field(default=None)
+    download_offset: int = 0  # where the open download writes, from the memory's start
     content: ContentStore | None = None
     sensors: Path | None = None  # sensors.json: {"ambient_lux": N}, the simulated light sensor
     signals: Path | None = None  # signals.json: the vehicle's state (ecu_sim/identification.py)
     security_file: Path | None = None  # security.json: wrong keys and the lock-out, across a power cycle
+    dialect: Dialect | None = None  # the bootloader dialect it plays (ecu_sim/dialect.py); None: from its profile
+
+    def __post_init__(self) -> None:
+        if self.dialect is None:
+            self.dialect = dialect_of(self.config)
+
+    @property
+    def speaks(self) -> Dialect:
+        assert self.dialect is not None
+        return self.dialect
 
     def load_security(self, now: float) -> None:
         """At power-up: the failed attempts and what is left of a lock-out (a restart is no way around it)."""

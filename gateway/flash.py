@@ -33,7 +33,9 @@ from agent.core.faults import FaultSpec
 from agent.core.flash_profile import profile_flow
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError
+from agent.protocol.compression import compress
 from agent.protocol.ecu import DID, STAGED_NONE, decode_staged_image
+from agent.protocol.images import ImageError
 from agent.protocol.uds import Nrc
 from gateway.jobs import DeltaImage, FlashJob, FlashResult, ImageBlock, Progress
 
@@ -75,6 +77,9 @@ class EcuFlasher(UdsSequence[FlashResult]):
         self.check = check_for(ecu)
         self.trace_steps = self.profile.name != "vota-sim"  # a foreign sequence: its step names in the trace
         self.blocks: list[dict[str, Any]] = []  # per block: where, how much went on the bus
+        self.block_method: str | None = None  # how the block being downloaded goes
+        self.delta_choice: str | None = None  # a delta and its image deployed: which went, and why
+        self.packed: dict[tuple[str, int, int], bytes] = {}  # compressed once, for the choice and the offer
 
     # ---- the engine's hooks -------------------------------------------------------------
     def new_result(self) -> FlashResult:
@@ -95,20 +100,26 @@ class EcuFlasher(UdsSequence[FlashResult]):
         result.transfer_ratio = round(self.sent / max(1, self.job.size), 4)
         result.image_sent, result.delta_refused = self.image_sent, self.delta_refused
         result.profile, result.blocks = self.profile.name, list(self.blocks)
+        result.delta_choice = self.delta_choice
 
     # ---- the sequence -------------------------------------------------------------------
     def sequence(self, result: FlashResult) -> None:
         """The profile's steps: pre-programming, per block (the download among them), post."""
         self._check_rollback(result)
+        try:  # a container that arrived with a pipelined install: its segments
+            self.job = self.job.unpacked(self.ecu)
+        except ImageError as exc:
+            raise FlashError("request_download", str(exc)) from None
         ecu, job, profile = self.ecu, self.job, self.profile
         blocks = job.blocks(ecu)
         if job.delta is not None and ecu.delta is None:
             self._no_delta("this ECU takes no delta images (ecus.<name>.delta)")
+        use_delta = job.delta is not None and ecu.delta is not None and self._delta_is_smaller()
         today = _dt.date.today()
         ctx = profile.context(version=job.version, today=today)
         for spec in profile.pre:
             self.profile_step(spec, ctx)
-        delta = self._delta_base() if job.delta is not None and ecu.delta is not None else None
+        delta = self._delta_base() if use_delta else None
         for block in blocks:
             check = self._check_value(block.data) if block.data or delta is None else self._delta_check()
             ctx = profile.context(version=job.version, today=today, address=block.address, size=block.size,
@@ -125,6 +136,32 @@ class EcuFlasher(UdsSequence[FlashResult]):
                 self.profile_step(spec, ctx)
                 self.wait_back(spec.name, self.gateway.reset_wait_ms / 1000.0)
         result.version_after = self._staged() if job.stage_only else self._verify()
+
+    def _delta_is_smaller(self) -> bool:
+        """A delta and its full image both deployed: whichever is smaller on the bus goes, the patch
+        or the image compressed with the best of the ECU's methods (both measured first)."""
+        job, delta = self.job, self.job.delta
+        assert delta is not None
+        if not job.image:
+            self.delta_choice = f"delta: only the patch was deployed ({len(delta.patch)} bytes)"
+            return True
+        sizes = {m: len(self._compressed(m, job.image)) for m, _ in self.ecu.compression}
+        best = min(sizes, key=lambda m: sizes[m], default=None)
+        full, how = (sizes[best], f"{best}-compressed") if best is not None and sizes[best] < len(job.image) \
+            else (len(job.image), "uncompressed")
+        if full < len(delta.patch):
+            self.delta_choice = f"full: the {how} image ({full} bytes) is smaller than the patch ({len(delta.patch)} bytes)"
+            log.info("%s: %s", self.ecu.name, self.delta_choice)
+            self.total = len(job.image)
+            return False
+        self.delta_choice = f"delta: the patch ({len(delta.patch)} bytes) is smaller than the {how} image ({full} bytes)"
+        return True
+
+    def _compressed(self, method: str, data: bytes) -> bytes:
+        key = (method, len(data), id(data))
+        if key not in self.packed:
+            self.packed[key] = compress(method, data, self.ecu.compression_params)
+        return self.packed[key]
 
     def _check_value(self, data: bytes) -> bytes:
         return self.check(data)
@@ -189,7 +226,7 @@ class EcuFlasher(UdsSequence[FlashResult]):
         self.step("transfer_exit", lambda: self.client.request_transfer_exit())
         self.transfer_s += time.monotonic() - began
         self.blocks.append({"number": block.number, "address": block.address, "size": block.size,
-                            "bytes_transferred": len(payload), "compression": self.compression})
+                            "bytes_transferred": len(payload), "compression": self.block_method})
 
     def _verify(self) -> str:
         """After the reset: the ECU must report the new version."""
@@ -256,16 +293,20 @@ class EcuFlasher(UdsSequence[FlashResult]):
             else:
                 self.mark(csize=len(delta.patch), delta=delta.base_sha256[:16])
                 self.image_sent, self.compression, self.total = "delta", "delta", len(delta.patch)
+                self.block_method = "delta"
                 return response, delta.patch
 
         def send(dfi: DataFormatIdentifier | None, payload: bytes) -> Any:
             return c.request_download(region) if dfi is None else c.request_download(region, dfi=dfi)
 
-        offer = self.offer_compressed("request_download", self.ecu.compression, data, send,
-                                      refused_on=self.profile.compression_fallback)
+        methods = [m for m in self.ecu.compression if m[0] not in self.fallbacks]  # refused for an earlier block: not again
+        offer = self.offer_compressed("request_download", methods, data, send, refused_on=self.profile.compression_fallback,
+                                      pack=self._compressed)
         self.fallbacks.extend(offer.refused)
+        self.block_method = offer.method
         if offer.method is not None:
-            self.compression, self.total = offer.method, len(offer.payload)
+            self.compression = offer.method
+        self.total += len(offer.payload) - len(data)  # the bytes TransferData carries, block by block
         return offer.response, offer.payload
 
     def _staged(self) -> str:
@@ -278,7 +319,7 @@ class EcuFlasher(UdsSequence[FlashResult]):
             except Exception as exc:  # noqa: BLE001
                 raise FlashError("verify", f"cannot read the staged image: {describe_failure(exc)[0]}") from None
         staged = decode_staged_image(raw)
-        if (staged is None or staged.status == STAGED_NONE or staged.sha256 != self.job.sha256
+        if (staged is None or staged.status == STAGED_NONE or staged.sha256 != self.job.on_ecu_sha256
                 or staged.version != self.job.version):
             raise FlashError("verify", f"the ECU does not hold this image staged ({raw[:40].hex()})")
         with self.link.step("version_after"):

@@ -65,7 +65,7 @@ def _stage(run: InstallRun) -> None:
                 continue  # failed before the interruption
             if run.resumed:  # the journal says where it got to; the ECU says what it holds
                 images = run.images(job.ecu)
-                if images.holds_staged(job.version, job.sha256):
+                if images.holds_staged(job.version, job.on_ecu_sha256):
                     if done is None or done.phase != "staged":
                         run.set(FlashResult.of(job, "success",
                                             version_before=images.version, phase="staged",
@@ -94,7 +94,7 @@ def _nothing_activated(run: InstallRun) -> bool:
         return False
     if not run.resumed or run.plan.gate is None:
         return True
-    return not any(run.images(j.ecu).runs(j.version, j.sha256) for j in run.plan.in_order() if not run.single(j.ecu))
+    return not any(run.images(j.ecu).runs(j.version, j.on_ecu_sha256) for j in run.plan.in_order() if not run.single(j.ecu))
 
 
 def _stop_staging(run: InstallRun) -> None:
@@ -115,13 +115,13 @@ def _activate(run: InstallRun) -> None:
         ecu = job.ecu
         if run.single(ecu) or run.results[ecu].phase == "activated":
             continue
-        if run.resumed and run.images(ecu).runs(job.version, job.sha256):  # the reset was done before the kill
+        if run.resumed and run.images(ecu).runs(job.version, job.on_ecu_sha256):  # the reset was done before the kill
             run.set(dataclasses.replace(run.results[ecu], phase="activated", version_after=job.version))
             continue
         if any(r.phase == "activated" for r in run.results.values()) and not gate(run, first=False, phase="activate"):
             run.journal.set_phase("rollback", held(run))  # as a failed activation: back to the old set
             return
-        done = run.act(ecu, "activate", (job.version, job.sha256))
+        done = run.act(ecu, "activate", (job.version, job.on_ecu_sha256))
         if done.result == "success":
             run.set(dataclasses.replace(run.results[ecu], phase="activated", version_after=done.version_after))
             continue

@@ -116,7 +116,7 @@ class InstallRun:
         for job in jobs:
             # a delta cannot apply to the image it makes: an ECU already running it (a second round
             # after another ECU refused its delta) is done
-            if (self.resumed or job.delta is not None) and self.images(job.ecu).runs(job.version, job.sha256):
+            if (self.resumed or job.delta is not None) and self.images(job.ecu).runs(job.version, job.on_ecu_sha256):
                 self.set(FlashResult.of(job, "success", version_after=job.version, phase="committed",
                                         reason="found running this image when the install "
                                                + ("resumed" if self.resumed else "started")))

@@ -14,6 +14,7 @@ from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
 from agent.core.config import EcuConfig, VehicleConfig
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.protocol.ecu import DID, StagedImage, decode_staged_image
+from agent.protocol.uds import Nrc
 from gateway.buses import Buses
 
 __all__ = ["collect_versions", "EcuImages", "read_images"]
@@ -89,6 +90,12 @@ def _write_trace(trace_dir: Path, name: str, recorder: TraceRecorder, entry: dic
     entry["trace_file"] = f"{trace_dir.name}/{path.name}"
 
 
+def _tolerated(link: UdsLink) -> None:
+    rec = link.connection.recorder
+    if rec is not None and rec.current is not None:
+        rec.current.extra["tolerated"] = True
+
+
 def _read_dids(link: UdsLink, entry: dict[str, Any], wanted: dict[str, int], decode_version: Any) -> int | None:
     """Fills ``entry``; the NRC of the first read refused, if any."""
     first_nrc = None
@@ -101,6 +108,10 @@ def _read_dids(link: UdsLink, entry: dict[str, Any], wanted: dict[str, int], dec
         except Exception as exc:  # noqa: BLE001 - a silent ECU is reported, not fatal
             entry[key] = None
             reason, nrc = describe_failure(exc)
+            if nrc == Nrc.RequestOutOfRange and key != "software_version":
+                _tolerated(link)  # an identification DID this ECU does not have: said, not a failure
+                entry.setdefault("unsupported", []).append(key)
+                continue
             entry.setdefault("errors", {})[key] = reason
             first_nrc = first_nrc if first_nrc is not None else nrc
             if "timeout" in reason:
@@ -112,6 +123,10 @@ def _read_dids(link: UdsLink, entry: dict[str, Any], wanted: dict[str, int], dec
         except Exception as exc:  # noqa: BLE001 - informative only
             entry["image_sha256"] = None
             reason, nrc = describe_failure(exc)
+            if nrc == Nrc.RequestOutOfRange:
+                _tolerated(link)
+                entry.setdefault("unsupported", []).append("image_sha256")
+                return first_nrc
             entry.setdefault("errors", {})["image_sha256"] = reason
             first_nrc = first_nrc if first_nrc is not None else nrc
     return first_nrc

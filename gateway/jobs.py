@@ -5,6 +5,7 @@ through. Plain data: the per-ECU sequence is ``gateway/flash.py``, the segments'
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zlib
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any, Callable
 from agent.adapters.uds_sequence import StepResult
 from agent.core.trace import TraceRecorder
 from agent.errors import FlashError
+from agent.protocol.images import ImageError, read_image
 
 __all__ = ["Progress", "FlashHooks", "DeltaImage", "Awaited", "FlashJob", "FlashResult", "ImageBlock"]
 
@@ -82,6 +84,30 @@ class FlashJob:
     # an image container's memory segments ((address, bytes), agent/protocol/images.py); empty: the
     # image goes to the ECU's first memory block
     segments: tuple[tuple[int, bytes], ...] = ()
+    ecu_sha256: str = ""  # a container's image as it lies in the ECU's memory: the digest the ECU reports (F1A0, F1A1)
+
+    @property
+    def on_ecu_sha256(self) -> str:
+        """What the ECU reports once it runs (or holds staged) this image."""
+        return self.ecu_sha256 or self.sha256
+
+    def unpacked(self, ecu: Any) -> "FlashJob":
+        """This job with its image read as a container (Intel HEX, S-record, VBF: its segments,
+        and the digest of the memory they make from ``ecu``'s memory start), or as it is (a raw
+        binary, or a job without its image yet); ImageError for a damaged container."""
+        if self.segments or not self.image or self.delta is not None:
+            return self
+        container = read_image(self.image, self.source or self.ecu)
+        if not container.segments:
+            return self
+        memory = bytearray()
+        for address, data in container.segments:
+            offset = address - ecu.memory_address
+            if offset < 0:
+                raise ImageError(f"{self.source}: segment 0x{address:X} lies below {ecu.name}'s memory (0x{ecu.memory_address:X})")
+            memory[len(memory):offset] = bytes(max(0, offset - len(memory)))
+            memory[offset : offset + len(data)] = data
+        return dataclasses.replace(self, segments=container.segments, ecu_sha256=hashlib.sha256(memory).hexdigest())
 
     def blocks(self, ecu: Any) -> list[ImageBlock]:
         """The blocks to program on ``ecu`` (an EcuConfig), each inside one block of its memory map,
@@ -103,6 +129,8 @@ class FlashJob:
 
     @property
     def size(self) -> int:
+        if self.segments:
+            return sum(len(d) for _, d in self.segments)
         if self.awaited is not None:
             return self.awaited.image_size
         return self.delta.size if self.delta is not None else len(self.image)
@@ -136,6 +164,7 @@ class FlashResult(StepResult):
     transfer_ratio: float = 0.0  # bytes_transferred / image_size
     image_sent: str = "full"  # full | delta: what TransferData carried
     delta_refused: str | None = None  # a delta was offered and the full image went instead: why
+    delta_choice: str | None = None  # a delta and its full image deployed: which was smaller on the bus
     trace_bytes: int = 0
     trace_fraction: float = 0.0
     profile: str = "vota-sim"  # the flash profile that programmed it

@@ -15,6 +15,7 @@ from typing import Mapping
 from agent.core.config import VehicleConfig
 from agent.core.preconditions import Gate, parse_gate
 from agent.errors import InstallRefused
+from agent.protocol.images import ImageError
 from agent.protocol.link import InstallJob, InstallManifest
 from gateway.jobs import Awaited, DeltaImage, FlashJob
 from gateway.verify import Approved, Trust, check_install
@@ -64,8 +65,16 @@ def build_plan(manifest: InstallManifest, images: Mapping[str, bytes], trust: Tr
         if gate.conditions.ecu not in config.ecus:
             raise InstallRefused(f"preconditions: unknown ECU {gate.conditions.ecu!r}", cid)
     approved = check_install(manifest, images, trust, set(config.ecus))
-    jobs = tuple((job.order, _job(job, images, approved)) for job in manifest.jobs)
+    jobs = tuple((job.order, _unpacked(_job(job, images, approved), config, cid)) for job in manifest.jobs)
     return InstallPlan(cid, jobs, manifest.activation, manifest.arriving, gate)
+
+
+def _unpacked(job: FlashJob, config: VehicleConfig, cid: str) -> FlashJob:
+    """An image container read into its segments now: a damaged one is refused before any ECU is touched."""
+    try:
+        return job.unpacked(config.ecu(job.ecu))
+    except ImageError as exc:
+        raise InstallRefused(str(exc), cid) from None
 
 
 def _matches(data: bytes | None, size: int, sha256: str) -> bool:

@@ -17,6 +17,7 @@ from agent.core.campaign import Campaign, CampaignRejected
 from agent.core.config import TboxConfig
 from agent.errors import TryLater, VotaError
 from agent.protocol.files import is_name
+from agent.protocol.images import sniff
 from tbox.campaign_source import VerifiedCampaigns, source_of
 from tbox.campaign_state import CampaignRecord, PackageEntry
 from tbox.download import take_verified
@@ -61,7 +62,8 @@ class Collaborators:
         """The install starts before the packages are deployed (with preconditions it waits for them
         once everything is on the gateway; a local campaign's one package is here already)."""
         return (self.tbox.pipeline and source_of(record).kind == "signed" and not self.window.enabled
-                and (campaign.install == "immediate" or record.confirmed))
+                and (campaign.install == "immediate" or record.confirmed)
+                and not any(_container(package_path(record, p.name)) for p in campaign.packages))
 
 
 def progress_reporter(c: Collaborators, campaign_id: str, stage: str, **where: Any) -> Callable[[int, int], None]:
@@ -81,6 +83,17 @@ def progress_reporter(c: Collaborators, campaign_id: str, stage: str, **where: A
                            msg_id=".".join([campaign_id, "progress", stage, *map(str, where.values()), str(done)]))
 
     return progress
+
+
+def _container(path: Path) -> bool:
+    """An image container (Intel HEX, S-record, VBF): the digest the ECU will report is known only
+    from the whole file, so its install waits until every package is on the gateway."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return sniff(head) != "binary"
 
 
 def package_path(record: CampaignRecord, name: str) -> Path:

@@ -7,8 +7,8 @@ Its dialect (the flash profile ``acme-boot`` in tests/test_foreign_ecu.py speaks
 - SecurityAccess level 0x11, key = the seed XOR the ECU's ``seed_key_params.mask`` (4 bytes),
   byte order reversed (tests/plugins/acme-seedkey is the plug-in);
 - routines: 0x0203 check programming preconditions, 0xFF00 erase by logical block number
-  (option: one byte), 0x0202 check memory (option: block number, CRC-16/CCITT of the block as
-  written; status 00 ok, 01 wrong), 0xFF01 check dependencies;
+  (option: one byte), 0x0202 check memory (option: block number, CRC-16/CCITT of what was
+  written into the block; status 00 ok, 01 wrong), 0xFF01 check dependencies;
 - fingerprint in DID F184: tester id (2), date BCD (3), version (16, space-padded);
 - software version in DID F189: 16 bytes, space-padded; it becomes the fingerprint's version at
   the reset after every written block checked out;
@@ -85,7 +85,7 @@ class Bootloader:
     def __init__(self, version: str, mask: int) -> None:
         self.memory = {n: bytearray(b"\xff" * size) for n, (_, size) in BLOCKS.items()}
         self.erased: set[int] = set()
-        self.written: dict[int, int] = {}  # block -> bytes written
+        self.written: dict[int, tuple[int, int]] = {}  # block -> the range written (offsets in the block)
         self.checked: set[int] = set()
         self.version = version.encode().ljust(16)
         self.pending = b""
@@ -98,7 +98,7 @@ class Bootloader:
         block = option[0]
         self.memory[block][:] = b"\xff" * len(self.memory[block])
         self.erased.add(block)
-        self.written[block] = 0
+        self.written.pop(block, None)
         self.checked.discard(block)
         return b"\x00"
 
@@ -109,7 +109,8 @@ class Bootloader:
                     raise ProgrammingFailure("block not erased")
                 offset = address - start
                 self.memory[block][offset : offset + len(data)] = data
-                self.written[block] = max(self.written.get(block, 0), offset + len(data))
+                lo, hi = self.written.get(block, (offset, offset))
+                self.written[block] = (min(lo, offset), max(hi, offset + len(data)))
                 return
         raise KeyError("outside every block")
 
@@ -117,7 +118,8 @@ class Bootloader:
         if len(option) != 3 or option[0] not in self.written:
             return b"\x01"
         block = option[0]
-        crc = binascii.crc_hqx(bytes(self.memory[block][: self.written[block]]), 0xFFFF)
+        lo, hi = self.written[block]
+        crc = binascii.crc_hqx(bytes(self.memory[block][lo:hi]), 0xFFFF)
         if crc != int.from_bytes(option[1:3], "big"):
             return b"\x01"
         self.checked.add(block)

@@ -99,3 +99,25 @@ def test_an_ecu_with_a_memory_map_and_a_profile(tmp_path: Any) -> None:
     with pytest.raises(Exception, match=r"ecus\.a\.profile: unknown flash profile 'nope' \(known: vota-sim, acme\)"):
         parse_vehicle_config({"segments": {"pt": {"bus": {"interface": "virtual"}}}, "flash_profiles": {"acme": ACME_PROFILE},
                               "ecus": {"a": {"segment": "pt", "request_id": 1, "response_id": 2, "profile": "nope"}}})
+
+
+@pytest.mark.slow
+def test_an_ecu_that_answers_but_refuses_its_version_is_in_boot_mode(tmp_path: Any, write_config: Any, procs: list[Any]) -> None:
+    """The bootloader runs (no valid application): it answers every read, refusing them. That
+    is reported as boot mode, reachable, not as an ECU that is silent."""
+    import json
+
+    from tests.conftest import Proc, ecu_entry, multicast_bus, vota
+
+    config = write_config({"segments": {"pt": {"bus": multicast_bus()}},
+                           "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8), "bms": ecu_entry("bms", 0x7E1, 0x7E9)}})
+    procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "state"), "--fault", "vcu:22:nrc=0x22",
+                      log=tmp_path / "sim.log"))
+    procs[-1].wait_ready("ecu-sim ready")
+    run = vota("versions", "-c", str(config), "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    found = {e["ecu"]: e for e in json.loads(run.stdout)}
+    assert (found["vcu"]["reachable"], found["vcu"].get("mode"), found["vcu"]["software_version"]) == (True, "boot", None)
+    assert found["bms"]["software_version"] == "1.0.0" and "mode" not in found["bms"]
+    table = vota("versions", "-c", str(config)).stdout
+    assert "(boot mode)" in next(line for line in table.splitlines() if line.startswith("vcu"))

@@ -185,3 +185,121 @@ def test_a_broken_profile_is_refused_with_its_key(tmp_path: Path, write_config: 
     done = vota("versions", "-c", str(config), env=_env(plugin_path))
     assert done.returncode == 2, done.stdout + done.stderr
     assert key in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_an_srecord_image_goes_into_the_foreign_ecus_logical_blocks(acme: Path, tmp_path: Path, plugin_path: str) -> None:
+    import bincopy
+
+    f = bincopy.BinFile()
+    f.add_binary(firmware_like(0x8000), address=0x10000)  # all of block 1
+    f.add_binary(firmware_like(3000)[::-1], address=0x20100)  # inside block 2
+    (tmp_path / "app.s19").write_text(f.as_srec())
+    out = tmp_path / "run"
+    done = vota("flash", "-c", str(acme), "--out", str(out), "--json", "--no-progress", f"acme={tmp_path / 'app.s19'}@3.0.1",
+                env=_env(plugin_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)[0]
+    assert [(b["number"], b["address"], b["size"]) for b in result["blocks"]] == [(1, 0x10000, 0x8000), (2, 0x20100, 3000)]
+    assert result["compression_refused"] == ["zlib"]  # refused once: not offered again for the second block
+    trace = parse_trace((out / result["trace_file"]).read_text())
+    assert [x.extra.get("step") for x in trace.exchanges].count("check_block") == 2
+    assert json.loads(vota("versions", "-c", str(acme), "--json", env=_env(plugin_path)).stdout)[0]["software_version"] == "3.0.1"
+
+
+@pytest.mark.slow
+def test_a_whole_vehicle_campaign_flashes_the_foreign_ecu_and_containers_beside_the_simulators(
+        tmp_path: Path, mosquitto: Any, write_config: Any, procs: list[Any], plugin_path: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway and the TBOX as daemons, the cloud signing a campaign for five ECUs: four
+    simulated (A/B banks: staged, activated together; vcu's image an Intel HEX file, bcm's a
+    VBF file, signed as delivered) and the foreign single-bank bootloader (flashed in place,
+    last), configured by its profile and plug-in only."""
+    import hashlib
+    import time
+
+    import yaml
+
+    from agent.protocol.images import write_vbf
+    from tests.test_image_containers import BASE, SEGMENTS, _hex
+    from tests.test_vehicle_campaigns import ALL, flash_results, packages, running
+    from tests.vehicle import VIN, Vehicle
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([plugin_path, str(ROOT)]))  # the daemons find the plug-in
+    entry = acme_config(tmp_path)["ecus"]["acme"] | {"banks": 1}
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, foreign={"flash_profiles": {"acme-boot": ACME_PROFILE},
+                                                                   "ecus": {"acme": entry}})
+    log = open(tmp_path / "acme.log", "wb")
+    acme = subprocess.Popen([sys.executable, "-m", "tests.foreign_ecu", str(v.config), "acme"], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while b"ready" not in (tmp_path / "acme.log").read_bytes():
+            assert acme.poll() is None and time.monotonic() < deadline, (tmp_path / "acme.log").read_text()
+            time.sleep(0.05)
+        store = tmp_path / "cloud" / "packages"
+        files = {ecu: (ecu, path, version) for ecu, path, version in packages(v, "2.0.0")}
+        (store / "acme-2.0.0.bin").write_bytes(firmware_like(24 * 1024))
+        (store / "vcu-2.0.0.hex").write_bytes(_hex(SEGMENTS))
+        (store / "bcm-2.0.0.vbf").write_bytes(write_vbf(SEGMENTS[::-1], "32184521 AB"))  # blocks in any order
+        files |= {"acme": ("acme", store / "acme-2.0.0.bin", "2.0.0"), "vcu": ("vcu", store / "vcu-2.0.0.hex", "2.0.0"),
+                  "bcm": ("bcm", store / "bcm-2.0.0.vbf", "2.0.0")}
+        v.send(v.campaign("c-acme", "2.0.0", packages=list(files.values())))
+        done = v.finished("c-acme", timeout=180)
+        assert done["outcome"] == "success" and done["revertible"] is False, done
+        results = flash_results(v, "c-acme")
+        assert (results["acme"]["result"], results["acme"]["profile"], results["acme"]["version_after"]) == \
+            ("success", "acme-boot", "2.0.0")
+        assert {e: results[e]["phase"] for e in ALL} == {e: "committed" for e in ALL}
+        assert len(results["vcu"]["blocks"]) == len(results["bcm"]["blocks"]) == 2
+        assert results["vcu"]["image_sha256"] == hashlib.sha256((store / "vcu-2.0.0.hex").read_bytes()).hexdigest()
+        memory = bytearray(0x10000 + 5000)  # what the containers' segments make in the ECU's memory
+        for address, data in SEGMENTS:
+            memory[address - BASE : address - BASE + len(data)] = data
+        now = running(v)
+        assert now["vcu"] == now["bcm"] == ("2.0.0", hashlib.sha256(memory).hexdigest())
+        versions = {e["ecu"]: e["software_version"] for e in json.loads(vota("versions", "-c", str(v.config), "--json").stdout)}
+        assert versions == {e: "2.0.0" for e in (*ALL, "acme")}
+        # its trace reached the cloud; the campaign's traces on the TBOX are judged, each by its own sequence
+        assert (tmp_path / "cloud" / "store" / VIN / "traces" / "c-acme.flash.acme.jsonl").exists()
+        report = vota("diagnose", "--mode", "all", "--json", "-", str(next((tmp_path / "tbox" / "campaigns").iterdir())))
+        assert yaml.safe_load(report.stdout[report.stdout.index("{"):])["findings"] == [], report.stdout + report.stderr
+    finally:
+        acme.terminate()
+        acme.wait(timeout=10)
+        log.close()
+        v.close()
+
+
+@pytest.mark.slow
+def test_the_simulator_plays_the_foreign_dialect_from_the_same_profile(tmp_path: Path, write_config: Any, procs: list[Any],
+                                                                       plugin_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The acme-boot profile given to the ECU simulator: erase by logical block, CRC-16 check
+    with the block number, level 0x11 checked with the plug-in, the fingerprint in F184, a
+    padded F189: the gateway flashes it as it flashes the real foreign server."""
+    import bincopy
+
+    from tests.conftest import Proc
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([plugin_path, str(ROOT)]))
+    config = write_config(acme_config(tmp_path))
+    procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "state"), log=tmp_path / "sim.log"))
+    procs[-1].wait_ready("ecu-sim ready")
+    f = bincopy.BinFile()
+    f.add_binary(firmware_like(0x6000), address=0x10000)
+    f.add_binary(firmware_like(2000)[::-1], address=0x20000)
+    (tmp_path / "app.hex").write_text(f.as_ihex())
+    out = tmp_path / "run"
+    done = vota("flash", "-c", str(config), "--out", str(out), "--json", "--no-progress", f"acme={tmp_path / 'app.hex'}@4.0.0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)[0]
+    assert [(b["number"], b["compression"]) for b in result["blocks"]] == [(1, "zlib"), (2, "zlib")]  # the simulator takes zlib
+    raw = vota("versions", "-c", str(config), "--json")
+    assert json.loads(raw.stdout)[0]["software_version"] == "4.0.0"
+    trace = parse_trace((out / result["trace_file"]).read_text())
+    verify = next(x for x in trace.exchanges if x.extra.get("step") == "verify")
+    assert verify.response == b"\x62\xf1\x89" + b"4.0.0".ljust(16)  # the padded, fixed-length DID
+    from ecu_sim.flash_banks import FlashBanks
+
+    bank = FlashBanks(tmp_path / "state" / "acme", "?").active_image()
+    assert bank[:0x6000] == firmware_like(0x6000) and bank[0x10000:0x10000 + 2000] == firmware_like(2000)[::-1]

@@ -244,3 +244,12 @@ def test_a_late_answer_is_recorded_in_the_activation_trace(ecus: Any, tmp_path: 
     assert (result.result, result.failed_step, result.reason) == ("failed", "extended_session", "no response (timeout)")
     first = read_trace(tmp_path / "bms.commit.trace.jsonl").exchanges[0]
     assert first.header == b"\x10\x03" and first.response is None and first.extra["late"][0][1].startswith("5003")
+
+
+def test_a_profile_step_answered_for_another_request_fails_it(ecus: Any) -> None:
+    """A routine or DID step as data: a positive answer that echoes another routine (or DID) is
+    not this step's answer."""
+    ecu = ecus("bms:31#1:mismatch")
+    result = EcuFlasher(ecu.segment, ecu.ecu, ecu.config.gateway, FlashJob("bms", IMAGE, "2.0.0")).run()
+    assert (result.result, result.failed_step, result.nrc) == ("failed", "erase", None)
+    assert result.reason is not None and result.reason.startswith("response does not match the request")

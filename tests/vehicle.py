@@ -29,7 +29,9 @@ class Vehicle:
     def __init__(self, tmp: Path, mosquitto: Any, write_config: Any, procs: list[Proc], tbox: bool = True,
                  tbox_extra: dict[str, Any] | None = None, ecu_faults: tuple[str, ...] = (),
                  ecu_extra: dict[str, dict[str, Any]] | None = None, backbone: dict[str, Any] | None = None,
-                 gateway_extra: dict[str, Any] | None = None) -> None:
+                 gateway_extra: dict[str, Any] | None = None, foreign: dict[str, Any] | None = None) -> None:
+        """``foreign``: ``flash_profiles`` and ``ecus`` of ECUs the simulator does not play (the
+        test starts their servers)."""
         self.tmp = tmp
         self.key = Ed25519PrivateKey.generate()
         self.platform = Ed25519PrivateKey.generate()  # the content trust platform
@@ -50,7 +52,8 @@ class Vehicle:
             "ecus": {name: entry | (ecu_extra or {}).get(name, {}) for name, entry in {
                 "vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt"),
                 "bcm": ecu_entry("bcm", 0x740, 0x748, "body"),
-                "dlp_headlamp": ecu_entry("dlp_headlamp", 0x741, 0x749, "body")}.items()},
+                "dlp_headlamp": ecu_entry("dlp_headlamp", 0x741, 0x749, "body")}.items()} | (foreign or {}).get("ecus", {}),
+            "flash_profiles": (foreign or {}).get("flash_profiles", {}),
             "tbox": {"vin": VIN, "state_dir": str(tmp / "tbox"), "trusted_keys": [str(tmp / "keys" / "cloud.pub")],
                      "retry_delay_ms": 300, "retry_max_delay_ms": 1000, "max_retries": 8,
                      "content": {"vehicle_key": str(tmp / "keys" / "vehicle.key"),
@@ -70,7 +73,9 @@ class Vehicle:
         self.broker = mosquitto.url
         self.procs = procs
         faults = [a for f in ecu_faults for a in ("--fault", f)]
-        procs.append(Proc("ecu-sim", "-c", str(self.config), "--state-dir", str(tmp / "ecu"), *faults, log=tmp / "ecu.log"))
+        simulated = [a for name in ("vcu", "bms", "bcm", "dlp_headlamp") for a in ("--ecu", name)] if foreign else []
+        procs.append(Proc("ecu-sim", "-c", str(self.config), "--state-dir", str(tmp / "ecu"), *faults, *simulated,
+                          log=tmp / "ecu.log"))
         procs.append(Proc("gateway", "-c", str(self.config), log=tmp / "gw.log"))
         self.gateway = procs[-1]
         procs[-2].wait_ready("ecu-sim ready")

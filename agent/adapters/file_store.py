@@ -277,7 +277,7 @@ def _unpack(s: FileStore, t: _Transfer) -> tuple[str, str | None]:
     """Unpack a compressed file into ``<name>.part.raw`` (never more than announced): its
     SHA-256, or the reason it is not the file announced."""
     assert t.method is not None
-    unpack = decompressor(t.method)
+    unpack = decompressor(t.method, t.unpacked)
     digest = hashlib.sha256()
     written = 0
     try:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar
 
 import udsoncan
 from udsoncan import DataFormatIdentifier
-from udsoncan.exceptions import NegativeResponseException
+from udsoncan.exceptions import NegativeResponseException, UnexpectedResponseException
 
 from agent.adapters.canbus import Segment
 from agent.adapters.plugins import seed_key_for
@@ -274,6 +274,11 @@ class UdsSequence(Generic[R]):
                 self.mark(suppressed=True, tolerated=True)  # suppressPosRsp: no answer is the answer
                 return None
             data = bytes(response.get_payload())
+            echo = bytes(((payload[1] & 0x7F,) if spec.sub is not None else ())) + payload[1 + (spec.sub is not None):][
+                : 2 * ((spec.did is not None) + (spec.routine is not None))]
+            if data[1 : 1 + len(echo)] != echo:  # a well-formed answer to another request
+                raise UnexpectedResponseException(response, f"it echoes {data[1:1 + len(echo)].hex() or 'nothing'}, "
+                                                            f"the request was {echo.hex()}")
             if spec.routine is not None and spec.ok_status and len(data) > 4 and data[4] not in spec.ok_status:
                 raise FlashError(spec.name, f"routine 0x{spec.routine:04X} reported status 0x{data[4]:02X} (failed)")
             return data
@@ -323,15 +328,17 @@ class UdsSequence(Generic[R]):
 
     def offer_compressed(self, step: str, methods: Sequence[tuple[str, int]], data: bytes,
                          send: Callable[[DataFormatIdentifier | None, bytes], Any],
-                         refused_on: frozenset[int] = frozenset({Nrc.RequestOutOfRange})) -> Offer:
+                         refused_on: frozenset[int] = frozenset({Nrc.RequestOutOfRange}),
+                         pack: Callable[[str, bytes], bytes] | None = None) -> Offer:
         """Offer ``data`` compressed with each of ``methods`` ((name, dataFormatIdentifier nibble),
         in the order preferred) that makes it smaller, until the peer takes one; a method it
         refuses (requestOutOfRange, or any of ``refused_on``) is marked ``x.retried`` and the next
         one asked, at last none.
-        ``send(dfi, payload)`` makes the request (dfi None: uncompressed)."""
+        ``send(dfi, payload)`` makes the request (dfi None: uncompressed); ``pack(method, data)``
+        compresses (the method's default parameters if not given)."""
         refused: list[str] = []
         for method, nibble in methods:
-            packed = compress(method, data)
+            packed = pack(method, data) if pack is not None else compress(method, data)
             if len(packed) >= len(data):
                 continue
             try:

@@ -6,21 +6,53 @@ Which nibble means which method is OEM-defined, so it is per-ECU configuration
 methods are ones bootloaders really ship, from Python's standard library:
 
 - ``zlib``: deflate in a zlib stream (RFC 1950, with its Adler-32), level 9;
-- ``lzma``: LZMA in the ``.lzma`` ("alone") container of the LZMA SDK, preset 6.
+- ``lzma``: LZMA in the ``.lzma`` ("alone") container of the LZMA SDK, preset 6 with a
+  bounded dictionary (64 KiB by default: a bootloader decoding while it writes holds the
+  whole dictionary in RAM; Python's default announces 8 MiB);
+- ``lzss``: heatshrink's LZSS (window and lookahead as powers of two, 2^11 and 2^4 by
+  default), the family small bootloaders decode in a few KiB of RAM. Its stream has no end
+  marker: it ends when the announced size is out.
 
 The ECU decompresses while it writes; memorySize announces the uncompressed image, and check
-memory compares the decompressed image as without compression.
+memory compares the decompressed image as without compression. What each method's decoder
+holds in RAM: ``decoder_ram``.
 """
 
 from __future__ import annotations
 
 import lzma
 import zlib
+from dataclasses import dataclass
 from typing import Iterable, Literal, Protocol
 
-__all__ = ["METHODS", "compress", "Decompressor", "decompressor", "DecompressError", "named_by"]
+__all__ = ["METHODS", "Params", "compress", "Decompressor", "decompressor", "DecompressError", "named_by", "decoder_ram", "DEFAULT"]
 
-METHODS = ("zlib", "lzma")
+METHODS = ("zlib", "lzma", "lzss")
+
+
+@dataclass(frozen=True)
+class Params:
+    """How the methods that have parameters encode (the ECU's decoder must use the same)."""
+
+    lzma_dict_size: int = 64 * 1024
+    lzss_window_bits: int = 11
+    lzss_lookahead_bits: int = 4
+
+
+DEFAULT = Params()
+
+
+def decoder_ram(method: str, params: Params = DEFAULT) -> int:
+    """The bytes a streaming decoder of ``method`` holds (its window or dictionary, and state):
+    zlib's inflate a 32 KiB window and about 7 KiB of tables; LZMA its dictionary and 2 bytes per
+    probability (lc=3, lp=0: 7,990); heatshrink its window and its input buffer (32 bytes)."""
+    if method == "zlib":
+        return 32 * 1024 + 7 * 1024
+    if method == "lzma":
+        return params.lzma_dict_size + 2 * (1846 + 768 * 8)
+    if method == "lzss":
+        return (1 << params.lzss_window_bits) + 32
+    raise ValueError(f"unknown compression method {method!r} (known: {', '.join(METHODS)})")
 
 
 class DecompressError(ValueError):
@@ -50,11 +82,17 @@ def named_by(identifier: int, accepted: Iterable[tuple[str, int]]) -> str | None
     return next((method for method, nibble in accepted if nibble == identifier >> 4), False)
 
 
-def compress(method: str, data: bytes) -> bytes:
+def compress(method: str, data: bytes, params: Params = DEFAULT) -> bytes:
     if method == "zlib":
         return zlib.compress(data, 9)
     if method == "lzma":
-        return lzma.compress(data, format=lzma.FORMAT_ALONE, preset=6)
+        return lzma.compress(data, format=lzma.FORMAT_ALONE, filters=[
+            {"id": lzma.FILTER_LZMA1, "preset": 6, "dict_size": params.lzma_dict_size}])
+    if method == "lzss":
+        import heatshrink2
+
+        return bytes(heatshrink2.compress(data, window_sz2=params.lzss_window_bits,
+                                          lookahead_sz2=params.lzss_lookahead_bits))
     raise ValueError(f"unknown compression method {method!r} (known: {', '.join(METHODS)})")
 
 
@@ -100,9 +138,35 @@ class _Lzma:
         pass
 
 
-def decompressor(method: str) -> Decompressor:
+class _Lzss:
+    def __init__(self, size: int, params: Params) -> None:
+        import heatshrink2.core as hs
+
+        self._d = hs.Encoder(hs.Reader(window_sz2=params.lzss_window_bits, lookahead_sz2=params.lzss_lookahead_bits))
+        self.size, self.out = size, 0
+
+    def feed(self, data: bytes, limit: int) -> bytes:
+        try:
+            out = bytes(self._d.fill(data))
+        except Exception as exc:  # noqa: BLE001 - the decoder's own errors: not an LZSS stream
+            raise DecompressError(f"lzss: {exc}") from None
+        self.out += len(out)
+        return out
+
+    @property
+    def finished(self) -> bool:
+        return self.out == self.size
+
+    def close(self) -> None:
+        pass
+
+
+def decompressor(method: str, size: int = -1, params: Params = DEFAULT) -> Decompressor:
+    """A streaming decoder; ``size``: the bytes it must make (LZSS streams end there)."""
     if method == "zlib":
         return _Zlib()
     if method == "lzma":
         return _Lzma()
+    if method == "lzss":
+        return _Lzss(size, params)
     raise ValueError(f"unknown compression method {method!r} (known: {', '.join(METHODS)})")

@@ -34,6 +34,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
     from agent.adapters.config_files import load_vehicle_config
     from agent.core.faults import parse_faults
+    from agent.protocol.images import ImageError
     from gateway.jobs import FlashJob
     from gateway.orchestrator import FlashRun, flash_all
     from vota.cli.progress import ProgressBoard
@@ -51,7 +52,10 @@ def cmd_flash(args: argparse.Namespace) -> int:
             raise UsageError(f"{path}: cannot read image ({exc.strerror})") from None
         if not image:
             raise UsageError(f"{path}: image file is empty")
-        jobs.append(FlashJob(ecu, image, version, str(path)))
+        try:  # Intel HEX, S-record or VBF: its segments, every checksum checked before anything is erased
+            jobs.append(FlashJob(ecu, image, version, str(path)).unpacked(config.ecu(ecu)))
+        except ImageError as exc:
+            raise UsageError(str(exc)) from None
     jobs = _with_deltas(jobs, args.delta_from)
     out = Path(args.out) if args.out else Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S")
     signal.signal(signal.SIGTERM, _interrupt)
@@ -89,6 +93,8 @@ def _with_deltas(jobs: list[Any], delta_from: list[str]) -> list[Any]:
         except OSError as exc:
             raise UsageError(f"{path_text}: cannot read the old image ({exc.strerror})") from None
         job = by_ecu[ecu]
+        if job.segments:
+            raise UsageError(f"--delta-from {item}: a delta is made from raw binary images, not from {job.source}")
         delta = DeltaImage(make_delta(base, job.image), hashlib.sha256(base).hexdigest(), len(job.image),
                            hashlib.sha256(job.image).hexdigest(), zlib.crc32(job.image), path_text)
         by_ecu[ecu] = dataclasses.replace(job, delta=delta)

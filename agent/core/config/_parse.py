@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any, Mapping
@@ -22,7 +23,7 @@ from agent.core.config.model import (
 )
 from agent.core.flash_profile import FlashProfile
 from agent.errors import ConfigError
-from agent.protocol.compression import METHODS
+from agent.protocol.compression import METHODS, Params
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -126,6 +127,22 @@ def _compression(sec: _Section) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def _compression_params(sec: _Section) -> Params:
+    d = Params()
+    window = sec.get("lzss_window_bits", _int, d.lzss_window_bits)
+    if not 4 <= window <= 15:
+        raise ConfigError(sec.source, sec.key("lzss_window_bits"), f"expected 4..15 (a window of 2^bits bytes), got {window}")
+    lookahead = sec.get("lzss_lookahead_bits", _int, d.lzss_lookahead_bits)
+    if not 3 <= lookahead < window:
+        raise ConfigError(sec.source, sec.key("lzss_lookahead_bits"), f"expected 3..{window - 1} (below the window's bits), "
+                                                                     f"got {lookahead}")
+    kib = sec.get("lzma_dict_kib", _positive, d.lzma_dict_size // 1024)
+    if not 4 <= kib <= 1024 * 1024:
+        raise ConfigError(sec.source, sec.key("lzma_dict_kib"), f"expected 4..1048576 KiB, got {kib}")
+    sec.done()
+    return Params(lzma_dict_size=kib * 1024, lzss_window_bits=window, lzss_lookahead_bits=lookahead)
+
+
 def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentConfig],
          profiles: Mapping[str, FlashProfile]) -> EcuConfig:
     d = EcuConfig(name, "", 0, 0)
@@ -159,6 +176,7 @@ def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentCo
         p2_ms=timing.get("p2_ms", _positive, d.p2_ms),
         p2_star_ms=timing.get("p2_star_ms", _positive, d.p2_star_ms),
         compression=_compression(sec),
+        compression_params=_compression_params(sec.section("compression_params", {})),
         delta=sec.get("delta", _nibble, None, what="the dataFormatIdentifier nibble of a delta (1-15)"),
         sim=_ecu_sim(sec.section("sim", {})),
         profile=_ecu_profile(sec, profiles),
@@ -169,6 +187,10 @@ def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentCo
     for s in (memory, routines, timing):
         s.done()
     sec.done()
+    if cfg.memory_blocks and "address" not in memory.data and "size" not in memory.data:  # the map spans the memory
+        low = min(b.address for b in cfg.memory_blocks)
+        cfg = dataclasses.replace(cfg, memory_address=low,
+                                  memory_size=max(b.address + b.size for b in cfg.memory_blocks) - low)
     if cfg.security_level % 2 != 1:
         raise ConfigError(source, sec.key("security_level"), "expected an odd level (the seed request)")
     if cfg.request_id == cfg.response_id:

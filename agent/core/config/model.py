@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 
 from agent.core.flash_profile import FlashProfile, MemoryBlock, default_profile
 from agent.errors import ConfigError
+from agent.protocol.compression import Params
 
 __all__ = ["CloudConfig", "PreconditionsConfig", "SegmentConfig", "EcuSimConfig", "EcuConfig", "GatewayConfig",
            "DeployConfig", "ContentConfig", "TboxConfig", "VehicleConfig"]
@@ -122,6 +123,7 @@ class EcuConfig:
     # compressed transfer (agent/protocol/compression.py): (method, dataFormatIdentifier nibble)
     # pairs the ECU's bootloader accepts, in the order the gateway prefers them; the mapping is OEM-defined
     compression: tuple[tuple[str, int], ...] = ()
+    compression_params: Params = field(default_factory=Params)  # LZMA dictionary, LZSS window and lookahead
     # delta images (agent/protocol/delta.py): the dataFormatIdentifier nibble that names a patch;
     # None: this ECU takes full images only
     delta: int | None = None
