@@ -760,6 +760,69 @@ class InstallManifests(Target):
         json.dumps(gate.to_json(), allow_nan=False)
 
 
+class ImageFiles(Target):
+    """ECU software files (Intel HEX, S-record, VBF, anything) into the reader the gateway and
+    ``vota flash`` use before anything is erased: segments to program, or one ImageError naming
+    the file; never another exception."""
+
+    name = "image-files"
+
+    def open(self, tmp: Path) -> None:
+        import bincopy
+
+        from agent.protocol.images import write_vbf
+
+        super().open(tmp)
+        segments = [(0x8000, bytes(range(256)) * 3), (0x9000, b"\x55" * 300)]
+        f = bincopy.BinFile()
+        for address, data in segments:
+            f.add_binary(data, address=address)
+        seeds = [write_vbf(segments, "P1"), f.as_ihex().encode(), f.as_srec().encode()]
+        self.strategy = st.one_of(*(mutated(x) for x in seeds), st.binary(max_size=400))
+
+    def feed(self, example: bytes) -> None:
+        from agent.protocol.images import ImageError, read_image
+
+        try:
+            image = read_image(example, "fuzz.img")
+        except ImageError as exc:
+            assert str(exc).startswith("fuzz.img: "), exc
+            return
+        assert image.format in ("binary", "ihex", "srec", "vbf")
+        assert all(isinstance(a, int) and a >= 0 and isinstance(d, bytes) for a, d in image.segments)
+
+
+class FlashProfiles(Target):
+    """Flash profiles (a foreign bootloader's, one field at a time replaced or removed) into the
+    configuration parser: a configuration whose every step can build its request, or one
+    ConfigError naming a key; never another exception."""
+
+    name = "flash-profiles"
+
+    def open(self, tmp: Path) -> None:
+        from tests.test_foreign_ecu import ACME_PROFILE
+
+        super().open(tmp)
+        self.strategy = json_mutations({"flash_profiles": {"acme": ACME_PROFILE}})
+
+    def feed(self, example: bytes) -> None:
+        from agent.errors import ConfigError
+
+        doc = json.loads(example)
+        doc.update(segments={"pt": {"bus": {"interface": "virtual"}}},
+                   ecus={"e": {"segment": "pt", "request_id": 1, "response_id": 2, "profile": "acme"}})
+        try:
+            config = parse_vehicle_config(doc, "fuzz.yaml")
+        except ConfigError as exc:
+            assert str(exc).startswith("fuzz.yaml"), exc
+            return
+        profile = config.ecu("e").flash_profile
+        ctx = profile.context(version="1.0", address=0x10, size=0x20, block=1, data=b"x", check=b"\x00\x01")
+        for step in profile.steps():
+            assert step.payload(ctx)[:1] == bytes((step.service,))
+
+
 TARGETS: dict[str, Callable[[], Target]] = {t.name: t for t in (EcuServer, DeployServer, CanFrames, TboxInbound, Collector,
                                                                 CampaignEnvelopes, ContentBundles, Traces, KeyLists,
-                                                                SignedReports, DeltaPatches, InstallManifests)}
+                                                                SignedReports, DeltaPatches, InstallManifests, ImageFiles,
+                                                                FlashProfiles)}

@@ -114,3 +114,9 @@ def test_a_corrupted_vbf_block_is_refused_before_anything_is_erased(sim: Path, t
     meta = json.loads((tmp_path / "state" / "vcu" / "meta.json").read_text())
     assert meta["banks"]["b"]["state"] == "empty" and FlashBanks(tmp_path / "state" / "vcu", "?").active_image() == before
 
+
+
+def test_vbf_numbers_may_be_decimal_with_leading_zeros() -> None:
+    """Found by fuzzing: ``{0x9000, 00000300}`` in the erase list stopped the reader."""
+    vbf = write_vbf(SEGMENTS, "P1").replace(b"0x00002328}", b"00000300}", 1)
+    assert read_image(vbf, "app.vbf").erase == ((BASE, 300), (BASE + 0x10000, 0x1388))

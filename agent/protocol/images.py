@@ -130,6 +130,11 @@ def _vbf_fields(text: str) -> dict[str, str]:
     return fields
 
 
+def _number(text: str) -> int:
+    """``0x...`` in hex, else decimal (leading zeros allowed)."""
+    return int(text[2:], 16) if text[:2].lower() == "0x" else int(text, 10)
+
+
 def _vbf(data: bytes, name: str) -> ImageFile:
     text, at = _vbf_header(data, name)
     fields = _vbf_fields(text)
@@ -153,12 +158,12 @@ def _vbf(data: bytes, name: str) -> ImageFile:
         raise ImageError(f"{name}: VBF without data blocks")
     if "file_checksum" in fields:  # after the blocks: a damaged block is named as such
         try:
-            want = int(fields["file_checksum"], 0)
+            want = _number(fields["file_checksum"])
         except ValueError:
             raise ImageError(f"{name}: VBF file_checksum {fields['file_checksum']!r} is not a number") from None
         if zlib.crc32(body) != want:
             raise ImageError(f"{name}: VBF file checksum 0x{zlib.crc32(body):08X} is not the header's 0x{want:08X}")
-    erase = tuple((int(a, 0), int(s, 0)) for a, s in _PAIR.findall(fields.get("erase", "")))
+    erase = tuple((_number(a), _number(s)) for a, s in _PAIR.findall(fields.get("erase", "")))
     return ImageFile("vbf", tuple(segments), fields, erase)
 
 
