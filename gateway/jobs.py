@@ -120,11 +120,14 @@ class FlashJob:
             return [ImageBlock(first.number, first.address, self.size, self.image)]
         out = []
         for address, data in self.segments:
-            home = next((m for m in memory if m.address <= address and address + len(data) <= m.address + m.size), None)
-            if home is None or not data:
-                raise FlashError("request_download", f"segment 0x{address:X}+{len(data)} lies outside {ecu.name}'s memory "
-                                                     f"map ({', '.join(f'0x{m.address:X}+{m.size}' for m in memory)})")
-            out.append(ImageBlock(home.number, address, len(data), data))
+            while data:  # a segment that runs over several memory blocks (adjacent in the file) is split at their bounds
+                home = next((m for m in memory if m.address <= address < m.address + m.size), None)
+                if home is None:
+                    raise FlashError("request_download", f"segment at 0x{address:X} lies outside {ecu.name}'s memory "
+                                                         f"map ({', '.join(f'0x{m.address:X}+{m.size}' for m in memory)})")
+                take = min(len(data), home.address + home.size - address)
+                out.append(ImageBlock(home.number, address, take, data[:take]))
+                address, data = address + take, data[take:]
         return out
 
     @property

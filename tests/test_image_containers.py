@@ -120,3 +120,17 @@ def test_vbf_numbers_may_be_decimal_with_leading_zeros() -> None:
     """Found by fuzzing: ``{0x9000, 00000300}`` in the erase list stopped the reader."""
     vbf = write_vbf(SEGMENTS, "P1").replace(b"0x00002328}", b"00000300}", 1)
     assert read_image(vbf, "app.vbf").erase == ((BASE, 300), (BASE + 0x10000, 0x1388))
+
+
+def test_a_segment_over_two_memory_blocks_is_split_at_their_bound() -> None:
+    from agent.core.config import EcuConfig
+    from agent.core.flash_profile import MemoryBlock
+    from gateway.jobs import FlashJob
+
+    ecu = EcuConfig("e", "pt", 1, 2, memory_address=0x1000, memory_size=0x300,
+                    memory_blocks=(MemoryBlock(0x1000, 0x100, 1), MemoryBlock(0x1100, 0x200, 2)))
+    job = FlashJob("e", b"", "1", segments=((0x10F0, bytes(range(48))),))  # adjacent blocks: one run of records
+    assert [(b.number, b.address, b.data) for b in job.blocks(ecu)] == [(1, 0x10F0, bytes(range(16))),
+                                                                        (2, 0x1100, bytes(range(16, 48)))]
+    with pytest.raises(Exception, match="segment at 0x1300 lies outside e's memory map"):
+        FlashJob("e", b"", "1", segments=((0x12F0, bytes(32)),)).blocks(ecu)
