@@ -9,9 +9,11 @@ ECU is erased. Nothing else changes: install order, staging and all-or-nothing a
 hold as for packages deployed first (single-bank ECUs are flashed after every other ECU is
 staged, so after every package arrived).
 
-A package that does not come fails its job at step ``package_arrival``: when nothing was
-deployed for ``gateway.arrival_idle_s`` (the deploy server writes ``<name>.part`` as blocks
-arrive, so a deploy in progress is activity), or when the file that came is not the signed one.
+A package that does not come fails its job at step ``package_arrival``: when nothing of this
+install's packages was deployed for ``gateway.arrival_idle_s`` (the deploy server writes
+``<name>.part`` as blocks arrive, so a deploy in progress is activity; another campaign's deploys
+are not), when the file that came is not the signed one, or at once when the TBOX cancels the
+campaign (``cancel``).
 """
 
 from __future__ import annotations
@@ -31,19 +33,19 @@ STEP = "package_arrival"
 
 
 class Arrivals:
-    def __init__(self, package_dir: Path, idle_s: float, stop: threading.Event, poll_s: float = 0.1) -> None:
+    def __init__(self, package_dir: Path, idle_s: float, stop: threading.Event, awaited: list[str],
+                 cancel: threading.Event | None = None, poll_s: float = 0.1) -> None:
         self.dir, self.idle_s, self.stop, self.poll_s = package_dir, idle_s, stop, poll_s
+        self.cancel = cancel or threading.Event()
+        self.names = [n for name in awaited for n in (name, f"{name}.part")]  # this install's packages only
 
     def _last_activity(self) -> float:
         newest = 0.0
-        try:
-            for entry in self.dir.iterdir():
-                try:
-                    newest = max(newest, entry.stat().st_mtime)
-                except OSError:
-                    continue
-        except OSError:
-            pass
+        for name in self.names:
+            try:
+                newest = max(newest, (self.dir / name).stat().st_mtime)
+            except OSError:
+                continue
         return newest
 
     def ready(self, job: FlashJob) -> FlashJob:
@@ -64,7 +66,7 @@ class Arrivals:
             if idle > self.idle_s:
                 what = "is not the signed one (size or SHA-256)" if wrong else "did not arrive"
                 raise FlashError(STEP, f"{awaited.file} {what}: nothing was deployed for {self.idle_s:.0f} s")
-            if self.stop.wait(self.poll_s):
+            if self.cancel.is_set() or self.stop.wait(self.poll_s):
                 raise FlashError(STEP, "cancelled")
         if awaited.delta_base is not None:
             delta = DeltaImage(data, awaited.delta_base, awaited.image_size, awaited.image_sha256, awaited.image_crc32,

@@ -31,6 +31,7 @@ from agent.errors import InstallRefused
 from agent.protocol.files import is_name
 from agent.protocol.link import (
     BOOT_ID_DID,
+    CANCEL_ROUTINE,
     CONTENT_ROUTINE,
     INSTALL_ROUTINE,
     INVENTORY_ROUTINE,
@@ -54,6 +55,10 @@ class Installer(Protocol):
 
     def inventory(self) -> None:
         """Collect the inventory into ``inventory.json`` in the results directory."""
+
+    def cancel(self, campaign: str, reason: str) -> tuple[int, int, int]:
+        """The TBOX ended the campaign: its install goes back; the status as ``status`` gives it."""
+
 
 class Relay(Protocol):
     """The gateway's port to owner content on its ECUs (``gateway/content_relay.py``)."""
@@ -183,10 +188,19 @@ def _routine(s: DeployState, r: Request) -> bytes | Outcome:
             return head + bytes((status,)) + data
 
         return Outcome(None, work=relayed)
-    if routine not in (INSTALL_ROUTINE, INVENTORY_ROUTINE) or s.installer is None:
+    if routine not in (INSTALL_ROUTINE, INVENTORY_ROUTINE, CANCEL_ROUTINE) or s.installer is None:
         return r.negative(Nrc.RequestOutOfRange)
     head = bytes((0x71, kind)) + r.data[2:4]
     installer = s.installer
+    if routine == CANCEL_ROUTINE:
+        if kind != RoutineType.startRoutine:
+            return r.negative(Nrc.SubFunctionNotSupported)
+        named, _, why = bytes(option).partition(b"\x00")
+        cancelled = named.decode("ascii", "replace")
+        if not is_name(cancelled):
+            return r.negative(Nrc.RequestOutOfRange)
+        reason = "".join(ch if ch.isprintable() else "?" for ch in why.decode("utf-8", "replace"))
+        return head + encode_install_status(*installer.cancel(cancelled, reason))
     if routine == INVENTORY_ROUTINE:
         if kind != RoutineType.startRoutine:
             return r.negative(Nrc.SubFunctionNotSupported)

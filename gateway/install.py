@@ -85,7 +85,8 @@ def install(config: VehicleConfig, plan: InstallPlan, out: Path, ports: InstallP
                                              "activation": plan.activation, "results": [r.to_json() for r in ordered],
                                              "final_versions": final, "interruptions": journal.interruptions,
                                              "revertible": plan.activation == "atomic" and not single,
-                                             "single_bank": single, "preconditions": journal.held})
+                                             "single_bank": single, "preconditions": journal.held,
+                                             "cancelled": run.cancelled})
     return ok, ordered
 
 

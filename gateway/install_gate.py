@@ -1,7 +1,8 @@
 """An install's preconditions as the gateway checks them itself (``InstallPlan.gate``, from the
 manifest the TBOX sends; ``gateway/install.py`` says when): read from the ECU that reports the
 vehicle's state whenever that ECU is free, watched while the ECUs stage, waited for before the
-first step that changes what the vehicle runs."""
+first step that changes what the vehicle runs. A campaign the TBOX cancelled fails every gate
+(``held`` says why), so the install goes back the way it does for unmet preconditions."""
 
 from __future__ import annotations
 
@@ -39,21 +40,19 @@ def unmet(run: InstallRun, phase: str, wait: float = 0.5) -> dict[str, Any] | No
 
 @contextlib.contextmanager
 def watching(run: InstallRun) -> Iterator[threading.Event]:
-    """The event that cancels a staging flash: the gateway stopping, and under a gate the
-    preconditions failing (checked every ``recheck_s``; the check is journaled)."""
-    if run.plan.gate is None:
-        yield run.stop
-        return
+    """The event that cancels a staging flash: the gateway stopping, the TBOX cancelling the
+    campaign, and under a gate the preconditions failing (checked every ``recheck_s``; the check
+    is journaled)."""
     cancel, done = threading.Event(), threading.Event()
-    every = run.plan.gate.conditions.recheck_s
+    every = run.plan.gate.conditions.recheck_s if run.plan.gate is not None else None
 
     def watch() -> None:
-        due = time.monotonic() + every
+        due = time.monotonic() + (every or 0.0)
         while not done.wait(0.1):
-            if run.stop.is_set():
+            if run.stop.is_set() or run.cancelled is not None:
                 cancel.set()
                 return
-            if time.monotonic() < due:
+            if every is None or time.monotonic() < due:
                 continue
             found = unmet(run, "stage")
             due = time.monotonic() + every
@@ -80,6 +79,8 @@ def wait_for_gate(run: InstallRun, phase: str) -> bool:
         return True
     told: dict[str, str] | None = None
     while True:
+        if run.cancelled is not None:
+            return False
         found = check(run, phase, wait=5.0)
         if found is not None and found["met"]:
             if told is not None and waiting is not None:
@@ -101,7 +102,10 @@ def wait_for_gate(run: InstallRun, phase: str) -> bool:
 
 def gate(run: InstallRun, first: bool, phase: str) -> bool:
     """Before a step that changes what a vehicle runs: the first waits for the preconditions (within
-    the install window), a later one goes on only if they hold now. False: the check is journaled."""
+    the install window), a later one goes on only if they hold now. False: the check is journaled,
+    or the TBOX cancelled the campaign."""
+    if run.cancelled is not None:
+        return False
     if run.plan.gate is None:
         return True
     if first:
@@ -115,6 +119,8 @@ def gate(run: InstallRun, first: bool, phase: str) -> bool:
 
 
 def held(run: InstallRun) -> str:
-    """Why the install was held, in one line."""
+    """Why the install was held (or goes back on a cancel), in one line."""
+    if run.cancelled is not None:
+        return run.cancelled
     found = run.journal.held or {}
     return "preconditions: " + "; ".join((found.get("unmet") or {}).values())

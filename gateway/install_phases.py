@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from gateway.arrivals import STEP as ARRIVAL
 from gateway.install_gate import gate, held, watching
 from gateway.install_run import InstallRun
 from gateway.jobs import FlashResult
@@ -17,6 +18,9 @@ __all__ = ["per_ecu", "atomic"]
 
 def per_ecu(run: InstallRun) -> bool:
     for n, group in enumerate(run.plan.groups()):
+        if run.cancelled is not None:  # an ECU flashed in place is finished, never left half-written
+            run.not_started(group, run.cancelled)
+            continue
         if any(r.result != "success" for r in run.results.values()) or run.journal.held is not None:
             run.not_started(group, "an earlier install group failed" if run.journal.held is None else held(run))
             continue
@@ -25,12 +29,14 @@ def per_ecu(run: InstallRun) -> bool:
             run.not_started(group, held(run))
             continue
         run.flash_whole(todo)
-    return all(r.result == "success" for r in run.results.values()) and run.journal.held is None
+    return all(r.result == "success" for r in run.results.values()) and run.journal.held is None and run.cancelled is None
 
 
 def atomic(run: InstallRun) -> bool:
     if run.journal.phase == "stage":
         _stage(run)
+    if run.journal.phase == "activate" and run.cancelled is not None:  # before anything, or between activations
+        run.journal.set_phase("rollback" if not _nothing_activated(run) else "discard", run.cancelled)
     if run.journal.phase == "activate" and _nothing_activated(run) and not gate(run, first=True, phase="activate"):
         run.journal.set_phase("discard", held(run))
     if run.journal.phase == "activate":
@@ -55,6 +61,8 @@ def _stage(run: InstallRun) -> None:
     (an ECU failed to stage) discard."""
     for group in run.plan.groups():
         group = [j for j in group if not run.single(j.ecu)]
+        if run.cancelled is not None:
+            break
         if any(r.result != "success" for r in run.results.values()):
             run.not_started(group, "an ECU failed to stage")
             continue
@@ -77,9 +85,12 @@ def _stage(run: InstallRun) -> None:
         if todo and run.journal.held is None and gate(run, first=False, phase="stage"):  # else journaled: it stops
             with watching(run) as cancel:
                 run.flash(todo, "stage", cancel)
-        if run.journal.held is not None:
+        if run.journal.held is not None or run.cancelled is not None:
             _stop_staging(run)
             return
+    if run.cancelled is not None:
+        _stop_staging(run)
+        return
     if all(run.results.get(e) is not None and run.results[e].phase == "staged" for e in run.staging()):
         run.journal.set_phase("activate")
         return
@@ -98,8 +109,8 @@ def _nothing_activated(run: InstallRun) -> bool:
 
 
 def _stop_staging(run: InstallRun) -> None:
-    """The preconditions failed while staging: what was cut off, and what was not reached, say so;
-    everything staged is discarded (nothing was activated)."""
+    """The preconditions failed while staging (or the TBOX cancelled the campaign): what was cut
+    off, and what was not reached, say so; everything staged is discarded (nothing was activated)."""
     why = held(run)
     for r in list(run.results.values()):
         if r.result != "success" and r.reason == "cancelled":
@@ -115,6 +126,9 @@ def _activate(run: InstallRun) -> None:
         ecu = job.ecu
         if run.single(ecu) or run.results[ecu].phase == "activated":
             continue
+        if run.cancelled is not None:
+            run.journal.set_phase("rollback", run.cancelled)
+            return
         if run.resumed and run.images(ecu).runs(job.version, job.on_ecu_sha256):  # the reset was done before the kill
             run.set(dataclasses.replace(run.results[ecu], phase="activated", version_after=job.version))
             continue
@@ -170,7 +184,8 @@ def _roll_back(run: InstallRun) -> None:
 def _discard(run: InstallRun) -> None:
     """Nothing staged is left behind: every ECU this install touched, the culprit last."""
     culprit = run.journal.culprit
-    touched = [e for e in run.staging() if e in run.results and run.results[e].failed_step != "not_started"]
+    untouched = ("not_started", ARRIVAL)  # never reached, or its package never came: nothing of it was erased
+    touched = [e for e in run.staging() if e in run.results and run.results[e].failed_step not in untouched]
     for ecu in [e for e in reversed(touched) if e != culprit] + [e for e in (culprit,) if e in touched]:
         r = run.results[ecu]
         discarded = any(a.get("action") == "discard" and a.get("result") == "success" for a in r.actions)

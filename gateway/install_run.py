@@ -40,7 +40,8 @@ class InstallPorts:
     hears of its progress, the client faults injected (benches, tests); for a pipelined install
     the package of a job once it arrived (``gateway/arrivals.py``); the vehicle's state read from an
     ECU (``gateway/vehicle_state.py``: None while that ECU is busy), and who is told when the
-    install waits for it (the check) and goes on (None)."""
+    install waits for it (the check) and goes on (None); ``cancel``: set when the TBOX cancelled
+    the campaign (``cancelled`` says why): the install goes back as it does when an ECU fails."""
 
     buses: Buses
     stop: threading.Event
@@ -49,6 +50,8 @@ class InstallPorts:
     ready: Callable[[FlashJob], FlashJob] | None = None
     signals: Callable[[str, float], dict[str, Any] | None] | None = None
     waiting: Callable[[dict[str, Any] | None], None] | None = None
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancelled: Callable[[], str] = lambda: "cancelled by the TBOX"
 
 
 def trace_name(ecu: str, doing: str) -> str:
@@ -70,6 +73,11 @@ class InstallRun:
     @property
     def stop(self) -> threading.Event:
         return self.ports.stop
+
+    @property
+    def cancelled(self) -> str | None:
+        """Why the install goes back, when the TBOX cancelled it."""
+        return self.ports.cancelled() if self.ports.cancel.is_set() else None
 
     @property
     def jobs(self) -> dict[str, FlashJob]:

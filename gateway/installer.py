@@ -12,6 +12,7 @@ import binascii
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,12 @@ from gateway.plan import InstallPlan, build_plan, files_named
 from gateway.vehicle_state import read_signals
 from gateway.verify import Trust
 
-__all__ = ["GatewayInstaller", "load_keys", "MANIFEST_COPY", "WAITING_FILE"]
+__all__ = ["GatewayInstaller", "load_keys", "MANIFEST_COPY", "WAITING_FILE", "CANCEL_FILE"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COPY = "install-manifest.json"  # the manifest an install runs, kept beside its journal
+CANCEL_FILE = "cancel.json"  # the TBOX cancelled the campaign: never resumed, never started again
 WAITING_FILE = "preconditions.json"  # why an install waits before activating (status 0x05), for the TBOX to read
 
 
@@ -82,6 +84,7 @@ class GatewayInstaller:
         self._done = 0
         self._total = 0
         self._waiting: dict[str, str] | None = None  # the install waits for these preconditions
+        self._cancel = threading.Event()  # the running install's: set when the TBOX cancels its campaign
         self.heartbeats = Heartbeats(config.gateway.worker_stale_s)  # the install thread, while one runs
 
     # ---- what a manifest asks for --------------------------------------------------------
@@ -121,6 +124,8 @@ class GatewayInstaller:
         for good gets its status (refused, and why) for the TBOX to read instead of trying again."""
         try:
             plan = self.plan(manifest)
+            if self._cancelled(plan.campaign_id) is not None:
+                raise InstallRefused("the TBOX cancelled this campaign", plan.campaign_id)
         except InstallRefused as exc:
             cid = exc.campaign_id
             if cid is not None and not (self.results_dir / cid / "install.json").exists():
@@ -136,6 +141,9 @@ class GatewayInstaller:
     def _begin(self, plan: InstallPlan, resume: bool) -> None:
         self._campaign, self._done, self._total, self._step = plan.campaign_id, 0, len(plan.jobs), "starting"
         self._waiting = None
+        self._cancel = threading.Event()
+        if self._cancelled(plan.campaign_id) is not None:  # cancelled while the gateway was down: it goes back
+            self._cancel.set()
         self.heartbeats.beat("install")
         self._write_status(plan.campaign_id, InstallStatus.RUNNING)
         self._thread = threading.Thread(target=self._run, args=(plan, resume), name="install", daemon=True)
@@ -183,12 +191,16 @@ class GatewayInstaller:
         out = self.results_dir / campaign
         ports = InstallPorts(
             self.buses, self.stop, progress=self._progress, faults=tuple(self.faults),
-            ready=Arrivals(self.package_dir, self.config.gateway.arrival_idle_s, self.stop).ready if plan.arriving else None,
+            ready=Arrivals(self.package_dir, self.config.gateway.arrival_idle_s, self.stop,
+                           [j.awaited.file for _, j in plan.jobs if j.awaited is not None], self._cancel).ready
+            if plan.arriving else None,
             signals=lambda ecu, wait: read_signals(self.config, self.buses, ecu, wait),
-            waiting=lambda check: self._wait(out, check))
+            waiting=lambda check: self._wait(out, check), cancel=self._cancel,
+            cancelled=lambda: self._cancelled(campaign) or "cancelled by the TBOX")
         try:
             ok, _ = install(self.config, plan, out, ports, resume=resume)
-            self._write_status(campaign, InstallStatus.SUCCEEDED if ok else InstallStatus.FAILED)
+            end = InstallStatus.SUCCEEDED if ok else InstallStatus.CANCELLED if ports.cancel.is_set() else InstallStatus.FAILED
+            self._write_status(campaign, end)
             log.info("install %s finished: %s", campaign, "success" if ok else "failed")
         except InstallInterrupted as exc:  # status stays running: the next start goes on from the journal
             log.warning("%s; it goes on when the gateway starts again", exc)
@@ -206,6 +218,28 @@ class GatewayInstaller:
             atomic_write_json(out / WAITING_FILE, check)
             self._step = "waiting for " + ", ".join(check["unmet"])
         self._waiting = unmet
+
+    # ---- cancelling -----------------------------------------------------------------------
+    def _cancelled(self, campaign: str) -> str | None:
+        """Why the TBOX cancelled ``campaign``, when it did."""
+        try:
+            doc = json.loads((self.results_dir / campaign / CANCEL_FILE).read_text())
+            return f"cancelled by the TBOX: {doc.get('reason') or 'the campaign ended'}"
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def cancel(self, campaign: str, reason: str = "") -> tuple[int, int, int]:
+        """The TBOX ended ``campaign``: journaled first (a restart does not resume it, a manifest
+        for it is refused), then the install running it goes back (gateway/install_phases.py);
+        the status as ``status`` gives it (RUNNING while it winds down). Idempotent."""
+        with self._lock:
+            if self._cancelled(campaign) is None:
+                atomic_write_json(self.results_dir / campaign / CANCEL_FILE,
+                                  {"campaign_id": campaign, "reason": reason[:200] or None, "at": round(time.time(), 3)})
+                log.warning("campaign %s cancelled by the TBOX%s", campaign, f": {reason}" if reason else "")
+            if campaign == self._campaign and self._thread is not None and self._thread.is_alive():
+                self._cancel.set()
+        return self.status(campaign)
 
     # ---- what the TBOX asks --------------------------------------------------------------
     def _write_status(self, campaign: str, status: int, error: str | None = None) -> None:

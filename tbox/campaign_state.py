@@ -116,6 +116,7 @@ class CampaignRecord:
     versions: dict[str, Any] | None = None  # what the campaign's ECUs run at its end, read back by the gateway
     interruptions: list[Any] | None = None  # where the gateway was stopped in the middle of the install
     revertible: bool | None = None  # false: an ECU of the campaign has a single flash bank (no way back)
+    cancel: dict[str, Any] | None = None  # the failed campaign's install cancelled on the gateway (tbox/cancel.py)
     times: CampaignTimes = field(default_factory=CampaignTimes)
 
     @property
@@ -134,6 +135,7 @@ class CampaignRecord:
             "install_started": self.install_started, "install_ended": self.install_ended, "outcome": self.outcome, "failure": self.failure,
             "versions": self.versions, "interruptions": self.interruptions,
             "revertible": self.revertible, "times": self.times.to_json(),
+            **({"cancel": self.cancel} if self.cancel is not None else {}),
         })
 
     @classmethod
@@ -150,7 +152,8 @@ class CampaignRecord:
                        install_ended=bool(doc.get("install_ended")),
                        outcome=doc.get("outcome"), failure=doc.get("failure"), versions=doc.get("versions"),
                        interruptions=doc.get("interruptions"), revertible=doc.get("revertible"),
-                       times=CampaignTimes.from_json(doc.get("times")))
+                       times=CampaignTimes.from_json(doc.get("times")),
+                       cancel=doc["cancel"] if isinstance(doc.get("cancel"), dict) else None)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VotaError(f"{path}: unreadable campaign state ({exc})") from None
 

@@ -20,7 +20,7 @@ from agent.adapters.canbus import Segment
 from agent.adapters.cloud_link import CloudLink
 from agent.adapters.heartbeat import Heartbeats
 from agent.adapters.keys import KeyStore, initial_key_list
-from agent.core.campaign import CampaignRejected, verify_campaign
+from agent.core.campaign import MAX_ENVELOPE, CampaignRejected, verify_campaign
 from agent.core.config import TboxConfig, VehicleConfig
 from agent.core.faults import FaultSpec
 from agent.core.preconditions import Estimate, estimate_install
@@ -33,7 +33,8 @@ from tbox.content_exec import AppExecutor, ResourceExecutor, SoftwareExecutor
 from tbox.content_manager import ContentManager
 from tbox.gateway_client import ContentOp, GatewayClient, GatewayError
 from tbox.inbound import COMMANDS, Inbound
-from tbox.offline import CAMPAIGN_FILE, import_campaign
+from tbox.media import MediaWatcher, read_bounded
+from tbox.offline import CAMPAIGN_FILE, PACKAGES, import_campaign
 from tbox.ports import CloudPort, GatewayPort
 from tbox.runner import CampaignRunner
 
@@ -63,8 +64,11 @@ class TboxDaemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._content_wake = threading.Event()
-        self._media_seen: set[str] = set()  # campaigns on the media refused (imported ones are records)
         self._media_problem = ""
+        self.media: MediaWatcher | None = None
+        if self.tbox.media_dir is not None:  # its own thread: a slow or hostile stick never holds up a campaign
+            self.media = MediaWatcher(Path(self.tbox.media_dir), CAMPAIGN_FILE, PACKAGES, self._look_at_media, self._stop,
+                                      beat=lambda: self.heartbeats.beat("media"))
         self.heartbeats = Heartbeats(self.tbox.worker_stale_s)
         self.segment: Segment | None = None
         self.gateway: GatewayClient | None = None  # the real gateway client, once started
@@ -165,6 +169,9 @@ class TboxDaemon:
         self.heartbeats.beat("content")
         self._worker.start()
         self._content_worker.start()
+        if self.media is not None:
+            self.heartbeats.beat("media")
+            self.media.thread.start()
 
     def stop(self) -> None:
         """Finish or checkpoint the current step, then stop (SIGTERM)."""
@@ -204,7 +211,6 @@ class TboxDaemon:
             self.heartbeats.beat("campaign")
             try:
                 self.inbound.apply_commands()
-                self._watch_media()
                 moved = self.runner.step()
                 failures = 0
             except Exception:  # noqa: BLE001 - e.g. a state file that cannot be read: logged, tried again
@@ -233,33 +239,36 @@ class TboxDaemon:
                 values[name] = None
         return values
 
-    def _watch_media(self) -> None:
-        """``tbox.media_dir``: a campaign on media mounted there is imported as ``vota campaign
-        import`` does (tbox/offline.py); one refused is reported once, not at every look."""
-        if self.tbox.media_dir is None:
-            return
-        media = Path(self.tbox.media_dir)
+    def _look_at_media(self, media: Path) -> None:
+        """``tbox.media_dir`` changed: a campaign on media mounted there is imported as ``vota
+        campaign import`` does (tbox/offline.py); one refused is reported once, a problem logged
+        once, and neither is read again until the media changes (tbox/media.py)."""
         try:
-            envelope = (media / CAMPAIGN_FILE).read_bytes()
-        except OSError:
-            return  # nothing mounted, or no campaign on it
+            envelope = read_bounded(media / CAMPAIGN_FILE, MAX_ENVELOPE, self.tbox.media_follow_links)
+        except VotaError as exc:
+            self._media_said(media, str(exc))
+            return
         key = hashlib.sha256(envelope).hexdigest()[:24]
-        if key in self._media_seen or (self.campaigns_dir / key).exists():
+        if (self.campaigns_dir / key).exists():
             return
 
         def check(data: bytes) -> None:
             verify_campaign(data, self.runner.trusted, vin=self.tbox.vin, now=self.now(), known_ecus=set(self.config.ecus))
 
         try:
-            import_campaign(media, self.campaigns_dir, check)
+            import_campaign(media, self.campaigns_dir, check, follow_links=self.tbox.media_follow_links,
+                            reserve=self.tbox.min_free_mib << 20, beat=lambda: self.heartbeats.beat("media"))
             log.info("campaign imported from %s", media)
+            self._wake.set()
         except CampaignRejected as exc:
-            self._media_seen.add(key)
             self.runner.reject("campaign", exc.reason, f"on the media at {media}: {exc}", key, exc.campaign_id)
-        except VotaError as exc:  # e.g. a package not (yet) on it: looked at again, said once
-            if str(exc) != self._media_problem:
-                log.warning("the campaign on %s cannot be imported: %s", media, exc)
-            self._media_problem = str(exc)
+        except VotaError as exc:  # e.g. a package not (yet) on it: looked at again when the media changes
+            self._media_said(media, str(exc))
+
+    def _media_said(self, media: Path, problem: str) -> None:
+        if problem != self._media_problem:
+            log.warning("the campaign on %s cannot be imported: %s", media, problem)
+        self._media_problem = problem
 
     def _run_content(self) -> None:
         interval = self.tbox.content.tick_ms / 1000.0

@@ -28,6 +28,7 @@ from agent.core.trace import Exchange, TraceHeader, TraceRecorder
 from agent.errors import Refused, TryLater, VotaError
 from agent.protocol.link import (
     BOOT_ID_DID,
+    CANCEL_ROUTINE,
     CONTENT_ROUTINE,
     INSTALL_ROUTINE,
     INVENTORY_FILE,
@@ -184,14 +185,22 @@ class GatewayClient:
         self._call("start install", lambda c: c.routine_control(INSTALL_ROUTINE, RoutineType.startRoutine, manifest_name.encode()))
 
     def install_status(self, campaign: str) -> tuple[int, int, int]:
+        return self._status("install status", INSTALL_ROUTINE, RoutineType.requestRoutineResults, campaign.encode())
+
+    def cancel_install(self, campaign: str, reason: str) -> tuple[int, int, int]:
+        why = reason.encode("ascii", "replace")[:max(0, 195 - len(campaign))]  # the request within 200 bytes
+        return self._status("cancel install", CANCEL_ROUTINE, RoutineType.startRoutine, campaign.encode() + b"\x00" + why)
+
+    def _status(self, what: str, routine: int, kind: int, option: bytes) -> tuple[int, int, int]:
+        """A routine answered with an install status record."""
         def ask(c: Any) -> tuple[int, int, int]:
-            record = c.routine_control(INSTALL_ROUTINE, RoutineType.requestRoutineResults, campaign.encode())
+            record = c.routine_control(routine, kind, option)
             status = decode_install_status(bytes(record.service_data.routine_status_record))
             if status is None:
-                raise GatewayError(f"install status: unexpected record {bytes(record.service_data.routine_status_record).hex()}")
+                raise GatewayError(f"{what}: unexpected record {bytes(record.service_data.routine_status_record).hex()}")
             return status
 
-        return self._call("install status", ask)  # type: ignore[no-any-return]
+        return self._call(what, ask)  # type: ignore[no-any-return]
 
     def wait_install(self, campaign: str, timeout: float, poll: float = 0.5, should_stop: Any = None,
                      waiting: Any = None) -> int:

@@ -17,6 +17,7 @@ from agent.errors import TryLater, VotaError
 from agent.protocol.link import InstallJob, InstallManifest, InstallStatus, encode_manifest
 from tbox.campaign_source import source_of
 from tbox.campaign_state import CampaignRecord
+from tbox.cancel import cancel_install, deliver_pending
 from tbox.engine import CampaignFailure
 from tbox.states import Collaborators, progress_reporter
 
@@ -66,6 +67,7 @@ def start_install(c: Collaborators, record: CampaignRecord, pipelined: Campaign 
     ``arriving``: each ECU is flashed once its package is on the gateway, gateway/arrivals.py)."""
     cid = record.campaign_id
     assert cid is not None
+    deliver_pending(c)  # a failed campaign's install that could not be cancelled then would refuse this one
     if pipelined is not None:
         _send_manifest(c, record, pipelined, arriving=True)
     elif c.window.enabled:  # with the install window, known now
@@ -145,6 +147,9 @@ def finished(c: Collaborators, record: CampaignRecord) -> str:
         body["interruptions"] = record.interruptions
     if record.revertible is not None:
         body["revertible"] = record.revertible
+    cancelled = cancel_install(c, record)  # a failed campaign's install on the gateway ends too
+    if cancelled is not None:
+        body["cancel"] = cancelled
     times = record.times
     if times.estimated_install_s is not None:  # told before, against what it took
         body["estimated_install_s"] = times.estimated_install_s

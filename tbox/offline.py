@@ -34,8 +34,9 @@ from agent.core.roles import open_envelope
 from agent.errors import UsageError
 from agent.protocol.files import PARTIAL_SUFFIXES, is_name
 from tbox.campaign_state import CampaignRecord
+from tbox.media import check_directory, copy_exact, read_bounded
 
-__all__ = ["CAMPAIGN_FILE", "MEDIA", "export_campaign", "import_campaign", "package_names"]
+__all__ = ["CAMPAIGN_FILE", "PACKAGES", "MEDIA", "export_campaign", "import_campaign", "package_names"]
 
 CAMPAIGN_FILE = "vota-campaign.json"
 PACKAGES = "packages"
@@ -73,43 +74,42 @@ def export_campaign(envelope: bytes, packages_dir: Path, out: Path) -> list[str]
     return written
 
 
-def import_campaign(media: Path, campaigns_dir: Path, check: Callable[[bytes], Any]) -> CampaignRecord:
+def import_campaign(media: Path, campaigns_dir: Path, check: Callable[[bytes], Any], *, follow_links: bool = False,
+                    reserve: int = 0, beat: Callable[[], None] = lambda: None) -> CampaignRecord:
     """The campaign on ``media`` as a new record (state ``received``) in ``campaigns_dir``.
-    ``check``: the first checks of an arriving campaign (raises ``CampaignRejected``)."""
-    try:
-        with open(media / CAMPAIGN_FILE, "rb") as f:
-            envelope = f.read(MAX_ENVELOPE + 1)
-    except OSError as exc:
-        raise UsageError(f"{media / CAMPAIGN_FILE}: cannot read the campaign ({exc.strerror})") from None
+    ``check``: the first checks of an arriving campaign (raises ``CampaignRejected``). The media
+    is read as hostile (``tbox/media.py``): regular files only, the envelope within its limit,
+    each package copied only when it has its signed size, and only when the packages fit on the
+    TBOX's storage with ``reserve`` bytes to spare; nothing is left behind when it is refused."""
+    envelope = read_bounded(media / CAMPAIGN_FILE, MAX_ENVELOPE, follow_links)
     key = hashlib.sha256(envelope).hexdigest()[:24]  # as for a campaign that came over MQTT
     target = campaigns_dir / key
     if (target / "state.json").exists():
         raise UsageError(f"this campaign is already known to the TBOX ({target})")
     check(envelope)
     packages = package_names(envelope)
+    check_directory(media / PACKAGES, follow_links)
+    campaigns_dir.mkdir(parents=True, exist_ok=True)
+    need = sum(int(p.get("size") or 0) for p in packages)
+    free = shutil.disk_usage(campaigns_dir).free
+    if need + reserve > free:
+        raise UsageError(f"storage: the packages need {need >> 20} MiB and {reserve >> 20} MiB must stay free, "
+                         f"{free >> 20} MiB are free")
     staging = campaigns_dir.parent / "import" / key
     shutil.rmtree(staging, ignore_errors=True)
-    for p in packages:
-        name = str(p["name"])
-        source = media / PACKAGES / name
-        if name.endswith(PARTIAL_SUFFIXES) or not source.is_file():
-            shutil.rmtree(staging, ignore_errors=True)
-            raise UsageError(f"{source}: the package is not on the media")
-        _copy(source, staging / MEDIA / name)
-    record = CampaignRecord(key, staging)
-    atomic_write_bytes(record.envelope_path, envelope)
-    atomic_write_json(staging / ORIGIN, {"from": "media", "path": str(media.resolve()), "imported": time.time()})
-    record.save()  # state "received"
-    campaigns_dir.mkdir(parents=True, exist_ok=True)
-    os.rename(staging, target)  # the TBOX sees the whole campaign or none of it
+    try:
+        for p in packages:
+            name = str(p["name"])
+            source = media / PACKAGES / name
+            if name.endswith(PARTIAL_SUFFIXES) or not os.path.lexists(source):
+                raise UsageError(f"{source}: the package is not on the media")
+            copy_exact(source, staging / MEDIA / name, int(p.get("size") or 0), follow_links, beat)
+        record = CampaignRecord(key, staging)
+        atomic_write_bytes(record.envelope_path, envelope)
+        atomic_write_json(staging / ORIGIN, {"from": "media", "path": str(media.resolve()), "imported": time.time()})
+        record.save()  # state "received"
+        os.rename(staging, target)  # the TBOX sees the whole campaign or none of it
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return CampaignRecord.load(target)
-
-
-def _copy(source: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".copy")
-    with open(source, "rb") as src, open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, dest)

@@ -35,6 +35,9 @@ class GatewayPort(Protocol):
 
     def start_install(self, manifest_name: str) -> None: ...
 
+    def cancel_install(self, campaign_id: str, reason: str) -> tuple[int, int, int]:
+        """Cancel the campaign's install (idempotent); the install status after the request."""
+
     def wait_install(self, campaign_id: str, timeout: float, poll: float = 0.5,
                      should_stop: Callable[[int, int], bool] | None = None,
                      waiting: Callable[[bool], None] | None = None) -> int:

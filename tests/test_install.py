@@ -114,6 +114,22 @@ def test_install_flashes_and_results_come_back(tmp_path, write_config, procs):
         (result,) = json.loads(gw.read_file("c-old/summary.json"))["results"]
         assert (result["failed_step"], result["reason"]) == ("rollback_check", "the ECU runs 2.0, newer than 1.5: not flashed")
         assert {e["ecu"]: e["software_version"] for e in gw.inventory()}["vcu"] == "2.0"
+        # cancel (routine 0x0304): an install that ended stays as it ended; one never started never starts
+        assert gw.cancel_install("c-7", "late")[0] == InstallStatus.SUCCEEDED
+        assert gw.cancel_install("c-never", "deploy: deploy_failed") == (InstallStatus.NONE, 0, 0)
+        _deploy(segment, link, tmp_path, "vcu-3.0.bin", old)
+        _deploy(segment, link, tmp_path, "install-c-never.json", _manifest("c-never", {"vcu": ("vcu-3.0.bin", old, "3.0")}))
+        try:
+            gw.start_install("install-c-never.json")
+            raise AssertionError("a cancelled campaign's install started")
+        except GatewayError as exc:
+            assert "0x22" in str(exc)
+        assert json.loads(gw.read_file("c-never/install.json"))["error"] == "the TBOX cancelled this campaign"
+        try:
+            gw.cancel_install("../c-7", "x")
+            raise AssertionError("a campaign id that is no name was taken")
+        except GatewayError as exc:
+            assert "0x31" in str(exc)
 
 
 def test_an_ecu_that_does_not_tell_its_version_is_not_flashed(tmp_path, write_config, procs):

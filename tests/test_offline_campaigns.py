@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +103,17 @@ def test_the_tbox_imports_a_campaign_found_where_media_is_mounted(tmp_path, mosq
     """``tbox.media_dir``: a stick mounted there (its packages copied first, the campaign last,
     as a slow copy would leave it) is imported and installed; a forged one is reported once."""
     mount = tmp_path / "mnt"
+    (mount / "packages").mkdir(parents=True)
+    os.mkfifo(mount / "vota-campaign.json")  # hostile media first: a FIFO where the campaign goes, a link to a device
+    (mount / "packages" / "vcu-6.0.0.bin").symlink_to("/dev/zero")
     v = Vehicle(tmp_path, mosquitto, write_config, procs, tbox_extra={"media_dir": str(mount)})
     try:
+        v.send(v.campaign("c-online", "5.0.0"))  # served meanwhile: the media is looked at in a thread of its own
+        assert v.finished("c-online", timeout=120)["outcome"] == "success"
+        assert v.tbox.text().count("a FIFO, not a file") == 1, v.tbox.text()[-3000:]  # said once, not read again
+        (mount / "vota-campaign.json").unlink()
+        (mount / "packages" / "vcu-6.0.0.bin").unlink()
         stick = _stick(v, "c-mounted", "6.0.0", tmp_path / "cloud")
-        (mount / "packages").mkdir(parents=True)
         (mount / "vota-campaign.json").write_bytes((stick / "vota-campaign.json").read_bytes())  # before its packages
         for package in (stick / "packages").iterdir():
             (mount / "packages" / package.name).write_bytes(package.read_bytes())

@@ -81,10 +81,11 @@ class FakeGateway:
         self.install: dict[str, int] = {}
         self.fail: dict[str, list[BaseException]] = {}  # per method: errors to raise first, in order
         self.boot = b"boot-one"
-        self.broken_deploys: list[bool] = []
+        self.broken_deploys: list[bool | None] = []  # None: that deploy goes through
         self.refuse: str | None = None  # the gateway refuses installs, with this reason
         self.held: list[dict[str, Any]] = []  # installs stopped for the vehicle's preconditions, first to last
         self.on_held: Callable[[], None] = lambda: None
+        self.cancels: list[tuple[str, str]] = []
 
     def _maybe_fail(self, method: str) -> None:
         if self.fail.get(method):
@@ -104,8 +105,8 @@ class FakeGateway:
     def deploy(self, name: str, path: Path, sha256: str, out_dir: Path | None = None, *, resume: bool = False,
                progress: Callable[[int, int], None] | None = None) -> DeployResult:
         self._maybe_fail("deploy")
-        if self.broken_deploys:  # the deploy breaks off without an answer; ``restart`` restarts the gateway under it
-            restart = self.broken_deploys.pop(0)
+        restart = self.broken_deploys.pop(0) if self.broken_deploys else None
+        if restart is not None:  # the deploy breaks off without an answer; ``restart`` restarts the gateway under it
             self.deploys.append((name, resume))
             if restart:
                 self.boot = os.urandom(8)
@@ -139,6 +140,13 @@ class FakeGateway:
         self.installs.append(manifest["campaign_id"])
         self.install[manifest["campaign_id"]] = InstallStatus.RUNNING
 
+    def cancel_install(self, campaign_id: str, reason: str) -> tuple[int, int, int]:
+        self._maybe_fail("cancel_install")
+        self.cancels.append((campaign_id, reason))
+        if self.install.get(campaign_id) == InstallStatus.RUNNING:
+            self.install[campaign_id] = InstallStatus.CANCELLED
+        return self.install.get(campaign_id, InstallStatus.NONE), 0, len(IMAGES)
+
     def wait_install(self, campaign_id: str, timeout: float, poll: float = 0.5,
                      should_stop: Callable[[int, int], bool] | None = None,
                      waiting: Callable[[bool], None] | None = None) -> int:
@@ -157,6 +165,7 @@ class FakeGateway:
         return InstallStatus.SUCCEEDED
 
     def read_file(self, path: str) -> bytes:
+        self._maybe_fail("read_file")
         cid, _, name = path.partition("/")
         if name == "install.json":
             return json.dumps({"campaign_id": cid, "status": "refused", "error": self.refuse}).encode()
@@ -333,6 +342,50 @@ def test_a_deploy_that_breaks_off_on_a_gateway_that_did_not_restart_fails(tmp_pa
     assert v.cloud.events(event="interrupted") == []
 
 
+def test_a_campaign_that_fails_while_its_install_runs_cancels_that_install(tmp_path: Path) -> None:
+    """Pipelined: the install runs on the gateway when a deploy fails; before the campaign's end
+    is told, the install is cancelled there, and ``finished`` says so."""
+    v = Vehicle(tmp_path)
+    v.receive(envelope())
+    v.gateway.broken_deploys = [None, False]  # the first package's deploy (after the manifest) fails
+    v.runner().step()
+    done = v.finished()
+    assert (done["outcome"], done["failure"]["reason"]) == ("failed", "deploy_failed")
+    assert v.gateway.installs == ["c-1"] and v.gateway.cancels == [("c-1", "deploy: deploy_failed")]
+    assert done["cancel"]["state"] == "done" and done["cancel"]["status"] == "cancelled"
+    assert v.record().cancel == done["cancel"]
+
+
+def test_a_cancel_that_cannot_reach_the_gateway_goes_before_the_next_install(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path, cancel_timeout_s=0)
+    v.receive(envelope())
+    v.gateway.broken_deploys = [None, False]
+    v.gateway.fail["cancel_install"] = [TryLater("no answer")]
+    v.runner().step()
+    first = v.finished()
+    assert first["cancel"] == {"state": "pending", "reason": "no answer"} and v.gateway.cancels == []
+    v.receive(envelope("c-2", version="2.0.1"))
+    v.runner().step()
+    assert v.gateway.cancels == [("c-1", "deploy: deploy_failed")]  # delivered before c-2's install started
+    assert v.gateway.installs == ["c-1", "c-2"]
+    c2 = [b for b in v.cloud.events(event="finished") if b["campaign_id"] == "c-2"]
+    assert c2[0]["outcome"] == "success" and "cancel" not in c2[0]
+    (c1,) = [r for r in v.runner().records() if r.campaign_id == "c-1"]
+    assert c1.cancel is not None and c1.cancel["state"] == "done"
+
+
+def test_a_campaign_whose_install_ended_is_not_cancelled(tmp_path: Path) -> None:
+    """The gateway said the install is over; the TBOX then failed reading its results: there is
+    nothing running to cancel (and what the install did stays)."""
+    v = Vehicle(tmp_path)
+    v.receive(envelope())
+    v.gateway.fail["read_file"] = [TryLater("no answer")] * 10
+    v.runner().step()
+    done = v.finished()
+    assert (done["failure"]["stage"], done["failure"]["reason"]) == ("installing", "retries_exhausted")
+    assert v.gateway.cancels == [] and "cancel" not in done
+
+
 def test_killed_again_and_again_while_the_gateway_installs_is_no_loop(tmp_path: Path) -> None:
     """The gateway runs the install on its own: a TBOX killed while it waits, however often,
     goes on waiting; once the install is over, restarts count again."""
@@ -369,6 +422,7 @@ def test_a_transient_problem_that_does_not_go_away_ends_the_campaign(tmp_path: P
     assert done["failure"]["reason"] == "retries_exhausted" and done["failure"]["stage"] == "installing"
     assert "gateway unreachable" in done["failure"]["detail"]
     assert v.gateway.installs == ["c-1"]  # started once; the retries only asked for its status
+    assert v.gateway.cancels == [("c-1", "installing: retries_exhausted")]  # and it is not left running there
 
 
 def test_a_programming_error_surfaces_instead_of_being_retried(tmp_path: Path) -> None:

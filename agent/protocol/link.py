@@ -3,8 +3,13 @@
     31 01 0301 manifest                  start installing per the install manifest (a deployed file)
     31 03 0301 [campaign]                install status: 71 03 0301 SS DDDD TTTT (SS: 00 none, 01 running,
                                          02 succeeded, 03 failed, 04 refused, 05 staged and waiting for the
-                                         vehicle's preconditions; DDDD of TTTT ECUs done)
+                                         vehicle's preconditions, 06 cancelled; DDDD of TTTT ECUs done)
     31 01 0302                           collect the ECU inventory (0x78 meanwhile), then ReadFile inventory.json
+    31 01 0304 campaign                  cancel that campaign's install (the TBOX ended the campaign): journaled at
+                                         once (a restart does not resume it, a later manifest for it is refused),
+                                         what it staged discarded; answered with the status record of 31 03 0301
+                                         (01 while it winds down: ask again; 06 cancelled, 02/03 it had ended
+                                         before, 00 it never started). Idempotent.
     31 01 0303 op ecu 00 arg             owner content on an ECU behind the gateway:
         op 01 store <file>, 02 show <file>, 03 stop, 04 read <did:2>, 05 delete <file>
         ->  71 01 0303 SS data           SS 00 done (data: a DID's value), 01 refused, 02 no answer (reason in ASCII)
@@ -44,7 +49,8 @@ from typing import Any
 from agent.errors import InstallRefused
 from agent.protocol.files import is_name
 
-__all__ = ["deploy_key", "INSTALL_ROUTINE", "INVENTORY_ROUTINE", "CONTENT_ROUTINE", "InstallStatus", "ContentOp", "RelayStatus",
+__all__ = ["deploy_key", "INSTALL_ROUTINE", "INVENTORY_ROUTINE", "CONTENT_ROUTINE", "CANCEL_ROUTINE", "InstallStatus",
+           "ContentOp", "RelayStatus",
            "encode_install_status", "decode_install_status", "encode_content_request", "decode_content_request",
            "InstallJob", "InstallManifest", "encode_manifest", "parse_manifest", "INVENTORY_FILE", "STATUS_RECORD_LENGTH",
            "BOOT_ID_DID"]
@@ -52,6 +58,7 @@ __all__ = ["deploy_key", "INSTALL_ROUTINE", "INVENTORY_ROUTINE", "CONTENT_ROUTIN
 INSTALL_ROUTINE = 0x0301
 INVENTORY_ROUTINE = 0x0302
 CONTENT_ROUTINE = 0x0303
+CANCEL_ROUTINE = 0x0304
 BOOT_ID_DID = 0xF1B0
 INVENTORY_FILE = "inventory.json"
 LINK_RESULT_SCHEMA = "vota-link-result/1"  # the result beside a trace of stage link (exchanges around the transfers)
@@ -65,6 +72,7 @@ class InstallStatus(IntEnum):
     FAILED = 0x03
     REFUSED = 0x04  # the manifest could not be used
     WAITING = 0x05  # staged, waiting for the vehicle's preconditions before activating (<campaign>/preconditions.json)
+    CANCELLED = 0x06  # the TBOX cancelled it: what it staged was discarded (<campaign>/summary.json says what)
 
 
 class ContentOp(IntEnum):

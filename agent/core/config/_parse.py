@@ -263,9 +263,7 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
     return VehicleConfig(source, segments, ecus, gateway, deploy, tbox)
 
 
-def _tbox(sec: _Section) -> TboxConfig:
-    keys = sec.get("trusted_keys", list, [], what="a list of public key files (PEM)")
-    cloud = sec.section("cloud", {})
+def _cloud(cloud: _Section) -> CloudConfig:
     tls = cloud.section("tls", {})
     d = CloudConfig()
     cloud_cfg = CloudConfig(
@@ -288,7 +286,13 @@ def _tbox(sec: _Section) -> TboxConfig:
     tls.done()
     cloud.done()
     if not cloud_cfg.broker.startswith(("mqtt://", "mqtts://")):
-        raise ConfigError(sec.source, cloud.key("broker"), f"expected mqtt://host:port or mqtts://host:port, got {cloud_cfg.broker!r}")
+        raise ConfigError(cloud.source, cloud.key("broker"), f"expected mqtt://host:port or mqtts://host:port, got {cloud_cfg.broker!r}")
+    return cloud_cfg
+
+
+def _tbox(sec: _Section) -> TboxConfig:
+    keys = sec.get("trusted_keys", list, [], what="a list of public key files (PEM)")
+    cloud_cfg = _cloud(sec.section("cloud", {}))
     d2 = TboxConfig("")
     content = _content(sec.section("content", {}))
     preconditions = _preconditions(sec.section("preconditions", {}))
@@ -304,12 +308,15 @@ def _tbox(sec: _Section) -> TboxConfig:
         retry_max_delay_s=float(sec.get("retry_max_delay_ms", _positive, 60000)) / 1000.0,
         max_retries=sec.get("max_retries", _nonneg, d2.max_retries),
         install_timeout_s=sec.get("install_timeout_s", _positive, d2.install_timeout_s),
+        cancel_timeout_s=sec.get("cancel_timeout_s", _positive, d2.cancel_timeout_s),
         download_min_rate=sec.get("download_min_rate", _nonneg, d2.download_min_rate),
         download_rate_window_s=sec.get("download_rate_window_s", _positive, d2.download_rate_window_s),
         download_max_time_s=sec.get("download_max_time_s", _positive, d2.download_max_time_s),
         worker_stale_s=sec.get("worker_stale_s", _positive, d2.worker_stale_s),
         pipeline=sec.get("pipeline", _bool, d2.pipeline),
         media_dir=sec.get("media_dir", _str, None),
+        media_follow_links=sec.get("media_follow_links", _bool, d2.media_follow_links),
+        min_free_mib=sec.get("min_free_mib", _nonneg, d2.min_free_mib),
         preconditions=preconditions,
         diagnose=sec.get("diagnose", _bool, d2.diagnose),
         cloud=cloud_cfg,

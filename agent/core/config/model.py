@@ -237,6 +237,7 @@ class TboxConfig:
     retry_max_delay_s: float = 60.0  # ... up to this
     max_retries: int = 20  # transient retries in a row before the campaign fails (retries_exhausted)
     install_timeout_s: int = 900
+    cancel_timeout_s: int = 60  # a failed campaign's install cancelled on the gateway (tbox/cancel.py): how long to try
     download_min_rate: int = 5000  # bytes/s over download_rate_window_s, below it a download is cut off ...
     download_rate_window_s: int = 60
     download_max_time_s: int = 3600  # ... as is one attempt longer than this (then resumed, within the retries)
@@ -248,6 +249,8 @@ class TboxConfig:
     # where removable media is mounted: a campaign found there is imported (tbox/offline.py); None: only
     # ``vota campaign import``
     media_dir: str | None = None
+    media_follow_links: bool = False  # symbolic links on removable media are refused unless this is set
+    min_free_mib: int = 64  # a campaign is refused before it starts when less would stay free on the state directory
     preconditions: PreconditionsConfig = field(default_factory=PreconditionsConfig)
     cloud: CloudConfig = field(default_factory=lambda: _cloud_default())
     content: ContentConfig = field(default_factory=ContentConfig)
