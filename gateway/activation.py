@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent.adapters.canbus import Segment
+from agent.adapters.storage import best_effort
 from agent.adapters.uds_sequence import Peer, StepResult, UdsSequence
 from agent.core.config import EcuConfig, GatewayConfig
 from agent.core.trace import TraceHeader, TraceRecorder
@@ -72,8 +73,9 @@ class EcuAction(UdsSequence[ActionResult]):
         return super().run()
 
     def finished(self, result: ActionResult) -> None:
-        if self.out_dir is not None:
-            self.write_trace(self.out_dir / f"{self.ecu.name}.{self.action}.trace.jsonl", result)
+        if self.out_dir is not None:  # evidence: a full disk does not stop a discard or a rollback
+            path = self.out_dir / f"{self.ecu.name}.{self.action}.trace.jsonl"
+            best_effort(lambda: self.write_trace(path, result), f"{self.ecu.name}: the {self.action} trace")
 
     def sequence(self, result: ActionResult) -> None:
         c = self.client

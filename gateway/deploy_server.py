@@ -59,6 +59,9 @@ class Installer(Protocol):
     def cancel(self, campaign: str, reason: str) -> tuple[int, int, int]:
         """The TBOX ended the campaign: its install goes back; the status as ``status`` gives it."""
 
+    def unwritten(self, path: Path) -> bytes | None:
+        """A result file the storage could not take yet (served by ReadFile as it will be)."""
+
 
 class Relay(Protocol):
     """The gateway's port to owner content on its ECUs (``gateway/content_relay.py``)."""
@@ -85,7 +88,8 @@ class DeployState:
 
     def __post_init__(self) -> None:
         self.files = FileStore(Path(self.config.package_dir), self.config.max_block_length, Path(self.results_dir),
-                               compression=self.config.compression)
+                               compression=self.config.compression, reserve=self.config.min_free_mib << 20,
+                               unwritten=self.installer.unwritten if self.installer is not None else None)
         self.security_file = Path(self.results_dir) / "deploy-security.json"  # wrong keys outlive a restart
 
     @property

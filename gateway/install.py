@@ -42,9 +42,10 @@ failed activation does: the ECUs activated are rolled back, the rest discarded. 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
-from agent.adapters.storage import atomic_write_json
+from agent.adapters.storage import storage_fault
 from agent.core.config import VehicleConfig
 from gateway.install_phases import atomic, per_ecu
 from gateway.install_run import InstallInterrupted, InstallPorts, InstallRun, trace_name
@@ -54,6 +55,8 @@ from gateway.journal import InstallJournal
 from gateway.plan import InstallPlan
 
 __all__ = ["InstallPlan", "InstallPorts", "InstallInterrupted", "install"]
+
+log = logging.getLogger(__name__)
 
 
 def install(config: VehicleConfig, plan: InstallPlan, out: Path, ports: InstallPorts,
@@ -72,22 +75,36 @@ def install(config: VehicleConfig, plan: InstallPlan, out: Path, ports: InstallP
     if journal.phase == "done":
         ok = journal.doc.get("outcome") == "success"
     else:
-        ok = atomic(run) if plan.activation == "atomic" else per_ecu(run)
+        ok = _phases(run)
         if run.stop.is_set():
             raise InstallInterrupted(f"install {plan.campaign_id} stopped in its {journal.phase} phase")
-        journal.finish(ok)
+        run.guarded(lambda: journal.finish(ok))
     run.not_started([job for _, job in plan.jobs], "not reached")  # a kill before its result was journaled
     ordered = [_with_notes(run.results[job.ecu], journal) for _, job in plan.jobs]
     final = {e["ecu"]: {"software_version": e.get("software_version"), "image_sha256": e.get("image_sha256")}
              for e in collect_versions(config, [job.ecu for _, job in plan.jobs], buses=ports.buses)}  # read back, not assumed
     single = [job.ecu for _, job in plan.jobs if config.ecu(job.ecu).banks == 1]
-    atomic_write_json(out / "summary.json", {"schema": "vota-flash-summary/1", "campaign_id": plan.campaign_id,
+    ports.keep(out / "summary.json", {"schema": "vota-flash-summary/1", "campaign_id": plan.campaign_id,
                                              "activation": plan.activation, "results": [r.to_json() for r in ordered],
                                              "final_versions": final, "interruptions": journal.interruptions,
                                              "revertible": plan.activation == "atomic" and not single,
                                              "single_bank": single, "preconditions": journal.held,
-                                             "cancelled": run.cancelled})
+                                             "cancelled": run.cancelled}, "the install summary")
     return ok, ordered
+
+
+def _phases(run: InstallRun) -> bool:
+    """The install's phases; when a write it depends on fails (the storage full, read-only,
+    failing), the install goes back from where it is, as for a cancel, journaling what it can."""
+    go = atomic if run.plan.activation == "atomic" else per_ecu
+    try:
+        return go(run)
+    except OSError as exc:
+        fault = storage_fault(exc)
+        if fault is None or run.stop.is_set():
+            raise
+        run.storage_failed(fault)
+        return go(run) and False
 
 
 def _keep_interrupted(out: Path, journal: InstallJournal) -> None:

@@ -6,11 +6,13 @@ it is done."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from agent.adapters.storage import atomic_write_json, best_effort, storage_fault
 from agent.adapters.trace_files import write_trace
 from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec
@@ -23,6 +25,8 @@ from gateway.jobs import FlashHooks, FlashJob, FlashResult, Progress
 from gateway.journal import InstallJournal
 from gateway.orchestrator import FlashRun, flash_all
 from gateway.plan import InstallPlan
+
+log = logging.getLogger(__name__)
 
 __all__ = ["InstallInterrupted", "InstallPorts", "InstallRun", "trace_name", "PHASE_OF"]
 
@@ -52,6 +56,12 @@ class InstallPorts:
     waiting: Callable[[dict[str, Any] | None], None] | None = None
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     cancelled: Callable[[], str] = lambda: "cancelled by the TBOX"
+    storage_failed: Callable[[str], None] = lambda why: None  # told when the install goes back for the storage
+    keep: Callable[[Path, Any, str], None] = lambda path, doc, what: keep_now(path, doc, what)  # a file the TBOX reads
+
+
+def keep_now(path: Path, doc: Any, what: str) -> None:
+    best_effort(lambda: atomic_write_json(path, doc), what)
 
 
 def trace_name(ecu: str, doing: str) -> str:
@@ -74,10 +84,34 @@ class InstallRun:
     def stop(self) -> threading.Event:
         return self.ports.stop
 
+    storage: str | None = None  # the gateway's storage failed: the install goes back
+
     @property
     def cancelled(self) -> str | None:
-        """Why the install goes back, when the TBOX cancelled it."""
+        """Why the install goes back, when the TBOX cancelled it or the storage failed."""
+        if self.storage is not None:
+            return self.storage
         return self.ports.cancelled() if self.ports.cancel.is_set() else None
+
+    def storage_failed(self, fault: str) -> None:
+        """A write the install depends on failed: it goes back (as if cancelled), journaling what it can."""
+        if self.storage is None:
+            log.error("install %s: the gateway's storage failed (%s): it goes back", self.plan.campaign_id, fault)
+            self.storage = f"storage: {fault}"
+            self.journal.tolerant = True
+            self.ports.storage_failed(self.storage)
+            self.ports.cancel.set()
+
+    def guarded(self, write: Callable[[], object]) -> None:
+        """A journal write from a flash's hooks: a storage fault turns the install back instead of
+        ending the flash's thread."""
+        try:
+            write()
+        except OSError as exc:
+            fault = storage_fault(exc)
+            if fault is None:
+                raise
+            self.storage_failed(fault)
 
     @property
     def jobs(self) -> dict[str, FlashJob]:
@@ -94,7 +128,7 @@ class InstallRun:
         if self.stop.is_set():  # what was cut off by the stop is not a result: it is done again on resume
             raise InstallInterrupted(f"install {self.plan.campaign_id} stopped at {result.ecu}")
         self.results[result.ecu] = result
-        self.journal.record(result)
+        self.guarded(lambda: self.journal.record(result))
 
     def not_started(self, jobs: list[FlashJob], why: str) -> None:
         """A result for each of ``jobs`` that has none yet: not started, and why."""
@@ -108,8 +142,8 @@ class InstallRun:
         """Hooks that journal each step of ``doing`` with the trace so far (kept if the gateway dies)."""
 
         def step(ecu: str, step: str, recorder: TraceRecorder) -> None:
-            self.journal.step(ecu, doing, step)
-            write_trace(self.out / trace_name(ecu, doing), recorder)
+            self.guarded(lambda: self.journal.step(ecu, doing, step))
+            best_effort(lambda: write_trace(self.out / trace_name(ecu, doing), recorder), f"{ecu}: its {doing} trace")
 
         def result(r: FlashResult) -> None:
             phase = ("staged" if doing == "stage" else "committed") if r.result == "success" else None

@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.adapters.heartbeat import Heartbeats
 from agent.adapters.keys import KeyStore, initial_key_list
-from agent.adapters.storage import atomic_write_bytes, atomic_write_json
+from agent.adapters.storage import Deferred, atomic_write_bytes, atomic_write_json, storage_fault
 from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec
 from agent.core.roles import KeysRejected
@@ -29,6 +29,7 @@ from gateway.buses import Buses
 from gateway.install import InstallInterrupted, InstallPorts, install
 from gateway.inventory import collect_versions
 from gateway.plan import InstallPlan, build_plan, files_named
+from gateway.retention import MANIFEST_COPY, release_packages, tidy
 from gateway.vehicle_state import read_signals
 from gateway.verify import Trust
 
@@ -36,7 +37,6 @@ __all__ = ["GatewayInstaller", "load_keys", "MANIFEST_COPY", "WAITING_FILE", "CA
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COPY = "install-manifest.json"  # the manifest an install runs, kept beside its journal
 CANCEL_FILE = "cancel.json"  # the TBOX cancelled the campaign: never resumed, never started again
 WAITING_FILE = "preconditions.json"  # why an install waits before activating (status 0x05), for the TBOX to read
 
@@ -85,6 +85,9 @@ class GatewayInstaller:
         self._total = 0
         self._waiting: dict[str, str] | None = None  # the install waits for these preconditions
         self._cancel = threading.Event()  # the running install's: set when the TBOX cancels its campaign
+        self.deferred = Deferred()  # statuses and summaries the storage could not take yet
+        self._status_lock = threading.Lock()
+        self._statuses: dict[str, dict[str, Any]] = {}  # the statuses written since the start, newest per campaign
         self.heartbeats = Heartbeats(config.gateway.worker_stale_s)  # the install thread, while one runs
 
     # ---- what a manifest asks for --------------------------------------------------------
@@ -134,8 +137,17 @@ class GatewayInstaller:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 raise InstallRefused("an install is running", plan.campaign_id)
-            atomic_write_bytes(self.results_dir / plan.campaign_id / MANIFEST_COPY, manifest)
-            self._begin(plan, resume=False)
+            try:
+                atomic_write_bytes(self.results_dir / plan.campaign_id / MANIFEST_COPY, manifest)
+                kept = None
+            except OSError as exc:  # nothing is started that could not be resumed
+                kept = f"storage: the gateway cannot keep the manifest ({storage_fault(exc) or exc})"
+            if kept is None:
+                self._tidy(plan, frozenset(files_named(parse_manifest(manifest))))
+                self._begin(plan, resume=False)
+        if kept is not None:
+            self._write_status(plan.campaign_id, InstallStatus.REFUSED, kept)
+            raise InstallRefused(kept, plan.campaign_id)
         log.info("install %s started: %s", plan.campaign_id, ", ".join(f"{j.ecu} <- {j.source}" for _, j in plan.jobs))
 
     def _begin(self, plan: InstallPlan, resume: bool) -> None:
@@ -189,6 +201,7 @@ class GatewayInstaller:
     def _run(self, plan: InstallPlan, resume: bool) -> None:
         campaign = plan.campaign_id
         out = self.results_dir / campaign
+        storage: list[str] = []  # why the install went back, when the storage failed under it
         ports = InstallPorts(
             self.buses, self.stop, progress=self._progress, faults=tuple(self.faults),
             ready=Arrivals(self.package_dir, self.config.gateway.arrival_idle_s, self.stop,
@@ -196,11 +209,15 @@ class GatewayInstaller:
             if plan.arriving else None,
             signals=lambda ecu, wait: read_signals(self.config, self.buses, ecu, wait),
             waiting=lambda check: self._wait(out, check), cancel=self._cancel,
-            cancelled=lambda: self._cancelled(campaign) or "cancelled by the TBOX")
+            cancelled=lambda: self._cancelled(campaign) or "cancelled by the TBOX", storage_failed=storage.append,
+            keep=self.deferred.write_json)
         try:
             ok, _ = install(self.config, plan, out, ports, resume=resume)
-            end = InstallStatus.SUCCEEDED if ok else InstallStatus.CANCELLED if ports.cancel.is_set() else InstallStatus.FAILED
-            self._write_status(campaign, end)
+            end = (InstallStatus.SUCCEEDED if ok else InstallStatus.FAILED if storage
+                   else InstallStatus.CANCELLED if ports.cancel.is_set() else InstallStatus.FAILED)
+            self._write_status(campaign, end, storage[0] if storage and not ok else None)
+            if end in (InstallStatus.SUCCEEDED, InstallStatus.CANCELLED):  # no second round can need them
+                release_packages(self.package_dir, out)
             log.info("install %s finished: %s", campaign, "success" if ok else "failed")
         except InstallInterrupted as exc:  # status stays running: the next start goes on from the journal
             log.warning("%s; it goes on when the gateway starts again", exc)
@@ -218,6 +235,20 @@ class GatewayInstaller:
             atomic_write_json(out / WAITING_FILE, check)
             self._step = "waiting for " + ", ".join(check["unmet"])
         self._waiting = unmet
+
+    def unwritten(self, path: Path) -> bytes | None:
+        self.deferred.flush()
+        return self.deferred.pending(path)
+
+    def _tidy(self, plan: InstallPlan, names: frozenset[str]) -> None:
+        """Before an install: what ended installs keep, trimmed (gateway/retention.py); ``names``:
+        the files this install's manifest names, never removed."""
+        gw = self.config.gateway
+        try:
+            tidy(self.package_dir, self.results_dir, plan.campaign_id, names | {f"install-{plan.campaign_id}.json"},
+                 gw.keep_results, gw.keep_days)
+        except OSError as exc:
+            log.warning("ended installs not tidied: %s", exc)
 
     # ---- cancelling -----------------------------------------------------------------------
     def _cancelled(self, campaign: str) -> str | None:
@@ -247,9 +278,15 @@ class GatewayInstaller:
                                "done": self._done, "total": self._total}
         if error:
             doc["error"] = error
-        atomic_write_json(self.results_dir / campaign / "install.json", doc)
+        with self._status_lock:
+            self._statuses.pop(campaign, None)
+            self._statuses[campaign] = doc  # what the TBOX is told, also while the storage cannot take it
+            while len(self._statuses) > 64:  # months of campaigns: the newest are enough, the rest is on disk
+                del self._statuses[next(iter(self._statuses))]
+        self.deferred.write_json(self.results_dir / campaign / "install.json", doc, f"install {campaign}: its status")
 
     def status(self, campaign: str | None) -> tuple[int, int, int]:
+        self.deferred.flush()  # what the storage could not take before goes now, before the TBOX reads it
         with self._lock:
             running = self._thread is not None and self._thread.is_alive()
             if campaign is None or campaign == self._campaign:
@@ -259,7 +296,9 @@ class GatewayInstaller:
         if campaign is None:
             return InstallStatus.NONE, 0, 0
         try:
-            doc = json.loads((self.results_dir / campaign / "install.json").read_text())
+            with self._status_lock:
+                known = self._statuses.get(campaign)
+            doc = known or json.loads((self.results_dir / campaign / "install.json").read_text())
         except (OSError, ValueError):
             return InstallStatus.NONE, 0, 0
         code = int(doc.get("code", InstallStatus.NONE))

@@ -19,6 +19,11 @@ every phase of the install and at every step of every ECU::
 
 The campaign-level ``phase`` is the decision (go on, or go back); what each ECU holds is read
 back from the ECU when the install resumes, never taken from the journal alone.
+
+A journal that cannot be written (the disk full, read-only, failing) raises: nothing goes
+forward that is not journaled. Once ``tolerant`` (the install goes back because of it), a write
+that fails is logged and the going back goes on (a discard needs no journal to be safe: it is
+idempotent on the ECU, and a resumed install reads back what each ECU holds).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from agent.adapters.storage import atomic_write_json
+from agent.adapters.storage import atomic_write_json, best_effort
 from gateway.jobs import FlashResult
 
 __all__ = ["InstallJournal", "PHASES", "JOURNAL_FILE"]
@@ -46,6 +51,7 @@ class InstallJournal:
     def __init__(self, path: Path, doc: dict[str, Any]) -> None:
         self.path, self.doc = path, doc
         self._lock = threading.Lock()  # ECUs on different segments report steps from their own threads
+        self.tolerant = False  # set when the install goes back because the storage failed
 
     @classmethod
     def create(cls, out: Path, campaign_id: str, activation: str, ecus: list[str]) -> "InstallJournal":
@@ -71,7 +77,10 @@ class InstallJournal:
 
     def _save(self) -> None:
         self.doc["updated"] = _now()
-        atomic_write_json(self.path, self.doc)
+        if self.tolerant:
+            best_effort(lambda: atomic_write_json(self.path, self.doc), "the install journal")
+        else:
+            atomic_write_json(self.path, self.doc)
 
     # ---- reading ------------------------------------------------------------------------
     @property

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from agent.adapters.storage import atomic_write_json, atomic_write_text
+from agent.adapters.storage import atomic_write_json, atomic_write_text, best_effort
 from agent.adapters.uds_sequence import iso_time
 from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec
@@ -197,11 +197,11 @@ class _Flash:
 
     def _record(self, job: FlashJob, result: FlashResult, trace: str) -> None:
         trace_path = self.out / f"{job.ecu}.trace.jsonl"
-        atomic_write_text(trace_path, trace)
-        result.trace_bytes = len(trace.encode())
+        best_effort(lambda: atomic_write_text(trace_path, trace), f"{job.ecu}: its flash trace")  # evidence: a full
+        result.trace_bytes = len(trace.encode())  # disk does not turn the flash's result into another one
         result.trace_file = trace_path.name
         result.trace_fraction = round(result.trace_bytes / max(1, job.size), 5)
-        atomic_write_json(self.out / f"{job.ecu}.result.json", result.to_json())
+        best_effort(lambda: atomic_write_json(self.out / f"{job.ecu}.result.json", result.to_json()), f"{job.ecu}: its result")
         self.results[job.ecu] = result
         if self.run.hooks.result:
             self.run.hooks.result(result)

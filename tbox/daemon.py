@@ -154,7 +154,8 @@ class TboxDaemon:
     def start(self) -> None:
         self.campaigns_dir.mkdir(parents=True, exist_ok=True)
         for d in sorted(self.campaigns_dir.iterdir()):
-            CampaignRecord.load(d)  # refuse to start on unreadable state, with the file named
+            if (d / "state.json").exists():  # a directory without one was never a campaign: its store failed part-way
+                CampaignRecord.load(d)  # refuse to start on unreadable state, with the file named
         self.segment = Segment(self.config.segments[self.link_cfg.segment])
         self.gateway = GatewayClient(self.segment, self.link_cfg, self._stop, self.faults)
         if not self._gateway_injected:
@@ -187,8 +188,11 @@ class TboxDaemon:
             self.segment.shutdown()
 
     def alive(self) -> bool:
-        """Both workers run and have made progress within ``worker_stale_s`` (the systemd watchdog's question)."""
+        """Both workers run and have made progress within ``worker_stale_s``, and the cloud link's
+        threads run (the systemd watchdog's question)."""
         stale = self.heartbeats.stale()
+        if isinstance(self.cloud, CloudLink):
+            stale += self.cloud.alive()  # the cloud link's threads: without them nothing is reported again
         if stale:
             log.error("worker(s) without progress for over %d s: %s", self.tbox.worker_stale_s, ", ".join(stale))
         return self._worker.is_alive() and self._content_worker.is_alive() and not stale

@@ -17,10 +17,13 @@ it.) The state is persisted (``tbox/campaign_state.py``) before its handler runs
 built anew on the same state directory (after a kill, a reboot) resumes where the last one
 stopped. What a handler's error means is told by its class (``agent/errors.py``):
 
-- ``TryLater`` (network down, gateway busy or unreachable) or OSError (the TBOX's own storage):
-  the same handler runs again after a back-off (``retry_delay_s`` doubling up to
-  ``retry_max_delay_s``), at most ``max_retries`` times in a row; then the campaign fails with
-  ``retries_exhausted``. These retries are not entries: the state is entered once.
+- ``TryLater`` (network down, gateway busy or unreachable) or OSError: the same handler runs
+  again after a back-off (``retry_delay_s`` doubling up to ``retry_max_delay_s``), at most
+  ``max_retries`` times in a row; then the campaign fails with ``retries_exhausted``. These
+  retries are not entries: the state is entered once.
+- the TBOX's own storage full, read-only or failing (``storage_fault``): waited out, no retry
+  counted; after ``storage_grace_s`` without progress the campaign fails with ``storage`` (the
+  state named), which cancels what the gateway staged once the failure can be written down.
 - ``CampaignFailure`` (a ``Refused``): the campaign ends ``failed`` with that stage and reason.
 - the loop guard counts entries into a state across restarts only: a state entered more than
   ``max_attempts`` times (the TBOX killed or crashing there again and again) fails the campaign
@@ -35,9 +38,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping
 
+from agent.adapters.storage import storage_fault
 from agent.core.config import TboxConfig
 from agent.errors import Refused, TryLater
 from tbox.campaign_state import TERMINAL, CampaignRecord
@@ -82,6 +87,7 @@ class CampaignEngine:
         self.status = status or Status()
         self.campaigns_dir = Path(tbox.state_dir) / "campaigns"
         self._seen: set[tuple[str, str]] = set()  # (campaign, state) this engine has entered or resumed
+        self._storage_since: dict[str, float] = {}  # campaign -> since when its storage has been failing
 
     def records(self) -> list[CampaignRecord]:
         if not self.campaigns_dir.exists():
@@ -143,13 +149,22 @@ class CampaignEngine:
         while True:
             try:
                 with self.traced(record):
-                    return handler(record)
+                    nxt = handler(record)
+                self._storage_since.pop(record.key, None)
+                return nxt
             except CampaignFailure as failure:
                 self.fail(record, failure)
                 return record.state
             except (TryLater, OSError) as exc:  # OSError: the TBOX's own storage, worth another try too
                 if self.stop.is_set():
                     return None  # checkpointed: the state is entered again after the restart
+                fault = storage_fault(exc)
+                if fault is not None:
+                    if self._storage_fault(record, state, fault):
+                        return record.state
+                    if self.stop.is_set():
+                        return None
+                    continue
                 retries += 1
                 if retries > self.tbox.max_retries:
                     self.fail(record, CampaignFailure(state, "retries_exhausted", f"{retries - 1} retries: {exc}"))
@@ -164,6 +179,25 @@ class CampaignEngine:
                 log.exception("%s %s: internal error", record.campaign_id or record.key, state)
                 self.fail(record, CampaignFailure(state, "internal_error", f"{type(exc).__name__}: {exc}"))
                 return record.state
+
+    def _storage_fault(self, record: CampaignRecord, state: str, fault: str) -> bool:
+        """The TBOX's storage cannot take a write: waited out (these are no retries); True when
+        the campaign was failed with reason ``storage`` instead, after ``storage_grace_s`` without
+        progress. A campaign that is ending already only waits: its failure stays what it was."""
+        since = self._storage_since.setdefault(record.key, time.monotonic())
+        waited = time.monotonic() - since
+        if waited > self.tbox.storage_grace_s and state not in ("done", "failed"):
+            log.error("%s %s: the TBOX's storage failed for %.0f s (%s): the campaign ends", record.campaign_id or record.key,
+                      state, waited, fault)
+            self._storage_since.pop(record.key, None)
+            self.fail(record, CampaignFailure(state, "storage", f"the TBOX's storage: {fault}"))  # raises while it still fails
+            return True
+        if waited == 0.0 or int(waited) % 30 == 0:
+            log.warning("%s %s: the TBOX's storage cannot take a write (%s); waiting", record.campaign_id or record.key,
+                        state, fault)
+        self.stop.wait(min(2.0, self.tbox.retry_max_delay_s))
+        self.beat()
+        return False
 
     def fail(self, record: CampaignRecord, failure: CampaignFailure) -> None:
         record.failure = failure.failure

@@ -45,7 +45,8 @@ class Inbound:
         digest = hashlib.sha256(payload).hexdigest()[:24]
         if kind == "campaign":
             directory = self.campaigns_dir / digest
-            if directory.exists():
+            # without state.json: a store that failed part-way (a full disk), done again
+            if (directory / "state.json").exists() or self.runner.retention.known(digest):
                 log.info("campaign %s received again; already known", digest)
                 return
             if not self.runner.precheck(payload, digest):

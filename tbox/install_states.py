@@ -57,6 +57,9 @@ def _send_manifest(c: Collaborators, record: CampaignRecord, campaign: Campaign,
     path = record.dir / name
     atomic_write_bytes(path, encode_manifest(manifest))
     result = c.gateway.deploy(name, path, hashlib.sha256(path.read_bytes()).hexdigest(), record.dir / "deploy")
+    if result.result != "success" and result.nrc in (0x70, 0x72):  # the gateway has no room for it (tbox/ deploy.min_free_mib)
+        raise CampaignFailure("deploy", "deploy_failed", f"install manifest: {result.failed_step}: {result.reason}",
+                              package=name)
     if result.result != "success":
         raise TryLater(f"install manifest: {result.failed_step}: {result.reason}")
 

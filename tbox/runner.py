@@ -31,6 +31,7 @@ from tbox.images import ImageChoice
 from tbox.install_window import InstallWindow
 from tbox.ports import CloudPort, Fetch, GatewayPort
 from tbox.rates import EstimateFn, InstallRates
+from tbox.retention import Retention
 
 __all__ = ["CampaignRunner", "CampaignFailure", "LOCAL_CAMPAIGN", "WAITING"]
 
@@ -60,10 +61,12 @@ class CampaignRunner:
         beat = beat or (lambda: None)
         self.engine = CampaignEngine(tbox, cloud, self._handlers(), waits=self._waits, traced=self._traced, stop=self.stop,
                                      beat=beat, entered=entered, status=self.status)
+        self.retention = Retention(self.engine.campaigns_dir, tbox.keep_campaigns, tbox.keep_days)
         self.c = states.Collaborators(
             tbox, ecus, cloud, gateway, self.campaigns, fetch=fetch, window=InstallWindow(tbox, cloud, signals, self.status),
             rates=InstallRates(tbox, cloud, estimate), images=ImageChoice(cloud), status=self.status, stop=self.stop,
-            beat=beat, key_chain=key_chain or list, records=self.records, reject=self.reject)
+            beat=beat, key_chain=key_chain or list, records=self.records, reject=self.reject,
+            retired=self.retention.known_id)
 
     def _handlers(self) -> dict[str, Callable[[CampaignRecord], str | None]]:
         c = lambda: self.c  # noqa: E731 - the collaborators are made after the engine
@@ -121,8 +124,14 @@ class CampaignRunner:
         return self.engine.records()
 
     def step(self) -> bool:
-        """Advance every open campaign as far as it goes now; True when any of them moved."""
-        return self.engine.step()
+        """Advance every open campaign as far as it goes now, then tidy what ended campaigns
+        keep (tbox/retention.py); True when any of them moved."""
+        moved = self.engine.step()
+        try:
+            self.retention.tidy(self.records())
+        except OSError as exc:  # the storage: tidied at the next step
+            log.warning("campaigns not tidied: %s", exc)
+        return moved
 
     def advance(self, record: CampaignRecord) -> bool:
         return self.engine.advance(record)

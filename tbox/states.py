@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from agent.adapters.storage import atomic_write_bytes, atomic_write_json
+from agent.adapters.storage import atomic_write_bytes, atomic_write_json, free_bytes
 from agent.core.campaign import Campaign, CampaignRejected
 from agent.core.config import TboxConfig
 from agent.errors import TryLater, VotaError
@@ -42,10 +42,12 @@ class Collaborators:
     def __init__(self, tbox: TboxConfig, ecus: set[str], cloud: CloudPort, gateway: GatewayPort, campaigns: VerifiedCampaigns,
                  *, fetch: Fetch, window: InstallWindow, rates: InstallRates, images: ImageChoice, status: Status,
                  stop: Any, beat: Callable[[], None], key_chain: Callable[[], list[bytes]],
-                 records: Callable[[], list[CampaignRecord]], reject: Callable[..., None]) -> None:
+                 records: Callable[[], list[CampaignRecord]], reject: Callable[..., None],
+                 retired: Callable[[str], bool] = lambda campaign_id: False) -> None:
         self.tbox, self.ecus, self.cloud, self.gateway, self.campaigns = tbox, ecus, cloud, gateway, campaigns
         self.fetch, self.window, self.rates, self.images, self.status = fetch, window, rates, images, status
         self.stop, self.beat, self.key_chain, self.records, self.reject = stop, beat, key_chain, records, reject
+        self.retired = retired  # a campaign id the TBOX ran long ago (tbox/retention.py)
 
     @property
     def reports(self) -> CampaignReports:
@@ -112,7 +114,8 @@ def received(c: Collaborators, record: CampaignRecord) -> str:
         record.campaign_id = exc.campaign_id
         c.reject("campaign", exc.reason, str(exc), record.key, exc.campaign_id)
         raise CampaignFailure("verify", exc.reason, str(exc)) from None
-    if any(r.campaign_id == campaign.campaign_id and r.key != record.key for r in c.records()):
+    if c.retired(campaign.campaign_id) or any(r.campaign_id == campaign.campaign_id and r.key != record.key
+                                              for r in c.records()):
         c.reject("campaign", "duplicate", f"campaign {campaign.campaign_id} is already known", record.key, campaign.campaign_id)
         record.outcome = "duplicate"
         return "reported"
@@ -157,6 +160,8 @@ def downloading(c: Collaborators, record: CampaignRecord) -> str:
     from the removable media it came on; checked against the signed size and digest."""
     campaign = c.campaign(record)
     media = source_of(record).media
+    if media is None:
+        _room_for(c, record, campaign)
     for p in campaign.packages:
         entry = record.packages.setdefault(p.name, PackageEntry(p.ecu, p.version))
         if entry.downloaded:
@@ -176,6 +181,29 @@ def downloading(c: Collaborators, record: CampaignRecord) -> str:
         record.save()
         log.info("downloaded %s (%d bytes, resumed from %d)", name, size, info.resumed_from)
     return "downloaded"
+
+
+def _room_for(c: Collaborators, record: CampaignRecord, campaign: Campaign) -> None:
+    """Before a byte is downloaded: the packages still to come fit on the TBOX's storage with
+    ``tbox.min_free_mib`` to spare, else the campaign ends with reason ``storage`` at once,
+    instead of failing halfway on a full disk."""
+    need = 0
+    for p in campaign.packages:
+        entry = record.packages.get(p.name)
+        if entry is not None and entry.downloaded:
+            continue
+        name, _, size, _ = file_for(p, entry or PackageEntry(p.ecu, p.version))
+        part = package_path(record, name + ".part")
+        need += max(0, size - (part.stat().st_size if part.exists() else 0))
+    reserve = c.tbox.min_free_mib << 20
+    free = free_bytes(record.dir)
+    if need + reserve > free:
+        raise CampaignFailure("download", "storage", f"the packages need {_mib(need)} MiB and {c.tbox.min_free_mib} MiB "
+                                                     f"must stay free on the TBOX, {_mib(free)} MiB are free")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f}"
 
 
 def deploying(c: Collaborators, record: CampaignRecord, start_install: Callable[[CampaignRecord, Campaign], None]) -> str | None:

@@ -239,3 +239,48 @@ def bare_vehicle(tmp_path: Path, mosquitto: Mosquitto, write_config: Any, procs:
     v = Vehicle(tmp_path, mosquitto, write_config, procs, tbox=False)
     yield v
     v.close()
+
+
+class SmallDisk:
+    """A small file system of its own (tmpfs), to fill up and free again: a vehicle's full eMMC."""
+
+    def __init__(self, path: Path, size_mib: int) -> None:
+        self.path, self.filler = path, path / "filler"
+        path.mkdir(parents=True, exist_ok=True)
+        run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            pytest.skip(f"a small file system cannot be mounted here (needs root): {run.stderr.strip()}")
+
+    def fill(self, leave: int = 0) -> None:
+        """Fill it up, leaving ``leave`` bytes free."""
+        st = os.statvfs(self.path)
+        with open(self.filler, "ab") as f:
+            room = st.f_bavail * st.f_frsize - leave
+            try:
+                while room > 0:
+                    f.write(b"\0" * min(room, 1 << 20))
+                    room -= 1 << 20
+                    f.flush()
+            except OSError:
+                pass  # full
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Any]:
+    """``small_disk(size_mib)`` mounts a tmpfs under tmp_path; skipped where mounting is not allowed."""
+    made: list[SmallDisk] = []
+
+    def make(size_mib: int, name: str = "disk") -> SmallDisk:
+        made.append(SmallDisk(tmp_path / name, size_mib))
+        return made[-1]
+
+    yield make
+    for disk in made:
+        disk.unmount()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -592,3 +593,29 @@ def test_staging_stopped_for_the_vehicle_s_state_waits_again_and_a_restart_keeps
     failure = w.finished()["failure"]
     assert (failure["stage"], failure["reason"], failure["phase"]) == ("install", "preconditions", "activate"), failure
     assert failure["unmet"] == check["unmet"] and w.gateway.installs == ["c-1"]
+
+
+def test_ended_campaigns_give_back_their_packages_and_only_the_newest_are_kept(tmp_path: Path) -> None:
+    v = Vehicle(tmp_path, keep_campaigns=2)
+    first = envelope("c-1")
+    for n, data in enumerate([first, envelope("c-2", version="2.0.1"), envelope("c-3", version="2.0.2"),
+                              envelope("c-4", version="2.0.3")]):
+        v.receive(data)
+        v.runner().step()
+        os.utime(next(r.path for r in v.runner().records() if r.campaign_id == f"c-{n + 1}"), (time.time() - 100 + n,) * 2)
+    runner = v.runner()
+    runner.step()
+    kept = sorted(r.campaign_id or "" for r in runner.records())
+    assert kept == ["c-3", "c-4"]
+    for record in runner.records():  # the evidence stays, the packages are gone
+        assert record.state == "reported" and not (record.dir / "packages").exists() and record.envelope_path.exists()
+    retired = json.loads((tmp_path / "tbox" / "retired.json").read_text())["campaigns"]
+    assert sorted(retired.values()) == ["c-1", "c-2"] and not (tmp_path / "tbox" / "trash").exists()
+    installs = list(v.gateway.installs)
+    v.receive(first)  # the same envelope again: known, not run again
+    v.runner().step()
+    assert sorted(r.campaign_id or "" for r in v.runner().records()) == ["c-3", "c-4"]
+    v.receive(envelope("c-1", version="2.0.9"))  # another envelope with a retired campaign's id: a duplicate
+    v.runner().step()
+    assert v.gateway.installs == installs
+    assert any(b.get("reason") == "duplicate" and b.get("campaign_id") == "c-1" for b in v.cloud.events(event="rejected"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +244,7 @@ def test_a_pipelined_install_flashes_an_ecu_while_the_next_package_is_deployed(t
         for first, second in zip(ALL[:-1], ALL[1:], strict=True):  # install order: vcu, bms, bcm, dlp_headlamp
             assert flashes[first][0] >= deploys[first][1] - 0.05  # its package was there and checked first
             assert flashes[first][0] < deploys[second][1], (first, flashes[first], second, deploys[second])
-        manifest = json.loads((v.tmp / "gw" / "packages" / "install-c-pipe.json").read_text())
+        manifest = json.loads((v.tmp / "gw" / "results" / "c-pipe" / "install-manifest.json").read_text())
         assert manifest["arriving"] is True
     finally:
         v.close()
@@ -275,5 +276,12 @@ def test_a_failed_pipelined_campaign_is_cancelled_on_the_gateway_and_the_next_on
         assert v.finished("c-next", timeout=180)["outcome"] == "success"
         assert {e: version for e, (version, _) in running(v).items()} == {e: "2.0.1" for e in ALL}
         assert "start install: negative response" not in v.tbox.text()  # never refused: nothing was still running
+        # retention: both campaigns ended, so neither box keeps their packages (the evidence stays)
+        _wait_for_gone = time.monotonic() + 10
+        while list((v.tmp / "tbox" / "campaigns").glob("*/packages")) and time.monotonic() < _wait_for_gone:
+            time.sleep(0.2)
+        assert list((v.tmp / "tbox" / "campaigns").glob("*/packages")) == []
+        assert sorted(p.name for p in (v.tmp / "gw" / "packages").iterdir() if p.suffix in (".bin", ".json")) == []
+        assert (v.tmp / "gw" / "results" / "c-lost" / "summary.json").exists()
     finally:
         v.close()

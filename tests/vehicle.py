@@ -29,7 +29,8 @@ class Vehicle:
     def __init__(self, tmp: Path, mosquitto: Any, write_config: Any, procs: list[Proc], tbox: bool = True,
                  tbox_extra: dict[str, Any] | None = None, ecu_faults: tuple[str, ...] = (),
                  ecu_extra: dict[str, dict[str, Any]] | None = None, backbone: dict[str, Any] | None = None,
-                 gateway_extra: dict[str, Any] | None = None, foreign: dict[str, Any] | None = None) -> None:
+                 gateway_extra: dict[str, Any] | None = None, foreign: dict[str, Any] | None = None,
+                 deploy_extra: dict[str, Any] | None = None) -> None:
         """``foreign``: ``flash_profiles`` and ``ecus`` of ECUs the simulator does not play (the
         test starts their servers)."""
         self.tmp = tmp
@@ -47,7 +48,8 @@ class Vehicle:
         self.config = write_config({
             "segments": {"bb": {"bus": multicast_bus(), **(backbone or {})}, "pt": {"bus": multicast_bus()},
                          "body": {"bus": multicast_bus()}},
-            "deploy": {"segment": "bb", "package_dir": str(tmp / "gw" / "packages"), "security_secret": f"{VIN}-deploy"},
+            "deploy": {"segment": "bb", "package_dir": str(tmp / "gw" / "packages"), "security_secret": f"{VIN}-deploy",
+                       **(deploy_extra or {})},
             "gateway": {"results_dir": str(tmp / "gw" / "results"), **(gateway_extra or {})},
             "ecus": {name: entry | (ecu_extra or {}).get(name, {}) for name, entry in {
                 "vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt"),

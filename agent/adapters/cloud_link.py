@@ -14,12 +14,17 @@ Topic tree (``<prefix>`` is ``vota/v1/<vin>``)::
 Every outgoing message is a JSON object ``{"id", "vin", "type", "ts", "body"}``; ``id``
 is stable, so a message delivered twice is recognisably the same message. With
 ``cloud.report_key`` each carries the vehicle's signature (``agent/core/signed_report.py``).
+
+Nothing a callback raises reaches paho's network thread (a full disk under the outbox, a bug
+in a handler): it is logged, and the link keeps reconnecting and sending; ``alive`` tells a
+watchdog whether the network and sender threads still run.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import gzip
 import hashlib
 import json
@@ -40,6 +45,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.adapters.outbox import Outbox
+from agent.adapters.storage import storage_fault
 from agent.core.campaign import load_private_key
 from agent.core.config import CloudConfig
 from agent.core.signed_report import sign_report
@@ -52,6 +58,7 @@ log = logging.getLogger(__name__)
 OUT_KINDS = ("events", "inventory", "results", "traces")
 IN_KINDS = ("campaign", "command")
 MAX_INBOUND = 256 * 1024
+COMPACT_EVERY_S = 3600.0
 
 
 def make_client(client_id: str, version: str, clean: bool) -> mqtt.Client:
@@ -131,6 +138,7 @@ class CloudLink:
         self.client.will_set(f"{self.prefix}/status", json.dumps({"state": "offline", "vin": vin}), qos=1, retain=True)
         self.client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
         self.client.max_inflight_messages_set(20)
+        self.client.suppress_exceptions = True  # a callback that raises anyway is logged, the loop goes on
         self.report_key = _report_key(config.report_key)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -143,6 +151,8 @@ class CloudLink:
         self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._compact_due = 0.0  # the outbox is compacted once everything is sent, at most every COMPACT_EVERY_S
+        self._unstored: collections.deque[mqtt.MQTTMessage] = collections.deque(maxlen=32)  # inbound, storage full
         self._sender = threading.Thread(target=self._send_loop, name="cloud-sender", daemon=True)
 
     # ---- life cycle ---------------------------------------------------------------------
@@ -218,6 +228,18 @@ class CloudLink:
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._take(msg)
+        except Exception as exc:  # noqa: BLE001 - nothing reaches paho's network thread
+            fault = storage_fault(exc)
+            if fault is None:
+                log.exception("a message on %s could not be taken", msg.topic)
+                return
+            # the vehicle's storage cannot take it now: kept here and handed over again once it can
+            log.error("a message on %s cannot be stored now (%s); it is taken again when the storage recovers", msg.topic, fault)
+            self._unstored.append(msg)
+
+    def _take(self, msg: mqtt.MQTTMessage) -> None:
         kind = msg.topic.rsplit("/", 1)[-1]
         digest = hashlib.sha256(msg.payload).hexdigest()[:24]
         if len(msg.payload) > MAX_INBOUND:
@@ -228,6 +250,8 @@ class CloudLink:
         try:
             self.on_message(kind, bytes(msg.payload))
         except Exception as exc:  # noqa: BLE001 - a bad message must not stop the link; the cloud hears why
+            if storage_fault(exc) is not None:
+                raise  # not the message's fault: it is taken again once the storage recovers
             log.exception("handling a %s message failed", kind)
             self.report("events", {"event": "rejected", "topic": kind, "reason": "internal_error",
                                    "detail": f"{type(exc).__name__}: {exc}"[:500]}, msg_id=f"rejected.{kind}.{digest}")
@@ -248,29 +272,58 @@ class CloudLink:
                 log.warning("the broker refused message %s; it stays in the outbox", entry[0])
 
     def _send_loop(self) -> None:
+        failures = 0
         while not self._stop.is_set():
-            self._drain_acks()
+            try:
+                self._send_some()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - the outbox unreadable (disk full, I/O): wait, then go on
+                failures += 1
+                if failures == 1:
+                    log.error("the outbox cannot be read or updated (%s); sending waits", exc)
+                self._stop.wait(min(10.0, 0.5 * failures))
+
+    def _retake(self) -> None:
+        """Inbound messages the storage could not take: handed over again, oldest first."""
+        while self._unstored:
+            msg = self._unstored[0]
+            self._take(msg)  # raises while the storage still fails: the sender waits and tries again
+            self._unstored.popleft()
+            log.info("a message on %s kept while the storage was failing is taken now", msg.topic)
+
+    def _send_some(self) -> None:
+        self._retake()
+        self._drain_acks()
+        if not self.connected.is_set():
+            self._wake.wait(0.2)
+            self._wake.clear()
+            return
+        now = time.monotonic()
+        for mid in [mid for mid, (_, t) in self._inflight.items() if now - t > 30]:
+            del self._inflight[mid]  # never acknowledged: it goes out again, same id
+        room = 20 - len(self._inflight)
+        busy = {msg_id for msg_id, _ in self._inflight.values()}
+        batch = self.outbox.pending(limit=room, exclude=busy) if room > 0 else []
+        if not batch and not self._inflight and time.monotonic() >= self._compact_due:
+            self._compact_due = time.monotonic() + COMPACT_EVERY_S  # everything sent: a good moment
+            self.outbox.compact()
+        if not batch:
+            self._wake.wait(0.2)
+            self._wake.clear()
+            return
+        for m in batch:
             if not self.connected.is_set():
-                self._wake.wait(0.2)
-                self._wake.clear()
-                continue
-            now = time.monotonic()
-            for mid in [mid for mid, (_, t) in self._inflight.items() if now - t > 30]:
-                del self._inflight[mid]  # never acknowledged: it goes out again, same id
-            room = 20 - len(self._inflight)
-            busy = {msg_id for msg_id, _ in self._inflight.values()}
-            batch = self.outbox.pending(limit=room, exclude=busy) if room > 0 else []
-            if not batch:
-                self._wake.wait(0.2)
-                self._wake.clear()
-                continue
-            for m in batch:
-                if not self.connected.is_set():
-                    break
-                info = self.client.publish(m.topic, m.payload, qos=1, retain=m.retain)
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    break
-                self._inflight[info.mid] = (m.id, time.monotonic())
+                break
+            info = self.client.publish(m.topic, m.payload, qos=1, retain=m.retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break
+            self._inflight[info.mid] = (m.id, time.monotonic())
+
+    def alive(self) -> list[str]:
+        """What is wrong with the link's threads, for a watchdog (empty: nothing)."""
+        network = getattr(self.client, "_thread", None)
+        return ([] if self._sender.is_alive() else ["cloud sender ended"]) + (
+            ["MQTT network thread ended"] if network is not None and not network.is_alive() else [])
 
     def pending(self) -> int:
         """Messages not yet acknowledged by the broker."""

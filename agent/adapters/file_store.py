@@ -9,15 +9,16 @@ Each handler is a pure function of (file store, request) -> response bytes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
-from agent.adapters.storage import atomic_write_json, fsync_dir
+from agent.adapters.storage import atomic_write_json, free_bytes, fsync_dir
 from agent.protocol.compression import DecompressError, decompressor, named_by
 from agent.protocol.files import (
     DIGEST_LENGTH,
@@ -68,6 +69,8 @@ class FileStore:
     max_block_length: int
     readable: Path | None = None
     compression: tuple[tuple[str, int], ...] = ()  # methods accepted, with their dataFormatIdentifier nibble
+    reserve: int = 0  # bytes that must stay free where files arrive: a file that would not leave them is refused (0x70)
+    unwritten: Callable[[Path], bytes | None] | None = None  # a readable file the storage could not take yet
     transfer: _Transfer | None = None
     upload: _Upload | None = None
 
@@ -90,8 +93,11 @@ class FileStore:
         """Stop transferring; a partial file stays on disk for ResumeFile."""
         self.upload = None
         if self.transfer is not None:
-            self.transfer.handle.close()  # type: ignore[attr-defined]
-            self.transfer = None
+            transfer, self.transfer = self.transfer, None
+            try:
+                transfer.handle.close()  # type: ignore[attr-defined]
+            except OSError:  # its buffered tail could not be written (a full disk): resumed from what is there
+                pass
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -110,6 +116,32 @@ class FileStore:
         return named_by(dfi, self.compression)
 
 
+def _storage_guarded(nrc: int) -> Callable[[Callable[[FileStore, Request], bytes]], Callable[[FileStore, Request], bytes]]:
+    """A file service whose writes fail (the disk full, read-only, failing) answers ``nrc`` at
+    once, instead of no answer (a client would take it for a restart): the transfer is ended, its
+    partial file stays for a ResumeFile once there is room."""
+
+    def wrap(handler: Callable[[FileStore, Request], bytes]) -> Callable[[FileStore, Request], bytes]:
+        @functools.wraps(handler)
+        def guarded(s: FileStore, r: Request) -> bytes:
+            try:
+                return handler(s, r)
+            except OSError as exc:
+                log.error("file transfer: the storage under %s cannot take it (%s): answered 0x%02X", s.dir, exc, nrc)
+                s.abort()
+                return r.negative(nrc)
+
+        return guarded
+
+    return wrap
+
+
+def _room(s: FileStore, size: int) -> bool:
+    """A file of ``size`` more bytes leaves ``reserve`` free where it arrives."""
+    return s.reserve == 0 or free_bytes(s.dir) - size >= s.reserve
+
+
+@_storage_guarded(Nrc.UploadDownloadNotAccepted)
 def request_file_transfer(s: FileStore, r: Request) -> bytes:
     if len(r.data) < 2:
         return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
@@ -139,6 +171,10 @@ def request_file_transfer(s: FileStore, r: Request) -> bytes:
         return r.negative(Nrc.RequestOutOfRange)
     if mode == Mode.AddFile and s.path(name).exists():
         return r.negative(Nrc.ConditionsNotCorrect)  # AddFile of a package already accepted
+    if not _room(s, stream + (size if method else 0)):
+        log.error("file transfer: %s (%d bytes) would leave less than %d MiB free in %s: refused", name, size,
+                  s.reserve >> 20, s.dir)
+        return r.negative(Nrc.UploadDownloadNotAccepted)
     meta = {"name": name, "size": stream, "method": method, "unpacked": size}
     position = 0
     if mode == Mode.ResumeFile:
@@ -178,8 +214,9 @@ def _read_file(s: FileStore, r: Request, path: str) -> bytes:
         return r.negative(Nrc.RequestOutOfRange)
     if s.transfer is not None or s.upload is not None:
         return r.negative(Nrc.ConditionsNotCorrect)
+    data = s.unwritten(s.results / path) if s.unwritten is not None else None
     try:
-        data = (s.results / path).read_bytes()
+        data = data if data is not None else (s.results / path).read_bytes()
     except OSError:
         return r.negative(Nrc.RequestOutOfRange)
     s.upload = _Upload(path, data)
@@ -206,6 +243,7 @@ def _send_block(s: FileStore, r: Request) -> bytes:
     return bytes((0x76, counter)) + u.last_block
 
 
+@_storage_guarded(Nrc.GeneralProgrammingFailure)
 def transfer_data(s: FileStore, r: Request) -> bytes:
     if s.upload is not None:
         return _send_block(s, r)
@@ -235,6 +273,7 @@ def transfer_data(s: FileStore, r: Request) -> bytes:
     return bytes((0x76, counter))
 
 
+@_storage_guarded(Nrc.GeneralProgrammingFailure)
 def transfer_exit(s: FileStore, r: Request) -> bytes:
     if s.upload is not None:
         if len(r.data) != 1:

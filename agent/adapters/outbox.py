@@ -3,16 +3,23 @@
 SQLite in WAL mode; a message leaves only when the broker acknowledged it (``ack``). Each
 message has a stable id that travels in its payload, so a message sent twice (a broker
 restart between publish and acknowledgement, a TBOX restart) is one message to the cloud.
+A database that cannot be written (the disk full, read-only, failing) raises ``StorageError``
+(an OSError): the caller waits it out like any other storage fault; nothing stored is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
+
+from agent.adapters.storage import StorageError
 
 __all__ = ["Outbox", "OutboxMessage"]
 
@@ -51,19 +58,28 @@ class Outbox:
     def new_id() -> str:
         return uuid.uuid4().hex
 
+    @contextlib.contextmanager
+    def _db_call(self, what: str) -> Iterator[Any]:
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise StorageError(errno.ENOSPC if "full" in str(exc) else errno.EIO,
+                                   f"outbox {what}: {exc}", str(self.path)) from None
+
     def put(self, topic: str, payload: bytes, msg_id: str | None = None, retain: bool = False) -> str:
         """Store a message durably (committed before this returns). A known id is ignored."""
         msg_id = msg_id or self.new_id()
-        with self._lock:
-            self._db.execute(
+        with self._db_call("put") as db:
+            db.execute(
                 "INSERT OR IGNORE INTO outbox (id, topic, payload, retain, created) VALUES (?, ?, ?, ?, ?)",
                 (msg_id, topic, payload, int(retain), time.time()),
             )
         return msg_id
 
     def pending(self, limit: int = 100, exclude: set[str] | None = None) -> list[OutboxMessage]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._db_call("read") as db:
+            rows = db.execute(
                 "SELECT seq, id, topic, payload, retain FROM outbox ORDER BY seq LIMIT ?", (limit + len(exclude or ()),)
             ).fetchall()
         out = [OutboxMessage(r[0], r[1], r[2], bytes(r[3]), bool(r[4])) for r in rows]
@@ -72,12 +88,25 @@ class Outbox:
         return out[:limit]
 
     def ack(self, msg_id: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM outbox WHERE id = ?", (msg_id,))
+        with self._db_call("ack") as db:
+            db.execute("DELETE FROM outbox WHERE id = ?", (msg_id,))
+
+    def compact(self) -> bool:
+        """Give back the space of sent messages (months of reports must not grow the file): the
+        write-ahead log truncated, the file vacuumed when a quarter or more of it is free pages.
+        True when it vacuumed."""
+        with self._db_call("compact") as db:
+            pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+            free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+            vacuum = pages > 64 and free * 4 >= pages
+            if vacuum:
+                db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return vacuum
 
     def __len__(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        with self._db_call("count") as db:
+            return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:

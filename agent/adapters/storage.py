@@ -6,15 +6,99 @@ any line leaves either the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from agent.errors import VotaError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_dir", "InstanceLock"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_dir", "InstanceLock", "StorageError",
+           "storage_fault", "free_bytes", "best_effort", "Deferred"]
+
+log = logging.getLogger(__name__)
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+
+
+class StorageError(OSError):
+    """The vehicle's own storage cannot take a write (full, read-only, failing): a condition to
+    report and wait out, never a reason for a thread to die."""
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """What is wrong with the storage, when ``exc`` says the disk is full, read-only or failing."""
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return f"{os.strerror(exc.errno)}" + (f" ({exc.filename})" if exc.filename else "")
+    text = str(exc).lower()
+    if type(exc).__module__ == "sqlite3" and ("full" in text or "disk i/o" in text or "readonly" in text):
+        return f"database: {exc}"
+    return None
+
+
+def best_effort(write: Callable[[], object], what: str) -> str | None:
+    """Evidence (a trace, a result, a status) written if the storage takes it; a storage fault
+    is logged and returned, not raised (what the vehicle depends on is never written this way)."""
+    try:
+        write()
+        return None
+    except OSError as exc:
+        fault = storage_fault(exc)
+        if fault is None:
+            raise
+        log.error("%s not written: %s", what, fault)
+        return fault
+
+
+class Deferred:
+    """Small files a peer reads (an install's status, its summary) that the storage could not
+    take when they were written: kept here, newest per path, and written by ``flush`` once it
+    can (call it before they are read)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[Path, bytes] = {}
+
+    def write_json(self, path: str | os.PathLike[str], obj: Any, what: str) -> None:
+        data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+        with self._lock:
+            self._pending.pop(Path(path), None)
+        if best_effort(lambda: atomic_write_bytes(path, data), what) is not None:
+            with self._lock:
+                self._pending[Path(path)] = data
+
+    def pending(self, path: str | os.PathLike[str]) -> bytes | None:
+        """What ``path`` holds once it is written, while it waits."""
+        with self._lock:
+            return self._pending.get(Path(path))
+
+    def flush(self) -> int:
+        """Write what is pending; how many are still pending."""
+        with self._lock:
+            pending = list(self._pending.items())
+        for path, data in pending:
+            try:
+                atomic_write_bytes(path, data)
+            except OSError:
+                break  # the storage still fails: the rest waits too
+            with self._lock:
+                if self._pending.get(path) is data:
+                    del self._pending[path]
+        with self._lock:
+            return len(self._pending)
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes free for an unprivileged writer on the file system of ``path`` (its nearest existing parent)."""
+    target = Path(path)
+    while not target.exists() and target.parent != target:
+        target = target.parent
+    st = os.statvfs(target)
+    return st.f_bavail * st.f_frsize
 
 
 def fsync_dir(directory: Path) -> None:

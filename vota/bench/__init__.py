@@ -86,13 +86,16 @@ class Processes:
                 raise VotaError(f"not ready after {timeout:.0f} s: {', '.join(sorted(pending))} (see {self.log_dir})")
             time.sleep(0.05)
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 8.0) -> None:
+        """SIGTERM to every process at once, SIGKILL to those still there after ``grace_s`` in
+        all (each daemon checkpoints its journal first: a campaign cut off resumes)."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
+        deadline = time.monotonic() + grace_s
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

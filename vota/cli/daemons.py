@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import signal
+import threading
 import time
 from typing import Any, Iterator
 
@@ -18,8 +19,6 @@ __all__ = ["serve", "cmd_gateway", "cmd_tbox", "cmd_ecu_sim"]
 def serve(name: str, start: Any, stop: Any, alive: Any = None, status: Any = None) -> int:
     """Run a daemon: READY=1 to systemd once started, WATCHDOG=1 while ``alive()``, STATUS= with
     ``status()`` whenever it changes (checked every second), clean stop."""
-    import threading
-
     from agent.adapters import systemd
 
     done = threading.Event()
@@ -113,13 +112,20 @@ def cmd_ecu_sim(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.config}: no ECUs configured")
     faults = parse_faults(args.fault, "ecu-sim", names)
     sim = EcuSimulator(config, names, args.state_dir, faults)
+    done = threading.Event()
 
     def stop(signum: int, frame: Any) -> None:
-        sim.stop()
+        done.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     sim.start()
     print(f"ecu-sim ready: {', '.join(names)}", flush=True)
-    sim.wait()
+    try:
+        # in steps: a signal the kernel hands to another thread does not wake a main thread
+        # blocked on a lock for good, only one that comes round to check
+        while not done.wait(0.2):
+            pass
+    finally:
+        sim.stop()
     return 0

@@ -159,6 +159,8 @@ class GatewayConfig:
     # a pipelined install (gateway/arrivals.py): a job whose package is still being deployed fails
     # when nothing at all was deployed for this long
     arrival_idle_s: int = 120
+    keep_results: int = 30  # ended installs whose results are kept (gateway/retention.py)
+    keep_days: int = 90  # ... and none older than this
     # what installs are checked against (gateway/verify.py); empty: the tbox section's, as on a vehicle
     # where both daemons read one vehicle.yaml
     trusted_keys: tuple[str, ...] = ()
@@ -188,6 +190,7 @@ class DeployConfig:
     # takes, in the order the TBOX prefers them (agent/protocol/compression.py)
     compression: tuple[tuple[str, int], ...] = ()
     lockout_s: int = 60  # after 3 wrong keys
+    min_free_mib: int = 32  # a file that would leave less free in package_dir is refused (NRC 0x70)
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,7 @@ class TboxConfig:
     retry_max_delay_s: float = 60.0  # ... up to this
     max_retries: int = 20  # transient retries in a row before the campaign fails (retries_exhausted)
     install_timeout_s: int = 900
+    storage_grace_s: int = 120  # a campaign the TBOX's full or failing storage stops this long ends with reason storage
     cancel_timeout_s: int = 60  # a failed campaign's install cancelled on the gateway (tbox/cancel.py): how long to try
     download_min_rate: int = 5000  # bytes/s over download_rate_window_s, below it a download is cut off ...
     download_rate_window_s: int = 60
@@ -249,6 +253,8 @@ class TboxConfig:
     # where removable media is mounted: a campaign found there is imported (tbox/offline.py); None: only
     # ``vota campaign import``
     media_dir: str | None = None
+    keep_campaigns: int = 20  # ended campaigns kept (their evidence; packages go when a campaign ends)
+    keep_days: int = 90  # ... and none older than this
     media_follow_links: bool = False  # symbolic links on removable media are refused unless this is set
     min_free_mib: int = 64  # a campaign is refused before it starts when less would stay free on the state directory
     preconditions: PreconditionsConfig = field(default_factory=PreconditionsConfig)
