@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv sysdeps lint bench clean
+.PHONY: demo test test-fast test-loaded venv sysdeps lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: venv
 
 test: venv sysdeps lint
 	$(PY) -m pytest -q tests
+
+# The whole suite with every core kept busy by a spinning process: what must hold on a shared CI machine.
+test-loaded: venv sysdeps lint
+	$(PY) tests/loaded.py tests
 
 # The inner loop: the in-process tests only (no daemons, no broker), seconds.
 test-fast: venv

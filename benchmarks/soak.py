@@ -26,8 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from vota.bench import Processes, make_image  # noqa: E402
-from vota.bench import _broker, _cloud, _start_vehicle  # noqa: E402
+from vota.bench import Processes, _broker, _cloud, _start_vehicle, make_image  # noqa: E402
 
 
 def du(path: Path) -> int:

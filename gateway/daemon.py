@@ -37,6 +37,7 @@ class GatewayDaemon:
         self.buses.pin(self.link.segment)  # the deploy server listens there, also while an ECU on it is flashed
         self.server: UdsServer[DeployState] | None = None
         self._stopped = threading.Event()
+        self._owed = threading.Thread(target=self._settle_owed, name="owed-discards", daemon=True)
         self.installer = GatewayInstaller(config, Path(self.link.package_dir), Path(config.gateway.results_dir), self._stopped,
                                           self.flash_faults, self.buses)
         if self.link.security_secret is None:
@@ -61,6 +62,7 @@ class GatewayDaemon:
                 fault_scope=lambda state: state.transfer.name if state.transfer is not None else None,
             )
             self.server.start()
+            self._owed.start()
         except BaseException:
             self.stop()
             raise
@@ -79,6 +81,14 @@ class GatewayDaemon:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+    def _settle_owed(self) -> None:
+        """Discards a failed install could not make, tried again while no install runs (gateway/owed.py)."""
+        while not self._stopped.wait(self.config.gateway.owed_retry_s):
+            try:
+                self.installer.settle_owed()
+            except Exception:  # noqa: BLE001 - tried again at the next round
+                log.exception("owed discards failed")
 
     def alive(self) -> bool:
         """The deploy server's threads and the running install have made progress within

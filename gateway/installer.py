@@ -28,6 +28,7 @@ from gateway.arrivals import Arrivals
 from gateway.buses import Buses
 from gateway.install import InstallInterrupted, InstallPorts, install
 from gateway.inventory import collect_versions
+from gateway.owed import OwedDiscards
 from gateway.plan import InstallPlan, build_plan, files_named
 from gateway.retention import MANIFEST_COPY, release_packages, tidy
 from gateway.vehicle_state import read_signals
@@ -89,6 +90,7 @@ class GatewayInstaller:
         self._status_lock = threading.Lock()
         self._statuses: dict[str, dict[str, Any]] = {}  # the statuses written since the start, newest per campaign
         self.heartbeats = Heartbeats(config.gateway.worker_stale_s)  # the install thread, while one runs
+        self.owed = OwedDiscards(config, self.buses, results_dir, stop)  # staged images a failed install left
 
     # ---- what a manifest asks for --------------------------------------------------------
     def plan(self, data: bytes) -> InstallPlan:
@@ -212,7 +214,9 @@ class GatewayInstaller:
             cancelled=lambda: self._cancelled(campaign) or "cancelled by the TBOX", storage_failed=storage.append,
             keep=self.deferred.write_json)
         try:
-            ok, _ = install(self.config, plan, out, ports, resume=resume)
+            self.owed.settle()  # what an earlier install could not discard, before this one touches the ECUs
+            ok, results = install(self.config, plan, out, ports, resume=resume)
+            self.owed.note(campaign, ok, results)
             end = (InstallStatus.SUCCEEDED if ok else InstallStatus.FAILED if storage
                    else InstallStatus.CANCELLED if ports.cancel.is_set() else InstallStatus.FAILED)
             self._write_status(campaign, end, storage[0] if storage and not ok else None)
@@ -314,9 +318,20 @@ class GatewayInstaller:
             return f"install {self._campaign}: {self._done} of {self._total} ECUs done, now {self._step}"
 
     def inventory(self) -> None:
+        with self._lock:
+            idle = self._thread is None or not self._thread.is_alive()
+        if idle:
+            self.owed.settle()  # a campaign is about to be verified against what the ECUs hold
         atomic_write_json(self.results_dir / INVENTORY_FILE,
                           {"schema": "vota-inventory/1", "ecus": collect_versions(self.config, buses=self.buses,
                                                                                   trace_dir=self.results_dir / "inventory")})
+
+    def settle_owed(self) -> None:
+        """Every ``gateway.owed_retry_s`` (the daemon's timer): owed discards, while no install runs."""
+        with self._lock:
+            if not self.owed or (self._thread is not None and self._thread.is_alive()):
+                return
+        self.owed.settle()
 
     def join(self) -> None:
         if self._thread is not None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import vota
+from tests.conftest import Proc, vota
 from tests.vehicle import VIN, Vehicle
 
 ALL = ("vcu", "bms", "bcm", "dlp_headlamp")
@@ -283,5 +283,42 @@ def test_a_failed_pipelined_campaign_is_cancelled_on_the_gateway_and_the_next_on
         assert list((v.tmp / "tbox" / "campaigns").glob("*/packages")) == []
         assert sorted(p.name for p in (v.tmp / "gw" / "packages").iterdir() if p.suffix in (".bin", ".json")) == []
         assert (v.tmp / "gw" / "results" / "c-lost" / "summary.json").exists()
+    finally:
+        v.close()
+
+
+def _staged(v: Vehicle, ecu: str) -> bool:
+    meta = json.loads((v.ecu_state(ecu) / "meta.json").read_text())
+    return any(bank["state"] == "staged" for name, bank in meta["banks"].items() if name != meta["active"])
+
+
+def test_an_ecu_silent_during_the_discard_is_discarded_once_it_answers(tmp_path, mosquitto, write_config, procs):
+    """As above, but vcu answers every routine after its staging busy (0x21, never carried out: a
+    bootloader stuck, as good as silent): its discard fails and it keeps the failed campaign's
+    image staged. The gateway owes it that discard and
+    makes it once vcu answers again (here: its simulator restarted), without any campaign."""
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, gateway_extra={"arrival_idle_s": 600, "owed_retry_s": 1},
+                ecu_faults=("vcu:31#4+:nrc=0x21",))  # busy: the discard is never carried out
+    try:
+        v.gateway.stop()
+        v.restart_gateway("--fault", "deploy:bcm-2.0.0.bin:36#3:drop")
+        v.send(v.campaign("c-lost", "2.0.0", packages=packages(v, "2.0.0"), order=ORDER))
+        done = v.finished("c-lost", timeout=180)
+        assert done["cancel"]["discarded"] == ["bms"], done
+        assert _staged(v, "vcu") and not _staged(v, "bms")
+        owed = json.loads((v.tmp / "gw" / "results" / "owed-discards.json").read_text())["ecus"]
+        assert list(owed) == ["vcu"] and owed["vcu"]["campaign"] == "c-lost"
+        (sim,) = [p for p in v.procs if p.log == v.tmp / "ecu.log"]
+        sim.stop()
+        v.procs.append(Proc("ecu-sim", "-c", str(v.config), "--state-dir", str(v.tmp / "ecu"), log=v.tmp / "ecu-2.log"))
+        v.procs[-1].wait_ready("ecu-sim ready")
+        deadline = time.monotonic() + 60
+        while _staged(v, "vcu"):
+            assert time.monotonic() < deadline, v.gateway.text()[-3000:]
+            time.sleep(0.3)
+        while json.loads((v.tmp / "gw" / "results" / "owed-discards.json").read_text())["ecus"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert {e: version for e, (version, _) in running(v).items()} == {e: "1.0.0" for e in ALL}
     finally:
         v.close()

@@ -239,6 +239,7 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         segment_workers=gw.get("segment_workers", _choice("auto", "process", "thread"), d.segment_workers),
         arrival_idle_s=gw.get("arrival_idle_s", _positive, d.arrival_idle_s),
         keep_results=gw.get("keep_results", _positive, d.keep_results),
+        owed_retry_s=gw.get("owed_retry_s", _positive, d.owed_retry_s),
         keep_days=gw.get("keep_days", _positive, d.keep_days),
         trusted_keys=tuple(_str(k) for k in gw.get("trusted_keys", list, [], what="a list of public key files (PEM)")),
         content_trusted_keys=tuple(_str(k) for k in gw.get("content_trusted_keys", list, [],

@@ -159,6 +159,7 @@ class GatewayConfig:
     # a pipelined install (gateway/arrivals.py): a job whose package is still being deployed fails
     # when nothing at all was deployed for this long
     arrival_idle_s: int = 120
+    owed_retry_s: int = 30  # a discard a failed install could not make is tried again this often (gateway/owed.py)
     keep_results: int = 30  # ended installs whose results are kept (gateway/retention.py)
     keep_days: int = 90  # ... and none older than this
     # what installs are checked against (gateway/verify.py); empty: the tbox section's, as on a vehicle
