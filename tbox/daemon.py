@@ -20,6 +20,7 @@ from agent.adapters.canbus import Segment
 from agent.adapters.cloud_link import CloudLink
 from agent.adapters.heartbeat import Heartbeats
 from agent.adapters.keys import KeyStore, initial_key_list
+from agent.adapters.storage import storage_fault
 from agent.core.campaign import MAX_ENVELOPE, CampaignRejected, verify_campaign
 from agent.core.config import TboxConfig, VehicleConfig
 from agent.core.faults import FaultSpec
@@ -217,9 +218,14 @@ class TboxDaemon:
                 self.inbound.apply_commands()
                 moved = self.runner.step()
                 failures = 0
-            except Exception:  # noqa: BLE001 - e.g. a state file that cannot be read: logged, tried again
+            except Exception as exc:  # noqa: BLE001 - e.g. a state file that cannot be read: logged, tried again
                 failures += 1
-                log.exception("campaign step failed (%d in a row)", failures)
+                fault = storage_fault(exc)
+                if fault is not None:  # the state directory full, read-only or failing: one line, not a traceback
+                    log.error("campaign step failed (%d in a row): the TBOX's storage: %s", failures, fault)
+                    failures = min(failures, 3)  # back within seconds once there is room again
+                else:
+                    log.exception("campaign step failed (%d in a row)", failures)
                 moved = False
                 self._stop.wait(min(60.0, 2.0 ** failures))  # no tight loop of tracebacks
             if not moved:

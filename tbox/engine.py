@@ -88,6 +88,7 @@ class CampaignEngine:
         self.campaigns_dir = Path(tbox.state_dir) / "campaigns"
         self._seen: set[tuple[str, str]] = set()  # (campaign, state) this engine has entered or resumed
         self._storage_since: dict[str, float] = {}  # campaign -> since when its storage has been failing
+        self._ended: dict[str, CampaignFailure] = {}  # campaigns ended for the storage, their failure not written yet
 
     def records(self) -> list[CampaignRecord]:
         if not self.campaigns_dir.exists():
@@ -110,6 +111,7 @@ class CampaignEngine:
     def advance(self, record: CampaignRecord) -> bool:
         """Run the campaign until it ends or waits; False when it waits without having moved."""
         moved = False
+        self._end(record)
         while record.state not in TERMINAL and not self.stop.is_set():
             self.beat()
             state = record.state
@@ -190,7 +192,8 @@ class CampaignEngine:
             log.error("%s %s: the TBOX's storage failed for %.0f s (%s): the campaign ends", record.campaign_id or record.key,
                       state, waited, fault)
             self._storage_since.pop(record.key, None)
-            self.fail(record, CampaignFailure(state, "storage", f"the TBOX's storage: {fault}"))  # raises while it still fails
+            self._ended[record.key] = CampaignFailure(state, "storage", f"the TBOX's storage: {fault}")
+            self._end(record)  # raises while the storage still fails: ended at the next step (advance)
             return True
         if waited == 0.0 or int(waited) % 30 == 0:
             log.warning("%s %s: the TBOX's storage cannot take a write (%s); waiting", record.campaign_id or record.key,
@@ -198,6 +201,14 @@ class CampaignEngine:
         self.stop.wait(min(2.0, self.tbox.retry_max_delay_s))
         self.beat()
         return False
+
+    def _end(self, record: CampaignRecord) -> None:
+        """A campaign decided ended (the storage) whose failure was not written yet: written now."""
+        failure = self._ended.get(record.key)
+        if failure is not None:
+            if record.state not in ("done", "failed", *TERMINAL):
+                self.fail(record, failure)
+            del self._ended[record.key]
 
     def fail(self, record: CampaignRecord, failure: CampaignFailure) -> None:
         record.failure = failure.failure

@@ -93,3 +93,34 @@ def test_a_full_gateway_refuses_a_deploy_and_goes_back_from_an_install(tmp_path,
         assert v.gateway.p.poll() is None
     finally:
         v.close()
+
+
+def test_a_tbox_disk_that_fills_during_a_deploy_ends_the_campaign_with_storage(tmp_path, mosquitto, write_config, procs,
+                                                                                small_disk):
+    """The TBOX's disk fills up while it deploys (the install already started: pipelined): the
+    campaign cannot go on; after ``storage_grace_s`` it ends with reason ``storage`` at state
+    ``deploying``, which is written down, the gateway's install cancelled and told once there is
+    room again. Nothing stays staged."""
+    disk = small_disk(24)
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, tbox_extra={"state_dir": str(disk.path / "tbox"),
+                                                                      "min_free_mib": 1, "storage_grace_s": 3},
+                backbone={"bitrate": 500000})  # deploys that take seconds
+    try:
+        big = packages(v, "2.0.0")
+        for _, path, _ in big:
+            path.write_bytes(os.urandom(96 * 1024))
+        v.send(v.campaign("c-fill", "2.0.0", packages=big, order=ORDER))
+        _wait_for(lambda: any(b.get("event") == "progress" and b.get("stage") == "deploy"
+                              for b in v.reports("events", "c-fill")), 120, v.tbox.text()[-3000:])
+        disk.fill()
+        _wait_for(lambda: "the campaign ends" in v.tbox.text(), 60, v.tbox.text()[-3000:])
+        time.sleep(2)
+        disk.free()
+        done = v.finished("c-fill", timeout=120)
+        assert done["failure"]["stage"] == "deploying", done
+        assert done["failure"]["reason"] == "storage" and "No space left" in done["failure"]["detail"], done
+        assert done["cancel"]["state"] == "done", done
+        assert {e: version for e, (version, _) in running(v).items()} == {e: "1.0.0" for e in ALL}
+        assert v.tbox.p.poll() is None  # (the next campaign after a full TBOX disk: the first test above)
+    finally:
+        v.close()

@@ -322,3 +322,32 @@ def test_an_ecu_silent_during_the_discard_is_discarded_once_it_answers(tmp_path,
         assert {e: version for e, (version, _) in running(v).items()} == {e: "1.0.0" for e in ALL}
     finally:
         v.close()
+
+
+def test_a_failed_pipelined_campaign_is_cancelled_with_the_broker_down(tmp_path, mosquitto, write_config, procs):
+    """The same chain with the broker gone from the deploy on: the cancel needs no cloud (it goes
+    over the backbone), the failure and what was undone reach the cloud when the broker is back,
+    and the next campaign installs."""
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, gateway_extra={"arrival_idle_s": 600})
+    try:
+        v.gateway.stop()
+        v.restart_gateway("--fault", "deploy:bcm-2.0.0.bin:36#3:drop")
+        v.send(v.campaign("c-dark", "2.0.0", packages=packages(v, "2.0.0"), order=ORDER))
+        assert v.cloud.collector.wait_for(lambda c: any(b.get("state") == "deploying" for b in v.reports("events", "c-dark")), 60)
+        mosquitto.stop()
+        deadline = time.monotonic() + 90
+        while "campaign c-dark cancelled by the TBOX" not in v.gateway.text():
+            assert time.monotonic() < deadline, v.tbox.text()[-3000:]
+            time.sleep(0.3)
+        status = v.tmp / "gw" / "results" / "c-dark" / "install.json"
+        while json.loads(status.read_text())["status"] != "cancelled":
+            assert time.monotonic() < deadline, status.read_text()
+            time.sleep(0.3)
+        mosquitto.start()
+        done = v.finished("c-dark", timeout=90)
+        assert done["cancel"] == {"state": "done", "status": "cancelled", "discarded": ["bms", "vcu"], "rolled_back": []}
+        v.send(v.campaign("c-light", "2.0.1", packages=packages(v, "2.0.1"), order=ORDER))
+        assert v.finished("c-light", timeout=180)["outcome"] == "success"
+        assert {e: version for e, (version, _) in running(v).items()} == {e: "2.0.1" for e in ALL}
+    finally:
+        v.close()

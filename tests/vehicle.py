@@ -57,7 +57,7 @@ class Vehicle:
                 "dlp_headlamp": ecu_entry("dlp_headlamp", 0x741, 0x749, "body")}.items()} | (foreign or {}).get("ecus", {}),
             "flash_profiles": (foreign or {}).get("flash_profiles", {}),
             "tbox": {"vin": VIN, "state_dir": str(tmp / "tbox"), "trusted_keys": [str(tmp / "keys" / "cloud.pub")],
-                     "retry_delay_ms": 300, "retry_max_delay_ms": 2000, "max_retries": 12,  # a busy machine restarts slowly
+                     "retry_delay_ms": 300, "retry_max_delay_ms": 2000, "max_retries": 8,  # ~12 s: a busy machine restarts slowly
                      "content": {"vehicle_key": str(tmp / "keys" / "vehicle.key"),
                                  "trusted_keys": [str(tmp / "keys" / "platform.pub")],
                                  "light_sensor": {"ecu": "bcm"}, "targets": {"boot_animation": "bcm"}, "tick_ms": 200},
