@@ -8,12 +8,14 @@ and returns the plan, or raises one ``InstallRefused`` with the campaign and the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
 from agent.core.config import VehicleConfig
-from agent.core.preconditions import Gate, parse_gate
+from agent.core.preconditions import Gate, parse_gate, tightest
 from agent.errors import InstallRefused
 from agent.protocol.images import ImageError
 from agent.protocol.link import InstallJob, InstallManifest
@@ -59,14 +61,28 @@ def build_plan(manifest: InstallManifest, images: Mapping[str, bytes], trust: Tr
             raise InstallRefused(f"delta {job.delta!r} was not deployed", cid)
         if job.package not in images and job.delta is None:
             raise InstallRefused(f"package {job.package!r} was not deployed", cid)
-    gate: Gate | None = None
-    if manifest.preconditions is not None:
-        gate = parse_gate(manifest.preconditions, cid)
-        if gate.conditions.ecu not in config.ecus:
-            raise InstallRefused(f"preconditions: unknown ECU {gate.conditions.ecu!r}", cid)
+    gate = _gate(manifest, config)
     approved = check_install(manifest, images, trust, set(config.ecus))
     jobs = tuple((job.order, _unpacked(_job(job, images, approved), config, cid)) for job in manifest.jobs)
     return InstallPlan(cid, jobs, manifest.activation, manifest.arriving, gate)
+
+
+def _gate(manifest: InstallManifest, config: VehicleConfig) -> Gate | None:
+    """The preconditions the install runs under: the manifest's, held to the vehicle's own floor
+    (``tbox.preconditions`` of the same vehicle.yaml: no manifest lowers them), the safe state when
+    a safety-relevant ECU is in it; the vehicle's own when the manifest carries none although the
+    vehicle has an ECU that reports its state (the gateway decides for itself)."""
+    cid = manifest.campaign_id
+    gate = parse_gate(manifest.preconditions, cid) if manifest.preconditions is not None else None
+    floor = config.tbox.preconditions if config.tbox is not None else None
+    safe = any(config.ecus[j.ecu].safety_relevant for j in manifest.jobs if j.ecu in config.ecus)
+    if gate is None and floor is not None and floor.ecu is not None:
+        gate = Gate(floor, 0.0, time.time() + floor.window_s)
+    if gate is not None and floor is not None:
+        gate = dataclasses.replace(gate, conditions=tightest(floor, gate.conditions, safe_state=safe))
+    if gate is not None and gate.conditions.ecu not in config.ecus:
+        raise InstallRefused(f"preconditions: unknown ECU {gate.conditions.ecu!r}", cid)
+    return gate
 
 
 def _unpacked(job: FlashJob, config: VehicleConfig, cid: str) -> FlashJob:

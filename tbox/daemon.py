@@ -78,7 +78,8 @@ class TboxDaemon:
         self.runner = CampaignRunner(self.tbox, set(config.ecus), self.cloud, gateway or _NotStarted(), self.trusted,
                                      now=self.now, stop=self._stop, beat=lambda: self.heartbeats.beat("campaign"),
                                      key_chain=self.keys.chain, estimate=self._estimate,
-                                     signals=self._signals if self.tbox.preconditions.ecu else None)
+                                     signals=self._signals if self.tbox.preconditions.ecu else None,
+                                     safety_relevant=frozenset(n for n, e in config.ecus.items() if e.safety_relevant))
         self._gateway_injected = gateway is not None
         self.content = self._content_manager()
         self.inbound = Inbound(self.tbox.vin, self.runner, self.content.submit, self._wake.set, self._content_wake.set,

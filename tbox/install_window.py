@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from agent.core.campaign import Campaign
 from agent.core.config import PreconditionsConfig, TboxConfig
-from agent.core.preconditions import Gate, unmet
+from agent.core.preconditions import Gate, tightest, unmet
 from agent.errors import TryLater
 from tbox.campaign_state import CampaignRecord
 from tbox.engine import CampaignFailure, Status
@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 
 
 class InstallWindow:
-    def __init__(self, tbox: TboxConfig, cloud: CloudPort, signals: Callable[[], dict[str, Any]] | None, status: Status) -> None:
+    def __init__(self, tbox: TboxConfig, cloud: CloudPort, signals: Callable[[], dict[str, Any]] | None, status: Status,
+                 safety_relevant: frozenset[str] = frozenset()) -> None:
         self.tbox, self.cloud, self.signals, self.status = tbox, cloud, signals, status
+        self.safety_relevant = safety_relevant  # ECUs installed only in the safe state
         self._checked: dict[str, float] = {}  # campaign -> when its preconditions were last read
         self._said: dict[str, str] = {}  # campaign -> the unmet conditions last reported
 
@@ -43,8 +45,11 @@ class InstallWindow:
         return self.tbox.preconditions.ecu is not None and self.signals is not None
 
     def conditions(self, campaign: Campaign) -> PreconditionsConfig:
-        """The vehicle's preconditions with the campaign's signed overrides (agent/core/campaign.py)."""
-        return dataclasses.replace(self.tbox.preconditions, **dict(campaign.preconditions or {}))
+        """The vehicle's preconditions with the campaign's signed overrides (agent/core/campaign.py),
+        which tighten them only (a loosening campaign was refused when it arrived: ``loosened``), and
+        the safe state whenever a safety-relevant ECU is in the campaign."""
+        asked = dataclasses.replace(self.tbox.preconditions, **dict(campaign.preconditions or {}))
+        return tightest(self.tbox.preconditions, asked, safe_state=any(p.ecu in self.safety_relevant for p in campaign.packages))
 
     def end(self, record: CampaignRecord, campaign: Campaign) -> float:
         """When the campaign's install window ends (epoch seconds): ``window_s`` after it first waited

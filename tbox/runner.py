@@ -47,11 +47,13 @@ class CampaignRunner:
                  stop: threading.Event | None = None, fetch: Fetch | None = None,
                  beat: Callable[[], None] | None = None, entered: Callable[[CampaignRecord], None] | None = None,
                  key_chain: Callable[[], list[bytes]] | None = None, estimate: EstimateFn | None = None,
-                 signals: Callable[[], dict[str, Any]] | None = None) -> None:
-        """``trusted``: the campaign role (replaced when a signed key list is taken); ``fetch``: the
-        package download (slow retrieval cut off, Uptane); ``estimate``: the install time a campaign
-        will take; ``signals``: the vehicle's state from the preconditions ECU; ``entered``: told once
-        a state is persisted (tests kill the runner there)."""
+                 signals: Callable[[], dict[str, Any]] | None = None,
+                 safety_relevant: frozenset[str] = frozenset()) -> None:
+        """``safety_relevant``: ECUs installed only in the safe state. ``trusted``: the campaign role
+        (replaced when a signed key list is taken); ``fetch``: the package download (slow retrieval
+        cut off, Uptane); ``estimate``: the install time a campaign will take; ``signals``: the
+        vehicle's state from the preconditions ECU; ``entered``: told once a state is persisted
+        (tests kill the runner there)."""
         self.tbox, self.ecus, self.cloud, self.now = tbox, ecus, cloud, now
         self.stop = stop or threading.Event()
         self.status = Status()
@@ -63,7 +65,8 @@ class CampaignRunner:
                                      beat=beat, entered=entered, status=self.status)
         self.retention = Retention(self.engine.campaigns_dir, tbox.keep_campaigns, tbox.keep_days)
         self.c = states.Collaborators(
-            tbox, ecus, cloud, gateway, self.campaigns, fetch=fetch, window=InstallWindow(tbox, cloud, signals, self.status),
+            tbox, ecus, cloud, gateway, self.campaigns, fetch=fetch,
+            window=InstallWindow(tbox, cloud, signals, self.status, safety_relevant),
             rates=InstallRates(tbox, cloud, estimate), images=ImageChoice(cloud), status=self.status, stop=self.stop,
             beat=beat, key_chain=key_chain or list, records=self.records, reject=self.reject,
             retired=self.retention.known_id)

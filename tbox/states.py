@@ -15,6 +15,7 @@ from typing import Any, Callable
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json, free_bytes
 from agent.core.campaign import Campaign, CampaignRejected
 from agent.core.config import TboxConfig
+from agent.core.preconditions import loosened
 from agent.errors import TryLater, VotaError
 from agent.protocol.files import is_name
 from agent.protocol.images import sniff
@@ -114,6 +115,12 @@ def received(c: Collaborators, record: CampaignRecord) -> str:
         record.campaign_id = exc.campaign_id
         c.reject("campaign", exc.reason, str(exc), record.key, exc.campaign_id)
         raise CampaignFailure("verify", exc.reason, str(exc)) from None
+    loose = loosened(c.tbox.preconditions, campaign.preconditions or {})
+    if loose:  # the vehicle's own preconditions are a floor no signature can lower
+        why = "preconditions may be tightened, never loosened: " + "; ".join(f"{k}: {v}" for k, v in sorted(loose.items()))
+        record.campaign_id = campaign.campaign_id
+        c.reject("campaign", "malformed", why, record.key, campaign.campaign_id)
+        raise CampaignFailure("verify", "malformed", why)
     if c.retired(campaign.campaign_id) or any(r.campaign_id == campaign.campaign_id and r.key != record.key
                                               for r in c.records()):
         c.reject("campaign", "duplicate", f"campaign {campaign.campaign_id} is already known", record.key, campaign.campaign_id)

@@ -102,6 +102,14 @@ def test_a_low_charge_holds_the_install_until_it_is_raised(tmp_path, mosquitto, 
 def test_preconditions_that_never_hold_fail_the_campaign_when_its_window_ends(tmp_path, mosquitto, write_config, procs):
     v = _vehicle(tmp_path, mosquitto, write_config, procs, window_s=3)
     try:
+        _signals(v, power_mode="run", speed_kmh=80, gear="D", soc=8)
+        # a signed campaign that switches the vehicle's conditions off: refused, the floor holds
+        v.send(v.campaign("c-loose", "2.0.0", preconditions={"parked": False, "ignition_off": False, "speed_zero": False,
+                                                              "min_soc": 0, "soc_per_minute": 0}))
+        rejected = v.rejected("c-loose")
+        assert rejected["reason"] == "malformed" and "never loosened" in rejected["detail"], rejected
+        assert all(k in rejected["detail"] for k in ("parked", "ignition_off", "speed_zero", "min_soc")), rejected
+        assert v.finished("c-loose")["failure"]["reason"] == "malformed"
         _signals(v, power_mode="run", speed_kmh=42.5)
         v.send(v.campaign("c-drive", "2.0.0"))
         done = v.finished("c-drive", timeout=90)
@@ -253,3 +261,47 @@ def test_the_estimate_adds_groups_runs_segments_in_parallel_and_counts_activatio
     learned = estimate_install(config, [("x", size, 0), ("z", size, 1)], "per_ecu", measured={"x": 8192.0, "y": 1.0})
     assert learned.install_s == pytest.approx(size / 8192 + size / b + 2 * fixed)  # x at the rate it was last flashed at
     assert learned.to_json()["rates"] == {"x": "measured", "z": "configured"}
+
+
+def test_a_campaign_may_tighten_the_vehicle_s_preconditions_never_loosen_them():
+    from agent.core.preconditions import loosened, tightest
+
+    floor = PreconditionsConfig(ecu="bcm", min_soc=30, soc_per_minute=1.0, min_battery_mv=11800, charging="forbidden")
+    assert loosened(floor, {"min_soc": 70, "charging": "forbidden", "window_s": 60, "parked": True}) == {}
+    bad = loosened(floor, {"parked": False, "speed_zero": False, "min_soc": 10, "soc_per_minute": 0,
+                           "min_battery_mv": 0, "charging": "allowed", "window_s": 1e6})
+    assert set(bad) == {"parked", "speed_zero", "min_soc", "soc_per_minute", "min_battery_mv", "charging"}, bad
+    relaxed = PreconditionsConfig(ecu="bcm", min_soc=10, parked=False, ignition_off=False, speed_zero=False)
+    assert loosened(relaxed, {"parked": False}) == {}  # the vehicle itself does not ask it
+    held = tightest(floor, PreconditionsConfig(ecu=None, min_soc=5, parked=False, charging="allowed"))
+    assert (held.ecu, held.min_soc, held.parked, held.charging, held.min_battery_mv) == ("bcm", 30, True, "forbidden", 11800)
+    safe = tightest(relaxed, relaxed, safe_state=True)  # a safety-relevant ECU in the install
+    assert (safe.parked, safe.ignition_off, safe.speed_zero, safe.min_soc) == (True, True, True, 10)
+
+
+def test_the_gateway_holds_a_manifest_to_the_vehicle_s_own_floor(tmp_path, write_config):
+    """A manifest that lowers the conditions, or carries none (a TBOX that lost them, a node with
+    the deploy secret), runs under the vehicle's own; a safety-relevant ECU adds the safe state;
+    a vehicle whose safety-relevant ECU cannot be judged is a configuration error."""
+    from agent.adapters.config_files import load_vehicle_config
+    from agent.errors import ConfigError
+    from agent.protocol.link import InstallJob, InstallManifest
+    from gateway.plan import _gate
+    from tests.conftest import ecu_entry, multicast_bus
+
+    base = {"segments": {"pt": {"bus": multicast_bus()}},
+            "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8) | {"safety_relevant": True}, "bcm": ecu_entry("bcm", 0x740, 0x748)},
+            "tbox": {"vin": VIN, "trusted_keys": ["k.pub"],
+                     "preconditions": {"ecu": "bcm", "min_soc": 40, "parked": False, "ignition_off": False}}}
+    config = load_vehicle_config(write_config(base))
+    lowered = InstallManifest("c-1", (InstallJob("bcm", "bcm.bin", "2.0.0"),), preconditions={
+        "ecu": "bcm", "min_soc": 5, "charging": "allowed", "parked": False, "until": 2e9})
+    gate = _gate(lowered, config)
+    assert gate is not None and (gate.conditions.min_soc, gate.until) == (40, 2e9)
+    assert (gate.conditions.parked, gate.conditions.speed_zero) == (False, True)
+    bare = _gate(InstallManifest("c-2", (InstallJob("vcu", "vcu.bin", "2.0.0"),)), config)
+    assert bare is not None and bare.conditions.ecu == "bcm" and bare.until > time.time()
+    assert (bare.conditions.parked, bare.conditions.ignition_off, bare.conditions.min_soc) == (True, True, 40)
+    del base["tbox"]["preconditions"]
+    with pytest.raises(ConfigError, match="vcu is safety-relevant"):
+        load_vehicle_config(write_config(base))

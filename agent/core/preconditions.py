@@ -23,7 +23,7 @@ from agent.core.config import PreconditionsConfig, VehicleConfig
 from agent.errors import InstallRefused
 from agent.protocol.can_timing import physical_goodput
 
-__all__ = ["Estimate", "estimate_install", "unmet", "required_soc", "Gate", "parse_gate"]
+__all__ = ["Estimate", "estimate_install", "unmet", "required_soc", "Gate", "parse_gate", "loosened", "tightest", "SAFE_STATE"]
 
 DEFAULT_BITRATE = 500_000
 PER_ECU_S = 1.0  # sessions, SecurityAccess, fingerprint, the version reads before and after
@@ -72,6 +72,38 @@ def estimate_install(config: VehicleConfig, jobs: Iterable[tuple[str, int, int]]
         last = max(jobs, key=lambda j: j[2])[0]  # deployed last, flashed once it is there
         total = max(total, backbone + per_ecu[last])
     return Estimate(total + activate, per_ecu, {e: "measured" if e in measured else "configured" for e, _, _ in jobs})
+
+
+SAFE_STATE = ("parked", "ignition_off", "speed_zero")  # what a safety-relevant ECU always needs
+_AT_LEAST = ("min_soc", "soc_per_minute", "min_battery_mv")  # floors: a campaign may raise them, never lower
+
+
+def loosened(floor: PreconditionsConfig, overrides: Mapping[str, Any]) -> dict[str, str]:
+    """The safety conditions a campaign's ``overrides`` would loosen below the vehicle's own
+    (``floor``), each with why; empty when they only tighten (or leave) them. Loosening: a
+    condition the vehicle asks for switched off, a minimum lowered, charging allowed where the
+    vehicle forbids it. ``window_s`` (how long to wait) and ``recheck_s`` are no safety."""
+    out: dict[str, str] = {}
+    for key, value in overrides.items():
+        mine = getattr(floor, key, None)
+        if key in SAFE_STATE and mine is True and value is not True:
+            out[key] = f"the vehicle asks {key}: true"
+        elif key in _AT_LEAST and isinstance(value, (int, float)) and isinstance(mine, (int, float)) and value < mine:
+            out[key] = f"{value} is below the vehicle's {mine}"
+        elif key == "charging" and mine == "forbidden" and value != "forbidden":
+            out[key] = "the vehicle forbids charging during an install"
+    return out
+
+
+def tightest(floor: PreconditionsConfig, asked: PreconditionsConfig, safe_state: bool = False) -> PreconditionsConfig:
+    """``asked`` held to ``floor`` (every condition at least as strict: a manifest cannot loosen
+    what the vehicle's own configuration asks); ``safe_state``: parked, ignition off and speed
+    zero whatever either says (a safety-relevant ECU is in the install)."""
+    return dataclasses.replace(
+        asked, ecu=asked.ecu or floor.ecu,
+        **{k: bool(getattr(floor, k) or getattr(asked, k) or safe_state) for k in SAFE_STATE},
+        **{k: max(getattr(floor, k), getattr(asked, k)) for k in _AT_LEAST},
+        charging="forbidden" if "forbidden" in (floor.charging, asked.charging) else "allowed")
 
 
 def required_soc(cfg: PreconditionsConfig, install_s: float) -> float:

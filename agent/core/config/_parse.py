@@ -172,6 +172,7 @@ def _ecu(source: str, name: str, sec: _Section, segments: Mapping[str, SegmentCo
         delta_base_routine=routines.get("delta_base", _int, d.delta_base_routine),
         check_memory=sec.get("check_memory", _choice("crc32", "sha256"), d.check_memory),
         banks=sec.get("banks", _int, d.banks),
+        safety_relevant=sec.get("safety_relevant", _bool, d.safety_relevant),
         fingerprint_did=sec.get("fingerprint_did", _int, d.fingerprint_did),
         p2_ms=timing.get("p2_ms", _positive, d.p2_ms),
         p2_star_ms=timing.get("p2_star_ms", _positive, d.p2_star_ms),
@@ -263,6 +264,10 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         ecu = tbox.preconditions.ecu
         if ecu is not None and ecu not in ecus:
             raise ConfigError(source, "tbox.preconditions.ecu", f"unknown ECU {ecu!r} (configured: {', '.join(sorted(ecus))})")
+        safety = sorted(n for n, e in ecus.items() if e.safety_relevant)
+        if safety and ecu is None:
+            raise ConfigError(source, "tbox.preconditions.ecu", f"needed: {', '.join(safety)} is safety-relevant and is "
+                                                               "installed only in the safe state, read from that ECU")
     return VehicleConfig(source, segments, ecus, gateway, deploy, tbox)
 
 

@@ -116,6 +116,9 @@ class EcuConfig:
     # 2: A/B banks (an image can be staged, activated, rolled back); 1: a single bank, flashed in
     # place: it cannot be staged, so a vehicle-level campaign flashes it last and is not fully revertible
     banks: int = 2
+    # installed only in the safe state (parked, ignition off, speed zero), whatever the vehicle's
+    # preconditions or a campaign say (agent/core/preconditions.py: tightest)
+    safety_relevant: bool = False
     check_memory: str = "crc32"
     fingerprint_did: int = 0xF15A
     p2_ms: int = 1000
