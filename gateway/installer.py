@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import datetime as _dt
 import json
 import logging
 import threading
@@ -38,6 +40,8 @@ __all__ = ["GatewayInstaller", "load_keys", "MANIFEST_COPY", "WAITING_FILE", "CA
 
 log = logging.getLogger(__name__)
 
+INSTALLED_FILE = "installed-campaigns.json"  # campaign ids installed here: a replayed manifest is refused
+MAX_INSTALLED = 4096
 CANCEL_FILE = "cancel.json"  # the TBOX cancelled the campaign: never resumed, never started again
 WAITING_FILE = "preconditions.json"  # why an install waits before activating (status 0x05), for the TBOX to read
 
@@ -93,22 +97,41 @@ class GatewayInstaller:
         self.owed = OwedDiscards(config, self.buses, results_dir, stop)  # staged images a failed install left
 
     # ---- what a manifest asks for --------------------------------------------------------
-    def plan(self, data: bytes) -> InstallPlan:
+    def plan(self, data: bytes, starting: bool = False) -> InstallPlan:
         """The plan of an install manifest, or InstallRefused: parsed, the key lists it carries
-        taken, checked against the deployed files and the signed documents (gateway/plan.py)."""
+        taken, checked against the deployed files and the signed documents (gateway/plan.py);
+        ``starting`` (not resuming): also against the gateway's clock and the campaigns it installed."""
         manifest = parse_manifest(data)
+        if starting and manifest.campaign_id in self._installed():
+            raise InstallRefused(f"campaign {manifest.campaign_id} was installed on this vehicle before: not run again",
+                                 manifest.campaign_id)
         self._follow_keys(manifest)
         images = {}
         for name in files_named(manifest):  # the full image, a delta to it, or both, where deployed
             if (self.package_dir / name).is_file():
                 images[name] = (self.package_dir / name).read_bytes()
-        return build_plan(manifest, images, self._trust(), self.config)
+        trust = self._trust()
+        if starting:
+            trust = dataclasses.replace(trust, now=_dt.datetime.now(_dt.timezone.utc))
+        return build_plan(manifest, images, trust, self.config)
 
     def _trust(self) -> Trust:
         if self.keys is None:
             return self.trust
         current = self.keys.current
         return Trust(self.trust.vin, current.role("campaign"), current.role("content"))
+
+    def _installed(self) -> list[str]:
+        """The campaigns installed on this vehicle (replays of them are refused), newest last."""
+        try:
+            doc = json.loads((self.results_dir / INSTALLED_FILE).read_text())
+            return [str(c) for c in doc["campaigns"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+
+    def _note_installed(self, campaign: str) -> None:
+        installed = [c for c in self._installed() if c != campaign][-(MAX_INSTALLED - 1):] + [campaign]
+        self.deferred.write_json(self.results_dir / INSTALLED_FILE, {"campaigns": installed}, "the campaigns installed")
 
     def _follow_keys(self, manifest: InstallManifest) -> None:
         """The key lists the TBOX has taken, taken here too (kept: leaving them out of a later
@@ -128,7 +151,7 @@ class GatewayInstaller:
         """Start the install a manifest asks for; InstallRefused says why not. A campaign refused
         for good gets its status (refused, and why) for the TBOX to read instead of trying again."""
         try:
-            plan = self.plan(manifest)
+            plan = self.plan(manifest, starting=True)
             if self._cancelled(plan.campaign_id) is not None:
                 raise InstallRefused("the TBOX cancelled this campaign", plan.campaign_id)
         except InstallRefused as exc:
@@ -220,6 +243,8 @@ class GatewayInstaller:
             end = (InstallStatus.SUCCEEDED if ok else InstallStatus.FAILED if storage
                    else InstallStatus.CANCELLED if ports.cancel.is_set() else InstallStatus.FAILED)
             self._write_status(campaign, end, storage[0] if storage and not ok else None)
+            if end == InstallStatus.SUCCEEDED:
+                self._note_installed(campaign)
             if end in (InstallStatus.SUCCEEDED, InstallStatus.CANCELLED):  # no second round can need them
                 release_packages(self.package_dir, out)
             log.info("install %s finished: %s", campaign, "success" if ok else "failed")

@@ -11,7 +11,8 @@ and the image it makes is the package's, checked by the ECU against the signed d
 the bundle manifest signed by a trusted content key, the item for that ECU at that version,
 and the image's digest (the plaintext digest the manifest signs for encrypted items).
 Whether an image is older than what the ECU runs is checked per ECU when it is flashed
-(``FlashJob.guard_rollback``). Pure: no I/O.
+(``FlashJob.guard_rollback``). A campaign past its expiry (the gateway's own clock, five minutes'
+slack) starts no install; one that started before goes on after a restart. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from agent.protocol.link import InstallManifest
 
 __all__ = ["Trust", "Approved", "check_install"]
 
-# The validity period is the TBOX's to check (it has the network time); the gateway checks
-# authenticity, the vehicle, the targets and the images.
+# Signatures are checked for any time (the validity period below, with the gateway's own clock).
 _NO_EXPIRY = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+CLOCK_SLACK = _dt.timedelta(minutes=5)  # the gateway's clock against the TBOX's network time
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Trust:
     vin: str | None
     campaign_keys: Role | Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
     content_keys: Role | Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
+    now: _dt.datetime | None = None  # the gateway's clock: a campaign past its expiry starts no install (None: not checked)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,9 @@ def _check_campaign(manifest: InstallManifest, images: Mapping[str, bytes], trus
                                    check_time=False)
     except CampaignRejected as exc:
         raise _refused(f"not signed: {exc}", manifest) from None
+    if trust.now is not None and trust.now > campaign.expires + CLOCK_SLACK:
+        raise _refused(f"expired: the signed campaign expired at {campaign.expires.isoformat()} (the gateway's clock: "
+                       f"{trust.now.isoformat(timespec='seconds')})", manifest)
     if campaign.campaign_id != manifest.campaign_id:
         raise _refused(f"the signed campaign is {campaign.campaign_id}, the manifest names {manifest.campaign_id}",
                        manifest)

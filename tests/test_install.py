@@ -35,11 +35,11 @@ def _trust(tmp_path: Path) -> dict[str, Any]:
 
 
 def _manifest(cid: str, packages: dict[str, tuple[str, bytes, str]], key: Ed25519PrivateKey = KEY,
-              signed_images: dict[str, bytes] | None = None) -> bytes:
+              signed_images: dict[str, bytes] | None = None, expires: str = "2099-12-31T00:00:00Z") -> bytes:
     """An install manifest for ``packages`` (ECU -> file name, image, version) carrying the signed
     campaign; ``signed_images`` signs other images than those deployed (a swapped package)."""
     campaign = {"format": "vota-campaign", "version": 1, "campaign_id": cid, "vin": VIN, "install": "immediate",
-                "issued": "2026-11-01T00:00:00Z", "expires": "2026-12-31T00:00:00Z", "activation": "per_ecu",
+                "issued": "2026-11-01T00:00:00Z", "expires": expires, "activation": "per_ecu",
                 "packages": [{"name": name, "ecu": ecu, "version": version, "url": f"http://cloud/{name}",
                               "size": len((signed_images or {}).get(ecu, data)),
                               "sha256": hashlib.sha256((signed_images or {}).get(ecu, data)).hexdigest()}
@@ -125,6 +125,24 @@ def test_install_flashes_and_results_come_back(tmp_path, write_config, procs):
         except GatewayError as exc:
             assert "0x22" in str(exc)
         assert json.loads(gw.read_file("c-never/install.json"))["error"] == "the TBOX cancelled this campaign"
+        # the gateway decides for itself: a replayed manifest of an installed campaign, an expired campaign
+        c7 = _manifest("c-7", {e: (f"{e}-2.0.bin", data, "2.0") for e, data in images.items()})
+        _deploy(segment, link, tmp_path, "install-c-7.json", c7)
+        try:
+            gw.start_install("install-c-7.json")
+            raise AssertionError("a campaign installed before ran again")
+        except GatewayError as exc:
+            assert "0x22" in str(exc)
+        newer = os.urandom(40_000)
+        _deploy(segment, link, tmp_path, "vcu-4.0.bin", newer)
+        _deploy(segment, link, tmp_path, "install-c-late.json", _manifest("c-late", {"vcu": ("vcu-4.0.bin", newer, "4.0")},
+                                                                            expires="2026-11-02T00:00:00Z"))
+        try:
+            gw.start_install("install-c-late.json")
+            raise AssertionError("an expired campaign was installed")
+        except GatewayError as exc:
+            assert "0x22" in str(exc)
+        assert json.loads(gw.read_file("c-late/install.json"))["error"].startswith("expired: ")
         try:
             gw.cancel_install("../c-7", "x")
             raise AssertionError("a campaign id that is no name was taken")
