@@ -37,11 +37,25 @@ class _Patch:
             return data
 
 
+class _Overflow(Exception):
+    """The patch makes more than the memory the download announced: the applier stops there."""
+
+
 class _Image:
+    """The new image as the applier writes it, never more than ``room`` bytes past what was
+    handed on: a patch that claims a far larger image stops at once, not after writing it."""
+
     def __init__(self) -> None:
         self.parts: list[bytes] = []
+        self.room: int | None = None  # bytes it may still write (the announced size left, plus one to tell)
 
     def write(self, data: bytes) -> int:
+        if self.room is not None:
+            if len(data) > self.room:
+                self.parts.append(bytes(data[: self.room]))
+                self.room = 0
+                raise _Overflow()
+            self.room -= len(data)
         self.parts.append(bytes(data))
         return len(data)
 
@@ -62,6 +76,7 @@ class DeltaApplier:
         self._base: BinaryIO = open(base, "rb") if isinstance(base, (str, Path)) else base  # noqa: SIM115
         self._done = False
         self._error: str | None = None
+        self._overflow = False
         self._thread = threading.Thread(target=self._run, name="delta", daemon=True)
         self._thread.start()
 
@@ -77,6 +92,8 @@ class DeltaApplier:
                 raise DeltaError(f"not a sequential {PATCH_COMPRESSION} patch (header {head.hex() or 'missing'})")
             self._patch.buf[:0] = head  # give it back: detools reads the header itself
             apply_patch_sequential(self._base, self._patch, self._image)
+        except _Overflow:
+            self._overflow = True  # what it wrote up to the limit is handed on: the caller refuses it (too long)
         except Exception as exc:  # noqa: BLE001 - whatever a damaged patch makes detools raise is this patch's fault
             self._error = f"{exc}" or type(exc).__name__
         finally:
@@ -86,10 +103,13 @@ class DeltaApplier:
 
     def feed(self, data: bytes, limit: int) -> bytes:
         with self._cond:
+            if self._overflow:
+                return b"\0" * (limit + 1)  # it went on past the announced size: too long, whatever comes
             if self._done and data:
                 if self._error is None:
                     raise DecompressError("delta: data after the end of the patch")
             self._patch.buf += data
+            self._image.room = limit + 1  # one byte past the announced size tells the caller
             self._cond.notify_all()
             while not self._done and not (self._patch.waiting and not self._patch.buf):
                 self._cond.wait()
