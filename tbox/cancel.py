@@ -27,6 +27,7 @@ __all__ = ["cancel_install", "deliver_pending"]
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+BUSY = 0x21  # busyRepeatRequest: asked again; any other negative response leaves the cancel pending
 
 
 def needs_cancel(record: CampaignRecord) -> bool:
@@ -56,6 +57,8 @@ def cancel_install(c: Collaborators, record: CampaignRecord) -> dict[str, Any] |
             why = "the install is still winding down"
         except TryLater as exc:
             why = str(exc)
+            if getattr(exc, "nrc", None) not in (None, BUSY):  # the gateway answered no: asking again will not help
+                deadline = 0.0
         if time.monotonic() > deadline or c.stop.wait(POLL_S):
             log.warning("%s: the cancel of its install on the gateway is pending (%s)", cid, why)
             record.cancel = {"state": "pending", "reason": why}

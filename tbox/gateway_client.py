@@ -64,7 +64,12 @@ def _shape(exchanges: list[Exchange]) -> tuple[Any, ...]:
 
 class GatewayError(TryLater):
     """The gateway could not be reached, or did not finish what was asked: try later. When the
-    gateway or an ECU behind it says no, the call raises Refused instead."""
+    gateway or an ECU behind it says no, the call raises Refused instead. ``nrc``: the gateway's
+    negative response, when it answered one."""
+
+    def __init__(self, message: str, nrc: int | None = None) -> None:
+        super().__init__(message)
+        self.nrc = nrc
 
 
 class GatewayClient:
@@ -146,7 +151,7 @@ class GatewayClient:
                 raise
         if result.result != "success":
             self._failed(trace, what, str(result.reason), result.nrc)
-            raise GatewayError(f"{what}: {result.reason}")
+            raise GatewayError(f"{what}: {result.reason}", result.nrc)
         if trace is not None:
             trace.failure = None  # a later call went through: an earlier failure did not end the block
             self._fold(trace, what, result.exchanges)

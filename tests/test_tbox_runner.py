@@ -619,3 +619,16 @@ def test_ended_campaigns_give_back_their_packages_and_only_the_newest_are_kept(t
     v.runner().step()
     assert v.gateway.installs == installs
     assert any(b.get("reason") == "duplicate" and b.get("campaign_id") == "c-1" for b in v.cloud.events(event="rejected"))
+
+
+def test_a_cancel_the_gateway_refuses_is_left_pending_at_once(tmp_path: Path) -> None:
+    """A negative answer is an answer: the TBOX does not ask again for a minute, the cancel waits
+    for the next install (a busy 0x21 is asked again)."""
+    v = Vehicle(tmp_path)  # cancel_timeout_s: 60
+    v.receive(envelope())
+    v.gateway.broken_deploys = [None, False]
+    v.gateway.fail["cancel_install"] = [GatewayError("cancel install: negative response 0x22", 0x22)]
+    began = time.monotonic()
+    v.runner().step()
+    assert v.finished()["cancel"] == {"state": "pending", "reason": "cancel install: negative response 0x22"}
+    assert time.monotonic() - began < 30  # not the minute of cancel_timeout_s (generous: a busy machine)
