@@ -282,8 +282,9 @@ class GatewayInstaller:
     # ---- cancelling -----------------------------------------------------------------------
     def _cancelled(self, campaign: str) -> str | None:
         """Why the TBOX cancelled ``campaign``, when it did."""
+        path = self.results_dir / campaign / CANCEL_FILE
         try:
-            doc = json.loads((self.results_dir / campaign / CANCEL_FILE).read_text())
+            doc = json.loads(self.deferred.pending(path) or path.read_bytes())  # kept here while the disk is full
             return f"cancelled by the TBOX: {doc.get('reason') or 'the campaign ended'}"
         except (OSError, ValueError, AttributeError):
             return None
@@ -294,8 +295,9 @@ class GatewayInstaller:
         the status as ``status`` gives it (RUNNING while it winds down). Idempotent."""
         with self._lock:
             if self._cancelled(campaign) is None:
-                atomic_write_json(self.results_dir / campaign / CANCEL_FILE,
-                                  {"campaign_id": campaign, "reason": reason[:200] or None, "at": round(time.time(), 3)})
+                self.deferred.write_json(self.results_dir / campaign / CANCEL_FILE,  # a full disk does not stop a cancel
+                                         {"campaign_id": campaign, "reason": reason[:200] or None, "at": round(time.time(), 3)},
+                                         f"the cancel of {campaign}")
                 log.warning("campaign %s cancelled by the TBOX%s", campaign, f": {reason}" if reason else "")
             if campaign == self._campaign and self._thread is not None and self._thread.is_alive():
                 self._cancel.set()
