@@ -255,7 +255,11 @@ class SmallDisk:
     def fill(self, leave: int = 0) -> None:
         """Fill it up, leaving ``leave`` bytes free."""
         st = os.statvfs(self.path)
-        with open(self.filler, "ab") as f:
+        try:
+            f = open(self.filler, "ab")  # noqa: SIM115 - closed below
+        except OSError:  # already full (what the processes wrote meanwhile): filled
+            return
+        with f:
             room = st.f_bavail * st.f_frsize - leave
             try:
                 while room > 0:
