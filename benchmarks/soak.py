@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from vota.bench import Processes, _broker, _cloud, _start_vehicle, make_image  # noqa: E402
+from vota.bench import Processes, _cloud, _start_vehicle, make_image  # noqa: E402
+from vota.bench.broker import start_broker  # noqa: E402
 
 
 def du(path: Path) -> int:
@@ -69,7 +70,7 @@ def main() -> int:
     vin = config["tbox"]["vin"]
     cloud = None
     try:
-        broker = _broker(bench, out, procs, vin)
+        broker = start_broker(bench, out, procs, vin)
         key, cloud, runtime = _cloud(bench, out, vin, broker)
         names = list(config["ecus"])
         _start_vehicle(procs, runtime, names, [], [])

@@ -11,37 +11,23 @@ import time
 import zlib
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.adapters.cloud_link import make_client, topic_prefix
+from agent.adapters.cloud_link import topic_prefix
 from agent.adapters.storage import atomic_write_bytes
 from agent.core.campaign import key_id, sign_campaign
 from agent.core.content import SLACK, read_archive
 from agent.errors import UsageError, VotaError
 from cloud_sim.collector import Collector
+from cloud_sim.mqtt import broker_address, cloud_client, shown
 from cloud_sim.package_server import PackageServer
 from cloud_sim.trust import TrustPlatform
 
 __all__ = ["make_campaign", "publish", "CloudSim", "broker_address", "content_offer"]
-
-
-def broker_address(url: str) -> tuple[str, int]:
-    parsed = urlparse(url)
-    if parsed.scheme != "mqtt" or not parsed.hostname:
-        raise UsageError(f"broker must be mqtt://[user:password@]host:port, got {url!r}")
-    return parsed.hostname, parsed.port or 1883
-
-
-def broker_login(url: str) -> tuple[str | None, str | None]:
-    """The cloud's identity on a broker with ACLs, from ``mqtt://user:password@host:port``."""
-    parsed = urlparse(url)
-    return (unquote(parsed.username) if parsed.username else None,
-            unquote(parsed.password) if parsed.password is not None else None)
 
 
 def make_campaign(
@@ -113,19 +99,16 @@ COMMAND_EXPIRY_S = 24 * 3600  # a command not delivered within a day is dropped 
 
 
 def publish(broker: str, vin: str, kind: str, payload: bytes, mqtt_version: str = "5", root: str = "vota/v1",
-            timeout: float = 10.0, expiry_s: int | None = None) -> None:
-    """Publish one message to a vehicle's ``campaign`` or ``command`` topic (QoS 1). It waits at
-    the broker for a vehicle that is offline; with MQTT 5, no longer than ``expiry_s`` (default:
-    a day for commands; campaigns carry their own signed expiry)."""
-    host, port = broker_address(broker)
-    client = make_client(f"vota-cloud-publisher-{time.monotonic_ns()}", mqtt_version, clean=True)
-    user, password = broker_login(broker)
-    if user:
-        client.username_pw_set(user, password)
+            timeout: float = 10.0, expiry_s: int | None = None, retain: bool = False) -> None:
+    """Publish one message to a vehicle's ``campaign``, ``command`` or ``keys`` topic (QoS 1). It
+    waits at the broker for a vehicle that is offline; with MQTT 5, no longer than ``expiry_s``
+    (default: a day for commands; campaigns carry their own signed expiry). ``retain``: the
+    broker keeps it and hands it to the vehicle at every connection (the current key list)."""
+    client, host, port = cloud_client(broker, f"vota-cloud-publisher-{time.monotonic_ns()}", mqtt_version, clean=True)
     try:
         client.connect(host, port, keepalive=30)
     except OSError as exc:
-        raise VotaError(f"cannot reach the broker {broker}: {exc}") from None
+        raise VotaError(f"cannot reach the broker {shown(broker)}: {exc}") from None
     client.loop_start()
     try:
         props = None
@@ -133,10 +116,10 @@ def publish(broker: str, vin: str, kind: str, payload: bytes, mqtt_version: str 
         if mqtt_version == "5" and expiry:
             props = Properties(PacketTypes.PUBLISH)
             props.MessageExpiryInterval = expiry
-        info = client.publish(f"{topic_prefix(root, vin)}/{kind}", payload, qos=1, properties=props)
+        info = client.publish(f"{topic_prefix(root, vin)}/{kind}", payload, qos=1, retain=retain, properties=props)
         info.wait_for_publish(timeout)
         if not info.is_published():
-            raise VotaError(f"the broker {broker} did not acknowledge the {kind} message within {timeout:.0f} s")
+            raise VotaError(f"the broker {shown(broker)} did not acknowledge the {kind} message within {timeout:.0f} s")
     finally:
         client.disconnect()
         client.loop_stop()
@@ -170,16 +153,19 @@ class CloudSim:
     trust platform key, also the content review, signing and offers (C2, C7)."""
 
     def __init__(self, broker: str, store: str | Path, packages: str | Path, http_port: int = 0, mqtt_version: str = "5",
-                 platform_key: Ed25519PrivateKey | None = None, require_signed: bool = False) -> None:
-        host, port = broker_address(broker)
+                 platform_key: Ed25519PrivateKey | None = None, require_signed: bool = False,
+                 collector_broker: str | None = None, tls: tuple[str, str] | None = None) -> None:
+        """``broker``: the operator's connection (campaigns, commands, key lists);
+        ``collector_broker``: the collector's, its own identity (default: the same URL);
+        ``tls``: the package server's certificate and key (HTTPS), else plain HTTP."""
+        broker_address(broker)  # a bad URL is refused here, not at the first publish
         Path(packages).mkdir(parents=True, exist_ok=True)
         self.broker, self.mqtt_version = broker, mqtt_version
-        self.packages = PackageServer(packages, port=http_port)
+        self.packages = PackageServer(packages, port=http_port, tls=tls)
         # VIN -> that vehicle's report keys: its reports are stored only when it signed them
         self.report_keys: dict[str, dict[str, Ed25519PublicKey]] = {}
-        user, password = broker_login(broker)
-        self.collector = Collector(host, port, store, mqtt_version=mqtt_version, report_keys=self.report_keys,
-                                   require_signed=require_signed, username=user, password=password)
+        self.collector = Collector(collector_broker or broker, store, mqtt_version=mqtt_version, report_keys=self.report_keys,
+                                   require_signed=require_signed)
         self.trust = TrustPlatform(platform_key) if platform_key is not None else None
         self.vehicle_keys: dict[str, X25519PublicKey] = {}
 
@@ -222,7 +208,7 @@ class CloudSim:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.packages.port}/packages"
+        return self.packages.url("").rstrip("/")
 
     def start(self) -> None:
         self.packages.start()

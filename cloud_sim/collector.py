@@ -1,7 +1,10 @@
 """The stand-in cloud's collector: stores everything vehicles report, per vehicle, once.
 
 Subscribes to ``<root>/+/#``; every message is stored by its stable id (a message that
-arrives twice is stored once), traces are reassembled from their parts. Layout::
+arrives twice is stored once, also across a restart), traces are reassembled from their
+parts. Each report stored is acknowledged to its vehicle on ``<root>/<vin>/ack``: the
+vehicle keeps a report in its outbox until then, so nothing lost at the broker is lost.
+Layout::
 
     <store>/<vin>/status.json                      last status (online/offline)
     <store>/<vin>/messages/<type>/<seq>-<id>.json  every report, in arrival order
@@ -29,9 +32,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.adapters.cloud_link import join_trace_parts, make_client
+from agent.adapters.cloud_link import IN_KINDS, OUT_KINDS, join_trace_parts
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.core.signed_report import check_report
+from cloud_sim.mqtt import cloud_client
 
 __all__ = ["Collector"]
 
@@ -41,31 +45,38 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a VIN or a message type: one safe 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=]*")
 MAX_TRACE_PARTS = 100_000
 MAX_MESSAGE = 16 * 1024 * 1024
+TO_VEHICLE = (*IN_KINDS, "ack")
+
+
+def _stored_ids(store: Path) -> list[tuple[str, str]]:
+    """(VIN, report id) of every report stored under ``store`` (``<seq>-<id>.json``)."""
+    if not store.is_dir():
+        return []
+    return [(f.parts[-4], f.stem.partition("-")[2]) for f in store.glob("*/messages/*/*.json")]
 
 
 class Collector:
-    def __init__(self, host: str, port: int, store: str | Path, root: str = "vota/v1", client_id: str = "vota-cloud-collector",
-                 mqtt_version: str = "5", diagnose: bool = True, username: str | None = None,
-                 password: str | None = None,
+    def __init__(self, broker: str, store: str | Path, root: str = "vota/v1", client_id: str = "vota-cloud-collector",
+                 mqtt_version: str = "5", diagnose: bool = True,
                  report_keys: Mapping[str, Mapping[str, Ed25519PublicKey]] | None = None,
                  require_signed: bool = False) -> None:
+        """``broker``: ``mqtt[s]://[user:password@]host:port[?ca=...]`` (cloud_sim/mqtt.py), the
+        collector's own identity on a broker with ACLs."""
         self.diagnose = diagnose
         self.report_keys = report_keys if report_keys is not None else {}
         self.require_signed = require_signed
         self.store = Path(store)
         self.root = root
         self.mqtt_version = mqtt_version
-        self.client = make_client(client_id, mqtt_version, clean=False)
+        self.client, self.host, self.port = cloud_client(broker, client_id, mqtt_version, clean=False)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
-        if username:
-            self.client.username_pw_set(username, password)  # the cloud's identity on a broker with ACLs
         self.client.reconnect_delay_set(1, 5)
-        self.host, self.port = host, port
-        self.seen: set[tuple[str, str]] = set()  # (VIN, report id)
+        self.seen: set[tuple[str, str]] = set(_stored_ids(self.store))  # (VIN, report id), also those stored before a restart
         self.duplicates = 0
         self.rejected = 0  # messages dropped as malformed (each logged with its reason)
+        self.acks = 0  # reports acknowledged to their vehicle as stored
         self.messages: list[dict[str, Any]] = []
         self.status: dict[str, str] = {}
         self.verdicts: dict[str, dict[str, Any]] = {}
@@ -101,11 +112,24 @@ class Collector:
         except Exception:  # noqa: BLE001 - one message must not stop the collector
             log.exception("message on %r could not be stored", msg.topic)
             why = "internal error"
-        if why is not None:
+        if why is None:
+            self._ack(msg.topic, msg.payload)
+        else:
             with self._lock:
                 self.rejected += 1
                 self._lock.notify_all()  # a waiter may count rejections
             log.warning("dropped a message on %r: %s", msg.topic, why)
+
+    def _ack(self, topic: str, payload: bytes | bytearray) -> None:
+        """A report stored (or stored before): its vehicle may now remove it from its outbox
+        (``<root>/<vin>/ack``, QoS 1). Until this arrives the vehicle keeps it and sends it again."""
+        vin, kind = topic.split("/")[-2:]
+        if kind not in OUT_KINDS:
+            return
+        msg_id = json.loads(payload)["id"]  # _take stored it: a JSON object with a string id
+        self.client.publish(f"{self.root}/{vin}/ack", json.dumps({"ids": [msg_id]}), qos=1)
+        with self._lock:
+            self.acks += 1
 
     def _take(self, topic: str, payload: bytes | bytearray) -> str | None:
         """Store one message; None, or why it was dropped."""
@@ -113,6 +137,8 @@ class Collector:
         if len(parts) < 4:
             return "not a vehicle topic"
         vin, kind = parts[-2], parts[-1]
+        if kind in TO_VEHICLE:
+            return None  # the cloud's own messages to a vehicle (seen on a broker without ACLs): not reports
         if not _NAME.fullmatch(vin) or not _NAME.fullmatch(kind):
             return "the VIN or the message type is not a plain name"
         if len(payload) > MAX_MESSAGE:

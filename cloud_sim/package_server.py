@@ -1,4 +1,6 @@
-"""The stand-in cloud's package server: static files over HTTP with byte ranges.
+"""The stand-in cloud's package server: static files over HTTP, or HTTPS with ``tls`` (its
+certificate and key), with byte ranges. The TLS handshake runs in each connection's own
+thread: a client that connects and says nothing holds up nobody else.
 
 ``cut_after`` (drop the connection after N bytes of a response), ``extra_bytes`` (send
 more than the file holds) and ``throttle`` (bytes per second) let tests and the bench
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 import time
 from http import HTTPStatus
@@ -22,8 +25,26 @@ log = logging.getLogger(__name__)
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    tls: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is not None:
+            request.settimeout(30)
+            try:
+                request = self.tls.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                log.info("package server: TLS handshake with %s failed: %s", client_address[0], exc)
+                return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("package server: a connection from %s ended badly", client_address[0], exc_info=True)
+
+
 class PackageServer:
-    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, tls: tuple[str, str] | None = None) -> None:
         self.root = Path(root)
         self.cut_after: int | None = None
         self.extra_bytes = 0
@@ -40,14 +61,18 @@ class PackageServer:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 server._get(self)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, port), Handler)
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.tls = context
+        self.scheme = "https" if tls is not None else "http"
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="package-server",
                                         daemon=True)
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/packages/{name}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/packages/{name}"
 
     def start(self) -> "PackageServer":
         self._thread.start()

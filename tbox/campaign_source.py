@@ -160,6 +160,15 @@ class VerifiedCampaigns:
         self._trusted = role
         self._kept.clear()
 
+    def identify(self, record: CampaignRecord) -> str | None:
+        """The campaign's id once its signature and vehicle hold, before anything is read from the
+        gateway: a campaign that fails there (the gateway locked out, unreachable) is reported
+        under its id. None when it does not verify (refused with the reason later)."""
+        try:
+            return source_of(record).verify(self._trusted, self.vin, self.now(), None, None).campaign_id
+        except CampaignRejected:
+            return None
+
     def arrived(self, record: CampaignRecord, installed: Mapping[str, str], known_ecus: set[str]) -> Campaign:
         """Verified as it arrives, against what the vehicle runs (CampaignRejected when it must not run)."""
         campaign = source_of(record).verify(self._trusted, self.vin, self.now(), installed, known_ecus)

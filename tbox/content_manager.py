@@ -84,8 +84,10 @@ class ContentManager(ItemScheduling):
         registry: AppRegistry | None = None,
         light: Callable[[], bytes] | None = None,
         stop: threading.Event | None = None,
+        package_ca: str | None = None,
     ) -> None:
         self.config, self.vin, self.trusted = config, vin, Role.of(trusted)
+        self.package_ca = package_ca  # what signs the package server's certificate (https)
         self.report_fn, self.executors, self.now = report, dict(executors), now
         self.vehicle_key, self.registry, self.light = vehicle_key, registry, light
         self.stop = stop or threading.Event()
@@ -336,7 +338,7 @@ class ContentManager(ItemScheduling):
                 continue
             try:
                 download(url or "", directory / "items" / f"{item.id}.bin", item.size, item.sha256,
-                         should_stop=self.stop.is_set)
+                         should_stop=self.stop.is_set, ca=self.package_ca)
                 if item.encryption is not None:
                     self._plain(directory, bundle, item)
             except (DownloadError, BundleRejected) as exc:

@@ -110,7 +110,8 @@ class TboxDaemon:
                                      "software": SoftwareExecutor(self, set(self.config.ecus))}
         return ContentManager(cfg, self.state_dir, self.tbox.vin, trusted, self._content_report, executors,
                               self.content_now or self.now,
-                              vehicle_key=vehicle_key, registry=self.apps, light=light, stop=self._stop)
+                              vehicle_key=vehicle_key, registry=self.apps, light=light, stop=self._stop,
+                              package_ca=self.tbox.package_ca)
 
     def _gateway(self) -> GatewayClient:
         if self.gateway is None:
@@ -128,15 +129,23 @@ class TboxDaemon:
         self.cloud.report_trace(tid, trace, meta)
 
     # ---- key rotation and revocation ---------------------------------------------------------
-    def update_keys(self, envelope: bytes, digest: str) -> None:
+    def update_keys(self, envelope: bytes, digest: str, retained: bool = False) -> None:
         """A signed key list from the cloud: taken (stored first, then in force for campaigns and
-        content, and passed to the gateway with the next install) or refused; reported either way."""
+        content, and passed to the gateway with the next install) or refused; reported either way.
+        ``retained``: the broker's copy, delivered at every connection: the list the vehicle has
+        already, or an older one, is no news."""
+        before = self.keys.current.version
         try:
             keys = self.keys.accept(envelope)
         except KeysRejected as exc:
+            if retained and exc.reason == "rollback":
+                log.debug("the retained key list is not newer than the current one: %s", exc)
+                return
             log.warning("%s", exc)
             self.cloud.report("events", {"event": "keys", "status": "rejected", "reason": exc.reason,
                                          "version": exc.version, "detail": str(exc)}, msg_id=f"keys.{digest}.rejected")
+            return
+        if retained and keys.version == before:
             return
         self.runner.trusted = keys.role("campaign")
         self.content.trusted = keys.role("content")

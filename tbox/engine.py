@@ -19,7 +19,8 @@ stopped. What a handler's error means is told by its class (``agent/errors.py``)
 
 - ``TryLater`` (network down, gateway busy or unreachable) or OSError: the same handler runs
   again after a back-off (``retry_delay_s`` doubling up to ``retry_max_delay_s``), at most
-  ``max_retries`` times in a row; then the campaign fails with ``retries_exhausted``. These
+  ``max_retries`` times in a row; then the campaign fails with ``retries_exhausted`` (with
+  ``locked_out`` when the gateway's last answer was its SecurityAccess lock-out). These
   retries are not entries: the state is entered once.
 - the TBOX's own storage full, read-only or failing (``storage_fault``): waited out, no retry
   counted; after ``storage_grace_s`` without progress the campaign fails with ``storage`` (the
@@ -51,6 +52,10 @@ from tbox.ports import CloudPort
 __all__ = ["CampaignEngine", "CampaignFailure", "Handler", "Status"]
 
 log = logging.getLogger(__name__)
+
+# the gateway's SecurityAccess answers while it is locked out (exceededNumberOfAttempts,
+# requiredTimeDelayNotExpired): a campaign that runs out of retries on them ends ``locked_out``
+LOCKED_OUT = (0x36, 0x37)
 
 Handler = Callable[[CampaignRecord], "str | None"]  # the next state; None: waiting, stopping (checkpointed)
 
@@ -169,7 +174,8 @@ class CampaignEngine:
                     continue
                 retries += 1
                 if retries > self.tbox.max_retries:
-                    self.fail(record, CampaignFailure(state, "retries_exhausted", f"{retries - 1} retries: {exc}"))
+                    reason = "locked_out" if getattr(exc, "nrc", None) in LOCKED_OUT else "retries_exhausted"
+                    self.fail(record, CampaignFailure(state, reason, f"{retries - 1} retries: {exc}"))
                     return record.state
                 delay = min(self.tbox.retry_max_delay_s, self.tbox.retry_delay_s * 2 ** (retries - 1))
                 log.warning("%s %s: %s; retry %d of %d in %.1f s", record.campaign_id or record.key, state, exc, retries,

@@ -3,7 +3,9 @@ no inventory is stored as a new campaign (state ``received``, persisted before a
 happens) and the runner is woken, one that fails them is rejected and not kept; a
 command goes to the campaign runner (``confirm_install``), to the key store (``keys_update``, a
 signed key list) or to the content manager; anything
-else is rejected with a reason, reported, and forgotten."""
+else is rejected with a reason, reported, and forgotten. The ``keys`` topic carries the
+fleet's current key list, retained at the broker, so a vehicle that was offline when it was
+published gets it when it connects; the list it has already (or an older one) is no news."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ COMMANDS = ("confirm_install",)
 class Inbound:
     def __init__(self, vin: str, runner: CampaignRunner, content_submit: Callable[[dict[str, Any]], None],
                  wake_campaigns: Callable[[], None], wake_content: Callable[[], None],
-                 keys: Callable[[bytes, str], None] | None = None) -> None:
+                 keys: Callable[[bytes, str, bool], None] | None = None) -> None:
         self.vin, self.runner, self.keys = vin, runner, keys
         self.content_submit, self.wake_campaigns, self.wake_content = content_submit, wake_campaigns, wake_content
         self._commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
@@ -41,8 +43,12 @@ class Inbound:
         return self.runner.campaigns_dir
 
     def on_message(self, kind: str, payload: bytes) -> None:
-        """Called by the cloud link for every inbound message (``campaign`` or ``command``)."""
+        """Called by the cloud link for every inbound message (``campaign``, ``command``, ``keys``)."""
         digest = hashlib.sha256(payload).hexdigest()[:24]
+        if kind == "keys":
+            if self.keys is not None:
+                self.keys(payload, digest, True)
+            return
         if kind == "campaign":
             directory = self.campaigns_dir / digest
             # without state.json: a store that failed part-way (a full disk), done again
@@ -75,7 +81,7 @@ class Inbound:
             if data is None:
                 self.runner.reject(kind, "malformed", "keys_update needs keys: the base64 of a signed key list", digest)
             else:
-                self.keys(data, digest)
+                self.keys(data, digest, False)
         elif command in CONTENT_COMMANDS:
             self.content_submit(doc)
             self.wake_content()

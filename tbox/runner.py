@@ -59,7 +59,7 @@ class CampaignRunner:
         self.status = Status()
         self.campaigns = VerifiedCampaigns(tbox.vin, Role.of(trusted), now)
         fetch = fetch or functools.partial(download, min_rate=tbox.download_min_rate, rate_window_s=tbox.download_rate_window_s,
-                                           max_time_s=tbox.download_max_time_s)
+                                           max_time_s=tbox.download_max_time_s, ca=tbox.package_ca)
         beat = beat or (lambda: None)
         self.engine = CampaignEngine(tbox, cloud, self._handlers(), waits=self._waits, traced=self._traced, stop=self.stop,
                                      beat=beat, entered=entered, status=self.status)

@@ -106,6 +106,8 @@ def package_path(record: CampaignRecord, name: str) -> Path:
 def received(c: Collaborators, record: CampaignRecord) -> str:
     """The inventory (D11) read, the campaign verified against it (no downgrade, every ECU tells
     its version), the image of each package chosen; a campaign known already is a duplicate."""
+    if record.campaign_id is None:
+        record.campaign_id = c.campaigns.identify(record)
     inventory = c.gateway.inventory()  # TryLater when unreachable
     _inventory_evidence(c, record, inventory)
     installed = {e["ecu"]: e["software_version"] for e in inventory if e.get("software_version")}

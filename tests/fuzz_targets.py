@@ -428,7 +428,7 @@ class Collector(Target):
 
         super().open(tmp)
         self.mqtt = mqtt
-        self.collector = Impl("127.0.0.1", 1, tmp / "store", diagnose=True)
+        self.collector = Impl("mqtt://127.0.0.1:1", tmp / "store", diagnose=True)
         good = {"id": "m-1", "vin": VIN, "type": "events", "ts": "2026-11-22T12:00:00Z",
                 "body": {"event": "finished", "campaign_id": "c-1", "outcome": "failed"}}
         self._deliver(f"vota/v1/{VIN}/events", json.dumps(good).encode())
@@ -637,7 +637,7 @@ class SignedReports(Target):
         key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
         self.check = check_report
         self.keys = {key_id(key.public_key()): key.public_key()}
-        self.collector = Impl("127.0.0.1", 1, tmp / "store", diagnose=False, report_keys={VIN: self.keys},
+        self.collector = Impl("mqtt://127.0.0.1:1", tmp / "store", diagnose=False, report_keys={VIN: self.keys},
                               require_signed=True)
         good = {"id": "m-1", "vin": VIN, "type": "events", "ts": 1.5,
                 "body": {"event": "finished", "campaign_id": "c-1", "outcome": "failed"}}
@@ -822,7 +822,43 @@ class FlashProfiles(Target):
             assert step.payload(ctx)[:1] == bytes((step.service,))
 
 
+class CloudAcks(Target):
+    """Payloads on a vehicle's ``ack`` topic into its cloud link: a report leaves the outbox only
+    when a well-formed acknowledgement names it; nothing else removes one, nothing raises."""
+
+    name = "cloud-acks"
+
+    def open(self, tmp: Path) -> None:
+        from agent.adapters.cloud_link import CloudLink
+        from agent.core.config import CloudConfig
+
+        super().open(tmp)
+        self.link = CloudLink(CloudConfig(outbox=str(tmp / "outbox.db")), VIN)  # not started: no broker needed
+        self.ids = [f"m-{n}" for n in range(200)]
+        for msg_id in self.ids:
+            self.link.report("events", {"event": "tick"}, msg_id=msg_id)
+        ack = {"ids": ["m-0"]}
+        self.strategy = st.one_of(st.binary(max_size=200), json_mutations(ack), json_values().map(lambda v: json.dumps(v).encode()),
+                                  st.lists(st.sampled_from(self.ids + ["other"]), max_size=3).map(
+                                      lambda ids: json.dumps({"ids": ids}).encode()))
+
+    def feed(self, example: bytes) -> None:
+        before = {m.id for m in self.link.outbox.pending(limit=1000)}
+        with internal_errors() as errors:
+            self.link._cloud_ack(example)
+        _no_internal_error(errors, example)
+        after = {m.id for m in self.link.outbox.pending(limit=1000)}
+        gone = before - after
+        if gone:
+            doc = json.loads(example)
+            assert isinstance(doc, dict) and gone <= set(doc["ids"]), f"{example!r} removed {sorted(gone)}"
+
+    def close(self) -> None:
+        self.link.outbox.close()
+        super().close()
+
+
 TARGETS: dict[str, Callable[[], Target]] = {t.name: t for t in (EcuServer, DeployServer, CanFrames, TboxInbound, Collector,
                                                                 CampaignEnvelopes, ContentBundles, Traces, KeyLists,
                                                                 SignedReports, DeltaPatches, InstallManifests, ImageFiles,
-                                                                FlashProfiles)}
+                                                                FlashProfiles, CloudAcks)}

@@ -36,7 +36,7 @@ def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config
     out = tmp_path / "bench"
     run = vota("bench", "-c", str(config), "--out", str(out), "--image-size", "32K", "--fault", "vcu:36#2:nrc=0x72",
                "--broker", "embedded", "--image-kind", "firmware", timeout=300)
-    assert "(embedded amqtt, no ACLs)" in run.stdout
+    assert "(embedded amqtt, plain, no identities)" in run.stdout
     assert run.returncode == 1, run.stdout + run.stderr  # the campaign failed, as the fault demands
     report = json.loads((out / "report.json").read_text())
     assert report["outcome"] == "failed" and report["failure"]["reason"] == "flash_failed"
@@ -84,7 +84,8 @@ def test_bench_runs_an_owner_content_scenario(tmp_path, write_config):
     assert run.returncode == 0, run.stdout + run.stderr
     # Mosquitto (make test installs it) with the shipped ACLs: the vehicle and the cloud log in,
     # and the cloud stored only reports the vehicle signed
-    assert "(mosquitto, configs/mosquitto: per-vehicle ACLs)" in run.stdout
+    assert "bench: broker mqtts://127.0.0.1:" in run.stdout and "(mosquitto, configs/mosquitto: TLS, an identity per vehicle" in run.stdout
+    assert "cloud packages at https://127.0.0.1:" in run.stdout  # TLS to the broker, HTTPS for packages
     assert "allow_anonymous false" in (out / "broker" / "mosquitto.conf").read_text()
     stored = list((out / "cloud" / "store" / "LVOTA000000000001" / "messages").rglob("*.json"))
     assert stored and all(json.loads(p.read_text())["signatures"] for p in stored)

@@ -40,7 +40,7 @@ def _drained(link: CloudLink, timeout: float = 20) -> bool:
 
 
 def test_reports_survive_broker_outage_and_tbox_restart(mosquitto, tmp_path):
-    collector = Collector("127.0.0.1", mosquitto.port, tmp_path / "cloud")
+    collector = Collector(mosquitto.url, tmp_path / "cloud")
     collector.start()
     assert collector.connected.wait(10)  # the cloud's durable session exists
     mosquitto.stop()  # the broker is down when the vehicle starts reporting
@@ -74,7 +74,7 @@ def test_reports_survive_broker_outage_and_tbox_restart(mosquitto, tmp_path):
 
 
 def test_online_status_and_last_will(mosquitto, tmp_path):
-    collector = Collector("127.0.0.1", mosquitto.port, tmp_path / "cloud")
+    collector = Collector(mosquitto.url, tmp_path / "cloud")
     collector.start()
     script = textwrap.dedent(f"""
         import time, sys
@@ -102,7 +102,7 @@ def test_online_status_and_last_will(mosquitto, tmp_path):
 
 
 def test_large_trace_is_compressed_split_and_reassembled(mosquitto, tmp_path):
-    collector = Collector("127.0.0.1", mosquitto.port, tmp_path / "cloud")
+    collector = Collector(mosquitto.url, tmp_path / "cloud")
     collector.start()
     link = CloudLink(_link(mosquitto, tmp_path, max_message_bytes=4096), VIN)
     link.start()
@@ -126,7 +126,7 @@ def test_large_trace_is_compressed_split_and_reassembled(mosquitto, tmp_path):
 def _vehicle_and_cloud(mosquitto, tmp_path, handle):  # type: ignore[no-untyped-def]
     """A vehicle's cloud link handing inbound messages to ``handle``, the collector, and a plain
     MQTT client playing the cloud; all connected and subscribed."""
-    collector = Collector("127.0.0.1", mosquitto.port, tmp_path / "cloud")
+    collector = Collector(mosquitto.url, tmp_path / "cloud")
     collector.start()
     link = CloudLink(_link(mosquitto, tmp_path), VIN, on_message=handle)
     link.start()
@@ -171,7 +171,7 @@ def test_the_collector_survives_hostile_messages_and_writes_only_under_its_store
     pub = shutil.which("mosquitto_pub")
     assert pub, "mosquitto_pub comes with the mosquitto package make test installs"
     store = tmp_path / "cloud" / "store"
-    collector = Collector("127.0.0.1", mosquitto.port, store)
+    collector = Collector(mosquitto.url, store)
     collector.start()
     bomb = base64.b64encode(gzip.compress(b"\0" * (300 * 1024 * 1024))).decode()
     hostile = [
@@ -272,7 +272,7 @@ def test_the_cloud_stores_only_reports_the_vehicle_signed(mosquitto, tmp_path):
     for vin, key in keys.items():
         (tmp_path / f"{vin}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                                 serialization.NoEncryption()))
-    collector = Collector("127.0.0.1", mosquitto.port, tmp_path / "cloud",
+    collector = Collector(mosquitto.url, tmp_path / "cloud",
                           report_keys={vin: {key_id(k.public_key()): k.public_key()} for vin, k in keys.items()},
                           require_signed=True)
     collector.start()

@@ -9,9 +9,11 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -211,12 +213,62 @@ def test_a_vehicle_takes_a_key_list_from_the_cloud_and_the_revoked_key_signs_not
         assert v.rejected("c-old-key")["reason"] == "untrusted_key"
         v.send(v.campaign("c-one-key", "2.0.0", key=B))
         assert v.rejected("c-one-key")["reason"] == "threshold"
-        v.send(v.campaign("c-two-keys", "2.0.0", key=[B, C]))
+        # version 2, retained on the keys topic, already expired: a vehicle kept away from newer
+        # lists stops trusting campaigns instead of trusting its keys for ever
+        lists = {n: key_list_doc(n, {"root": ([root.public_key()], 1), "campaign": ([B.public_key(), C.public_key()], 2),
+                                     "content": ([v.platform.public_key()], 1)}, expires=expires)
+                 for n, expires in ((2, dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)),
+                                    (3, dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=30)))}
+        publish(v.broker, CAR, "keys", sign_key_list(lists[2], [root]), retain=True)
+        assert v.cloud.collector.wait_for(lambda c: any(m["body"].get("version") == 2 for m in c.messages
+                                                        if m["body"].get("event") == "keys"), 30)
+        two_keys = v.campaign("c-two-keys", "2.0.0", key=[B, C])
+        v.send(two_keys)
+        assert v.rejected("c-two-keys")["reason"] == "keys_expired"
+        # the TBOX offline while the cloud publishes a fresh list: it finds it retained when it is back
+        v.tbox.stop()
+        publish(v.broker, CAR, "keys", sign_key_list(lists[3], [root]), retain=True)
+        v.tbox = v.start_tbox()
+        assert v.cloud.collector.wait_for(lambda c: any(m["body"].get("version") == 3 for m in c.messages
+                                                        if m["body"].get("event") == "keys"), 30)
+        v.send(two_keys)  # the same campaign again: refused before, nothing of it was kept
         done = v.finished("c-two-keys")
         assert done["outcome"] == "success", done
-        assert (tmp_path / "gw" / "results" / "keys" / "keys-000001.json").exists()  # the gateway followed
+        assert (tmp_path / "gw" / "results" / "keys" / "keys-000003.json").exists()  # the gateway followed
+        # a node on the backbone without the secret locks the gateway's SecurityAccess out: the
+        # next campaign cannot pass it and ends locked_out, reported under its own id
+        _lock_out(yaml.safe_load(v.config.read_text())["segments"]["bb"]["bus"],
+                  tmp_path / "gw" / "results" / "deploy-security.json")
+        v.send(v.campaign("c-locked-out", "3.0.0", key=[B, C]))
+        locked = v.finished("c-locked-out")
+        assert (locked["outcome"], locked["failure"]["reason"]) == ("failed", "locked_out"), locked
     finally:
         v.close()
+
+
+def _lock_out(bus: dict, security_file: Path) -> None:
+    """Wrong SecurityAccess keys from scapy's UDS stack on the deploy link's ids until the gateway is locked."""
+    from scapy.config import conf
+
+    conf.contribs["CANSocket"] = {"use-python-can": True}
+    conf.contribs["ISOTP"] = {"use-can-isotp-kernel-module": False}
+    from scapy.contrib.automotive.uds import UDS
+    from scapy.contrib.cansocket_python_can import PythonCANSocket
+    from scapy.contrib.isotp import ISOTPSocket
+
+    def locked() -> bool:
+        return security_file.exists() and json.loads(security_file.read_text())["locked_until"] > time.time()
+
+    sock = PythonCANSocket(**{k: v for k, v in bus.items() if k != "fd"})
+    try:
+        with ISOTPSocket(sock, tx_id=0x7D0, rx_id=0x7D8, basecls=UDS, padding=True) as node:
+            deadline = time.monotonic() + 30
+            while not locked() and time.monotonic() < deadline:
+                for request in ("1001", "1003", "2701", "2702" + "00" * 16):  # a new session starts locked
+                    node.sr1(UDS(bytes.fromhex(request)), timeout=1, verbose=False)
+    finally:
+        sock.close()
+    assert locked()
 
 
 def test_openssl_verifies_every_signature_of_an_envelope(tmp_path: Path):

@@ -6,13 +6,18 @@ Topic tree (``<prefix>`` is ``vota/v1/<vin>``)::
     <prefix>/status      out, retained   {"state": "online" | "offline"}
     <prefix>/campaign    in              a signed campaign envelope
     <prefix>/command     in              {"command": ..., ...}
+    <prefix>/keys        in, retained    the fleet's current signed key list (roles.py)
+    <prefix>/ack         in              {"ids": [...]}: reports the cloud has stored
     <prefix>/events      out             campaign state changes, progress, rejections
     <prefix>/inventory   out             version collection (D11)
     <prefix>/results     out             deploy and flash results
     <prefix>/traces      out             header-only traces, gzip + base64, split in parts
 
 Every outgoing message is a JSON object ``{"id", "vin", "type", "ts", "body"}``; ``id``
-is stable, so a message delivered twice is recognisably the same message. With
+is stable, so a message delivered twice is recognisably the same message. A report leaves the
+outbox when the cloud acknowledges storing it on ``ack`` (``cloud.app_acks``), not when the
+broker took it: a session wiped at the broker, or a broker that lost its queue, costs a
+resend after ``cloud.ack_timeout_s``, never a report. With
 ``cloud.report_key`` each carries the vehicle's signature (``agent/core/signed_report.py``).
 
 Nothing a callback raises reaches paho's network thread (a full disk under the outbox, a bug
@@ -56,8 +61,9 @@ __all__ = ["CloudConfig", "CloudLink", "make_client", "topic_prefix", "trace_par
 log = logging.getLogger(__name__)
 
 OUT_KINDS = ("events", "inventory", "results", "traces")
-IN_KINDS = ("campaign", "command")
+IN_KINDS = ("campaign", "command", "keys")
 MAX_INBOUND = 256 * 1024
+MAX_ACK_IDS = 1000
 COMPACT_EVERY_S = 3600.0
 
 
@@ -214,7 +220,8 @@ class CloudLink:
             return
         log.info("connected to %s:%d", self.host, self.port)
         client.publish(f"{self.prefix}/status", json.dumps({"state": "online", "vin": self.vin}), qos=1, retain=True)
-        client.subscribe([(f"{self.prefix}/{kind}", 1) for kind in IN_KINDS])
+        acks = ("ack",) if self.config.app_acks else ()
+        client.subscribe([(f"{self.prefix}/{kind}", 1) for kind in IN_KINDS + acks])
         self.connected.set()
         self._wake.set()
 
@@ -241,6 +248,9 @@ class CloudLink:
 
     def _take(self, msg: mqtt.MQTTMessage) -> None:
         kind = msg.topic.rsplit("/", 1)[-1]
+        if kind == "ack":
+            self._cloud_ack(bytes(msg.payload))
+            return
         digest = hashlib.sha256(msg.payload).hexdigest()[:24]
         if len(msg.payload) > MAX_INBOUND:
             self.report("events", {"event": "rejected", "topic": kind, "reason": "too_large",
@@ -256,6 +266,20 @@ class CloudLink:
             self.report("events", {"event": "rejected", "topic": kind, "reason": "internal_error",
                                    "detail": f"{type(exc).__name__}: {exc}"[:500]}, msg_id=f"rejected.{kind}.{digest}")
 
+    def _cloud_ack(self, payload: bytes) -> None:
+        """The cloud stored these reports: they leave the outbox. Anything else is ignored (an
+        acknowledgement is no command: the worst a wrong one can do is end a resend)."""
+        try:
+            doc = json.loads(payload) if len(payload) <= MAX_INBOUND else None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            doc = None
+        ids = doc.get("ids") if isinstance(doc, dict) else None
+        if not isinstance(ids, list) or len(ids) > MAX_ACK_IDS or not all(isinstance(i, str) for i in ids):
+            log.warning("an acknowledgement from the cloud is not {\"ids\": [...]}; ignored")
+            return
+        for msg_id in ids:
+            self.outbox.ack(msg_id)
+
     # ---- sending ----------------------------------------------------------------------------
     def _drain_acks(self) -> None:
         while True:
@@ -266,7 +290,9 @@ class CloudLink:
             entry = self._inflight.pop(mid, None)
             if entry is None:
                 continue
-            if ok:
+            if ok and self.config.app_acks:
+                self.outbox.published(entry[0])  # the broker has it; the cloud's acknowledgement removes it
+            elif ok:
                 self.outbox.ack(entry[0])
             else:
                 log.warning("the broker refused message %s; it stays in the outbox", entry[0])
@@ -303,7 +329,8 @@ class CloudLink:
             del self._inflight[mid]  # never acknowledged: it goes out again, same id
         room = 20 - len(self._inflight)
         busy = {msg_id for msg_id, _ in self._inflight.values()}
-        batch = self.outbox.pending(limit=room, exclude=busy) if room > 0 else []
+        resend = self.config.ack_timeout_s if self.config.app_acks else None
+        batch = self.outbox.pending(limit=room, exclude=busy, resend_after=resend) if room > 0 else []
         if not batch and not self._inflight and time.monotonic() >= self._compact_due:
             self._compact_due = time.monotonic() + COMPACT_EVERY_S  # everything sent: a good moment
             self.outbox.compact()
@@ -326,5 +353,9 @@ class CloudLink:
             ["MQTT network thread ended"] if network is not None and not network.is_alive() else [])
 
     def pending(self) -> int:
-        """Messages not yet acknowledged by the broker."""
+        """Messages not yet acknowledged (by the cloud; by the broker without ``app_acks``)."""
         return len(self.outbox)
+
+    def unpublished(self) -> int:
+        """Messages the broker has not taken yet."""
+        return self.outbox.unpublished()

@@ -1,6 +1,9 @@
 """The store-and-forward outbox: everything the vehicle must report goes here first.
 
-SQLite in WAL mode; a message leaves only when the broker acknowledged it (``ack``). Each
+SQLite in WAL mode; a message leaves only when it was acknowledged (``ack``): by the cloud,
+once it stored it, or by the broker where the cloud does not acknowledge. A message the
+broker took is marked ``published`` and is sent again when the cloud's acknowledgement does
+not follow within the resend time (the broker may lose it: a session wiped, a restart). Each
 message has a stable id that travels in its payload, so a message sent twice (a broker
 restart between publish and acknowledgement, a TBOX restart) is one message to the cloud.
 A database that cannot be written (the disk full, read-only, failing) raises ``StorageError``
@@ -30,7 +33,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic   TEXT NOT NULL,
     payload BLOB NOT NULL,
     retain  INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    published REAL
 );
 """
 
@@ -53,6 +57,9 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        if "published" not in columns:  # an outbox from before the cloud's acknowledgements
+            self._db.execute("ALTER TABLE outbox ADD COLUMN published REAL")
 
     @staticmethod
     def new_id() -> str:
@@ -77,19 +84,33 @@ class Outbox:
             )
         return msg_id
 
-    def pending(self, limit: int = 100, exclude: set[str] | None = None) -> list[OutboxMessage]:
+    def pending(self, limit: int = 100, exclude: set[str] | None = None, resend_after: float | None = None) -> list[OutboxMessage]:
+        """The messages to send, oldest first: not published yet, or published more than
+        ``resend_after`` seconds ago and still not acknowledged."""
+        since = time.time() - resend_after if resend_after is not None else -1.0
         with self._db_call("read") as db:
             rows = db.execute(
-                "SELECT seq, id, topic, payload, retain FROM outbox ORDER BY seq LIMIT ?", (limit + len(exclude or ()),)
+                "SELECT seq, id, topic, payload, retain FROM outbox WHERE published IS NULL OR published < ? "
+                "ORDER BY seq LIMIT ?", (since, limit + len(exclude or ())),
             ).fetchall()
         out = [OutboxMessage(r[0], r[1], r[2], bytes(r[3]), bool(r[4])) for r in rows]
         if exclude:
             out = [m for m in out if m.id not in exclude]
         return out[:limit]
 
+    def published(self, msg_id: str) -> None:
+        """The broker took it: kept until the cloud acknowledges it, sent again if it does not."""
+        with self._db_call("mark") as db:
+            db.execute("UPDATE outbox SET published = ? WHERE id = ?", (time.time(), msg_id))
+
     def ack(self, msg_id: str) -> None:
         with self._db_call("ack") as db:
             db.execute("DELETE FROM outbox WHERE id = ?", (msg_id,))
+
+    def unpublished(self) -> int:
+        """Messages the broker has not taken yet."""
+        with self._db_call("count") as db:
+            return int(db.execute("SELECT COUNT(*) FROM outbox WHERE published IS NULL").fetchone()[0])
 
     def compact(self) -> bool:
         """Give back the space of sent messages (months of reports must not grow the file): the

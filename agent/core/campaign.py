@@ -76,7 +76,7 @@ class CampaignRejected(VotaError):
     """A campaign the vehicle must not run; ``reason`` is a stable code for the cloud."""
 
     REASONS = ("malformed", "unsigned", "untrusted_key", "bad_signature", "expired", "not_yet_valid",
-               "wrong_vehicle", "downgrade", "unknown_version", "unknown_ecu", "dependency", "threshold")
+               "wrong_vehicle", "downgrade", "unknown_version", "unknown_ecu", "dependency", "threshold", "keys_expired")
 
     def __init__(self, reason: str, message: str, campaign_id: str | None = None) -> None:
         assert reason in self.REASONS
@@ -332,6 +332,10 @@ def verify_campaign(
         raise CampaignRejected(exc.reason, f"{exc}", cid) from None
     if campaign.vin != vin:
         raise CampaignRejected("wrong_vehicle", f"the campaign is for {campaign.vin}, this vehicle is {vin}", cid)
+    role = Role.of(trusted)
+    if check_time and role.expires is not None and now >= role.expires:
+        raise CampaignRejected("keys_expired", f"the vehicle's key list expired at {role.expires.isoformat()}: "
+                                               "a campaign is taken again once a newer key list has come", cid)
     if check_time and now >= campaign.expires:
         raise CampaignRejected("expired", f"expired at {campaign.expires.isoformat()}", cid)
     if check_time and now < campaign.issued - _dt.timedelta(minutes=5):

@@ -13,7 +13,7 @@ a signed envelope, the same shape as a campaign's::
     {"payload_type": "application/vnd.vota.keys+json", "payload": "<base64 of the list>",
      "signatures": [{"keyid": "<16 hex>", "sig": "<base64 Ed25519 over 'vota-keys-v1\\n' + payload>"}]}
 
-    {"format": "vota-keys", "version": 2,
+    {"format": "vota-keys", "version": 2, "expires": "2027-03-01T00:00:00Z",
      "keys": {"<keyid>": "<base64 of the raw 32-byte Ed25519 public key>", ...},
      "roles": {"root": {"keyids": [...], "threshold": 2},
                "campaign": {"keyids": [...], "threshold": 2},
@@ -23,12 +23,17 @@ A new list replaces the current one when its version is higher and it is signed 
 threshold of the *current* root keys and by a threshold of its *own* root keys (TUF's rule:
 the old root vouches for the new one, and the new root proves it holds its keys). A key left
 out of the new list is revoked; a list with a lower version is a rollback.
+
+``expires`` (optional, UTC): after it the list still holds (its revocations above all), but
+the vehicle refuses campaigns with reason ``keys_expired`` until a newer list arrives. A
+vehicle kept away from a revocation cannot go on trusting a revoked key for ever.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime as _dt
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -60,6 +65,7 @@ def key_id(public: Ed25519PublicKey) -> str:
 class Role:
     keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
     threshold: int = 1
+    expires: _dt.datetime | None = None  # the key list's expiry (none for the configuration's keys)
 
     @classmethod
     def of(cls, trusted: "Role | Mapping[str, Ed25519PublicKey]") -> "Role":
@@ -161,8 +167,12 @@ class KeyList:
     def role(self, name: str) -> Role:
         return self.roles.get(name) or Role()
 
+    @property
+    def expires(self) -> _dt.datetime | None:
+        return next((r.expires for r in self.roles.values()), None)
+
     def describe(self) -> dict[str, Any]:
-        return {"version": self.version,
+        return {"version": self.version, "expires": self.expires.isoformat() if self.expires else None,
                 **{name: {"keyids": sorted(r.keys), "threshold": r.threshold} for name, r in self.roles.items()}}
 
 
@@ -176,6 +186,7 @@ def _parse_key_list(payload: bytes) -> KeyList:
     version = doc.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise KeysRejected("malformed", "version must be a whole number from 1")
+    expires = _expiry(doc.get("expires"), version)
     raw_keys, raw_roles = doc.get("keys"), doc.get("roles")
     if not isinstance(raw_keys, dict) or not isinstance(raw_roles, dict):
         raise KeysRejected("malformed", "keys and roles must be objects", version)
@@ -199,11 +210,23 @@ def _parse_key_list(payload: bytes) -> KeyList:
             raise KeysRejected("malformed", f"role {name}: every key id must be listed once in keys", version)
         if not isinstance(threshold, int) or isinstance(threshold, bool) or not 1 <= threshold <= len(ids):
             raise KeysRejected("malformed", f"role {name}: threshold must be from 1 to its number of keys", version)
-        roles[name] = Role({k: keys[k] for k in ids}, threshold)
+        roles[name] = Role({k: keys[k] for k in ids}, threshold, expires)
     unknown = set(raw_roles) - set(ROLES)
     if unknown:
         raise KeysRejected("malformed", f"unknown role(s) {sorted(unknown)}", version)
     return KeyList(version, roles)
+
+
+def _expiry(value: Any, version: int) -> _dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        when = _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise KeysRejected("malformed", f"expires {value!r} is not an ISO 8601 time", version) from None
+    if when.tzinfo is None:
+        raise KeysRejected("malformed", f"expires {value!r} has no time zone", version)
+    return when
 
 
 def verify_key_list(envelope: bytes, current: KeyList) -> KeyList:
@@ -232,8 +255,9 @@ def sign_key_list(doc: Mapping[str, Any], keys: Iterable[Ed25519PrivateKey]) -> 
     return sign_envelope(payload, KEYS_PAYLOAD_TYPE, _KEYS_DOMAIN, keys)
 
 
-def key_list_doc(version: int, roles: Mapping[str, tuple[Iterable[Ed25519PublicKey], int]]) -> dict[str, Any]:
-    """A key list document from public keys per role and thresholds."""
+def key_list_doc(version: int, roles: Mapping[str, tuple[Iterable[Ed25519PublicKey], int]],
+                 expires: _dt.datetime | None = None) -> dict[str, Any]:
+    """A key list document from public keys per role and thresholds (valid until ``expires``)."""
     keys: dict[str, str] = {}
     out: dict[str, Any] = {}
     for name, (members, threshold) in roles.items():
@@ -244,4 +268,7 @@ def key_list_doc(version: int, roles: Mapping[str, tuple[Iterable[Ed25519PublicK
                                                         serialization.PublicFormat.Raw)).decode()
             ids.append(kid)
         out[name] = {"keyids": ids, "threshold": threshold}
-    return {"format": "vota-keys", "version": version, "keys": keys, "roles": out}
+    doc: dict[str, Any] = {"format": "vota-keys", "version": version, "keys": keys, "roles": out}
+    if expires is not None:
+        doc["expires"] = expires.astimezone(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return doc

@@ -1,7 +1,8 @@
 """``vota bench``: a whole simulated vehicle and a stand-in cloud on one machine.
 
-Processes: an MQTT broker (``--broker``, else Mosquitto running the shipped configuration with
-per-vehicle ACLs where it is installed, else the embedded amqtt), one ECU simulator
+Processes: an MQTT broker (``--broker``, else Mosquitto running the shipped configuration, TLS
+and per-vehicle identities, where it is installed, else the embedded amqtt; vota/bench/broker.py),
+one ECU simulator
 per ECU, the gateway, the TBOX; this process plays the cloud (package server, campaign
 signing and publishing, collector). It publishes one campaign for the chosen ECUs, shows
 its progress, and writes ``report.json`` with the outcome, the inventory, deploy and flash
@@ -15,12 +16,10 @@ import hashlib
 import json
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import yaml
 from cryptography.hazmat.primitives import serialization
@@ -31,6 +30,8 @@ from agent.adapters.storage import atomic_write_bytes, atomic_write_json, atomic
 from agent.core.config import parse_vehicle_config
 from agent.core.faults import parse_faults
 from agent.errors import UsageError, VotaError
+from vota.bench.broker import BenchBroker, start_broker
+from vota.bench.processes import Processes
 
 __all__ = ["run_bench", "make_image", "Processes"]
 
@@ -50,104 +51,7 @@ def make_image(ecu: str, version: str, size: int, kind: str = "random") -> bytes
     return random.Random(seed).randbytes(size)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Processes:
-    """Starts vota processes, waits for their "ready" line, and always stops them."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.ready: set[str] = set()  # known to be ready (a process that prints no "ready" line is marked by its starter)
-
-    def start(self, name: str, *args: str, argv: list[str] | None = None) -> None:
-        """``vota ARGS`` (or another program's ``argv``), its output in ``<log_dir>/<name>.log``."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(argv or [sys.executable, "-m", "vota.cli", *args], stdout=log,
-                                                stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        pending = set(self.procs) - self.ready
-        while pending:
-            for name in list(pending):
-                if self.procs[name].poll() is not None:
-                    text = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()
-                    raise VotaError(f"{name} exited at start-up: {text[-1] if text else 'no output'}")
-                if " ready" in (self.log_dir / f"{name}.log").read_text(errors="replace"):
-                    pending.discard(name)
-                    self.ready.add(name)
-            if time.monotonic() > deadline:
-                raise VotaError(f"not ready after {timeout:.0f} s: {', '.join(sorted(pending))} (see {self.log_dir})")
-            time.sleep(0.05)
-
-    def stop(self, grace_s: float = 8.0) -> None:
-        """SIGTERM to every process at once, SIGKILL to those still there after ``grace_s`` in
-        all (each daemon checkpoints its journal first: a campaign cut off resumes)."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + grace_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-SHIPPED_MOSQUITTO = Path(__file__).resolve().parents[2] / "configs" / "mosquitto"
-
-
-def _mosquitto(out: Path, procs: Processes, vin: str) -> tuple[str, str, tuple[str, str]] | None:
-    """Mosquitto with the shipped vota.conf and vota.acl on a free loopback port, a password for
-    the cloud and one for this vehicle (made with mosquitto_passwd, as an operator would): the
-    broker URL, the cloud's (with its login) and the vehicle's login. None when Mosquitto is not
-    installed."""
-    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    passwd_tool = shutil.which("mosquitto_passwd")
-    if binary is None or passwd_tool is None or not (SHIPPED_MOSQUITTO / "vota.conf").exists():
-        return None
-    import os
-    import secrets
-
-    directory = out / "broker"
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    logins = {"vota-cloud": secrets.token_urlsafe(16), vin: secrets.token_urlsafe(16)}
-    passwd = directory / "vota.passwd"
-    passwd.write_text("")
-    for user, password in logins.items():
-        subprocess.run([passwd_tool, "-b", str(passwd), user, password], check=True, capture_output=True, timeout=30)
-    port = _free_port()
-    conf = (SHIPPED_MOSQUITTO / "vota.conf").read_text().replace("listener 1883", f"listener {port} 127.0.0.1")
-    conf = conf.replace("/etc/mosquitto/vota.passwd", str(passwd)).replace("/etc/mosquitto/vota.acl",
-                                                                            str(SHIPPED_MOSQUITTO / "vota.acl"))
-    conf += f"persistence_location {directory}/\n"
-    if os.geteuid() == 0:
-        conf += "user root\n"  # else it drops to user mosquitto, who cannot read the bench's files
-    atomic_write_text(directory / "mosquitto.conf", conf)
-    procs.start("broker", argv=[binary, "-c", str(directory / "mosquitto.conf")])
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if procs.procs["broker"].poll() is not None or time.monotonic() > deadline:
-                raise VotaError(f"mosquitto did not start (see {procs.log_dir / 'broker.log'})") from None
-            time.sleep(0.05)
-    procs.ready.add("broker")
-    return f"mqtt://127.0.0.1:{port}", f"mqtt://vota-cloud:{logins['vota-cloud']}@127.0.0.1:{port}", (vin, logins[vin])
-
-
-def _runtime_config(source: str, out: Path, broker: str, mqtt_version: str, vin: str,
-                    login: tuple[str, str] | None = None) -> Path:
+def _runtime_config(source: str, out: Path, broker: BenchBroker, vin: str) -> Path:
     """The user's configuration with every path moved under ``out`` and the bench's broker/key."""
     data = load_yaml(source)
     parse_vehicle_config(data, source)  # errors name the user's file, not the copy
@@ -167,12 +71,16 @@ def _runtime_config(source: str, out: Path, broker: str, mqtt_version: str, vin:
     if content.get("app_dir"):
         content["app_dir"] = str(out / "tbox" / "apps")
     cloud = tbox.setdefault("cloud", {})
-    cloud.update(broker=broker, outbox=str(out / "tbox" / "outbox.db"), mqtt_version=mqtt_version,
+    cloud.update(broker=broker.tbox, outbox=str(out / "tbox" / "outbox.db"), mqtt_version=broker.mqtt_version,
                  reconnect_min_s=1, reconnect_max_s=5, report_key=str(out / "keys" / "report.key"))
-    for stale in ("username", "password"):
+    for stale in ("username", "password", "tls"):
         cloud.pop(stale, None)
-    if login is not None:
-        cloud.update(username=login[0], password=login[1])
+    tbox.pop("package_ca", None)
+    if broker.login is not None:
+        cloud.update(username=broker.login[0], password=broker.login[1])
+    if broker.certs is not None:  # the broker's and the package server's certificate: the bench's CA
+        cloud["tls"] = {"ca": str(broker.certs / "ca.pem")}
+        tbox["package_ca"] = str(broker.certs / "ca.pem")
     path = out / "vehicle.yaml"
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
     return path
@@ -198,7 +106,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
     cloud: CloudSim | None = None
     started = time.time()
     try:
-        broker = _broker(args, out, procs, vin)
+        broker = start_broker(args, out, procs, vin)
         key, cloud, runtime = _cloud(args, out, vin, broker)
         clock: list[str] = []
         if content_spec is not None:
@@ -229,29 +137,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
     return report
 
 
-class _Broker(NamedTuple):
-    tbox: str  # the vehicle's URL
-    cloud: str  # the cloud's URL (with its login where there are ACLs)
-    login: tuple[str, str] | None  # the vehicle's login
-    mqtt_version: str
-    kind: str
-
-
-def _broker(args: argparse.Namespace, out: Path, procs: Processes, vin: str) -> _Broker:
-    """The broker asked for, Mosquitto with the shipped ACLs where it is installed, else the embedded one."""
-    mosquitto = None if args.broker else _mosquitto(out, procs, vin)
-    if args.broker and args.broker != "embedded":
-        return _Broker(args.broker, args.broker, None, args.mqtt_version, "given")
-    if mosquitto is not None:
-        tbox_broker, cloud_broker, login = mosquitto
-        return _Broker(tbox_broker, cloud_broker, login, "5", "mosquitto, configs/mosquitto: per-vehicle ACLs")
-    port = _free_port()
-    procs.start("broker", "cloud", "broker", "--port", str(port))
-    procs.wait_ready()
-    return _Broker(f"mqtt://127.0.0.1:{port}", f"mqtt://127.0.0.1:{port}", None, "3.1.1", "embedded amqtt, no ACLs")
-
-
-def _cloud(args: argparse.Namespace, out: Path, vin: str, broker: _Broker) -> tuple[Ed25519PrivateKey, Any, Path]:
+def _cloud(args: argparse.Namespace, out: Path, vin: str, broker: BenchBroker) -> tuple[Ed25519PrivateKey, Any, Path]:
     """The keys (campaign signing, content platform, vehicle, report), the stand-in cloud started,
     the vehicle's configuration: (the campaign key, the cloud, the configuration's path)."""
     from cloud_sim.cloud import CloudSim
@@ -265,9 +151,10 @@ def _cloud(args: argparse.Namespace, out: Path, vin: str, broker: _Broker) -> tu
     report_key = Ed25519PrivateKey.generate()  # the vehicle signs every report with it; the cloud checks
     atomic_write_bytes(out / "keys" / "report.key", report_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    runtime = _runtime_config(args.config, out, broker.tbox, broker.mqtt_version, vin, broker.login)
+    runtime = _runtime_config(args.config, out, broker, vin)
+    tls = (str(broker.certs / "server.pem"), str(broker.certs / "server.key")) if broker.certs is not None else None
     cloud = CloudSim(broker.cloud, out / "cloud" / "store", out / "cloud" / "packages", mqtt_version=broker.mqtt_version,
-                     platform_key=platform, require_signed=True)
+                     platform_key=platform, require_signed=True, collector_broker=broker.collector, tls=tls)
     cloud.vehicle_keys[vin] = vehicle_key.public_key()
     cloud.register_vehicle(vin, report_key.public_key())
     cloud.start()
@@ -291,7 +178,7 @@ def _start_vehicle(procs: Processes, runtime: Path, names: list[str], faults: li
 
 
 def _campaign(args: argparse.Namespace, out: Path, vin: str, names: list[str], key: Ed25519PrivateKey, cloud: Any,
-              broker: _Broker, started: float) -> dict[str, Any]:
+              broker: BenchBroker, started: float) -> dict[str, Any]:
     """A campaign of one generated package per ECU, signed, published and followed to its end."""
     from cloud_sim.cloud import make_campaign, publish
 

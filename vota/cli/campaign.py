@@ -64,13 +64,21 @@ def _keys(args: argparse.Namespace) -> int:
 
     doc = roles.key_list_doc(args.version, {
         "root": (pubs(args.root), args.root_threshold), "campaign": (pubs(args.campaign), args.campaign_threshold),
-        "content": (pubs(args.content), args.content_threshold)})
+        "content": (pubs(args.content), args.content_threshold)}, _expiry(args.valid_days))
     signers = [c.load_private_key(read_input(path, "key"), path) for path in args.key]
     try:
         envelope = roles.sign_key_list(doc, signers)
     except roles.KeysRejected as exc:
         raise UsageError(str(exc)) from None
     return _write(args.out, envelope)
+
+
+def _expiry(days: float) -> Any:
+    import datetime as _dt
+
+    if days < 0:
+        raise UsageError(f"--valid-days must be 0 (never) or more, got {days:g}")
+    return _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(days=days) if days else None
 
 
 def _write(out: str | None, envelope: bytes) -> int:

@@ -16,7 +16,7 @@ __all__ = ["cmd_cloud"]
 
 
 def cmd_cloud(args: argparse.Namespace) -> int:
-    action = {"broker": _broker, "serve": _serve, "campaign": _campaign, "publish": _publish, "keys": _keys,
+    action = {"broker": _broker, "serve": _serve, "campaign": _campaign, "publish": _publish, "keys": _keys, "certs": _certs,
               "offer-content": _offer_content, "request-content": _request_content}.get(args.cloud_command, _command)
     return action(args)
 
@@ -31,8 +31,11 @@ def _broker(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from cloud_sim.cloud import CloudSim
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
     sim = CloudSim(args.broker, args.store, args.packages, args.http_port, args.mqtt_version,
-                   require_signed=args.report_keys is not None)
+                   require_signed=args.report_keys is not None, collector_broker=args.collector_broker,
+                   tls=(args.tls_cert, args.tls_key) if args.tls_cert else None)
     if args.report_keys is not None:
         from agent.core.campaign import load_public_key
 
@@ -100,10 +103,19 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    import base64
+    """The key list on the vehicle's ``keys`` topic, retained: one offline now takes it when it is back."""
+    from cloud_sim.cloud import publish
 
-    body = {"command": "keys_update", "vin": args.vin, "keys": base64.b64encode(read_input(args.keys, "key list")).decode()}
-    return _send(args, json.dumps(body).encode())
+    publish(args.broker, args.vin, "keys", read_input(args.keys, "key list"), args.mqtt_version, retain=True)
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from cloud_sim.pki import bench_pki
+
+    directory = bench_pki(args.out, args.names, args.server_name or ("localhost", "127.0.0.1"))
+    print(f"{directory}: ca.pem, server.pem" + "".join(f", {n}.pem" for n in args.names) + " (each with its .key)")
+    return 0
 
 
 def _offer_content(args: argparse.Namespace) -> int:

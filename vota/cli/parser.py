@@ -198,6 +198,9 @@ def _campaign(sub: Any) -> None:
         k.add_argument(f"--{role}-threshold", type=int, default=1, metavar="N", help=f"{role} signatures needed (default 1)")
     k.add_argument("--key", action="append", required=True, metavar="PEM",
                    help="root private key to sign with (repeat: a threshold of the current and of the new root keys)")
+    k.add_argument("--valid-days", type=float, default=90.0, metavar="DAYS",
+                   help="days until the list expires: vehicles then refuse campaigns (keys_expired) until a newer "
+                        "list comes; 0: never (default 90)")
     k.add_argument("--out", metavar="FILE", help="signed key list (default: standard output)")
     k = csub.add_parser("export", help="write a signed campaign and its packages to a directory (a USB stick) for "
                         "vota campaign import")
@@ -224,7 +227,8 @@ def _cloud(sub: Any) -> None:
     csub = p.add_subparsers(dest="cloud_command", metavar="ACTION")
     csub.required = True
     k = csub.add_parser("serve", help="serve packages over HTTP and store every report (until SIGINT/SIGTERM)")
-    k.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="MQTT broker URL (default: mqtt://127.0.0.1:1883)")
+    k.add_argument("--broker", default="mqtt://127.0.0.1:1883",
+                   help="MQTT broker URL: mqtt[s]://[user:password@]host:port[?ca=CA.pem] (default: mqtt://127.0.0.1:1883)")
     k.add_argument("--store", default="var/cloud/store", metavar="DIR", help="where reports are stored")
     k.add_argument("--packages", default="var/cloud/packages", metavar="DIR", help="package files to serve")
     k.add_argument("--http-port", type=int, default=8080, help="HTTP port for packages (default 8080)")
@@ -232,6 +236,17 @@ def _cloud(sub: Any) -> None:
     k.add_argument("--report-keys", metavar="DIR",
                    help="vehicles' report public keys, one <VIN>.pub each: only reports a vehicle signed are stored "
                    "(and none from a VIN without a key)")
+    k.add_argument("--collector-broker", metavar="URL",
+                   help="the collector's own connection (its identity, e.g. mqtts://vota-collector:PW@host:8883?ca=CA.pem); "
+                        "default: --broker")
+    k.add_argument("--tls-cert", metavar="PEM", help="serve packages over HTTPS with this certificate (and --tls-key)")
+    k.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    k = csub.add_parser("certs", help="make a CA, the broker's and package server's certificate and a client "
+                        "certificate per name (a VIN, vota-collector) for a bench; a CA already in DIR is used again")
+    k.add_argument("names", nargs="*", metavar="NAME", help="clients to certify: VINs, cloud identities")
+    k.add_argument("--out", required=True, metavar="DIR", help="where ca.pem, server.pem and <NAME>.pem (with keys) go")
+    k.add_argument("--server-name", action="append", default=[], metavar="HOST",
+                   help="a name or address the vehicles connect to (repeatable; default: localhost and 127.0.0.1)")
     k = csub.add_parser("campaign", help="make and sign a campaign for package files")
     k.add_argument("packages", nargs="+", metavar="ECU=FILE@VERSION")
     k.add_argument("--vin", required=True)
@@ -251,11 +266,11 @@ def _cloud(sub: Any) -> None:
     k = csub.add_parser("broker", help="run the demo's embedded MQTT broker (amqtt, MQTT 3.1.1)")
     k.add_argument("--port", type=int, default=1883)
     for name, what in (("publish", "a signed campaign file"), ("command", "a command"),
-                       ("keys", "a signed key list (vota campaign keys)"),
+                       ("keys", "a signed key list (vota campaign keys), retained: vehicles offline get it when back"),
                        ("offer-content", "a signed content bundle (its items go to --packages)"),
                        ("request-content", "the owner's request to download and run offered content")):
         k = csub.add_parser(name, help=f"send {what} to a vehicle over MQTT")
-        k.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+        k.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt[s]://[user:password@]host:port[?ca=CA.pem]")
         k.add_argument("--vin", required=True)
         k.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5")
         if name == "publish":

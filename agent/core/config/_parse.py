@@ -290,6 +290,8 @@ def _cloud(cloud: _Section) -> CloudConfig:
         mqtt_version=cloud.get("mqtt_version", _choice("5", "3.1.1"), d.mqtt_version),
         session_expiry_s=cloud.get("session_expiry_s", _nonneg, d.session_expiry_s),
         report_key=cloud.get("report_key", _str, None),
+        app_acks=cloud.get("app_acks", _bool, d.app_acks),
+        ack_timeout_s=cloud.get("ack_timeout_s", _positive, d.ack_timeout_s),
     )
     tls.done()
     cloud.done()
@@ -321,6 +323,7 @@ def _tbox(sec: _Section) -> TboxConfig:
         download_min_rate=sec.get("download_min_rate", _nonneg, d2.download_min_rate),
         download_rate_window_s=sec.get("download_rate_window_s", _positive, d2.download_rate_window_s),
         download_max_time_s=sec.get("download_max_time_s", _positive, d2.download_max_time_s),
+        package_ca=sec.get("package_ca", _str, None),
         worker_stale_s=sec.get("worker_stale_s", _positive, d2.worker_stale_s),
         pipeline=sec.get("pipeline", _bool, d2.pipeline),
         media_dir=sec.get("media_dir", _str, None),

@@ -33,6 +33,10 @@ class CloudConfig:
     # long while it is offline: a campaign published meanwhile is delivered when it is back; 0: none
     session_expiry_s: int = 7 * 24 * 3600
     report_key: str | None = None  # the vehicle's Ed25519 private key (PEM) that signs every report
+    # a report leaves the outbox when the cloud acknowledged storing it (<prefix>/ack), not at the
+    # broker's PUBACK; one published but not acknowledged is sent again after ack_timeout_s
+    app_acks: bool = True
+    ack_timeout_s: int = 300
 
     def host_port(self) -> tuple[str, int, bool]:
         url = urlparse(self.broker)
@@ -249,6 +253,7 @@ class TboxConfig:
     download_min_rate: int = 5000  # bytes/s over download_rate_window_s, below it a download is cut off ...
     download_rate_window_s: int = 60
     download_max_time_s: int = 3600  # ... as is one attempt longer than this (then resumed, within the retries)
+    package_ca: str | None = None  # CA certificates that sign the package server's (https); none: the system's
     worker_stale_s: int = 300  # a worker without progress this long stops the systemd watchdog pings
     diagnose: bool = False
     # start an immediate (or confirmed) install once its manifest is on the gateway, so that an
