@@ -121,7 +121,7 @@ def test_ctrl_c_stops_the_whole_bench_within_seconds_and_leaves_a_journal(tmp_pa
     })
     out = tmp_path / "bench"
     bench = subprocess.Popen([sys.executable, "-m", "vota", "bench", "-c", str(config), "--out", str(out),
-                              "--image-size", "256K", "--broker", "embedded"], cwd=ROOT, stdout=subprocess.PIPE,
+                              "--image-size", "128K", "--broker", "embedded"], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         seen = []

@@ -80,10 +80,12 @@ class Vehicle:
                           log=tmp / "ecu.log"))
         procs.append(Proc("gateway", "-c", str(self.config), log=tmp / "gw.log"))
         self.gateway = procs[-1]
-        procs[-2].wait_ready("ecu-sim ready")
-        procs[-1].wait_ready("gateway ready")
+        if tbox:  # started with the others: the TBOX asks nothing of the gateway until a campaign comes
+            self.tbox = self.start_tbox(wait=False)
+        self.gateway.wait_ready("gateway ready")
+        procs[-2 if not tbox else -3].wait_ready("ecu-sim ready")
         if tbox:
-            self.tbox = self.start_tbox()
+            self.tbox.wait_ready("tbox ready")
 
     def start_tbox(self, *args: str, wait: bool = True) -> Proc:
         tbox = Proc("tbox", "-c", str(self.config), "-v", *args, log=self.tmp / f"tbox-{time.monotonic_ns()}.log")
