@@ -154,6 +154,9 @@ class Proc:
 def procs() -> Iterator[list[Proc]]:
     started: list[Proc] = []
     yield started
+    for p in started:  # every one told at once, then each waited for: they shut down side by side
+        if p.p.poll() is None:
+            p.p.terminate()
     for p in started:
         p.stop()
 
@@ -253,21 +256,18 @@ class SmallDisk:
             pytest.skip(f"a small file system cannot be mounted here (needs root): {run.stderr.strip()}")
 
     def fill(self, leave: int = 0) -> None:
-        """Fill it up, leaving ``leave`` bytes free."""
+        """Fill it up, leaving ``leave`` bytes free (a disk the processes filled meanwhile is filled)."""
         st = os.statvfs(self.path)
+        room = st.f_bavail * st.f_frsize - leave
         try:
-            f = open(self.filler, "ab")  # noqa: SIM115 - closed below
-        except OSError:  # already full (what the processes wrote meanwhile): filled
-            return
-        with f:
-            room = st.f_bavail * st.f_frsize - leave
-            try:
+            with open(self.filler, "ab", buffering=0) as f:  # unbuffered: nothing left to fail at close
                 while room > 0:
-                    f.write(b"\0" * min(room, 1 << 20))
-                    room -= 1 << 20
-                    f.flush()
-            except OSError:
-                pass  # full
+                    written = f.write(b"\0" * min(room, 1 << 20))
+                    if not written:
+                        break
+                    room -= written
+        except OSError:
+            pass  # full
 
     def free(self) -> None:
         self.filler.unlink(missing_ok=True)

@@ -277,6 +277,8 @@ def test_reports_leave_the_outbox_only_when_the_cloud_stored_them(broker: Shippe
             assert link.pending() == 0  # acknowledged by the cloud: now they go
         finally:
             collector.stop()
+        again = Collector(broker.cloud_url("vota-collector"), tmp_path / "store", diagnose=False)
+        assert {(VIN, f"tick-{n}") for n in range(5)} <= again.seen  # a restarted collector stores a resend once
     finally:
         link.stop()
 

@@ -106,6 +106,8 @@ def test_fault_specs(spec, expect):
     ("bms:36#0:drop", "counts from 1"),
     ("bms:36:nrc", "needs a value"),
     ("cloud:bms:36:drop", "stage 'cloud'"),
+    ("bms:99:drop", "0x99 is not a UDS request service .* would never fire"),  # no step sends it
+    ("deploy:GW:34:drop", "0x34 is not one of the deploy link's services"),  # the deploy link uses 0x38
 ])
 def test_bad_fault_specs(spec, words):
     with pytest.raises(UsageError, match=words):

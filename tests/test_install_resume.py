@@ -78,7 +78,8 @@ def test_killed_at_eight_points_the_campaign_finishes_all_new(slow_vehicle, who)
     v, cid = slow_vehicle, f"c-kill-{who}"
     before = running(v)
     v.send(v.campaign(cid, "2.0.0", packages=packages(v, "2.0.0"), order=ORDER))
-    for point in POINTS:
+    points = POINTS[::2] if who == "both" else POINTS  # both killed: every other point (vcu's erase and activation kept)
+    for point in points:
         _wait_point(v, cid, point)
         if who in ("gateway", "both"):
             _kill(v.gateway)
@@ -102,12 +103,13 @@ def test_killed_at_eight_points_the_campaign_finishes_all_new(slow_vehicle, who)
         assert "interruptions" not in done  # the gateway went on alone
         return
     where = [(i["phase"], sorted(i["ecus"].items())) for i in done["interruptions"]]
-    assert len(where) == len(POINTS), where
-    for (phase, ecu, doing, step), (seen_phase, seen) in zip(POINTS, where, strict=True):
+    assert len(where) == len(points), where
+    for (phase, ecu, doing, step), (seen_phase, seen) in zip(points, where, strict=True):
         assert seen_phase == phase and (ecu, f"{doing}: {step}") in seen, (phase, ecu, seen)
     # the trace of the work that was cut off reached the cloud, named after the interruption
     traces = {p.name for p in (v.tmp / "cloud" / "store" / VIN / "traces").iterdir()}
-    assert f"{cid}.interrupted-1.vcu.jsonl" in traces and f"{cid}.interrupted-5.vcu.jsonl" in traces, sorted(traces)
+    on_vcu = [n for n, (_, ecu, _, _) in enumerate(points, 1) if ecu == "vcu"]
+    assert on_vcu and all(f"{cid}.interrupted-{n}.vcu.jsonl" in traces for n in on_vcu), sorted(traces)
     cut = [(a["during"], a["step"]) for a in results["vcu"]["actions"] if a["action"] == "interrupted"]
     assert cut[0] == ("stage", "erase") and cut[-1] == ("activate", "activate"), cut  # vcu: staged again, activated again
 

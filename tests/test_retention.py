@@ -55,3 +55,30 @@ def test_the_outbox_gives_back_the_space_of_sent_messages(tmp_path: Path) -> Non
     assert sum(p.stat().st_size for p in tmp_path.iterdir()) * 10 < grown
     box.put("t", b"after", "m-after")  # still a working outbox
     assert [m.id for m in box.pending()] == ["m-after"]
+
+
+def test_an_outbox_from_before_the_clouds_acknowledgements_keeps_its_messages(tmp_path: Path) -> None:
+    """An outbox written by the previous version (no ``published`` column): opened by this one,
+    every message is still there and still to send; one the broker took waits for the cloud,
+    and goes out again once the resend time has passed."""
+    import sqlite3
+    import time
+
+    from agent.adapters.outbox import Outbox
+
+    old = sqlite3.connect(tmp_path / "outbox.db")
+    old.executescript("CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, "
+                      "topic TEXT NOT NULL, payload BLOB NOT NULL, retain INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);")
+    old.executemany("INSERT INTO outbox (id, topic, payload, created) VALUES (?, 't', ?, ?)",
+                    [(f"m{n}", b"x", time.time()) for n in range(3)])
+    old.commit()
+    old.close()
+    box = Outbox(tmp_path / "outbox.db")
+    assert [m.id for m in box.pending()] == ["m0", "m1", "m2"] and box.unpublished() == 3
+    box.published("m0")
+    assert [m.id for m in box.pending(resend_after=60)] == ["m1", "m2"] and len(box) == 3
+    time.sleep(0.01)
+    assert [m.id for m in box.pending(resend_after=0)][0] == "m0"  # not acknowledged in time: sent again
+    box.ack("m0")
+    assert len(box) == 2
+    box.close()

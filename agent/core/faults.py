@@ -32,6 +32,11 @@ __all__ = ["FaultSpec", "parse_fault", "parse_faults", "SERVER_ACTIONS", "CLIENT
 SERVER_ACTIONS = ("drop", "delay", "pending", "wrong_id", "malformed", "nrc", "mismatch")
 CLIENT_ACTIONS = ("not_sent", "from_id", "bad_format", "bad_length", "skip_counter", "skip_step", "corrupt_data")
 STAGES = ("flash", "deploy")
+# what a request can be: ISO 14229-1's request service ids (a profile may send any of them in
+# flash), and the services of the deploy link; a fault on anything else would never fire
+REQUEST_SERVICES = frozenset({0x10, 0x11, 0x14, 0x19, 0x22, 0x23, 0x24, 0x27, 0x28, 0x29, 0x2A, 0x2C, 0x2E, 0x2F,
+                              0x31, 0x34, 0x35, 0x36, 0x37, 0x38, 0x3D, 0x3E, 0x83, 0x84, 0x85, 0x86, 0x87})
+DEPLOY_SERVICES = frozenset({0x10, 0x22, 0x27, 0x31, 0x36, 0x37, 0x38, 0x3E})
 _NEEDS_ARG = {"delay", "pending", "nrc"}
 
 
@@ -90,8 +95,11 @@ def parse_fault(spec: str) -> FaultSpec:
         if occurrence < 1:
             raise UsageError(f"fault spec {spec!r}: occurrence counts from 1")
     service = _number(service_part.lower().removeprefix("0x"), "service", spec)
-    if not 0 < service < 0x100:
-        raise UsageError(f"fault spec {spec!r}: service 0x{service:X} is not a UDS service id")
+    if service not in (DEPLOY_SERVICES if stage == "deploy" else REQUEST_SERVICES):
+        what = "one of the deploy link's services" if stage == "deploy" else "a UDS request service (ISO 14229-1)"
+        known = DEPLOY_SERVICES if stage == "deploy" else REQUEST_SERVICES
+        raise UsageError(f"fault spec {spec!r}: service 0x{service:X} is not {what}, so the fault would never fire "
+                         f"(one of {' '.join(f'{x:02X}' for x in sorted(known))})")
     action, _, arg_text = action_part.partition("=")
     if action not in SERVER_ACTIONS + CLIENT_ACTIONS:
         raise UsageError(f"fault spec {spec!r}: action {action!r} is not one of {', '.join(SERVER_ACTIONS + CLIENT_ACTIONS)}")
