@@ -112,24 +112,17 @@ class Collector:
         except Exception:  # noqa: BLE001 - one message must not stop the collector
             log.exception("message on %r could not be stored", msg.topic)
             why = "internal error"
-        if why is None:
-            self._ack(msg.topic, msg.payload)
-        else:
+        if why is not None:
             with self._lock:
                 self.rejected += 1
                 self._lock.notify_all()  # a waiter may count rejections
             log.warning("dropped a message on %r: %s", msg.topic, why)
 
-    def _ack(self, topic: str, payload: bytes | bytearray) -> None:
+    def _ack(self, vin: str, msg_id: str) -> None:
         """A report stored (or stored before): its vehicle may now remove it from its outbox
         (``<root>/<vin>/ack``, QoS 1). Until this arrives the vehicle keeps it and sends it again."""
-        vin, kind = topic.split("/")[-2:]
-        if kind not in OUT_KINDS:
-            return
-        msg_id = json.loads(payload)["id"]  # _take stored it: a JSON object with a string id
         self.client.publish(f"{self.root}/{vin}/ack", json.dumps({"ids": [msg_id]}), qos=1)
-        with self._lock:
-            self.acks += 1
+        self.acks += 1
 
     def _take(self, topic: str, payload: bytes | bytearray) -> str | None:
         """Store one message; None, or why it was dropped."""
@@ -157,6 +150,8 @@ class Collector:
                 why = self._store(vin, kind, doc)
                 if why is not None:
                     return why
+                if kind in OUT_KINDS:
+                    self._ack(vin, doc["id"])
             else:
                 return "no message id"
             self._lock.notify_all()

@@ -14,6 +14,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from vota.bench.processes import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Tests that start processes or a broker are marked slow (pytest -m "not slow" is the inner loop).
@@ -161,12 +163,6 @@ def procs() -> Iterator[list[Proc]]:
         p.stop()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Mosquitto:

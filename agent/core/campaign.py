@@ -335,7 +335,7 @@ def verify_campaign(
     role = Role.of(trusted)
     if check_time and role.expires is not None and now >= role.expires:
         raise CampaignRejected("keys_expired", f"the vehicle's key list expired at {role.expires.isoformat()}: "
-                                               "a campaign is taken again once a newer key list has come", cid)
+                                               "send the campaign again once the vehicle has a newer key list", cid)
     if check_time and now >= campaign.expires:
         raise CampaignRejected("expired", f"expired at {campaign.expires.isoformat()}", cid)
     if check_time and now < campaign.issued - _dt.timedelta(minutes=5):
