@@ -10,7 +10,7 @@ import json
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -21,13 +21,15 @@ from agent.adapters.cloud_link import topic_prefix
 from agent.adapters.storage import atomic_write_bytes
 from agent.core.campaign import key_id, sign_campaign
 from agent.core.content import SLACK, read_archive
+from agent.core.image_auth import ImageSigner, sign_image
 from agent.errors import UsageError, VotaError
+from agent.protocol.images import ImageError, read_image
 from cloud_sim.collector import Collector
 from cloud_sim.mqtt import broker_address, cloud_client, shown
 from cloud_sim.package_server import PackageServer
 from cloud_sim.trust import TrustPlatform
 
-__all__ = ["make_campaign", "publish", "CloudSim", "broker_address", "content_offer"]
+__all__ = ["make_campaign", "memory_sha256", "publish", "CloudSim", "broker_address", "content_offer"]
 
 
 def make_campaign(
@@ -45,12 +47,15 @@ def make_campaign(
     activation: str | None = None,
     deltas: dict[str, tuple[Path, str]] | None = None,
     preconditions: dict[str, Any] | None = None,
+    image_keys: Mapping[str, tuple[ImageSigner, int]] | None = None,
 ) -> bytes:
     """Sign a campaign for ``packages`` [(ecu, file, version)], served under ``base_url``;
     ``order`` and ``requires`` per ECU, ``activation`` atomic or per_ecu (the vehicle's default
     when None: atomic for more than one package). ``deltas`` per ECU: (the image it runs, its
     version): the delta from it is made beside the package (``<name>.from-<version>.delta``)
-    and the campaign carries both. ``preconditions``: this campaign's overrides of the vehicle's."""
+    and the campaign carries both. ``preconditions``: this campaign's overrides of the vehicle's.
+    ``image_keys`` per ECU: (the OEM's key for that ECU model, the image's security version): the
+    image is signed for an ECU that verifies what it boots (``image_auth``)."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
     entries = []
     for ecu, path, version in packages:
@@ -66,6 +71,9 @@ def make_campaign(
             entry["requires"] = requires[ecu]
         if deltas and ecu in deltas:
             entry["delta"] = _delta_entry(path, data, *deltas[ecu], base_url)
+        if image_keys and ecu in image_keys:
+            signer, security_version = image_keys[ecu]
+            entry["image_auth"] = sign_image(signer, ecu, version, security_version, memory_sha256(data, path.name)).to_json()
         entries.append(entry)
     doc = {"format": "vota-campaign", "version": 1, "campaign_id": campaign_id, "vin": vin,
            "issued": (now - _dt.timedelta(seconds=1)).isoformat(timespec="seconds"),
@@ -75,6 +83,25 @@ def make_campaign(
     if preconditions is not None:
         doc["preconditions"] = preconditions
     return sign_campaign(doc, key)
+
+
+def memory_sha256(data: bytes, name: str) -> str:
+    """The digest of an image as it lies in the ECU's memory, which its signature covers: the file
+    itself, or a container's segments laid out from the lowest one's address (gaps zero-filled;
+    the ECU's memory is taken to start there)."""
+    try:
+        container = read_image(data, name)
+    except ImageError as exc:
+        raise UsageError(str(exc)) from None
+    if not container.segments:
+        return hashlib.sha256(data).hexdigest()
+    base = min(address for address, _ in container.segments)
+    memory = bytearray()
+    for address, chunk in container.segments:
+        offset = address - base
+        memory[len(memory):offset] = bytes(max(0, offset - len(memory)))
+        memory[offset : offset + len(chunk)] = chunk
+    return hashlib.sha256(memory).hexdigest()
 
 
 def _delta_entry(path: Path, data: bytes, base_path: Path, base_version: str, base_url: str) -> dict[str, Any]:

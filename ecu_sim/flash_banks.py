@@ -18,6 +18,7 @@ committed; a kill mid-flash leaves the ECU without an application until it is fl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,10 +42,16 @@ class BankInfo:
     size: int = 0
     sha256: str = ""
     confirmed: bool = True  # the active bank: false while it is on trial and may be rolled back
+    verified: bool = False  # its signature checked against the ECU's trust anchor (the authenticate routine)
+    security_version: int = 0  # the signed security version it carries
 
     def to_json(self) -> dict[str, Any]:
         return {"state": self.state, "version": self.version, "size": self.size, "sha256": self.sha256,
-                "confirmed": self.confirmed}
+                "confirmed": self.confirmed, "verified": self.verified, "security_version": self.security_version}
+
+    def moved(self, state: str, **changes: Any) -> "BankInfo":
+        """The same image in another state (its version, digest and signature go with it)."""
+        return dataclasses.replace(self, state=state, **changes)
 
 
 class FlashBanks:
@@ -58,6 +65,7 @@ class FlashBanks:
         self.dependencies_ok = False
         self.pending_version = ""
         self.next_boot = ""  # what the next reset does: "activate" the staged bank, "rollback" to the old one
+        self.counter = 0  # anti-rollback: the highest security version of a verified image that was confirmed
         self.blocks_written: list[tuple[int, int]] = []  # (offset, size) of the blocks of the image being written
         self._handle: Any = None
         self._load()
@@ -72,14 +80,14 @@ class FlashBanks:
             self.active = meta["active"]
             self.banks = {k: BankInfo(**v) for k, v in meta["banks"].items()}
             self.next_boot = str(meta.get("next_boot", ""))
+            self.counter = int(meta.get("security_counter", 0))
             if self.active not in ("a", "b") or set(self.banks) != {"a", "b"}:
                 raise ValueError("banks must be a and b")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VotaError(f"{self.meta_path}: unreadable flash bank metadata ({exc})") from None
         if self.single:
             if self.active_info.state == "staged":  # complete and checked: the bootloader starts it
-                self.banks[self.active] = BankInfo("valid", self.active_info.version, self.active_info.size,
-                                                   self.active_info.sha256)
+                self._run(self.active, self.active_info.moved("valid", confirmed=True))
                 self._save()
             return  # anything less stays: no application until it is flashed again
         inactive = self.banks[self.inactive]
@@ -92,7 +100,7 @@ class FlashBanks:
         atomic_write_json(
             self.meta_path,
             {"schema": SCHEMA, "active": self.active, "banks": {k: v.to_json() for k, v in self.banks.items()},
-             "next_boot": self.next_boot},
+             "next_boot": self.next_boot, "security_counter": self.counter},
         )
 
     def path(self, bank: str) -> Path:
@@ -182,11 +190,16 @@ class FlashBanks:
         self._save()
         return True
 
+    def authenticate(self, security_version: int) -> None:
+        """The image just written carries a valid signature (checked by the caller) and this security version."""
+        self.banks[self.target] = self.banks[self.target].moved("verified", verified=True, security_version=security_version)
+        self._save()
+
     def check_dependencies(self) -> bool:
         """The new image is consistent: it is staged (kept across restarts, not yet running)."""
         info = self.banks[self.target]
         if info.state == "verified":
-            self.banks[self.target] = BankInfo("staged", info.version, info.size, info.sha256)
+            self.banks[self.target] = info.moved("staged")
             self._save()
         self.dependencies_ok = self.banks[self.target].state == "staged"
         return self.dependencies_ok
@@ -235,9 +248,17 @@ class FlashBanks:
         if self.next_boot == "rollback":
             self.next_boot = ""
         self.active_info.confirmed = True
+        if self.active_info.verified:
+            self.counter = max(self.counter, self.active_info.security_version)
         if self.banks[self.inactive].state == "valid":
             self.banks[self.inactive] = BankInfo("empty")
         self._save()
+
+    def _run(self, bank: str, info: BankInfo) -> None:
+        """``info`` becomes what ``bank`` runs; confirmed at once, a verified image raises the counter."""
+        self.banks[bank] = info
+        if info.confirmed and info.verified:
+            self.counter = max(self.counter, info.security_version)
 
     def activate_if_ready(self) -> bool:
         """At reset: run the staged image when it was selected (on trial) or was staged in this
@@ -247,7 +268,7 @@ class FlashBanks:
             info = self.active_info
             if info.state != "staged":  # checked and consistent: the bootloader starts it at any reset
                 return False
-            self.banks[self.active] = BankInfo("valid", info.version, info.size, info.sha256)
+            self._run(self.active, info.moved("valid", confirmed=True))
             self.dependencies_ok = False
             self._save()
             return True
@@ -256,10 +277,10 @@ class FlashBanks:
         trial = self.next_boot == "activate"
         if self.next_boot == "rollback" and self.previous is not None:
             left = self.active
-            self.banks[new] = BankInfo("valid", info.version, info.size, info.sha256, confirmed=True)
+            self.banks[new] = info.moved("valid", confirmed=True)
             self.banks[left] = BankInfo("empty")
         elif info.state == "staged" and (trial or self.dependencies_ok):
-            self.banks[new] = BankInfo("valid", info.version, info.size, info.sha256, confirmed=not trial)
+            self._run(new, info.moved("valid", confirmed=not trial))
         else:
             if self.next_boot:
                 self.next_boot = ""

@@ -11,7 +11,9 @@ from agent.protocol.ecu import (
     STAGED,
     STAGED_NONE,
     STAGED_SELECTED,
+    SecureVersion,
     StagedImage,
+    encode_secure_version,
     encode_signal,
     encode_staged_image,
 )
@@ -45,6 +47,9 @@ def _did_value(s: EcuState, did: int) -> bytes | None:
         DID.STAGED_IMAGE: _staged_image(s),
         DID.BANK_STATUS: bytes((int(info.confirmed), int(s.banks.previous is not None))),
     }
+    if did == DID.SECURE_VERSION:
+        return None if s.image_key is None else encode_secure_version(
+            SecureVersion(info.verified, info.security_version, s.banks.counter, info.version))
     if did == DID.AMBIENT_LIGHT:
         return _ambient_light(s)
     if did in _SIGNAL_OF:

@@ -17,6 +17,7 @@ from agent.adapters.file_store import transfer_data as file_transfer_data
 from agent.adapters.file_store import transfer_exit as file_transfer_exit
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import EcuConfig
+from agent.core.image_auth import ImageAuth, verify_image
 from agent.protocol.compression import DecompressError, decompressor, named_by
 from agent.protocol.ecu import ROUTINE_SHOW_CONTENT, ROUTINE_STOP_CONTENT
 from agent.protocol.files import is_name
@@ -156,7 +157,8 @@ def routine_control(s: EcuState, r: Request) -> Outcome | bytes:
     cfg, d = s.config, s.speaks
     if routine in (cfg.activate_routine, cfg.discard_routine, cfg.rollback_routine, cfg.commit_routine):
         return _bank_routine(s, r, routine)
-    known = {d.erase_routine, d.check_routine, cfg.delta_base_routine} | d.dependencies_routines | d.other_routines
+    known = {d.erase_routine, d.check_routine, cfg.delta_base_routine, cfg.authenticate_routine} | d.dependencies_routines \
+        | d.other_routines
     if routine not in known:
         return r.negative(Nrc.RequestOutOfRange)
     if kind != 0x01:
@@ -173,6 +175,8 @@ def routine_control(s: EcuState, r: Request) -> Outcome | bytes:
     option = r.data[4:]
     if routine == cfg.delta_base_routine:
         return _delta_base(s, r, head, option)
+    if routine == cfg.authenticate_routine:
+        return _authenticate(s, r, head, option)
     if routine == d.erase_routine:
         return _erase(s, r, head, option)
     if routine == d.check_routine:
@@ -185,8 +189,33 @@ def routine_control(s: EcuState, r: Request) -> Outcome | bytes:
         return Outcome(head + (b"\x00" if ok else b"\x01"), busy=s.sim.check_ms / 1000.0)
     if option:
         return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    if s.image_key is not None and s.banks.banks[s.banks.target].state == "verified" \
+            and not s.banks.banks[s.banks.target].verified:
+        return r.negative(Nrc.AuthenticationRequired)  # no valid signature: never staged, never run
     ok = s.banks.check_dependencies()
     return head + (b"\x00" if ok else b"\x01")
+
+
+def _authenticate(s: EcuState, r: Request, head: bytes, option: bytes) -> bytes:
+    """After the download: the image's security version and the OEM's signature over it
+    (agent/core/image_auth.py). A bootloader without a trust anchor answers requestOutOfRange; a
+    record of the wrong length incorrectMessageLength; an image not yet written and checked
+    requestSequenceError; a signature that does not verify (another key, image, version or ECU)
+    authenticationRequired; a security version below the ECU's counter conditionsNotCorrect."""
+    if s.image_key is None:
+        return r.negative(Nrc.RequestOutOfRange)
+    auth = ImageAuth.from_record(option)
+    if auth is None:
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    info = s.banks.banks[s.banks.target]
+    if info.state != "verified":
+        return r.negative(Nrc.RequestSequenceError)
+    if not verify_image(s.image_key, auth, s.config.name, info.version, info.sha256):
+        return r.negative(Nrc.AuthenticationRequired)
+    if auth.security_version < s.banks.counter:
+        return r.negative(Nrc.ConditionsNotCorrect)
+    s.banks.authenticate(auth.security_version)
+    return head + b"\x00"
 
 
 def _erase(s: EcuState, r: Request, head: bytes, option: bytes) -> Outcome | bytes:
@@ -229,6 +258,10 @@ def _bank_routine(s: EcuState, r: Request, routine: int) -> bytes:
         return r.negative(Nrc.SecurityAccessDenied)
     if s.download_active:
         return r.negative(Nrc.RequestSequenceError)
+    staged = s.banks.staged
+    if routine == cfg.activate_routine and s.image_key is not None and staged is not None and (
+            not staged.verified or staged.security_version < s.banks.counter):
+        return r.negative(Nrc.AuthenticationRequired if not staged.verified else Nrc.ConditionsNotCorrect)
     if routine == cfg.activate_routine and not s.banks.select_staged():
         return r.negative(Nrc.ConditionsNotCorrect)
     if routine == cfg.rollback_routine and not s.banks.select_previous():

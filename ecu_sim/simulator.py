@@ -9,8 +9,10 @@ from pathlib import Path
 from agent.adapters.canbus import Segment
 from agent.adapters.storage import InstanceLock
 from agent.adapters.uds_server import UdsServer
-from agent.core.config import VehicleConfig
+from agent.core.config import EcuConfig, VehicleConfig
 from agent.core.faults import FaultSpec, parse_fault
+from agent.core.image_auth import ImageKey, load_image_key
+from agent.errors import UsageError
 from ecu_sim.content import ContentStore
 from ecu_sim.flash_banks import FlashBanks
 from ecu_sim.services import SERVICES, EcuState
@@ -18,6 +20,17 @@ from ecu_sim.services import SERVICES, EcuState
 __all__ = ["EcuSimulator"]
 
 log = logging.getLogger(__name__)
+
+
+def _trust_anchor(ecu: EcuConfig) -> ImageKey | None:
+    """``ecus.<name>.sim.image_key``: the OEM's public key this ECU's bootloader checks images with."""
+    if ecu.sim.image_key is None:
+        return None
+    path = Path(ecu.sim.image_key)
+    try:
+        return load_image_key(path.read_bytes(), f"ecus.{ecu.name}.sim.image_key: {path}")
+    except OSError as exc:
+        raise UsageError(f"ecus.{ecu.name}.sim.image_key: {path}: cannot read the trust anchor ({exc.strerror})") from None
 
 
 class EcuSimulator:
@@ -58,7 +71,7 @@ class EcuSimulator:
                     services=SERVICES,
                     state=EcuState(ecu, banks, content=ContentStore(base / ecu.name / "content", ecu.sim.max_block_length),
                                    sensors=base / ecu.name / "sensors.json", signals=base / ecu.name / "signals.json",
-                                   security_file=base / ecu.name / "security.json"),
+                                   security_file=base / ecu.name / "security.json", image_key=_trust_anchor(ecu)),
                     s3=ecu.sim.s3_ms / 1000.0,
                     pending_interval=ecu.sim.pending_interval_ms / 1000.0,
                     faults=mine,

@@ -14,6 +14,7 @@ from typing import Callable
 
 from agent.adapters.storage import atomic_write_json
 from agent.core.config import EcuConfig, EcuSimConfig
+from agent.core.image_auth import ImageKey
 from agent.protocol.compression import Decompressor
 from agent.protocol.uds import BlockCounter, Session
 from ecu_sim.content import ContentStore
@@ -52,6 +53,7 @@ class EcuState:
     signals: Path | None = None  # signals.json: the vehicle's state (ecu_sim/identification.py)
     security_file: Path | None = None  # security.json: wrong keys and the lock-out, across a power cycle
     dialect: Dialect | None = None  # the bootloader dialect it plays (ecu_sim/dialect.py); None: from its profile
+    image_key: ImageKey | None = None  # the trust anchor (sim.image_key): only images signed with it are staged or run
 
     def __post_init__(self) -> None:
         if self.dialect is None:

@@ -34,7 +34,7 @@ from agent.core.flash_profile import profile_flow
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError
 from agent.protocol.compression import compress
-from agent.protocol.ecu import DID, STAGED_NONE, decode_staged_image
+from agent.protocol.ecu import DID, STAGED_NONE, decode_secure_version, decode_staged_image
 from agent.protocol.images import ImageError
 from agent.protocol.uds import Nrc
 from gateway.jobs import DeltaImage, FlashJob, FlashResult, ImageBlock, Progress
@@ -60,7 +60,8 @@ class EcuFlasher(UdsSequence[FlashResult]):
                  faults: list[FaultSpec] | None = None,
                  on_step: Callable[[str, str, TraceRecorder], None] | None = None) -> None:
         journal = (lambda step: on_step(ecu.name, step, self.recorder)) if on_step is not None else None
-        peer = Peer.ecu(ecu, ecu.flash_profile.version.did, DID.IMAGE_DIGEST, DID.STAGED_IMAGE, ecu.fingerprint_did)
+        peer = Peer.ecu(ecu, ecu.flash_profile.version.did, DID.IMAGE_DIGEST, DID.STAGED_IMAGE, DID.SECURE_VERSION,
+                        ecu.fingerprint_did)
         super().__init__(segment, peer, flash_header(ecu, job), retries=gateway.retries,
                          late_grace_s=gateway.late_response_grace_ms / 1000.0, stop=stop,
                          faults=[f for f in faults or [] if f.applies_to("flash", ecu.name, "client")], on_step=journal)
@@ -116,26 +117,34 @@ class EcuFlasher(UdsSequence[FlashResult]):
             self._no_delta("this ECU takes no delta images (ecus.<name>.delta)")
         use_delta = job.delta is not None and ecu.delta is not None and self._delta_is_smaller()
         today = _dt.date.today()
-        ctx = profile.context(version=job.version, today=today)
+        auth = {"signature": job.image_auth.signature, "security_version": job.image_auth.security_version} \
+            if job.image_auth is not None else {}
+        ctx = profile.context(version=job.version, today=today, **auth)
         for spec in profile.pre:
-            self.profile_step(spec, ctx)
+            self._profile_step(spec, ctx)
         delta = self._delta_base() if use_delta else None
         for block in blocks:
             check = self._check_value(block.data) if block.data or delta is None else self._delta_check()
             ctx = profile.context(version=job.version, today=today, address=block.address, size=block.size,
-                                  block=block.number, data=block.data, check=check)
+                                  block=block.number, data=block.data, check=check, **auth)
             for spec in profile.block:
                 if spec.kind == "download":
                     self._download(block, delta)
                 else:
-                    self.profile_step(spec, ctx)
+                    self._profile_step(spec, ctx)
         for spec in profile.post:
             if spec.kind != "reset":
-                self.profile_step(spec, ctx)
+                self._profile_step(spec, ctx)
             elif not job.stage_only:  # staging: the ECU keeps running its image
                 self.profile_step(spec, ctx)
                 self.wait_back(spec.name, self.gateway.reset_wait_ms / 1000.0)
         result.version_after = self._staged() if job.stage_only else self._verify()
+
+    def _profile_step(self, spec: Any, ctx: Any) -> None:
+        """A step of the profile; one for signed images only (the authenticate routine) when the image is."""
+        if spec.when == "signed" and self.job.image_auth is None:
+            return
+        self.profile_step(spec, ctx)
 
     def _delta_is_smaller(self) -> bool:
         """A delta and its full image both deployed: whichever is smaller on the bus goes, the patch
@@ -191,11 +200,31 @@ class EcuFlasher(UdsSequence[FlashResult]):
                 if len(self.recorder.exchanges) > first:
                     self.recorder.exchanges[first].extra["retried"] = True  # asked again: the last one is judged
         running = result.version_before
+        if job.image_auth is not None:
+            running = self._verified_version(running)
         if job.guard_rollback and running is None:
             raise FlashError("rollback_check", "the ECU did not tell its version (F189), so a downgrade cannot be "
                                                "ruled out: not flashed")
         if job.guard_rollback and running and compare_versions(job.version, running) < 0:
             raise FlashError("rollback_check", f"the ECU runs {running}, newer than {job.version}: not flashed")
+
+    def _verified_version(self, reported: str | None) -> str | None:
+        """A signed image: what the ECU runs as its bootloader verified it (DID F1A3), not the version
+        string it reports; an image below the ECU's security version counter is refused here."""
+        with self.link.step("secure_version"):
+            try:
+                raw = self.client.read_data_by_identifier(DID.SECURE_VERSION).service_data.values[DID.SECURE_VERSION]
+            except Exception:  # noqa: BLE001 - an ECU that does not tell: the reported version stands
+                return reported
+        secure = decode_secure_version(bytes(raw))
+        auth = self.job.image_auth
+        assert auth is not None
+        if secure is None:
+            return reported
+        if auth.security_version < secure.counter:
+            raise FlashError("rollback_check", f"the image's security version {auth.security_version} is below the ECU's "
+                                               f"counter {secure.counter}: not flashed")
+        return secure.version if secure.verified else reported
 
     def _read_version(self) -> str | None:
         spec = self.profile.version

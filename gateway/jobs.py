@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from agent.adapters.uds_sequence import StepResult
+from agent.core.image_auth import ImageAuth
 from agent.core.trace import TraceRecorder
 from agent.errors import FlashError
 from agent.protocol.images import ImageError, read_image
@@ -85,6 +86,7 @@ class FlashJob:
     # image goes to the ECU's first memory block
     segments: tuple[tuple[int, bytes], ...] = ()
     ecu_sha256: str = ""  # a container's image as it lies in the ECU's memory: the digest the ECU reports (F1A0, F1A1)
+    image_auth: ImageAuth | None = None  # the OEM's signature, for an ECU that verifies what it boots
 
     @property
     def on_ecu_sha256(self) -> str:

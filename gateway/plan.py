@@ -106,9 +106,13 @@ def _job(job: InstallJob, images: Mapping[str, bytes], approved: Approved) -> Fl
         d = signed.delta
         if not _matches(images.get(job.delta), d.size, d.sha256):  # a pipelined install: still on its way
             awaited = Awaited(d.name, d.size, d.sha256, signed.size, signed.sha256, d.base_sha256, d.image_crc32)
-            return FlashJob(job.ecu, b"", job.version, job.package, guard_rollback=True, awaited=awaited)
+            return FlashJob(job.ecu, b"", job.version, job.package, guard_rollback=True, awaited=awaited,
+                            image_auth=signed.image_auth)
         delta = DeltaImage(images[job.delta], d.base_sha256, signed.size, signed.sha256, d.image_crc32, job.delta)
     elif signed is not None and not _matches(images.get(job.package), signed.size, signed.sha256):
         awaited = Awaited(signed.name, signed.size, signed.sha256, signed.size, signed.sha256)
-        return FlashJob(job.ecu, b"", job.version, job.package, guard_rollback=True, awaited=awaited)
-    return FlashJob(job.ecu, images.get(job.package, b""), job.version, job.package, guard_rollback=True, delta=delta)
+        return FlashJob(job.ecu, b"", job.version, job.package, guard_rollback=True, awaited=awaited,
+                        image_auth=signed.image_auth)
+    auth = signed.image_auth if signed is not None else None
+    return FlashJob(job.ecu, images.get(job.package, b""), job.version, job.package, guard_rollback=True, delta=delta,
+                    image_auth=auth)

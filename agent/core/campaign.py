@@ -28,7 +28,9 @@ vehicle's). Signed with the rest, so only a campaign key holder can change them.
 
 A package may carry a delta (``agent/protocol/delta.py``) from the image the ECU runs: the
 vehicle sends it when the ECU runs ``base_sha256`` (``image_crc32``, of the new image, is what a
-CRC-checking ECU's check memory compares), and the full image otherwise.
+CRC-checking ECU's check memory compares), and the full image otherwise. A package for an ECU
+that verifies what it boots carries ``"image_auth": {"security_version": 3, "signature": "<128
+hex>"}``: the OEM's signature over the image for that ECU model (``agent/core/image_auth.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.core import strict_json
+from agent.core.image_auth import ImageAuth
 from agent.core.roles import Role, SignatureProblem, check_signatures, key_id, open_envelope, sign_envelope
 from agent.errors import UsageError, VotaError
 from agent.protocol.files import PARTIAL_SUFFIXES, is_name
@@ -69,6 +72,7 @@ FORMAT = "vota-campaign"
 VERSION = 1
 MAX_ENVELOPE = 1 << 20
 _PACKAGE_KEYS = {"name", "ecu", "version", "url", "size", "sha256"}
+_OPTIONAL_KEYS = {"order", "requires", "delta", "image_auth"}
 _DELTA_KEYS = {"name", "url", "size", "sha256", "base_sha256", "base_version", "image_crc32"}
 
 
@@ -113,6 +117,7 @@ class Package:
     order: int = 0  # install order: same order, one group (in parallel across segments); groups one after another
     requires: tuple[tuple[str, str], ...] = ()  # (ECU, minimum version) that must hold once the campaign is in
     delta: Delta | None = None  # a patch to this image from one the ECU may run
+    image_auth: ImageAuth | None = None  # the OEM's signature for an ECU that verifies what it boots
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"name": self.name, "ecu": self.ecu, "version": self.version, "url": self.url,
@@ -123,6 +128,8 @@ class Package:
             doc["requires"] = dict(self.requires)
         if self.delta is not None:
             doc["delta"] = self.delta.to_json()
+        if self.image_auth is not None:
+            doc["image_auth"] = self.image_auth.to_json()
         return doc
 
 
@@ -211,9 +218,9 @@ def _parse(payload: bytes) -> Campaign:
     packages = []
     for i, p in enumerate(packages_doc):
         where = f"packages[{i}]"
-        if not isinstance(p, dict) or not _PACKAGE_KEYS <= set(p) or set(p) - _PACKAGE_KEYS - {"order", "requires", "delta"}:
+        if not isinstance(p, dict) or not _PACKAGE_KEYS <= set(p) or set(p) - _PACKAGE_KEYS - _OPTIONAL_KEYS:
             raise CampaignRejected("malformed", f"{where} needs name, ecu, version, url, size, sha256 (and may have order, "
-                                                f"requires, delta), nothing else", cid)
+                                                f"requires, delta, image_auth), nothing else", cid)
         if not all(isinstance(p[k], str) and p[k] for k in ("name", "ecu", "version", "url", "sha256")):
             raise CampaignRejected("malformed", f"{where}: name, ecu, version, url and sha256 must be strings", cid)
         if not is_name(p["name"]) or p["name"].endswith(PARTIAL_SUFFIXES):
@@ -226,7 +233,8 @@ def _parse(payload: bytes) -> Campaign:
             raise CampaignRejected("malformed", f"{where}.url must be http or https", cid)
         delta = _delta(p["delta"], f"{where}.delta", cid) if "delta" in p else None
         packages.append(Package(p["name"], p["ecu"], p["version"], p["url"], p["size"], p["sha256"],
-                                _order(p.get("order", 0), where, cid), _requires(p.get("requires", {}), where, cid), delta))
+                                _order(p.get("order", 0), where, cid), _requires(p.get("requires", {}), where, cid), delta,
+                                _image_auth(p["image_auth"], f"{where}.image_auth", cid) if "image_auth" in p else None))
     names = [p.name for p in packages] + [p.delta.name for p in packages if p.delta is not None]
     if len(set(names)) != len(names) or len({p.ecu for p in packages}) != len(packages):
         raise CampaignRejected("malformed", "package (and delta) names and target ECUs must be unique", cid)
@@ -283,6 +291,13 @@ def _delta(d: Any, where: str, cid: str) -> Delta:
     if not d["url"].startswith(("http://", "https://")):
         raise CampaignRejected("malformed", f"{where}.url must be http or https", cid)
     return Delta(d["name"], d["url"], d["size"], d["sha256"], d["base_sha256"], d["base_version"], d["image_crc32"])
+
+
+def _image_auth(doc: Any, where: str, cid: str) -> ImageAuth:
+    try:
+        return ImageAuth.from_json(doc)
+    except ValueError as exc:
+        raise CampaignRejected("malformed", f"{where}: {exc}", cid) from None
 
 
 def _order(value: Any, where: str, cid: str) -> int:

@@ -72,6 +72,8 @@ class RecordContext:
     address_bytes: int = 4
     size_bytes: int = 4
     tester_id: bytes = b""
+    signature: bytes = b""  # a signed image: the OEM's signature (agent/core/image_auth.py) ...
+    security_version: int = 0  # ... and its security version
 
 
 def _bcd_date(ctx: RecordContext) -> bytes:
@@ -95,6 +97,8 @@ FIELDS: dict[str, tuple[Callable[[RecordContext], bytes], int | None]] = {
     "version": (_version_bytes, None),
     "version_length": (lambda c: bytes((min(255, len(_version_bytes(c))),)), 1),
     "tester_id": (lambda c: c.tester_id, None),
+    "signature": (lambda c: c.signature, None),
+    "security_version": (lambda c: c.security_version.to_bytes(4, "big"), 4),
 }
 
 
@@ -144,6 +148,7 @@ class ProfileStep:
     retry_on: frozenset[int] = frozenset({0x21})
     timeout_ms: int | None = None
     ok_status: tuple[int, ...] = (0x00,)  # a routine's first status byte, if any, must be one of these; (): not checked
+    when: str = "always"  # "signed": sent only for an image that carries its signature (image_auth)
 
     def payload(self, ctx: RecordContext) -> bytes:
         """The request's bytes."""
@@ -224,6 +229,8 @@ def default_profile(ecu: Any) -> FlashProfile:
             req("check_memory", service=0x31, sub=0x01, routine=ecu.check_memory_routine, record=(_r("check"),)),
         ),
         post=(
+            req("authenticate", service=0x31, sub=0x01, routine=ecu.authenticate_routine,
+                record=(_r("security_version"), _r("signature")), when="signed"),
             req("check_dependencies", service=0x31, sub=0x01, routine=ecu.check_dependencies_routine),
             req("ecu_reset", kind="reset", service=0x11, sub=0x01),
             req("post_extended_session", service=0x10, sub=0x03),
@@ -261,7 +268,8 @@ def profile_flow(profile: FlashProfile, delta_routine: int | None = None) -> dic
     first_block = len(steps)
     steps += [*profile.block, *profile.post]
     last_block = first_block + len(profile.block) - 1
-    skippable = [s.optional or s.functional or s.kind == "reset" or s.name == "delta_base" for s in steps]
+    skippable = [s.optional or s.functional or s.kind == "reset" or s.name == "delta_base" or s.when != "always"
+                 for s in steps]
     flow: dict[str, dict[str, str]] = {"start": {}}
 
     def reachable(after: int) -> list[int]:

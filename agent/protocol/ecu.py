@@ -7,7 +7,8 @@ import hmac
 from dataclasses import dataclass
 
 __all__ = ["DID", "ROUTINE_SHOW_CONTENT", "ROUTINE_STOP_CONTENT", "security_key", "StagedImage", "encode_staged_image",
-           "decode_staged_image", "STAGED_NONE", "STAGED", "STAGED_SELECTED"]
+           "decode_staged_image", "STAGED_NONE", "STAGED", "STAGED_SELECTED", "SecureVersion", "encode_secure_version",
+           "decode_secure_version"]
 
 ROUTINE_SHOW_CONTENT = 0x0401  # 31 01 0401 <name>: show owner content the ECU holds
 ROUTINE_STOP_CONTENT = 0x0402  # 31 01 0402: stop showing it
@@ -25,6 +26,7 @@ class DID:
     IMAGE_DIGEST = 0xF1A0  # vendor-specific: SHA-256 of the active image
     STAGED_IMAGE = 0xF1A1  # vendor-specific: the staged image: status, size, SHA-256, version (staged_image_record)
     BANK_STATUS = 0xF1A2  # vendor-specific: the running image confirmed (01) or on trial (00), a previous image kept (01)
+    SECURE_VERSION = 0xF1A3  # vendor-specific, ECUs that verify images: what runs as verified (SecureVersion)
     ACTIVE_CONTENT = 0xF1C0  # vendor-specific: the owner content being shown (empty: none)
     AMBIENT_LIGHT = 0xF1C1  # vendor-specific: the light sensor, lux as uint16 (day/night for content, C4)
     # vendor-specific: the vehicle's state, what install preconditions are judged on (SIGNALS below)
@@ -73,6 +75,30 @@ def decode_staged_image(data: bytes) -> StagedImage | None:
     digest = data[5:37]
     return StagedImage(data[0], int.from_bytes(data[1:5], "big"), digest.hex() if any(digest) else "",
                        data[37:].decode("ascii", "replace"))
+
+
+# DID F1A3, an ECU that verifies what it boots: verified(1) security version(4) counter(4) version(ASCII)
+@dataclass(frozen=True)
+class SecureVersion:
+    """The running image as the bootloader verified it: whether it carried a valid signature, its
+    security version and version, and the ECU's anti-rollback counter (no image below it is taken)."""
+
+    verified: bool
+    security_version: int
+    counter: int
+    version: str
+
+
+def encode_secure_version(v: SecureVersion) -> bytes:
+    return (bytes((int(v.verified),)) + v.security_version.to_bytes(4, "big") + v.counter.to_bytes(4, "big")
+            + v.version.encode("ascii", "replace"))
+
+
+def decode_secure_version(data: bytes) -> SecureVersion | None:
+    if len(data) < 9 or data[0] > 1:
+        return None
+    return SecureVersion(bool(data[0]), int.from_bytes(data[1:5], "big"), int.from_bytes(data[5:9], "big"),
+                         data[9:].decode("ascii", "replace"))
 
 
 # ---- the vehicle's state, as install preconditions read it ---------------------------------------

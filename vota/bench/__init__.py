@@ -59,8 +59,10 @@ def _runtime_config(source: str, out: Path, broker: BenchBroker, vin: str) -> Pa
         raise UsageError(f"{source}: the bench needs the deploy and tbox sections (see configs/bench.yaml)")
     data.setdefault("gateway", {})["results_dir"] = str(out / "gateway" / "results")
     data["deploy"]["package_dir"] = str(out / "gateway" / "packages")
-    for ecu in data.get("ecus", {}).values():
+    for name, ecu in data.get("ecus", {}).items():
         ecu.setdefault("sim", {})["state_dir"] = str(out / "ecu_state")
+        if ecu["sim"].get("image_key"):  # a bootloader that verifies images: the bench plays the OEM
+            ecu["sim"]["image_key"] = str(out / "keys" / f"image-{name}.pub")
     tbox = data["tbox"]
     tbox["vin"] = vin
     tbox["state_dir"] = str(out / "tbox")
@@ -108,6 +110,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
     try:
         broker = start_broker(args, out, procs, vin)
         key, cloud, runtime = _cloud(args, out, vin, broker)
+        image_keys = _image_keys(out, config, names)
         clock: list[str] = []
         if content_spec is not None:
             begin, rate = content_clock(content_spec[0], args.content_seconds)
@@ -125,7 +128,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
             print(f"content {content_spec[0]['bundle_id']}: {result['outcome']} in {report['duration_s']:.1f} s; "
                   f"report: {out / 'report.json'}", flush=True)
             return report
-        report = _campaign(args, out, vin, names, key, cloud, broker, started)
+        report = _campaign(args, out, vin, names, (key, image_keys), cloud, broker, started)
     except KeyboardInterrupt:
         print("bench: interrupted; stopping every process", file=sys.stderr)
         return 130
@@ -163,6 +166,19 @@ def _cloud(args: argparse.Namespace, out: Path, vin: str, broker: BenchBroker) -
     return key, cloud, runtime
 
 
+def _image_keys(out: Path, config: Any, names: list[str]) -> dict[str, tuple[Ed25519PrivateKey, int]]:
+    """One OEM key per ECU whose bootloader verifies images (``sim.image_key``): its public half is
+    the simulator's trust anchor, the private one signs the bench's images (security version 1)."""
+    keys = {}
+    for name in names:
+        if config.ecu(name).sim.image_key:
+            key = Ed25519PrivateKey.generate()
+            atomic_write_bytes(out / "keys" / f"image-{name}.pub", key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+            keys[name] = (key, 1)
+    return keys
+
+
 def _start_vehicle(procs: Processes, runtime: Path, names: list[str], faults: list[Any], clock: list[str]) -> None:
     """One ECU simulator per ECU, the gateway and the TBOX, each with the faults injected where they belong."""
 
@@ -177,10 +193,14 @@ def _start_vehicle(procs: Processes, runtime: Path, names: list[str], faults: li
     procs.wait_ready()
 
 
-def _campaign(args: argparse.Namespace, out: Path, vin: str, names: list[str], key: Ed25519PrivateKey, cloud: Any,
+def _campaign(args: argparse.Namespace, out: Path, vin: str, names: list[str],
+              keys: tuple[Ed25519PrivateKey, dict[str, tuple[Ed25519PrivateKey, int]]], cloud: Any,
               broker: BenchBroker, started: float) -> dict[str, Any]:
-    """A campaign of one generated package per ECU, signed, published and followed to its end."""
+    """A campaign of one generated package per ECU, signed (and each image signed for an ECU that
+    verifies what it boots), published and followed to its end."""
     from cloud_sim.cloud import make_campaign, publish
+
+    key, image_keys = keys
 
     campaign_id = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     packages = []
@@ -188,7 +208,8 @@ def _campaign(args: argparse.Namespace, out: Path, vin: str, names: list[str], k
         path = out / "cloud" / "packages" / f"{name}-{args.image_version}.bin"
         path.write_bytes(make_image(name, args.image_version, args.image_size, getattr(args, "image_kind", "random")))
         packages.append((name, path, args.image_version))
-    envelope = make_campaign(vin=vin, packages=packages, base_url=cloud.base_url, key=key, campaign_id=campaign_id)
+    envelope = make_campaign(vin=vin, packages=packages, base_url=cloud.base_url, key=key, campaign_id=campaign_id,
+                             image_keys=image_keys)
     (out / "campaign.signed.json").write_bytes(envelope)
     publish(broker.cloud, vin, "campaign", envelope, broker.mqtt_version)
     print(f"cloud: campaign {campaign_id} published ({len(packages)} packages of {args.image_size // 1024} KiB)", flush=True)

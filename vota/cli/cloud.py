@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.errors import UsageError
 from vota.cli.daemons import serve
-from vota.cli.inputs import read_input
+from vota.cli.inputs import image_keys, read_input
 
 __all__ = ["cmd_cloud"]
 
@@ -65,7 +65,8 @@ def _campaign(args: argparse.Namespace) -> int:
     envelope = make_campaign(vin=args.vin, packages=packages, base_url=args.base_url, key=key,
                              campaign_id=args.campaign_id, install=args.install,
                              valid_for=_dt.timedelta(days=args.valid_days), deltas=deltas,
-                             preconditions=_preconditions(args.precondition) or None)
+                             preconditions=_preconditions(args.precondition) or None,
+                             image_keys=image_keys(args.image_key, {e for e, _, _ in packages}))
     if args.out:
         atomic_write_bytes(args.out, envelope)
     else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vota.cli.inputs import IMAGE_KEY_HELP
+
 __all__ = ["build_parser", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = "configs/bench.yaml"
@@ -95,6 +97,7 @@ def _flash(sub: Any) -> None:
     p.add_argument("--delta-from", action="append", default=[], metavar="ECU=OLD_IMAGE",
                    help="send ECU a delta from OLD_IMAGE (the image it runs) to its new image, the full image "
                         "when the ECU does not run OLD_IMAGE or takes no deltas (repeatable)")
+    p.add_argument("--image-key", action="append", default=[], metavar="ECU=KEY[@N]", help=IMAGE_KEY_HELP)
 
 
 def _versions(sub: Any) -> None:
@@ -262,6 +265,7 @@ def _cloud(sub: Any) -> None:
                    help="override the vehicle's install preconditions for this campaign: min_soc, soc_per_minute, "
                         "min_battery_mv, parked, ignition_off, speed_zero, charging (allowed|forbidden), window_s "
                         "(repeatable; e.g. min_soc=50)")
+    k.add_argument("--image-key", action="append", default=[], metavar="ECU=KEY[@N]", help=IMAGE_KEY_HELP)
     k.add_argument("--out", metavar="FILE", help="signed campaign (default: standard output)")
     k = csub.add_parser("broker", help="run the demo's embedded MQTT broker (amqtt, MQTT 3.1.1)")
     k.add_argument("--port", type=int, default=1883)

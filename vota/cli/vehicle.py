@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UsageError
+from vota.cli.inputs import image_keys
 from vota.cli.tables import format_flash_table, table
 
 __all__ = ["cmd_flash", "cmd_versions", "cmd_deploy", "cmd_diagnose", "parse_image_arg"]
@@ -57,6 +58,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
         except ImageError as exc:
             raise UsageError(str(exc)) from None
     jobs = _with_deltas(jobs, args.delta_from)
+    jobs = _signed(jobs, args.image_key)
     out = Path(args.out) if args.out else Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S")
     signal.signal(signal.SIGTERM, _interrupt)
     board = ProgressBoard([j.ecu for j in jobs], enabled=not args.no_progress)
@@ -70,6 +72,17 @@ def cmd_flash(args: argparse.Namespace) -> int:
         print(format_flash_table(rows))
         print(f"results and traces: {out}")
     return 0 if all(r.result == "success" for r in results) else 3
+
+
+def _signed(jobs: list[Any], items: list[str]) -> list[Any]:
+    """``--image-key ECU=KEY[@N]``: the job carries the image's signature, made here with the OEM's key."""
+    import dataclasses
+
+    from agent.core.image_auth import sign_image
+
+    keys = image_keys(items, {j.ecu for j in jobs})
+    return [dataclasses.replace(j, image_auth=sign_image(keys[j.ecu][0], j.ecu, j.version, keys[j.ecu][1],
+                                                          j.on_ecu_sha256)) if j.ecu in keys else j for j in jobs]
 
 
 def _with_deltas(jobs: list[Any], delta_from: list[str]) -> list[Any]:

@@ -99,12 +99,15 @@ def _step(source: str, key: str, raw: Any, phase: str) -> ProfileStep:
         optional=sec.get("optional", _bool, False), tolerate=_nrcs(sec, "tolerate", frozenset()),
         retry_on=_nrcs(sec, "retry_on", frozenset({0x21})), timeout_ms=sec.get("timeout_ms", _positive, None),
         ok_status=tuple(_byte(v) for v in sec.get("ok_status", list, [0], what="a list of status bytes")),
+        when=sec.get("when", _choice("always", "signed"), "always"),
     )
     sec.get("download", _bool, False)
     sec.get("reset", _bool, False)
     sec.done()
     if kind == "security" and step.level % 2 != 1:
         raise ConfigError(source, sec.key("security"), "expected an odd level (the seed request)")
+    if step.when == "signed" and kind != "request":
+        raise ConfigError(source, sec.key("when"), "only a request step can depend on the image's signature")
     if kind == "reset" and phase != "post":
         raise ConfigError(source, sec.key("reset"), "the reset belongs in the post phase")
     if kind == "download" and phase != "block":

@@ -90,6 +90,9 @@ class EcuSimConfig:
     accept_compression: tuple[str, ...] | None = None
     # whether the simulated bootloader applies delta images (false simulates one without: NRC 0x31)
     accept_delta: bool = True
+    # the OEM's public key for this ECU model (Ed25519 or ECDSA P-256, PEM): the bootloader stages and
+    # runs only images signed with it (agent/core/image_auth.py); None: it checks no signature
+    image_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,8 @@ class EcuConfig:
     # delta images: the routine that checks, before anything is erased, that the active image is
     # the delta's base (option: base SHA-256, new image SHA-256)
     delta_base_routine: int = 0xFF06
+    # signed images: after the download, the image's security version and signature (agent/core/image_auth.py)
+    authenticate_routine: int = 0xFF07
     # 2: A/B banks (an image can be staged, activated, rolled back); 1: a single bank, flashed in
     # place: it cannot be staged, so a vehicle-level campaign flashes it last and is not fully revertible
     banks: int = 2
