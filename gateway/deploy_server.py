@@ -12,6 +12,7 @@ The wire layouts are in ``agent/protocol/files.py`` (file transfer) and
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -27,9 +28,11 @@ from agent.adapters.file_store import FileStore, request_file_transfer, transfer
 from agent.adapters.storage import atomic_write_json
 from agent.adapters.uds_server import Outcome, Service, tester_present
 from agent.core.config import DeployConfig
+from agent.core.trace import request_header
 from agent.errors import InstallRefused
 from agent.protocol.files import is_name
 from agent.protocol.link import (
+    AUTH_TRAILER,
     BOOT_ID_DID,
     CANCEL_ROUTINE,
     CONTENT_ROUTINE,
@@ -38,6 +41,8 @@ from agent.protocol.link import (
     InstallStatus,
     deploy_key,
     encode_install_status,
+    open_request,
+    session_key,
 )
 from agent.protocol.uds import Nrc, Request, RoutineType, Session, session_response
 
@@ -85,12 +90,16 @@ class DeployState:
     boot_id: bytes = field(default_factory=lambda: os.urandom(8))  # new at every start of the gateway
     unlocked: bool = False  # SecurityAccess passed in this session
     seed: bytes | None = None
+    key: bytes | None = None  # the session key requests are authenticated with (deploy.authenticate_requests)
+    freshness: int = 0  # the last freshness value taken in this session
 
     def __post_init__(self) -> None:
         self.files = FileStore(Path(self.config.package_dir), self.config.max_block_length, Path(self.results_dir),
                                compression=self.config.compression, reserve=self.config.min_free_mib << 20,
-                               unwritten=self.installer.unwritten if self.installer is not None else None)
+                               unwritten=self.installer.unwritten if self.installer is not None else None,
+                               trailer=AUTH_TRAILER if self.config.secured else 0)
         self.security_file = Path(self.results_dir) / "deploy-security.json"  # wrong keys outlive a restart
+        self.refused_log = Path(self.results_dir) / REFUSED_LOG  # requests refused for their authenticator
 
     @property
     def denied(self) -> bool:
@@ -111,7 +120,10 @@ class DeployState:
     def session_timeout(self) -> None:
         self.files.abort()
         self.session = Session.defaultSession
-        self.unlocked, self.seed = False, None
+        self.lock()
+
+    def lock(self) -> None:
+        self.unlocked, self.seed, self.key, self.freshness = False, None, None, 0
 
     def abort(self) -> None:
         self.files.abort()
@@ -124,7 +136,7 @@ def _session(s: DeployState, r: Request) -> bytes:
         return r.negative(Nrc.SubFunctionNotSupported)
     s.files.abort()  # a (re)started session ends any transfer; its partial package stays for ResumeFile
     s.session = r.data[1]
-    s.unlocked, s.seed = False, None  # every session starts locked
+    s.lock()  # every session starts locked
     return session_response(r.data[1], 50, 5000)
 
 
@@ -154,9 +166,11 @@ def _security(s: DeployState, r: Request) -> bytes:
         return b"\x67\x01" + s.seed
     if s.seed is None or s.unlocked:
         return r.negative(Nrc.RequestSequenceError)
-    expected, s.seed = deploy_key(secret, s.seed), None
-    if hmac.compare_digest(bytes(r.data[2:]), expected):
+    seed, s.seed = s.seed, None
+    if hmac.compare_digest(bytes(r.data[2:]), deploy_key(secret, seed)):
         s.unlocked = True
+        if s.config.secured:
+            s.key, s.freshness = session_key(secret, seed), 0
         if record["failures"]:
             atomic_write_json(s.security_file, {"failures": 0, "locked_until": 0})
         return b"\x67\x02"
@@ -170,12 +184,44 @@ def _security(s: DeployState, r: Request) -> bytes:
 
 
 def _guarded(handler: Any) -> Any:
-    """The handler, answering 0x33 until SecurityAccess is passed (when it is required)."""
+    """The handler, answering 0x33 until SecurityAccess is passed (when it is required), and with
+    authenticated requests, 0x3A (secureDataVerificationFailed) to a request whose MAC does not
+    verify or whose freshness is not above the last one taken; the handler sees the request
+    without its authenticator."""
 
     def guarded(s: DeployState, r: Request) -> Any:
-        return r.negative(Nrc.SecurityAccessDenied) if s.denied else handler(s, r)
+        if s.denied:
+            return r.negative(Nrc.SecurityAccessDenied)
+        if s.key is not None:
+            opened = open_request(s.key, s.freshness, bytes(r.data))
+            if isinstance(opened, str):
+                _refused(s, r, opened)
+                return r.negative(Nrc.SecureDataVerificationFailed)
+            data, s.freshness = opened
+            r = dataclasses.replace(r, data=data)
+        return handler(s, r)
 
     return guarded
+
+
+REFUSED_LOG = "deploy-refused.jsonl"
+REFUSED_LOG_MAX = 256 * 1024  # then it starts again (the previous one kept as .1): a flood cannot fill the disk
+
+
+def _refused(s: DeployState, r: Request, reason: str) -> None:
+    """Log and trace (header-only, like every trace) a request refused for its authenticator."""
+    log.warning("deploy link: refused %s (%d bytes): %s", request_header(bytes(r.data), "deploy").hex(), len(r.data),
+                reason)
+    entry = {"t": round(time.time(), 3), "request": request_header(bytes(r.data), "deploy").hex(), "length": len(r.data),
+             "reason": reason}
+    try:
+        s.refused_log.parent.mkdir(parents=True, exist_ok=True)
+        if s.refused_log.exists() and s.refused_log.stat().st_size > REFUSED_LOG_MAX:
+            os.replace(s.refused_log, s.refused_log.with_name(REFUSED_LOG + ".1"))
+        with open(s.refused_log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+    except OSError as exc:  # a full disk: the answer still goes
+        log.warning("cannot record the refused request in %s: %s", s.refused_log, exc)
 
 
 def _routine(s: DeployState, r: Request) -> bytes | Outcome:

@@ -276,6 +276,77 @@ class DeployServer(Target):
         self.daemon.stop()
 
 
+class SecuredDeployServer(Target):
+    """Requests to a deploy server that authenticates them, after a real SecurityAccess: genuine
+    authenticated requests, the same with a bit flipped or a byte cut, replays, forged trailers
+    and random bytes. Only a request that carries a valid MAC over its own bytes and a fresh
+    counter is ever handled (anything else answers 0x3A and changes nothing on disk)."""
+
+    name = "deploy-secoc"
+
+    def open(self, tmp: Path) -> None:
+        from gateway.daemon import GatewayDaemon
+        from tests.conftest import virtual_bus
+
+        super().open(tmp)
+        data = {"segments": {"bb": {"bus": virtual_bus()}},
+                "deploy": {"segment": "bb", "package_dir": str(tmp / "gw" / "packages"), "security_secret": "fuzz"},
+                "gateway": {"results_dir": str(tmp / "gw" / "results")}}
+        self.daemon = GatewayDaemon(parse_vehicle_config(data, "fuzz"))
+        self.daemon.start()
+        assert self.daemon.server is not None
+        self.server = self.daemon.server
+        (tmp / "gw" / "packages" / "keep.bin").write_bytes(b"stored before")
+        delete = b"\x38\x02\x00\x08keep.bin"
+        body = st.sampled_from([delete, b"\x31\x03\x03\x01", b"\x31\x01\x03\x04c-1\x00x", b"\x37" + bytes(32)])
+        how = st.sampled_from(["genuine", "flip", "cut", "replay", "stale", "plain", "random"])
+        self.strategy = st.lists(st.tuples(body, how, st.integers(0, 10_000), st.binary(max_size=30)), min_size=1, max_size=6)
+
+    def _ask(self, request: bytes) -> list[bytes]:
+        stack = _Collecting()
+        self.server._handle(stack, request, False)
+        _well_formed(request, stack.sent)
+        return stack.sent
+
+    def feed(self, example: list[tuple[bytes, str, int, bytes]]) -> None:
+        from agent.protocol.link import deploy_key, secure_request, session_key
+
+        with internal_errors() as errors:
+            self._ask(b"\x10\x03")
+            seed = self._ask(b"\x27\x01")[-1][2:]
+            assert self._ask(b"\x27\x02" + deploy_key("fuzz", seed))[-1] == b"\x67\x02"
+            key, freshness = session_key("fuzz", seed), 0
+            sent: list[bytes] = []
+            for body, how, n, junk in example:
+                genuine = body[:1] != b"\x38" or how != "genuine"  # never the genuine delete: keep.bin must stay
+                freshness += 1
+                request = secure_request(key, freshness, body if genuine else b"\x31\x03\x03\x01")
+                if how == "flip":
+                    request = bytearray(request)
+                    request[n % len(request)] ^= 1 << (n % 8)
+                    request = bytes(request)
+                elif how == "cut":
+                    request = request[: n % (len(request) - 1) + 1]  # at least one byte short
+                elif how in ("replay", "stale"):
+                    request = sent[n % len(sent)] if sent and how == "replay" else secure_request(key, 0, body)
+                elif how == "plain":
+                    request = body + junk[:12]
+                elif how == "random":
+                    request = body[:1] + junk
+                answer = self._ask(request)[-1]
+                if how == "genuine":
+                    assert answer[:1] != b"\x7f" or answer[2] != 0x3A, f"{request.hex()}: a genuine request refused"
+                    sent.append(request)
+                else:  # refused; for its authenticator, unless the SID or sub-function itself was broken
+                    assert answer[:1] == b"\x7f", f"{how} {request.hex()} was handled: {answer.hex()}"
+                    assert answer[2] == 0x3A or request[:2] != body[:2] or len(request) < 4, f"{how} {request.hex()}"
+        _no_internal_error(errors, example)
+        assert (self.tmp / "gw" / "packages" / "keep.bin").read_bytes() == b"stored before"
+
+    def close(self) -> None:
+        self.daemon.stop()
+
+
 # ---- raw CAN frames into a live exchange --------------------------------------------------------------------------
 class CanFrames(Target):
     """Raw CAN frames (any id among the exchange's, any length, any bytes) while a UDS link
@@ -858,7 +929,6 @@ class CloudAcks(Target):
         super().close()
 
 
-TARGETS: dict[str, Callable[[], Target]] = {t.name: t for t in (EcuServer, DeployServer, CanFrames, TboxInbound, Collector,
-                                                                CampaignEnvelopes, ContentBundles, Traces, KeyLists,
-                                                                SignedReports, DeltaPatches, InstallManifests, ImageFiles,
-                                                                FlashProfiles, CloudAcks)}
+TARGETS: dict[str, Callable[[], Target]] = {t.name: t for t in (
+    EcuServer, DeployServer, SecuredDeployServer, CanFrames, TboxInbound, Collector, CampaignEnvelopes, ContentBundles,
+    Traces, KeyLists, SignedReports, DeltaPatches, InstallManifests, ImageFiles, FlashProfiles, CloudAcks)}

@@ -176,7 +176,7 @@ def test_the_deploy_link_needs_security_access_and_locks_out_wrong_keys(tmp_path
     0x38 and the routines answer 0x33; three wrong keys lock the link (0x36, then 0x37), also
     for a gateway started again; the key is HMAC-SHA256 over the seed, never in a trace."""
     from agent.adapters.file_client import PackageDeployer
-    from agent.protocol.link import deploy_key
+    from agent.protocol.link import deploy_key, secure_request, session_key
 
     data = {"segments": {"bb": {"bus": virtual_bus()}},
             "deploy": {"segment": "bb", "package_dir": str(tmp_path / "pk"), "security_secret": "per-vehicle-secret",
@@ -204,9 +204,15 @@ def test_the_deploy_link_needs_security_access_and_locks_out_wrong_keys(tmp_path
         seed = gw.ask(b"\x27\x01")[2:]
         assert gw.ask(b"\x27\x02" + deploy_key("per-vehicle-secret", seed)) == b"\x67\x02"
         assert gw.ask(b"\x27\x01") == b"\x67\x01" + bytes(16)  # unlocked: a zero seed
-        assert gw.ask(_file_request(0x01, "ok.bin", 10))[:2] == b"\x78\x01"
+        request = _file_request(0x01, "ok.bin", 10)
+        assert gw.ask(request) == bytes.fromhex("7f383a")  # unlocked, but no authenticator: secureDataVerificationFailed
+        key = session_key("per-vehicle-secret", seed)
+        assert gw.ask(secure_request(key, 1, request))[:2] == b"\x78\x01"  # freshness 1 and its MAC: taken
+        assert gw.ask(secure_request(key, 1, request)) == bytes.fromhex("7f383a")  # the same again: a replay
         assert gw.ask(b"\x10\x03")[:2] == b"\x50\x03"  # a new session starts locked
         assert gw.ask(_file_request(0x01, "ok.bin", 10)) == bytes.fromhex("7f3833")
+        refused = [json.loads(line) for line in (tmp_path / "gw" / "deploy-refused.jsonl").read_text().splitlines()]
+        assert [(r["length"], r["reason"][:13]) for r in refused] == [(20, "MAC does not "), (32, "freshness 1 n")]
         # the TBOX's deployer unlocks with the configured secret; with another one it fails at security_access
         image = os.urandom(5000)
         (tmp_path / "vcu.bin").write_bytes(image)

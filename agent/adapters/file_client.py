@@ -66,7 +66,8 @@ class DeployResult(StepResult):
 def deploy_peer(link: DeployConfig, *dids: int, name: str = "gateway") -> Peer:
     """The deploy link's server as a sequence's peer (the gateway; an ECU for owner content)."""
     return Peer(name, link.request_id, link.response_id, link.p2_ms / 1000.0, link.p2_star_ms / 1000.0,
-                security=deploy_security(link), dids=dids)
+                security=deploy_security(link), dids=dids,
+                authenticate=link.security_secret if link.secured else None)
 
 
 class PackageDeployer(UdsSequence[DeployResult]):
@@ -124,7 +125,7 @@ class PackageDeployer(UdsSequence[DeployResult]):
         response, stream = self._request_file_transfer(c)
         position = int(response.service_data.fileposition or 0) if self.resume else 0
         max_block = self.max_block = int(response.service_data.max_length)
-        payload = packet_payload(max_block)
+        payload = packet_payload(max_block) - self.peer.trailer  # the request with its authenticator fits the block
         if payload < 1:
             raise FlashError("request_file_transfer", f"maxNumberOfBlockLength {max_block} leaves no room for data")
         if position % payload or position > self.total:

@@ -71,6 +71,7 @@ class FileStore:
     compression: tuple[tuple[str, int], ...] = ()  # methods accepted, with their dataFormatIdentifier nibble
     reserve: int = 0  # bytes that must stay free where files arrive: a file that would not leave them is refused (0x70)
     unwritten: Callable[[Path], bytes | None] | None = None  # a readable file the storage could not take yet
+    trailer: int = 0  # bytes of each request's authenticator (agent/protocol/link.py): fewer file bytes per packet
     transfer: _Transfer | None = None
     upload: _Upload | None = None
 
@@ -83,7 +84,7 @@ class FileStore:
 
     @property
     def payload(self) -> int:
-        return packet_payload(self.max_block_length)
+        return packet_payload(self.max_block_length) - self.trailer
 
     @property
     def results(self) -> Path:

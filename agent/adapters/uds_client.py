@@ -28,9 +28,10 @@ from udsoncan.typing import ClientConfig
 from agent.adapters.canbus import Segment
 from agent.core.faults import FaultCounter, FaultSpec
 from agent.core.trace import TraceRecorder
+from agent.protocol.link import SECURED_SERVICES, secure_request, session_key
 from agent.protocol.uds import plausible_reply
 
-__all__ = ["TracingConnection", "ClientFaults", "StrayListener", "UdsLink", "RawCodec", "describe_failure"]
+__all__ = ["TracingConnection", "RequestAuthenticator", "ClientFaults", "StrayListener", "UdsLink", "RawCodec", "describe_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,35 @@ class ClientFaults:
 _SUBFUNCTION_SERVICES = {0x10, 0x11, 0x27, 0x28, 0x31, 0x38, 0x3E, 0x85}
 
 
+class RequestAuthenticator:
+    """The client's half of authenticated requests (``agent/protocol/link.py``): the session key
+    from the SecurityAccess seed, and freshness and MAC appended to each request that needs them."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.key: bytes | None = None
+        self.freshness = 0
+
+    def start(self, seed: bytes) -> None:
+        """A new SecurityAccess exchange: a new session key, freshness from the start."""
+        self.key, self.freshness = session_key(self.secret, seed), 0
+
+    def wrap(self, payload: bytes) -> bytes:
+        if self.key is None or not payload or payload[0] not in SECURED_SERVICES:
+            return payload
+        self.freshness += 1
+        return secure_request(self.key, self.freshness, payload)
+
+
 class TracingConnection(BaseConnection):
     def __init__(self, stack: Any, recorder: TraceRecorder | None, name: str, segment: Segment | None = None,
-                 faults: ClientFaults | None = None) -> None:
+                 faults: ClientFaults | None = None, authenticator: RequestAuthenticator | None = None) -> None:
         super().__init__(name)
         self.stack = stack
         self.recorder = recorder
         self.segment = segment
         self.faults = faults
+        self.authenticator = authenticator
         self.paused = False
         self.opened = False
         self._fake: bytes | None = None
@@ -129,6 +151,8 @@ class TracingConnection(BaseConnection):
                 self._fake = plausible_reply(payload)
                 return
             payload = self.faults.mangle(fault, payload)  # type: ignore[union-attr]
+        if self.authenticator is not None:  # a client's own mistake is authenticated like the rest; the trace
+            payload = self.authenticator.wrap(payload)  # records the length with the authenticator, as on the wire
         if rec is not None:
             rec.request(payload)
         if fault is not None and fault.action == "not_sent":
@@ -271,17 +295,20 @@ class UdsLink:
         dids: Mapping[int, udsoncan.DidCodec] | None = None,
         watch_ids: set[int] | None = None,
         faults: ClientFaults | None = None,
+        authenticate: str | None = None,
     ) -> None:
+        """``authenticate``: the link's secret, when requests after SecurityAccess carry an authenticator."""
         self.segment = segment
         self.stack = segment.stack(request_id, response_id)
-        self.connection = TracingConnection(self.stack, recorder, name, segment, faults)
+        self.authenticator = RequestAuthenticator(authenticate) if authenticate is not None else None
+        self.connection = TracingConnection(self.stack, recorder, name, segment, faults, self.authenticator)
         config = dict(udsoncan.configs.default_client_config)
         config.update(
             request_timeout=None,  # never cut a 0x78-pending wait short; P2/P2* bound each wait
             p2_timeout=p2,
             p2_star_timeout=p2_star,
             use_server_timing=False,
-            security_algo=(lambda level, seed, params: security(level, seed)) if security else None,
+            security_algo=(lambda level, seed, params: self._key(security, level, seed)) if security else None,
             data_identifiers=dict(dids or {}),
         )
         self.client = Client(self.connection, config=cast(ClientConfig, config))
@@ -290,6 +317,11 @@ class UdsLink:
         if recorder is not None:
             self.listener = StrayListener(recorder, {request_id, response_id} | (watch_ids or set()))
             segment.notifier.add_listener(self.listener)
+
+    def _key(self, security: Callable[[int, bytes], bytes], level: int, seed: bytes) -> bytes:
+        if self.authenticator is not None:
+            self.authenticator.start(bytes(seed))
+        return security(level, bytes(seed))
 
     @contextmanager
     def step(self, name: str) -> Iterator[list[Any]]:

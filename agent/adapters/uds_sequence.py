@@ -46,6 +46,7 @@ from agent.core.flash_profile import ProfileStep, RecordContext
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError, VotaError
 from agent.protocol.compression import compress
+from agent.protocol.link import AUTH_TRAILER
 from agent.protocol.uds import Nrc, RoutineType
 
 __all__ = ["Peer", "StepResult", "StepSpec", "Offer", "UdsSequence", "CallSequence", "CallResult", "BUSY", "iso_time"]
@@ -75,6 +76,12 @@ class Peer:
     dids: tuple[int, ...] = ()
     watch_ids: frozenset[int] = frozenset()  # other ids whose frames are not stray answers (the functional id)
     functional_id: int | None = None
+    authenticate: str | None = None  # the link's secret: requests after SecurityAccess carry an authenticator
+
+    @property
+    def trailer(self) -> int:
+        """Bytes each authenticated request carries besides its own (freshness and MAC)."""
+        return AUTH_TRAILER if self.authenticate is not None else 0
 
     @classmethod
     def ecu(cls, ecu: EcuConfig, *dids: int) -> "Peer":
@@ -180,7 +187,7 @@ class UdsSequence(Generic[R]):
             faults = ClientFaults(self.faults, self.fault_scope, self.recorder.header.stage, lambda: self.max_block or None)
         return UdsLink(self.segment, p.request_id, p.response_id, name=p.name, recorder=self.recorder, p2=p.p2_s,
                        p2_star=p.p2_star_s, security=p.security, dids={d: RawCodec() for d in p.dids},
-                       watch_ids=set(p.watch_ids), faults=faults)
+                       watch_ids=set(p.watch_ids), faults=faults, authenticate=p.authenticate)
 
     def run(self) -> R:
         began = time.time()

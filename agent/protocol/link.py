@@ -53,7 +53,7 @@ __all__ = ["deploy_key", "INSTALL_ROUTINE", "INVENTORY_ROUTINE", "CONTENT_ROUTIN
            "ContentOp", "RelayStatus",
            "encode_install_status", "decode_install_status", "encode_content_request", "decode_content_request",
            "InstallJob", "InstallManifest", "encode_manifest", "parse_manifest", "INVENTORY_FILE", "STATUS_RECORD_LENGTH",
-           "BOOT_ID_DID"]
+           "BOOT_ID_DID", "SECURED_SERVICES", "AUTH_TRAILER", "session_key", "secure_request", "open_request"]
 
 INSTALL_ROUTINE = 0x0301
 INVENTORY_ROUTINE = 0x0302
@@ -92,6 +92,44 @@ class RelayStatus(IntEnum):
 def deploy_key(secret: str, seed: bytes) -> bytes:
     """The deploy link's SecurityAccess key: HMAC-SHA256 over the seed, all 32 bytes."""
     return hmac.new(secret.encode(), b"vota-deploy" + seed, hashlib.sha256).digest()
+
+
+# ---- authenticated requests, in the spirit of AUTOSAR SecOC (docs/security.md#authenticated-requests-on-the-backbone)
+# After SecurityAccess both sides hold a session key, HMAC-SHA256(secret, "vota-secoc-v1" + seed).
+# Every request of these services then ends with freshness (4 bytes, a counter that rises with each
+# request of the session, big-endian) and a MAC (the first 8 bytes of HMAC-SHA256(session key,
+# freshness + the request)); the gateway takes a request only with a valid MAC and a freshness
+# above the last one it took in the session.
+SECURED_SERVICES = frozenset({0x31, 0x36, 0x37, 0x38})
+AUTH_TRAILER = 12  # freshness 4 + MAC 8
+_MAC_LENGTH = 8
+
+
+def session_key(secret: str, seed: bytes) -> bytes:
+    return hmac.new(secret.encode(), b"vota-secoc-v1" + seed, hashlib.sha256).digest()
+
+
+def _mac(key: bytes, freshness: bytes, request: bytes) -> bytes:
+    return hmac.new(key, freshness + request, hashlib.sha256).digest()[:_MAC_LENGTH]
+
+
+def secure_request(key: bytes, freshness: int, request: bytes) -> bytes:
+    """The request with its freshness and MAC appended."""
+    fresh = freshness.to_bytes(4, "big")
+    return request + fresh + _mac(key, fresh, request)
+
+
+def open_request(key: bytes, last: int, data: bytes) -> tuple[bytes, int] | str:
+    """(the request without its authenticator, its freshness), or why it is refused."""
+    if len(data) <= AUTH_TRAILER:
+        return "no authenticator"
+    request, fresh, mac = data[:-AUTH_TRAILER], data[-AUTH_TRAILER:-_MAC_LENGTH], data[-_MAC_LENGTH:]
+    if not hmac.compare_digest(mac, _mac(key, fresh, request)):
+        return "MAC does not verify"
+    freshness = int.from_bytes(fresh, "big")
+    if freshness <= last:
+        return f"freshness {freshness} not above {last}: a replay"
+    return request, freshness
 
 
 def encode_install_status(status: int, done: int, total: int) -> bytes:

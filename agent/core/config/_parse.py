@@ -281,6 +281,7 @@ def _deploy(source: str, sec: _Section, segments: Mapping[str, SegmentConfig]) -
         lockout_s=sec.get("lockout_s", _nonneg, d.lockout_s),
         min_free_mib=sec.get("min_free_mib", _nonneg, d.min_free_mib),
         compression=compression_nibbles(sec),
+        authenticate_requests=sec.get("authenticate_requests", _bool, d.authenticate_requests),
     )
     timing.done()
     sec.done()

@@ -204,6 +204,14 @@ class DeployConfig:
     compression: tuple[tuple[str, int], ...] = ()
     lockout_s: int = 60  # after 3 wrong keys
     min_free_mib: int = 32  # a file that would leave less free in package_dir is refused (NRC 0x70)
+    # with security_secret: every state-changing request carries freshness and a MAC bound to the
+    # SecurityAccess session (agent/protocol/link.py, SecOC-style); false only for a TBOX that cannot
+    authenticate_requests: bool = True
+
+    @property
+    def secured(self) -> bool:
+        """Requests after SecurityAccess carry an authenticator."""
+        return self.security_secret is not None and self.authenticate_requests
 
 
 @dataclass(frozen=True)
