@@ -188,6 +188,10 @@ class InstallRun:
                 return done
             phase = f"{action}_failed"
         note = {"action": action, "result": done.result, "reason": done.reason or why, "trace_file": done.trace_file}
-        self.set(dataclasses.replace(r, phase=r.phase if action == "activate" else phase, actions=[*r.actions, note],
-                                     version_after=done.version_after or r.version_after))
+        r = dataclasses.replace(r, phase=r.phase if action == "activate" else phase, actions=[*r.actions, note],
+                                version_after=done.version_after or r.version_after)
+        if done.result != "success" and action != "activate" and r.result == "success":  # its first failure
+            r = dataclasses.replace(r, result="failed", failed_step=f"{action}: {done.failed_step}", reason=done.reason,
+                                    nrc=done.nrc)
+        self.set(r)
         return done

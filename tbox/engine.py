@@ -19,7 +19,9 @@ stopped. What a handler's error means is told by its class (``agent/errors.py``)
 
 - ``TryLater`` (network down, gateway busy or unreachable) or OSError: the same handler runs
   again after a back-off (``retry_delay_s`` doubling up to ``retry_max_delay_s``), at most
-  ``max_retries`` times in a row; then the campaign fails with ``retries_exhausted`` (with
+  ``max_retries`` times in a row, and no more once the pauses add up to ``retry_give_up_s``
+  (about five minutes: the attempts themselves, a long install followed, do not count); then
+  the campaign fails with ``retries_exhausted`` (with
   ``locked_out`` when the gateway's last answer was its SecurityAccess lock-out). These
   retries are not entries: the state is entered once.
 - the TBOX's own storage full, read-only or failing (``storage_fault``): waited out, no retry
@@ -152,7 +154,7 @@ class CampaignEngine:
     def _run(self, record: CampaignRecord, handler: Handler) -> str | None:
         """The handler's next state; transient problems are retried here with back-off."""
         state = record.state
-        retries = 0
+        retries, paused = 0, 0.0
         while True:
             try:
                 with self.traced(record):
@@ -173,11 +175,13 @@ class CampaignEngine:
                         return None
                     continue
                 retries += 1
-                if retries > self.tbox.max_retries:
+                if retries > self.tbox.max_retries or paused >= self.tbox.retry_give_up_s:
                     reason = "locked_out" if getattr(exc, "nrc", None) in LOCKED_OUT else "retries_exhausted"
-                    self.fail(record, CampaignFailure(state, reason, f"{retries - 1} retries: {exc}"))
+                    self.fail(record, CampaignFailure(state, reason, f"{retries - 1} retries, {paused:.0f} s of pauses: "
+                                                                     f"{exc}"))
                     return record.state
                 delay = min(self.tbox.retry_max_delay_s, self.tbox.retry_delay_s * 2 ** (retries - 1))
+                paused += delay
                 log.warning("%s %s: %s; retry %d of %d in %.1f s", record.campaign_id or record.key, state, exc, retries,
                             self.tbox.max_retries, delay)
                 self._report_retry(record, state, retries, str(exc))

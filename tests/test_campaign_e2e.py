@@ -120,6 +120,21 @@ def test_a_campaign_that_fails_on_the_link_around_the_transfers_is_diagnosed_on_
         rows = [json.loads(line) for line in (trace.parent / f"{state}.link.trace.jsonl").read_text().splitlines()[1:-1]]
         assert {row[5]["step"] for row in rows} == asked, rows
 
+    # every routine refused, the inventory's too: the campaign ends in received, under its id, within
+    # the retry pauses' bound, and is diagnosed on the received state's link trace
+    vehicle.gateway.stop()
+    vehicle.restart_gateway("--fault", "deploy:GW:31#1+:nrc=0x31")
+    vehicle.send(vehicle.campaign("c-received", "2.3.1"))
+    done = vehicle.finished("c-received", timeout=90)
+    assert (done["outcome"], done["failure"]["stage"], done["failure"]["reason"]) == (
+        "failed", "received", "retries_exhausted"), done
+    assert vehicle.cloud.collector.wait_for(lambda c: "c-received" in c.verdicts, 10)
+    verdict = vehicle.cloud.collector.verdicts["c-received"]
+    (first, *_) = verdict["findings"]
+    assert (verdict["stage"], verdict["abnormal_packages"], verdict["side"], verdict["unit"]) == (
+        "link", ["received"], "server", "GW"), verdict
+    assert (first["nrc"], first["step"], first["request"]) == (0x31, "collect inventory", "31010302"), first
+
 
 def test_a_campaign_refused_for_an_unknown_version_is_explained_by_the_inventory_trace(tmp_path, mosquitto,
                                                                                         write_config, procs):

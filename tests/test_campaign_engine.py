@@ -90,7 +90,28 @@ def test_transient_errors_are_retried_then_the_campaign_fails_with_retries_exhau
     engine.step()
     (record,) = engine.records()
     assert (record.outcome, record.failure["reason"], record.failure["stage"]) == ("failed", "retries_exhausted", "downloading")
-    assert "2 retries: down" in record.failure["detail"]
+    assert "2 retries" in record.failure["detail"] and record.failure["detail"].endswith(": down")
+
+
+def test_retries_give_up_once_their_pauses_add_up_to_retry_give_up_s_whatever_the_count(tmp_path: Path) -> None:
+    """A gateway that never answers in ``received``: the campaign ends within a bounded time
+    (the pauses, not the count), under its id, with the reason."""
+    import dataclasses
+
+    calls = []
+
+    def unreachable(record: CampaignRecord) -> str:
+        calls.append(1)
+        raise TryLater("the gateway does not answer")
+
+    engine, cloud = _engine(tmp_path, {"received": unreachable})
+    engine.tbox = dataclasses.replace(engine.tbox, retry_delay_s=0.01, retry_max_delay_s=0.04, max_retries=1000,
+                                      retry_give_up_s=0.2)
+    _record(tmp_path)
+    engine.step()
+    (record,) = engine.records()
+    assert (record.outcome, record.failure["stage"], record.failure["reason"]) == ("failed", "received", "retries_exhausted")
+    assert record.campaign_id == "c-1" and 5 < len(calls) < 20, len(calls)  # 0.01 + 0.02 + 0.04 * n >= 0.2
 
 
 def test_a_failure_ends_the_campaign_and_a_crash_is_an_internal_error(tmp_path: Path) -> None:

@@ -456,3 +456,41 @@ def test_ecu_killed_while_a_delta_is_applied_keeps_the_old_image_and_takes_the_d
     (r,) = json.loads(again.stdout)
     assert (r["version_after"], r["image_sent"]) == ("2.0.0", "delta") and r["bytes_transferred"] < len(new) // 2, r
     assert _active_image(state, "vcu") == bytes(new)
+
+
+def test_a_failed_delta_flash_is_blamed_on_the_exchange_that_failed_not_on_the_base_check(tmp_path, write_config, procs):
+    """A delta flash that fails (the ECU refuses a TransferData with 0x72; the gateway skips a
+    block counter) is diagnosed at that exchange: the base check (31 01 FF06, 68 bytes) before
+    the erase is a legal step of the sequence."""
+    config = write_config({"segments": {"pt": {"bus": multicast_bus()}}, "gateway": {"results_dir": str(tmp_path / "gw")},
+                           "ecus": {e: ecu_entry(e, 0x7E0 + i, 0x7E8 + i, max_block_length=514) | {"delta": 13}
+                                    for i, e in enumerate(("d", "s"))}})
+    state = tmp_path / "state"
+    old = firmware_like(96 * 1024)
+    new = bytearray(old)
+    for k in range(12):  # a patch of several blocks
+        new[k * 8000 : k * 8000 + 200] = os.urandom(200)
+    (tmp_path / "old.bin").write_bytes(old)
+    (tmp_path / "new.bin").write_bytes(new)
+    sim = Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), log=tmp_path / "sim.log")
+    procs.append(sim)
+    sim.wait_ready("ecu-sim ready")
+    first = vota("flash", "-c", str(config), "--out", str(tmp_path / "f0"), "--no-progress",
+                 *[f"{e}={tmp_path / 'old.bin'}@3.0.0" for e in ("d", "s")], timeout=300)
+    assert first.returncode == 0, first.stderr
+    sim.stop()
+    procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(state), "--fault", "d:36#2:nrc=0x72",
+                      log=tmp_path / "sim2.log"))
+    procs[-1].wait_ready("ecu-sim ready")
+    out = tmp_path / "f1"
+    run = vota("flash", "-c", str(config), "--out", str(out), "--json", "--no-progress", "--fault", "s:36#2:skip_counter",
+               *[f"{e}={tmp_path / 'new.bin'}@3.1.0" for e in ("d", "s")],
+               *[f"--delta-from={e}={tmp_path / 'old.bin'}" for e in ("d", "s")], timeout=300)
+    results = {r["ecu"]: r for r in json.loads(run.stdout)}
+    assert all(r["image_sent"] == "delta" and r["result"] == "failed" for r in results.values()), results
+    verdict = json.loads(vota("diagnose", str(out), "--mode", "all", "--json", "-").stdout)
+    found = {f["package"]: f for f in verdict["findings"]}
+    assert (found["d"]["cause"], found["d"]["nrc"], found["d"]["side"]) == ("negative_response", 0x72, "server"), found
+    assert found["d"]["request"].startswith("3602"), found["d"]
+    assert found["s"]["side"] == "client" and found["s"]["request"].startswith("36"), found["s"]
+    assert not any(f["request"].startswith("3101ff06") for f in verdict["findings"]), verdict["findings"]

@@ -95,6 +95,47 @@ def test_a_fault_at_the_third_activation_rolls_back_the_first_two(tmp_path, mosq
         v.close()
 
 
+def test_a_refused_commit_fails_the_ecu_in_its_commit_phase_and_is_diagnosed_on_the_commit_trace(
+        tmp_path, mosquitto, write_config, procs):
+    # bcm's fifth RoutineControl is the commit (erase, check memory, check dependencies, activate first)
+    v = start(tmp_path, mosquitto, write_config, procs, "bcm:31#5:nrc=0x22")
+    try:
+        v.send(v.campaign("c-commit", "2.0.0", packages=packages(v, "2.0.0"), order=ORDER))
+        done = v.finished("c-commit")
+        assert done["outcome"] == "failed" and done["failure"]["reason"] == "flash_failed", done
+        results = flash_results(v, "c-commit")
+        bcm = results["bcm"]
+        assert (bcm["result"], bcm["phase"], bcm["failed_step"], bcm["nrc"]) == ("failed", "commit_failed", "commit: commit",
+                                                                                0x22), bcm
+        assert all(results[e]["result"] == "success" and results[e]["phase"] == "committed" for e in ("vcu", "bms"))
+        assert v.cloud.collector.wait_for(lambda c: "c-commit" in c.verdicts, 10)
+        verdict = v.cloud.collector.verdicts["c-commit"]
+        assert verdict["abnormal_packages"] == ["bcm"] and verdict["unexplained"] is None, verdict
+        finding = verdict["findings"][0]
+        assert (finding["stage"], finding["cause"], finding["side"], finding["nrc"]) == ("activate", "negative_response", "server", 0x22)
+        assert finding["request"].startswith("3101ff05") and finding["step"] == "commit", finding
+    finally:
+        v.close()
+
+
+def test_a_late_answer_during_an_activation_is_in_its_trace_and_diagnosed_as_a_timeout(
+        tmp_path, mosquitto, write_config, procs):
+    # bcm's fifth session request is the activation's 10 03 (10 03, 10 02, 10 03, 10 01 while staging)
+    v = start(tmp_path, mosquitto, write_config, procs, "bcm:10#5:delay=1271")
+    try:
+        v.send(v.campaign("c-late", "2.0.0", packages=packages(v, "2.0.0"), order=ORDER))
+        done = v.finished("c-late")
+        assert done["outcome"] == "failed", done
+        assert v.cloud.collector.wait_for(lambda c: "c-late" in c.verdicts, 10)
+        verdict = v.cloud.collector.verdicts["c-late"]
+        finding = verdict["findings"][0]
+        assert (finding["stage"], finding["package"], finding["cause"], finding["side"]) == (
+            "activate", "bcm", "response_timeout", "server"), verdict
+        assert finding["request"] == "1003" and "late" in json.dumps(finding["context"]), finding
+    finally:
+        v.close()
+
+
 def test_install_order_groups_run_one_after_another(vehicle):
     """vcu and bcm (order 0) on different segments overlap in time; bms and dlp_headlamp
     (order 1) start only when both have finished; all four end committed on 2.0.0."""

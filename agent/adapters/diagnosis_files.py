@@ -60,10 +60,16 @@ def _campaign_dir(root: Path) -> tuple[Path, str | None]:
     return root, None
 
 
-def failed_at_activation(result: Any) -> bool:
-    """An ECU that staged but failed to activate: analysed on its activation's trace, not its flash."""
-    return (isinstance(result, dict) and result.get("result") != "success"
-            and str(result.get("failed_step") or "").startswith("activate:"))
+ACTIONS = ("activate", "commit", "discard", "rollback")
+
+
+def failed_action(result: Any) -> str | None:
+    """The activation-phase action an ECU failed at (``failed_step`` ``"commit: ..."``): it is
+    analysed on that action's trace, not its flash; None when it failed elsewhere or did not."""
+    if not isinstance(result, dict) or result.get("result") == "success":
+        return None
+    action, colon, _ = str(result.get("failed_step") or "").partition(":")
+    return action if colon and action in ACTIONS else None
 
 
 def load_inputs(path: str | Path) -> tuple[list[StageInput], str | None, list[dict[str, str]]]:
@@ -88,7 +94,8 @@ def load_inputs(path: str | Path) -> tuple[list[StageInput], str | None, list[di
             trace_path = result_path.parent / (doc.get("trace_file") or f"{name}.link.trace.jsonl")
         elif schema.startswith("vota-flash-result"):
             stage, name = "flash", str(doc.get("ecu"))
-            trace_path = result_path.parent / (f"{name}.activate.trace.jsonl" if failed_at_activation(doc)
+            action = failed_action(doc)
+            trace_path = result_path.parent / (f"{name}.{action}.trace.jsonl" if action is not None
                                                else doc.get("trace_file") or f"{name}.trace.jsonl")
         else:
             continue
@@ -120,7 +127,7 @@ def inputs_from_store(results: list[dict[str, Any]], traces_dir: Path, campaign_
     for body in results:
         stage = body.get("stage")
         name = str(body.get("package") if stage == "deploy" else body.get("name") if stage == "link" else body.get("ecu"))
-        kind = "activate" if stage == "flash" and failed_at_activation(body.get("result") or {}) else stage
+        kind = (failed_action(body.get("result") or {}) if stage == "flash" else None) or stage
         path = traces_dir / f"{campaign_id}.{kind}.{name}.jsonl"
         trace: Any = None
         error: str | None = f"{path.name}: trace not received"

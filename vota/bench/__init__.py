@@ -244,7 +244,7 @@ def _follow(cloud: Any, vin: str, campaign_id: str, timeout: float) -> dict[str,
                 return {"outcome": "rejected", "failure": body}
             elif m.get("type") == "results":
                 r = body.get("result", {})
-                unit = body.get("package") or body.get("ecu")
+                unit = body.get("package") or body.get("ecu") or body.get("name")
                 why = f" at {r.get('failed_step')}: {r.get('reason')}" if r.get("result") != "success" else ""
                 size = r.get("image_size", r.get("size"))
                 moved = r.get("bytes_transferred")

@@ -172,6 +172,7 @@ def _tbox(sec: _Section) -> TboxConfig:
         retry_delay_s=float(sec.get("retry_delay_ms", _positive, 2000)) / 1000.0,
         retry_max_delay_s=float(sec.get("retry_max_delay_ms", _positive, 60000)) / 1000.0,
         max_retries=sec.get("max_retries", _nonneg, d2.max_retries),
+        retry_give_up_s=sec.get("retry_give_up_s", _positive, d2.retry_give_up_s),
         install_timeout_s=sec.get("install_timeout_s", _positive, d2.install_timeout_s),
         cancel_timeout_s=sec.get("cancel_timeout_s", _positive, d2.cancel_timeout_s),
         storage_grace_s=sec.get("storage_grace_s", _positive, d2.storage_grace_s),

@@ -259,7 +259,8 @@ class TboxConfig:
     max_attempts: int = 3
     retry_delay_s: float = 2.0  # first pause after a transient problem; doubles each retry ...
     retry_max_delay_s: float = 60.0  # ... up to this
-    max_retries: int = 20  # transient retries in a row before the campaign fails (retries_exhausted)
+    max_retries: int = 20  # transient retries in a row before the campaign fails (retries_exhausted) ...
+    retry_give_up_s: int = 300  # ... or once the pauses between them add up to this, whichever comes first
     install_timeout_s: int = 900
     storage_grace_s: int = 120  # a campaign the TBOX's full or failing storage stops this long ends with reason storage
     cancel_timeout_s: int = 60  # a failed campaign's install cancelled on the gateway (tbox/cancel.py): how long to try
