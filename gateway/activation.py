@@ -23,6 +23,7 @@ from agent.adapters.canbus import Segment
 from agent.adapters.storage import best_effort
 from agent.adapters.uds_sequence import Peer, StepResult, UdsSequence
 from agent.core.config import EcuConfig, GatewayConfig
+from agent.core.faults import FaultCounter
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError
 from agent.protocol.ecu import DID
@@ -47,16 +48,19 @@ class EcuAction(UdsSequence[ActionResult]):
 
     def __init__(self, segment: Segment, ecu: EcuConfig, gateway: GatewayConfig, action: str,
                  expect: tuple[str, str | None] | None = None, stop: threading.Event | None = None,
-                 on_step: Callable[[str, str, TraceRecorder], None] | None = None) -> None:
+                 on_step: Callable[[str, str, TraceRecorder], None] | None = None,
+                 fault_counter: FaultCounter | None = None) -> None:
         """``expect``: (version, SHA-256 or None) the ECU must run after an activate or a rollback;
-        ``on_step``: called with (ECU, step, the trace so far) as each step starts (the journal)."""
+        ``on_step``: called with (ECU, step, the trace so far) as each step starts (the journal);
+        ``fault_counter``: the activate-stage client faults, counted across the install's actions."""
         assert action in ACTIONS
         header = TraceHeader(stage="activate", client="GW", server=ecu.name, packet=ecu.name, request_id=ecu.request_id,
                              response_id=ecu.response_id, functional_id=ecu.functional_id, started=time.time(),
                              extra={"segment": ecu.segment, "action": action})
         journal = (lambda step: on_step(ecu.name, step, self.recorder)) if on_step is not None else None
         super().__init__(segment, Peer.ecu(ecu, ecu.flash_profile.version.did, DID.IMAGE_DIGEST), header, retries=gateway.retries,
-                         late_grace_s=gateway.late_response_grace_ms / 1000.0, stop=stop, on_step=journal)
+                         late_grace_s=gateway.late_response_grace_ms / 1000.0, stop=stop, on_step=journal,
+                         fault_counter=fault_counter)
         self.ecu, self.gateway, self.action, self.expect = ecu, gateway, action, expect
         self.out_dir: Path | None = None
 

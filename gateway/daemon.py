@@ -32,7 +32,7 @@ class GatewayDaemon:
         faults = faults or []
         # deploy stage, server side: the deploy server; flash stage, client side: the flash client
         self.faults = [f for f in faults if f.stage == "deploy" and f.side == "server"]
-        self.flash_faults = [f for f in faults if f.stage == "flash" and f.side == "client"]
+        self.flash_faults = [f for f in faults if f.stage in ("flash", "activate") and f.side == "client"]
         self.buses = Buses(config)  # every segment opened once; one conversation per ECU at a time
         self.buses.pin(self.link.segment)  # the deploy server listens there, also while an ECU on it is flashed
         self.server: UdsServer[DeployState] | None = None

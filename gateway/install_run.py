@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from agent.adapters.storage import atomic_write_json, best_effort, storage_fault
 from agent.adapters.trace_files import write_trace
+from agent.adapters.uds_client import client_fault_counter
 from agent.core.config import VehicleConfig
 from agent.core.faults import FaultSpec
 from agent.core.trace import TraceRecorder
@@ -79,6 +80,9 @@ class InstallRun:
     journal: InstallJournal
     resumed: bool
     results: dict[str, FlashResult]
+
+    def __post_init__(self) -> None:
+        self.action_faults = client_fault_counter(self.ports.faults, "activate")  # across this install's actions
 
     @property
     def stop(self) -> threading.Event:
@@ -179,7 +183,7 @@ class InstallRun:
         hooks = self.journaling(action)
         with self.ports.buses.ecu(ecu, action) as segment:
             done = EcuAction(segment, self.config.ecu(ecu), self.config.gateway, action, expect=expect, stop=self.stop,
-                             on_step=hooks.step).run(self.out)
+                             on_step=hooks.step, fault_counter=self.action_faults).run(self.out)
         r = self.results[ecu]
         phase = PHASE_OF[action]
         if done.result != "success":

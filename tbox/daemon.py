@@ -50,7 +50,7 @@ class TboxDaemon:
                  *, cloud: CloudPort | None = None, gateway: GatewayPort | None = None) -> None:
         """``cloud`` and ``gateway``: the two ports, the real cloud link and gateway client by default."""
         self.config = config
-        self.faults = [f for f in faults or [] if f.stage == "deploy" and f.side == "client"]
+        self.faults = [f for f in faults or [] if f.stage in ("deploy", "link") and f.side == "client"]
         self.tbox: TboxConfig = config.tbox_config()
         self.link_cfg = config.deploy_link()
         self.now = now or (lambda: _dt.datetime.now(_dt.timezone.utc))

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 from agent.adapters.canbus import Segment
 from agent.adapters.file_client import DeployResult, PackageDeployer, deploy_peer
 from agent.adapters.trace_files import write_link_trace
+from agent.adapters.uds_client import client_fault_counter
 from agent.adapters.uds_sequence import CallSequence
 from agent.core.config import DeployConfig
 from agent.core.faults import FaultSpec
@@ -81,6 +82,7 @@ class GatewayClient:
         self.segment, self.link = segment, link
         self.stop = stop or threading.Event()
         self.faults = faults or []
+        self.link_faults = client_fault_counter(self.faults, "link")  # the link-stage client faults, across every call
         self.lock = threading.RLock()
         self._local = threading.local()  # the open ``traced`` block of the calling thread, if any
 
@@ -142,7 +144,8 @@ class GatewayClient:
             return fn(c)
 
         call = CallSequence(self.segment, deploy_peer(self.link, BOOT_ID_DID), recorder, what, steps,
-                            retries=self.link.retries, late_grace_s=self.link.late_response_grace_ms / 1000.0)
+                            retries=self.link.retries, late_grace_s=self.link.late_response_grace_ms / 1000.0,
+                            fault_scope="GW", fault_counter=self.link_faults)
         with self.lock:
             try:
                 result = call.run()

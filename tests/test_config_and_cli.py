@@ -93,6 +93,8 @@ def test_bitrate_forms():
     ("flash:bms:0x31:delay=6000", ("flash", "bms", 0x31, None, False, "delay", 6000)),
     ("*:36#3+:drop", ("flash", "*", 0x36, 3, True, "drop", None)),
     ("vcu:27#2:wrong_id=0x6F0", ("flash", "vcu", 0x27, 2, False, "wrong_id", 0x6F0)),
+    ("activate:bcm:31#2:not_sent", ("activate", "bcm", 0x31, 2, False, "not_sent", None)),
+    ("link:GW:31#3+:bad_length", ("link", "GW", 0x31, 3, True, "bad_length", None)),
 ])
 def test_fault_specs(spec, expect):
     f = parse_fault(spec)
@@ -108,6 +110,9 @@ def test_fault_specs(spec, expect):
     ("cloud:bms:36:drop", "stage 'cloud'"),
     ("bms:99:drop", "0x99 is not a UDS request service .* would never fire"),  # no step sends it
     ("deploy:GW:34:drop", "0x34 is not one of the deploy link's services"),  # the deploy link uses 0x38
+    ("activate:bcm:31#4:nrc=0x22", "give it as a flash-stage fault"),  # the ECU counts across stages
+    ("link:GW:31#2:delay=1500", "give it as a deploy-stage fault"),  # the gateway's server answers the link
+    ("link:GW:34:not_sent", "0x34 is not one of the deploy link's services"),
 ])
 def test_bad_fault_specs(spec, words):
     with pytest.raises(UsageError, match=words):
@@ -228,6 +233,10 @@ def test_a_fault_spec_that_cannot_apply_is_refused(write_config):
     assert run.returncode == 2 and "is injected by the gateway" in run.stderr and "Traceback" not in run.stderr
     run = vota("gateway", "-c", config, "--fault", "vcu:36:drop")
     assert run.returncode == 2 and "is injected by the ECU simulator (vota ecu-sim --fault), not by vota gateway" in run.stderr
+    run = vota("gateway", "-c", config, "--fault", "link:GW:31:not_sent")  # the TBOX's calls, given to the gateway
+    assert run.returncode == 2 and "is injected by the TBOX (vota tbox --fault), not by vota gateway" in run.stderr
+    run = vota("flash", "-c", config, "--fault", "activate:vcu:31:not_sent", f"vcu={config}@1")  # it activates nothing
+    assert run.returncode == 2 and "is injected by the gateway (vota gateway --fault), not by vota flash" in run.stderr
 
 
 def test_a_place_that_cannot_be_written_is_one_line(tmp_path, write_config):

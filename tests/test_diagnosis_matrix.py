@@ -158,3 +158,40 @@ def test_matrix_flash_and_deploy(tmp_path, write_config, procs):
             assert (f["cause"], f["side"], f["unit"], f["packet"]) == (cause, side, unit, packet), (f"seed {seed}", spec, mode, f)
             assert f["index"] > 0
         assert len(deploy["findings"]) == len(deploy_cells)
+
+
+def test_client_faults_in_the_activation_and_on_the_link_are_injected_and_diagnosed(tmp_path, mosquitto, write_config,
+                                                                                      procs):
+    """The stages around the transfers have client faults too: the gateway leaves out bcm's
+    first activation-phase request (``activate:bcm:31#1:not_sent``), the TBOX every install call
+    from its third RoutineControl on (``link:GW:31#3+:not_sent``); each campaign fails and the
+    cloud's verdict names the client, the stage and what was not sent."""
+    from tests.vehicle import Vehicle
+
+    # the TBOX gives its calls 3 retries and the cancel of the failed campaign 2 s (every call fails)
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, tbox_extra={"max_retries": 3, "cancel_timeout_s": 2})
+    try:
+        v.gateway.stop()
+        v.restart_gateway("--fault", "activate:bcm:31#1:not_sent")
+        v.send(v.campaign("c-act", "2.0.0"))
+        assert v.finished("c-act")["outcome"] == "failed"
+        assert v.cloud.collector.wait_for(lambda c: "c-act" in c.verdicts, 10)
+        verdict = v.cloud.collector.verdicts["c-act"]
+        finding = verdict["findings"][0]
+        assert (finding["stage"], finding["package"], finding["cause"], finding["side"]) == (
+            "activate", "bcm", "request_not_sent", "client"), verdict
+        assert finding["request"].startswith("3101ff02"), finding
+
+        v.gateway.stop()
+        v.restart_gateway()
+        v.tbox.stop()
+        v.tbox = v.start_tbox("--fault", "link:GW:31#3+:not_sent")
+        v.send(v.campaign("c-call", "2.1.0"))
+        done = v.finished("c-call", timeout=90)
+        assert (done["outcome"], done["failure"]["stage"]) == ("failed", "installing"), done
+        assert v.cloud.collector.wait_for(lambda c: "c-call" in c.verdicts, 10)
+        verdict = v.cloud.collector.verdicts["c-call"]
+        assert (verdict["stage"], verdict["cause"], verdict["side"]) == ("link", "request_not_sent", "client"), verdict
+        assert verdict["findings"][0]["request"].startswith("3101") or verdict["findings"][0]["request"].startswith("3103")
+    finally:
+        v.close()

@@ -379,3 +379,24 @@ def test_delta_base_check_and_a_delta_applied_while_it_arrives(tmp_path):
     finally:
         t.close()
         sim.stop()
+
+
+def test_an_injected_nrc_to_a_compressed_download_refuses_it_before_it_opens_and_the_next_offer_goes(tmp_path):
+    """A fault ``34#1:nrc=0x31`` is a refusal of the compressed offer, as a bootloader without
+    that method gives it: nothing was opened, so the gateway's next offer (uncompressed) is taken
+    (it used to get 0x22, the first download still open)."""
+    from agent.core.faults import parse_fault
+    from ecu_sim.flash_banks import FlashBanks
+    from gateway.jobs import FlashJob
+    from gateway.orchestrator import FlashRun, flash_all
+
+    data = {"segments": {"pt": {"bus": virtual_bus()}}, "gateway": {"results_dir": str(tmp_path / "gw")},
+            "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8) | {"compression": {"zlib": 1}}}}
+    config, sim = start_sim(data, ["vcu"], str(tmp_path / "state"), [parse_fault("vcu:34#1:nrc=0x31")])
+    try:
+        image = bytes(range(64)) * 256  # compressible
+        (result,) = flash_all(config, [FlashJob("vcu", image, "2.0.0")], tmp_path / "out", FlashRun())
+        assert (result.result, result.compression, result.compression_refused) == ("success", None, ["zlib"]), result
+        assert FlashBanks(tmp_path / "state" / "vcu", "?").active_image() == image
+    finally:
+        sim.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, cast
+from typing import Any, Callable, Iterator, Mapping, Sequence, cast
 
 import can
 import udsoncan
@@ -31,7 +31,8 @@ from agent.core.trace import TraceRecorder
 from agent.protocol.link import SECURED_SERVICES, secure_request, session_key
 from agent.protocol.uds import plausible_reply
 
-__all__ = ["TracingConnection", "RequestAuthenticator", "ClientFaults", "StrayListener", "UdsLink", "RawCodec", "describe_failure"]
+__all__ = ["TracingConnection", "RequestAuthenticator", "ClientFaults", "client_fault_counter",
+           "StrayListener", "UdsLink", "RawCodec", "describe_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ class RawCodec(udsoncan.DidCodec):
         raise udsoncan.DidCodec.ReadAllRemainingData
 
 
+def client_fault_counter(specs: Sequence[FaultSpec], stage: str) -> FaultCounter:
+    """The counter of a stage's client faults (the deploy client also answers to TBOX, the link's to GW)."""
+    always = {"deploy": ("*", "TBOX", "tbox"), "link": ("*", "GW", "gateway")}.get(stage, ("*",))
+    return FaultCounter([s for s in specs if s.side == "client" and s.stage == stage], always)
+
+
 class ClientFaults:
     """Client-side fault injection (tests, benches): what the client puts on the wire.
 
@@ -56,8 +63,10 @@ class ClientFaults:
     faulty request. The connection does the sending, so the trace records what really
     went out (or that nothing did)."""
 
-    def __init__(self, specs: list[FaultSpec], scope: str, stage: str, block_length: Callable[[], int | None]) -> None:
-        self.counter = FaultCounter([s for s in specs if s.side == "client"], ("*", "TBOX", "tbox") if stage == "deploy" else ("*",))
+    def __init__(self, specs: list[FaultSpec], scope: str, stage: str, block_length: Callable[[], int | None],
+                 counter: FaultCounter | None = None) -> None:
+        """``counter``: shared by several sequences (the TBOX's calls, one ECU's actions) that count together."""
+        self.counter = counter or client_fault_counter(specs, stage)
         self.scope, self.stage, self.block_length = scope, stage, block_length
 
     def due(self, payload: bytes) -> FaultSpec | None:

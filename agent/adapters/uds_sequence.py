@@ -41,7 +41,7 @@ from agent.adapters.plugins import seed_key_for
 from agent.adapters.trace_files import write_trace
 from agent.adapters.uds_client import ClientFaults, RawCodec, UdsLink, describe_failure
 from agent.core.config import EcuConfig
-from agent.core.faults import FaultSpec
+from agent.core.faults import FaultCounter, FaultSpec
 from agent.core.flash_profile import ProfileStep, RecordContext
 from agent.core.trace import TraceHeader, TraceRecorder
 from agent.errors import FlashError, VotaError
@@ -141,13 +141,14 @@ class UdsSequence(Generic[R]):
 
     def __init__(self, segment: Segment, peer: Peer, header: TraceHeader, *, retries: int = 2, late_grace_s: float = 0.0,
                  stop: threading.Event | None = None, faults: Sequence[FaultSpec] = (), fault_scope: str = "",
-                 on_step: Callable[[str], None] | None = None) -> None:
+                 on_step: Callable[[str], None] | None = None, fault_counter: FaultCounter | None = None) -> None:
         self.segment, self.peer = segment, peer
         self.recorder = TraceRecorder(header)
         self.retries, self.late_grace_s = retries, late_grace_s
         self.stop = stop or threading.Event()
         self.faults = list(faults)
         self.fault_scope = fault_scope or peer.name
+        self.fault_counter = fault_counter  # shared with other sequences that count faults together
         self.on_step = on_step
         self.current = ""  # the step running now (or the last one)
         self.max_block = 0  # the peer's maxNumberOfBlockLength, once known (fault injection sizes by it)
@@ -183,8 +184,9 @@ class UdsSequence(Generic[R]):
     def open_link(self) -> UdsLink:
         p = self.peer
         faults = None
-        if self.faults:
-            faults = ClientFaults(self.faults, self.fault_scope, self.recorder.header.stage, lambda: self.max_block or None)
+        if self.faults or self.fault_counter is not None:
+            faults = ClientFaults(self.faults, self.fault_scope, self.recorder.header.stage, lambda: self.max_block or None,
+                                  self.fault_counter)
         return UdsLink(self.segment, p.request_id, p.response_id, name=p.name, recorder=self.recorder, p2=p.p2_s,
                        p2_star=p.p2_star_s, security=p.security, dids={d: RawCodec() for d in p.dids},
                        watch_ids=set(p.watch_ids), faults=faults, authenticate=p.authenticate)

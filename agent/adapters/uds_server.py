@@ -26,6 +26,8 @@ __all__ = ["Outcome", "Service", "ServerState", "UdsServer", "tester_present"]
 
 log = logging.getLogger(__name__)
 
+OPENS_TRANSFER = frozenset({0x34, 0x35, 0x38})  # RequestDownload, RequestUpload, RequestFileTransfer
+
 # NRCs a server does not send for functionally addressed requests (ISO 14229-1, 7.5).
 _FUNCTIONAL_SILENT_NRCS = {Nrc.ServiceNotSupported, Nrc.SubFunctionNotSupported, Nrc.RequestOutOfRange,
                            Nrc.SubFunctionNotSupportedInActiveSession, Nrc.ServiceNotSupportedInActiveSession}
@@ -173,14 +175,21 @@ class UdsServer(Generic[S]):
             request = Request(data, now, functional)
             scope = self.fault_scope(self.state) if self.fault_scope is not None else None
             fault = self._faults.next(request.sid, scope) if scope is not None or self.fault_scope is None else None
-            busy = fault is not None and fault.action == "nrc" and fault.arg == Nrc.BusyRepeatRequest
-            if not busy:  # busy: not done at all, the client asks again
+            # not done at all: busy (the client asks again), or a refused request that would open a
+            # transfer (RequestDownload/Upload, RequestFileTransfer), which an ECU refuses before it acts
+            busy = fault is not None and fault.action == "nrc" and (fault.arg == Nrc.BusyRepeatRequest
+                                                                    or request.sid in OPENS_TRANSFER)
+            if not busy:
                 response, outcome = self._dispatch(request)
             if scope is None and self.fault_scope is not None:
                 scope = self.fault_scope(self.state)  # the request that opened it (0x38) is the package's too
                 fault = self._faults.next(request.sid, scope)
+                if fault is not None and fault.action == "nrc" and request.sid in OPENS_TRANSFER:
+                    abort = getattr(self.state, "abort", None)  # refused: the transfer it opened is not left open
+                    if abort is not None:
+                        abort()
         if busy:
-            self._respond(stack, request, request.negative(Nrc.BusyRepeatRequest), fault)
+            self._respond(stack, request, request.negative(fault.arg or Nrc.GeneralReject), fault)  # type: ignore[union-attr]
             return
         if outcome is not None and outcome.work is not None:
             response = self._work(stack, request.sid, outcome.work)

@@ -1,11 +1,14 @@
-"""Fault injection specs, shared by the ECU simulator and (later) the client side.
+"""Fault injection specs, shared by the servers (ECU simulator, deploy server) and the clients.
 
 A spec is one string, the same on the command line and in YAML::
 
     [STAGE:]TARGET:SERVICE[#N[+]]:ACTION[=ARG]
 
-``STAGE`` is ``flash`` (default) or ``deploy``; ``TARGET`` the ECU (flash) or the package
-(deploy), or ``*``; ``GW`` also names the gateway's deploy server and ``TBOX`` the TBOX's
+``STAGE`` is ``flash`` (default), ``deploy``, ``activate`` (client faults in the gateway's
+activation-phase actions: activate, commit, discard, rollback; counted across them per ECU) or
+``link`` (client faults in the TBOX's calls around the transfers: inventory, install, status,
+file reads; counted across them); ``TARGET`` the ECU (flash, activate) or the package (deploy),
+``GW`` (link), or ``*``; ``GW`` also names the gateway's deploy server and ``TBOX`` the TBOX's
 deploy client; ``SERVICE`` a UDS service id in hex (``36`` or ``0x36``); ``#N`` the N-th
 request of that service (to that target) only, ``#N+`` the N-th and every later one,
 nothing = every one.
@@ -13,7 +16,8 @@ nothing = every one.
 Server-side actions (the ECU in flash, the gateway in deploy): ``drop``, ``delay=MS``,
 ``pending=MS`` (response-pending 0x78 for MS, then the answer), ``wrong_id[=CANID]``,
 ``malformed``, ``nrc=CODE`` (the request is carried out and the answer replaced, except for
-``nrc=0x21``, busyRepeatRequest, where it is not carried out at all), ``mismatch``. Client-side actions (the
+``nrc=0x21``, busyRepeatRequest, and a request that opens a transfer (34, 35, 38), which are
+not carried out at all), ``mismatch``. Client-side actions (the
 gateway in flash, the TBOX in deploy): ``not_sent`` (a transmit error), ``from_id[=CANID]``
 (sent from a wrong CAN id), ``bad_format``, ``bad_length``, ``skip_counter`` (TransferData
 skips a block counter), ``skip_step`` (the request is left out, the sequence goes on),
@@ -31,7 +35,7 @@ __all__ = ["FaultSpec", "parse_fault", "parse_faults", "SERVER_ACTIONS", "CLIENT
 
 SERVER_ACTIONS = ("drop", "delay", "pending", "wrong_id", "malformed", "nrc", "mismatch")
 CLIENT_ACTIONS = ("not_sent", "from_id", "bad_format", "bad_length", "skip_counter", "skip_step", "corrupt_data")
-STAGES = ("flash", "deploy")
+STAGES = ("flash", "deploy", "activate", "link")  # activate: the gateway's activation-phase actions; link: the TBOX's calls
 # what a request can be: ISO 14229-1's request service ids (a profile may send any of them in
 # flash), and the services of the deploy link; a fault on anything else would never fire
 REQUEST_SERVICES = frozenset({0x10, 0x11, 0x14, 0x19, 0x22, 0x23, 0x24, 0x27, 0x28, 0x29, 0x2A, 0x2C, 0x2E, 0x2F,
@@ -95,9 +99,10 @@ def parse_fault(spec: str) -> FaultSpec:
         if occurrence < 1:
             raise UsageError(f"fault spec {spec!r}: occurrence counts from 1")
     service = _number(service_part.lower().removeprefix("0x"), "service", spec)
-    if service not in (DEPLOY_SERVICES if stage == "deploy" else REQUEST_SERVICES):
-        what = "one of the deploy link's services" if stage == "deploy" else "a UDS request service (ISO 14229-1)"
-        known = DEPLOY_SERVICES if stage == "deploy" else REQUEST_SERVICES
+    on_link = stage in ("deploy", "link")
+    if service not in (DEPLOY_SERVICES if on_link else REQUEST_SERVICES):
+        what = "one of the deploy link's services" if on_link else "a UDS request service (ISO 14229-1)"
+        known = DEPLOY_SERVICES if on_link else REQUEST_SERVICES
         raise UsageError(f"fault spec {spec!r}: service 0x{service:X} is not {what}, so the fault would never fire "
                          f"(one of {' '.join(f'{x:02X}' for x in sorted(known))})")
     action, _, arg_text = action_part.partition("=")
@@ -110,7 +115,19 @@ def parse_fault(spec: str) -> FaultSpec:
         raise UsageError(f"fault spec {spec!r}: {action} needs a value ({action}=...)")
     if action == "nrc" and arg is not None and not 0 < arg < 0x100:
         raise UsageError(f"fault spec {spec!r}: NRC must be 0x01..0xFF")
-    return FaultSpec(stage, target, service, occurrence, and_later, action, arg, spec.strip())
+    fault = FaultSpec(stage, target, service, occurrence, and_later, action, arg, spec.strip())
+    if fault.side == "server" and stage in SAME_SERVER:
+        raise UsageError(f"fault spec {spec!r}: {SAME_SERVER[stage]}")
+    return fault
+
+
+# a server answers every stage alike: its faults are given in the stage it counts them in
+SAME_SERVER = {
+    "activate": "an ECU answers the activation as it answers the flash: give it as a flash-stage fault (the ECU "
+                "counts its requests across staging and activation, e.g. bcm:31#4:nrc=0x22 for the activate routine)",
+    "link": "the gateway's deploy server answers the TBOX's calls: give it as a deploy-stage fault "
+            "(deploy:GW:31#2:nrc=0x22)",
+}
 
 
 # Which process injects which faults: (stage, side) -> who does it
@@ -119,12 +136,14 @@ INJECTED_BY = {
     ("flash", "client"): "the gateway (vota gateway --fault, vota flash --fault)",
     ("deploy", "server"): "the gateway (vota gateway --fault)",
     ("deploy", "client"): "the TBOX (vota tbox --fault, vota deploy --fault)",
+    ("activate", "client"): "the gateway (vota gateway --fault)",
+    ("link", "client"): "the TBOX (vota tbox --fault)",
 }
 ROLES = {
     "ecu-sim": {("flash", "server")},
-    "gateway": {("deploy", "server"), ("flash", "client")},
+    "gateway": {("deploy", "server"), ("flash", "client"), ("activate", "client")},
     "flash": {("flash", "client")},
-    "tbox": {("deploy", "client")},
+    "tbox": {("deploy", "client"), ("link", "client")},
     "deploy": {("deploy", "client")},
     "bench": set(INJECTED_BY),
 }
@@ -139,7 +158,7 @@ def parse_faults(texts: list[str], process: str, ecus: list[str]) -> list[FaultS
         if (f.stage, f.side) not in ROLES[process]:
             raise UsageError(f"fault spec {f.text!r}: a {f.side}-side {f.stage} fault ({f.action}) is injected by "
                              f"{INJECTED_BY[(f.stage, f.side)]}, not by vota {process}")
-        if f.stage == "flash" and f.target != "*" and f.target not in ecus:
+        if f.stage in ("flash", "activate") and f.target != "*" and f.target not in ecus:
             raise UsageError(f"fault spec {f.text!r}: no ECU {f.target!r} here (ECUs: {', '.join(ecus) or 'none'})")
         out.append(f)
     return out

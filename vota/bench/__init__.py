@@ -188,8 +188,9 @@ def _start_vehicle(procs: Processes, runtime: Path, names: list[str], faults: li
 
     for name in names:  # each simulator gets the faults for its own ECU
         procs.start(f"ecu-{name}", "ecu-sim", "-c", str(runtime), "--ecu", name, *routed("flash", "server", name))
-    procs.start("gateway", "gateway", "-c", str(runtime), *routed("deploy", "server"), *routed("flash", "client"))
-    procs.start("tbox", "tbox", "-c", str(runtime), "-v", *routed("deploy", "client"), *clock)
+    procs.start("gateway", "gateway", "-c", str(runtime), *routed("deploy", "server"), *routed("flash", "client"),
+                *routed("activate", "client"))
+    procs.start("tbox", "tbox", "-c", str(runtime), "-v", *routed("deploy", "client"), *routed("link", "client"), *clock)
     procs.wait_ready()
 
 
