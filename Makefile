@@ -33,7 +33,7 @@ demo: venv
 	$(PY) -m vota bench --config configs/bench.yaml --out out/demo --image-size 256K --image-kind firmware
 
 test: venv sysdeps lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The whole suite with every core kept busy by a spinning process: what must hold on a shared CI machine.
 test-loaded: venv sysdeps lint
