@@ -36,10 +36,13 @@ def print_report(report: dict[str, Any]) -> None:
     for f in diagnosis.get("findings", [])[:3]:
         if f["stage"] == "deploy":  # a TransferData names its packet; any other request the whole package
             where = f"packet {f['packet']}" if f.get("packet") is not None else "before or after the packets"
+        elif f["stage"] == "link":  # the exchanges around the transfers: the state (or inventory) and the call
+            where = f"step {f['step']}" if f.get("step") else "a call on the link"
         else:
             where = f"ECU {f['packet']}"
         nrc = f" 0x{f['nrc']:02X} {f['nrc_name']}" if f.get("nrc") is not None else ""
-        print(f"diagnosis: {f['cause']}{nrc}: {f['side']} side ({f['unit']}), {f['stage']} of {f['package']}, "
+        of = f"link calls in {f['package']}" if f["stage"] == "link" else f"{f['stage']} of {f['package']}"
+        print(f"diagnosis: {f['cause']}{nrc}: {f['side']} side ({f['unit']}), {of}, "
               f"{where}, request #{f['index']} {f['request']}: {f['detail']}")
     unexplained = diagnosis.get("unexplained")
     if isinstance(unexplained, dict):  # a failure no rule explains is said so, never left silent
