@@ -181,9 +181,12 @@ class CloudSim:
 
     def __init__(self, broker: str, store: str | Path, packages: str | Path, http_port: int = 0, mqtt_version: str = "5",
                  platform_key: Ed25519PrivateKey | None = None, require_signed: bool = False,
-                 collector_broker: str | None = None, tls: tuple[str, str] | None = None) -> None:
+                 collector_broker: str | None = None, tls: tuple[str, str] | None = None,
+                 share: str | None = None, collector_id: str = "vota-cloud-collector") -> None:
         """``broker``: the operator's connection (campaigns, commands, key lists);
         ``collector_broker``: the collector's, its own identity (default: the same URL);
+        ``share``, ``collector_id``: one of several collectors on a shared subscription, each
+        with its own client id, storing each report once in the same store;
         ``tls``: the package server's certificate and key (HTTPS), else plain HTTP."""
         broker_address(broker)  # a bad URL is refused here, not at the first publish
         Path(packages).mkdir(parents=True, exist_ok=True)
@@ -191,8 +194,8 @@ class CloudSim:
         self.packages = PackageServer(packages, port=http_port, tls=tls)
         # VIN -> that vehicle's report keys: its reports are stored only when it signed them
         self.report_keys: dict[str, dict[str, Ed25519PublicKey]] = {}
-        self.collector = Collector(collector_broker or broker, store, mqtt_version=mqtt_version, report_keys=self.report_keys,
-                                   require_signed=require_signed)
+        self.collector = Collector(collector_broker or broker, store, client_id=collector_id, mqtt_version=mqtt_version,
+                                   report_keys=self.report_keys, require_signed=require_signed, share=share)
         self.trust = TrustPlatform(platform_key) if platform_key is not None else None
         self.vehicle_keys: dict[str, X25519PublicKey] = {}
 

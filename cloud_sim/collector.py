@@ -1,13 +1,15 @@
 """The stand-in cloud's collector: stores everything vehicles report, per vehicle, once.
 
-Subscribes to ``<root>/+/#``; every message is stored by its stable id (a message that
-arrives twice is stored once, also across a restart), traces are reassembled from their
-parts. Each report stored is acknowledged to its vehicle on ``<root>/<vin>/ack``: the
+Subscribes to ``<root>/+/#`` (or, with ``share``, as one of a shared subscription's group);
+every message is stored by its stable id (a message that arrives twice is stored once, also
+across a restart and by several collectors sharing a store: ``cloud_sim/claims.py``), traces
+are reassembled from their parts. Each report stored is acknowledged to its vehicle on ``<root>/<vin>/ack``: the
 vehicle keeps a report in its outbox until then, so nothing lost at the broker is lost.
 Layout::
 
     <store>/<vin>/status.json                      last status (online/offline)
-    <store>/<vin>/messages/<type>/<seq>-<id>.json  every report, in arrival order
+    <store>/<vin>/messages/<type>/<seq>-<id>.json  every report, in arrival order (per collector)
+    <store>/<vin>/ids/<id>                         the claim: a hard link to the report
     <store>/<vin>/traces/<trace_id>.jsonl          reassembled traces
 
 With ``report_keys`` (VIN -> that vehicle's report public keys) a report is stored only when
@@ -35,6 +37,7 @@ from paho.mqtt.properties import Properties
 from agent.adapters.cloud_link import IN_KINDS, OUT_KINDS, join_trace_parts
 from agent.adapters.storage import atomic_write_bytes, atomic_write_json
 from agent.core.signed_report import check_report
+from cloud_sim.claims import ReportClaims, safe_id
 from cloud_sim.mqtt import cloud_client
 
 __all__ = ["Collector"]
@@ -48,20 +51,15 @@ MAX_MESSAGE = 16 * 1024 * 1024
 TO_VEHICLE = (*IN_KINDS, "ack")
 
 
-def _stored_ids(store: Path) -> list[tuple[str, str]]:
-    """(VIN, report id) of every report stored under ``store`` (``<seq>-<id>.json``)."""
-    if not store.is_dir():
-        return []
-    return [(f.parts[-4], f.stem.partition("-")[2]) for f in store.glob("*/messages/*/*.json")]
-
-
 class Collector:
     def __init__(self, broker: str, store: str | Path, root: str = "vota/v1", client_id: str = "vota-cloud-collector",
                  mqtt_version: str = "5", diagnose: bool = True,
                  report_keys: Mapping[str, Mapping[str, Ed25519PublicKey]] | None = None,
-                 require_signed: bool = False) -> None:
+                 require_signed: bool = False, share: str | None = None) -> None:
         """``broker``: ``mqtt[s]://[user:password@]host:port[?ca=...]`` (cloud_sim/mqtt.py), the
-        collector's own identity on a broker with ACLs."""
+        collector's own identity on a broker with ACLs. ``share``: a shared subscription's group
+        (``$share/<group>/...``): the collectors of one group split the reports between them and
+        store each once in the same store (``cloud_sim/claims.py``)."""
         self.diagnose = diagnose
         self.report_keys = report_keys if report_keys is not None else {}
         self.require_signed = require_signed
@@ -73,7 +71,10 @@ class Collector:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.reconnect_delay_set(1, 5)
-        self.seen: set[tuple[str, str]] = set(_stored_ids(self.store))  # (VIN, report id), also those stored before a restart
+        self.share = share
+        self.claims = ReportClaims(self.store)
+        self.claims.recover()  # what a collector killed between claim and rename left behind
+        self.seen: set[tuple[str, str]] = set(self.claims.stored_ids())  # (VIN, id), also stored before a restart
         self.duplicates = 0
         self.rejected = 0  # messages dropped as malformed (each logged with its reason)
         self.acks = 0  # reports acknowledged to their vehicle as stored
@@ -99,7 +100,8 @@ class Collector:
         self.client.loop_stop()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        client.subscribe(f"{self.root}/+/#", qos=1)
+        topic = f"{self.root}/+/#"
+        client.subscribe(f"$share/{self.share}/{topic}" if self.share else topic, qos=1)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         self.connected.set()
@@ -176,9 +178,10 @@ class Collector:
                     and isinstance(body.get("data"), str) and _BASE64.fullmatch(body["data"])):
                 return "a trace part without a valid part, parts and base64 data"
         self.seen.add((vin, msg_id))
+        if not self.claims.store_once(vin, kind, msg_id, doc):  # another collector of the store took it
+            self.duplicates += 1
+            return None
         self.messages.append(doc)
-        safe_id = "".join(ch for ch in msg_id if ch.isalnum() or ch in "._-")[:120]  # a file name has its limits
-        atomic_write_json(self.store / vin / "messages" / kind / f"{len(self.messages):06d}-{safe_id}.json", doc)
         if kind == "events" and body.get("event") == "content" and body.get("bundle_id"):
             self._content_state(vin, body)
         if self.diagnose and kind == "events" and isinstance(body, dict) and body.get("event") == "finished" \
@@ -188,6 +191,8 @@ class Collector:
             trace_id = str(body["trace_id"])
             got = self._parts.setdefault(trace_id, {})
             got[body["part"]] = body["data"]
+            if self.share and len(got) < body["parts"]:  # the other parts may have gone to another collector
+                got.update(self._shared_parts(vin, trace_id, body["part"], body["data"]))
             if len(got) == body["parts"] and set(got) == set(range(len(got))):
                 try:
                     data = join_trace_parts([got[i] for i in range(len(got))])
@@ -196,6 +201,21 @@ class Collector:
                 safe = "".join(ch for ch in trace_id if ch.isalnum() or ch in "._-") or "trace"
                 atomic_write_bytes(self.store / vin / "traces" / f"{safe}.jsonl", data)
         return None
+
+    def _shared_parts(self, vin: str, trace_id: str, part: int, data: str) -> dict[int, str]:
+        """Collectors sharing a store put each trace part they store in ``<vin>/trace-parts/<trace>/``:
+        the parts any of them stored so far (whoever stores the last part reassembles the trace)."""
+        folder = self.store / vin / "trace-parts" / (safe_id(trace_id) or "trace")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / str(part), data.encode())
+        out = {}
+        for f in folder.iterdir():
+            if f.name.isdigit():
+                try:
+                    out[int(f.name)] = f.read_text()
+                except OSError:
+                    continue
+        return out
 
     def _content_state(self, vin: str, body: dict[str, Any]) -> None:
         """What the owner's app shows: each content item's latest state, per bundle."""

@@ -35,7 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError("--tls-cert and --tls-key go together")
     sim = CloudSim(args.broker, args.store, args.packages, args.http_port, args.mqtt_version,
                    require_signed=args.report_keys is not None, collector_broker=args.collector_broker,
-                   tls=(args.tls_cert, args.tls_key) if args.tls_cert else None)
+                   tls=(args.tls_cert, args.tls_key) if args.tls_cert else None, share=args.share,
+                   collector_id=args.collector_id)
     if args.report_keys is not None:
         from agent.core.campaign import load_public_key
 

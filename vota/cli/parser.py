@@ -242,6 +242,10 @@ def _cloud(sub: Any) -> None:
     k.add_argument("--collector-broker", metavar="URL",
                    help="the collector's own connection (its identity, e.g. mqtts://vota-collector:PW@host:8883?ca=CA.pem); "
                         "default: --broker")
+    k.add_argument("--share", metavar="GROUP", help="one of several collectors on an MQTT shared subscription "
+                   "($share/GROUP/...) storing into the same --store: each report is stored once")
+    k.add_argument("--collector-id", default="vota-cloud-collector", metavar="ID",
+                   help="the collector's MQTT client id (its durable session); one per collector of a --share group")
     k.add_argument("--tls-cert", metavar="PEM", help="serve packages over HTTPS with this certificate (and --tls-key)")
     k.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     k = csub.add_parser("certs", help="make a CA, the broker's and package server's certificate and a client "
