@@ -11,6 +11,7 @@ import os
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_sim.cloud import publish
+from tests.conftest import vota
 from tests.vehicle import ECUS, VIN
 
 
@@ -134,6 +135,26 @@ def test_a_campaign_that_fails_on_the_link_around_the_transfers_is_diagnosed_on_
     assert (verdict["stage"], verdict["abnormal_packages"], verdict["side"], verdict["unit"]) == (
         "link", ["received"], "server", "GW"), verdict
     assert (first["nrc"], first["step"], first["request"]) == (0x31, "collect inventory", "31010302"), first
+
+    # the fleet's view: this vehicle's store copied as twelve more vehicles, diagnosed in a process
+    # pool; every failed campaign of every vehicle is one row, as the collector diagnosed it
+    import shutil
+
+    store = vehicle.tmp / "cloud" / "store"
+    for i in range(12):
+        shutil.copytree(store / VIN, store / f"LVOTAFLEET{i:07d}")
+    out = vehicle.tmp / "fleet"
+    run = vota("fleet", "diagnose", str(store), "--out", str(out), "--workers", "2")
+    assert run.returncode == 0 and "13 vehicles" in run.stdout, run.stdout + run.stderr
+    rows = [json.loads(line) for line in (out / "findings.jsonl").read_text().splitlines()]
+    expected = {cid: (v["cause"], v["findings"][0]["nrc"], v["stage"]) for cid, v in vehicle.cloud.collector.verdicts.items()}
+    assert len(rows) == 13 * len(expected) and len({r["vin"] for r in rows}) == 13
+    assert all((r["cause"], r["nrc"], r["stage"]) == expected[r["campaign_id"]] for r in rows), rows[:3]
+    summary = (out / "summary.md").read_text()
+    assert "| link: GW (server) | " + str(len(rows)) + " | 100.0 % |" in summary, summary
+    shutil.copytree(store / VIN, store / "LVOTAFLEETNEW0001")  # incremental: only the new vehicle is diagnosed
+    run = vota("fleet", "diagnose", str(store), "--out", str(out))
+    assert f"{len(expected)} new failed campaigns diagnosed ({14 * len(expected)} in all)" in run.stdout, run.stdout
 
 
 def test_a_campaign_refused_for_an_unknown_version_is_explained_by_the_inventory_trace(tmp_path, mosquitto,

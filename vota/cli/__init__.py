@@ -35,6 +35,7 @@ def _setup_logging(verbose: int, command: str) -> None:
 
 def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
     from vota.cli import bench, campaign, cloud, content, daemons, vehicle
+    from vota.cli.fleet import cmd_fleet
 
     return {
         "ecu-sim": daemons.cmd_ecu_sim,
@@ -46,6 +47,7 @@ def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
         "campaign": campaign.cmd_campaign,
         "cloud": cloud.cmd_cloud,
         "diagnose": vehicle.cmd_diagnose,
+        "fleet": cmd_fleet,
         "content": content.cmd_content,
         "bench": bench.cmd_bench,
     }

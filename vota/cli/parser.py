@@ -59,8 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     _cloud(sub)
     _content(sub)
     _diagnose(sub)
+    _fleet(sub)
     _bench(sub)
     return parser
+
+
+def _fleet(sub: Any) -> None:
+    """``vota fleet``."""
+    p = sub.add_parser("fleet", help="fleet failure analytics over a cloud store",
+                       description="What failed across a fleet: every failed campaign in a collector's store diagnosed.")
+    fsub = p.add_subparsers(dest="fleet_command", metavar="ACTION")
+    fsub.required = True
+    k = fsub.add_parser("diagnose", help="diagnose every failed campaign of every vehicle, on every core",
+                        description="Diagnose what is new in STORE (the collector's <VIN>/messages, <VIN>/traces) in a "
+                        "process pool; append one row per failed campaign to OUT/findings.jsonl and write OUT/summary.md "
+                        "(counts per campaign, unit, cause, step, NRC, clusters, per day). Exit 0 when it ran, 2 on bad input.")
+    k.add_argument("store", metavar="STORE")
+    k.add_argument("--out", required=True, metavar="DIR", help="where findings.jsonl, summary.md and done.json go")
+    k.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (default: every core)")
+    k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
 
 def _ecu_sim(sub: Any) -> None:

@@ -1,0 +1,18 @@
+"""``vota fleet diagnose``: fleet failure analytics (cloud_sim/fleet.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from agent.errors import UsageError
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from cloud_sim.fleet import fleet_diagnose
+
+    if args.workers < 0:
+        raise UsageError("--workers must be 0 (every core) or more")
+    figures = fleet_diagnose(args.store, args.out, args.workers or None)
+    print(f"fleet: {figures['vehicles']} vehicles, {figures['new_failures']} new failed campaigns diagnosed "
+          f"({figures['failures']} in all) on {figures['workers']} workers; {args.out}/summary.md")
+    return 0
