@@ -121,7 +121,7 @@ class EcuFlasher(UdsSequence[FlashResult]):
             if job.image_auth is not None else {}
         ctx = profile.context(version=job.version, today=today, **auth)
         for spec in profile.pre:
-            self._profile_step(spec, ctx)
+            self.profile_step(spec, ctx)
         delta = self._delta_base() if use_delta else None
         for block in blocks:
             check = self._check_value(block.data) if block.data or delta is None else self._delta_check()
@@ -131,20 +131,14 @@ class EcuFlasher(UdsSequence[FlashResult]):
                 if spec.kind == "download":
                     self._download(block, delta)
                 else:
-                    self._profile_step(spec, ctx)
+                    self.profile_step(spec, ctx)
         for spec in profile.post:
             if spec.kind != "reset":
-                self._profile_step(spec, ctx)
+                self.profile_step(spec, ctx)
             elif not job.stage_only:  # staging: the ECU keeps running its image
                 self.profile_step(spec, ctx)
                 self.wait_back(spec.name, self.gateway.reset_wait_ms / 1000.0)
         result.version_after = self._staged() if job.stage_only else self._verify()
-
-    def _profile_step(self, spec: Any, ctx: Any) -> None:
-        """A step of the profile; one for signed images only (the authenticate routine) when the image is."""
-        if spec.when == "signed" and self.job.image_auth is None:
-            return
-        self.profile_step(spec, ctx)
 
     def _delta_is_smaller(self) -> bool:
         """A delta and its full image both deployed: whichever is smaller on the bus goes, the patch

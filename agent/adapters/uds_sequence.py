@@ -266,7 +266,10 @@ class UdsSequence(Generic[R]):
 
     def profile_step(self, spec: ProfileStep, ctx: RecordContext) -> bytes | None:
         """A flash profile's step (agent/core/flash_profile.py) other than a download: the positive
-        response's bytes, or None (suppressed, tolerated, or an optional step that failed)."""
+        response's bytes, or None (suppressed, tolerated, an optional step that failed, or a step for
+        signed images only, ``when: signed``, of an image that carries no signature)."""
+        if spec.when == "signed" and not ctx.signature:
+            return None
         if spec.kind == "security":
             return self._guarded(spec, lambda: self.client.unlock_security_access(spec.level)) and b""
         payload = spec.payload(ctx)
