@@ -304,12 +304,14 @@ class EcuFlasher(UdsSequence[FlashResult]):
         (NRC 0x31) is asked again with the full image. (The response, the bytes to transfer.)"""
         c = self.client
         if delta is not None and self.ecu.delta is not None:
+            self.image_sent = "delta"  # what a failure from here on was sending
             try:
                 response = self.step("request_download", functools.partial(
                     c.request_download, region, dfi=DataFormatIdentifier(compression=self.ecu.delta)))
             except FlashError as exc:
                 if exc.nrc != Nrc.RequestOutOfRange:
                     raise
+                self.image_sent = "full"
                 if self.job.image:
                     self.mark(retried=True, csize=len(delta.patch), fallback="full")
                 self._no_delta(f"the ECU does not take delta images: {exc.reason}")

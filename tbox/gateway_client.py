@@ -52,6 +52,7 @@ class _LinkTrace:
     recorder: TraceRecorder
     last: tuple[str, tuple[Any, ...], int] | None = None  # step, what its exchanges were, index of its first
     failure: dict[str, Any] | None = None
+    failed_before: dict[str, Any] | None = None  # the last call that failed, even when a later one went through
     calls: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
 
@@ -113,6 +114,9 @@ class GatewayClient:
         try:
             yield
         except BaseException:
+            # the block ends on a failure: the last call that failed explains it, even when a call
+            # after it went through (an install status asked after a refused start)
+            trace.failure = trace.failure or trace.failed_before
             failed = trace.failure is not None
             raise
         finally:
@@ -165,7 +169,7 @@ class GatewayClient:
         if trace is not None:
             trace.calls += 1
             trace.last = None
-            trace.failure = {"step": what, "reason": reason, "nrc": nrc}
+            trace.failure = trace.failed_before = {"step": what, "reason": reason, "nrc": nrc}
 
     @staticmethod
     def _fold(trace: _LinkTrace, what: str, made: list[Exchange]) -> None:

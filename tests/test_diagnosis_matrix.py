@@ -195,3 +195,100 @@ def test_client_faults_in_the_activation_and_on_the_link_are_injected_and_diagno
         assert verdict["findings"][0]["request"].startswith("3101") or verdict["findings"][0]["request"].startswith("3103")
     finally:
         v.close()
+
+
+# the cells around the plain programming sequence, each drawn at random from its variants:
+# (fault spec variants, cause, side). Delta: vcu takes the delta from the image it runs; the
+# server cell on the ECU simulator, the client cell in the gateway. Commit: the fifth
+# RoutineControl of a full-image flash (erase, check memory, check dependencies, activate,
+# commit) of a drawn ECU. Link: the TBOX's install calls from the third RoutineControl on.
+DELTA_SERVER = (["vcu:36#1:nrc=0x72", "vcu:36#1:drop", "vcu:37:malformed", "vcu:34:nrc=0x70"],
+                {"nrc": "negative_response", "drop": "response_not_sent", "malformed": "illegal_response_format"}, "server")
+DELTA_CLIENT = (["vcu:36#1:skip_counter", "vcu:34:bad_length", "vcu:36#1:bad_format", "vcu:36#1:not_sent"],
+                {"skip_counter": "illegal_request_flow", "bad_length": "illegal_request_length",
+                 "bad_format": "illegal_request_format", "not_sent": "request_not_sent"}, "client")
+COMMIT = (["31#5:nrc=0x22", "31#5:drop", "31#5:malformed"],
+          {"nrc": "negative_response", "drop": "response_not_sent", "malformed": "illegal_response_format"}, "server")
+LINK_CLIENT = (["link:GW:31#3+:not_sent", "link:GW:31#3+:bad_format", "link:GW:31#3+:bad_length"],
+               {"not_sent": "request_not_sent", "bad_format": "illegal_request_format",
+                "bad_length": "illegal_request_length"}, "client")
+
+
+def _cause(spec: str, causes: dict[str, str]) -> str:
+    action = spec.rsplit(":", 1)[1].split("=")[0]
+    return causes[action]
+
+
+def test_matrix_delta_commit_and_link_cells(tmp_path, mosquitto, write_config, procs):
+    """One drawn variant per cell on one vehicle, each a campaign of its own; the cloud's verdict
+    must name exactly the cause and side of the fault, at the exchange it was injected into (the
+    delta base check FF06 is never blamed)."""
+    from tests.conftest import firmware_like, next_release
+    from tests.vehicle import Vehicle
+
+    seed = int(os.environ.get("VOTA_MATRIX_SEED", random.randrange(1 << 30)))
+    rnd = random.Random(seed)
+    drawn = {"delta_server": rnd.choice(DELTA_SERVER[0]), "delta_client": rnd.choice(DELTA_CLIENT[0]),
+             "commit": f"{rnd.choice(['vcu', 'bms', 'bcm'])}:{rnd.choice(COMMIT[0])}", "link": rnd.choice(LINK_CLIENT[0])}
+    print("seed", seed, "cells:", drawn)
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_extra={"vcu": {"delta": 13}},
+                tbox_extra={"max_retries": 3, "cancel_timeout_s": 2})
+    pkgs = v.tmp / "cloud" / "packages"
+    old = firmware_like(48 * 1024)
+    (pkgs / "old.bin").write_bytes(old)
+    (pkgs / "new.bin").write_bytes(next_release(old))
+
+    def verdict(cid: str) -> dict:
+        assert v.cloud.collector.wait_for(lambda c: cid in c.verdicts, 15), cid
+        return v.cloud.collector.verdicts[cid]
+
+    try:
+        v.send(v.campaign("c-base", "2.0.0", packages=[("vcu", pkgs / "old.bin", "2.0.0")]))
+        assert v.finished("c-base")["outcome"] == "success"
+        for cell, (_variants, causes, side) in (("delta_server", DELTA_SERVER), ("delta_client", DELTA_CLIENT)):
+            spec = drawn[cell]
+            if side == "server":
+                v.restart_sim(spec)
+            else:
+                v.gateway.stop()
+                v.restart_gateway("--fault", spec)
+            cid = f"c-{cell}"
+            v.send(v.campaign(cid, "2.1.0", packages=[("vcu", pkgs / "new.bin", "2.1.0")], deltas={"vcu": (pkgs / "old.bin", "2.0.0")}))
+            assert v.finished(cid)["outcome"] == "failed", (seed, spec)
+            (result,) = [r["result"] for r in v.reports("results", cid) if r["stage"] == "flash"]
+            images = [e for e in v.reports("events", cid) if e.get("event") == "images"]
+            assert result["image_sent"] == "delta", (seed, spec, result, images)
+            got = verdict(cid)
+            first = got["findings"][0]
+            assert (got["stage"], first["package"], got["cause"], got["side"]) == (
+                "flash", "vcu", _cause(spec, causes), side), (seed, spec, got)
+            assert first["request"][:2] == spec.split(":")[1][:2] and not first["request"].startswith("3101ff06"), (seed, got)
+            if side == "server":
+                v.restart_sim()
+            else:
+                v.gateway.stop()
+                v.restart_gateway()
+
+        spec = drawn["commit"]
+        ecu = spec.split(":")[0]
+        v.restart_sim(spec)
+        v.send(v.campaign("c-commit", "2.2.0", packages=v.packages("2.2.0", 16 * 1024)))
+        assert v.finished("c-commit")["outcome"] == "failed", (seed, spec)
+        got = verdict("c-commit")
+        first = got["findings"][0]
+        assert (first["stage"], first["package"], got["cause"], got["side"], first["step"]) == (
+            "activate", ecu, _cause(spec, COMMIT[1]), "server", "commit"), (seed, spec, got)
+        assert first["request"].startswith("3101ff05"), (seed, got)
+        v.restart_sim()
+
+        spec = drawn["link"]
+        v.tbox.stop()
+        v.tbox = v.start_tbox("--fault", spec)
+        v.send(v.campaign("c-link", "2.3.0", packages=v.packages("2.3.0", 16 * 1024)))
+        done = v.finished("c-link", timeout=120)
+        assert (done["outcome"], done["failure"]["stage"]) == ("failed", "installing"), (seed, spec, done)
+        got = verdict("c-link")
+        assert (got["stage"], got["cause"], got["side"]) == ("link", _cause(spec, LINK_CLIENT[1]), "client"), (seed, spec, got)
+        assert got["findings"][0]["request"].startswith("31"), (seed, got)
+    finally:
+        v.close()

@@ -76,8 +76,10 @@ class Vehicle:
         self.procs = procs
         faults = [a for f in ecu_faults for a in ("--fault", f)]
         simulated = [a for name in ("vcu", "bms", "bcm", "dlp_headlamp") for a in ("--ecu", name)] if foreign else []
+        self._simulated = simulated
         procs.append(Proc("ecu-sim", "-c", str(self.config), "--state-dir", str(tmp / "ecu"), *faults, *simulated,
                           log=tmp / "ecu.log"))
+        self.sim = procs[-1]
         procs.append(Proc("gateway", "-c", str(self.config), log=tmp / "gw.log"))
         self.gateway = procs[-1]
         if tbox:  # started with the others: the TBOX asks nothing of the gateway until a campaign comes
@@ -93,6 +95,16 @@ class Vehicle:
         if wait:
             tbox.wait_ready("tbox ready")
         return tbox
+
+    def restart_sim(self, *faults: str) -> Proc:
+        """The ECU simulator stopped and started again on its state, with these faults (counted afresh)."""
+        self.sim.stop()
+        self.sim = Proc("ecu-sim", "-c", str(self.config), "--state-dir", str(self.tmp / "ecu"),
+                        *[a for f in faults for a in ("--fault", f)], *self._simulated,
+                        log=self.tmp / f"ecu-{time.monotonic_ns()}.log")
+        self.procs.append(self.sim)
+        self.sim.wait_ready("ecu-sim ready")
+        return self.sim
 
     def restart_gateway(self, *args: str) -> Proc:
         self.gateway = Proc("gateway", "-c", str(self.config), *args, log=self.tmp / f"gw-{time.monotonic_ns()}.log")

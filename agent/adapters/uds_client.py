@@ -85,7 +85,9 @@ class ClientFaults:
         if spec.action == "bad_length":
             if sid == 0x36:
                 return payload + bytes(max(16, (self.block_length() or len(payload)) - len(payload) + 16))
-            return payload + bytes(300 if sid == 0x38 else 64)
+            # past the longest legal request of the service on any link: a RoutineControl's option
+            # record (a file name up to 128 bytes and an authenticator) may be long itself
+            return payload + bytes(300 if sid == 0x38 else 256 if sid == 0x31 else 64)
         if spec.action == "corrupt_data" and sid == 0x36:
             keep = 6 if self.stage == "deploy" else 2  # SID, counter[, packet id]
             return payload[:keep] + bytes(b ^ 0xFF for b in payload[keep:])

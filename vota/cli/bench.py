@@ -44,6 +44,10 @@ def print_report(report: dict[str, Any]) -> None:
         of = f"link calls in {f['package']}" if f["stage"] == "link" else f"{f['stage']} of {f['package']}"
         print(f"diagnosis: {f['cause']}{nrc}: {f['side']} side ({f['unit']}), {of}, "
               f"{where}, request #{f['index']} {f['request']}: {f['detail']}")
+    state = diagnosis.get("vehicle_state")
+    if isinstance(state, dict) and not diagnosis.get("findings"):  # the vehicle's state, not a fault
+        print(f"diagnosis: preconditions_not_met in {state.get('stage')}: " + "; ".join(
+            f"{k}: {v}" for k, v in sorted((state.get("unmet") or {}).items())))
     unexplained = diagnosis.get("unexplained")
     if isinstance(unexplained, dict):  # a failure no rule explains is said so, never left silent
         print(f"diagnosis: unexplained: {unexplained.get('stage')} of {unexplained.get('name')} failed at "

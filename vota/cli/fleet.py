@@ -12,7 +12,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
     if args.workers < 0:
         raise UsageError("--workers must be 0 (every core) or more")
-    figures = fleet_diagnose(args.store, args.out, args.workers or None)
+    figures = fleet_diagnose(args.store, args.out, args.workers or None, args.dask)
+    tables = "findings, campaigns, waiting (.jsonl" + (", .parquet)" if figures["parquet"] else
+                                                      "; no Parquet: pip install 'vota[fleet]' for pyarrow)")
     print(f"fleet: {figures['vehicles']} vehicles, {figures['new_failures']} new failed campaigns diagnosed "
-          f"({figures['failures']} in all) on {figures['workers']} workers; {args.out}/summary.md")
+          f"({figures['failures']} failed of {figures['campaigns']} finished, {figures['waiting']} waiting) on "
+          f"{figures['workers']} {'Dask ' if args.dask else ''}workers; {args.out}/summary.md, summary.html; {tables}")
     return 0

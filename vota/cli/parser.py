@@ -71,12 +71,20 @@ def _fleet(sub: Any) -> None:
     fsub = p.add_subparsers(dest="fleet_command", metavar="ACTION")
     fsub.required = True
     k = fsub.add_parser("diagnose", help="diagnose every failed campaign of every vehicle, on every core",
-                        description="Diagnose what is new in STORE (the collector's <VIN>/messages, <VIN>/traces) in a "
-                        "process pool; append one row per failed campaign to OUT/findings.jsonl and write OUT/summary.md "
-                        "(counts per campaign, unit, cause, step, NRC, clusters, per day). Exit 0 when it ran, 2 on bad input.")
+                        description="Diagnose what is new in STORE (a collector's store of <VIN>/messages and <VIN>/traces, "
+                        "or any tree holding such directories) in a process pool or on a Dask cluster; append one row per "
+                        "failed campaign to OUT/findings.jsonl and one per finished campaign to OUT/campaigns.jsonl, write "
+                        "OUT/waiting.jsonl (campaigns waiting for their preconditions), the same tables as Parquet (with "
+                        "pyarrow), OUT/summary.md and OUT/summary.html (counts and rates per campaign, unit, cause, step, "
+                        "NRC, ECU, clusters, per day, deferrals; charts). Exit 0 when it ran, 1 when the Dask scheduler "
+                        "cannot be reached, 2 on bad input.")
     k.add_argument("store", metavar="STORE")
-    k.add_argument("--out", required=True, metavar="DIR", help="where findings.jsonl, summary.md and done.json go")
-    k.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (default: every core)")
+    k.add_argument("--out", required=True, metavar="DIR", help="where the tables, the summaries and done.json go")
+    k.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="worker processes (default: every core; with --dask local: the LocalCluster's workers)")
+    k.add_argument("--dask", metavar="ADDRESS", default=None,
+                   help="run on a dask.distributed scheduler (tcp://host:8786), or 'local' for a LocalCluster of worker "
+                   "processes here (needs the fleet extra: pip install 'vota[fleet]')")
     k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
 

@@ -52,27 +52,34 @@ class Verdict:
     campaign_id: str | None = None
     # a failure no finding explains: what failed, and why the evidence does not show it
     unexplained: dict[str, Any] | None = None
+    # a campaign the vehicle's state never let install (its preconditions, within its window):
+    # the stage it waited in, the unmet conditions and the values read
+    vehicle_state: dict[str, Any] | None = None
 
     @property
     def cause(self) -> str | None:
         if self.findings:
             return self.findings[0].cause
+        if self.vehicle_state is not None:
+            return "preconditions_not_met"
         return "unexplained" if self.unexplained is not None else None
 
     def to_json(self) -> dict[str, Any]:
         first = self.findings[0] if self.findings else None
+        state = self.vehicle_state
         return {
             "schema": SCHEMA,
             "campaign_id": self.campaign_id,
             "mode": self.mode,
             "abnormal_packages": self.abnormal,
-            "stage": self.stage,
+            "stage": self.stage if state is None or first else state["stage"],
             "cause": self.cause,
-            "side": first.side if first else None,
-            "unit": first.unit if first else None,
+            "side": first.side if first else "vehicle" if state is not None else None,
+            "unit": first.unit if first else ",".join(sorted(state["unmet"])) if state is not None else None,
             "findings": [asdict(f) for f in self.findings],
             "unanalysed": self.unanalysed,
             "unexplained": self.unexplained,
+            **({"vehicle_state": state} if state is not None else {}),
         }
 
 

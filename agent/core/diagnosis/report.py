@@ -47,7 +47,12 @@ def diagnose(inputs: list[StageInput], rules: Rules, mode: str = "first", campai
             unanalysed.append({"stage": item.stage, "name": item.name, "reason": _CLEAN})
         findings.extend(found)
     verdict = Verdict(mode, [i.name for i in chosen], stage, findings, unanalysed, campaign_id)
-    if not findings and (chosen or failure):
+    if not findings and failure and failure.get("reason") == "preconditions":
+        unmet: dict[str, Any] = failure["unmet"] if isinstance(failure.get("unmet"), dict) else {}
+        values: dict[str, Any] = failure["values"] if isinstance(failure.get("values"), dict) else {}
+        verdict.vehicle_state = {"stage": failure.get("stage"), "unmet": {str(k): str(v) for k, v in unmet.items()},
+                                 "values": values, "detail": failure.get("detail")}
+    elif not findings and (chosen or failure):
         verdict.unexplained = _unexplained(chosen, unanalysed, failure)
     return verdict
 
@@ -73,6 +78,12 @@ def _unexplained(chosen: list[StageInput], unanalysed: list[dict[str, str]],
 
 def render_markdown(verdict: Verdict) -> str:
     lines = [f"# Upgrade diagnosis{f' of campaign {verdict.campaign_id}' if verdict.campaign_id else ''}", ""]
+    state = verdict.vehicle_state
+    if state is not None and not verdict.findings:
+        lines += ["## `preconditions_not_met`", "",
+                  f"- the vehicle's state did not let the campaign install within its window (stage {state['stage']})", ""]
+        lines += [f"- {name}: {why}" for name, why in sorted(state["unmet"].items())] or [f"- {state.get('detail')}"]
+        return "\n".join(lines) + "\n"
     if not verdict.abnormal and verdict.unexplained is None:
         lines += ["No abnormal package: every deploy and flash result is a success.", ""]
         return "\n".join(lines)
