@@ -166,8 +166,8 @@ def routine_control(s: EcuState, r: Request) -> Outcome | bytes:
     head = b"\x71" + r.data[1:4]
     if routine in d.other_routines:  # a routine of the profile the simulator has no part in (preconditions): ok
         return head + b"\x00"
-    if s.session != Session.programmingSession:
-        return r.negative(Nrc.ServiceNotSupportedInActiveSession)
+    if s.session != Session.programmingSession:  # RoutineControl is served here, these routines are not
+        return r.negative(Nrc.RequestOutOfRange)  # ISO 14229-1: a routine not supported in the active session
     if not s.unlocked:
         return r.negative(Nrc.SecurityAccessDenied)
     if s.download_active:

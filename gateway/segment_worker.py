@@ -144,10 +144,12 @@ def _worker(conn: Connection, config: VehicleConfig, segment_name: str, function
     for name, level in levels.items():  # the gateway's logging as it is (libraries quieted the same way)
         logging.getLogger(name).setLevel(level)
     from agent.adapters.canbus import Segment
+    from agent.adapters.capture import close_all, inherit
     from gateway.buses import TesterPresentKeeper
     from gateway.flash import EcuFlasher
 
     side = _WorkerSide(conn)
+    inherit("flash")  # the gateway's --capture: this worker's frames in gw-flash-<segment>
     segment = Segment(config.segments[segment_name])
     try:
         with TesterPresentKeeper(segment, functional_id, config.gateway.tester_present_ms / 1000.0) as keeper:
@@ -174,6 +176,7 @@ def _worker(conn: Connection, config: VehicleConfig, segment_name: str, function
             pass
     finally:
         segment.shutdown()
+        close_all()  # a spawned process ends with os._exit: no atexit
 
 
 def _levels() -> dict[str, int]:

@@ -35,7 +35,7 @@ def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config
     })
     out = tmp_path / "bench"
     run = vota("bench", "-c", str(config), "--out", str(out), "--image-size", "32K", "--fault", "vcu:36#2:nrc=0x72",
-               "--broker", "embedded", "--image-kind", "firmware", timeout=300)
+               "--broker", "embedded", "--image-kind", "firmware", "--capture", "--capture-format", "log", timeout=300)
     assert "(embedded amqtt, plain, no identities)" in run.stdout
     assert run.returncode == 1, run.stdout + run.stderr  # the campaign failed, as the fault demands
     report = json.loads((out / "report.json").read_text())
@@ -71,6 +71,18 @@ def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config
     assert cloud["cause"] == "negative_response" and cloud["findings"][0]["packet"] == "vcu"
     vehicle = list((out / "cloud" / "store" / "LVOTABENCHTEST001" / "messages" / "results").glob("*.diagnosis.json"))
     assert len(vehicle) == 1 and json.loads(vehicle[0].read_text())["body"]["verdict"]["cause"] == "negative_response"
+    # the capture (candump -L): bcm's flash, from the gateway's flash worker on the body segment, is
+    # exactly the ISO-TP frames of the requests of bcm's trace (TesterPresent aside)
+    import can
+
+    from agent.adapters.trace_files import read_trace
+
+    captures = sorted(p.name for p in (out / "capture").iterdir())
+    assert captures == ["gw-bb.log", "gw-body.log", "gw-flash-body.log", "gw-flash-pt.log", "gw-pt.log"], captures
+    trace = read_trace(out / "gateway" / "results" / report["campaign_id"] / "bcm.trace.jsonl")
+    sent = [f for f in can.LogReader(str(out / "capture" / "gw-flash-body.log")) if not f.is_rx
+            and f.arbitration_id == 0x740 and f.data[0] >> 4 in (0, 1, 2) and not (f.data[0] >> 4 == 0 and f.data[1] == 0x3E)]
+    assert len(sent) == sum(1 if e.length <= 7 else 1 + -(-(e.length - 6) // 7) for e in trace.exchanges)
 
 
 def test_bench_runs_an_owner_content_scenario(tmp_path, write_config):

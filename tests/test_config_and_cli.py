@@ -239,16 +239,28 @@ def test_a_fault_spec_that_cannot_apply_is_refused(write_config):
     assert run.returncode == 2 and "is injected by the gateway (vota gateway --fault), not by vota flash" in run.stderr
 
 
-def test_a_place_that_cannot_be_written_is_one_line(tmp_path, write_config):
-    config = str(write_config({"segments": {"pt": {"bus": virtual_bus()}}, "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8)}}))
-    run = vota("ecu-sim", "-c", config, "--state-dir", "/proc/vota-test")
-    assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("vota ecu-sim: error: /proc/vota-test")
+def test_a_place_that_cannot_be_written_is_bad_usage_said_before_the_bus_is_touched(tmp_path, write_config):
+    """An output or state directory that cannot be written is the command line's fault (exit 2,
+    one line naming the option), found before any bus is opened: nothing is flashed, deployed or
+    simulated first. A timeout that is not above 0 is refused by the parser."""
+    config = str(write_config({"segments": {"pt": {"bus": virtual_bus()}}, "deploy": {"segment": "pt"},
+                               "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8)}}))
     image = tmp_path / "img.bin"
     image.write_bytes(b"x" * 64)
-    run = vota("flash", "-c", config, "--no-progress", "--out", "/proc/vota-test", f"vcu={image}@2.0")
-    assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1] == "vota flash: error: /proc/vota-test: No such file or directory"
+    for command in (["ecu-sim", "-c", config, "--state-dir", "/proc/vota-test"],
+                    ["flash", "-c", config, "--no-progress", "--out", "/proc/vota-test", f"vcu={image}@2.0"],
+                    ["deploy", "-c", config, "--no-progress", "--out", "/proc/vota-test", str(image)],
+                    ["fleet", "diagnose", str(tmp_path), "--out", "/proc/vota-test"],
+                    ["flash", "-c", config, "--capture", "/proc/vota-test", f"vcu={image}@2.0"]):
+        run = vota(*command, timeout=20)
+        option = "--capture" if "--capture" in command else "--state-dir" if "--state-dir" in command else "--out"
+        assert run.returncode == 2 and "Traceback" not in run.stderr, (command, run.stderr)
+        (line,) = run.stderr.strip().splitlines()
+        assert line.startswith(f"vota {command[0]}: error: {option} /proc/vota-test: "), line
+        assert "vcu" not in run.stdout  # no bus was talked to, no result printed
+    for bad in ("-1", "0", "soon"):
+        run = vota("bench", "--timeout", bad)
+        assert run.returncode == 2 and "--timeout" in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_bus_settings_take_interface_names_from_the_environment(monkeypatch):

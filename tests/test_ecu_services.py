@@ -147,6 +147,10 @@ def test_security_access_seed_key_attempts_and_lockout(bench):
 def test_programming_preconditions(bench):
     t, _ = bench
     t.ask(b"\x10\x03")
+    # RoutineControl is served in the extended session; the programming routines are not (ISO
+    # 14229-1: requestOutOfRange for a routine the active session does not support)
+    for routine in ("3101ff00 44 00001000 00000100", "3101ff06" + "00" * 64, "3101ff01"):
+        assert t.ask(bytes.fromhex(routine)) == bytes.fromhex("7f3131"), routine
     t.ask(b"\x10\x02")
     erase = bytes.fromhex("3101ff00 44 00001000 00000100")
     assert t.ask(erase) == bytes.fromhex("7f3133")  # locked

@@ -23,6 +23,7 @@ from typing import Any, cast
 import can
 import isotp
 
+from agent.adapters.capture import open_capture
 from agent.core.config import SegmentConfig
 from agent.errors import ConfigError, VotaError
 from agent.protocol.can_timing import frame_time, physical_goodput
@@ -125,15 +126,10 @@ class RoutedStack(isotp.TransportLayer):
         clock = self.segment.clock
         if clock is not None:
             clock.take(len(msg.data), msg.bitrate_switch)
-        self.segment.bus.send(
-            can.Message(
-                arbitration_id=msg.arbitration_id,
-                data=msg.data,
-                is_extended_id=msg.is_extended_id,
-                is_fd=msg.is_fd,
-                bitrate_switch=msg.bitrate_switch,
-            )
-        )
+        frame = can.Message(arbitration_id=msg.arbitration_id, data=msg.data, is_extended_id=msg.is_extended_id,
+                            is_fd=msg.is_fd, bitrate_switch=msg.bitrate_switch)
+        self.segment.sending(frame)
+        self.segment.bus.send(frame)
 
     def feed(self, msg: can.Message, as_id: int | None = None) -> None:
         """Hand one frame to the stack; ``as_id``: as if it came on that id (the stack's own)."""
@@ -239,7 +235,20 @@ class Segment:
         self._no_fc: set[RoutedStack] = set()  # stacks that never send, so never wait for flow control
         self._lock = threading.Lock()
         self._closed = False
-        self.notifier = can.Notifier(self.bus, [self._route], timeout=0.1)
+        # every frame into a standard log, when asked (--capture); udp_multicast echoes our own frames
+        self.capture = open_capture(config.name, echoes=config.bus.get("interface") == "udp_multicast")
+        listeners: list[Any] = [self._route] if self.capture is None else [self._route, self._received]
+        self.notifier = can.Notifier(self.bus, listeners, timeout=0.1)
+
+    def _received(self, msg: can.Message) -> None:
+        assert self.capture is not None
+        self.capture.frame(msg, True)
+
+    def sending(self, msg: can.Message) -> None:
+        """A frame this process puts on the bus, into the capture when there is one (before it
+        is sent: a bus that echoes it may hand it back before ``send`` returns)."""
+        if self.capture is not None:
+            self.capture.frame(msg, False)
 
     def _raise_receive_buffer(self) -> None:
         """udp_multicast drops datagrams when the socket buffer overflows: make it large."""
@@ -324,6 +333,7 @@ class Segment:
         try:
             if self.clock is not None:
                 self.clock.take(len(data), msg.bitrate_switch)
+            self.sending(msg)
             self.bus.send(msg)
         except can.CanError as exc:
             raise VotaError(f"segment {self.config.name}: cannot send frame 0x{can_id:X}: {exc}") from exc
@@ -340,7 +350,7 @@ class Segment:
             except Exception:  # noqa: BLE001 - shutdown must not raise
                 log.debug("stack stop failed", exc_info=True)
         self.notifier.stop(timeout=1.0)
-        self.bus.shutdown()
+        self.bus.shutdown()  # the capture stays open: the segment may open again (agent/adapters/capture.py)
 
     def __enter__(self) -> "Segment":
         return self

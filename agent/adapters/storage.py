@@ -15,9 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from agent.errors import VotaError
+from agent.errors import UsageError, VotaError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_dir", "InstanceLock", "StorageError",
+__all__ = ["writable_dir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_dir", "InstanceLock", "StorageError",
            "storage_fault", "free_bytes", "best_effort", "Deferred"]
 
 log = logging.getLogger(__name__)
@@ -167,3 +167,17 @@ class InstanceLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def writable_dir(path: str | Path, option: str) -> Path:
+    """A directory a command writes into, created if missing: checked before anything else is
+    done (a bus talked to, a process started), a UsageError naming ``option`` when it cannot be."""
+    target = Path(path)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / f".vota-write-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"{option} {target}: not a writable directory ({exc.strerror or exc})") from None
+    return target

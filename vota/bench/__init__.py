@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.adapters.config_files import load_vehicle_config, load_yaml
-from agent.adapters.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
+from agent.adapters.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, writable_dir
 from agent.core.config import parse_vehicle_config
 from agent.core.faults import parse_faults
 from agent.errors import UsageError, VotaError
@@ -100,9 +100,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
         config.ecu(n)
     faults = parse_faults(args.fault, "bench", names)
     vin = config.tbox_config().vin if config.tbox else "LVOTABENCH0000001"
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("tbox", "gateway", "cloud", "logs", "keys"):  # the ECUs keep their flash banks
+    out = writable_dir(Path(args.out).resolve(), "--out")
+    for stale in ("tbox", "gateway", "cloud", "logs", "keys", "capture"):  # the ECUs keep their flash banks
         shutil.rmtree(out / stale, ignore_errors=True)
     procs = Processes(out / "logs")
     cloud: CloudSim | None = None
@@ -115,7 +114,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
         if content_spec is not None:
             begin, rate = content_clock(content_spec[0], args.content_seconds)
             clock = ["--clock", begin.isoformat(timespec="seconds"), "--clock-rate", f"{rate:g}"]
-        _start_vehicle(procs, runtime, names, faults, clock)
+        capture = ["--capture", str(out / "capture"), "--capture-format", args.capture_format] if args.capture else []
+        _start_vehicle(procs, runtime, names, faults, clock, capture)
         print(f"bench: broker {broker.tbox} ({broker.kind}), {len(names)} ECU simulators, gateway, TBOX {vin}; "
               f"cloud packages at {cloud.base_url}", flush=True)
         if content_spec is not None:
@@ -179,7 +179,8 @@ def _image_keys(out: Path, config: Any, names: list[str]) -> dict[str, tuple[Ed2
     return keys
 
 
-def _start_vehicle(procs: Processes, runtime: Path, names: list[str], faults: list[Any], clock: list[str]) -> None:
+def _start_vehicle(procs: Processes, runtime: Path, names: list[str], faults: list[Any], clock: list[str],
+                   capture: list[str]) -> None:
     """One ECU simulator per ECU, the gateway and the TBOX, each with the faults injected where they belong."""
 
     def routed(stage: str, side: str, ecu: str | None = None) -> list[str]:
@@ -189,7 +190,7 @@ def _start_vehicle(procs: Processes, runtime: Path, names: list[str], faults: li
     for name in names:  # each simulator gets the faults for its own ECU
         procs.start(f"ecu-{name}", "ecu-sim", "-c", str(runtime), "--ecu", name, *routed("flash", "server", name))
     procs.start("gateway", "gateway", "-c", str(runtime), *routed("deploy", "server"), *routed("flash", "client"),
-                *routed("activate", "client"))
+                *routed("activate", "client"), *capture)
     procs.start("tbox", "tbox", "-c", str(runtime), "-v", *routed("deploy", "client"), *routed("link", "client"), *clock)
     procs.wait_ready()
 

@@ -57,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.command)
     try:
+        if isinstance(getattr(args, "capture", None), str):  # the commands that open segments themselves
+            from agent.adapters.capture import configure
+
+            configure(args.capture, {"gateway": "gw"}.get(args.command, args.command), args.capture_format,
+                      args.capture_max_mib)
         return _commands()[args.command](args)
     except VotaError as exc:
         print(f"vota {args.command}: error: {exc}", file=sys.stderr)

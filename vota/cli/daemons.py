@@ -111,6 +111,10 @@ def cmd_ecu_sim(args: argparse.Namespace) -> int:
     if not names:
         raise UsageError(f"{args.config}: no ECUs configured")
     faults = parse_faults(args.fault, "ecu-sim", names)
+    if args.state_dir is not None:
+        from agent.adapters.storage import writable_dir
+
+        writable_dir(args.state_dir, "--state-dir")
     sim = EcuSimulator(config, names, args.state_dir, faults)
     done = threading.Event()
 

@@ -5,32 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vota.cli.arguments import DEFAULT_CONFIG, _add_common, _capture, _seconds, _size
 from vota.cli.inputs import IMAGE_KEY_HELP
 
 __all__ = ["build_parser", "DEFAULT_CONFIG"]
-
-DEFAULT_CONFIG = "configs/bench.yaml"
-
-
-def _size(text: str) -> int:
-    units = {"k": 1024, "m": 1024 * 1024}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            value = int(float(t[:-1]) * units[t[-1]])
-        else:
-            value = int(t, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return value
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"vehicle configuration YAML (default: {DEFAULT_CONFIG})")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug, -vvv library debug)")
-
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -123,6 +101,7 @@ def _flash(sub: Any) -> None:
                    help="send ECU a delta from OLD_IMAGE (the image it runs) to its new image, the full image "
                         "when the ECU does not run OLD_IMAGE or takes no deltas (repeatable)")
     p.add_argument("--image-key", action="append", default=[], metavar="ECU=KEY[@N]", help=IMAGE_KEY_HELP)
+    _capture(p)
 
 
 def _versions(sub: Any) -> None:
@@ -149,6 +128,7 @@ def _gateway(sub: Any) -> None:
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a fault: deploy-stage server faults into the deploy server (deploy:GW:36#5:nrc=0x72), "
                    "flash-stage client faults into the flashing (vcu:36#3:skip_counter); see docs/fault-injection.md")
+    _capture(p)
 
 
 def _tbox(sub: Any) -> None:
@@ -168,6 +148,7 @@ def _tbox(sub: Any) -> None:
                    "(ISO 8601 with offset, e.g. 2026-05-20T18:30:00+08:00); benches and tests only")
     p.add_argument("--clock-rate", type=float, default=1.0, metavar="N",
                    help="simulated seconds per real second for --clock (default: 1)")
+    _capture(p)
 
 
 def _deploy(sub: Any) -> None:
@@ -190,6 +171,7 @@ def _deploy(sub: Any) -> None:
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a client-side fault into the deploy, e.g. deploy:vcu.bin:36#3:bad_length (docs/fault-injection.md)")
     p.add_argument("--keep-going", action="store_true", help="deploy the other packages after one failed (benches)")
+    _capture(p)
 
 
 def _campaign(sub: Any) -> None:
@@ -428,10 +410,11 @@ def _bench(sub: Any) -> None:
     p.add_argument("--image-kind", choices=("random", "firmware"), default="random",
                    help="random images (incompressible), or firmware-like ones: a real compiled binary (PyYAML's C "
                         "extension), which ECUs configured with `compression` receive compressed (default: random)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the campaign (default 600)")
+    p.add_argument("--timeout", type=_seconds, default=600.0, help="seconds to wait for the campaign (default 600)")
     p.add_argument("--content", metavar="SPEC.yaml",
                    help="run an owner-content scenario instead of the campaign: the cloud reviews, signs and offers the "
                    "content spec (as vota content build reads it), the owner requests it, the TBOX runs it on a "
                    "simulated clock that covers its schedule in about --content-seconds")
     p.add_argument("--content-seconds", type=float, default=20.0, metavar="S",
                    help="real seconds the content's schedule is compressed into (default 20)")
+    _capture(p, bench=True)

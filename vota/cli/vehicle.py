@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.storage import writable_dir
 from agent.errors import UsageError
 from vota.cli.inputs import image_keys
 from vota.cli.tables import format_flash_table, table
@@ -59,7 +60,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     jobs = _with_deltas(jobs, args.delta_from)
     jobs = _signed(jobs, args.image_key)
-    out = Path(args.out) if args.out else Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S")
+    out = writable_dir(args.out or Path(config.gateway.results_dir) / time.strftime("%Y%m%d-%H%M%S"), "--out")
     signal.signal(signal.SIGTERM, _interrupt)
     board = ProgressBoard([j.ecu for j in jobs], enabled=not args.no_progress)
     faults = parse_faults(args.fault, "flash", [j.ecu for j in jobs])
@@ -163,6 +164,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
             raise UsageError(f"--sha256 {args.sha256[i]!r} is not a SHA-256 in hex")
         items.append((name or path.name, path, digest))
+    writable_dir(args.out, "--out")
     signal.signal(signal.SIGTERM, _interrupt)
     board = ProgressBoard([n for n, _, _ in items], enabled=not args.no_progress)
     rows = []
