@@ -21,7 +21,7 @@ def run_broker(host: str, port: int, ready: Any = None) -> None:
     except ImportError:
         from agent.errors import UsageError
 
-        raise UsageError("the embedded broker needs amqtt: install with '.[bench]' (make demo does), "
+        raise UsageError("the embedded broker needs amqtt: pip install 'vota[bench]' (make demo installs it), "
                          "or give --broker mqtt://host:port") from None
     for noisy in ("amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

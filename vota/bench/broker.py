@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote
 
+from agent.adapters.examples import examples_dir
 from agent.adapters.storage import atomic_write_text
 from agent.errors import VotaError
 from cloud_sim.pki import bench_pki
@@ -29,7 +30,7 @@ from vota.bench.processes import Processes, free_port
 
 __all__ = ["BenchBroker", "start_broker", "SHIPPED_MOSQUITTO"]
 
-SHIPPED_MOSQUITTO = Path(__file__).resolve().parents[2] / "configs" / "mosquitto"
+SHIPPED_MOSQUITTO = examples_dir() / "mosquitto"  # this checkout's, or the one installed with vota
 CLOUD_IDENTITIES = ("vota-cloud", "vota-collector")  # the operator's tools, the collector
 
 

@@ -36,6 +36,7 @@ def _setup_logging(verbose: int, command: str) -> None:
 def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
     from vota.cli import bench, campaign, cloud, content, daemons, vehicle
     from vota.cli.fleet import cmd_fleet
+    from vota.cli.init import cmd_init
 
     return {
         "ecu-sim": daemons.cmd_ecu_sim,
@@ -50,6 +51,7 @@ def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
         "fleet": cmd_fleet,
         "content": content.cmd_content,
         "bench": bench.cmd_bench,
+        "init": cmd_init,
     }
 
 
@@ -57,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.command)
     try:
+        if hasattr(args, "config"):  # a vehicle configuration: the one given, configs/bench.yaml here, or the installed one
+            from agent.adapters.examples import resolve_config
+
+            args.config = resolve_config(args.config)
         if isinstance(getattr(args, "capture", None), str):  # the commands that open segments themselves
             from agent.adapters.capture import configure
 

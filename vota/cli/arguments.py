@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["DEFAULT_CONFIG", "_size", "_add_common", "_seconds", "_capture"]
+from agent.adapters.examples import DEFAULT_CONFIG
 
-DEFAULT_CONFIG = "configs/bench.yaml"
+__all__ = ["DEFAULT_CONFIG", "_size", "_add_common", "_seconds", "_capture"]
 
 
 def _size(text: str) -> int:
@@ -25,7 +25,8 @@ def _size(text: str) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"vehicle configuration YAML (default: {DEFAULT_CONFIG})")
+    p.add_argument("-c", "--config", default=None,
+                   help=f"vehicle configuration YAML (default: {DEFAULT_CONFIG}, else the example installed with vota)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug, -vvv library debug)")
 
 

@@ -38,8 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
     _content(sub)
     _diagnose(sub)
     _fleet(sub)
+    _init(sub)
     _bench(sub)
     return parser
+
+
+def _init(sub: Any) -> None:
+    """``vota init``."""
+    p = sub.add_parser("init", help="write a starter vehicle configuration, its keys and the examples",
+                       description="Write DIR/vehicle.yaml (the bench vehicle, or --kind vcan: on SocketCAN), the keys it "
+                       "names (DIR/keys), and DIR/examples (Mosquitto, systemd units, content). Run the commands from DIR. "
+                       "Exit 0 when written, 2 when DIR/vehicle.yaml exists (without --force) or DIR cannot be written.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--kind", choices=("bench", "vcan"), default="bench",
+                   help="bench: udp_multicast, runs anywhere; vcan: SocketCAN vcan0/vcan1 (default: bench)")
+    p.add_argument("--force", action="store_true", help="write over DIR/vehicle.yaml and its keys")
+    p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
 
 def _fleet(sub: Any) -> None:
