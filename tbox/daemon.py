@@ -243,7 +243,7 @@ class TboxDaemon:
                 self._wake.clear()
 
     def _estimate(self, jobs: list[tuple[str, int, int]], activation: str, pipelined: bool,
-                  measured: dict[str, float]) -> Estimate:
+                  measured: dict[str, Any]) -> Estimate:
         return estimate_install(self.config, jobs, activation, self.link_cfg.segment if pipelined else None, measured)
 
     def _signals(self) -> dict[str, Any]:

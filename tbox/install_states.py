@@ -125,7 +125,9 @@ def installing(c: Collaborators, record: CampaignRecord) -> str | None:
     record.versions = summary.get("final_versions") if isinstance(summary.get("final_versions"), dict) else None
     record.interruptions = summary.get("interruptions") or None
     record.revertible = summary.get("revertible") if isinstance(summary.get("revertible"), bool) else None
-    c.rates.learn(results)
+    began, ended = record.times.install_began, record.times.install_ended
+    took = ended - began if began is not None and ended is not None else None
+    c.rates.learn(results, cid, took if status == InstallStatus.SUCCEEDED else None)
     held = summary.get("preconditions")
     campaign = c.campaign(record)
     if status != InstallStatus.SUCCEEDED and isinstance(held, dict) and held.get("met") is False:

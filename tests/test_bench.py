@@ -85,6 +85,34 @@ def test_bench_with_embedded_broker_reports_a_flash_fault(tmp_path, write_config
     assert len(sent) == sum(1 if e.length <= 7 else 1 + -(-(e.length - 6) // 7) for e in trace.exchanges)
 
 
+def test_a_second_bench_run_estimates_from_what_the_first_install_took(tmp_path, write_config):
+    """The TBOX learns what each ECU's flash and the install beyond it took; the bench keeps that
+    in its output directory, so a second run's estimate is built from measured figures only and,
+    for the same vehicle and image sizes, comes to what the first install took (the learned
+    figures rounded). ``-v`` prints the estimate's inputs."""
+    config = write_config({
+        "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}, "body": {"bus": multicast_bus()}},
+        "deploy": {"segment": "bb"},
+        "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt"),
+                 "bcm": ecu_entry("bcm", 0x740, 0x748, "body")},
+        "tbox": {"vin": "LVOTABENCHTEST002", "trusted_keys": ["unused.pub"], "retry_delay_ms": 300},
+    })
+    out = tmp_path / "bench"
+    reports = []
+    for version in ("2.0.0", "3.0.0"):
+        run = vota("bench", "-c", str(config), "--out", str(out), "--image-size", "24K", "--broker", "embedded",
+                   "--version", version, "-v", timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        reports.append(json.loads((out / "report.json").read_text()))
+        assert "estimate: bcm " in run.stdout and "vcu " in run.stdout, run.stdout
+    first, second = reports
+    assert set(first["estimate"]["rates"].values()) == {"configured"}
+    assert set(second["estimate"]["rates"].values()) == {"measured"}, second["estimate"]
+    assert abs(second["estimated_install_s"] - first["install_s"]) <= 0.2, (second["estimated_install_s"], first["install_s"])
+    learned = json.loads((out / "tbox" / "rates.json").read_text())
+    assert set(learned) == {"vcu", "bms", "bcm", "_install"} and learned["vcu"]["methods"].keys() == {"plain"}, learned
+
+
 def test_bench_runs_an_owner_content_scenario(tmp_path, write_config):
     data = load_yaml(ROOT / "configs" / "bench.yaml")
     for segment in data["segments"].values():  # the sample's fixed groups are for one bench at a time: private ones here

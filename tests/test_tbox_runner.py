@@ -549,13 +549,16 @@ def test_the_rate_each_ecu_was_last_flashed_at_goes_into_the_next_estimate(tmp_p
     from agent.core.preconditions import Estimate
 
     v = Vehicle(tmp_path)
-    measured: list[dict[str, float]] = []
+    measured: list[dict] = []
     v.estimate = lambda jobs, activation, pipelined, rates: measured.append(rates) or Estimate(9.5, {"vcu": 5.0})
     v.receive(envelope())
     v.runner().step()
     v.receive(envelope("c-2", version="3.0.0"))
     v.runner().step()
-    assert measured == [{}, {"vcu": 6000.0, "bms": 4000.0}]  # image bytes over 0.5 s of transfer
+    assert measured[0] == {}
+    second = measured[1]  # image bytes over 0.5 s of transfer; the rest of each flash; the install beyond them
+    assert {e: second[e]["bytes_per_s"] for e in ("vcu", "bms")} == {"vcu": 6000.0, "bms": 4000.0}, second
+    assert all(second[e]["other_s"] >= 0 for e in ("vcu", "bms")) and set(second["_install"]) == {"per_ecu"}, second
     assert [e["install_s"] for e in v.cloud.events(event="estimate")] == [9.5, 9.5]
     assert v.cloud.events(event="finished", campaign_id="c-2")[0]["estimated_install_s"] == 9.5
 

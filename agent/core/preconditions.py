@@ -23,7 +23,8 @@ from agent.core.config import PreconditionsConfig, VehicleConfig
 from agent.errors import InstallRefused
 from agent.protocol.can_timing import physical_goodput
 
-__all__ = ["Estimate", "estimate_install", "unmet", "required_soc", "Gate", "parse_gate", "loosened", "tightest", "SAFE_STATE"]
+__all__ = ["Estimate", "estimate_install", "install_kind",
+           "unmet", "required_soc", "Gate", "parse_gate", "loosened", "tightest", "SAFE_STATE"]
 
 DEFAULT_BITRATE = 500_000
 PER_ECU_S = 1.0  # sessions, SecurityAccess, fingerprint, the version reads before and after
@@ -46,18 +47,41 @@ def _rate(config: VehicleConfig, segment_name: str) -> float:
     return physical_goodput(segment.tx_data_length, nominal, data if segment.fd else None)
 
 
-def _flash_s(config: VehicleConfig, ecu: str, size: int, rate: float | None) -> float:
+def _flash_s(config: VehicleConfig, ecu: str, size: int, learned: Mapping[str, float]) -> float:
     e = config.ecu(ecu)
-    return size / (rate or _rate(config, e.segment)) + (e.sim.erase_ms + e.sim.check_ms + e.sim.reset_ms) / 1000.0 + PER_ECU_S
+    other = learned.get("other_s")
+    if other is None:
+        other = (e.sim.erase_ms + e.sim.check_ms + e.sim.reset_ms) / 1000.0 + PER_ECU_S
+    return size / (learned.get("bytes_per_s") or _rate(config, e.segment)) + other
+
+
+def _learned(measured: Mapping[str, Any] | None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """(per ECU: bytes_per_s and, when known, other_s; per activation mode: seconds per ECU)."""
+    ecus: dict[str, dict[str, float]] = {}
+    for ecu, v in (measured or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:  # a rate alone
+            ecus[ecu] = {"bytes_per_s": float(v)}
+        elif isinstance(v, Mapping) and ecu != "_install" and isinstance(v.get("bytes_per_s"), (int, float)) \
+                and v["bytes_per_s"] > 0:
+            ecus[ecu] = {k: float(v[k]) for k in ("bytes_per_s", "other_s") if isinstance(v.get(k), (int, float))}
+    modes = (measured or {}).get("_install")
+    return ecus, {str(k): float(x) for k, x in modes.items() if isinstance(x, (int, float))} if isinstance(modes, Mapping) else {}
+
+
+def install_kind(activation: str, pipelined: bool) -> str:
+    """The key an install's time beyond its flashes is learned under: ``atomic``, ``per_ecu/pipelined``..."""
+    return activation + ("/pipelined" if pipelined else "")
 
 
 def estimate_install(config: VehicleConfig, jobs: Iterable[tuple[str, int, int]], activation: str,
-                     deploy_segment: str | None = None, measured: Mapping[str, float] | None = None) -> Estimate:
+                     deploy_segment: str | None = None, measured: Mapping[str, Any] | None = None) -> Estimate:
     """``jobs``: (ECU, image bytes, install order); ``deploy_segment``: a pipelined install's backbone;
-    ``measured``: bytes a second each ECU took when it was last flashed."""
+    ``measured``: what earlier installs took (``tbox/rates.py``): per ECU its transfer rate (bytes a
+    second, or ``{"bytes_per_s", "other_s"}`` with the rest of its flash), and under ``_install``
+    the time an install took beyond its flashes, per ECU, by ``install_kind``."""
     jobs = list(jobs)
-    measured = {e: r for e, r in (measured or {}).items() if isinstance(r, (int, float)) and r > 0}
-    per_ecu = {ecu: _flash_s(config, ecu, size, measured.get(ecu)) for ecu, size, _ in jobs}
+    learned, beyond = _learned(measured)
+    per_ecu = {ecu: _flash_s(config, ecu, size, learned.get(ecu, {})) for ecu, size, _ in jobs}
     total = 0.0
     for order in sorted({o for _, _, o in jobs}):
         by_segment: dict[str, float] = {}
@@ -66,12 +90,16 @@ def estimate_install(config: VehicleConfig, jobs: Iterable[tuple[str, int, int]]
                 segment = config.ecu(ecu).segment
                 by_segment[segment] = by_segment.get(segment, 0.0) + per_ecu[ecu]
         total += max(by_segment.values())
+    kind = install_kind(activation, deploy_segment is not None)
+    if kind in beyond:  # learned: whatever such an install took beyond its flashes (the backbone's wait too)
+        return Estimate(total + beyond[kind] * len(jobs), per_ecu,
+                        {e: "measured" if e in learned else "configured" for e, _, _ in jobs})
     activate = sum(config.ecu(ecu).sim.reset_ms / 1000.0 + PER_ECU_S for ecu, _, _ in jobs) if activation == "atomic" else 0.0
     if deploy_segment is not None and jobs:
         backbone = sum(size for _, size, _ in jobs) / _rate(config, deploy_segment) + PER_ECU_S * len(jobs)
         last = max(jobs, key=lambda j: j[2])[0]  # deployed last, flashed once it is there
         total = max(total, backbone + per_ecu[last])
-    return Estimate(total + activate, per_ecu, {e: "measured" if e in measured else "configured" for e, _, _ in jobs})
+    return Estimate(total + activate, per_ecu, {e: "measured" if e in learned else "configured" for e, _, _ in jobs})
 
 
 SAFE_STATE = ("parked", "ignition_off", "speed_zero")  # what a safety-relevant ECU always needs

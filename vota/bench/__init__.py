@@ -101,8 +101,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
     faults = parse_faults(args.fault, "bench", names)
     vin = config.tbox_config().vin if config.tbox else "LVOTABENCH0000001"
     out = writable_dir(Path(args.out).resolve(), "--out")
+    learned = _learned_rates(out)  # what earlier runs' installs took: the next estimate learns from them
     for stale in ("tbox", "gateway", "cloud", "logs", "keys", "capture"):  # the ECUs keep their flash banks
         shutil.rmtree(out / stale, ignore_errors=True)
+    if learned is not None:
+        atomic_write_bytes(out / "tbox" / "rates.json", learned)
     procs = Processes(out / "logs")
     cloud: CloudSim | None = None
     started = time.time()
@@ -177,6 +180,16 @@ def _image_keys(out: Path, config: Any, names: list[str]) -> dict[str, tuple[Ed2
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
             keys[name] = (key, 1)
     return keys
+
+
+def _learned_rates(out: Path) -> bytes | None:
+    """The TBOX's ``rates.json`` of the run before in ``out`` (kept across runs, like the ECUs' banks)."""
+    try:
+        text = (out / "tbox" / "rates.json").read_bytes()
+        json.loads(text)
+    except (OSError, ValueError):
+        return None
+    return text
 
 
 def _start_vehicle(procs: Processes, runtime: Path, names: list[str], faults: list[Any], clock: list[str],
@@ -280,6 +293,8 @@ def _report(cloud: Any, out: Path, vin: str, campaign_id: str, finished: dict[st
         "final_versions": (finished or {}).get("versions"),  # read back from the ECUs at the end
         "estimated_install_s": (finished or {}).get("estimated_install_s"),  # told before the install ...
         "install_s": (finished or {}).get("install_s"),  # ... against what it took
+        "estimate": next((m["body"] for m in mine if m["type"] == "events" and m["body"].get("event") == "estimate"),
+                         None),
         "duration_s": round(time.time() - started, 1),
         "image_size": args.image_size,
         "faults": args.fault,

@@ -19,11 +19,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if isinstance(report, int):
         return report
     if "campaign_id" in report:
-        print_report(report)
+        print_report(report, verbose=args.verbose > 0)
     return 0 if report["outcome"] == "success" else 1
 
 
-def print_report(report: dict[str, Any]) -> None:
+def print_report(report: dict[str, Any], verbose: bool = False) -> None:
     rows = [["deploy", d["package"], d["result"], f"{d['size'] // 1024}", f"{d['duration_s']:.1f}",
              f"{d['failed_step']}: {d['reason']}" if d["result"] != "success" else ""] for d in report["deploy"]]
     rows += [["flash", f["ecu"], f["result"], f"{f['image_size'] // 1024}", f"{f['duration_s']:.1f}",
@@ -54,6 +54,10 @@ def print_report(report: dict[str, Any]) -> None:
               f"{unexplained.get('failed_step')}: {unexplained.get('result')}; {unexplained.get('why')}")
     if report.get("install_s") is not None:
         print(f"install took {report['install_s']:.1f} s, estimated {report['estimated_install_s']:.1f} s before it started")
+        estimate = report.get("estimate") or {}
+        if verbose and estimate:  # the estimate's inputs: each ECU's flash and where its figures came from
+            print("estimate: " + ", ".join(f"{e} {s:.1f} s ({(estimate.get('rates') or {}).get(e, '?')})"
+                                           for e, s in sorted((estimate.get("per_ecu") or {}).items())))
     final = report.get("final_versions") or {}
     if final:
         print("vehicle now runs: " + ", ".join(f"{ecu} {v.get('software_version') or '?'}" for ecu, v in sorted(final.items())))
