@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 INSTALLED_FILE = "installed-campaigns.json"  # campaign ids installed here: a replayed manifest is refused
 MAX_INSTALLED = 4096
 CANCEL_FILE = "cancel.json"  # the TBOX cancelled the campaign: never resumed, never started again
+PROGRESS_FILE = "progress.json"  # served from memory while an install runs: each ECU's step and bytes
 WAITING_FILE = "preconditions.json"  # why an install waits before activating (status 0x05), for the TBOX to read
 
 
@@ -87,6 +88,7 @@ class GatewayInstaller:
         self._campaign: str | None = None
         self._step = "starting"
         self._done = 0
+        self._bytes: dict[str, tuple[str, int, int]] = {}  # ECU -> (step, bytes done, bytes in all) of the running install
         self._total = 0
         self._waiting: dict[str, str] | None = None  # the install waits for these preconditions
         self._cancel = threading.Event()  # the running install's: set when the TBOX cancels its campaign
@@ -177,6 +179,7 @@ class GatewayInstaller:
 
     def _begin(self, plan: InstallPlan, resume: bool) -> None:
         self._campaign, self._done, self._total, self._step = plan.campaign_id, 0, len(plan.jobs), "starting"
+        self._bytes = {}
         self._waiting = None
         self._cancel = threading.Event()
         if self._cancelled(plan.campaign_id) is not None:  # cancelled while the gateway was down: it goes back
@@ -219,6 +222,7 @@ class GatewayInstaller:
     def _progress(self, ecu: str, step: str, done: int, total: int) -> None:
         self.heartbeats.beat("install")  # called at every request of a flash
         self._step = f"{ecu} {step}"
+        self._bytes[ecu] = (step, done, total)
         if step in ("done", "failed"):
             with self._lock:
                 self._done += 1
@@ -266,6 +270,13 @@ class GatewayInstaller:
         self._waiting = unmet
 
     def unwritten(self, path: Path) -> bytes | None:
+        """A result file the storage could not take yet; and ``<campaign>/progress.json``, never on
+        disk: each ECU's step and bytes while the install runs (what the TBOX tells the cloud)."""
+        if path.name == PROGRESS_FILE:
+            with self._lock:
+                if path.parent.name == self._campaign and self._thread is not None and self._thread.is_alive():
+                    ecus = {e: {"step": st, "done": d, "total": t} for e, (st, d, t) in sorted(self._bytes.items())}
+                    return json.dumps({"campaign_id": self._campaign, "ecus": ecus}, separators=(",", ":")).encode()
         self.deferred.flush()
         return self.deferred.pending(path)
 

@@ -134,10 +134,12 @@ class GatewayClient:
         write_link_trace(directory, name, trace.recorder,
                          None if failure is None else (failure["step"], failure["reason"], failure["nrc"]), calls=trace.calls)
 
-    def _call(self, what: str, fn: Any) -> Any:
+    def _call(self, what: str, fn: Any, essential: bool = True) -> Any:
         """One call on the link (extended session, SecurityAccess when the link has it, then
         ``fn(client)``), on the sequence engine: traced into the open ``traced`` block of this
-        thread, busyRepeatRequest asked again, a late answer to a request that got none recorded."""
+        thread, busyRepeatRequest asked again, a late answer to a request that got none recorded.
+        A call that is not ``essential`` (the install's progress) is traced but its failure does not
+        make the block's: nothing the campaign depends on went wrong."""
         trace: _LinkTrace | None = getattr(self._local, "trace", None)
         recorder = trace.recorder if trace is not None else TraceRecorder(self._header(what))
 
@@ -154,10 +156,12 @@ class GatewayClient:
             try:
                 result = call.run()
             except VotaError as exc:  # the gateway's or an ECU's answer, said by ``fn``
-                self._failed(trace, what, str(exc), None)
+                if essential:
+                    self._failed(trace, what, str(exc), None)
                 raise
         if result.result != "success":
-            self._failed(trace, what, str(result.reason), result.nrc)
+            if essential:
+                self._failed(trace, what, str(result.reason), result.nrc)
             raise GatewayError(f"{what}: {result.reason}", result.nrc)
         if trace is not None:
             trace.failure = None  # a later call went through: an earlier failure did not end the block
@@ -231,7 +235,17 @@ class GatewayClient:
                 raise GatewayError("stopped while waiting for the install")
             time.sleep(poll)
 
-    def read_file(self, path: str) -> bytes:
+    def install_progress(self, campaign: str) -> dict[str, tuple[str, int, int]]:
+        """Each ECU's (step, bytes done, bytes in all) while the install runs, from the gateway's
+        ``<campaign>/progress.json`` (served from its memory); empty when it cannot be had."""
+        try:
+            doc = json.loads(self.read_file(f"{campaign}/progress.json", essential=False))
+            ecus = doc["ecus"]
+            return {str(e): (str(p["step"]), int(p["done"]), int(p["total"])) for e, p in ecus.items()}
+        except (VotaError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
+    def read_file(self, path: str, *, essential: bool = True) -> bytes:
         def read(c: Any) -> bytes:
             response = c.read_file(path)
             size = response.service_data.filesize.uncompressed
@@ -248,7 +262,7 @@ class GatewayClient:
                 raise GatewayError(f"read {path}: got {len(data)} bytes, expected {size}")
             return bytes(data)
 
-        return self._call(f"read {path}", read)  # type: ignore[no-any-return]
+        return self._call(f"read {path}", read, essential)  # type: ignore[no-any-return]
 
     def inventory(self) -> list[dict[str, Any]]:
         self._call("collect inventory", lambda c: c.routine_control(INVENTORY_ROUTINE, RoutineType.startRoutine))

@@ -19,7 +19,7 @@ from tbox.campaign_source import source_of
 from tbox.campaign_state import CampaignRecord
 from tbox.cancel import cancel_install, deliver_pending
 from tbox.engine import CampaignFailure
-from tbox.states import Collaborators, progress_reporter
+from tbox.states import Collaborators, ecu_progress_reporter, progress_reporter
 
 __all__ = ["deployed", "awaiting_install", "installing", "start_install", "finished"]
 
@@ -103,10 +103,12 @@ def installing(c: Collaborators, record: CampaignRecord) -> str | None:
     status, _, _ = c.gateway.install_status(cid)
     if status in (InstallStatus.NONE, InstallStatus.REFUSED) or (status == InstallStatus.FAILED and not record.install_started):
         start_install(c, record)
-    progress = progress_reporter(c, cid, "install")
+    progress, bytes_per_ecu = progress_reporter(c, cid, "install"), ecu_progress_reporter(c, cid)
 
     def polling(done: int, total: int) -> bool:  # at every status poll: progress; True when stopping
         progress(done, total)
+        if done < total:
+            bytes_per_ecu()
         return bool(c.stop.is_set())
 
     status = c.gateway.wait_install(cid, c.tbox.install_timeout_s, should_stop=polling,

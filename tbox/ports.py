@@ -48,6 +48,9 @@ class GatewayPort(Protocol):
     def read_file(self, path: str) -> bytes:
         """A file the gateway produced (results, traces, the inventory)."""
 
+    def install_progress(self, campaign: str) -> dict[str, tuple[str, int, int]]:
+        """Each ECU's (step, bytes done, bytes in all) while the install runs; empty when unknown."""
+
     def boot_id(self) -> bytes:
         """Changes at every start of the gateway (TryLater while it does not answer)."""
 

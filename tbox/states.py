@@ -35,6 +35,7 @@ __all__ = ["Collaborators", "PROGRESS_INTERVAL_S", "progress_reporter", "receive
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 1.0  # at most one progress event a second per download, deploy or install
+ECU_PROGRESS_S = 2.0  # how often the TBOX asks the gateway for each ECU's bytes during an install
 
 
 class Collaborators:
@@ -86,6 +87,28 @@ def progress_reporter(c: Collaborators, campaign_id: str, stage: str, **where: A
                            msg_id=".".join([campaign_id, "progress", stage, *map(str, where.values()), str(done)]))
 
     return progress
+
+
+def ecu_progress_reporter(c: Collaborators, campaign_id: str) -> Callable[[], None]:
+    """While the install runs, asked at every status poll: each ECU's step and bytes, read from
+    the gateway every ECU_PROGRESS_S, told to the cloud as ``progress`` events of stage
+    ``install`` naming the ECU (what changed since the last, and once done)."""
+    last: list[float] = [-1e9]
+    told: dict[str, tuple[str, int]] = {}
+
+    def poll() -> None:
+        if time.monotonic() - last[0] < ECU_PROGRESS_S:
+            return
+        last[0] = time.monotonic()
+        for ecu, (step, done, total) in sorted(c.gateway.install_progress(campaign_id).items()):
+            if told.get(ecu) == (step, done):
+                continue
+            told[ecu] = (step, done)
+            c.cloud.report("events", {"event": "progress", "campaign_id": campaign_id, "stage": "install", "ecu": ecu,
+                                      "step": step, "done": done, "total": total},
+                           msg_id=f"{campaign_id}.progress.install.{ecu}.{step}.{done}")
+
+    return poll
 
 
 def _container(path: Path) -> bool:

@@ -105,7 +105,12 @@ def write_config(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Write a vehicle config dict as YAML; returns its path."""
 
     def write(data: dict[str, Any], name: str = "vehicle.yaml") -> Path:
+        """A gateway results directory of the test's own unless the test names one: the default
+        (var/gateway under the working directory) is shared, and locked, by whichever test's
+        gateway runs there first."""
         path = tmp_path / name
+        if "gateway" not in data or "results_dir" not in (data.get("gateway") or {}):
+            data = {**data, "gateway": {**(data.get("gateway") or {}), "results_dir": str(tmp_path / "gateway-results")}}
         path.write_text(yaml.safe_dump(data))
         return path
 

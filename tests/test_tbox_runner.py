@@ -165,6 +165,9 @@ class FakeGateway:
         self.install[campaign_id] = InstallStatus.SUCCEEDED
         return InstallStatus.SUCCEEDED
 
+    def install_progress(self, campaign_id: str) -> dict[str, tuple[str, int, int]]:
+        return {}
+
     def read_file(self, path: str) -> bytes:
         self._maybe_fail("read_file")
         cid, _, name = path.partition("/")

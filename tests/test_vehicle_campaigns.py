@@ -392,3 +392,20 @@ def test_a_failed_pipelined_campaign_is_cancelled_with_the_broker_down(tmp_path,
         assert {e: version for e, (version, _) in running(v).items()} == {e: "2.0.1" for e in ALL}
     finally:
         v.close()
+
+
+def test_the_cloud_hears_each_ecu_s_bytes_while_the_install_runs(tmp_path, mosquitto, write_config, procs):
+    """Every block of vcu's image after the first answers 0.4 s late (64 KiB: about 6 s of
+    transfer): the TBOX, reading the gateway's progress.json every 2 s while the install runs,
+    tells the cloud vcu's bytes part-way through, and its end."""
+    v = start(tmp_path, mosquitto, write_config, procs, "vcu:36#2+:delay=400")
+    try:
+        pkgs = packages(v, "2.0.0")
+        (v.tmp / "cloud" / "packages" / "vcu-2.0.0.bin").write_bytes(os.urandom(64 * 1024))
+        v.send(v.campaign("c-bytes", "2.0.0", packages=pkgs, order=ORDER))
+        assert v.finished("c-bytes")["outcome"] == "success"
+        seen = [e for e in v.reports("events", "c-bytes") if e.get("event") == "progress" and e.get("ecu") == "vcu"]
+        assert any(e["step"] == "transfer_data" and 0 < e["done"] < e["total"] == 64 * 1024 for e in seen), seen
+        assert all(e["stage"] == "install" for e in seen)
+    finally:
+        v.close()

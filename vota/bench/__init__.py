@@ -245,10 +245,11 @@ def _follow(cloud: Any, vin: str, campaign_id: str, timeout: float) -> dict[str,
                 print(f"  tbox: {body['state']}", flush=True)
             elif body.get("event") == "progress":
                 done, total = int(body.get("done") or 0), int(body.get("total") or 0)
-                counted = "ECUs" if body.get("stage") == "install" else "bytes"
+                counted = "ECUs" if body.get("stage") == "install" and not body.get("ecu") else "bytes"
                 share = f" ({100 * done // total} %)" if total else ""
-                what = " ".join(str(x) for x in (body.get("stage"), body.get("package")) if x)
-                print(f"  {what}: {done} of {total} {counted}{share}", flush=True)
+                what = " ".join(str(x) for x in (body.get("stage"), body.get("package"), body.get("ecu")) if x)
+                step = f", {body['step']}" if body.get("ecu") and body.get("step") else ""
+                print(f"  {what}: {done} of {total} {counted}{share}{step}", flush=True)
             elif body.get("event") == "estimate":
                 print(f"  tbox: estimated install time {body.get('install_s')} s", flush=True)
             elif body.get("event") == "preconditions":
