@@ -51,7 +51,7 @@ def _init(sub: Any) -> None:
                        "Exit 0 when written, 2 when DIR/vehicle.yaml exists (without --force) or DIR cannot be written.")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--kind", choices=("bench", "vcan"), default="bench",
-                   help="bench: udp_multicast, runs anywhere; vcan: SocketCAN vcan0/vcan1 (default: bench)")
+                   help="bench: udp_multicast, runs anywhere; vcan: SocketCAN vcan0, vcan1, vcan2 (default: bench)")
     p.add_argument("--force", action="store_true", help="write over DIR/vehicle.yaml and its keys")
     p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
