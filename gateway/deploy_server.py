@@ -193,11 +193,13 @@ def _guarded(handler: Any) -> Any:
         if s.denied:
             return r.negative(Nrc.SecurityAccessDenied)
         if s.key is not None:
-            opened = open_request(s.key, s.freshness, bytes(r.data))
+            opened = open_request(s.key, s.freshness, r.as_sent())  # every bit as sent: the suppress bit too
             if isinstance(opened, str):
                 _refused(s, r, opened)
                 return r.negative(Nrc.SecureDataVerificationFailed)
             data, s.freshness = opened
+            if r.suppressed:
+                data = data[:1] + bytes((data[1] & 0x7F,)) + data[2:]
             r = dataclasses.replace(r, data=data)
         return handler(s, r)
 

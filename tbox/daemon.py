@@ -21,6 +21,7 @@ from agent.adapters.cloud_link import CloudLink
 from agent.adapters.heartbeat import Heartbeats
 from agent.adapters.keys import KeyStore, initial_key_list
 from agent.adapters.storage import storage_fault
+from agent.adapters.update_log import LOG_FILE, UpdateLog
 from agent.core.campaign import MAX_ENVELOPE, CampaignRejected, verify_campaign
 from agent.core.config import TboxConfig, VehicleConfig
 from agent.core.faults import FaultSpec
@@ -38,6 +39,7 @@ from tbox.media import MediaWatcher, read_bounded
 from tbox.offline import CAMPAIGN_FILE, PACKAGES, import_campaign
 from tbox.ports import CloudPort, GatewayPort
 from tbox.runner import CampaignRunner
+from tbox.update_log import LoggedCloud
 
 __all__ = ["TboxDaemon", "COMMANDS"]
 
@@ -75,7 +77,10 @@ class TboxDaemon:
         self.gateway: GatewayClient | None = None  # the real gateway client, once started
         self.cloud: CloudPort = cloud if cloud is not None else CloudLink(
             self.tbox.cloud, self.tbox.vin, on_message=lambda kind, payload: self.inbound.on_message(kind, payload))
-        self.runner = CampaignRunner(self.tbox, set(config.ecus), self.cloud, gateway or _NotStarted(), self.trusted,
+        # every campaign report also goes into the vehicle's signed update log (R156 records)
+        self.update_log = UpdateLog(Path(self.tbox.state_dir) / LOG_FILE, getattr(self.cloud, "report_key", None))
+        self.runner = CampaignRunner(self.tbox, set(config.ecus), LoggedCloud(self.cloud, self.update_log),
+                                     gateway or _NotStarted(), self.trusted,
                                      now=self.now, stop=self._stop, beat=lambda: self.heartbeats.beat("campaign"),
                                      key_chain=self.keys.chain, estimate=self._estimate,
                                      signals=self._signals if self.tbox.preconditions.ecu else None,

@@ -328,8 +328,10 @@ def test_segments_flash_at_the_same_time_in_worker_processes_and_a_failure_stays
     config = write_config({
         "segments": {"a": {"bus": multicast_bus()}, "b": {"bus": multicast_bus()}},
         "gateway": {"results_dir": str(tmp_path / "gw"), "segment_workers": "process"},
-        "ecus": {"ea": ecu_entry("ea", 0x7E0, 0x7E8, "a", faults=["ea:36#6:nrc=0x72"]),
-                 "eb": ecu_entry("eb", 0x7E1, 0x7E9, "b")},
+        # every block answers 0.15 s late: each transfer lasts seconds, whichever worker process
+        # starts first on a busy machine; ea refuses its twelfth block
+        "ecus": {"ea": ecu_entry("ea", 0x7E0, 0x7E8, "a", faults=["ea:36#12:nrc=0x72", "ea:36#2+:delay=150"]),
+                 "eb": ecu_entry("eb", 0x7E1, 0x7E9, "b", faults=["eb:36#2+:delay=150"])},
     })
     procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "state"), log=tmp_path / "sim.log"))
     procs[0].wait_ready("ecu-sim ready")

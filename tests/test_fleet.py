@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from agent.adapters.storage import atomic_write_json
 from cloud_sim.fleet_synth import make_fleet
@@ -123,6 +124,14 @@ def test_a_fleet_s_failures_are_counted_by_cause_ecu_and_campaign_on_every_core_
         _signals(v, soc=10)
         v.send(v.campaign("c-pending", "2.5.0", packages=v.packages("2.5.0", 16 * 1024)))
         assert _unmet_reported(v, "c-pending")
+        # the vehicle's own record of the same campaigns: the signed update log verifies offline
+        pub = tmp_path / "report.pub"
+        pub.write_bytes(v.report_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                               serialization.PublicFormat.SubjectPublicKeyInfo))
+        run = vota("log", "verify", str(tmp_path / "tbox" / "update-log.jsonl"), "--key", str(pub), "--json")
+        assert run.returncode == 0, run.stdout + run.stderr
+        logged = json.loads(run.stdout)
+        assert {"c-ok", "c-waited", "c-window", "c-flash", "c-deploy", "c-pending"} <= set(logged["campaigns"]), logged
         own = tmp_path / "own"
         run = vota("fleet", "diagnose", str(tmp_path / "cloud"), "--out", str(own), "--workers", "1")
         assert run.returncode == 0 and "1 vehicles, 3 new failed campaigns" in run.stdout, run.stdout + run.stderr

@@ -41,3 +41,15 @@ def run(name: str, tmp: Path, examples: int) -> None:
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_no_input_stops_a_component_or_changes_what_it_stored(name: str, tmp_path: Path) -> None:
     run(name, tmp_path, EXAMPLES[name])
+
+
+def test_a_suppress_bit_flipped_on_an_authenticated_request_is_refused(tmp_path: Path) -> None:
+    """Found by this fuzzer: the server takes the suppressPosRspMsgIndicationBit off a request
+    before its handler sees it, and the authenticator was checked after that, so a request with
+    that one bit flipped in transit was carried out (silently). Every bit as sent is checked now."""
+    target = TARGETS["deploy-secoc"]()
+    target.open(tmp_path)
+    try:  # the cancel routine with its sub-function's top bit flipped: refused 0x3A, nothing done
+        target.feed([(b"\x31\x01\x03\x04c-1\x00x", "flip", 3487, b"")])  # 21 bytes: byte 1, bit 7
+    finally:
+        target.close()

@@ -14,8 +14,9 @@ import time
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import Proc
+from tests.conftest import Proc, vota
 from tests.test_vehicle_campaigns import ALL, packages, running
 from tests.vehicle import VIN, Vehicle
 
@@ -99,6 +100,12 @@ def test_killed_at_eight_points_the_campaign_finishes_all_new(slow_vehicle, who)
     for ecu in ALL:  # nothing left staged or on trial
         meta = json.loads((v.ecu_state(ecu) / "meta.json").read_text())
         assert meta["banks"][meta["active"]]["confirmed"] and meta["next_boot"] == "", (ecu, meta)
+    # the vehicle's update log, written by a TBOX killed at every point, verifies whole and signed
+    pub = v.tmp / "keys" / "report.pub"
+    pub.write_bytes(v.report_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
+    run = vota("log", "verify", str(v.tmp / "tbox" / "update-log.jsonl"), "--key", str(pub), "--json")
+    assert run.returncode == 0 and cid in json.loads(run.stdout)["campaigns"], run.stdout + run.stderr
     if who == "tbox":
         assert "interruptions" not in done  # the gateway went on alone
         return

@@ -224,7 +224,8 @@ class UdsServer(Generic[S]):
         suppress = False
         if service.subfunction:
             suppress = bool(request.data[1] & 0x80)
-            request = Request(bytes((sid, request.data[1] & 0x7F)) + request.data[2:], request.now, request.functional)
+            request = Request(bytes((sid, request.data[1] & 0x7F)) + request.data[2:], request.now, request.functional,
+                              suppressed=suppress)
         result = service.handler(self.state, request)
         outcome = result if isinstance(result, Outcome) else Outcome(result)
         response = outcome.response

@@ -48,6 +48,15 @@ class Request:
     data: bytes
     now: float
     functional: bool = False
+    # the sub-function's suppressPosRspMsgIndicationBit, taken off ``data`` before the handler sees
+    # it (an authenticated request is checked as it was sent, with the bit)
+    suppressed: bool = False
+
+    def as_sent(self) -> bytes:
+        """The request's bytes as they came, the suppress bit put back."""
+        if not self.suppressed or len(self.data) < 2:
+            return bytes(self.data)
+        return bytes(self.data[:1]) + bytes((self.data[1] | 0x80,)) + bytes(self.data[2:])
 
     @property
     def sid(self) -> int:

@@ -37,6 +37,7 @@ def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
     from vota.cli import bench, campaign, cloud, content, daemons, vehicle
     from vota.cli.fleet import cmd_fleet
     from vota.cli.init import cmd_init
+    from vota.cli.log import cmd_log
 
     return {
         "ecu-sim": daemons.cmd_ecu_sim,
@@ -52,6 +53,7 @@ def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
         "content": content.cmd_content,
         "bench": bench.cmd_bench,
         "init": cmd_init,
+        "log": cmd_log,
     }
 
 

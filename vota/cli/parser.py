@@ -39,8 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     _diagnose(sub)
     _fleet(sub)
     _init(sub)
+    _log(sub)
     _bench(sub)
     return parser
+
+
+def _log(sub: Any) -> None:
+    """``vota log``."""
+    p = sub.add_parser("log", help="check the vehicle's update log", description="The vehicle's update log "
+                       "(<tbox.state_dir>/update-log.jsonl): every campaign report, hash-chained and signed.")
+    lsub = p.add_subparsers(dest="log_command", metavar="ACTION")
+    lsub.required = True
+    k = lsub.add_parser("verify", help="check the chain and the signatures offline",
+                        description="Check every entry links to the one before and (with --key) carries the vehicle's "
+                        "signature; name the first line that does not. Exit 0 intact, 1 broken, 2 bad input.")
+    k.add_argument("file", metavar="FILE")
+    k.add_argument("--key", metavar="PUB", help="the vehicle's report public key (PEM): signatures checked too")
+    k.add_argument("--json", action="store_true", help="print the result as JSON")
+    k.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
 
 
 def _init(sub: Any) -> None:
