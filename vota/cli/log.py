@@ -22,11 +22,13 @@ def cmd_log(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.file}: a directory, not a log") from None
     if args.json:
         print(json.dumps(found, indent=2))
+    elif found["ok"] and not found["entries"]:
+        print(f"{args.file}: intact: no entries yet")
     elif found["ok"]:
         print(f"{args.file}: intact: {found['entries']} entries (seq {found['first_seq']} to {found['last_seq']}), "
               f"{len(found['campaigns'])} campaigns, " + ("every signature verified" if key else "chain only (no --key)"))
     else:
         b = found["broken"]
-        print(f"{args.file}: broken at line {b['line']} (seq {b['seq']}): {b['why']}; "
-              f"{found['entries']} entries before it hold")
+        seq = f" (seq {b['seq']})" if b["seq"] is not None else ""
+        print(f"{args.file}: broken at line {b['line']}{seq}: {b['why']}; {found['entries']} entries before it hold")
     return 0 if found["ok"] else 1
