@@ -85,6 +85,7 @@ class CampaignTimes:
     install_began: float | None = None
     install_ended: float | None = None
     estimated_install_s: float | None = None  # told to the cloud before the install
+    estimated_recovery_s: float | None = None  # the way back if it fails late: the charge must cover it too
     staging_stopped: int = 0  # times the gateway stopped staging for the vehicle's state
 
     def to_json(self) -> dict[str, Any]:

@@ -61,7 +61,7 @@ class InstallWindow:
         """What the gateway checks again while it stages and before each activation (None: nothing)."""
         if not self.enabled:
             return None
-        return Gate(self.conditions(campaign), record.times.estimated_install_s or 0.0, self.end(record, campaign)).to_json()
+        return Gate(self.conditions(campaign), _energy_s(record), self.end(record, campaign)).to_json()
 
     def holds(self, record: CampaignRecord, campaign: Campaign) -> bool:
         """The vehicle can finish the install now; while it cannot, the campaign waits (see the module)."""
@@ -73,7 +73,7 @@ class InstallWindow:
             return False
         self._checked[key] = time.monotonic()
         values = self.signals()
-        bad = unmet(cfg, values, record.times.estimated_install_s or 0.0)
+        bad = unmet(cfg, values, _energy_s(record))
         cid = campaign.campaign_id
         if not bad:
             again = record.times.staging_stopped  # told again after each stop of staging
@@ -159,3 +159,8 @@ class InstallWindow:
         reports.install_results(record, results)
         raise CampaignFailure("install", "preconditions", "; ".join(map(str, bad.values())) or "preconditions",
                               unmet=bad, values=values, phase=phase)
+
+
+def _energy_s(record: CampaignRecord) -> float:
+    """The time the charge is judged against: the estimated install and the way back from a late failure."""
+    return (record.times.estimated_install_s or 0.0) + (record.times.estimated_recovery_s or 0.0)

@@ -46,6 +46,7 @@ class InstallRates:
             return
         estimate = self.estimate(jobs, campaign.activation, pipelined, self.measured())
         record.times.estimated_install_s = round(estimate.install_s, 1)
+        record.times.estimated_recovery_s = round(estimate.recovery_s, 1)
         record.save()
         self.cloud.report("events", {"event": "estimate", "campaign_id": campaign.campaign_id, **estimate.to_json()},
                           msg_id=f"{campaign.campaign_id}.estimate")

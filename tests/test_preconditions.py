@@ -229,7 +229,8 @@ def test_the_gate_the_gateway_gets_round_trips_and_refuses_what_it_cannot_use():
 def test_what_cannot_be_read_cannot_be_relied_on():
     cfg = PreconditionsConfig(ecu="bcm", min_soc=20, soc_per_minute=1.0, charging="forbidden", min_battery_mv=11800)
     assert unmet(cfg, PARKED, 600) == {}
-    assert unmet(cfg, {**PARKED, "soc": 29}, 600) == {"soc": "state of charge 29 %, 30 % needed for an install of about 10 min"}
+    assert unmet(cfg, {**PARKED, "soc": 29}, 600) == {
+        "soc": "state of charge 29 %, 30 % needed for about 10 min of install (and the way back if it fails late)"}
     assert set(unmet(cfg, {}, 0)) == {"soc", "battery_mv", "parked", "ignition_off", "speed_zero", "charging"}
     assert set(unmet(cfg, {**PARKED, "charging": "charging"}, 0)) == {"charging"}
     assert set(unmet(PreconditionsConfig(ecu="bcm"), {**PARKED, "charging": "charging"}, 0)) == set()
@@ -261,6 +262,11 @@ def test_the_estimate_adds_groups_runs_segments_in_parallel_and_counts_activatio
     learned = estimate_install(config, [("x", size, 0), ("z", size, 1)], "per_ecu", measured={"x": 8192.0, "y": 1.0})
     assert learned.install_s == pytest.approx(size / 8192 + size / b + 2 * fixed)  # x at the rate it was last flashed at
     assert learned.to_json()["rates"] == {"x": "measured", "z": "configured"}
+    # the charge must also cover the way back from a late failure: every ECU rolled back in an
+    # atomic campaign, the one that failed otherwise (each a reset and a second)
+    assert atomic.recovery_s == pytest.approx(2 * (0.2 + PER_ECU_S))
+    assert atomic.energy_s == pytest.approx(atomic.install_s + atomic.recovery_s)
+    assert two_groups.recovery_s == pytest.approx(0.2 + PER_ECU_S) and two_groups.to_json()["recovery_s"] == 1.2
 
 
 def test_a_campaign_may_tighten_the_vehicle_s_preconditions_never_loosen_them():

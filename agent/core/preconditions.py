@@ -35,10 +35,18 @@ class Estimate:
     install_s: float
     per_ecu: dict[str, float]
     rates: dict[str, str] = dataclasses.field(default_factory=dict)  # ECU -> "measured" | "configured"
+    # going back when the install fails at its last step: every activated ECU rolled back (its reset
+    # and the reads around it; in an atomic campaign all of them, else the one that failed)
+    recovery_s: float = 0.0
+
+    @property
+    def energy_s(self) -> float:
+        """The time the vehicle's charge must last: the install and, if it fails late, the way back."""
+        return self.install_s + self.recovery_s
 
     def to_json(self) -> dict[str, Any]:
         return {"install_s": round(self.install_s, 1), "per_ecu": {e: round(s, 1) for e, s in self.per_ecu.items()},
-                "rates": dict(self.rates)}
+                "rates": dict(self.rates), "recovery_s": round(self.recovery_s, 1)}
 
 
 def _rate(config: VehicleConfig, segment_name: str) -> float:
@@ -90,16 +98,18 @@ def estimate_install(config: VehicleConfig, jobs: Iterable[tuple[str, int, int]]
                 segment = config.ecu(ecu).segment
                 by_segment[segment] = by_segment.get(segment, 0.0) + per_ecu[ecu]
         total += max(by_segment.values())
+    back = [config.ecu(ecu).sim.reset_ms / 1000.0 + PER_ECU_S for ecu, _, _ in jobs]
+    recovery = (sum(back) if activation == "atomic" else max(back)) if back else 0.0
+    sources = {e: "measured" if e in learned else "configured" for e, _, _ in jobs}
     kind = install_kind(activation, deploy_segment is not None)
     if kind in beyond:  # learned: whatever such an install took beyond its flashes (the backbone's wait too)
-        return Estimate(total + beyond[kind] * len(jobs), per_ecu,
-                        {e: "measured" if e in learned else "configured" for e, _, _ in jobs})
+        return Estimate(total + beyond[kind] * len(jobs), per_ecu, sources, recovery)
     activate = sum(config.ecu(ecu).sim.reset_ms / 1000.0 + PER_ECU_S for ecu, _, _ in jobs) if activation == "atomic" else 0.0
     if deploy_segment is not None and jobs:
         backbone = sum(size for _, size, _ in jobs) / _rate(config, deploy_segment) + PER_ECU_S * len(jobs)
         last = max(jobs, key=lambda j: j[2])[0]  # deployed last, flashed once it is there
         total = max(total, backbone + per_ecu[last])
-    return Estimate(total + activate, per_ecu, {e: "measured" if e in learned else "configured" for e, _, _ in jobs})
+    return Estimate(total + activate, per_ecu, sources, recovery)
 
 
 SAFE_STATE = ("parked", "ignition_off", "speed_zero")  # what a safety-relevant ECU always needs
@@ -148,8 +158,8 @@ def unmet(cfg: PreconditionsConfig, signals: Mapping[str, Any], install_s: float
 
     soc, need = value("soc"), required_soc(cfg, install_s)
     if not isinstance(soc, (int, float)) or soc < need:
-        out["soc"] = f"state of charge {soc if soc is not None else 'unknown'} %, {need:.0f} % needed for an install " \
-                     f"of about {install_s / 60.0:.0f} min"
+        out["soc"] = f"state of charge {soc if soc is not None else 'unknown'} %, {need:.0f} % needed for about " \
+                     f"{install_s / 60.0:.0f} min of install (and the way back if it fails late)"
     battery = value("battery_mv")
     if cfg.min_battery_mv and (not isinstance(battery, int) or battery < cfg.min_battery_mv):
         out["battery_mv"] = f"battery {battery if battery is not None else 'unknown'} mV, {cfg.min_battery_mv} mV needed"
@@ -170,8 +180,9 @@ def unmet(cfg: PreconditionsConfig, signals: Mapping[str, Any], install_s: float
 @dataclass(frozen=True)
 class Gate:
     """The preconditions an install runs under, as the TBOX hands them to the gateway in the install
-    manifest (``preconditions``): the conditions, the estimated install time the charge is judged
-    against, and the end of the campaign's install window (epoch seconds). The gateway checks them
+    manifest (``preconditions``): the conditions, the time the charge is judged against (the estimated
+    install and its way back, ``Estimate.energy_s``), and the end of the campaign's install window
+    (epoch seconds). The gateway checks them
     again while it stages and before each activation (gateway/install.py)."""
 
     conditions: PreconditionsConfig
