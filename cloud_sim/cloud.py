@@ -48,6 +48,8 @@ def make_campaign(
     deltas: dict[str, tuple[Path, str]] | None = None,
     preconditions: dict[str, Any] | None = None,
     image_keys: Mapping[str, tuple[ImageSigner, int]] | None = None,
+    rxswin: Mapping[str, tuple[str, str]] | None = None,
+    information: Mapping[str, Any] | None = None,
 ) -> bytes:
     """Sign a campaign for ``packages`` [(ecu, file, version)], served under ``base_url``;
     ``order`` and ``requires`` per ECU, ``activation`` atomic or per_ecu (the vehicle's default
@@ -55,7 +57,9 @@ def make_campaign(
     version): the delta from it is made beside the package (``<name>.from-<version>.delta``)
     and the campaign carries both. ``preconditions``: this campaign's overrides of the vehicle's.
     ``image_keys`` per ECU: (the OEM's key for that ECU model, the image's security version): the
-    image is signed for an ECU that verifies what it boots (``image_auth``)."""
+    image is signed for an ECU that verifies what it boots (``image_auth``). ``rxswin`` per
+    regulation: (the vehicle's RXSWIN before, after) the campaign (agent/core/rxswin.py).
+    ``information``: per language, what the driver is told (agent/core/hmi.py)."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
     entries = []
     for ecu, path, version in packages:
@@ -82,6 +86,10 @@ def make_campaign(
         doc["activation"] = activation
     if preconditions is not None:
         doc["preconditions"] = preconditions
+    if information:
+        doc["information"] = dict(information)
+    if rxswin:
+        doc["rxswin"] = {r: {"before": before, "after": after} for r, (before, after) in rxswin.items()}
     return sign_campaign(doc, key)
 
 

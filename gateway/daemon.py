@@ -56,7 +56,9 @@ class GatewayDaemon:
                 services=DEPLOY_SERVICES,
                 state=DeployState(self.link, self.config.gateway.results_dir, self.installer,
                                   relay=ContentRelay(self.config, Path(self.link.package_dir),
-                                                     Path(self.config.gateway.results_dir), self.buses)),
+                                                     Path(self.config.gateway.results_dir), self.buses),
+                                  dids={self.config.gateway.rxswin_did: self.installer.rxswin.did_value}
+                                  if self.config.approvals else {}),
                 faults=self.faults,
                 fault_targets=("*", "GW", "gw", "gateway"),
                 fault_scope=lambda state: state.transfer.name if state.transfer is not None else None,

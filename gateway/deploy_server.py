@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from udsoncan import services as svc
 
@@ -92,6 +92,7 @@ class DeployState:
     seed: bytes | None = None
     key: bytes | None = None  # the session key requests are authenticated with (deploy.authenticate_requests)
     freshness: int = 0  # the last freshness value taken in this session
+    dids: dict[int, Callable[[], bytes]] = field(default_factory=dict)  # served to any tester, read only
 
     def __post_init__(self) -> None:
         self.files = FileStore(Path(self.config.package_dir), self.config.max_block_length, Path(self.results_dir),
@@ -141,11 +142,37 @@ def _session(s: DeployState, r: Request) -> bytes:
 
 
 def _read_did(s: DeployState, r: Request) -> bytes:
-    if len(r.data) != 3:
+    """The boot id and the DIDs the gateway serves (``DeployState.dids``: the RXSWIN set), one
+    or several in a request."""
+    if len(r.data) < 3 or len(r.data) % 2 != 1:
         return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
-    if int.from_bytes(r.data[1:3], "big") != BOOT_ID_DID:
-        return r.negative(Nrc.RequestOutOfRange)
-    return bytes((0x62,)) + r.data[1:3] + s.boot_id
+    out = bytearray((0x62,))
+    for at in range(1, len(r.data), 2):
+        did = int.from_bytes(r.data[at:at + 2], "big")
+        if did == BOOT_ID_DID:
+            value = s.boot_id
+        elif did in s.dids:
+            try:
+                value = s.dids[did]()
+            except ValueError as exc:  # its record is damaged: said, never a stale value
+                log.error("DID %04X cannot be served: %s", did, exc)
+                return r.negative(Nrc.ConditionsNotCorrect)
+        else:
+            return r.negative(Nrc.RequestOutOfRange)
+        out += r.data[at:at + 2] + value
+    return bytes(out)
+
+
+def _write_did(s: DeployState, r: Request) -> bytes:
+    """Nothing the gateway serves is written by a tester: the RXSWIN set changes only with a
+    verified campaign's commit (gateway/rxswin.py)."""
+    if len(r.data) < 4:
+        return r.negative(Nrc.IncorrectMessageLengthOrInvalidFormat)
+    did = int.from_bytes(r.data[1:3], "big")
+    if did in s.dids:
+        log.warning("a tester tried to write DID %04X (%d bytes): refused, only a verified campaign changes it", did,
+                    len(r.data) - 3)
+    return r.negative(Nrc.RequestOutOfRange)
 
 
 MAX_FAILURES = 3
@@ -289,6 +316,7 @@ DEPLOY_SERVICES: dict[int, Service[DeployState]] = {
     svc.DiagnosticSessionControl.request_id(): Service(_session, min_length=2, subfunction=True, subfunctions=frozenset({1, 3})),
     svc.TesterPresent.request_id(): Service(tester_present, min_length=2, subfunction=True, subfunctions=frozenset({0})),
     svc.ReadDataByIdentifier.request_id(): Service(_read_did, min_length=3),
+    svc.WriteDataByIdentifier.request_id(): Service(_write_did, min_length=4),
     svc.RequestFileTransfer.request_id(): Service(_guarded(lambda s, r: request_file_transfer(s.files, r)), min_length=2,
                                                   sessions=EXTENDED),
     svc.TransferData.request_id(): Service(_guarded(lambda s, r: transfer_data(s.files, r)), min_length=2, sessions=EXTENDED),

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 from agent.adapters.storage import storage_fault
 from agent.core.config import VehicleConfig
@@ -74,10 +75,12 @@ def install(config: VehicleConfig, plan: InstallPlan, out: Path, ports: InstallP
     run = InstallRun(config, plan, out, ports, journal, resumed, journal.results() if resumed else {})
     if journal.phase == "done":
         ok = journal.doc.get("outcome") == "success"
+        rxswin = _rxswin(run, ok)
     else:
         ok = _phases(run)
         if run.stop.is_set():
             raise InstallInterrupted(f"install {plan.campaign_id} stopped in its {journal.phase} phase")
+        rxswin = _rxswin(run, ok)  # with the commit: before the journal says done
         run.guarded(lambda: journal.finish(ok))
     run.not_started([job for _, job in plan.jobs], "not reached")  # a kill before its result was journaled
     ordered = [_with_notes(run.results[job.ecu], journal) for _, job in plan.jobs]
@@ -89,8 +92,22 @@ def install(config: VehicleConfig, plan: InstallPlan, out: Path, ports: InstallP
                                              "final_versions": final, "interruptions": journal.interruptions,
                                              "revertible": plan.activation == "atomic" and not single,
                                              "single_bank": single, "preconditions": journal.held,
-                                             "cancelled": run.cancelled}, "the install summary")
+                                             "cancelled": run.cancelled, "rxswin": rxswin}, "the install summary")
     return ok, ordered
+
+
+def _rxswin(run: InstallRun, ok: bool) -> dict[str, Any] | None:
+    """The vehicle's RXSWIN changed with a successful install (gateway/rxswin.py); its writing
+    waits for the storage (every ECU committed: there is no going back), or for the gateway's
+    stop (then the resumed install writes it)."""
+    while True:
+        try:
+            return run.ports.rxswin(ok)
+        except OSError as exc:
+            log.error("install %s: the RXSWIN set cannot be written (%s): trying again", run.plan.campaign_id,
+                      storage_fault(exc) or exc)
+            if run.stop.wait(1.0):
+                raise InstallInterrupted(f"install {run.plan.campaign_id} stopped before its RXSWIN was written") from None
 
 
 def _phases(run: InstallRun) -> bool:

@@ -59,6 +59,8 @@ class InstallPorts:
     cancelled: Callable[[], str] = lambda: "cancelled by the TBOX"
     storage_failed: Callable[[str], None] = lambda why: None  # told when the install goes back for the storage
     keep: Callable[[Path, Any, str], None] = lambda path, doc, what: keep_now(path, doc, what)  # a file the TBOX reads
+    # the vehicle's RXSWIN set at the install's end, changed when it succeeded (gateway/rxswin.py): {before, after}
+    rxswin: Callable[[bool], dict[str, Any] | None] = lambda ok: None
 
 
 def keep_now(path: Path, doc: Any, what: str) -> None:

@@ -33,6 +33,7 @@ from gateway.inventory import collect_versions
 from gateway.owed import OwedDiscards
 from gateway.plan import InstallPlan, build_plan, files_named
 from gateway.retention import MANIFEST_COPY, release_packages, tidy
+from gateway.rxswin import RxswinSet
 from gateway.vehicle_state import read_signals
 from gateway.verify import Trust
 
@@ -97,6 +98,7 @@ class GatewayInstaller:
         self._statuses: dict[str, dict[str, Any]] = {}  # the statuses written since the start, newest per campaign
         self.heartbeats = Heartbeats(config.gateway.worker_stale_s)  # the install thread, while one runs
         self.owed = OwedDiscards(config, self.buses, results_dir, stop)  # staged images a failed install left
+        self.rxswin = RxswinSet(config, results_dir)  # the vehicle's RXSWIN set (gateway/rxswin.py)
 
     # ---- what a manifest asks for --------------------------------------------------------
     def plan(self, data: bytes, starting: bool = False) -> InstallPlan:
@@ -115,7 +117,10 @@ class GatewayInstaller:
         trust = self._trust()
         if starting:
             trust = dataclasses.replace(trust, now=_dt.datetime.now(_dt.timezone.utc))
-        return build_plan(manifest, images, trust, self.config)
+        plan = build_plan(manifest, images, trust, self.config)
+        if starting:  # a resumed install may have changed it already
+            self.rxswin.check(plan.campaign_id, plan.rxswin, [job.ecu for _, job in plan.jobs])
+        return plan
 
     def _trust(self) -> Trust:
         if self.keys is None:
@@ -239,7 +244,7 @@ class GatewayInstaller:
             signals=lambda ecu, wait: read_signals(self.config, self.buses, ecu, wait),
             waiting=lambda check: self._wait(out, check), cancel=self._cancel,
             cancelled=lambda: self._cancelled(campaign) or "cancelled by the TBOX", storage_failed=storage.append,
-            keep=self.deferred.write_json)
+            keep=self.deferred.write_json, rxswin=lambda ok: self.rxswin.settle(campaign, plan.rxswin, ok))
         try:
             self.owed.settle()  # what an earlier install could not discard, before this one touches the ECUs
             ok, results = install(self.config, plan, out, ports, resume=resume)
@@ -360,9 +365,14 @@ class GatewayInstaller:
             idle = self._thread is None or not self._thread.is_alive()
         if idle:
             self.owed.settle()  # a campaign is about to be verified against what the ECUs hold
-        atomic_write_json(self.results_dir / INVENTORY_FILE,
-                          {"schema": "vota-inventory/1", "ecus": collect_versions(self.config, buses=self.buses,
-                                                                                  trace_dir=self.results_dir / "inventory")})
+        ecus = collect_versions(self.config, buses=self.buses, trace_dir=self.results_dir / "inventory")
+        doc: dict[str, Any] = {"schema": "vota-inventory/1", "ecus": ecus}
+        if self.config.approvals:
+            try:
+                doc["rxswin"] = self.rxswin.current()
+            except ValueError as exc:
+                doc["rxswin_error"] = str(exc)
+        atomic_write_json(self.results_dir / INVENTORY_FILE, doc)
 
     def settle_owed(self) -> None:
         """Every ``gateway.owed_retry_s`` (the daemon's timer): owed discards, while no install runs."""

@@ -16,6 +16,7 @@ from typing import Mapping
 
 from agent.core.config import VehicleConfig
 from agent.core.preconditions import Gate, parse_gate, tightest
+from agent.core.rxswin import Change
 from agent.errors import InstallRefused
 from agent.protocol.images import ImageError
 from agent.protocol.link import InstallJob, InstallManifest
@@ -34,6 +35,7 @@ class InstallPlan:
     # its ECU is flashed (gateway/arrivals.py)
     arriving: bool = False
     gate: Gate | None = None  # the vehicle's state the install needs (gateway/install.py)
+    rxswin: tuple[Change, ...] = ()  # what the signed campaign changes of the vehicle's RXSWIN set (gateway/rxswin.py)
 
     def groups(self) -> list[list[FlashJob]]:
         orders = sorted({order for order, _ in self.jobs})
@@ -64,7 +66,7 @@ def build_plan(manifest: InstallManifest, images: Mapping[str, bytes], trust: Tr
     gate = _gate(manifest, config)
     approved = check_install(manifest, images, trust, set(config.ecus))
     jobs = tuple((job.order, _unpacked(_job(job, images, approved), config, cid)) for job in manifest.jobs)
-    return InstallPlan(cid, jobs, manifest.activation, manifest.arriving, gate)
+    return InstallPlan(cid, jobs, manifest.activation, manifest.arriving, gate, approved.rxswin)
 
 
 def _gate(manifest: InstallManifest, config: VehicleConfig) -> Gate | None:

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.core.campaign import CampaignRejected, Package, verify_campaign
 from agent.core.content import BundleRejected, verify_manifest
 from agent.core.roles import Role
+from agent.core.rxswin import Change
 from agent.errors import InstallRefused
 from agent.protocol.link import InstallManifest
 
@@ -57,6 +58,7 @@ class Approved:
 
     deltas: Mapping[str, Package] = field(default_factory=dict)
     packages: Mapping[str, Package] = field(default_factory=dict)
+    rxswin: tuple[Change, ...] = ()  # the RXSWIN values the signed campaign changes
 
 
 def _b64(value: Any, what: str) -> bytes:
@@ -132,7 +134,7 @@ def _check_campaign(manifest: InstallManifest, images: Mapping[str, bytes], trus
         elif full is None and not arriving:
             raise _refused(f"package {p.name!r} was not deployed", manifest)
     return Approved({p.ecu: p for p in campaign.packages if p.delta is not None and jobs[p.ecu].delta is not None},
-                    {p.ecu: p for p in campaign.packages})
+                    {p.ecu: p for p in campaign.packages}, campaign.rxswin)
 
 
 def _check_content(manifest: InstallManifest, images: Mapping[str, bytes], trust: Trust, proof: dict[str, Any]) -> Approved:

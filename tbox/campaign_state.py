@@ -118,6 +118,7 @@ class CampaignRecord:
     interruptions: list[Any] | None = None  # where the gateway was stopped in the middle of the install
     revertible: bool | None = None  # false: an ECU of the campaign has a single flash bank (no way back)
     cancel: dict[str, Any] | None = None  # the failed campaign's install cancelled on the gateway (tbox/cancel.py)
+    rxswin: dict[str, Any] | None = None  # the vehicle's RXSWIN set before and after the install (gateway/rxswin.py)
     times: CampaignTimes = field(default_factory=CampaignTimes)
 
     @property
@@ -137,6 +138,7 @@ class CampaignRecord:
             "versions": self.versions, "interruptions": self.interruptions,
             "revertible": self.revertible, "times": self.times.to_json(),
             **({"cancel": self.cancel} if self.cancel is not None else {}),
+            **({"rxswin": self.rxswin} if self.rxswin is not None else {}),
         })
 
     @classmethod
@@ -154,7 +156,8 @@ class CampaignRecord:
                        outcome=doc.get("outcome"), failure=doc.get("failure"), versions=doc.get("versions"),
                        interruptions=doc.get("interruptions"), revertible=doc.get("revertible"),
                        times=CampaignTimes.from_json(doc.get("times")),
-                       cancel=doc["cancel"] if isinstance(doc.get("cancel"), dict) else None)
+                       cancel=doc["cancel"] if isinstance(doc.get("cancel"), dict) else None,
+                       rxswin=doc["rxswin"] if isinstance(doc.get("rxswin"), dict) else None)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise VotaError(f"{path}: unreadable campaign state ({exc})") from None
 

@@ -34,6 +34,7 @@ from tbox.campaign_state import CampaignRecord
 from tbox.content_exec import AppExecutor, ResourceExecutor, SoftwareExecutor
 from tbox.content_manager import ContentManager
 from tbox.gateway_client import ContentOp, GatewayClient, GatewayError
+from tbox.hmi import HmiFeed, HmiSocket
 from tbox.inbound import COMMANDS, Inbound
 from tbox.media import MediaWatcher, read_bounded
 from tbox.offline import CAMPAIGN_FILE, PACKAGES, import_campaign
@@ -79,7 +80,9 @@ class TboxDaemon:
             self.tbox.cloud, self.tbox.vin, on_message=lambda kind, payload: self.inbound.on_message(kind, payload))
         # every campaign report also goes into the vehicle's signed update log (R156 records)
         self.update_log = UpdateLog(Path(self.tbox.state_dir) / LOG_FILE, getattr(self.cloud, "report_key", None))
-        self.runner = CampaignRunner(self.tbox, set(config.ecus), LoggedCloud(self.cloud, self.update_log),
+        # ... and what the driver is told of them goes to the HMI (tbox/hmi.py), reported and logged too
+        self.hmi = HmiFeed(LoggedCloud(self.cloud, self.update_log), lambda cid: self.runner.offer(cid))
+        self.runner = CampaignRunner(self.tbox, set(config.ecus), self.hmi,
                                      gateway or _NotStarted(), self.trusted,
                                      now=self.now, stop=self._stop, beat=lambda: self.heartbeats.beat("campaign"),
                                      key_chain=self.keys.chain, estimate=self._estimate,
@@ -173,13 +176,16 @@ class TboxDaemon:
             if (d / "state.json").exists():  # a directory without one was never a campaign: its store failed part-way
                 CampaignRecord.load(d)  # refuse to start on unreadable state, with the file named
         self.segment = Segment(self.config.segments[self.link_cfg.segment])
-        self.gateway = GatewayClient(self.segment, self.link_cfg, self._stop, self.faults)
+        self.gateway = GatewayClient(self.segment, self.link_cfg, self._stop, self.faults,
+                                     self.config.gateway.rxswin_did)
         if not self._gateway_injected:
             self.runner.gateway = self.gateway
         self.content.executors["resource"] = ResourceExecutor(
             self.gateway, self.segment, self.link_cfg, set(self.config.ecus), dict(self.tbox.content.targets),
             self.state_dir / "content" / "outgoing", self._stop, self._content_transfer)
         self.content.start()
+        HmiSocket(Path(self.tbox.hmi_socket or self.state_dir / "hmi.sock"), self.hmi, self.inbound.consent,
+                  self._stop).start()
         if isinstance(self.cloud, CloudLink):
             self.cloud.start()
         self.heartbeats.beat("campaign")

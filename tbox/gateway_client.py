@@ -25,6 +25,7 @@ from agent.adapters.uds_client import client_fault_counter
 from agent.adapters.uds_sequence import CallSequence
 from agent.core.config import DeployConfig
 from agent.core.faults import FaultSpec
+from agent.core.rxswin import decode_did
 from agent.core.trace import Exchange, TraceHeader, TraceRecorder
 from agent.errors import Refused, TryLater, VotaError
 from agent.protocol.link import (
@@ -40,7 +41,7 @@ from agent.protocol.link import (
     decode_install_status,
     encode_content_request,
 )
-from agent.protocol.uds import RoutineType, Session
+from agent.protocol.uds import Nrc, RoutineType, Session
 
 __all__ = ["GatewayClient", "GatewayError", "InstallStatus", "ContentOp"]
 
@@ -79,8 +80,8 @@ class GatewayClient:
     the gateway at a time, whoever asks (campaigns, content)."""
 
     def __init__(self, segment: Segment, link: DeployConfig, stop: threading.Event | None = None,
-                 faults: list[FaultSpec] | None = None) -> None:
-        self.segment, self.link = segment, link
+                 faults: list[FaultSpec] | None = None, rxswin_did: int = 0xF1EF) -> None:
+        self.segment, self.link, self.rxswin_did = segment, link, rxswin_did
         self.stop = stop or threading.Event()
         self.faults = faults or []
         self.link_faults = client_fault_counter(self.faults, "link")  # the link-stage client faults, across every call
@@ -149,7 +150,7 @@ class GatewayClient:
                 c.unlock_security_access(1)
             return fn(c)
 
-        call = CallSequence(self.segment, deploy_peer(self.link, BOOT_ID_DID), recorder, what, steps,
+        call = CallSequence(self.segment, deploy_peer(self.link, BOOT_ID_DID, self.rxswin_did), recorder, what, steps,
                             retries=self.link.retries, late_grace_s=self.link.late_response_grace_ms / 1000.0,
                             fault_scope="GW", fault_counter=self.link_faults)
         with self.lock:
@@ -196,6 +197,25 @@ class GatewayClient:
             return bytes(c.read_data_by_identifier(BOOT_ID_DID).service_data.values[BOOT_ID_DID])
 
         return self._call("boot id", read)  # type: ignore[no-any-return]
+
+    def rxswin(self) -> dict[str, str] | None:
+        """The vehicle's RXSWIN set as the gateway serves it to any tester (22 <gateway.rxswin_did>);
+        None when it serves none (a vehicle without approvals)."""
+        did = self.rxswin_did
+
+        def read(c: Any) -> bytes:
+            return bytes(c.read_data_by_identifier(did).service_data.values[did])
+
+        try:
+            data = self._call("rxswin", read)
+        except GatewayError as exc:
+            if exc.nrc == Nrc.RequestOutOfRange:
+                return None
+            raise
+        try:
+            return decode_did(data)
+        except ValueError as exc:
+            raise GatewayError(f"rxswin: the value of DID {did:04X} is not laid out as documented ({exc})") from None
 
     def start_install(self, manifest_name: str) -> None:
         self._call("start install", lambda c: c.routine_control(INSTALL_ROUTINE, RoutineType.startRoutine, manifest_name.encode()))

@@ -91,6 +91,11 @@ class Inbound:
             self._commands.put(doc)
             self.wake_campaigns()
 
+    def consent(self, campaign_id: str, accept: bool) -> None:
+        """The driver's consent from the vehicle's HMI (tbox/hmi.py), applied like the cloud's."""
+        self._commands.put({"command": "confirm_install", "campaign_id": campaign_id, "by": "hmi", "accept": accept})
+        self.wake_campaigns()
+
     def apply_commands(self) -> None:
         """Hand queued commands to the runner (in the campaign worker's thread)."""
         while True:
@@ -98,7 +103,7 @@ class Inbound:
                 doc = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if not self.runner.confirm(doc["campaign_id"]):
+            if not self.runner.confirm(doc["campaign_id"], str(doc.get("by") or "cloud"), doc.get("accept") is not False):
                 self.runner.reject("command", "unknown_campaign", f"no open campaign {doc['campaign_id']!r}",
                                    hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24],
                                    doc["campaign_id"])

@@ -127,6 +127,7 @@ def installing(c: Collaborators, record: CampaignRecord) -> str | None:
     record.versions = summary.get("final_versions") if isinstance(summary.get("final_versions"), dict) else None
     record.interruptions = summary.get("interruptions") or None
     record.revertible = summary.get("revertible") if isinstance(summary.get("revertible"), bool) else None
+    record.rxswin = summary.get("rxswin") if isinstance(summary.get("rxswin"), dict) else None
     began, ended = record.times.install_began, record.times.install_ended
     took = ended - began if began is not None and ended is not None else None
     c.rates.learn(results, cid, took if status == InstallStatus.SUCCEEDED else None)
@@ -154,6 +155,8 @@ def finished(c: Collaborators, record: CampaignRecord) -> str:
         body["interruptions"] = record.interruptions
     if record.revertible is not None:
         body["revertible"] = record.revertible
+    if record.rxswin is not None:
+        body["rxswin"] = record.rxswin
     cancelled = cancel_install(c, record)  # a failed campaign's install on the gateway ends too
     if cancelled is not None:
         body["cancel"] = cancelled

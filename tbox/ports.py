@@ -54,6 +54,9 @@ class GatewayPort(Protocol):
     def boot_id(self) -> bytes:
         """Changes at every start of the gateway (TryLater while it does not answer)."""
 
+    def rxswin(self) -> dict[str, str] | None:
+        """The vehicle's RXSWIN set, {regulation: RXSWIN}; None when the vehicle has no approvals."""
+
     def traced(self, directory: Path, name: str) -> ContextManager[None]:
         """The calls made inside, header-only traced into ``directory`` (``<name>.link.*``)."""
 

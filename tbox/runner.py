@@ -14,6 +14,7 @@ import datetime as _dt
 import functools
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping
 
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.core.campaign import CampaignRejected, verify_campaign
 from agent.core.config import TboxConfig
 from agent.core.roles import Role
+from agent.errors import VotaError
 from tbox import install_states, states
 from tbox.campaign_source import LOCAL_CAMPAIGN, VerifiedCampaigns, make_local_campaign
 from tbox.campaign_state import TERMINAL, CampaignRecord
@@ -168,12 +170,31 @@ class CampaignRunner:
                 return {"outcome": record.outcome, "failure": record.failure, "cause": (record.failure or {}).get("cause")}
         return None
 
-    def confirm(self, campaign_id: str) -> bool:
-        """The owner confirmed the install of an open campaign; False when there is none."""
+    def confirm(self, campaign_id: str, by: str = "cloud", accept: bool = True) -> bool:
+        """The owner's consent to the install of an open campaign (``by``: cloud, hmi), or its
+        postponing (``accept`` false: it stays offered); reported (and so logged); False when
+        there is no such campaign."""
         for record in self.records():
             if record.campaign_id == campaign_id and record.state not in TERMINAL:
-                record.confirmed = True
-                record.save()
-                log.info("install of %s confirmed", record.campaign_id)
+                if accept:
+                    record.confirmed = True
+                    record.save()
+                log.info("install of %s %s (%s)", record.campaign_id, "confirmed" if accept else "postponed", by)
+                n = time.time_ns()
+                self.cloud.report("events", {"event": "consent", "campaign_id": campaign_id, "given": accept, "by": by},
+                                  msg_id=f"{campaign_id}.consent.{by}.{n}")
                 return True
         return False
+
+    def offer(self, campaign_id: str) -> dict[str, Any] | None:
+        """What the driver is shown of an open campaign (agent/core/hmi.py): its information, how
+        it installs, whether the owner consented; None when it is not open or not verified."""
+        for record in self.records():
+            if record.campaign_id == campaign_id and record.state not in TERMINAL and record.state != "received":
+                try:
+                    campaign = self.c.campaign(record)
+                except (VotaError, OSError):
+                    return None
+                return {"information": dict(campaign.information or {}), "install": campaign.install,
+                        "confirmed": record.confirmed}
+        return None

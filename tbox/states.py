@@ -16,6 +16,7 @@ from agent.adapters.storage import atomic_write_bytes, atomic_write_json, free_b
 from agent.core.campaign import Campaign, CampaignRejected
 from agent.core.config import TboxConfig
 from agent.core.preconditions import loosened
+from agent.core.rxswin import mismatch
 from agent.errors import TryLater, VotaError
 from agent.protocol.files import is_name
 from agent.protocol.images import sniff
@@ -151,6 +152,12 @@ def received(c: Collaborators, record: CampaignRecord) -> str:
         c.reject("campaign", "duplicate", f"campaign {campaign.campaign_id} is already known", record.key, campaign.campaign_id)
         record.outcome = "duplicate"
         return "reported"
+    rxswin = c.gateway.rxswin()  # TryLater when unreachable
+    wrong = mismatch(campaign.rxswin, rxswin) if campaign.rxswin and rxswin is not None else None
+    if wrong is not None:  # the gateway refuses it too: nothing is downloaded for it
+        record.campaign_id = campaign.campaign_id
+        c.reject("campaign", "rxswin", wrong, record.key, campaign.campaign_id)
+        raise CampaignFailure("verify", "rxswin", wrong)
     record.campaign_id = campaign.campaign_id
     for p in campaign.packages:
         entry = record.packages.setdefault(p.name, PackageEntry())
@@ -158,7 +165,9 @@ def received(c: Collaborators, record: CampaignRecord) -> str:
     source = source_of(record)
     c.images.choose(record, campaign, inventory, offline=source.media is not None)
     record.save()
-    c.cloud.report("inventory", {"campaign_id": campaign.campaign_id, "ecus": inventory}, msg_id=f"{campaign.campaign_id}.inventory")
+    c.cloud.report("inventory", {"campaign_id": campaign.campaign_id, "ecus": inventory,
+                                 **({"rxswin": rxswin} if rxswin is not None else {})},
+                   msg_id=f"{campaign.campaign_id}.inventory")
     origin = source.origin()
     if origin is not None:  # imported from removable media: the cloud hears it when the vehicle is next online
         c.cloud.report("events", {"event": "imported", "campaign_id": campaign.campaign_id, **origin},

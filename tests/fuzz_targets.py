@@ -426,7 +426,10 @@ class _Cloud:
 def _campaign_doc(key: Ed25519PrivateKey) -> dict[str, Any]:
     return {"format": "vota-campaign", "version": 1, "campaign_id": "c-fuzz", "vin": VIN, "install": "immediate",
             "issued": "2026-11-01T00:00:00Z", "expires": "2026-12-31T00:00:00Z", "activation": "atomic",
-            "preconditions": {"min_soc": 40, "charging": "forbidden", "window_s": 3600}, "packages": [
+            "preconditions": {"min_soc": 40, "charging": "forbidden", "window_s": 3600},
+            "rxswin": {"R10": {"before": "R10-A", "after": "R10-B"}},
+            "information": {"en": {"purpose": "p", "changes": ["a", "b"], "after_failure": "f"}, "de": {"purpose": "q"}},
+            "packages": [
                 {"name": "vcu-2.0.0.bin", "ecu": "vcu", "version": "2.0.0", "url": "http://127.0.0.1:1/vcu.bin",
                  "size": 3000, "sha256": hashlib.sha256(b"v" * 3000).hexdigest(), "order": 1},
                 {"name": "bms-2.0.0.bin", "ecu": "bms", "version": "2.0.0", "url": "http://127.0.0.1:1/bms.bin",
@@ -929,6 +932,85 @@ class CloudAcks(Target):
         super().close()
 
 
+class HmiLines(Target):
+    """Anything a client writes on the TBOX's HMI socket (tbox/hmi.py): each line answered, a
+    consent only for an offered campaign, the socket serving the next client."""
+
+    name = "hmi-socket"
+
+    def open(self, tmp: Path) -> None:
+        import socket
+        import tempfile
+
+        from tbox.hmi import HmiFeed, HmiSocket
+
+        super().open(tmp)
+        self.consents: list[tuple[str, bool]] = []
+        self.feed_ = HmiFeed(_Cloud(), lambda cid: {"install": "confirm"})
+        self.feed_.report("events", {"event": "state", "campaign_id": "c-1", "state": "verified"}, "c-1.s")
+        self.stop = threading.Event()
+        self.path = Path(tempfile.mkdtemp(prefix="vota-hmi-", dir="/tmp")) / "hmi.sock"
+        server = HmiSocket(self.path, self.feed_, lambda cid, ok: self.consents.append((cid, ok)), self.stop)
+        assert server.start()
+        self.socket = socket
+        line = st.one_of(st.binary(max_size=200), json_mutations({"consent": "c-1", "accept": True}),
+                         st.builds(lambda v: json.dumps(v).encode(), json_values()))
+        self.strategy = st.lists(line, min_size=1, max_size=4)
+
+    def feed(self, example: list[bytes]) -> None:
+        client = self.socket.socket(self.socket.AF_UNIX, self.socket.SOCK_STREAM)
+        client.settimeout(5)
+        client.connect(str(self.path))
+        reader = client.makefile("rb")
+        try:
+            assert json.loads(reader.readline())["campaign_id"] == "c-1"  # the offered campaign, first
+            for raw in example:
+                client.sendall(raw.replace(b"\n", b" ") + b"\n")
+                answer = json.loads(reader.readline())
+                assert answer.get("ok") is True or answer.get("error"), answer
+        finally:
+            client.close()
+        assert all(cid == "c-1" for cid, _ in self.consents), self.consents
+
+    def close(self) -> None:
+        self.stop.set()
+        super().close()
+
+
+class EvidencePacks(Target):
+    """Evidence packs, damaged, into ``vota evidence --verify``'s check: intact only when untouched."""
+
+    name = "evidence-packs"
+
+    def open(self, tmp: Path) -> None:
+        from agent.adapters.evidence_pack import write_pack
+        from agent.adapters.update_log import UpdateLog
+
+        super().open(tmp)
+        self.key = Ed25519PrivateKey.generate()
+        log = UpdateLog(tmp / "log.jsonl", self.key)
+        log.append("events", "c-1.a", {"event": "state", "campaign_id": "c-1", "state": "received"})
+        data = (tmp / "log.jsonl").read_bytes()
+        write_pack(tmp / "pack.tar.gz", "c-1", VIN, {"update-log.jsonl": data, "campaign-log.jsonl": data,
+                                                      "summary.json": b"{}"}, self.key)
+        self.valid = (tmp / "pack.tar.gz").read_bytes()
+        self.strategy = st.one_of(mutated(self.valid), st.binary(max_size=400))
+
+    def feed(self, example: bytes) -> None:
+        from agent.adapters.evidence_pack import verify_pack
+
+        path = self.tmp / "fuzzed.tar.gz"
+        path.write_bytes(example)
+        found = verify_pack(path, self.key.public_key())
+        assert found["ok"] or found["problems"], found
+        if found["ok"]:  # intact: what it holds is what was signed (a gzip header's bytes may differ)
+            from agent.adapters.evidence_pack import _read
+
+            original = self.tmp / "pack.tar.gz"
+            assert _read(path) == _read(original), "a changed pack passed"
+
+
 TARGETS: dict[str, Callable[[], Target]] = {t.name: t for t in (
     EcuServer, DeployServer, SecuredDeployServer, CanFrames, TboxInbound, Collector, CampaignEnvelopes, ContentBundles,
-    Traces, KeyLists, SignedReports, DeltaPatches, InstallManifests, ImageFiles, FlashProfiles, CloudAcks)}
+    Traces, KeyLists, SignedReports, DeltaPatches, InstallManifests, ImageFiles, FlashProfiles, CloudAcks, HmiLines,
+    EvidencePacks)}

@@ -19,6 +19,7 @@ from agent.adapters.file_client import PackageDeployer
 from agent.adapters.uds_client import UdsLink
 from agent.protocol.link import AUTH_TRAILER, deploy_key, open_request, secure_request, session_key
 from tests.conftest import Proc, multicast_bus
+from tests.scapy_tester import scapy_requests
 
 SECRET = "LVOTA000000000042-deploy"
 
@@ -52,28 +53,6 @@ def _reassembled(frames: list[bytes]) -> list[bytes]:
                 out.append(buf[:want])
                 want = 0
     return out
-
-
-def _attacker(bus: dict, requests: list[bytes]) -> list[bytes]:
-    """scapy's UDS stack on a node of its own, with the TBOX's CAN ids: each request, its answer."""
-    from scapy.config import conf
-
-    conf.contribs["CANSocket"] = {"use-python-can": True}
-    conf.contribs["ISOTP"] = {"use-can-isotp-kernel-module": False}
-    from scapy.contrib.automotive.uds import UDS
-    from scapy.contrib.cansocket_python_can import PythonCANSocket
-    from scapy.contrib.isotp import ISOTPSocket
-
-    answers = []
-    sock = PythonCANSocket(**{k: v for k, v in bus.items() if k != "fd"})
-    try:
-        with ISOTPSocket(sock, tx_id=0x7D0, rx_id=0x7D8, basecls=UDS, padding=True) as node:
-            for request in requests:
-                answer = node.sr1(UDS(request), timeout=2, verbose=False)
-                answers.append(bytes(answer) if answer is not None else b"")
-    finally:
-        sock.close()
-    return answers
 
 
 @pytest.mark.slow
@@ -116,7 +95,7 @@ def test_a_node_without_the_key_exchange_changes_nothing_inside_the_tbox_s_windo
         name = package.name.encode()
         delete = b"\x38\x02" + len(name).to_bytes(2, "big") + name
         forged = delete + recorded[4:]  # the recorded authenticator on another request
-        answers = _attacker(bus, [delete, b"\x31\x03\x03\x01", recorded, forged,
+        answers = scapy_requests(bus, [delete, b"\x31\x03\x03\x01", recorded, forged,
                                   b"\x31\x01\x03\x04" + b"c-1\x00attack"])  # cancel a campaign
         assert [a.hex() for a in answers] == ["7f383a", "7f313a", "7f313a", "7f383a", "7f313a"]
         assert stored.read_bytes() == package.read_bytes()  # the package is still there

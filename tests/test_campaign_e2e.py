@@ -116,7 +116,7 @@ def test_a_campaign_that_fails_on_the_link_around_the_transfers_is_diagnosed_on_
     steps = {row[5]["step"] for row in rows[1:-1]}
     assert steps == {"install status"}, steps
     assert all(row[1] in ("2701", "2702") for row in rows[1:-1] if row[1].startswith("27"))  # no key recorded
-    for state, asked in (("received", {"collect inventory", "read inventory.json"}), ("deploying", {"boot id"})):
+    for state, asked in (("received", {"collect inventory", "read inventory.json", "rxswin"}), ("deploying", {"boot id"})):
         assert json.loads((trace.parent / f"{state}.link.result.json").read_text())["result"] == "success"
         rows = [json.loads(line) for line in (trace.parent / f"{state}.link.trace.jsonl").read_text().splitlines()[1:-1]]
         assert {row[5]["step"] for row in rows} == asked, rows
@@ -141,8 +141,11 @@ def test_a_campaign_that_fails_on_the_link_around_the_transfers_is_diagnosed_on_
     import shutil
 
     store = vehicle.tmp / "cloud" / "store"
-    for i in range(12):
-        shutil.copytree(store / VIN, store / f"LVOTAFLEET{i:07d}")
+    assert vehicle.cloud.collector.wait_for(lambda c: any(  # the campaign's last report: what the driver was told
+        m["body"].get("event") == "hmi" and m["body"].get("state") == "failed" for m in c.messages
+        if m["body"].get("campaign_id") == "c-received"), 30)
+    for i in range(12):  # a report being stored meanwhile (its claim file) is not the vehicle's
+        shutil.copytree(store / VIN, store / f"LVOTAFLEET{i:07d}", ignore=shutil.ignore_patterns(".claim-*"))
     out = vehicle.tmp / "fleet"
     run = vota("fleet", "diagnose", str(store), "--out", str(out), "--workers", "2")
     assert run.returncode == 0 and "13 vehicles" in run.stdout, run.stdout + run.stderr
@@ -152,7 +155,8 @@ def test_a_campaign_that_fails_on_the_link_around_the_transfers_is_diagnosed_on_
     assert all((r["cause"], r["nrc"], r["stage"]) == expected[r["campaign_id"]] for r in rows), rows[:3]
     summary = (out / "summary.md").read_text()
     assert "| link: GW (server) | " + str(len(rows)) + " | 100.0 % |" in summary, summary
-    shutil.copytree(store / VIN, store / "LVOTAFLEETNEW0001")  # incremental: only the new vehicle is diagnosed
+    # incremental: only the new vehicle is diagnosed
+    shutil.copytree(store / VIN, store / "LVOTAFLEETNEW0001", ignore=shutil.ignore_patterns(".claim-*"))
     run = vota("fleet", "diagnose", str(store), "--out", str(out))
     assert f"{len(expected)} new failed campaigns diagnosed ({14 * len(expected)} failed of " in run.stdout, run.stdout
 

@@ -17,8 +17,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import Proc, vota
+from tests.scapy_tester import read_rxswin
+from tests.test_rxswin import FACTORY
 from tests.test_vehicle_campaigns import ALL, packages, running
 from tests.vehicle import VIN, Vehicle
+
+RXSWIN = {"R10": ("R10-VOTA-EMC-0001", "R10-VOTA-EMC-0002")}
 
 # Slow ECUs, so that each step below lasts long enough to be caught by polling the journal:
 # every RoutineControl and ECUReset answers after 250 ms, every session change after 80 ms.
@@ -78,7 +82,7 @@ def _check_once(v: Vehicle, cid: str) -> dict[str, dict[str, Any]]:
 def test_killed_at_eight_points_the_campaign_finishes_all_new(slow_vehicle, who):
     v, cid = slow_vehicle, f"c-kill-{who}"
     before = running(v)
-    v.send(v.campaign(cid, "2.0.0", packages=packages(v, "2.0.0"), order=ORDER))
+    v.send(v.campaign(cid, "2.0.0", packages=packages(v, "2.0.0"), order=ORDER, rxswin=RXSWIN))
     points = POINTS[::2] if who == "both" else POINTS  # both killed: every other point (vcu's erase and activation kept)
     for point in points:
         _wait_point(v, cid, point)
@@ -97,6 +101,10 @@ def test_killed_at_eight_points_the_campaign_finishes_all_new(slow_vehicle, who)
     assert now != before and {e: done["versions"][e]["image_sha256"] for e in ALL} == {e: sha for e, (_, sha) in now.items()}
     results = _check_once(v, cid)
     assert {e: r["phase"] for e, r in results.items()} == {e: "committed" for e in ALL}
+    # the RXSWIN changed with the commit, once, read back by a tester we did not write
+    assert read_rxswin(v.backbone["bus"]) == {**FACTORY, "R10": "R10-VOTA-EMC-0002"} == done["rxswin"]["after"]
+    history = json.loads((v.tmp / "gw" / "results" / "rxswin.json").read_text())["history"]
+    assert [h["campaign_id"] for h in history] == [cid] and done["rxswin"]["before"] == FACTORY
     for ecu in ALL:  # nothing left staged or on trial
         meta = json.loads((v.ecu_state(ecu) / "meta.json").read_text())
         assert meta["banks"][meta["active"]]["confirmed"] and meta["next_boot"] == "", (ecu, meta)
@@ -128,7 +136,8 @@ def test_gateway_killed_while_rolling_back_ends_all_old(tmp_path, mosquitto, wri
     try:
         cid = "c-kill-back"
         before = running(v)
-        v.send(v.campaign(cid, "2.0.0", packages=packages(v, "2.0.0"), order={"vcu": 0, "bms": 1, "bcm": 2, "dlp_headlamp": 3}))
+        v.send(v.campaign(cid, "2.0.0", packages=packages(v, "2.0.0"), order={"vcu": 0, "bms": 1, "bcm": 2, "dlp_headlamp": 3},
+                          rxswin=RXSWIN))
         for point in [("rollback", "vcu", "rollback", "rollback"),
                       ("discard", "dlp_headlamp", "discard", "discard")]:
             _wait_point(v, cid, point)
@@ -141,6 +150,7 @@ def test_gateway_killed_while_rolling_back_ends_all_old(tmp_path, mosquitto, wri
         assert results["bcm"]["failed_step"] == "activate: activate"
         assert [results[e]["phase"] for e in ALL] == ["rolled_back", "rolled_back", "discarded", "discarded"]
         assert [i["phase"] for i in done["interruptions"]] == ["rollback", "discard"]
+        assert read_rxswin(v.backbone["bus"]) == FACTORY == done["rxswin"]["after"]  # as it was
     finally:
         v.close()
 

@@ -100,6 +100,9 @@ class FakeGateway:
         self._maybe_fail("boot_id")
         return self.boot
 
+    def rxswin(self) -> dict[str, str] | None:
+        return None  # a vehicle without approvals (the RXSWIN: tests/test_rxswin.py)
+
     def traced(self, directory: Path, name: str) -> Any:
         return contextlib.nullcontext()  # the exchanges of a real gateway link: tests/test_link_traces.py
 

@@ -17,6 +17,9 @@ from tests.conftest import Proc, ecu_entry, multicast_bus
 
 VIN = "LVOTA000000000042"
 ECUS = ("vcu", "bms", "bcm")
+# the vehicle's type approvals and their RXSWIN as it left the factory (gateway/rxswin.py)
+APPROVALS = [{"regulation": "R10", "rxswin": "R10-VOTA-EMC-0001", "ecus": ["vcu", "bms", "bcm", "dlp_headlamp"]},
+             {"regulation": "R149", "rxswin": "R149-VOTA-DLP-0001", "ecus": ["bcm", "dlp_headlamp"]}]
 
 
 
@@ -45,8 +48,9 @@ class Vehicle:
         self.report_key = Ed25519PrivateKey.generate()  # signs every report; the cloud stores only what it signed
         (tmp / "keys" / "report.key").write_bytes(self.report_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        self.backbone = {"bus": multicast_bus(), **(backbone or {})}
         self.config = write_config({
-            "segments": {"bb": {"bus": multicast_bus(), **(backbone or {})}, "pt": {"bus": multicast_bus()},
+            "segments": {"bb": self.backbone, "pt": {"bus": multicast_bus()},
                          "body": {"bus": multicast_bus()}},
             "deploy": {"segment": "bb", "package_dir": str(tmp / "gw" / "packages"), "security_secret": f"{VIN}-deploy",
                        **(deploy_extra or {})},
@@ -56,6 +60,7 @@ class Vehicle:
                 "bcm": ecu_entry("bcm", 0x740, 0x748, "body"),
                 "dlp_headlamp": ecu_entry("dlp_headlamp", 0x741, 0x749, "body")}.items()} | (foreign or {}).get("ecus", {}),
             "flash_profiles": (foreign or {}).get("flash_profiles", {}),
+            "approvals": APPROVALS,
             "tbox": {"vin": VIN, "state_dir": str(tmp / "tbox"), "trusted_keys": [str(tmp / "keys" / "cloud.pub")],
                      "retry_delay_ms": 300, "retry_max_delay_ms": 2000, "max_retries": 8,  # ~12 s: a busy machine restarts slowly
                      "content": {"vehicle_key": str(tmp / "keys" / "vehicle.key"),

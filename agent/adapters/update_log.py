@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.adapters.storage import atomic_write_bytes
 
-__all__ = ["UpdateLog", "verify_log", "LOG_FILE"]
+__all__ = ["UpdateLog", "verify_log", "verify_log_data", "LOG_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,11 @@ def _check(entry: Any, raw: bytes, number: int, prev: str | None, seq: int | Non
 def verify_log(path: str | os.PathLike[str], key: Ed25519PublicKey | None) -> dict[str, Any]:
     """Check a log offline: ``{"ok", "entries", "first_seq", "last_seq", "campaigns", "broken"}``;
     ``broken`` names the first line that does not hold (its number, sequence and why)."""
-    data = Path(path).read_bytes()
+    return verify_log_data(Path(path).read_bytes(), key)
+
+
+def verify_log_data(data: bytes, key: Ed25519PublicKey | None) -> dict[str, Any]:
+    """``verify_log`` of a log's bytes (one carried in an evidence pack)."""
     prev: str | None = None
     seq: int | None = None
     first: int | None = None

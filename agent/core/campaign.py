@@ -45,8 +45,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.core import strict_json
+from agent.core.hmi import parse_information
 from agent.core.image_auth import ImageAuth
 from agent.core.roles import Role, SignatureProblem, check_signatures, key_id, open_envelope, sign_envelope
+from agent.core.rxswin import Change, parse_changes
 from agent.errors import UsageError, VotaError
 from agent.protocol.files import PARTIAL_SUFFIXES, is_name
 
@@ -80,7 +82,8 @@ class CampaignRejected(VotaError):
     """A campaign the vehicle must not run; ``reason`` is a stable code for the cloud."""
 
     REASONS = ("malformed", "unsigned", "untrusted_key", "bad_signature", "expired", "not_yet_valid",
-               "wrong_vehicle", "downgrade", "unknown_version", "unknown_ecu", "dependency", "threshold", "keys_expired")
+               "wrong_vehicle", "downgrade", "unknown_version", "unknown_ecu", "dependency", "threshold", "keys_expired",
+               "rxswin")
 
     def __init__(self, reason: str, message: str, campaign_id: str | None = None) -> None:
         assert reason in self.REASONS
@@ -144,6 +147,8 @@ class Campaign:
     raw: dict[str, Any]
     activation: str = "per_ecu"  # atomic: every ECU changes together, or none does; per_ecu: each on its own
     preconditions: Mapping[str, Any] | None = None  # this campaign's overrides of tbox.preconditions
+    rxswin: tuple[Change, ...] = ()  # (regulation, before, after): the RXSWIN it changes with its commit
+    information: Mapping[str, Mapping[str, Any]] | None = None  # per language, what the driver is told (agent/core/hmi.py)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.raw)
@@ -200,7 +205,7 @@ def _parse(payload: bytes) -> Campaign:
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise CampaignRejected("malformed", f"format must be {FORMAT} version {VERSION}", cid_text)
     known = {"format", "version", "campaign_id", "vin", "issued", "expires", "install", "packages", "description",
-             "activation", "preconditions"}
+             "activation", "preconditions", "rxswin", "information"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise CampaignRejected("malformed", f"unknown field {unknown[0]!r}", cid_text)
@@ -245,7 +250,23 @@ def _parse(payload: bytes) -> Campaign:
     if activation not in ("atomic", "per_ecu"):
         raise CampaignRejected("malformed", "activation must be atomic or per_ecu", cid)
     preconditions = _preconditions(doc["preconditions"], cid) if "preconditions" in doc else None
-    return Campaign(cid, vin, issued, expires, install, tuple(packages), doc, activation, preconditions)
+    rxswin, information = _type_approval(doc, activation, len(packages), cid)
+    return Campaign(cid, vin, issued, expires, install, tuple(packages), doc, activation, preconditions, rxswin,
+                    information)
+
+
+def _type_approval(doc: Mapping[str, Any], activation: str, packages: int,
+                   cid: str) -> tuple[tuple[Change, ...], dict[str, dict[str, Any]] | None]:
+    """The RXSWIN a campaign changes and what the driver is told (UN R156 7.2)."""
+    try:
+        changes = parse_changes(doc["rxswin"]) if "rxswin" in doc else ()
+        information = parse_information(doc["information"]) if "information" in doc else None
+    except ValueError as exc:
+        raise CampaignRejected("malformed", str(exc), cid) from None
+    if changes and activation != "atomic" and packages > 1:  # half installed, it would name software not run
+        raise CampaignRejected("malformed", "a campaign that changes an RXSWIN installs atomically (activation: atomic)",
+                               cid)
+    return changes, information
 
 
 OVERRIDABLE: dict[str, str | tuple[str, ...]] = {

@@ -35,6 +35,7 @@ def _setup_logging(verbose: int, command: str) -> None:
 
 def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
     from vota.cli import bench, campaign, cloud, content, daemons, vehicle
+    from vota.cli.evidence import cmd_evidence
     from vota.cli.fleet import cmd_fleet
     from vota.cli.init import cmd_init
     from vota.cli.log import cmd_log
@@ -54,6 +55,7 @@ def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
         "bench": bench.cmd_bench,
         "init": cmd_init,
         "log": cmd_log,
+        "evidence": cmd_evidence,
     }
 
 

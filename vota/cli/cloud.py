@@ -67,12 +67,25 @@ def _campaign(args: argparse.Namespace) -> int:
                              campaign_id=args.campaign_id, install=args.install,
                              valid_for=_dt.timedelta(days=args.valid_days), deltas=deltas,
                              preconditions=_preconditions(args.precondition) or None,
-                             image_keys=image_keys(args.image_key, {e for e, _, _ in packages}))
+                             image_keys=image_keys(args.image_key, {e for e, _, _ in packages}),
+                             rxswin={r: (b, a) for r, b, a in args.rxswin} or None,
+                             information=_information(args.information) if args.information else None)
     if args.out:
         atomic_write_bytes(args.out, envelope)
     else:
         sys.stdout.write(envelope.decode())
     return 0
+
+
+def _information(path: str) -> dict[str, Any]:
+    """``--information FILE``: per language, what the driver is told; checked as the vehicle will."""
+    from agent.core.config import parse_yaml
+    from agent.core.hmi import parse_information
+
+    try:
+        return parse_information(parse_yaml(read_input(path, "information").decode("utf-8", "replace"), path))
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
 
 
 def _package(item: str, what: str, form: str) -> tuple[str, Path, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from agent.core.config._parse import parse_vehicle_config
 from agent.core.config._values import parse_yaml
 from agent.core.config.model import (
+    Approval,
     CloudConfig,
     ContentConfig,
     DeployConfig,
@@ -24,6 +25,7 @@ from agent.core.config.model import (
 )
 
 __all__ = [
+    "Approval",
     "CloudConfig",
     "SegmentConfig",
     "EcuSimConfig",

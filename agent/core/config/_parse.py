@@ -10,6 +10,7 @@ from agent.core.config._ecu import check_unique_ids, compression_nibbles, parse_
 from agent.core.config._profile import parse_profiles
 from agent.core.config._values import _bitrate, _bool, _can_id, _choice, _int, _nonneg, _positive, _Section, _str
 from agent.core.config.model import (
+    Approval,
     CloudConfig,
     ContentConfig,
     DeployConfig,
@@ -19,6 +20,7 @@ from agent.core.config.model import (
     TboxConfig,
     VehicleConfig,
 )
+from agent.core.rxswin import REGULATION, value_problem
 from agent.errors import ConfigError
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -105,8 +107,11 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         content_signature_threshold=gw.get("content_signature_threshold", _positive, None),
         root_threshold=gw.get("root_threshold", _positive, None),
         vin=gw.get("vin", _str, None),
+        rxswin_did=gw.get("rxswin_did", _did, d.rxswin_did, what="a DID, 0x0100..0xFEFF or 0xF1xx"),
     )
     gw.done()
+    approvals = _approvals(source, top.data.get("approvals"), ecus)
+    top.used.add("approvals")
     deploy = _deploy(source, top.section("deploy"), segments) if top.data.get("deploy") is not None else None
     top.used.add("deploy")
     tbox = _tbox(top.section("tbox")) if top.data.get("tbox") is not None else None
@@ -123,7 +128,42 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         if safety and ecu is None:
             raise ConfigError(source, "tbox.preconditions.ecu", f"needed: {', '.join(safety)} is safety-relevant and is "
                                                                "installed only in the safe state, read from that ECU")
-    return VehicleConfig(source, segments, ecus, gateway, deploy, tbox)
+    return VehicleConfig(source, segments, ecus, gateway, deploy, tbox, approvals)
+
+
+def _did(value: Any) -> int:
+    number = _int(value)
+    if not 0x0100 <= number <= 0xFEFF or number == 0xF1B0:  # F1B0: the gateway's boot id
+        raise ValueError("outside 0x0100..0xFEFF, or the gateway's boot id F1B0")
+    return number
+
+
+def _approvals(source: str, data: Any, ecus: Mapping[str, Any]) -> tuple[Approval, ...]:
+    """``approvals``: a list of {regulation, rxswin, ecus} (agent/core/rxswin.py)."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError(source, "approvals", "expected a list of {regulation, rxswin, ecus}")
+    out: list[Approval] = []
+    for i, entry in enumerate(data):
+        sec = _Section(source, f"approvals[{i}]", entry)
+        regulation = sec.get("regulation", _str, what="a regulation, e.g. R156")
+        if not REGULATION.fullmatch(regulation) or regulation in {a.regulation for a in out}:
+            raise ConfigError(source, sec.key("regulation"), f"{regulation!r}: a unique name of letters, digits, ._- "
+                                                             "(16 at most)")
+        rxswin = sec.get("rxswin", _str, what="the vehicle's RXSWIN under this regulation")
+        problem = value_problem(rxswin)
+        if problem is not None:
+            raise ConfigError(source, sec.key("rxswin"), f"the RXSWIN {problem}")
+        covered = tuple(_str(e) for e in sec.get("ecus", list, what="a list of the ECUs whose software it covers"))
+        unknown = [e for e in covered if e not in ecus]
+        if unknown or not covered:
+            raise ConfigError(source, sec.key("ecus"), f"unknown ECU {unknown[0]!r}" if unknown else "names no ECU")
+        sec.done()
+        out.append(Approval(regulation, rxswin, covered))
+    if len(out) > 32:
+        raise ConfigError(source, "approvals", "more than 32 approvals")
+    return tuple(out)
 
 
 def _cloud(cloud: _Section) -> CloudConfig:
@@ -187,6 +227,7 @@ def _tbox(sec: _Section) -> TboxConfig:
         keep_days=sec.get("keep_days", _positive, d2.keep_days),
         media_follow_links=sec.get("media_follow_links", _bool, d2.media_follow_links),
         min_free_mib=sec.get("min_free_mib", _nonneg, d2.min_free_mib),
+        hmi_socket=sec.get("hmi_socket", _str, None),
         preconditions=preconditions,
         diagnose=sec.get("diagnose", _bool, d2.diagnose),
         cloud=cloud_cfg,

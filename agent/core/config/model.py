@@ -10,7 +10,7 @@ from agent.core.flash_profile import FlashProfile, MemoryBlock, default_profile
 from agent.errors import ConfigError
 from agent.protocol.compression import Params
 
-__all__ = ["CloudConfig", "PreconditionsConfig", "SegmentConfig", "EcuSimConfig", "EcuConfig", "GatewayConfig",
+__all__ = ["Approval", "CloudConfig", "PreconditionsConfig", "SegmentConfig", "EcuSimConfig", "EcuConfig", "GatewayConfig",
            "DeployConfig", "ContentConfig", "TboxConfig", "VehicleConfig"]
 
 
@@ -183,6 +183,18 @@ class GatewayConfig:
     content_signature_threshold: int | None = None
     root_threshold: int | None = None
     vin: str | None = None
+    # the DID the vehicle's RXSWIN set is served on to any tester (gateway/rxswin.py); read only
+    rxswin_did: int = 0xF1EF
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A type approval (UN R156 7.2): the regulation, the vehicle's RXSWIN for it as it left the
+    factory, and the ECUs whose software it identifies. A signed campaign changes the RXSWIN."""
+
+    regulation: str
+    rxswin: str
+    ecus: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -280,6 +292,7 @@ class TboxConfig:
     keep_days: int = 90  # ... and none older than this
     media_follow_links: bool = False  # symbolic links on removable media are refused unless this is set
     min_free_mib: int = 64  # a campaign is refused before it starts when less would stay free on the state directory
+    hmi_socket: str | None = None  # the driver's HMI connects here (tbox/hmi.py); None: <state_dir>/hmi.sock
     preconditions: PreconditionsConfig = field(default_factory=PreconditionsConfig)
     cloud: CloudConfig = field(default_factory=lambda: _cloud_default())
     content: ContentConfig = field(default_factory=ContentConfig)
@@ -297,6 +310,7 @@ class VehicleConfig:
     gateway: GatewayConfig
     deploy: DeployConfig | None = None
     tbox: TboxConfig | None = None
+    approvals: tuple[Approval, ...] = ()
 
     def tbox_config(self) -> TboxConfig:
         if self.tbox is None:
