@@ -6,6 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
+from agent.adapters.bus_signals import BroadcastSignals
 from agent.adapters.canbus import Segment
 from agent.adapters.storage import InstanceLock
 from agent.adapters.uds_server import UdsServer
@@ -89,9 +90,26 @@ class EcuSimulator:
                     banks.active_info.version,
                     f", faults {', '.join(f.text for f in mine)}" if mine else "",
                 )
+            self._broadcast()
         except BaseException:
             self.stop()
             raise
+
+    def _broadcast(self) -> None:
+        """The ECUs with ``sim.broadcast``: the vehicle_signals DBC's messages on its segment."""
+        signals = self.config.signals
+        for ecu in self.ecus:
+            if not ecu.sim.broadcast:
+                continue
+            if signals is None:
+                raise UsageError(f"ecus.{ecu.name}.sim.broadcast needs a vehicle_signals section (its DBC and segment)")
+            if signals.segment not in self.segments:
+                self.segments[signals.segment] = Segment(self.config.segments[signals.segment])
+            base = Path(self.state_dir or ecu.sim.state_dir)
+            sender = BroadcastSignals(signals.dbc, self.segments[signals.segment], base / ecu.name / "signals.json",
+                                      self._stopped)
+            sender.thread.start()
+            log.info("ECU %s broadcasts %s on %s", ecu.name, ", ".join(m.name for m in sender.messages), signals.segment)
 
     def stop(self) -> None:
         if self._stopped.is_set():

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.bus_signals import BusSignals
 from agent.adapters.heartbeat import Heartbeats
 from agent.adapters.keys import KeyStore, initial_key_list
 from agent.adapters.storage import Deferred, atomic_write_bytes, atomic_write_json, storage_fault
@@ -99,6 +100,10 @@ class GatewayInstaller:
         self.heartbeats = Heartbeats(config.gateway.worker_stale_s)  # the install thread, while one runs
         self.owed = OwedDiscards(config, self.buses, results_dir, stop)  # staged images a failed install left
         self.rxswin = RxswinSet(config, results_dir)  # the vehicle's RXSWIN set (gateway/rxswin.py)
+        self.bus_signals = None  # the vehicle's state from its broadcast frames (vehicle_signals)
+        if config.signals is not None:
+            self.buses.pin(config.signals.segment)
+            self.bus_signals = BusSignals(config.signals, self.buses.segment(config.signals.segment))
 
     # ---- what a manifest asks for --------------------------------------------------------
     def plan(self, data: bytes, starting: bool = False) -> InstallPlan:
@@ -241,7 +246,7 @@ class GatewayInstaller:
             ready=Arrivals(self.package_dir, self.config.gateway.arrival_idle_s, self.stop,
                            [j.awaited.file for _, j in plan.jobs if j.awaited is not None], self._cancel).ready
             if plan.arriving else None,
-            signals=lambda ecu, wait: read_signals(self.config, self.buses, ecu, wait),
+            signals=lambda ecu, wait: read_signals(self.config, self.buses, ecu, wait, self.bus_signals),
             waiting=lambda check: self._wait(out, check), cancel=self._cancel,
             cancelled=lambda: self._cancelled(campaign) or "cancelled by the TBOX", storage_failed=storage.append,
             keep=self.deferred.write_json, rxswin=lambda ok: self.rxswin.settle(campaign, plan.rxswin, ok))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from agent.adapters.bus_signals import BusSignals
 from agent.adapters.uds_client import RawCodec, UdsLink, describe_failure
 from agent.core.config import VehicleConfig
 from agent.protocol.ecu import SIGNALS, decode_signal
@@ -23,15 +24,29 @@ __all__ = ["read_signals"]
 log = logging.getLogger(__name__)
 
 
-def read_signals(config: VehicleConfig, buses: Buses, ecu_name: str, wait: float = 0.5) -> dict[str, Any] | None:
-    """Every signal's value (None where it is not reported), or None when the ECU is busy."""
-    ecu = config.ecu(ecu_name)
+def read_signals(config: VehicleConfig, buses: Buses, ecu_name: str, wait: float = 0.5,
+                 bus: BusSignals | None = None) -> dict[str, Any] | None:
+    """Every signal's value (None where it is not reported), or None when the ECU is busy. With
+    ``bus`` (vehicle_signals), what the broadcast frames carry is taken from them (``stale`` says
+    why one is unknown) and only the rest is asked of the ECU."""
     values: dict[str, Any] = dict.fromkeys(SIGNALS)
+    asked = set(SIGNALS)
+    if bus is not None:
+        heard, stale = bus.read()
+        values.update(heard)
+        if stale:
+            values["stale"] = stale
+        asked -= bus.covered
+        if not asked:
+            return values
+    ecu = config.ecu(ecu_name)
     try:
         with buses.ecu(ecu.name, "vehicle state", wait=wait) as segment, \
                 UdsLink(segment, ecu.request_id, ecu.response_id, name=ecu.name, p2=ecu.p2_ms / 1000.0,
                         p2_star=ecu.p2_star_ms / 1000.0, dids={did: RawCodec() for did, _ in SIGNALS.values()}) as link:
             for name, (did, _) in SIGNALS.items():
+                if name not in asked:
+                    continue
                 for attempt in (1, 2):  # once more after no answer: another tester may have held the ECU
                     try:
                         raw = bytes(link.client.read_data_by_identifier(did).service_data.values[did])

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agent.adapters.bus_signals import BusSignals
 from agent.adapters.canbus import Segment
 from agent.adapters.cloud_link import CloudLink
 from agent.adapters.heartbeat import Heartbeats
@@ -75,6 +76,8 @@ class TboxDaemon:
                                       beat=lambda: self.heartbeats.beat("media"))
         self.heartbeats = Heartbeats(self.tbox.worker_stale_s)
         self.segment: Segment | None = None
+        self._signal_segment: Segment | None = None
+        self.bus_signals: BusSignals | None = None  # the vehicle's state from its broadcast frames
         self.gateway: GatewayClient | None = None  # the real gateway client, once started
         self.cloud: CloudPort = cloud if cloud is not None else CloudLink(
             self.tbox.cloud, self.tbox.vin, on_message=lambda kind, payload: self.inbound.on_message(kind, payload))
@@ -176,6 +179,11 @@ class TboxDaemon:
             if (d / "state.json").exists():  # a directory without one was never a campaign: its store failed part-way
                 CampaignRecord.load(d)  # refuse to start on unreadable state, with the file named
         self.segment = Segment(self.config.segments[self.link_cfg.segment])
+        signals = self.config.signals
+        if signals is not None and self.tbox.preconditions.ecu is not None:  # heard where the frames are
+            if signals.segment != self.link_cfg.segment:
+                self._signal_segment = Segment(self.config.segments[signals.segment])
+            self.bus_signals = BusSignals(signals, self._signal_segment or self.segment)
         self.gateway = GatewayClient(self.segment, self.link_cfg, self._stop, self.faults,
                                      self.config.gateway.rxswin_did)
         if not self._gateway_injected:
@@ -206,8 +214,9 @@ class TboxDaemon:
                 worker.join(timeout=60)
         if isinstance(self.cloud, CloudLink):
             self.cloud.stop()
-        if self.segment is not None:
-            self.segment.shutdown()
+        for segment in (self.segment, self._signal_segment):
+            if segment is not None:
+                segment.shutdown()
 
     def alive(self) -> bool:
         """Both workers run and have made progress within ``worker_stale_s``, and the cloud link's
@@ -258,12 +267,19 @@ class TboxDaemon:
         return estimate_install(self.config, jobs, activation, self.link_cfg.segment if pipelined else None, measured)
 
     def _signals(self) -> dict[str, Any]:
-        """The vehicle's state from the preconditions ECU's DIDs, through the gateway; a signal it
-        does not report is None (and fails what depends on it)."""
+        """The vehicle's state: from its broadcast frames where the vehicle_signals DBC carries it,
+        else from the preconditions ECU's DIDs through the gateway; a signal it does not report is
+        None (and fails what depends on it), ``stale`` says why one from the bus is."""
         ecu = self.tbox.preconditions.ecu
         assert ecu is not None
         values: dict[str, Any] = {}
+        if self.bus_signals is not None:
+            values, stale = self.bus_signals.read()
+            if stale:
+                values["stale"] = stale
         for name, (did, _) in SIGNALS.items():
+            if name in values:
+                continue
             try:
                 values[name] = decode_signal(name, self._gateway().content(ContentOp.READ_DID, ecu, did.to_bytes(2, "big")))
             except (Refused, ValueError):  # not supported, or not a value the signal can have

@@ -33,7 +33,7 @@ class Vehicle:
                  tbox_extra: dict[str, Any] | None = None, ecu_faults: tuple[str, ...] = (),
                  ecu_extra: dict[str, dict[str, Any]] | None = None, backbone: dict[str, Any] | None = None,
                  gateway_extra: dict[str, Any] | None = None, foreign: dict[str, Any] | None = None,
-                 deploy_extra: dict[str, Any] | None = None) -> None:
+                 deploy_extra: dict[str, Any] | None = None, config_extra: dict[str, Any] | None = None) -> None:
         """``foreign``: ``flash_profiles`` and ``ecus`` of ECUs the simulator does not play (the
         test starts their servers)."""
         self.tmp = tmp
@@ -61,6 +61,7 @@ class Vehicle:
                 "dlp_headlamp": ecu_entry("dlp_headlamp", 0x741, 0x749, "body")}.items()} | (foreign or {}).get("ecus", {}),
             "flash_profiles": (foreign or {}).get("flash_profiles", {}),
             "approvals": APPROVALS,
+            **(config_extra or {}),
             "tbox": {"vin": VIN, "state_dir": str(tmp / "tbox"), "trusted_keys": [str(tmp / "keys" / "cloud.pub")],
                      "retry_delay_ms": 300, "retry_max_delay_ms": 2000, "max_retries": 8,  # ~12 s: a busy machine restarts slowly
                      "content": {"vehicle_key": str(tmp / "keys" / "vehicle.key"),

@@ -18,7 +18,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, cast
+from typing import Any, Callable, Iterable, cast
 
 import can
 import isotp
@@ -233,6 +233,7 @@ class Segment:
         self._routes: dict[tuple[int, bool], list[RoutedStack]] = {}
         self._fc_routes: dict[tuple[int, bool], list[RoutedStack]] = {}  # flow control only, from another id
         self._no_fc: set[RoutedStack] = set()  # stacks that never send, so never wait for flow control
+        self._watchers: dict[int, list[Callable[[can.Message], None]]] = {}  # broadcast frames by id (watch)
         self._lock = threading.Lock()
         self._closed = False
         # every frame into a standard log, when asked (--capture); udp_multicast echoes our own frames
@@ -268,6 +269,8 @@ class Segment:
         """Notifier listener: hand a frame to the stacks that receive its id, drop the rest."""
         if msg.is_error_frame or msg.is_remote_frame:
             return
+        for watcher in self._watchers.get(msg.arbitration_id, ()):
+            watcher(msg)
         key = (msg.arbitration_id, msg.is_extended_id)
         flow_control = bool(msg.data) and msg.data[0] >> 4 == 3
         for stack in self._routes.get(key, ()):
@@ -309,6 +312,13 @@ class Segment:
                 fc_key = (flow_control_from, extended)
                 self._fc_routes = {**self._fc_routes, fc_key: [*self._fc_routes.get(fc_key, []), stack]}
         return stack
+
+    def watch(self, frame_ids: Iterable[int], watcher: Callable[[can.Message], None]) -> None:
+        """``watcher`` is handed every frame with one of ``frame_ids`` (broadcast signals), in the
+        notifier's thread."""
+        with self._lock:
+            for frame_id in frame_ids:
+                self._watchers = {**self._watchers, frame_id: [*self._watchers.get(frame_id, []), watcher]}
 
     def release(self, stack: RoutedStack) -> None:
         with self._lock:

@@ -150,30 +150,37 @@ def required_soc(cfg: PreconditionsConfig, install_s: float) -> float:
 
 def unmet(cfg: PreconditionsConfig, signals: Mapping[str, Any], install_s: float) -> dict[str, str]:
     """Each condition that does not hold, with the value that fails it (an unreadable signal fails
-    every condition on it: what cannot be read cannot be relied on)."""
+    every condition on it: what cannot be read cannot be relied on; ``signals["stale"]`` says why
+    a signal from the bus is unknown: stale, or never seen)."""
     out: dict[str, str] = {}
+    stale = signals.get("stale")
+    why: Mapping[str, Any] = stale if isinstance(stale, Mapping) else {}
 
     def value(name: str) -> Any:
         return signals.get(name)
 
+    def shown(name: str) -> Any:
+        v = signals.get(name)
+        return v if v is not None and v != "" else f"unknown ({why[name]})" if name in why else "unknown"
+
     soc, need = value("soc"), required_soc(cfg, install_s)
     if not isinstance(soc, (int, float)) or soc < need:
-        out["soc"] = f"state of charge {soc if soc is not None else 'unknown'} %, {need:.0f} % needed for about " \
+        out["soc"] = f"state of charge {shown('soc')} %, {need:.0f} % needed for about " \
                      f"{install_s / 60.0:.0f} min of install (and the way back if it fails late)"
     battery = value("battery_mv")
     if cfg.min_battery_mv and (not isinstance(battery, int) or battery < cfg.min_battery_mv):
-        out["battery_mv"] = f"battery {battery if battery is not None else 'unknown'} mV, {cfg.min_battery_mv} mV needed"
+        out["battery_mv"] = f"battery {shown('battery_mv')} mV, {cfg.min_battery_mv} mV needed"
     if cfg.parked and value("gear") != "P":
-        out["parked"] = f"gear {value('gear') or 'unknown'}, P needed"
+        out["parked"] = f"gear {shown('gear')}, P needed"
     if cfg.ignition_off and value("power_mode") != "off":
-        out["ignition_off"] = f"power mode {value('power_mode') or 'unknown'}, off needed"
+        out["ignition_off"] = f"power mode {shown('power_mode')}, off needed"
     speed = value("speed_kmh")
     if cfg.speed_zero and speed != 0:
-        out["speed_zero"] = f"speed {speed if speed is not None else 'unknown'} km/h, 0 needed"
+        out["speed_zero"] = f"speed {shown('speed_kmh')} km/h, 0 needed"
     charging = value("charging")
     if charging not in ("no", "charging") or (cfg.charging == "forbidden" and charging != "no"):
-        out["charging"] = f"charging {charging or 'unknown'}" + (", not charging needed" if cfg.charging == "forbidden"
-                                                                 else ", no charging fault needed")
+        out["charging"] = f"charging {shown('charging')}" + (", not charging needed" if cfg.charging == "forbidden"
+                                                            else ", no charging fault needed")
     return out
 
 

@@ -22,6 +22,7 @@ from agent.core.config.model import (
     SegmentConfig,
     TboxConfig,
     VehicleConfig,
+    VehicleSignalsConfig,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "ContentConfig",
     "TboxConfig",
     "VehicleConfig",
+    "VehicleSignalsConfig",
     "parse_vehicle_config",
     "parse_yaml",
 ]

@@ -39,6 +39,7 @@ def _ecu_sim(sec: _Section) -> EcuSimConfig:
         accept_compression=_accepted(sec),
         accept_delta=sec.get("accept_delta", _bool, d.accept_delta),
         image_key=sec.get("image_key", _str, None, what="a public key file (PEM)"),
+        broadcast=sec.get("broadcast", _bool, d.broadcast),
     )
     sec.done()
     if cfg.max_block_length < 3:

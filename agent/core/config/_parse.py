@@ -19,6 +19,7 @@ from agent.core.config.model import (
     SegmentConfig,
     TboxConfig,
     VehicleConfig,
+    VehicleSignalsConfig,
 )
 from agent.core.rxswin import REGULATION, value_problem
 from agent.errors import ConfigError
@@ -112,6 +113,8 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
     gw.done()
     approvals = _approvals(source, top.data.get("approvals"), ecus)
     top.used.add("approvals")
+    signals = _signals(top.section("vehicle_signals"), segments) if top.data.get("vehicle_signals") is not None else None
+    top.used.add("vehicle_signals")
     deploy = _deploy(source, top.section("deploy"), segments) if top.data.get("deploy") is not None else None
     top.used.add("deploy")
     tbox = _tbox(top.section("tbox")) if top.data.get("tbox") is not None else None
@@ -128,7 +131,19 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
         if safety and ecu is None:
             raise ConfigError(source, "tbox.preconditions.ecu", f"needed: {', '.join(safety)} is safety-relevant and is "
                                                                "installed only in the safe state, read from that ECU")
-    return VehicleConfig(source, segments, ecus, gateway, deploy, tbox, approvals)
+    return VehicleConfig(source, segments, ecus, gateway, deploy, tbox, approvals, signals)
+
+
+def _signals(sec: _Section, segments: Mapping[str, Any]) -> VehicleSignalsConfig:
+    """``vehicle_signals``: {dbc, segment, stale_ms}."""
+    segment = sec.get("segment", _str, what="the segment the frames are on")
+    if segment not in segments:
+        raise ConfigError(sec.source, sec.key("segment"), f"unknown segment {segment!r} (configured: "
+                                                          f"{', '.join(sorted(segments))})")
+    cfg = VehicleSignalsConfig(dbc=sec.get("dbc", _str, what="a DBC file"), segment=segment,
+                               stale_ms=sec.get("stale_ms", _nonneg, 0))
+    sec.done()
+    return cfg
 
 
 def _did(value: Any) -> int:

@@ -10,8 +10,20 @@ from agent.core.flash_profile import FlashProfile, MemoryBlock, default_profile
 from agent.errors import ConfigError
 from agent.protocol.compression import Params
 
-__all__ = ["Approval", "CloudConfig", "PreconditionsConfig", "SegmentConfig", "EcuSimConfig", "EcuConfig", "GatewayConfig",
-           "DeployConfig", "ContentConfig", "TboxConfig", "VehicleConfig"]
+__all__ = [
+    "Approval",
+    "VehicleSignalsConfig",
+    "CloudConfig",
+    "PreconditionsConfig",
+    "SegmentConfig",
+    "EcuSimConfig",
+    "EcuConfig",
+    "GatewayConfig",
+    "DeployConfig",
+    "ContentConfig",
+    "TboxConfig",
+    "VehicleConfig",
+]
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,9 @@ class EcuSimConfig:
     # the OEM's public key for this ECU model (Ed25519 or ECDSA P-256, PEM): the bootloader stages and
     # runs only images signed with it (agent/core/image_auth.py); None: it checks no signature
     image_key: str | None = None
+    # the simulated ECU sends the vehicle_signals DBC's messages at their cycle times, with the
+    # values of its signals.json (a message whose signals are not all there is not sent)
+    broadcast: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,16 @@ class GatewayConfig:
     vin: str | None = None
     # the DID the vehicle's RXSWIN set is served on to any tester (gateway/rxswin.py); read only
     rxswin_did: int = 0xF1EF
+
+
+@dataclass(frozen=True)
+class VehicleSignalsConfig:
+    """The vehicle's state as its broadcast CAN frames carry it, described by a DBC file
+    (agent/adapters/bus_signals.py): read there instead of polling the preconditions ECU's DIDs."""
+
+    dbc: str
+    segment: str
+    stale_ms: int = 0  # a value older than this is stale (unmet); 0: three times its message's cycle time
 
 
 @dataclass(frozen=True)
@@ -311,6 +336,7 @@ class VehicleConfig:
     deploy: DeployConfig | None = None
     tbox: TboxConfig | None = None
     approvals: tuple[Approval, ...] = ()
+    signals: VehicleSignalsConfig | None = None
 
     def tbox_config(self) -> TboxConfig:
         if self.tbox is None:
