@@ -93,3 +93,27 @@ def test_vota_log_verify_says_intact_or_where_it_breaks(tmp_path: Path) -> None:
     assert run.returncode == 1 and "broken at line 4 (seq 5)" in run.stdout, run.stdout
     run = vota("log", "verify", str(tmp_path / "missing.jsonl"))
     assert run.returncode == 2 and "no such log" in run.stderr
+
+
+def test_a_full_disk_keeps_entries_in_memory_and_writes_them_when_there_is_room(small_disk) -> None:  # type: ignore[no-untyped-def]
+    """On a real full file system (a tmpfs filled up): nothing is lost, nothing is torn, the
+    chain verifies at every point, and a log opened again after a kill in the full state holds
+    exactly the whole entries that were written."""
+    disk = small_disk(1)
+    path = disk.path / "update-log.jsonl"
+    log = _log(path, n=3)
+    disk.fill()
+    big = "x" * 3000  # entries larger than what a full page of the file can still take
+    for i in range(3, 8):
+        log.append("events", f"c-1.state.{i}", {"event": "state", "campaign_id": "c-1", "state": f"s{i}", "pad": big})
+        found = verify_log(path, KEY.public_key())
+        assert found["ok"], found  # whole lines only, whatever the disk took
+    on_disk = verify_log(path, KEY.public_key())["entries"]
+    assert 3 <= on_disk < 8, on_disk  # the full disk took some at most
+    reopened = UpdateLog(path, KEY)  # a TBOX killed meanwhile: what reached the disk, whole
+    assert reopened.seq == on_disk
+    disk.free()
+    log.append("events", "c-1.state.8", {"event": "state", "campaign_id": "c-1", "state": "s8"})
+    found = verify_log(path, KEY.public_key())
+    assert found["ok"] and found["entries"] == 9 and found["last_seq"] == 9, found
+    assert [json.loads(line)["body"]["state"] for line in _lines(path)] == [f"s{i}" for i in range(9)]

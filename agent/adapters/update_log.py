@@ -105,14 +105,31 @@ class UpdateLog:
             self._flush()
 
     def _flush(self) -> None:
+        """The pending lines appended whole, or not at all: a full disk may take part of a write,
+        and what it took is cut off again (truncating needs no room) before the lines are kept
+        for the next append."""
+        data = b"".join(self._pending)
         try:
-            with open(self.path, "ab") as handle:
-                handle.write(b"".join(self._pending))
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as exc:  # a full disk: kept here, written with the next entry
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
             log.warning("%s: %d entries not written yet (%s)", self.path, len(self._pending), exc.strerror or exc)
             return
+        size = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+            os.fsync(fd)
+        except OSError as exc:  # a full disk: kept here, written with the next entry
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            except OSError:
+                pass  # a torn line left: dropped when the log is opened again
+            log.warning("%s: %d entries not written yet (%s)", self.path, len(self._pending), exc.strerror or exc)
+            return
+        finally:
+            os.close(fd)
         self.count += len(self._pending)
         self._pending.clear()
         if self.count > self.max_entries:
