@@ -134,3 +134,36 @@ def test_hostile_archives_and_bad_usage(state: Path, tmp_path: Path) -> None:
     run = vota("evidence", "--verify", str(tmp_path / "missing.tar.gz"))
     assert run.returncode == 2 and "no such evidence pack" in run.stderr
     assert vota("evidence").returncode == 2
+
+
+def test_a_pack_from_the_cloud_s_store_checks_each_report_against_the_vehicle_s_key(tmp_path: Path) -> None:
+    from agent.core.signed_report import sign_report
+    from cloud_sim.evidence import gather_store
+
+    vehicle, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    store = tmp_path / "store"
+    for n, (kind, body, key) in enumerate([
+            ("events", {"event": "state", "campaign_id": "c-1", "state": "received"}, vehicle),
+            ("inventory", {"campaign_id": "c-1", "ecus": [], "rxswin": {"R10": "A"}}, vehicle),
+            ("events", {"event": "state", "campaign_id": "c-2", "state": "received"}, vehicle),
+            ("events", {"event": "finished", "campaign_id": "c-1", "outcome": "success", "versions": {}}, vehicle)]):
+        doc = sign_report({"id": f"m{n}", "vin": "VIN1", "type": kind, "ts": 100.0 + n, "body": body}, key)
+        atomic_write_json(store / "VIN1" / "messages" / kind / f"{n:010d}-m{n}.json", doc)
+    (store / "VIN1" / "traces").mkdir()
+    (store / "VIN1" / "traces" / "c-1.flash.vcu.jsonl").write_text("{}\n")
+    files = gather_store(store, "VIN1", "c-1")
+    assert set(files) == {"reports.jsonl", "summary.json", "traces/c-1.flash.vcu.jsonl"}
+    assert files["reports.jsonl"].count(b"\n") == 3 and json.loads(files["summary.json"])["outcome"] == "success"
+    pack = tmp_path / "cloud.tar.gz"
+    write_pack(pack, "c-1", "VIN1", files, KEY)
+    assert verify_pack(pack, KEY.public_key(), vehicle.public_key())["ok"]
+    lines = files["reports.jsonl"].splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if b'"finished"' in line)
+    forged = json.loads(lines[at])
+    forged["body"]["outcome"] = "failed"  # the outcome changed, signed again by someone else
+    lines[at] = json.dumps(sign_report({k: v for k, v in forged.items() if k != "signatures"}, other)).encode() + b"\n"
+    write_pack(pack, "c-1", "VIN1", {**files, "reports.jsonl": b"".join(lines)}, KEY)
+    problems = verify_pack(pack, KEY.public_key(), vehicle.public_key())["problems"]
+    assert len(problems) == 1 and problems[0].startswith(f"reports.jsonl line {at + 1}: "), problems
+    with pytest.raises(Exception, match="no report of campaign 'c-9'"):
+        gather_store(store, "VIN1", "c-9")

@@ -20,7 +20,7 @@ from agent.adapters.storage import atomic_write_json
 from agent.core.hmi import STATES, HmiTracker, parse_information
 from tests.conftest import vota
 from tests.test_evidence import pack_files
-from tests.vehicle import Vehicle
+from tests.vehicle import VIN, Vehicle
 
 PARKED = {"soc": 80, "power_mode": "off", "gear": "P", "speed_kmh": 0, "battery_mv": 12600, "charging": "no"}
 INFORMATION = {"en": {"purpose": "Better range estimate", "changes": ["BMS state-of-charge model", "VCU torque map"],
@@ -165,3 +165,24 @@ def _evidence_of_a_failed_campaign(v: Vehicle, cid: str) -> None:
     assert summary["diagnosis"]["unit"] == "bcm", summary["diagnosis"]
     assert "campaign/flash/bcm.activate.trace.jsonl" in files and "campaign/campaign.signed.json" in files
     assert files["campaign-log.jsonl"] and b"c-hmi-fail" in files["campaign-log.jsonl"]
+
+    # the same campaign's pack from the cloud's store, signed by the OEM, each report by the vehicle
+    oem = v.tmp / "keys" / "oem.key"
+    oem.write_bytes(v.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+    oem_pub = v.tmp / "keys" / "oem.pub"
+    oem_pub.write_bytes(v.key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+    from_cloud = v.tmp / "evidence-cloud.tar.gz"
+    made = vota("evidence", cid, "--store", str(v.tmp / "cloud" / "store"), "--vin", VIN, "--key", str(oem),
+                "--out", str(from_cloud))
+    assert made.returncode == 0, made.stderr
+    checked = vota("evidence", "--verify", str(from_cloud), "--key", str(oem_pub), "--vehicle-key", str(pub), "--json")
+    assert checked.returncode == 0 and json.loads(checked.stdout)["ok"], checked.stdout + checked.stderr
+    cloud = pack_files(from_cloud)
+    seen = json.loads(cloud["summary.json"])
+    assert [s["state"] for s in seen["shown"]] == ["offered", "installing", "failed"]
+    assert seen["rxswin"] == summary["rxswin"] and seen["versions"] == summary["versions"]
+    assert seen["diagnosis"]["unit"] == "bcm" and any(n.startswith(f"traces/{cid}.") for n in cloud)
+    wrong = vota("evidence", "--verify", str(from_cloud), "--key", str(oem_pub), "--vehicle-key", str(oem_pub))
+    assert wrong.returncode == 1 and "not signed by this vehicle's report key" in wrong.stdout, wrong.stdout

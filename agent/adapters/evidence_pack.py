@@ -4,8 +4,10 @@
                                           "signer": <key id>, "files": {name: {"sha256", "size"}},
                                           "clauses": [[clause, asks, where], ...]}
     evidence-<campaign>/manifest.sig     base64 Ed25519 signature over manifest.json as stored
-    evidence-<campaign>/<name>           every file the manifest names: summary.json, update-log.jsonl,
-                                         campaign-log.jsonl, campaign/... (results, traces, the signed campaign)
+    evidence-<campaign>/<name>           every file the manifest names: summary.json, and from the vehicle
+                                         update-log.jsonl, campaign-log.jsonl, campaign/... (results, traces,
+                                         the signed campaign), or from the cloud's store reports.jsonl (each
+                                         report as the vehicle signed it) and traces/
 
 ``verify_pack`` checks the signature, every file against its digest (none missing, none added),
 the update log's chain and signatures, and that each of the campaign's entries is in that log
@@ -30,6 +32,7 @@ from agent.adapters.storage import atomic_write_bytes
 from agent.adapters.update_log import verify_log_data
 from agent.core.evidence import CLAUSES
 from agent.core.roles import key_id
+from agent.core.signed_report import check_report
 
 __all__ = ["write_pack", "verify_pack", "SCHEMA"]
 
@@ -85,8 +88,11 @@ def _read(path: Path) -> dict[str, bytes]:
     return out
 
 
-def verify_pack(path: Path, key: Ed25519PublicKey | None) -> dict[str, Any]:
-    """``{"ok", "campaign_id", "files", "problems"}``: every problem found, the first first."""
+def verify_pack(path: Path, key: Ed25519PublicKey | None,
+                vehicle_key: Ed25519PublicKey | None = None) -> dict[str, Any]:
+    """``{"ok", "campaign_id", "files", "problems"}``: every problem found, the first first. A pack
+    from the cloud's store carries the vehicle's reports instead of its log: each is checked
+    against ``vehicle_key`` when given."""
     problems: list[str] = []
     try:
         members = _read(path)
@@ -116,9 +122,34 @@ def verify_pack(path: Path, key: Ed25519PublicKey | None) -> dict[str, Any]:
             problems.append(f"{name}: in the archive, not in the manifest")
         elif hashlib.sha256(data).hexdigest() != entry.get("sha256"):
             problems.append(f"{name}: its SHA-256 is not the manifest's: changed")
-    problems += _log_problems(members, key)
+    if "reports.jsonl" in members:
+        problems += _report_problems(members["reports.jsonl"], manifest, vehicle_key)
+    else:
+        problems += _log_problems(members, key)
     return {"ok": not problems, "campaign_id": manifest.get("campaign_id"), "vin": manifest.get("vin"),
             "files": len(listed), "problems": problems}
+
+
+def _report_problems(reports: bytes, manifest: Mapping[str, Any], vehicle_key: Ed25519PublicKey | None) -> list[str]:
+    """The vehicle's reports as the cloud stored them: each of the pack's vehicle and campaign,
+    and (with its key) signed by the vehicle."""
+    problems = []
+    keys = {key_id(vehicle_key): vehicle_key} if vehicle_key is not None else None
+    for number, line in enumerate(reports.splitlines(), 1):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("body"), dict):
+            problems.append(f"reports.jsonl line {number}: not a report")
+            continue
+        if doc.get("vin") != manifest.get("vin") or doc["body"].get("campaign_id") != manifest.get("campaign_id"):
+            problems.append(f"reports.jsonl line {number}: another vehicle's or campaign's report")
+        elif keys is not None:
+            why = check_report(doc, str(doc.get("vin")), str(doc.get("type")), keys)
+            if why is not None:
+                problems.append(f"reports.jsonl line {number}: {why}")
+    return problems
 
 
 def _log_problems(members: Mapping[str, bytes], key: Ed25519PublicKey | None) -> list[str]:

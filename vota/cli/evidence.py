@@ -18,10 +18,12 @@ def cmd_evidence(args: argparse.Namespace) -> int:
         from agent.adapters.evidence_pack import verify_pack
 
         key = load_public_key(read_input(args.key, "public key"), args.key) if args.key else None
+        vehicle = (load_public_key(read_input(args.vehicle_key, "vehicle key"), args.vehicle_key) if args.vehicle_key
+                   else None)
         path = Path(args.verify)
         if not path.is_file():
             raise UsageError(f"{path}: no such evidence pack")
-        found = verify_pack(path, key)
+        found = verify_pack(path, key, vehicle)
         if args.json:
             print(json.dumps(found, indent=2))
         elif found["ok"]:
@@ -36,6 +38,8 @@ def cmd_evidence(args: argparse.Namespace) -> int:
 
 
 def _make(args: argparse.Namespace) -> int:
+    if args.store is not None:
+        return _from_store(args)
     from agent.adapters.config_files import load_vehicle_config
     from agent.adapters.evidence_pack import write_pack
     from agent.adapters.examples import resolve_config
@@ -53,4 +57,22 @@ def _make(args: argparse.Namespace) -> int:
     out = Path(args.out or f"evidence-{args.campaign}.tar.gz")
     manifest = write_pack(out, args.campaign, tbox.vin, files, key)
     print(f"{out}: evidence of campaign {args.campaign}: {len(manifest['files'])} files, signed by {manifest['signer']}")
+    return 0
+
+
+def _from_store(args: argparse.Namespace) -> int:
+    """The pack from the cloud's store, signed with the key given (the OEM's)."""
+    from agent.adapters.evidence_pack import write_pack
+    from agent.core.campaign import load_private_key
+    from cloud_sim.evidence import gather_store
+    from vota.cli.inputs import read_input
+
+    if not args.vin or not args.key:
+        raise UsageError("--store needs --vin (the vehicle) and --key (the signing key)")
+    key = load_private_key(read_input(args.key, "signing key"), args.key)
+    files = gather_store(Path(args.store), args.vin, args.campaign)
+    out = Path(args.out or f"evidence-{args.campaign}.tar.gz")
+    manifest = write_pack(out, args.campaign, args.vin, files, key)
+    print(f"{out}: evidence of campaign {args.campaign} from the cloud's store: {len(manifest['files'])} files, "
+          f"signed by {manifest['signer']}")
     return 0

@@ -72,8 +72,12 @@ def _evidence(sub: Any) -> None:
     p.add_argument("-c", "--config", dest="vehicle_config", metavar="YAML",
                    help="vehicle configuration (its tbox section; default: configs/bench.yaml, else the installed example)")
     p.add_argument("--state-dir", metavar="DIR", help="the TBOX's state directory (default: tbox.state_dir)")
+    p.add_argument("--store", metavar="DIR", help="gather from the cloud's store instead (with --vin and --key)")
+    p.add_argument("--vin", help="--store: the vehicle")
     p.add_argument("--key", metavar="PEM", help="making: the signing key (default: tbox.cloud.report_key); "
-                   "--verify: the vehicle's report public key")
+                   "--verify: the signer's public key")
+    p.add_argument("--vehicle-key", metavar="PUB", help="--verify a pack from the cloud's store: the vehicle's report "
+                   "public key, every report's signature checked")
     p.add_argument("--out", metavar="FILE", help="the pack (default: evidence-CAMPAIGN.tar.gz)")
     p.add_argument("--json", action="store_true", help="--verify: print the result as JSON")
     p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
