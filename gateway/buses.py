@@ -39,6 +39,7 @@ class Buses:
         self._lock = threading.Lock()
         self._ecu_locks = {name: threading.Lock() for name in config.ecus}
         self._holders: dict[str, str] = {}
+        self._waiting: dict[str, int] = {}  # work waiting for each ECU (a tester gives way to it: gateway/doip_routing.py)
         self._pinned: set[str] = set()  # segments whose bus must stay open (the deploy server listens on it)
 
     def pin(self, name: str) -> None:
@@ -56,10 +57,19 @@ class Buses:
     @contextlib.contextmanager
     def ecu(self, name: str, what: str, wait: float | None = None) -> Iterator[Segment]:
         """Hold ``name`` for ``what``; yields its segment. ``wait``: seconds to wait for the ECU
-        (None: as long as it takes), then EcuBusy."""
+        (None: as long as it takes), then EcuBusy; 0: at once, and never ahead of work waiting for it."""
         lock = self._ecu_locks[name]
-        if not lock.acquire(timeout=-1 if wait is None else wait):
-            raise EcuBusy(name, self._holders.get(name, "other work"))
+        if wait == 0 and self.wanted(name):  # who does not wait does not jump the queue of those who do
+            raise EcuBusy(name, self._holders.get(name, "other work waiting"))
+        if not lock.acquire(blocking=False):
+            with self._lock:
+                self._waiting[name] = self._waiting.get(name, 0) + 1
+            try:
+                if wait == 0 or not lock.acquire(timeout=-1 if wait is None else wait):
+                    raise EcuBusy(name, self._holders.get(name, "other work"))
+            finally:
+                with self._lock:
+                    self._waiting[name] -= 1
         self._holders[name] = what
         try:
             yield self.segment(self.config.ecus[name].segment)
@@ -83,6 +93,10 @@ class Buses:
             if open_segment is not None:
                 open_segment.shutdown()
             yield
+
+    def wanted(self, name: str) -> bool:
+        """Other work waits for the ECU now."""
+        return self._waiting.get(name, 0) > 0
 
     def busy(self, name: str) -> str | None:
         """What holds the ECU now, if anything."""

@@ -18,6 +18,7 @@ from agent.core.faults import FaultSpec
 from gateway.buses import Buses
 from gateway.content_relay import ContentRelay
 from gateway.deploy_server import DEPLOY_SERVICES, DeployState
+from gateway.doip_entity import DoipEntity
 from gateway.installer import GatewayInstaller
 
 __all__ = ["GatewayDaemon"]
@@ -36,6 +37,7 @@ class GatewayDaemon:
         self.buses = Buses(config)  # every segment opened once; one conversation per ECU at a time
         self.buses.pin(self.link.segment)  # the deploy server listens there, also while an ECU on it is flashed
         self.server: UdsServer[DeployState] | None = None
+        self.doip: DoipEntity | None = None  # the gateway on the vehicle's Ethernet (doip section)
         self._stopped = threading.Event()
         self._owed = threading.Thread(target=self._settle_owed, name="owed-discards", daemon=True)
         self.installer = GatewayInstaller(config, Path(self.link.package_dir), Path(config.gateway.results_dir), self._stopped,
@@ -64,6 +66,9 @@ class GatewayDaemon:
                 fault_scope=lambda state: state.transfer.name if state.transfer is not None else None,
             )
             self.server.start()
+            if self.config.doip is not None:
+                self.doip = DoipEntity(self.config, self.buses, local=self.server)
+                self.doip.start()
             self._owed.start()
         except BaseException:
             self.stop()
@@ -76,6 +81,8 @@ class GatewayDaemon:
             return
         self._stopped.set()  # an install in progress is cancelled at its next request
         self.installer.join()
+        if self.doip is not None:
+            self.doip.stop()
         if self.server is not None:
             self.server.stop()
             self.server.state.abort()

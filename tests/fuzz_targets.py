@@ -1010,7 +1010,89 @@ class EvidencePacks(Target):
             assert _read(path) == _read(original), "a changed pack passed"
 
 
+class DoipStream(Target):
+    """Anything a tester sends on a TCP connection to the gateway's DoIP entity (gateway/doip_entity.py):
+    well-formed messages of every payload type to every address, headers with a wrong pattern, an
+    unknown type, a length above the data or the limit, routing activation storms, cut at any byte.
+    The entity answers or closes, logs no internal error, lets go of every ECU the connection took
+    once it is closed, and serves the next tester."""
+
+    name = "doip-stream"
+
+    def open(self, tmp: Path) -> None:
+        import random as _random
+        import struct
+
+        from agent.core.config import parse_vehicle_config
+        from agent.protocol import doip
+        from gateway.buses import Buses
+        from gateway.doip_entity import DoipEntity
+        from tests.conftest import virtual_bus
+
+        super().open(tmp)
+        ip = f"127.{_random.randint(1, 254)}.{_random.randint(0, 255)}.{_random.randint(1, 254)}"
+        self.config = parse_vehicle_config({
+            "segments": {"pt": {"bus": virtual_bus()}, "body": {"bus": virtual_bus()}},
+            "gateway": {"results_dir": str(tmp / "gw"), "vin": VIN},
+            "ecus": {"vcu": {"segment": "pt", "request_id": 0x7E0, "response_id": 0x7E8},
+                     "bcm": {"segment": "body", "request_id": 0x740, "response_id": 0x748}},
+            "doip": {"address": ip, "announce_to": False, "max_testers": 2, "hold_s": 0.2, "max_request": 4096},
+        }, "fuzz.yaml")
+        self.buses = Buses(self.config)
+        self.entity = DoipEntity(self.config, self.buses)
+        self.entity.start()
+        self.doip, self.struct, self.ip = doip, struct, ip
+        T = doip.PayloadType
+        address = st.sampled_from([0x0E00, 0x0E01, 0x07E0, 0x0740, 0x1010, 0xE400, 0x0000, 0xFFFF])
+        message = st.one_of(
+            st.builds(lambda sa, kind, oem: doip.encode(T.ROUTING_ACTIVATION_REQUEST, struct.pack("!HB", sa, kind) + bytes(4)
+                                                        + oem), address, st.sampled_from([0, 1, 0xE0, 0x42]),
+                      st.sampled_from([b"", b"abcd", b"ab"])),
+            st.builds(lambda sa, ta, data: doip.encode(T.DIAGNOSTIC_MESSAGE, struct.pack("!HH", sa, ta) + data),
+                      address, address, st.binary(max_size=40)),
+            st.builds(lambda kind, payload: doip.encode(kind, payload), st.sampled_from(list(T)), st.binary(max_size=20)),
+            st.builds(lambda v, i, kind, length, data: struct.pack("!BBHL", v, i, kind, length) + data,
+                      st.sampled_from([2, 3, 0xFF, 0x42]), st.sampled_from([0xFD, 0xFC, 0x00, 0xBD]),
+                      st.integers(0, 0xFFFF), st.sampled_from([0, 1, 7, 11, 4096, 5000, 0xFFFFFFFF]), st.binary(max_size=12)),
+            st.binary(max_size=30),
+        )
+        storm = st.integers(1, 30).map(lambda n: doip.encode(T.ROUTING_ACTIVATION_REQUEST,
+                                                             struct.pack("!HB", 0x0E00, 0) + bytes(4)) * n)
+        self.strategy = st.lists(st.one_of(message, storm), min_size=1, max_size=8)
+
+    def feed(self, example: list[bytes]) -> None:
+        import socket
+
+        doip = self.doip
+        with internal_errors() as errors:
+            with socket.create_connection((self.ip, doip.TCP_PORT), timeout=2) as sock:
+                for chunk in example:
+                    try:
+                        sock.sendall(chunk)
+                    except OSError:
+                        break  # the entity closed the connection: its right
+            deadline = time.monotonic() + 10
+            while (self.entity.testers() or any(self.buses.busy(n) for n in self.config.ecus)) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+        _no_internal_error(errors, example)
+        assert not self.entity.testers(), "a closed connection still has routing"
+        assert not any(self.buses.busy(n) for n in self.config.ecus), "an ECU is still held after its tester left"
+        with socket.create_connection((self.ip, doip.TCP_PORT), timeout=2) as sock:  # the next tester is served
+            sock.sendall(doip.encode(doip.PayloadType.ROUTING_ACTIVATION_REQUEST, self.struct.pack("!HB", 0x0E05, 0) + bytes(4)))
+            answer: list[Any] = []
+            framer = doip.Framer(64)
+            while not answer:
+                answer = framer.feed(sock.recv(100))
+            assert answer[0].payload[4] == doip.RoutingCode.SUCCESS, answer
+
+    def close(self) -> None:
+        self.entity.stop()
+        self.buses.shutdown()
+        super().close()
+
+
 TARGETS: dict[str, Callable[[], Target]] = {t.name: t for t in (
     EcuServer, DeployServer, SecuredDeployServer, CanFrames, TboxInbound, Collector, CampaignEnvelopes, ContentBundles,
     Traces, KeyLists, SignedReports, DeltaPatches, InstallManifests, ImageFiles, FlashProfiles, CloudAcks, HmiLines,
-    EvidencePacks)}
+    EvidencePacks, DoipStream)}

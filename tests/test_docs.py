@@ -105,6 +105,7 @@ def _keys_read() -> list[str]:
     tbox["cloud"]["tls"] = {"ca": "ca.pem"}
     data["deploy"]["timing"] = {}
     data["vehicle_signals"] = {"dbc": "vehicle-signals.dbc", "segment": "body", "stale_ms": 0}
+    data["doip"] = {}
     for ecu in data["ecus"].values():
         ecu.update(routines={}, timing={})
     data["flash_profiles"] = {"example": EVERY_PROFILE_KEY}

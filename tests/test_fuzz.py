@@ -21,7 +21,7 @@ EXAMPLES = {"ecu-uds": 300, "deploy-uds": 300, "can-frames": 25, "tbox-inbound":
             "campaign-verify": 400, "bundle-verify": 200, "diagnosis": 400, "key-lists": 200,
             "signed-reports": 300, "delta-patches": 300, "install-manifests": 400, "image-files": 400,
             "flash-profiles": 300, "cloud-acks": 300, "deploy-secoc": 200,
-            "hmi-socket": 200, "evidence-packs": 300}
+            "hmi-socket": 200, "evidence-packs": 300, "doip-stream": 200}
 
 
 def run(name: str, tmp: Path, examples: int) -> None:

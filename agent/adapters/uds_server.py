@@ -65,6 +65,16 @@ class ServerState(Protocol):
 S = TypeVar("S", bound=ServerState)
 
 
+class _Reply:
+    """An answer path that is not an ISO-TP stack: what ``_handle`` sends goes to a callable."""
+
+    def __init__(self, reply: Callable[[bytes], None]) -> None:
+        self.reply = reply
+
+    def send(self, payload: bytes, send_timeout: float | None = None) -> None:
+        self.reply(bytes(payload))
+
+
 @dataclass(frozen=True)
 class Service(Generic[S]):
     handler: Callable[[S, Request], "bytes | Outcome | None"]
@@ -141,6 +151,11 @@ class UdsServer(Generic[S]):
             self._silent_until = max(self._silent_until, self.clock() + seconds)
 
     # ---- serving ----------------------------------------------------------------------
+    def serve(self, data: bytes, reply: Callable[[bytes], None]) -> None:
+        """A request that came by another transport (the gateway's DoIP entity), handled as one on
+        the physical address; every answer, response-pending too, goes to ``reply``."""
+        self._handle(_Reply(reply), data, False)
+
     def _serve(self, stack, functional: bool) -> None:  # type: ignore[no-untyped-def]
         while not self._stop.is_set():
             self._beats.beat(threading.current_thread().name)

@@ -120,6 +120,7 @@ def parse_ecu(source: str, name: str, sec: _Section, segments: Mapping[str, Segm
         banks=sec.get("banks", _int, d.banks),
         safety_relevant=sec.get("safety_relevant", _bool, d.safety_relevant),
         fingerprint_did=sec.get("fingerprint_did", _int, d.fingerprint_did),
+        logical_address=sec.get("logical_address", _ecu_address, None, what="a DoIP logical address (0x0001..0x0DFF, 0x1000..0x7FFF)"),
         p2_ms=timing.get("p2_ms", _positive, d.p2_ms),
         p2_star_ms=timing.get("p2_star_ms", _positive, d.p2_star_ms),
         compression=compression_nibbles(sec),
@@ -147,6 +148,13 @@ def parse_ecu(source: str, name: str, sec: _Section, segments: Mapping[str, Segm
     if cfg.banks not in (1, 2):
         raise ConfigError(source, sec.key("banks"), "expected 2 (A/B flash banks) or 1 (a single bank, flashed in place)")
     return cfg
+
+
+def _ecu_address(value: Any) -> int:
+    number = _int(value)
+    if not (0x0001 <= number <= 0x0DFF or 0x1000 <= number <= 0x7FFF):  # ISO 13400-2: the ECUs' ranges
+        raise ValueError("outside 0x0001..0x0DFF and 0x1000..0x7FFF")
+    return number
 
 
 def _ecu_profile(sec: _Section, profiles: Mapping[str, FlashProfile]) -> FlashProfile | None:

@@ -6,6 +6,7 @@ import os
 import re
 from typing import Any, Mapping
 
+from agent.core.config._doip import parse_doip
 from agent.core.config._ecu import check_unique_ids, compression_nibbles, parse_ecu
 from agent.core.config._profile import parse_profiles
 from agent.core.config._values import _bitrate, _bool, _can_id, _choice, _int, _nonneg, _positive, _Section, _str
@@ -119,19 +120,27 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
     top.used.add("deploy")
     tbox = _tbox(top.section("tbox")) if top.data.get("tbox") is not None else None
     top.used.add("tbox")
+    doip = parse_doip(top.section("doip"), ecus, gateway.vin or (tbox.vin if tbox else None)) \
+        if top.data.get("doip") is not None else None
+    top.used.add("doip")
     top.done()
     if tbox is not None:
-        for key, ecu in [("light_sensor.ecu", tbox.content.light_ecu)] + [(f"targets.{t}", e) for t, e in tbox.content.targets]:
-            if ecu is not None and ecu not in ecus:
-                raise ConfigError(source, f"tbox.content.{key}", f"unknown ECU {ecu!r} (configured: {', '.join(sorted(ecus))})")
-        ecu = tbox.preconditions.ecu
+        _check_tbox_ecus(source, tbox, ecus)
+    return VehicleConfig(source, segments, ecus, gateway, deploy, tbox, approvals, signals, doip)
+
+
+def _check_tbox_ecus(source: str, tbox: TboxConfig, ecus: Mapping[str, Any]) -> None:
+    """The ECUs the tbox section names exist; a safety-relevant ECU needs the preconditions ECU."""
+    for key, ecu in [("light_sensor.ecu", tbox.content.light_ecu)] + [(f"targets.{t}", e) for t, e in tbox.content.targets]:
         if ecu is not None and ecu not in ecus:
-            raise ConfigError(source, "tbox.preconditions.ecu", f"unknown ECU {ecu!r} (configured: {', '.join(sorted(ecus))})")
-        safety = sorted(n for n, e in ecus.items() if e.safety_relevant)
-        if safety and ecu is None:
-            raise ConfigError(source, "tbox.preconditions.ecu", f"needed: {', '.join(safety)} is safety-relevant and is "
-                                                               "installed only in the safe state, read from that ECU")
-    return VehicleConfig(source, segments, ecus, gateway, deploy, tbox, approvals, signals)
+            raise ConfigError(source, f"tbox.content.{key}", f"unknown ECU {ecu!r} (configured: {', '.join(sorted(ecus))})")
+    ecu = tbox.preconditions.ecu
+    if ecu is not None and ecu not in ecus:
+        raise ConfigError(source, "tbox.preconditions.ecu", f"unknown ECU {ecu!r} (configured: {', '.join(sorted(ecus))})")
+    safety = sorted(n for n, e in ecus.items() if e.safety_relevant)
+    if safety and ecu is None:
+        raise ConfigError(source, "tbox.preconditions.ecu", f"needed: {', '.join(safety)} is safety-relevant and is "
+                                                           "installed only in the safe state, read from that ECU")
 
 
 def _signals(sec: _Section, segments: Mapping[str, Any]) -> VehicleSignalsConfig:

@@ -13,6 +13,7 @@ from agent.protocol.compression import Params
 __all__ = [
     "Approval",
     "VehicleSignalsConfig",
+    "DoipConfig",
     "CloudConfig",
     "PreconditionsConfig",
     "SegmentConfig",
@@ -145,6 +146,8 @@ class EcuConfig:
     safety_relevant: bool = False
     check_memory: str = "crc32"
     fingerprint_did: int = 0xF15A
+    # its DoIP logical address behind the gateway (gateway/doip_entity.py); None: request_id & 0x0FFF
+    logical_address: int | None = None
     p2_ms: int = 1000
     p2_star_ms: int = 6000
     # compressed transfer (agent/protocol/compression.py): (method, dataFormatIdentifier nibble)
@@ -200,6 +203,32 @@ class GatewayConfig:
     vin: str | None = None
     # the DID the vehicle's RXSWIN set is served on to any tester (gateway/rxswin.py); read only
     rxswin_did: int = 0xF1EF
+
+
+@dataclass(frozen=True)
+class DoipConfig:
+    """The gateway as a DoIP entity on the vehicle's Ethernet (ISO 13400-2; gateway/doip_entity.py)."""
+
+    address: str = "0.0.0.0"  # where it listens: TCP (diagnostic messages) and UDP (identification)
+    port: int = 13400
+    logical_address: int = 0x1010  # the gateway's own services (deploy server, install routine)
+    announce_to: str | None = "255.255.255.255"  # the vehicle announcement at start; None: not announced
+    announce_port: int = 13400
+    eid: bytes = b""  # the entity id (6 bytes, the MAC on a real one); empty: derived from the VIN
+    gid: bytes = b""  # the group id; empty: the EID
+    max_testers: int = 4  # routing activated on this many sockets at once, at most
+    testers: tuple[int, int] = (0x0E00, 0x0FFF)  # the source addresses a tester may activate routing with
+    functional_address: int = 0xE400  # a diagnostic message to it goes to every ECU of functional_group
+    functional_group: tuple[str, ...] = ()  # empty: every ECU
+    hold_s: float = 5.0  # a tester keeps an ECU while it talks to it, and this long after its last request
+    initial_inactivity_s: float = 2.0  # a connection without routing activation this long is closed
+    idle_s: float = 300.0  # ... and one without any message this long
+    activation_secret: str | None = None  # activation type 0xE0 (central security) needs its authentication
+    max_request: int = 0x10000  # the largest UDS request taken (bytes)
+    vin: str = ""  # filled from gateway.vin or tbox.vin
+
+    def ecu_address(self, ecu: "EcuConfig") -> int:
+        return ecu.logical_address if ecu.logical_address is not None else ecu.request_id & 0x0FFF
 
 
 @dataclass(frozen=True)
@@ -337,6 +366,7 @@ class VehicleConfig:
     tbox: TboxConfig | None = None
     approvals: tuple[Approval, ...] = ()
     signals: VehicleSignalsConfig | None = None
+    doip: DoipConfig | None = None
 
     def tbox_config(self) -> TboxConfig:
         if self.tbox is None:
@@ -347,6 +377,11 @@ class VehicleConfig:
         if self.deploy is None:
             raise ConfigError(self.source, "deploy", "missing; the TBOX-gateway link needs a deploy section")
         return self.deploy
+
+    def doip_entity(self) -> DoipConfig:
+        if self.doip is None:
+            raise ConfigError(self.source, "doip", "missing; the gateway's DoIP entity needs a doip section")
+        return self.doip
 
     def ecu(self, name: str) -> EcuConfig:
         try:

@@ -1,0 +1,111 @@
+"""The ``doip`` section: the gateway as a DoIP entity (ISO 13400-2), its addresses and limits."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from typing import Any, Mapping
+
+from agent.core.config._values import _int, _positive, _Section, _str
+from agent.core.config.model import DoipConfig, EcuConfig
+from agent.errors import ConfigError
+
+
+def _ip(value: Any) -> str:
+    return str(ipaddress.ip_address(_str(value)))
+
+
+def _announce(value: Any) -> str:
+    return "" if value is False else _ip(value)
+
+
+def _port(value: Any) -> int:
+    number = _int(value)
+    if not 1 <= number <= 65535:
+        raise ValueError("outside 1..65535")
+    return number
+
+
+def _entity(value: Any) -> int:
+    """A logical address a DoIP entity or an ECU may have (ISO 13400-2: 0x0001..0x0DFF, 0x1000..0x7FFF)."""
+    number = _int(value)
+    if not (0x0001 <= number <= 0x0DFF or 0x1000 <= number <= 0x7FFF):
+        raise ValueError("outside 0x0001..0x0DFF and 0x1000..0x7FFF")
+    return number
+
+
+def _address(low: int, high: int) -> Any:
+    def conv(value: Any) -> int:
+        number = _int(value)
+        if not low <= number <= high:
+            raise ValueError(f"outside 0x{low:04X}..0x{high:04X}")
+        return number
+    return conv
+
+
+def _id6(value: Any) -> bytes:
+    text = _str(value).replace(":", "").replace("-", "")
+    raw = bytes.fromhex(text)
+    if len(raw) != 6:
+        raise ValueError("expected 6 bytes, e.g. 02:00:00:00:00:01")
+    return raw
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError("not above 0")
+    return float(value)
+
+
+def parse_doip(sec: _Section, ecus: Mapping[str, EcuConfig], vin: str | None) -> DoipConfig:
+    d = DoipConfig()
+    testers = sec.get("testers", list, [d.testers[0], d.testers[1]], what="[first, last] tester source address")
+    if len(testers) != 2:
+        raise ConfigError(sec.source, sec.key("testers"), "expected [first, last], e.g. [0x0E00, 0x0FFF]")
+    low, high = (_address(0x0E00, 0x0FFF)(t) for t in testers)
+    group = tuple(_str(n) for n in sec.get("functional_group", list, [], what="a list of ECU names"))
+    for name in group:
+        if name not in ecus:
+            raise ConfigError(sec.source, sec.key("functional_group"),
+                              f"unknown ECU {name!r} (configured: {', '.join(sorted(ecus))})")
+    announce = sec.get("announce_to", _announce, d.announce_to, what="an IP address, or false: not announced")
+    cfg = DoipConfig(
+        address=sec.get("address", _ip, d.address, what="an IP address"),
+        port=sec.get("port", _port, d.port, what="a port"),
+        logical_address=sec.get("logical_address", _entity, d.logical_address,
+                                what="the gateway's logical address (0x0001..0x0DFF, 0x1000..0x7FFF)"),
+        announce_to=announce or None,
+        announce_port=sec.get("announce_port", _port, d.announce_port, what="a port"),
+        eid=sec.get("eid", _id6, b"", what="6 bytes, e.g. 02:00:00:00:00:01"),
+        gid=sec.get("gid", _id6, b"", what="6 bytes"),
+        max_testers=sec.get("max_testers", _positive, d.max_testers, what="a number of testers > 0"),
+        testers=(low, high),
+        functional_address=sec.get("functional_address", _address(0xE400, 0xEFFF), d.functional_address,
+                                   what="a functional address, 0xE400..0xEFFF"),
+        functional_group=group,
+        hold_s=sec.get("hold_s", _seconds, d.hold_s, what="seconds > 0"),
+        initial_inactivity_s=sec.get("initial_inactivity_s", _seconds, d.initial_inactivity_s, what="seconds > 0"),
+        idle_s=sec.get("idle_s", _seconds, d.idle_s, what="seconds > 0"),
+        activation_secret=sec.get("activation_secret", _str, None),
+        max_request=sec.get("max_request", _positive, d.max_request, what="bytes > 0"),
+        vin=vin or "",
+    )
+    sec.done()
+    if low > high:
+        raise ConfigError(sec.source, sec.key("testers"), "the first address is above the last")
+    if not cfg.eid:
+        cfg = DoipConfig(**{**cfg.__dict__, "eid": bytes([0x02]) + hashlib.sha256(cfg.vin.encode()).digest()[:5]})
+    if not cfg.gid:
+        cfg = DoipConfig(**{**cfg.__dict__, "gid": cfg.eid})
+    seen = {cfg.logical_address: "the gateway (doip.logical_address)"}
+    for ecu in ecus.values():
+        address = cfg.ecu_address(ecu)
+        if not (0x0001 <= address <= 0x0DFF or 0x1000 <= address <= 0x7FFF):
+            raise ConfigError(sec.source, f"ecus.{ecu.name}.logical_address",
+                              f"missing; its request id gives 0x{address:04X}, not an ECU's logical address")
+        if address in seen:
+            raise ConfigError(sec.source, f"ecus.{ecu.name}.logical_address",
+                              f"0x{address:04X} is already {seen[address]}'s")
+        seen[address] = ecu.name
+    return cfg
+

@@ -1,0 +1,416 @@
+"""The gateway as a DoIP entity (ISO 13400-2), checked with python-doipclient, a DoIP client we
+did not write, and with raw sockets for what a client library never sends: vehicle discovery,
+routing activation and its refusals, alive checks, diagnostic messages routed by logical address
+onto the CAN segments (a flash included), the one-owner-per-ECU rule between testers, and the
+generic header's negative acknowledgements."""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import time
+import zlib
+from typing import Any, Iterator
+
+import pytest
+import udsoncan
+from doipclient import DoIPClient
+from doipclient.connectors import DoIPClientUDSConnector
+from udsoncan.client import Client
+
+from agent.core.config import parse_vehicle_config
+from agent.protocol import doip
+from agent.protocol.ecu import security_key
+from gateway.buses import Buses
+from gateway.doip_entity import DoipEntity, activation_key
+from tests.conftest import Proc, ecu_entry, multicast_bus, virtual_bus
+
+VIN = "VOTADOIP000000001"
+GATEWAY = 0x1010
+
+
+def loopback() -> str:
+    """A loopback address of this test's own: every test's entity listens on port 13400."""
+    return f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def doip_config(tmp_path: Any, ip: str, buses: dict[str, dict[str, Any]], **doip_extra: Any) -> dict[str, Any]:
+    return {
+        "segments": {name: {"bus": bus} for name, bus in buses.items()},
+        "deploy": {"segment": "bb", "package_dir": str(tmp_path / "gw" / "packages")},
+        "gateway": {"results_dir": str(tmp_path / "gw" / "results"), "vin": VIN},
+        "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bms": ecu_entry("bms", 0x7E1, 0x7E9, "pt"),
+                 "bcm": ecu_entry("bcm", 0x740, 0x748, "body")},
+        "doip": {"address": ip, "logical_address": GATEWAY, "announce_to": "127.0.0.1", **doip_extra},
+    }
+
+
+@pytest.fixture
+def gateway(tmp_path, write_config, procs) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """An ECU simulator on two segments and a gateway process with its DoIP entity; the
+    announcement is caught on a socket opened before the gateway starts."""
+    ip, port = loopback(), free_udp_port()
+    config = write_config(doip_config(tmp_path, ip, {"bb": multicast_bus(), "pt": multicast_bus(), "body": multicast_bus()},
+                                      announce_port=port, hold_s=1.0))
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", port))
+    try:
+        procs.append(Proc("ecu-sim", "-c", str(config), "--state-dir", str(tmp_path / "ecu"), log=tmp_path / "ecu.log"))
+        procs.append(Proc("gateway", "-c", str(config), log=tmp_path / "gw.log"))
+        procs[-1].wait_ready("gateway ready")
+        procs[-2].wait_ready("ecu-sim ready")
+        yield {"ip": ip, "listener": listener, "gw": procs[-1], "config": config}
+    finally:
+        listener.close()
+
+
+class Bytes(udsoncan.DidCodec):
+    def encode(self, *values: Any) -> bytes:
+        return bytes(values[0])
+
+    def decode(self, payload: bytes) -> Any:
+        return payload
+
+    def __len__(self) -> int:
+        raise udsoncan.DidCodec.ReadAllRemainingData
+
+
+def uds(client: DoIPClient) -> Client:
+    config = dict(udsoncan.configs.default_client_config)
+    config.update(p2_timeout=2.0, p2_star_timeout=6.0, request_timeout=None, use_server_timing=False,
+                  data_identifiers={0xF15A: Bytes()})
+    uds_client = Client(DoIPClientUDSConnector(client), config=config)  # type: ignore[arg-type]
+    uds_client.open()
+    return uds_client
+
+
+def raw(client: DoIPClient, address: int, request: bytes, timeout: float = 3.0) -> bytes:
+    """One request to ``address`` and its final answer (response pending skipped)."""
+    client.send_diagnostic_to_address(address, request)
+    deadline = time.monotonic() + timeout
+    while True:
+        message = client.read_doip(timeout=max(0.1, deadline - time.monotonic()))
+        if getattr(message, "source_address", None) != address or not hasattr(message, "user_data"):
+            continue
+        answer = bytes(message.user_data)
+        if answer[:1] == b"\x7f" and answer[2:3] == b"\x78":
+            continue
+        return answer
+
+
+@pytest.mark.slow  # separate processes
+def test_a_doip_client_finds_the_vehicle_reads_every_segment_and_flashes_an_ecu(gateway: dict[str, Any]) -> None:
+    ip = gateway["ip"]
+    addr, announcement = DoIPClient.await_vehicle_announcement(timeout=10, sock=gateway["listener"])
+    assert addr[0] == ip and announcement.vin == VIN and announcement.logical_address == GATEWAY
+    assert DoIPClient.get_entity(ecu_ip_address=ip)[1].vin == VIN  # (address, identification)
+    assert DoIPClient.get_entity(ecu_ip_address=ip, vin=VIN)[1].logical_address == GATEWAY
+    assert DoIPClient.get_entity(ecu_ip_address=ip, eid=announcement.eid)[1].vin == VIN
+    with pytest.raises(TimeoutError):  # another vehicle's VIN: this one keeps quiet
+        DoIPClient.get_entity(ecu_ip_address=ip, vin="WRONGVIN000000000")
+
+    with DoIPClient(ip, 0x07E0, client_logical_address=0x0E00) as tester:
+        status = tester.request_entity_status()
+        assert status.node_type == 0 and status.max_concurrent_sockets == 4 and status.currently_open_sockets == 1
+        assert tester.request_diagnostic_power_mode().diagnostic_power_mode == 1
+        assert tester.request_alive_check().source_address == GATEWAY
+        # an ECU on each segment, and the gateway itself (the deploy server's boot id)
+        assert raw(tester, 0x07E0, bytes.fromhex("22f189")) == bytes.fromhex("62f189") + b"1.0.0"
+        assert raw(tester, 0x0740, bytes.fromhex("22f187")) == bytes.fromhex("62f187") + b"BCM-1"
+        assert raw(tester, GATEWAY, bytes.fromhex("22f1b0"))[:3] == bytes.fromhex("62f1b0")
+        with pytest.raises(OSError, match="code: 3"):  # unknown target address
+            tester.send_diagnostic_to_address(0x0123, bytes.fromhex("22f189"))
+
+    # a whole programming sequence, through the gateway, by udsoncan on python-doipclient
+    image = random.randbytes(20 * 1024)
+    with DoIPClient(ip, 0x07E1, client_logical_address=0x0E05) as tester:
+        client = uds(tester)
+        client.change_session(3)
+        client.control_dtc_setting(2)
+        client.communication_control(3, 1)
+        client.change_session(2)
+        seed = client.request_seed(1).service_data.seed
+        client.send_key(2, security_key("bms-secret", bytes(seed)))
+        client.write_data_by_identifier(0xF15A, b"\x26\x12\x06" + bytes((10,)) + b"2.0.0-doip")
+        erase = client.start_routine(0xFF00, b"\x44" + struct.pack(">LL", 0x08000000, len(image)))
+        assert erase.service_data.routine_status_record == b"\x00"
+        location = udsoncan.MemoryLocation(0x08000000, len(image), address_format=32, memorysize_format=32)
+        block = client.request_download(location).service_data.max_length - 2
+        for i, at in enumerate(range(0, len(image), block)):
+            client.transfer_data((i + 1) & 0xFF, image[at:at + block])
+        client.request_transfer_exit()
+        check = client.start_routine(0x0202, struct.pack(">L", zlib.crc32(image)))
+        assert check.service_data.routine_status_record == b"\x00"
+        assert client.start_routine(0xFF01).service_data.routine_status_record == b"\x00"
+        client.ecu_reset(1)
+        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert raw(tester, 0x07E1, bytes.fromhex("22f189")) == bytes.fromhex("62f189") + b"2.0.0-doip"
+                break
+            except (TimeoutError, AssertionError):
+                assert time.monotonic() < deadline
+    assert "Traceback" not in gateway["gw"].text()
+
+
+@pytest.mark.slow  # separate processes
+def test_one_tester_at_a_time_per_ecu_the_other_is_told_busy(gateway: dict[str, Any]) -> None:
+    ip = gateway["ip"]
+    with DoIPClient(ip, 0x07E1, client_logical_address=0x0E00) as a, \
+            DoIPClient(ip, 0x07E1, client_logical_address=0x0E01) as b:
+        assert raw(a, 0x07E1, bytes.fromhex("1003"))[:2] == bytes.fromhex("5003")  # a holds bms, in its session
+        assert raw(b, 0x07E1, bytes.fromhex("22f189")) == bytes.fromhex("7f2221")  # busyRepeatRequest, from bms's address
+        assert raw(b, 0x07E0, bytes.fromhex("22f189")) == bytes.fromhex("62f189") + b"1.0.0"  # vcu is free
+        assert raw(a, 0x07E1, bytes.fromhex("22f189")) == bytes.fromhex("62f189") + b"1.0.0"
+        time.sleep(1.6)  # a quiet for longer than hold_s: bms let go
+        assert raw(b, 0x07E1, bytes.fromhex("22f189")) == bytes.fromhex("62f189") + b"1.0.0"
+        # a functional TesterPresent, wanting no answer, and a functional read: every free ECU answers
+        b.send_diagnostic_to_address(0xE400, bytes.fromhex("3e80"))
+        b.send_diagnostic_to_address(0xE400, bytes.fromhex("22f187"))
+        answers: dict[int, bytes] = {}
+        deadline = time.monotonic() + 5
+        while len(answers) < 3 and time.monotonic() < deadline:
+            try:
+                message = b.read_doip(timeout=0.5)
+            except TimeoutError:
+                continue
+            if hasattr(message, "user_data"):
+                answers[message.source_address] = bytes(message.user_data)
+        assert answers == {0x07E0: bytes.fromhex("62f187") + b"VCU-1", 0x07E1: bytes.fromhex("62f187") + b"BMS-1",
+                           0x0740: bytes.fromhex("62f187") + b"BCM-1"}
+
+
+# ---- the entity's protocol, in-process, with raw sockets ---------------------------------------
+@pytest.fixture
+def entity(tmp_path) -> Iterator[DoipEntity]:  # type: ignore[no-untyped-def]
+    data = doip_config(tmp_path, loopback(), {"bb": virtual_bus(), "pt": virtual_bus(), "body": virtual_bus()},
+                       announce_to=False, max_testers=2, activation_secret="workshop", initial_inactivity_s=1.0)
+    config = parse_vehicle_config(data, "vehicle.yaml")
+    with Buses(config) as buses:
+        e = DoipEntity(config, buses)
+        e.start()
+        try:
+            yield e
+        finally:
+            e.stop()
+
+
+class Raw:
+    """A tester on a plain TCP socket: it sends what it is told and answers alive checks only when asked to."""
+
+    def __init__(self, ip: str) -> None:
+        self.sock = socket.create_connection((ip, doip.TCP_PORT), timeout=2)
+        self.framer = doip.Framer(max_payload=1 << 20)
+        self.pending: list[doip.Message] = []
+
+    def send(self, payload_type: int, payload: bytes, version: int = 2) -> None:
+        self.sock.sendall(doip.encode(payload_type, payload, version))
+
+    def read(self, timeout: float = 2.0) -> doip.Message | None:
+        """The next message, None when the entity closed the socket."""
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                raise TimeoutError("nothing from the entity") from None
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            self.pending += [m for m in self.framer.feed(data) if isinstance(m, doip.Message)]
+        return self.pending.pop(0)
+
+    def activate(self, source: int, kind: int = 0, oem: bytes | None = None) -> int:
+        self.send(doip.PayloadType.ROUTING_ACTIVATION_REQUEST,
+                  struct.pack("!HB", source, kind) + bytes(4) + (oem if oem is not None else b""))
+        answer = self.read()
+        assert answer is not None and answer.payload_type == doip.PayloadType.ROUTING_ACTIVATION_RESPONSE
+        return answer.payload[4]
+
+    def closed(self, timeout: float = 1.0) -> bool:
+        try:
+            return self.read(timeout=timeout) is None
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_routing_activation_and_its_refusals(entity: DoipEntity) -> None:
+    ip = entity.doip.address
+    outsider = Raw(ip)
+    assert outsider.activate(0x0A00) == doip.RoutingCode.UNKNOWN_SOURCE_ADDRESS and outsider.closed()
+    odd = Raw(ip)
+    assert odd.activate(0x0E00, kind=0x42) == doip.RoutingCode.UNSUPPORTED_ACTIVATION_TYPE and odd.closed()
+    secure = Raw(ip)
+    assert secure.activate(0x0E10, kind=0xE0, oem=b"\x00\x00\x00\x00") == doip.RoutingCode.MISSING_AUTHENTICATION
+    assert not secure.closed()  # only the authentication is missing: it may try again
+    assert secure.activate(0x0E10, kind=0xE0, oem=activation_key("workshop", 0x0E10, entity.doip.eid)) == 0x10
+    assert secure.activate(0x0E10) == 0x10  # asked again on its own socket: still active
+    assert secure.activate(0x0E11) == doip.RoutingCode.SOURCE_ADDRESS_MISMATCH and secure.closed()
+
+    a = Raw(ip)
+    assert a.activate(0x0E00) == 0x10
+    b = Raw(ip)
+    assert b.activate(0x0E01) == 0x10
+    # a third tester on a full house: both are alive-checked; a answers, b does not and loses its socket
+    c = Raw(ip)
+    c.send(doip.PayloadType.ROUTING_ACTIVATION_REQUEST, struct.pack("!HB", 0x0E02, 0) + bytes(4))
+    check = a.read()
+    assert check is not None and check.payload_type == doip.PayloadType.ALIVE_CHECK_REQUEST
+    a.send(doip.PayloadType.ALIVE_CHECK_RESPONSE, struct.pack("!H", 0x0E00))
+    answer = c.read()
+    assert answer is not None and answer.payload[4] == 0x10
+    assert b.read().payload_type == doip.PayloadType.ALIVE_CHECK_REQUEST and b.closed()  # type: ignore[union-attr]
+    # the same source address on another socket: the one holding it answers its alive check, so it keeps it
+    d = Raw(ip)
+    d.send(doip.PayloadType.ROUTING_ACTIVATION_REQUEST, struct.pack("!HB", 0x0E00, 0) + bytes(4))
+    assert a.read().payload_type == doip.PayloadType.ALIVE_CHECK_REQUEST  # type: ignore[union-attr]
+    a.send(doip.PayloadType.ALIVE_CHECK_RESPONSE, struct.pack("!H", 0x0E00))
+    answer = d.read()
+    assert answer is not None and answer.payload[4] == doip.RoutingCode.SOURCE_ADDRESS_IN_USE
+    assert sorted(entity.testers()) == [0x0E00, 0x0E02]
+    for t in (outsider, odd, secure, a, b, c, d):
+        t.close()
+
+
+def test_the_generic_header_and_diagnostic_message_checks(entity: DoipEntity) -> None:
+    ip = entity.doip.address
+    t = Raw(ip)
+    t.send(doip.PayloadType.DIAGNOSTIC_MESSAGE, struct.pack("!HH", 0x0E00, 0x07E0) + b"\x22\xf1\x89")  # not activated
+    nack = t.read()
+    assert nack is not None and nack.payload_type == doip.PayloadType.DIAGNOSTIC_NACK and nack.payload[4] == 0x02
+    assert t.closed()
+
+    t = Raw(ip)
+    assert t.activate(0x0E00) == 0x10
+    t.sock.sendall(struct.pack("!BBHL", 2, 0xFD, 0x9999, 3) + b"abc")  # unknown payload type: skipped, socket kept
+    assert t.read().payload == b"\x01"  # type: ignore[union-attr]
+    t.sock.sendall(struct.pack("!BBHL", 2, 0xFD, doip.PayloadType.DIAGNOSTIC_MESSAGE, 0x7FFFFFFF))  # above any limit
+    assert t.read().payload == b"\x02"  # type: ignore[union-attr]
+    t.close()  # (its payload would follow: the connection is given up here)
+
+    t = Raw(ip)
+    assert t.activate(0x0E00) == 0x10
+    t.send(doip.PayloadType.DIAGNOSTIC_MESSAGE, struct.pack("!HH", 0x0E00, 0x0123) + b"\x22\xf1\x89")
+    assert t.read().payload[4] == doip.DiagNack.UNKNOWN_TARGET_ADDRESS  # type: ignore[union-attr]
+    t.send(doip.PayloadType.DIAGNOSTIC_MESSAGE, struct.pack("!HH", 0x0E07, 0x07E0) + b"\x22\xf1\x89")  # not its address
+    assert t.read().payload[4] == doip.DiagNack.INVALID_SOURCE_ADDRESS and t.closed()  # type: ignore[union-attr]
+
+    t = Raw(ip)
+    t.sock.sendall(struct.pack("!BBHL", 2, 0x00, 0x0005, 7))  # the version's inverse is wrong
+    assert t.read().payload == b"\x00" and t.closed()  # type: ignore[union-attr]
+    t = Raw(ip)
+    t.sock.sendall(struct.pack("!BBHL", 2, 0xFD, 0x0005, 3) + b"abc")  # a routing activation cannot be 3 bytes
+    assert t.read().payload == b"\x04" and t.closed()  # type: ignore[union-attr]
+    t = Raw(ip)
+    assert t.closed(timeout=5.0)  # no routing activation within initial_inactivity_s: closed
+
+    # UDP: identification with the "any version" header, and garbage
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(2)
+        u.sendto(struct.pack("!BBHL", 0xFF, 0x00, 0x0001, 0), (ip, doip.UDP_PORT))
+        answer = doip.Framer(64, udp=True).feed(u.recv(100))[0]
+        assert isinstance(answer, doip.Message) and answer.payload[:17] == VIN.encode()
+        u.sendto(b"\x02\xfd\x80\x01\x00\x00\x00\x05\x0e\x00\x07\xe0\x3e", (ip, doip.UDP_PORT))  # a TCP-only type
+        answer = doip.Framer(64, udp=True).feed(u.recv(100))[0]
+        assert isinstance(answer, doip.Message) and answer.payload_type == 0 and answer.payload in (b"\x01", b"\x02")
+    t.close()
+
+
+@pytest.mark.slow  # separate processes
+def test_a_testers_request_for_an_ecu_a_campaign_flashes_is_answered_busy_and_never_interleaves(
+        tmp_path, mosquitto, write_config, procs):  # type: ignore[no-untyped-def]
+    import threading
+
+    import can
+    import yaml
+
+    from tests.vehicle import Vehicle
+
+    ip = loopback()
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_extra={"bms": {"sim": {**ecu_entry("bms", 0, 0)["sim"],
+                                                                                     "erase_ms": 2500}}},
+                config_extra={"doip": {"address": ip, "announce_to": False, "hold_s": 0.3}})
+    pt = yaml.safe_load(v.config.read_text())["segments"]["pt"]["bus"]
+    sniffer = can.Bus(**pt)
+    answers: list[bytes] = []
+    stop = threading.Event()
+
+    def tester() -> None:
+        with DoIPClient(ip, 0x07E1, client_logical_address=0x0E00) as client:
+            while not stop.is_set():
+                answers.append(raw(client, 0x07E1, bytes.fromhex("22f18c")))  # bms's serial: the flash never reads it
+                time.sleep(0.05)
+
+    frames: list[bytes] = []
+
+    def sniff() -> None:
+        while not stop.is_set():
+            m = sniffer.recv(0.1)
+            if m is not None and m.arbitration_id == 0x7E1:
+                frames.append(bytes(m.data))
+
+    thread = threading.Thread(target=tester)
+    listener = threading.Thread(target=sniff)
+    try:
+        listener.start()
+        thread.start()
+        v.send(v.campaign("c-doip-busy", "2.0.0"))
+        done = v.finished("c-doip-busy")
+        stop.set()
+        thread.join(timeout=10)
+        assert done["outcome"] == "success", done
+        serial = bytes.fromhex("62f18c") + b"SN-bms"
+        assert set(answers) == {serial, bytes.fromhex("7f2221")}, set(answers)  # the answer, or busy: nothing else
+        # on the wire: the flash (its first request to bms up to its return to the default session)
+        # holds no request of the tester; the tester's reads come before it and after
+        listener.join(timeout=10)
+        singles = [f[1:1 + f[0]] for f in frames if f[0] < 8]
+        first = singles.index(bytes.fromhex("1003"))
+        end = singles.index(bytes.fromhex("1001"), first)
+        flash = " ".join(x.hex() for x in singles[first:end + 1])
+        assert "3101ff01" in flash and "22f18c" not in flash, flash
+        assert bytes.fromhex("22f18c") in singles[:first] and bytes.fromhex("22f18c") in singles[end:]
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        listener.join(timeout=10)
+        sniffer.shutdown()
+        v.close()
+
+
+@pytest.mark.parametrize("doip_section, ecu_extra, why", [
+    ({"address": "not-an-ip"}, {}, "doip.address: expected an IP address"),
+    ({"logical_address": 0x0E00}, {}, "doip.logical_address: expected the gateway's logical address"),
+    ({"testers": [0x0E00]}, {}, "doip.testers: expected [first, last]"),
+    ({"testers": [0x0F00, 0x0E00]}, {}, "doip.testers: the first address is above the last"),
+    ({"functional_group": ["abs"]}, {}, "doip.functional_group: unknown ECU 'abs'"),
+    ({"eid": "02:00"}, {}, "doip.eid: expected 6 bytes"),
+    ({"hold_s": 0}, {}, "doip.hold_s: expected seconds > 0"),
+    ({"port": 70000}, {}, "doip.port: expected a port"),
+    ({"colour": "red"}, {}, "doip.colour: unknown key"),
+    ({}, {"logical_address": 0x07E0}, "ecus.bms.logical_address: 0x07E0 is already vcu's"),
+    ({"logical_address": 0x0740}, {}, "ecus.bcm.logical_address: 0x0740 is already the gateway"),
+    ({}, {"logical_address": 0x0F00}, "ecus.bms.logical_address: expected a DoIP logical address"),
+])
+def test_a_wrong_doip_section_is_named(tmp_path, doip_section, ecu_extra, why) -> None:  # type: ignore[no-untyped-def]
+    from agent.errors import ConfigError
+
+    data = doip_config(tmp_path, "127.0.0.1", {"bb": virtual_bus(), "pt": virtual_bus(), "body": virtual_bus()})
+    data["doip"] = {**data["doip"], **doip_section}
+    data["ecus"]["bms"].update(ecu_extra)
+    with pytest.raises(ConfigError) as err:
+        parse_vehicle_config(data, "vehicle.yaml")
+    assert why in str(err.value)
