@@ -158,6 +158,28 @@ def test_a_doip_client_finds_the_vehicle_reads_every_segment_and_flashes_an_ecu(
                 break
             except (TimeoutError, AssertionError):
                 assert time.monotonic() < deadline
+
+    # the project's own DoIP client channel under the traced udsoncan connection the deploy link uses
+    from agent.adapters.doip_client import DoipChannel, DoipRefused
+    from agent.adapters.uds_client import RawCodec, TracingConnection
+    from agent.core.trace import TraceHeader, TraceRecorder
+
+    recorder = TraceRecorder(TraceHeader(stage="link", client="TBOX", server="GW", packet="doip", request_id=0x0E80,
+                                         response_id=GATEWAY, functional_id=None, started=time.time()))
+    with DoipChannel(ip, doip.TCP_PORT, 0x0E80, GATEWAY) as channel:
+        config = dict(udsoncan.configs.default_client_config)
+        config.update(request_timeout=None, p2_timeout=2.0, data_identifiers={0xF1B0: RawCodec()})
+        with Client(TracingConnection(channel, recorder, "doip"), config=config) as client:  # type: ignore[arg-type]
+            boot = client.read_data_by_identifier(0xF1B0).service_data.values[0xF1B0]
+            assert len(boot) == 8
+            assert client.change_session(3).positive
+    # traced as the same exchanges are on CAN (agent/core/trace.py decides what of them is kept)
+    assert [(e.header.hex(), (e.response or b"")[:2].hex()) for e in recorder.exchanges] == [("22f1b0", "62f1"),
+                                                                                           ("1003", "5003")]
+    with pytest.raises(DoipRefused, match="code 0x00"):  # an address outside doip.testers
+        DoipChannel(ip, doip.TCP_PORT, 0x0A00, GATEWAY)
+    with DoipChannel(ip, doip.TCP_PORT, 0x0E81, 0x0123) as channel, pytest.raises(DoipRefused, match="code 0x03"):
+        channel.send(bytes.fromhex("22f189"))  # unknown target: the send fails as a transmit error does
     assert "Traceback" not in gateway["gw"].text()
 
 
