@@ -35,7 +35,8 @@ class GatewayDaemon:
         self.faults = [f for f in faults if f.stage == "deploy" and f.side == "server"]
         self.flash_faults = [f for f in faults if f.stage in ("flash", "activate") and f.side == "client"]
         self.buses = Buses(config)  # every segment opened once; one conversation per ECU at a time
-        self.buses.pin(self.link.segment)  # the deploy server listens there, also while an ECU on it is flashed
+        if self.link.transport == "can":  # the deploy server listens there, also while an ECU on it is flashed
+            self.buses.pin(self.link.segment)  # (over DoIP it has the entity's logical address alone)
         self.server: UdsServer[DeployState] | None = None
         self.doip: DoipEntity | None = None  # the gateway on the vehicle's Ethernet (doip section)
         self._stopped = threading.Event()
@@ -51,7 +52,7 @@ class GatewayDaemon:
             self.installer.resume()
             self.server = UdsServer(
                 name="gateway-deploy",
-                segment=self.buses.segment(self.link.segment),
+                segment=self.buses.segment(self.link.segment) if self.link.transport == "can" else None,
                 request_id=self.link.request_id,
                 response_id=self.link.response_id,
                 functional_id=None,
@@ -73,8 +74,7 @@ class GatewayDaemon:
         except BaseException:
             self.stop()
             raise
-        log.info("deploy server on %s: requests 0x%X, responses 0x%X, packages in %s",
-                 self.link.segment, self.link.request_id, self.link.response_id, self.link.package_dir)
+        log.info("deploy server on %s, packages in %s", self._where(), self.link.package_dir)
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -110,4 +110,10 @@ class GatewayDaemon:
 
     def status(self) -> str:
         """One line for systemd's STATUS=."""
-        return f"deploy server on {self.link.segment}; {self.installer.describe()}"
+        return f"deploy server on {self._where()}; {self.installer.describe()}"
+
+    def _where(self) -> str:
+        link = self.link
+        if link.transport == "doip":
+            return f"DoIP, logical address 0x{link.doip_target:04X}"
+        return link.segment

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
-from agent.adapters.canbus import Segment
 from agent.adapters.file_client import PackageDeployer
 from agent.adapters.storage import atomic_write_bytes
+from agent.adapters.uds_client import Transport
 from agent.core.config import DeployConfig
 from agent.core.content import Item
 from agent.errors import Refused, TryLater, VotaError
@@ -66,7 +66,7 @@ class Executor(Protocol):
 
 
 class ResourceExecutor:
-    def __init__(self, gateway: GatewayClient, segment: Segment, link: DeployConfig, ecus: set[str],
+    def __init__(self, gateway: GatewayClient, segment: Transport, link: DeployConfig, ecus: set[str],
                  targets: Mapping[str, str], workdir: Path, stop: threading.Event,
                  report: Callable[[str, str, dict[str, Any], bytes], None] | None = None) -> None:
         self.gateway, self.segment, self.link, self.ecus = gateway, segment, link, ecus

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.adapters.bus_signals import BusSignals
 from agent.adapters.canbus import Segment
 from agent.adapters.cloud_link import CloudLink
+from agent.adapters.doip_client import DoipLink, open_deploy_link
 from agent.adapters.heartbeat import Heartbeats
 from agent.adapters.keys import KeyStore, initial_key_list
 from agent.adapters.storage import storage_fault
@@ -75,7 +76,7 @@ class TboxDaemon:
             self.media = MediaWatcher(Path(self.tbox.media_dir), CAMPAIGN_FILE, PACKAGES, self._look_at_media, self._stop,
                                       beat=lambda: self.heartbeats.beat("media"))
         self.heartbeats = Heartbeats(self.tbox.worker_stale_s)
-        self.segment: Segment | None = None
+        self.segment: Segment | DoipLink | None = None
         self._signal_segment: Segment | None = None
         self.bus_signals: BusSignals | None = None  # the vehicle's state from its broadcast frames
         self.gateway: GatewayClient | None = None  # the real gateway client, once started
@@ -178,12 +179,14 @@ class TboxDaemon:
         for d in sorted(self.campaigns_dir.iterdir()):
             if (d / "state.json").exists():  # a directory without one was never a campaign: its store failed part-way
                 CampaignRecord.load(d)  # refuse to start on unreadable state, with the file named
-        self.segment = Segment(self.config.segments[self.link_cfg.segment])
+        self.segment = open_deploy_link(self.config)  # a CAN segment, or the link over DoIP
         signals = self.config.signals
         if signals is not None and self.tbox.preconditions.ecu is not None:  # heard where the frames are
-            if signals.segment != self.link_cfg.segment:
-                self._signal_segment = Segment(self.config.segments[signals.segment])
-            self.bus_signals = BusSignals(signals, self._signal_segment or self.segment)
+            heard = self.segment if isinstance(self.segment, Segment) and signals.segment == self.link_cfg.segment \
+                else None
+            if heard is None:
+                heard = self._signal_segment = Segment(self.config.segments[signals.segment])
+            self.bus_signals = BusSignals(signals, heard)
         self.gateway = GatewayClient(self.segment, self.link_cfg, self._stop, self.faults,
                                      self.config.gateway.rxswin_did)
         if not self._gateway_injected:

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from agent.adapters.canbus import Segment
-from agent.adapters.file_client import DeployResult, PackageDeployer, deploy_peer
+from agent.adapters.file_client import DeployResult, PackageDeployer, deploy_peer, link_header
 from agent.adapters.trace_files import write_link_trace
-from agent.adapters.uds_client import client_fault_counter
+from agent.adapters.uds_client import Transport, client_fault_counter
 from agent.adapters.uds_sequence import CallSequence
 from agent.core.config import DeployConfig
 from agent.core.faults import FaultSpec
@@ -79,7 +78,7 @@ class GatewayClient:
     """The TBOX's gateway port (``tbox/ports.py``) over the deploy link: one UDS conversation with
     the gateway at a time, whoever asks (campaigns, content)."""
 
-    def __init__(self, segment: Segment, link: DeployConfig, stop: threading.Event | None = None,
+    def __init__(self, segment: Transport, link: DeployConfig, stop: threading.Event | None = None,
                  faults: list[FaultSpec] | None = None, rxswin_did: int = 0xF1EF) -> None:
         self.segment, self.link, self.rxswin_did = segment, link, rxswin_did
         self.stop = stop or threading.Event()
@@ -126,8 +125,7 @@ class GatewayClient:
                 self._write(directory, name, trace, failed)
 
     def _header(self, name: str) -> TraceHeader:
-        return TraceHeader(stage="link", client="TBOX", server="GW", packet=name, request_id=self.link.request_id,
-                           response_id=self.link.response_id, functional_id=None, started=time.time())
+        return link_header(self.link, "link", name)
 
     @staticmethod
     def _write(directory: Path, name: str, trace: _LinkTrace, failed: bool) -> None:

@@ -116,6 +116,10 @@ def _keys_read() -> list[str]:
         patch.setattr(_values._Section, "get", record_get)
         patch.setattr(_values._Section, "section", record_section)
         parse_vehicle_config(data, "bench.yaml")
+        # the deploy link over DoIP reads the keys of that transport instead of the segment
+        del data["deploy"]["segment"]
+        data["deploy"].update(transport="doip", host="127.0.0.1")
+        parse_vehicle_config(data, "bench.yaml")
     keys = []
     for key in seen:
         key = re.sub(r"^(segments|ecus|flash_profiles)\.[^.]+\.", r"\1.<name>.", key)

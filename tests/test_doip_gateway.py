@@ -352,21 +352,27 @@ def test_the_generic_header_and_diagnostic_message_checks(entity: DoipEntity) ->
 
 
 @pytest.mark.slow  # separate processes
-def test_a_testers_request_for_an_ecu_a_campaign_flashes_is_answered_busy_and_never_interleaves(
+def test_a_campaign_deployed_over_doip_and_a_tester_told_busy_for_the_ecu_it_flashes(
         tmp_path, mosquitto, write_config, procs):  # type: ignore[no-untyped-def]
+    """The TBOX deploys and installs over DoIP (deploy.transport: doip), the gateway flashes over
+    CAN; a tester polls an ECU all the while and gets its answer or busy, never a place in the flash."""
+    import json
     import threading
 
     import can
     import yaml
 
+    from agent.core.trace import parse_trace
     from tests.vehicle import Vehicle
 
     ip = loopback()
     v = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_extra={"bms": {"sim": {**ecu_entry("bms", 0, 0)["sim"],
                                                                                      "erase_ms": 2500}}},
+                deploy_extra={"transport": "doip", "segment": None},
                 config_extra={"doip": {"address": ip, "announce_to": False, "hold_s": 0.3}})
-    pt = yaml.safe_load(v.config.read_text())["segments"]["pt"]["bus"]
-    sniffer = can.Bus(**pt)
+    segments = yaml.safe_load(v.config.read_text())["segments"]
+    sniffer = can.Bus(**segments["pt"]["bus"])
+    backbone = can.Bus(**segments["bb"]["bus"])  # still configured, and unused by the deploy link
     answers: list[bytes] = []
     stop = threading.Event()
 
@@ -405,11 +411,28 @@ def test_a_testers_request_for_an_ecu_a_campaign_flashes_is_answered_busy_and_ne
         flash = " ".join(x.hex() for x in singles[first:end + 1])
         assert "3101ff01" in flash and "22f18c" not in flash, flash
         assert bytes.fromhex("22f18c") in singles[:first] and bytes.fromhex("22f18c") in singles[end:]
+
+        # the deploy and the link went over DoIP: traced with the logical addresses and the
+        # connection in the header, the same exchanges as on CAN; not a frame on the backbone
+        campaigns = tmp_path / "tbox" / "campaigns"
+        deploys = sorted(campaigns.glob("**/*.deploy.trace.jsonl"))
+        assert {f"{e}-2.0.0.bin" for e in ("vcu", "bms", "bcm")} <= {p.name.split(".deploy")[0] for p in deploys}, deploys
+        for path in deploys:
+            trace = parse_trace(path.read_text(), str(path))
+            assert (trace.header.request_id, trace.header.response_id) == (0x0E80, GATEWAY)
+            assert trace.header.extra["transport"] == "doip" and trace.header.extra["doip"]["target"] == GATEWAY
+            services = [e.header[0] for e in trace.exchanges]
+            assert services[:3] == [0x10, 0x27, 0x27] and 0x38 in services and services[-1] == 0x37, services
+            assert all(e.response is not None and e.response[0] != 0x7F for e in trace.exchanges if e.header[0] == 0x36)
+        installing = json.loads(next(campaigns.glob("*/link/installing.link.trace.jsonl")).read_text().splitlines()[0])
+        assert installing["transport"] == "doip" and installing["request_id"] == 0x0E80
+        assert backbone.recv(0.5) is None
     finally:
         stop.set()
         thread.join(timeout=10)
         listener.join(timeout=10)
         sniffer.shutdown()
+        backbone.shutdown()
         v.close()
 
 
@@ -436,3 +459,37 @@ def test_a_wrong_doip_section_is_named(tmp_path, doip_section, ecu_extra, why) -
     with pytest.raises(ConfigError) as err:
         parse_vehicle_config(data, "vehicle.yaml")
     assert why in str(err.value)
+
+
+@pytest.mark.parametrize("deploy, doip_section, why", [
+    ({"transport": "doip", "segment": None}, None, "deploy.transport: doip needs the doip section"),
+    ({"transport": "doip"}, {}, "deploy.segment: not used with transport: doip"),
+    ({"transport": "ethernet"}, {}, "deploy.transport: expected can or doip"),
+    ({"host": "10.0.0.1"}, {}, "deploy.host: only with transport: doip"),
+    ({"source_address": 0x0E80}, {}, "deploy.source_address: only with transport: doip"),
+    ({"transport": "doip", "segment": None}, {"address": "0.0.0.0"}, "deploy.host: missing; doip.address 0.0.0.0"),
+    ({"transport": "doip", "segment": None, "source_address": 0x0E80}, {"testers": [0x0E00, 0x0E0F]},
+     "deploy.source_address: 0x0E80 is outside doip.testers (0x0E00..0x0E0F)"),
+    ({"transport": "doip", "segment": None, "source_address": 0x0A00}, {},
+     "deploy.source_address: expected the TBOX's logical address, 0x0E00..0x0FFF"),
+])
+def test_a_wrong_deploy_link_over_doip_is_named(tmp_path, deploy, doip_section, why) -> None:  # type: ignore[no-untyped-def]
+    from agent.errors import ConfigError
+
+    data = doip_config(tmp_path, "127.0.0.1", {"bb": virtual_bus(), "pt": virtual_bus(), "body": virtual_bus()})
+    data["deploy"].update(deploy)
+    if doip_section is None:
+        del data["doip"]
+    else:
+        data["doip"].update(doip_section)
+    with pytest.raises(ConfigError) as err:
+        parse_vehicle_config(data, "vehicle.yaml")
+    assert why in str(err.value)
+
+
+def test_the_deploy_link_over_doip_takes_the_entitys_address_port_and_logical_address(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = doip_config(tmp_path, "127.0.0.9", {"bb": virtual_bus(), "pt": virtual_bus(), "body": virtual_bus()}, port=13401)
+    data["deploy"] = {"transport": "doip", "package_dir": "p", "source_address": "0x0E10"}
+    link = parse_vehicle_config(data, "vehicle.yaml").deploy_link()
+    assert (link.transport, link.segment, link.doip_host, link.doip_port, link.doip_source, link.doip_target) == (
+        "doip", "", "127.0.0.9", 13401, 0x0E10, GATEWAY)

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 from udsoncan import DataFormatIdentifier, Filesize
 
-from agent.adapters.canbus import Segment
 from agent.adapters.storage import atomic_write_json
+from agent.adapters.uds_client import Transport
 from agent.adapters.uds_sequence import Peer, StepResult, UdsSequence
 from agent.core.config import DeployConfig
 from agent.core.faults import FaultSpec
@@ -27,7 +27,7 @@ from agent.protocol.files import PACKET_HEADER, packet_payload
 from agent.protocol.link import deploy_key
 from agent.protocol.uds import Session
 
-__all__ = ["DeployResult", "PackageDeployer", "deploy_security", "deploy_peer", "file_sha256"]
+__all__ = ["DeployResult", "PackageDeployer", "deploy_security", "deploy_peer", "file_sha256", "link_header"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,20 @@ class DeployResult(StepResult):
     schema: str = field(default="vota-deploy-result/1")
 
 
+def link_header(link: DeployConfig, stage: str, packet: str, **extra: Any) -> TraceHeader:
+    """A trace header of the deploy link: its CAN ids and segment, or over DoIP the logical
+    addresses (the TBOX's source, the gateway's target) in their place and the connection in
+    ``doip`` (the DoIP header of each diagnostic message follows from them and the length)."""
+    if link.transport == "doip":
+        ids, where = (link.doip_source, link.doip_target), {
+            "transport": "doip", "doip": {"host": link.doip_host, "port": link.doip_port, "source": link.doip_source,
+                                          "target": link.doip_target, "version": 2, "payload_type": 0x8001}}
+    else:
+        ids, where = (link.request_id, link.response_id), {"segment": link.segment}
+    return TraceHeader(stage=stage, client="TBOX", server="GW", packet=packet, request_id=ids[0], response_id=ids[1],
+                       functional_id=None, started=time.time(), extra={**where, **extra})
+
+
 def deploy_peer(link: DeployConfig, *dids: int, name: str = "gateway") -> Peer:
     """The deploy link's server as a sequence's peer (the gateway; an ECU for owner content)."""
     return Peer(name, link.request_id, link.response_id, link.p2_ms / 1000.0, link.p2_star_ms / 1000.0,
@@ -76,7 +90,7 @@ class PackageDeployer(UdsSequence[DeployResult]):
 
     def __init__(
         self,
-        segment: Segment,
+        segment: Transport,
         link: DeployConfig,
         name: str,
         path: str | Path,
@@ -89,10 +103,7 @@ class PackageDeployer(UdsSequence[DeployResult]):
     ) -> None:
         self.path = Path(path)
         self.size = self.path.stat().st_size
-        header = TraceHeader(stage="deploy", client="TBOX", server="GW", packet=name, request_id=link.request_id,
-                             response_id=link.response_id, functional_id=None, started=time.time(),
-                             extra={"segment": link.segment, "package": name, "package_size": self.size,
-                                    "package_sha256": sha256})
+        header = link_header(link, "deploy", name, package=name, package_size=self.size, package_sha256=sha256)
         super().__init__(segment, deploy_peer(link), header, retries=link.retries,
                          late_grace_s=link.late_response_grace_ms / 1000.0, stop=stop,
                          faults=[f for f in faults or [] if f.stage == "deploy" and f.side == "client"], fault_scope=name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Sequence, cast
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, cast
 
 import can
 import udsoncan
@@ -25,16 +25,29 @@ from udsoncan.exceptions import (
 )
 from udsoncan.typing import ClientConfig
 
-from agent.adapters.canbus import Segment
 from agent.core.faults import FaultCounter, FaultSpec
 from agent.core.trace import TraceRecorder
 from agent.protocol.link import SECURED_SERVICES, secure_request, session_key
 from agent.protocol.uds import plausible_reply
 
-__all__ = ["TracingConnection", "RequestAuthenticator", "ClientFaults", "client_fault_counter",
+__all__ = ["Transport", "TracingConnection", "RequestAuthenticator", "ClientFaults", "client_fault_counter",
            "StrayListener", "UdsLink", "RawCodec", "describe_failure"]
 
 log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    """What a UDS link opens its stack on: a CAN segment (``agent/adapters/canbus.py``) or the
+    deploy link over DoIP (``agent/adapters/doip_client.py``, no CAN frames: no notifier)."""
+
+    @property
+    def notifier(self) -> can.Notifier | None: ...
+
+    def stack(self, txid: int, rxid: int) -> Any: ...
+
+    def release(self, stack: Any) -> None: ...
+
+    def send_frame(self, can_id: int, data: bytes) -> None: ...
 
 
 class RawCodec(udsoncan.DidCodec):
@@ -120,7 +133,7 @@ class RequestAuthenticator:
 
 
 class TracingConnection(BaseConnection):
-    def __init__(self, stack: Any, recorder: TraceRecorder | None, name: str, segment: Segment | None = None,
+    def __init__(self, stack: Any, recorder: TraceRecorder | None, name: str, segment: Transport | None = None,
                  faults: ClientFaults | None = None, authenticator: RequestAuthenticator | None = None) -> None:
         super().__init__(name)
         self.stack = stack
@@ -188,6 +201,7 @@ class TracingConnection(BaseConnection):
         except Exception as exc:
             if rec is not None:
                 rec.not_sent(f"{type(exc).__name__}: {exc}")
+                _link_failure(rec, exc)
             raise
         if rec is not None:
             rec.sent()
@@ -199,7 +213,13 @@ class TracingConnection(BaseConnection):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            frame = self.stack.recv(block=True, timeout=left)
+            try:
+                frame = self.stack.recv(block=True, timeout=left)
+            except Exception as exc:  # the link itself ended (DoIP: the connection closed)
+                rec = self._rec()
+                if rec is not None:
+                    _link_failure(rec, exc)
+                raise
             if frame is None:
                 raise TimeoutException(f"no response within {timeout} s")
             frame = bytes(frame)
@@ -245,6 +265,13 @@ class TracingConnection(BaseConnection):
         self.stack.clear_tx_queue()
 
 
+def _link_failure(rec: TraceRecorder, exc: BaseException) -> None:
+    """What a link of DoIP said of its own failure, kept with the exchange (``x.doip``)."""
+    said = getattr(exc, "trace", None)
+    if isinstance(said, dict) and said and rec.current is not None:
+        rec.current.extra["doip"] = said
+
+
 class StrayListener(can.Listener):
     """Records frames that answer the current request but come from a wrong CAN id."""
 
@@ -284,6 +311,8 @@ def describe_failure(exc: BaseException) -> tuple[str, int | None]:
         return "no response (timeout)", None
     if isinstance(exc, InvalidResponseException):
         return f"malformed response ({exc.response.invalid_reason})", None
+    if isinstance(getattr(exc, "trace", None), dict) and isinstance(exc, ConnectionError):
+        return f"DoIP: {exc}", None  # the link's own failure (agent/adapters/doip_client.py)
     if isinstance(exc, UnexpectedResponseException):
         return f"response does not match the request ({getattr(exc.response, 'unexpected_reason', '') or exc})", None
     return f"request not sent ({type(exc).__name__}: {exc})", None
@@ -294,7 +323,7 @@ class UdsLink:
 
     def __init__(
         self,
-        segment: Segment,
+        segment: Transport,
         request_id: int,
         response_id: int,
         *,
@@ -325,7 +354,7 @@ class UdsLink:
         self.client = Client(self.connection, config=cast(ClientConfig, config))
         self.client.open()
         self.listener: StrayListener | None = None
-        if recorder is not None:
+        if recorder is not None and segment.notifier is not None:  # a link of CAN frames
             self.listener = StrayListener(recorder, {request_id, response_id} | (watch_ids or set()))
             segment.notifier.add_listener(self.listener)
 
@@ -371,7 +400,7 @@ class UdsLink:
             self.client.config["p2_timeout"] = p2
 
     def close(self) -> None:
-        if self.listener is not None:
+        if self.listener is not None and self.segment.notifier is not None:
             try:
                 self.segment.notifier.remove_listener(self.listener)
             except ValueError:

@@ -36,10 +36,9 @@ import udsoncan
 from udsoncan import DataFormatIdentifier
 from udsoncan.exceptions import NegativeResponseException, UnexpectedResponseException
 
-from agent.adapters.canbus import Segment
 from agent.adapters.plugins import seed_key_for
 from agent.adapters.trace_files import write_trace
-from agent.adapters.uds_client import ClientFaults, RawCodec, UdsLink, describe_failure
+from agent.adapters.uds_client import ClientFaults, RawCodec, Transport, UdsLink, describe_failure
 from agent.core.config import EcuConfig
 from agent.core.faults import FaultCounter, FaultSpec
 from agent.core.flash_profile import ProfileStep, RecordContext
@@ -139,7 +138,7 @@ class UdsSequence(Generic[R]):
 
     trace_steps = False  # record each exchange's step name (x.step); the programming sequences are known by their services
 
-    def __init__(self, segment: Segment, peer: Peer, header: TraceHeader, *, retries: int = 2, late_grace_s: float = 0.0,
+    def __init__(self, segment: Transport, peer: Peer, header: TraceHeader, *, retries: int = 2, late_grace_s: float = 0.0,
                  stop: threading.Event | None = None, faults: Sequence[FaultSpec] = (), fault_scope: str = "",
                  on_step: Callable[[str], None] | None = None, fault_counter: FaultCounter | None = None) -> None:
         self.segment, self.peer = segment, peer
@@ -390,7 +389,7 @@ class CallSequence(UdsSequence[CallResult]):
 
     trace_steps = True
 
-    def __init__(self, segment: Segment, peer: Peer, recorder: TraceRecorder, name: str,
+    def __init__(self, segment: Transport, peer: Peer, recorder: TraceRecorder, name: str,
                  steps: Callable[[Any], Any], **kw: Any) -> None:
         super().__init__(segment, peer, recorder.header, **kw)
         self.recorder = recorder  # the caller's: one trace across its calls

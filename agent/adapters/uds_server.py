@@ -86,10 +86,11 @@ class Service(Generic[S]):
 
 @dataclass
 class UdsServer(Generic[S]):
-    """Serves one UDS address pair (plus the functional address) on a segment."""
+    """Serves one UDS address pair (plus the functional address) on a segment; with no segment,
+    only the requests handed to ``serve`` by another transport (the gateway's DoIP entity)."""
 
     name: str
-    segment: Segment
+    segment: Segment | None
     request_id: int
     response_id: int
     functional_id: int | None
@@ -112,11 +113,11 @@ class UdsServer(Generic[S]):
         self._beats = Heartbeats(0.0, self.clock)  # every serving thread, each loop turn and pending
         # every answer goes out on the physical stack (ISO 15765-2); it takes the tester's flow
         # control from the physical request id, and from the functional id too (some testers)
-        self.physical = self.segment.stack(self.response_id, self.request_id, flow_control_from=self.functional_id)
-        self.functional = (
-            self.segment.stack(self.response_id, self.functional_id, receive_only=True)
-            if self.functional_id is not None else None
-        )
+        self.physical = self.functional = None
+        if self.segment is not None:
+            self.physical = self.segment.stack(self.response_id, self.request_id, flow_control_from=self.functional_id)
+            if self.functional_id is not None:
+                self.functional = self.segment.stack(self.response_id, self.functional_id, receive_only=True)
 
     # ---- life cycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -138,7 +139,7 @@ class UdsServer(Generic[S]):
             t.join(timeout=2.0)
         self._threads.clear()
         for stack in (self.physical, self.functional):
-            if stack is not None:
+            if stack is not None and self.segment is not None:
                 self.segment.release(stack)
 
     def alive(self, max_age_s: float) -> list[str]:
@@ -316,10 +317,12 @@ class UdsServer(Generic[S]):
             stack.send(mismatched(request.data, response))
         elif action == "wrong_id":
             wrong = fault.arg if fault.arg is not None else self.response_id + 0x10
-            self._send_raw(wrong, response)
+            if self.segment is not None:
+                self._send_raw(wrong, response)  # on another transport the answer is lost the same way
 
     def _send_raw(self, can_id: int, payload: bytes) -> None:
         """Send a response's first frame from another CAN id (no flow control follows)."""
+        assert self.segment is not None
         size = len(payload)
         frame_room = self.segment.config.tx_data_length
         if size <= 7:

@@ -27,6 +27,7 @@ __all__ = ["Estimate", "estimate_install", "install_kind",
            "unmet", "required_soc", "Gate", "parse_gate", "loosened", "tightest", "SAFE_STATE"]
 
 DEFAULT_BITRATE = 500_000
+ETHERNET_GOODPUT = 100e6 / 8 * 0.9  # bytes a second on a 100 Mbit/s automotive Ethernet link
 PER_ECU_S = 1.0  # sessions, SecurityAccess, fingerprint, the version reads before and after
 
 
@@ -50,6 +51,8 @@ class Estimate:
 
 
 def _rate(config: VehicleConfig, segment_name: str) -> float:
+    if not segment_name:  # the deploy link over DoIP: a 100BASE-T1 backbone less TCP/IP and DoIP headers
+        return ETHERNET_GOODPUT
     segment = config.segments[segment_name]
     nominal, data = segment.bitrate or (DEFAULT_BITRATE, 2_000_000 if segment.fd else None)
     return physical_goodput(segment.tx_data_length, nominal, data if segment.fd else None)
@@ -83,7 +86,7 @@ def install_kind(activation: str, pipelined: bool) -> str:
 
 def estimate_install(config: VehicleConfig, jobs: Iterable[tuple[str, int, int]], activation: str,
                      deploy_segment: str | None = None, measured: Mapping[str, Any] | None = None) -> Estimate:
-    """``jobs``: (ECU, image bytes, install order); ``deploy_segment``: a pipelined install's backbone;
+    """``jobs``: (ECU, image bytes, install order); ``deploy_segment``: a pipelined install's backbone ("": DoIP on Ethernet);
     ``measured``: what earlier installs took (``tbox/rates.py``): per ECU its transfer rate (bytes a
     second, or ``{"bytes_per_s", "other_s"}`` with the rest of its flash), and under ``_install``
     the time an install took beyond its flashes, per ECU, by ``install_kind``."""

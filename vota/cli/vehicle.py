@@ -143,8 +143,8 @@ def _cell(entry: dict[str, Any], key: str) -> str:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from agent.adapters.canbus import Segment
     from agent.adapters.config_files import load_vehicle_config
+    from agent.adapters.doip_client import open_deploy_link
     from agent.adapters.file_client import PackageDeployer, file_sha256
     from agent.core.faults import parse_faults
     from vota.cli.progress import ProgressBoard
@@ -168,7 +168,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     board = ProgressBoard([n for n, _, _ in items], enabled=not args.no_progress)
     rows = []
-    with Segment(config.segments[link.segment]) as segment:
+    with open_deploy_link(config) as segment:
         for name, path, digest in items:
             deployer = PackageDeployer(segment, link, name, path, digest, resume=args.resume, progress=board,
                                        faults=faults)

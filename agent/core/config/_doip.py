@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 from typing import Any, Mapping
 
 from agent.core.config._values import _int, _positive, _Section, _str
-from agent.core.config.model import DoipConfig, EcuConfig
+from agent.core.config.model import DeployConfig, DoipConfig, EcuConfig
 from agent.errors import ConfigError
 
 
@@ -94,9 +95,9 @@ def parse_doip(sec: _Section, ecus: Mapping[str, EcuConfig], vin: str | None) ->
     if low > high:
         raise ConfigError(sec.source, sec.key("testers"), "the first address is above the last")
     if not cfg.eid:
-        cfg = DoipConfig(**{**cfg.__dict__, "eid": bytes([0x02]) + hashlib.sha256(cfg.vin.encode()).digest()[:5]})
+        cfg = dataclasses.replace(cfg, eid=bytes([0x02]) + hashlib.sha256(cfg.vin.encode()).digest()[:5])
     if not cfg.gid:
-        cfg = DoipConfig(**{**cfg.__dict__, "gid": cfg.eid})
+        cfg = dataclasses.replace(cfg, gid=cfg.eid)
     seen = {cfg.logical_address: "the gateway (doip.logical_address)"}
     for ecu in ecus.values():
         address = cfg.ecu_address(ecu)
@@ -109,3 +110,31 @@ def parse_doip(sec: _Section, ecus: Mapping[str, EcuConfig], vin: str | None) ->
         seen[address] = ecu.name
     return cfg
 
+
+
+
+def deploy_over_doip(sec: _Section, cfg: DeployConfig, doip: DoipConfig | None) -> DeployConfig:
+    """The deploy section's DoIP keys (``transport: doip``): the TBOX reaches the gateway's deploy
+    server at the entity's logical address, with its own source address."""
+    if cfg.transport != "doip":
+        for key in ("host", "source_address"):
+            if sec.data.get(key) is not None:
+                raise ConfigError(sec.source, sec.key(key), "only with transport: doip")
+        return cfg
+    if sec.data.get("segment") is not None:
+        raise ConfigError(sec.source, sec.key("segment"), "not used with transport: doip (the link is the doip "
+                                                          "section's entity); remove it")
+    sec.used.add("segment")
+    if doip is None:
+        raise ConfigError(sec.source, sec.key("transport"), "doip needs the doip section (the gateway's DoIP entity)")
+    host = sec.get("host", _ip, doip.address, what="the gateway's IP address")
+    if ipaddress.ip_address(host).is_unspecified:
+        raise ConfigError(sec.source, sec.key("host"), f"missing; doip.address {host} does not say where the gateway is")
+    source = sec.get("source_address", _address(0x0E00, 0x0FFF), 0x0E80,
+                     what="the TBOX's logical address, 0x0E00..0x0FFF")
+    if not doip.testers[0] <= source <= doip.testers[1]:
+        raise ConfigError(sec.source, sec.key("source_address"),
+                          f"0x{source:04X} is outside doip.testers (0x{doip.testers[0]:04X}..0x{doip.testers[1]:04X}): "
+                          "the gateway would refuse its routing activation")
+    return dataclasses.replace(cfg, doip_host=host, doip_port=doip.port, doip_source=source,
+                               doip_target=doip.logical_address)

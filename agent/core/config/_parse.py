@@ -6,7 +6,7 @@ import os
 import re
 from typing import Any, Mapping
 
-from agent.core.config._doip import parse_doip
+from agent.core.config._doip import deploy_over_doip, parse_doip
 from agent.core.config._ecu import check_unique_ids, compression_nibbles, parse_ecu
 from agent.core.config._profile import parse_profiles
 from agent.core.config._values import _bitrate, _bool, _can_id, _choice, _int, _nonneg, _positive, _Section, _str
@@ -15,6 +15,7 @@ from agent.core.config.model import (
     CloudConfig,
     ContentConfig,
     DeployConfig,
+    DoipConfig,
     GatewayConfig,
     PreconditionsConfig,
     SegmentConfig,
@@ -116,13 +117,13 @@ def parse_vehicle_config(data: Any, source: str = "<config>") -> VehicleConfig:
     top.used.add("approvals")
     signals = _signals(top.section("vehicle_signals"), segments) if top.data.get("vehicle_signals") is not None else None
     top.used.add("vehicle_signals")
-    deploy = _deploy(source, top.section("deploy"), segments) if top.data.get("deploy") is not None else None
-    top.used.add("deploy")
     tbox = _tbox(top.section("tbox")) if top.data.get("tbox") is not None else None
     top.used.add("tbox")
     doip = parse_doip(top.section("doip"), ecus, gateway.vin or (tbox.vin if tbox else None)) \
         if top.data.get("doip") is not None else None
     top.used.add("doip")
+    deploy = _deploy(source, top.section("deploy"), segments, doip) if top.data.get("deploy") is not None else None
+    top.used.add("deploy")
     top.done()
     if tbox is not None:
         _check_tbox_ecus(source, tbox, ecus)
@@ -327,14 +328,19 @@ def _content(sec: _Section) -> ContentConfig:
     return cfg
 
 
-def _deploy(source: str, sec: _Section, segments: Mapping[str, SegmentConfig]) -> DeployConfig:
+def _deploy(source: str, sec: _Section, segments: Mapping[str, SegmentConfig], doip: DoipConfig | None) -> DeployConfig:
     d = DeployConfig("")
-    segment = sec.get("segment", _str)
-    if segment not in segments:
-        raise ConfigError(source, sec.key("segment"), f"unknown segment {segment!r} (configured: {', '.join(sorted(segments))})")
+    transport = sec.get("transport", _choice("can", "doip"), "can")
+    segment = ""
+    if transport == "can":
+        segment = sec.get("segment", _str)
+        if segment not in segments:
+            raise ConfigError(source, sec.key("segment"),
+                              f"unknown segment {segment!r} (configured: {', '.join(sorted(segments))})")
     timing = sec.section("timing", {})
     cfg = DeployConfig(
         segment=segment,
+        transport=transport,
         request_id=sec.get("request_id", _can_id, d.request_id),
         response_id=sec.get("response_id", _can_id, d.response_id),
         max_block_length=sec.get("max_block_length", _positive, d.max_block_length),
@@ -349,6 +355,7 @@ def _deploy(source: str, sec: _Section, segments: Mapping[str, SegmentConfig]) -
         compression=compression_nibbles(sec),
         authenticate_requests=sec.get("authenticate_requests", _bool, d.authenticate_requests),
     )
+    cfg = deploy_over_doip(sec, cfg, doip)
     timing.done()
     sec.done()
     if cfg.max_block_length < 7:

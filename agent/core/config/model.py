@@ -273,6 +273,12 @@ class DeployConfig:
     # with security_secret: every state-changing request carries freshness and a MAC bound to the
     # SecurityAccess session (agent/protocol/link.py, SecOC-style); false only for a TBOX that cannot
     authenticate_requests: bool = True
+    # the link itself: "can" (ISO-TP on ``segment``) or "doip" (the gateway's DoIP entity, doip section)
+    transport: str = "can"
+    doip_host: str = ""  # transport doip: the gateway's address (doip.address unless set)
+    doip_port: int = 13400  # ... its port (doip.port)
+    doip_source: int = 0x0E80  # ... the TBOX's logical address (within doip.testers)
+    doip_target: int = 0x1010  # ... the gateway's (doip.logical_address)
 
     @property
     def secured(self) -> bool:
