@@ -9,7 +9,7 @@ import pytest
 
 from agent.adapters.config_files import load_yaml
 from agent.adapters.diagnosis_files import load_rules
-from agent.core.diagnosis import CAUSES, StageInput, check_trace, diagnose, parse_rules, render_markdown
+from agent.core.diagnosis import CAUSES, DOIP_CAUSES, StageInput, check_trace, diagnose, parse_rules, render_markdown
 from agent.core.trace import parse_trace
 from agent.errors import ConfigError
 from tests.conftest import ROOT
@@ -128,7 +128,51 @@ def test_deploy_causes(index, row, cause, side, unit, packet, mode):
     assert (f.cause, f.side, f.unit, f.index, f.packet) == (cause, side, unit, index, packet)
 
 
+DOIP_HEAD = {**DEPLOY_HEAD, "request_id": 0x0E80, "response_id": 0x1010, "transport": "doip",
+             "doip": {"host": "192.168.10.1", "port": 13400, "source": 0x0E80, "target": 0x1010}}
+ASKED = "360200000001"
+DOIP_CASES = [  # what the TBOX's DoIP channel recorded (x.doip) -> cause, side, unit, words of the detail
+    ({"sent": False, "err": "x", "doip": {"act": 0x00}}, "routing_activation_refused", "client", "TBOX", "unknown source"),
+    ({"sent": False, "err": "x", "doip": {"act": 0x03}}, "routing_activation_refused", "client", "TBOX", "another socket"),
+    ({"sent": False, "err": "x", "doip": {"act": 0x01}}, "routing_activation_refused", "server", "GW", "all sockets"),
+    ({"sent": False, "err": "x", "doip": {"nack": 0x03}}, "diagnostic_message_nack", "client", "TBOX", "unknown target"),
+    ({"sent": False, "err": "x", "doip": {"nack": 0x06}}, "diagnostic_message_nack", "server", "GW", "unreachable"),
+    ({"sent": False, "err": "x", "doip": {"gnack": 0x04}}, "diagnostic_message_nack", "client", "TBOX", "generic NACK"),
+    ({"err": "x", "doip": {"closed": "alive_check"}}, "alive_check_timeout", "client", "TBOX", "alive check"),
+    ({"err": "x", "doip": {"closed": "peer"}}, "doip_connection_failure", "server", "GW", "closed the connection"),
+    ({"sent": False, "err": "x", "doip": {"conn": "unreachable"}}, "doip_connection_failure", "server", "GW",
+     "could not be reached"),
+    ({"sent": False, "err": "x", "doip": {"timeout": "ack"}}, "doip_connection_failure", "server", "GW", "acknowledge"),
+]
+
+
+@pytest.mark.parametrize("mode", ["first", "all"])
+@pytest.mark.parametrize("extra, cause, side, unit, words", DOIP_CASES)
+def test_doips_own_failures_are_causes_on_the_side_whose_doing_they_are(extra, cause, side, unit, words, mode):
+    f = one(with_row(DEPLOY, 3, [40, ASKED, 4095, None, None, extra]), DOIP_HEAD, mode)
+    assert (f.cause, f.side, f.unit, f.index, f.check.startswith("doip.")) == (cause, side, unit, 3, True)
+    assert words in f.detail, f.detail
+
+
+def test_a_link_the_client_closed_itself_is_judged_as_any_exchange():
+    f = one(with_row(DEPLOY, 3, [40, ASKED, 4095, None, None, {"doip": {"closed": "client"}}]), DOIP_HEAD)
+    assert (f.cause, f.side) == ("response_not_sent", "server")
+
+
+def test_rules_without_doip_causes_still_diagnose_doip_failures():
+    data = load_yaml(RULES_FILE)
+    data["causes"] = {k: v for k, v in data["causes"].items() if not k.startswith("doip.")}
+    rules = parse_rules(data, "old-rules.yaml")
+    rows = with_row(DEPLOY, 3, [40, ASKED, 4095, None, None, {"sent": False, "doip": {"act": 0}}])
+    (f,) = check_trace(trace(rows, DOIP_HEAD), rules, "vcu.bin")
+    assert f.cause == "routing_activation_refused"
+    data["causes"]["doip.nack"] = {"cause": "negative_response", "side": "client"}
+    with pytest.raises(ConfigError, match="causes.doip.nack: needs a cause out of routing_activation_refused"):
+        parse_rules(data, "bad-rules.yaml")
+
+
 def test_every_cause_is_covered_in_both_stages():
+    assert {c[1] for c in DOIP_CASES} == set(DOIP_CAUSES)
     assert {c[2] for c in FLASH_CASES} == set(CAUSES)
     assert {c[2] for c in DEPLOY_CASES} == set(CAUSES)
 

@@ -427,6 +427,26 @@ def test_a_campaign_deployed_over_doip_and_a_tester_told_busy_for_the_ecu_it_fla
         installing = json.loads(next(campaigns.glob("*/link/installing.link.trace.jsonl")).read_text().splitlines()[0])
         assert installing["transport"] == "doip" and installing["request_id"] == 0x0E80
         assert backbone.recv(0.5) is None
+
+        # the gateway restarted with a configuration whose testers leave out the TBOX's address:
+        # every activation is refused, and the diagnosis names DoIP's refusal and the TBOX's side
+        data = yaml.safe_load(v.config.read_text())
+        data["doip"]["testers"] = [0x0E00, 0x0E0F]
+        data["deploy"]["source_address"] = 0x0E05  # what this file says of the TBOX (the TBOX reads its own)
+        narrow = tmp_path / "gateway-narrow.yaml"
+        narrow.write_text(yaml.safe_dump(data))
+        v.gateway.stop()
+        v.gateway = Proc("gateway", "-c", str(narrow), log=tmp_path / "gw-narrow.log")
+        procs.append(v.gateway)
+        v.gateway.wait_ready("gateway ready")
+        v.send(v.campaign("c-doip-refused", "2.1.0"))
+        done = v.finished("c-doip-refused", timeout=120)
+        assert done["outcome"] == "failed", done
+        assert v.cloud.collector.wait_for(lambda c: "c-doip-refused" in c.verdicts, 10)
+        verdict = v.cloud.collector.verdicts["c-doip-refused"]
+        first = verdict["findings"][0]
+        assert (first["cause"], first["side"], first["unit"]) == ("routing_activation_refused", "client", "TBOX"), verdict
+        assert "code 0x00 (unknown source address)" in first["detail"], first
     finally:
         stop.set()
         thread.join(timeout=10)

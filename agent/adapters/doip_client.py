@@ -34,12 +34,6 @@ __all__ = ["DoipChannel", "DoipLink", "DoipRefused", "open_deploy_link"]
 ACK_TIMEOUT_S = 2.0  # A_DoIP_Diagnostic_Message
 ALIVE_WINDOW_S = 3.0  # a close this soon after an alive check: the entity's alive check timed out (A_DoIP_Ctrl 2 s)
 
-_ACTIVATION = {0x00: "unknown source address", 0x01: "all sockets taken", 0x02: "source address differs on this socket",
-               0x03: "source address active on another socket", 0x04: "missing authentication",
-               0x05: "confirmation rejected", 0x06: "unsupported activation type", 0x07: "TLS required"}
-_NACK = {0x02: "invalid source address", 0x03: "unknown target address", 0x04: "message too large",
-         0x05: "out of memory", 0x06: "target unreachable", 0x07: "unknown network", 0x08: "transport protocol error"}
-
 
 class DoipRefused(ConnectionError):
     """Routing activation refused, a diagnostic message negatively acknowledged, or the entity
@@ -86,7 +80,8 @@ class DoipChannel:
             answer = self._expect((T.ROUTING_ACTIVATION_RESPONSE,), self.timeout)
             code = answer.payload[4] if len(answer.payload) > 4 else -1
             if code != doip.RoutingCode.SUCCESS:
-                raise DoipRefused(f"routing activation refused: code 0x{code:02X} ({_ACTIVATION.get(code, 'reserved')})",
+                meaning = doip.ACTIVATION_REFUSALS.get(code, ("reserved",))[0]
+                raise DoipRefused(f"routing activation refused: code 0x{code:02X} ({meaning})",
                                   code, {"act": code})
         except BaseException:
             self.close()
@@ -101,7 +96,7 @@ class DoipChannel:
         if answer.payload_type == T.DIAGNOSTIC_NACK:
             code = answer.payload[4]
             raise DoipRefused(f"diagnostic message negatively acknowledged: code 0x{code:02X} "
-                              f"({_NACK.get(code, 'reserved')})", code, {"nack": code})
+                              f"({doip.DIAGNOSTIC_NACKS.get(code, ('reserved',))[0]})", code, {"nack": code})
 
     def recv(self, block: bool = False, timeout: float | None = None) -> bytes | None:
         """The next answer, or None when none came in time; DoipRefused once the connection is

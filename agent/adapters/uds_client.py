@@ -247,13 +247,17 @@ class TracingConnection(BaseConnection):
         return not (frame[0] & 0x40) or frame[0] == (sid + 0x40) & 0xFF
 
     def drain_late(self, wait: float = 0.0) -> None:
-        """Record responses that arrived after the client gave up (within ``wait`` s)."""
-        frame = self.stack.recv(block=wait > 0, timeout=wait if wait > 0 else None)
-        while frame is not None:
-            rec = self._rec()
-            if rec is not None:
-                rec.late(bytes(frame))
-            frame = self.stack.recv(block=False)
+        """Record responses that arrived after the client gave up (within ``wait`` s); none
+        can come on a link that ended (a closed DoIP connection)."""
+        try:
+            frame = self.stack.recv(block=wait > 0, timeout=wait if wait > 0 else None)
+            while frame is not None:
+                rec = self._rec()
+                if rec is not None:
+                    rec.late(bytes(frame))
+                frame = self.stack.recv(block=False)
+        except ConnectionError:
+            return
 
     def empty_rxqueue(self) -> None:
         self.drain_late()

@@ -24,7 +24,8 @@ wrong on the client side, ``step`` the step of an exchange outside the programmi
 negative answer the step accepts (not judged), ``csize`` the bytes a compressed or delta
 download carries, ``back`` ms from a reset to the first answer after it, ``rlen`` the
 length of a response whose data was left out (a block of a file read in stage ``link``), ``rep`` how many
-times more the same step went exactly so (a polled status: one record for identical polls). In the
+times more the same step went exactly so (a polled status: one record for identical polls), ``doip``
+what a link over DoIP reported of its own failure (docs/doip.md). In the
 deploy stage a TransferData header is ``36 nn PPPPPPPP``: block counter and the deploy packet
 id (the packet's number within the package). The last line may be a trailer object
 ``{"end": true, "exchanges": N, "result": "success"|"failed", "tester_present": [ms, ...]}``

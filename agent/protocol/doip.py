@@ -22,7 +22,7 @@ from enum import IntEnum
 __all__ = ["PayloadType", "Nack", "RoutingCode", "DiagNack", "HEADER", "Message", "Problem", "encode", "Framer",
            "VERSIONS", "ANY_VERSION", "vehicle_identification", "routing_activation_response", "diagnostic_message",
            "diagnostic_ack", "diagnostic_nack", "parse_routing_activation", "parse_diagnostic", "entity_status",
-           "power_mode", "UDP_PORT", "TCP_PORT", "TLS_PORT"]
+           "power_mode", "UDP_PORT", "TCP_PORT", "TLS_PORT", "ACTIVATION_REFUSALS", "DIAGNOSTIC_NACKS"]
 
 HEADER = 8
 VERSIONS = (0x02, 0x03)
@@ -81,6 +81,20 @@ class DiagNack(IntEnum):
     TARGET_UNREACHABLE = 0x06
     UNKNOWN_NETWORK = 0x07
     TRANSPORT_PROTOCOL_ERROR = 0x08
+
+
+# what the codes a DoIP client is refused with mean (ISO 13400-2), and whose doing each is: a
+# refusal for the client's own address, authentication or request (client), or for the entity's
+# state or the network behind it (server)
+ACTIVATION_REFUSALS = {0x00: ("unknown source address", "client"), 0x01: ("all sockets taken", "server"),
+                       0x02: ("source address differs on this socket", "client"),
+                       0x03: ("source address active on another socket", "client"),
+                       0x04: ("missing authentication", "client"), 0x05: ("confirmation rejected", "server"),
+                       0x06: ("unsupported activation type", "client"), 0x07: ("TLS required", "client")}
+DIAGNOSTIC_NACKS = {0x02: ("invalid source address", "client"), 0x03: ("unknown target address", "client"),
+                    0x04: ("message too large", "client"), 0x05: ("out of memory", "server"),
+                    0x06: ("target unreachable", "server"), 0x07: ("unknown network", "server"),
+                    0x08: ("transport protocol error", "server")}
 
 
 # the payload lengths a request of each type may have (None: at least the first number)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from agent.core.diagnosis.checks import check_trace
 from agent.core.diagnosis.model import Finding, StageInput, Verdict
 from agent.core.diagnosis.report import diagnose, render_markdown
-from agent.core.diagnosis.rules import CAUSES, SCHEMA, Rules, StageRules, parse_rules
+from agent.core.diagnosis.rules import CAUSES, DOIP_CAUSES, SCHEMA, Rules, StageRules, parse_rules
 
-__all__ = ["CAUSES", "Rules", "StageRules", "Finding", "Verdict", "StageInput", "parse_rules", "check_trace", "diagnose",
+__all__ = ["CAUSES", "DOIP_CAUSES", "Rules", "StageRules", "Finding", "Verdict", "StageInput", "parse_rules", "check_trace", "diagnose",
            "render_markdown", "SCHEMA"]

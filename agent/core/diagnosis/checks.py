@@ -5,6 +5,7 @@ from __future__ import annotations
 from agent.core.diagnosis.model import Finding, nrc_name, record
 from agent.core.diagnosis.rules import Rules, StageRules, with_profile
 from agent.core.trace import Exchange, Trace
+from agent.protocol.doip import ACTIVATION_REFUSALS, DIAGNOSTIC_NACKS
 
 __all__ = ["check_trace"]
 
@@ -66,6 +67,18 @@ class _Checker:
     def _in_transfer(self, sid: int) -> bool:
         return sid == self.stage.counter_service and any(
             p[:1] == bytes((sid,)) for p, t in self.stage.flow.get(self.state, []) if t == self.state)
+
+    # -- the link's own failure (DoIP)
+    def link(self, i: int, e: Exchange) -> bool:
+        """A failure DoIP itself reported for this exchange (``x.doip``), recorded; False when none."""
+        said = e.extra.get("doip")
+        if not isinstance(said, dict):
+            return False
+        found = _doip_failure(said, self.client, self.server)
+        if found is None:
+            return False
+        self._fail(i, e, *found)
+        return True
 
     # -- request checks
     def request(self, i: int, e: Exchange) -> str | None:
@@ -302,6 +315,35 @@ class _Checker:
             self.block = None
 
 
+def _code(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _doip_failure(said: dict[str, object], client: str, server: str) -> tuple[str, str] | None:
+    """(check, detail) for what a DoIP channel recorded of its failure, or None (the client
+    closed it itself: the exchange is judged as any other)."""
+    act, nack, closed = _code(said.get("act")), _code(said.get("nack")), said.get("closed")
+    if act is not None:
+        meaning, side = ACTIVATION_REFUSALS.get(act, ("reserved", "client"))
+        return ("doip.activation" if side == "client" else "doip.activation_server",
+                f"{server}'s DoIP entity refused routing activation: code 0x{act:02X} ({meaning})")
+    if nack is not None:
+        meaning, side = DIAGNOSTIC_NACKS.get(nack, ("reserved", "server"))
+        return ("doip.nack" if side == "client" else "doip.nack_server",
+                f"{server}'s DoIP entity refused the diagnostic message: code 0x{nack:02X} ({meaning})")
+    if _code(said.get("gnack")) is not None:
+        return "doip.nack", f"{server}'s DoIP entity refused the message's header: generic NACK 0x{said['gnack']:02X}"
+    if closed == "alive_check":
+        return "doip.alive_check", f"{client} did not answer {server}'s alive check in time: the entity closed the connection"
+    if closed == "peer":
+        return "doip.connection", f"{server}'s DoIP entity closed the connection"
+    if said.get("conn") == "unreachable":
+        return "doip.connection", f"{server}'s DoIP entity could not be reached (TCP connection refused or timed out)"
+    if said.get("timeout") == "ack":
+        return "doip.connection", f"{server}'s DoIP entity did not acknowledge the diagnostic message within 2 s"
+    return None
+
+
 def _announced(header: bytes) -> int | None:
     """The bytes a RequestDownload (0x34: memorySize) or a RequestFileTransfer that writes
     (0x38 add/replace/resume: fileSizeCompressed) announces; None when the header does not say."""
@@ -378,6 +420,10 @@ def check_trace(trace: Trace, rules: Rules, name: str, mode: str = "first") -> l
     fast = _FastTransfer(checker)
     for i, e in enumerate(trace.exchanges):
         if fast.passes(e):  # the common TransferData block: every check inline, same result
+            continue
+        if "doip" in e.extra and checker.link(i, e):  # the link failed, not the request or its answer
+            if mode == "first":
+                break
             continue
         failed = checker.request(i, e)
         if failed and mode == "first":

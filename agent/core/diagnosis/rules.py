@@ -8,7 +8,8 @@ from typing import Any, Mapping
 
 from agent.errors import ConfigError, TraceFormatError
 
-__all__ = ["SCHEMA", "CAUSES", "REQUEST_CHECKS", "RESPONSE_CHECKS", "ServiceRule", "StageRules", "Rules", "parse_rules", "with_profile"]
+__all__ = ["SCHEMA", "CAUSES", "DOIP_CAUSES", "DOIP_CHECKS", "REQUEST_CHECKS", "RESPONSE_CHECKS", "ServiceRule",
+           "StageRules", "Rules", "parse_rules", "with_profile"]
 
 SCHEMA = "vota-diagnosis/1"
 CAUSES = (
@@ -24,6 +25,18 @@ CAUSES = (
     "negative_response",
     "unmatched_response",
 )
+# DoIP's own failures on a deploy link over DoIP (x.doip in the trace, docs/doip.md)
+DOIP_CAUSES = ("routing_activation_refused", "diagnostic_message_nack", "alive_check_timeout", "doip_connection_failure")
+# the check each is found by, its cause and side; the refusal codes that are the other side's
+# doing are the same checks with "_server" (agent/protocol/doip.py says whose each code is)
+DOIP_CHECKS = {
+    "doip.activation": ("routing_activation_refused", "client"),
+    "doip.activation_server": ("routing_activation_refused", "server"),
+    "doip.nack": ("diagnostic_message_nack", "client"),
+    "doip.nack_server": ("diagnostic_message_nack", "server"),
+    "doip.alive_check": ("alive_check_timeout", "client"),
+    "doip.connection": ("doip_connection_failure", "server"),
+}
 REQUEST_CHECKS = ("validity", "identifier", "format", "length", "flow")
 RESPONSE_CHECKS = ("validity", "time", "identifier", "format", "type", "match")
 
@@ -156,9 +169,12 @@ def parse_rules(data: Any, source: str = "<rules>") -> Rules:
         raise ConfigError(source, "checks", f"must order exactly {REQUEST_CHECKS} and {RESPONSE_CHECKS}")
     causes = {}
     for key, value in data.get("causes", {}).items():
-        if not isinstance(value, Mapping) or value.get("cause") not in CAUSES or value.get("side") not in ("client", "server"):
-            raise ConfigError(source, f"causes.{key}", f"needs a cause out of {', '.join(CAUSES)} and side client/server")
+        known = DOIP_CAUSES if str(key).startswith("doip.") else CAUSES
+        if not isinstance(value, Mapping) or value.get("cause") not in known or value.get("side") not in ("client", "server"):
+            raise ConfigError(source, f"causes.{key}", f"needs a cause out of {', '.join(known)} and side client/server")
         causes[str(key)] = (str(value["cause"]), str(value["side"]))
+    for key, mapped in DOIP_CHECKS.items():  # rules written before the deploy link had DoIP
+        causes.setdefault(key, mapped)
     missing = [f"{side}.{c}" for side, names in (("request", REQUEST_CHECKS), ("response", RESPONSE_CHECKS))
                for c in names if f"{side}.{c}" not in causes]
     if missing:
