@@ -19,10 +19,12 @@ import hmac
 import logging
 import random
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Callable, Iterator
 
+from agent.adapters.tls_stream import TlsStream, server_context
 from agent.core.config import DoipConfig, VehicleConfig
 from agent.errors import ConfigError
 from agent.protocol import doip
@@ -48,8 +50,9 @@ def activation_key(secret: str, source: int, eid: bytes) -> bytes:
 
 
 class _Connection:
-    def __init__(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    def __init__(self, sock: socket.socket | TlsStream, peer: tuple[str, int]) -> None:
         self.sock, self.peer = sock, peer
+        self.secure = isinstance(sock, TlsStream)
         self.version = 0x02
         self.tester: int | None = None  # the source address routing is active for
         self.routes: TesterRoutes | None = None
@@ -59,7 +62,9 @@ class _Connection:
         self._write = threading.Lock()
 
     def send(self, payload_type: int, payload: bytes) -> None:
-        data = doip.encode(payload_type, payload, self.version)
+        self.send_raw(doip.encode(payload_type, payload, self.version))
+
+    def send_raw(self, data: bytes) -> None:
         with self._write:
             self.sock.sendall(data)
 
@@ -84,31 +89,51 @@ class DoipEntity:
         self._lock = threading.Lock()
         self._connections: list[_Connection] = []
         self._threads: list[threading.Thread] = []
-        family = socket.AF_INET6 if ":" in self.doip.address else socket.AF_INET
-        self._udp = socket.socket(family, socket.SOCK_DGRAM)
-        self._tcp = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            for sock in (self._udp, self._tcp):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((self.doip.address, self.doip.port))
-            self._udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-            self._udp.settimeout(0.2)
-            self._tcp.listen(16)
-            self._tcp.settimeout(0.2)
-        except OSError as exc:
-            self._udp.close()
-            self._tcp.close()
-            raise ConfigError(config.source, "doip.address", f"cannot listen on {self.doip.address} port "
-                                                             f"{self.doip.port}: {exc.strerror}") from None
+        tls: ssl.SSLContext | None = None
+        if self.doip.tls_cert is not None and self.doip.tls_key is not None:
+            try:
+                tls = server_context(self.doip.tls_cert, self.doip.tls_key, self.doip.tls_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(config.source, "doip.tls", f"cannot use {self.doip.tls_cert}, {self.doip.tls_key}"
+                                  f"{', ' + self.doip.tls_ca if self.doip.tls_ca else ''}: {exc}") from None
+        self._udp = self._socket(socket.SOCK_DGRAM, self.doip.port)
+        self._listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = [
+            (self._socket(socket.SOCK_STREAM, self.doip.port), None)]
+        if tls is not None:
+            self._listeners.append((self._socket(socket.SOCK_STREAM, self.doip.tls_port), tls))
+        self._udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         self.stats = {"connections": 0, "refused": 0, "nacks": 0, "routed": 0}
+
+    def _socket(self, kind: int, port: int) -> socket.socket:
+        """Bound (and listening, for TCP), or a ConfigError naming the address and port; every
+        socket opened before is closed with it."""
+        sock = socket.socket(socket.AF_INET6 if ":" in self.doip.address else socket.AF_INET, kind)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.doip.address, port))
+            if kind == socket.SOCK_STREAM:
+                sock.listen(16)
+            sock.settimeout(0.2)
+        except OSError as exc:
+            sock.close()
+            for other in [getattr(self, "_udp", None), *(s for s, _ in getattr(self, "_listeners", []))]:
+                if other is not None:
+                    other.close()
+            raise ConfigError(self.config.source, "doip.address",
+                              f"cannot listen on {self.doip.address} port {port}: {exc.strerror}") from None
+        return sock
 
     # ---- life cycle -------------------------------------------------------------------
     def start(self) -> None:
-        for target, name in ((self._serve_udp, "doip-udp"), (self._accept, "doip-tcp"), (self._announce, "doip-announce")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+        work: list[tuple[Callable[..., None], tuple[Any, ...], str]] = [(self._serve_udp, (), "doip-udp"),
+                                                                       (self._announce, (), "doip-announce")]
+        work += [(self._accept, (sock, tls), "doip-tls" if tls else "doip-tcp") for sock, tls in self._listeners]
+        for target, args, name in work:
+            thread = threading.Thread(target=target, args=args, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("DoIP entity 0x%04X on %s port %d", self.doip.logical_address, self.doip.address, self.doip.port)
+        log.info("DoIP entity 0x%04X on %s port %d%s", self.doip.logical_address, self.doip.address, self.doip.port,
+                 f", TLS on port {self.doip.tls_port}" if len(self._listeners) > 1 else "")
 
     def stop(self) -> None:
         self._stop.set()
@@ -119,7 +144,8 @@ class DoipEntity:
         for connection in connections:
             connection.close()
         self._udp.close()
-        self._tcp.close()
+        for sock, _ in self._listeners:
+            sock.close()
 
     def testers(self) -> dict[int, list[str]]:
         """The active testers and the ECUs each holds (status, tests)."""
@@ -192,8 +218,8 @@ class DoipEntity:
                                   self.doip.max_request + 4)
 
     # ---- TCP: connections -------------------------------------------------------------
-    def _accept(self) -> None:
-        for sock, peer in self._incoming(self._tcp.accept):
+    def _accept(self, listener: socket.socket, tls: ssl.SSLContext | None) -> None:
+        for sock, peer in self._incoming(listener.accept):
             with self._lock:
                 crowded = len(self._connections) > 2 * self.doip.max_testers  # unactivated ones close in 2 s
             if crowded:
@@ -202,7 +228,8 @@ class DoipEntity:
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(0.1)
-            connection = _Connection(sock, peer)
+            # TLS: the handshake is the connection's own thread's first work
+            connection = _Connection(TlsStream(sock, tls, server_side=True) if tls else sock, peer)
             with self._lock:
                 self._connections.append(connection)
             self.stats["connections"] += 1
@@ -211,6 +238,12 @@ class DoipEntity:
     def _serve(self, c: _Connection) -> None:
         framer = doip.Framer(max_payload=self.doip.max_request + 4)
         try:
+            if isinstance(c.sock, TlsStream):
+                try:
+                    c.sock.handshake(self.doip.initial_inactivity_s)
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("DoIP %s: TLS handshake failed: %s", c.peer[0], exc)
+                    return
             while not self._stop.is_set() and not c.closed.is_set():
                 now = time.monotonic()
                 if c.tester is None and now - c.opened > self.doip.initial_inactivity_s or now - c.last > self.doip.idle_s:
@@ -267,8 +300,7 @@ class DoipEntity:
         if kind in (T.VEHICLE_ID_REQUEST, T.VEHICLE_ID_REQUEST_EID, T.VEHICLE_ID_REQUEST_VIN):
             answer = self.udp_answer(doip.encode(kind, payload, c.version))
             if answer is not None:
-                with c._write:
-                    c.sock.sendall(answer)
+                c.send_raw(answer)
             return True
         # a type an entity sends, not takes (responses, acknowledgements): not for us
         self.stats["nacks"] += 1
@@ -290,6 +322,8 @@ class DoipEntity:
         low, high = self.doip.testers
         if not low <= source <= high:
             return RoutingCode.UNKNOWN_SOURCE_ADDRESS
+        if not c.secure and not self.doip.plain:
+            return RoutingCode.TLS_REQUIRED  # the standard's answer: the tester comes back on the TLS port
         if kind not in ACTIVATION_TYPES:
             return RoutingCode.UNSUPPORTED_ACTIVATION_TYPE
         if c.tester is not None:

@@ -70,6 +70,11 @@ def multicast_bus(fd: bool = False) -> dict[str, Any]:
     return {"interface": "udp_multicast", "channel": group, "port": _rng.randint(20000, 60000), "fd": fd}
 
 
+def loopback() -> str:
+    """A loopback address of a test's own: every test's DoIP entity listens on port 13400."""
+    return f"127.{_rng.randint(1, 254)}.{_rng.randint(0, 255)}.{_rng.randint(1, 254)}"
+
+
 def virtual_bus() -> dict[str, Any]:
     return {"interface": "virtual", "channel": f"vota-test-{_rng.getrandbits(48):x}"}
 

@@ -186,3 +186,35 @@ def test_ctrl_c_stops_the_whole_bench_within_seconds_and_leaves_a_journal(tmp_pa
     assert not _processes_mentioning(str(out))
     (state,) = (out / "tbox" / "campaigns").glob("*/state.json")
     assert json.loads(state.read_text())["state"] in (("deploying", "installing") if phase == "deploy" else ("installing",))
+
+
+def test_the_bench_over_doip_deploys_over_the_entity_and_flashes_over_can(tmp_path, write_config):
+    """vota bench --doip: the bench configuration's DoIP variant (the deploy link over the
+    gateway's DoIP entity on loopback) runs a whole campaign to success; the deploy traces say so."""
+    from agent.core.trace import parse_trace
+
+    config = write_config({
+        "segments": {"bb": {"bus": multicast_bus()}, "pt": {"bus": multicast_bus()}, "body": {"bus": multicast_bus()}},
+        "deploy": {"segment": "bb", "security_secret": "LVOTABENCHTEST003-deploy", "compression": {"zlib": 1}},
+        "ecus": {"vcu": ecu_entry("vcu", 0x7E0, 0x7E8, "pt"), "bcm": ecu_entry("bcm", 0x740, 0x748, "body")},
+        "tbox": {"vin": "LVOTABENCHTEST003", "trusted_keys": ["unused.pub"], "retry_delay_ms": 300},
+    })
+    out = tmp_path / "bench"
+    run = vota("bench", "-c", str(config), "--out", str(out), "--image-size", "64K", "--broker", "embedded", "--doip",
+               "--image-kind", "firmware", timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["outcome"] == "success" and report["deploy_link"].startswith("DoIP 127.0.0.1:"), report["deploy_link"]
+    assert "deploy link DoIP 127.0.0.1:" in run.stdout and "(0x0E80 -> 0x1010)" in run.stdout
+    assert {d["package"]: (d["result"], d["compression"]) for d in report["deploy"]} == {
+        "vcu-2.0.0.bin": ("success", "zlib"), "bcm-2.0.0.bin": ("success", "zlib")}
+    assert {f["ecu"]: f["result"] for f in report["flash"]} == {"vcu": "success", "bcm": "success"}
+    assert {e: v["software_version"] for e, v in report["final_versions"].items()} == {"vcu": "2.0.0", "bcm": "2.0.0"}
+    deploys = [Path(t) for t in report["traces"] if ".deploy." in Path(t).name]
+    assert len(deploys) == 2
+    for path in deploys:
+        header = parse_trace(path.read_text(), str(path)).header
+        assert header.extra["transport"] == "doip" and (header.request_id, header.response_id) == (0x0E80, 0x1010)
+    vehicle = load_yaml(out / "vehicle.yaml")
+    assert vehicle["deploy"]["transport"] == "doip" and "segment" not in vehicle["deploy"]
+    assert not _processes_mentioning(str(out))

@@ -9,7 +9,10 @@ import signal
 import time
 from pathlib import Path
 
-from tests.vehicle import ECUS, VIN
+import pytest
+
+from tests.conftest import loopback
+from tests.vehicle import ECUS, VIN, Vehicle, over_doip
 
 KiB = 1024
 
@@ -41,8 +44,20 @@ def _results_once(v, cid: str) -> dict[str, dict]:  # type: ignore[no-untyped-de
     return {f"{k[0]}:{k[1]}": r["result"]["result"] for k, r in zip(keys, results, strict=True)}
 
 
-def test_tbox_killed_during_download_deploy_and_install(vehicle):
-    v = vehicle
+@pytest.mark.parametrize("link", ["can", "doip"])
+def test_tbox_killed_during_download_deploy_and_install(tmp_path, mosquitto, write_config, procs, link):
+    """(doip: the deploy link over DoIP, each TransferData answered 40 ms late for a deploy to be caught in.)"""
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, **(over_doip(loopback()) if link == "doip" else {}))
+    try:
+        if link == "doip":
+            v.gateway.stop()
+            v.restart_gateway("--fault", "deploy:GW:36#1+:delay=40")
+        _killed_three_times(v)
+    finally:
+        v.close()
+
+
+def _killed_three_times(v: Vehicle) -> None:
     v.cloud.packages.throttle = 200 * KiB  # a slow link: the download takes a while
     v.send(v.campaign("c-kill", "3.0.0", packages=v.packages("3.0.0", size=256 * KiB)))
     tbox_dir = v.tmp / "tbox" / "campaigns"

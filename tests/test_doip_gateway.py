@@ -24,15 +24,10 @@ from agent.protocol import doip
 from agent.protocol.ecu import security_key
 from gateway.buses import Buses
 from gateway.doip_entity import DoipEntity, activation_key
-from tests.conftest import Proc, ecu_entry, multicast_bus, virtual_bus
+from tests.conftest import Proc, ecu_entry, loopback, multicast_bus, virtual_bus
 
 VIN = "VOTADOIP000000001"
 GATEWAY = 0x1010
-
-
-def loopback() -> str:
-    """A loopback address of this test's own: every test's entity listens on port 13400."""
-    return f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
 
 
 def free_udp_port() -> int:
@@ -354,8 +349,9 @@ def test_the_generic_header_and_diagnostic_message_checks(entity: DoipEntity) ->
 @pytest.mark.slow  # separate processes
 def test_a_campaign_deployed_over_doip_and_a_tester_told_busy_for_the_ecu_it_flashes(
         tmp_path, mosquitto, write_config, procs):  # type: ignore[no-untyped-def]
-    """The TBOX deploys and installs over DoIP (deploy.transport: doip), the gateway flashes over
-    CAN; a tester polls an ECU all the while and gets its answer or busy, never a place in the flash."""
+    """The TBOX deploys and installs over DoIP with TLS (deploy.transport: doip, mutual TLS on port
+    3496), the gateway flashes over CAN; a tester on the plain port polls an ECU all the while and
+    gets its answer or busy, never a place in the flash."""
     import json
     import threading
 
@@ -363,13 +359,18 @@ def test_a_campaign_deployed_over_doip_and_a_tester_told_busy_for_the_ecu_it_fla
     import yaml
 
     from agent.core.trace import parse_trace
+    from cloud_sim.pki import bench_pki
     from tests.vehicle import Vehicle
 
     ip = loopback()
+    pki = bench_pki(tmp_path / "pki", ["tbox"], server_names=[ip])
     v = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_extra={"bms": {"sim": {**ecu_entry("bms", 0, 0)["sim"],
                                                                                      "erase_ms": 2500}}},
-                deploy_extra={"transport": "doip", "segment": None},
-                config_extra={"doip": {"address": ip, "announce_to": False, "hold_s": 0.3}})
+                deploy_extra={"transport": "doip", "segment": None,
+                              "tls": {"ca": str(pki / "ca.pem"), "cert": str(pki / "tbox.pem"), "key": str(pki / "tbox.key")}},
+                config_extra={"doip": {"address": ip, "announce_to": False, "hold_s": 0.3,
+                                       "tls": {"cert": str(pki / "server.pem"), "key": str(pki / "server.key"),
+                                               "ca": str(pki / "ca.pem")}}})
     segments = yaml.safe_load(v.config.read_text())["segments"]
     sniffer = can.Bus(**segments["pt"]["bus"])
     backbone = can.Bus(**segments["bb"]["bus"])  # still configured, and unused by the deploy link
@@ -421,6 +422,7 @@ def test_a_campaign_deployed_over_doip_and_a_tester_told_busy_for_the_ecu_it_fla
             trace = parse_trace(path.read_text(), str(path))
             assert (trace.header.request_id, trace.header.response_id) == (0x0E80, GATEWAY)
             assert trace.header.extra["transport"] == "doip" and trace.header.extra["doip"]["target"] == GATEWAY
+            assert trace.header.extra["doip"]["port"] == doip.TLS_PORT and trace.header.extra["doip"]["tls"] is True
             services = [e.header[0] for e in trace.exchanges]
             assert services[:3] == [0x10, 0x27, 0x27] and 0x38 in services and services[-1] == 0x37, services
             assert all(e.response is not None and e.response[0] != 0x7F for e in trace.exchanges if e.header[0] == 0x36)
@@ -513,3 +515,91 @@ def test_the_deploy_link_over_doip_takes_the_entitys_address_port_and_logical_ad
     link = parse_vehicle_config(data, "vehicle.yaml").deploy_link()
     assert (link.transport, link.segment, link.doip_host, link.doip_port, link.doip_source, link.doip_target) == (
         "doip", "", "127.0.0.9", 13401, 0x0E10, GATEWAY)
+
+
+# ---- TLS (ISO 13400-2's port 3496) ---------------------------------------------------------------
+@pytest.fixture
+def tls_entity(tmp_path) -> Iterator[tuple[DoipEntity, Any]]:  # type: ignore[no-untyped-def]
+    """An entity that takes TLS only (plain: false), asking testers for a certificate its CA signed."""
+    from cloud_sim.pki import bench_pki
+
+    ip = loopback()
+    pki = bench_pki(tmp_path / "pki", ["tbox"], server_names=[ip])
+    data = doip_config(tmp_path, ip, {"bb": virtual_bus(), "pt": virtual_bus(), "body": virtual_bus()}, announce_to=False,
+                       tls={"cert": str(pki / "server.pem"), "key": str(pki / "server.key"), "ca": str(pki / "ca.pem"),
+                            "plain": False})
+    config = parse_vehicle_config(data, "vehicle.yaml")
+    with Buses(config) as buses:
+        e = DoipEntity(config, buses)
+        e.start()
+        try:
+            yield e, pki
+        finally:
+            e.stop()
+
+
+def test_over_tls_a_tester_with_a_certificate_is_routed_and_the_plain_port_says_tls_required(tls_entity) -> None:  # type: ignore[no-untyped-def]
+    import ssl
+
+    from agent.adapters.doip_client import DoipChannel, DoipRefused
+    from agent.adapters.tls_stream import client_context
+
+    entity, pki = tls_entity
+    ip = entity.doip.address
+    plain = Raw(ip)
+    assert plain.activate(0x0E00) == doip.RoutingCode.TLS_REQUIRED and plain.closed()
+    mutual = client_context(str(pki / "ca.pem"), str(pki / "tbox.pem"), str(pki / "tbox.key"))
+    with DoipChannel(ip, doip.TLS_PORT, 0x0E80, 0x07E0, tls=mutual) as channel:
+        channel.send(bytes.fromhex("3e00"))  # acknowledged over TLS (no ECU plays on these buses)
+        assert entity.testers() == {0x0E80: ["vcu"]}
+    # python-doipclient, a client we did not write, over TLS with the tester's certificate
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # it passes no server name; the CA still verifies the entity
+    context.load_verify_locations(str(pki / "ca.pem"))
+    context.load_cert_chain(str(pki / "tbox.pem"), str(pki / "tbox.key"))
+    with DoIPClient(ip, 0x07E1, tcp_port=doip.TLS_PORT, client_logical_address=0x0E01, use_secure=context) as client:
+        client.send_diagnostic(bytes.fromhex("3e00"))  # raises unless positively acknowledged
+    # an entity whose certificate another CA signed is not believed; a tester without a certificate is turned away
+    from cloud_sim.pki import bench_pki
+
+    other = bench_pki(pki.parent / "other", [], server_names=[ip])
+    with pytest.raises(DoipRefused) as err:
+        DoipChannel(ip, doip.TLS_PORT, 0x0E80, 0x07E0, tls=client_context(str(other / "ca.pem")))
+    assert err.value.trace == {"conn": "tls"} and "certificate verify failed" in str(err.value)
+    with pytest.raises(DoipRefused):  # TLS 1.3: the entity's refusal comes after the client's half of the handshake
+        with DoipChannel(ip, doip.TLS_PORT, 0x0E80, 0x07E0, tls=client_context(str(pki / "ca.pem"))) as channel:
+            channel.send(bytes.fromhex("3e00"))
+    deadline = time.monotonic() + 5
+    while entity.testers():  # the testers that closed are gone once their connection's thread sees it
+        assert time.monotonic() < deadline, entity.testers()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("tls, deploy_tls, why", [
+    ({"key": "k.pem"}, None, "doip.tls.cert: missing; the entity's TLS needs its certificate and key"),
+    ({"cert": "c.pem", "key": "k.pem", "port": 13400}, None, "doip.tls.port: must differ from doip.port"),
+    ({"cert": "c.pem", "key": "k.pem", "plain": False}, None, "deploy.tls: missing; doip.tls.plain is false"),
+    (None, {"ca": "ca.pem"}, "deploy.tls: the doip section has no tls"),
+    ({"cert": "c.pem", "key": "k.pem"}, {"cert": "t.pem"}, "deploy.tls.ca: missing"),
+    ({"cert": "c.pem", "key": "k.pem"}, {"ca": "ca.pem", "cert": "t.pem"}, "deploy.tls.key: missing; give both"),
+])
+def test_a_wrong_tls_setting_is_named(tmp_path, tls, deploy_tls, why) -> None:  # type: ignore[no-untyped-def]
+    from agent.errors import ConfigError
+
+    data = doip_config(tmp_path, "127.0.0.1", {"bb": virtual_bus(), "pt": virtual_bus(), "body": virtual_bus()})
+    data["deploy"] = {"transport": "doip", "package_dir": "p", **({"tls": deploy_tls} if deploy_tls else {})}
+    if tls is not None:
+        data["doip"]["tls"] = tls
+    with pytest.raises(ConfigError) as err:
+        parse_vehicle_config(data, "vehicle.yaml")
+    assert why in str(err.value)
+
+
+def test_an_entity_certificate_that_cannot_be_read_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from agent.errors import ConfigError
+
+    data = doip_config(tmp_path, loopback(), {"bb": virtual_bus(), "pt": virtual_bus(), "body": virtual_bus()},
+                       announce_to=False, tls={"cert": str(tmp_path / "none.pem"), "key": str(tmp_path / "none.key")})
+    config = parse_vehicle_config(data, "vehicle.yaml")
+    with Buses(config) as buses, pytest.raises(ConfigError, match="doip.tls: cannot use .*none.pem"):
+        DoipEntity(config, buses)

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import Proc, vota
+from tests.conftest import Proc, loopback, vota
 from tests.scapy_tester import read_rxswin
 from tests.test_rxswin import FACTORY
 from tests.test_vehicle_campaigns import ALL, packages, running
-from tests.vehicle import VIN, Vehicle
+from tests.vehicle import VIN, Vehicle, over_doip, read_rxswin_over_doip
 
 RXSWIN = {"R10": ("R10-VOTA-EMC-0001", "R10-VOTA-EMC-0002")}
 
@@ -66,8 +66,12 @@ def _kill(proc: Proc) -> None:
 
 
 @pytest.fixture
-def slow_vehicle(tmp_path, mosquitto, write_config, procs):  # type: ignore[no-untyped-def]
-    v = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_faults=SLOW)
+def slow_vehicle(request, tmp_path, mosquitto, write_config, procs):  # type: ignore[no-untyped-def]
+    """The vehicle with slow ECUs; a test parametrized ``...-doip`` gets the deploy link over DoIP."""
+    ip = loopback()
+    doip = over_doip(ip) if str(getattr(request, "param", "")).endswith("doip") else {}
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, ecu_faults=SLOW, **doip)
+    v.doip_ip = ip if doip else None  # type: ignore[attr-defined]
     yield v
     v.close()
 
@@ -78,8 +82,10 @@ def _check_once(v: Vehicle, cid: str) -> dict[str, dict[str, Any]]:
     return {r["ecu"]: r["result"] for r in results}
 
 
-@pytest.mark.parametrize("who", ["gateway", "tbox", "both"])
+@pytest.mark.parametrize("slow_vehicle, who", [("can", "gateway"), ("can", "tbox"), ("can", "both"), ("doip", "both")],
+                         indirect=["slow_vehicle"], ids=["gateway", "tbox", "both", "both-doip"])
 def test_killed_at_eight_points_the_campaign_finishes_all_new(slow_vehicle, who):
+    """(both-doip: the deploy link over DoIP; the entity comes back with each gateway.)"""
     v, cid = slow_vehicle, f"c-kill-{who}"
     before = running(v)
     v.send(v.campaign(cid, "2.0.0", packages=packages(v, "2.0.0"), order=ORDER, rxswin=RXSWIN))
@@ -102,7 +108,8 @@ def test_killed_at_eight_points_the_campaign_finishes_all_new(slow_vehicle, who)
     results = _check_once(v, cid)
     assert {e: r["phase"] for e, r in results.items()} == {e: "committed" for e in ALL}
     # the RXSWIN changed with the commit, once, read back by a tester we did not write
-    assert read_rxswin(v.backbone["bus"]) == {**FACTORY, "R10": "R10-VOTA-EMC-0002"} == done["rxswin"]["after"]
+    read = read_rxswin_over_doip(v.doip_ip) if v.doip_ip else read_rxswin(v.backbone["bus"])  # type: ignore[attr-defined]
+    assert read == {**FACTORY, "R10": "R10-VOTA-EMC-0002"} == done["rxswin"]["after"]
     history = json.loads((v.tmp / "gw" / "results" / "rxswin.json").read_text())["history"]
     assert [h["campaign_id"] for h in history] == [cid] and done["rxswin"]["before"] == FACTORY
     for ecu in ALL:  # nothing left staged or on trial
@@ -155,10 +162,23 @@ def test_gateway_killed_while_rolling_back_ends_all_old(tmp_path, mosquitto, wri
         v.close()
 
 
-def test_gateway_killed_during_a_deploy_the_deploy_resumes(vehicle):
+@pytest.mark.parametrize("link", ["can", "doip"])
+def test_gateway_killed_during_a_deploy_the_deploy_resumes(tmp_path, mosquitto, write_config, procs, link):
     """The gateway restarts while the TBOX deploys a package: the TBOX sees a new boot id, reports
-    the interruption with its trace and resumes the package (ResumeFile); the campaign succeeds."""
-    v, cid = vehicle, "c-kill-deploy"
+    the interruption with its trace and resumes the package (ResumeFile); the campaign succeeds.
+    Over DoIP (Ethernet speed) each TransferData is answered 40 ms late, for a deploy to be caught in."""
+    v = Vehicle(tmp_path, mosquitto, write_config, procs, **(over_doip(loopback()) if link == "doip" else {}))
+    try:
+        _killed_during_a_deploy(v, link)
+    finally:
+        v.close()
+
+
+def _killed_during_a_deploy(v: Vehicle, link: str) -> None:
+    if link == "doip":
+        v.gateway.stop()
+        v.restart_gateway("--fault", "deploy:GW:36#1+:delay=40")
+    cid = "c-kill-deploy"
     new = []
     for ecu, path, version in packages(v, "2.0.0"):
         path.write_bytes(os.urandom(160 * 1024))

@@ -24,6 +24,25 @@ APPROVALS = [{"regulation": "R10", "rxswin": "R10-VOTA-EMC-0001", "ecus": ["vcu"
 
 
 
+def over_doip(ip: str, **doip: Any) -> dict[str, Any]:
+    """``Vehicle`` keyword arguments for the deploy link over DoIP: the gateway's entity on ``ip``."""
+    return {"deploy_extra": {"transport": "doip", "segment": None},
+            "config_extra": {"doip": {"address": ip, "announce_to": False, **doip}}}
+
+
+def read_rxswin_over_doip(ip: str, did: int = 0xF1EF) -> dict[str, str]:
+    """The RXSWIN set read from the gateway's logical address by python-doipclient (a tester we did not write)."""
+    from doipclient import DoIPClient
+
+    from agent.core.rxswin import decode_did
+
+    with DoIPClient(ip, 0x1010, client_logical_address=0x0E00) as client:
+        client.send_diagnostic(b"\x22" + did.to_bytes(2, "big"))
+        answer = client.receive_diagnostic(timeout=5)
+    assert answer[:3] == b"\x62" + did.to_bytes(2, "big"), answer.hex()
+    return decode_did(answer[3:])
+
+
 def _pem(key: Any) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 

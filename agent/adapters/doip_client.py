@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import queue
 import socket
+import ssl
 import struct
 import threading
 import time
 from typing import Any
 
 from agent.adapters.canbus import Segment
+from agent.adapters.tls_stream import TlsStream, client_context
 from agent.core.config import DeployConfig, VehicleConfig
+from agent.errors import ConfigError
 from agent.protocol import doip
 from agent.protocol.doip import PayloadType as T
 
@@ -47,11 +50,13 @@ class DoipRefused(ConnectionError):
 
 class DoipChannel:
     def __init__(self, host: str, port: int, source: int, target: int, activation_type: int = 0,
-                 oem: bytes | None = None, timeout: float = 5.0, *, lazy: bool = False) -> None:
-        """``lazy``: connect at the first ``send`` (a failure is then that request's), else now."""
+                 oem: bytes | None = None, timeout: float = 5.0, *, lazy: bool = False,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """``lazy``: connect at the first ``send`` (a failure is then that request's), else now;
+        ``tls``: over TLS (the entity's TLS port), the entity verified with this context."""
         self.host, self.port, self.source, self.target = host, port, source, target
-        self.activation_type, self.oem, self.timeout = activation_type, oem, timeout
-        self.sock: socket.socket | None = None
+        self.activation_type, self.oem, self.timeout, self.tls = activation_type, oem, timeout, tls
+        self.sock: socket.socket | TlsStream | None = None
         self._framer = doip.Framer(max_payload=1 << 20)
         self._answers: queue.Queue[bytes | None] = queue.Queue()
         self._control: queue.Queue[doip.Message | None] = queue.Queue()  # activation responses, ACKs, NACKs
@@ -66,11 +71,20 @@ class DoipChannel:
     def connect(self) -> None:
         """Connect and activate routing (DoipRefused when either fails)."""
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
             raise DoipRefused(f"DoIP entity {self.host} port {self.port} unreachable: {exc.strerror or exc}",
                               trace={"conn": "unreachable"}) from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock: socket.socket | TlsStream = raw
+        if self.tls is not None:
+            sock = TlsStream(raw, self.tls, server_side=False, server_hostname=self.host)
+            try:
+                sock.handshake(self.timeout)
+            except (OSError, ssl.SSLError) as exc:
+                raw.close()
+                raise DoipRefused(f"TLS handshake with {self.host} port {self.port} failed: {exc}",
+                                  trace={"conn": "tls"}) from None
         self.sock = sock
         self._reader = threading.Thread(target=self._read, args=(sock,), name=f"doip-client-{self.source:04X}", daemon=True)
         self._reader.start()
@@ -171,7 +185,7 @@ class DoipChannel:
             if message.payload_type in kinds:
                 return message
 
-    def _read(self, sock: socket.socket) -> None:
+    def _read(self, sock: socket.socket | TlsStream) -> None:
         try:
             while not self._closed.is_set():
                 try:
@@ -221,13 +235,20 @@ class DoipLink:
 
     notifier = None
 
-    def __init__(self, link: DeployConfig) -> None:
+    def __init__(self, link: DeployConfig, source: str = "<config>") -> None:
         self.link = link
-        self.config = _Name(f"doip:{link.doip_host}:{link.doip_port}")
+        self.config = _Name(f"doip{'s' if link.doip_tls else ''}:{link.doip_host}:{link.doip_port}")
+        self.tls: ssl.SSLContext | None = None
+        if link.doip_tls and link.doip_tls_ca is not None:
+            try:
+                self.tls = client_context(link.doip_tls_ca, link.doip_tls_cert, link.doip_tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(source, "deploy.tls", f"cannot use {link.doip_tls_ca}"
+                                  f"{', ' + link.doip_tls_cert if link.doip_tls_cert else ''}: {exc}") from None
 
     def stack(self, txid: int, rxid: int, **_: Any) -> DoipChannel:
         return DoipChannel(self.link.doip_host, self.link.doip_port, self.link.doip_source, self.link.doip_target,
-                           lazy=True)
+                           lazy=True, tls=self.tls)
 
     def release(self, stack: Any) -> None:
         stack.close()
@@ -249,4 +270,4 @@ def open_deploy_link(config: VehicleConfig) -> Segment | DoipLink:
     """The TBOX's side of the deploy link as ``deploy.transport`` says: its CAN segment opened, or
     the DoIP link to the gateway's entity (connections are made as the sequences need them)."""
     link = config.deploy_link()
-    return DoipLink(link) if link.transport == "doip" else Segment(config.segments[link.segment])
+    return DoipLink(link, config.source) if link.transport == "doip" else Segment(config.segments[link.segment])

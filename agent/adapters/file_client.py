@@ -70,7 +70,8 @@ def link_header(link: DeployConfig, stage: str, packet: str, **extra: Any) -> Tr
     if link.transport == "doip":
         ids, where = (link.doip_source, link.doip_target), {
             "transport": "doip", "doip": {"host": link.doip_host, "port": link.doip_port, "source": link.doip_source,
-                                          "target": link.doip_target, "version": 2, "payload_type": 0x8001}}
+                                          "target": link.doip_target, "version": 2, "payload_type": 0x8001,
+                                          "tls": link.doip_tls}}
     else:
         ids, where = (link.request_id, link.response_id), {"segment": link.segment}
     return TraceHeader(stage=stage, client="TBOX", server="GW", packet=packet, request_id=ids[0], response_id=ids[1],

@@ -16,6 +16,7 @@ import hashlib
 import json
 import random
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -51,12 +52,39 @@ def make_image(ecu: str, version: str, size: int, kind: str = "random") -> bytes
     return random.Random(seed).randbytes(size)
 
 
-def _runtime_config(source: str, out: Path, broker: BenchBroker, vin: str) -> Path:
-    """The user's configuration with every path moved under ``out`` and the bench's broker/key."""
+def _free_port() -> int:
+    """A loopback port free for TCP and UDP both (a DoIP entity listens on both)."""
+    for _ in range(50):
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise VotaError("no free loopback port for the DoIP entity")
+
+
+def _over_doip(data: dict[str, Any]) -> None:
+    """The DoIP variant: the gateway a DoIP entity on loopback (a free port), the deploy link over
+    it; the ECUs stay on their CAN segments."""
+    data["doip"] = {**(data.get("doip") or {}), "address": "127.0.0.1", "port": _free_port(), "announce_to": False}
+    deploy = data["deploy"]
+    for key in ("segment", "host"):
+        deploy.pop(key, None)
+    deploy["transport"] = "doip"
+
+
+def _runtime_config(source: str, out: Path, broker: BenchBroker, vin: str, doip: bool = False) -> Path:
+    """The user's configuration with every path moved under ``out`` and the bench's broker/key
+    (``doip``: the deploy link over DoIP on loopback)."""
     data = load_yaml(source)
     parse_vehicle_config(data, source)  # errors name the user's file, not the copy
     if not data.get("deploy") or not data.get("tbox"):
         raise UsageError(f"{source}: the bench needs the deploy and tbox sections (see configs/bench.yaml)")
+    if doip:
+        _over_doip(data)
     data.setdefault("gateway", {})["results_dir"] = str(out / "gateway" / "results")
     data["deploy"]["package_dir"] = str(out / "gateway" / "packages")
     for name, ecu in data.get("ecus", {}).items():
@@ -120,7 +148,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any] | int:
         capture = ["--capture", str(out / "capture"), "--capture-format", args.capture_format] if args.capture else []
         _start_vehicle(procs, runtime, names, faults, clock, capture)
         print(f"bench: broker {broker.tbox} ({broker.kind}), {len(names)} ECU simulators, gateway, TBOX {vin}; "
-              f"cloud packages at {cloud.base_url}", flush=True)
+              f"deploy link {_deploy_link(runtime)}; cloud packages at {cloud.base_url}", flush=True)
         if content_spec is not None:
             print(f"bench: simulated clock from {clock[1]}, {clock[3]} s per second", flush=True)
             result = run_content(cloud, vin, *content_spec, begin, args.timeout)
@@ -157,7 +185,7 @@ def _cloud(args: argparse.Namespace, out: Path, vin: str, broker: BenchBroker) -
     report_key = Ed25519PrivateKey.generate()  # the vehicle signs every report with it; the cloud checks
     atomic_write_bytes(out / "keys" / "report.key", report_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    runtime = _runtime_config(args.config, out, broker, vin)
+    runtime = _runtime_config(args.config, out, broker, vin, getattr(args, "doip", False))
     tls = (str(broker.certs / "server.pem"), str(broker.certs / "server.key")) if broker.certs is not None else None
     cloud = CloudSim(broker.cloud, out / "cloud" / "store", out / "cloud" / "packages", mqtt_version=broker.mqtt_version,
                      platform_key=platform, require_signed=True, collector_broker=broker.collector, tls=tls)
@@ -276,6 +304,13 @@ def _follow(cloud: Any, vin: str, campaign_id: str, timeout: float) -> dict[str,
     return None
 
 
+def _deploy_link(runtime: Path) -> str:
+    link = load_vehicle_config(runtime).deploy_link()
+    if link.transport == "doip":
+        return f"DoIP {link.doip_host}:{link.doip_port} (0x{link.doip_source:04X} -> 0x{link.doip_target:04X})"
+    return f"CAN {link.segment}"
+
+
 def _report(cloud: Any, out: Path, vin: str, campaign_id: str, finished: dict[str, Any] | None, started: float,
             args: argparse.Namespace) -> dict[str, Any]:
     mine = [m for m in cloud.collector.messages if (m.get("body") or {}).get("campaign_id") == campaign_id]
@@ -298,6 +333,7 @@ def _report(cloud: Any, out: Path, vin: str, campaign_id: str, finished: dict[st
                          None),
         "duration_s": round(time.time() - started, 1),
         "image_size": args.image_size,
+        "deploy_link": _deploy_link(out / "vehicle.yaml"),
         "faults": args.fault,
         "inventory_before": inventory,
         "deploy": [{"package": r["package"], **r["result"]} for r in results if r.get("stage") == "deploy"],

@@ -386,6 +386,9 @@ def _bench(sub: Any) -> None:
                    help="random images (incompressible), or firmware-like ones: a real compiled binary (PyYAML's C "
                         "extension), which ECUs configured with `compression` receive compressed (default: random)")
     p.add_argument("--timeout", type=_seconds, default=600.0, help="seconds to wait for the campaign (default 600)")
+    p.add_argument("--doip", action="store_true",
+                   help="the DoIP variant: the gateway a DoIP entity on loopback and the deploy link over it "
+                   "(deploy.transport doip); the ECUs stay on CAN (docs/doip.md)")
     p.add_argument("--content", metavar="SPEC.yaml",
                    help="run an owner-content scenario instead of the campaign: the cloud reviews, signs and offers the "
                    "content spec (as vota content build reads it), the owner requests it, the TBOX runs it on a "

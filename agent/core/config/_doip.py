@@ -7,7 +7,7 @@ import hashlib
 import ipaddress
 from typing import Any, Mapping
 
-from agent.core.config._values import _int, _positive, _Section, _str
+from agent.core.config._values import _bool, _int, _positive, _Section, _str
 from agent.core.config.model import DeployConfig, DoipConfig, EcuConfig
 from agent.errors import ConfigError
 
@@ -91,6 +91,7 @@ def parse_doip(sec: _Section, ecus: Mapping[str, EcuConfig], vin: str | None) ->
         max_request=sec.get("max_request", _positive, d.max_request, what="bytes > 0"),
         vin=vin or "",
     )
+    cfg = _entity_tls(sec, cfg)
     sec.done()
     if low > high:
         raise ConfigError(sec.source, sec.key("testers"), "the first address is above the last")
@@ -113,11 +114,26 @@ def parse_doip(sec: _Section, ecus: Mapping[str, EcuConfig], vin: str | None) ->
 
 
 
+def _entity_tls(sec: _Section, cfg: DoipConfig) -> DoipConfig:
+    given = sec.data.get("tls") is not None
+    tls = sec.section("tls", {})
+    out = dataclasses.replace(
+        cfg, tls_port=tls.get("port", _port, cfg.tls_port, what="a port"), tls_cert=tls.get("cert", _str, None),
+        tls_key=tls.get("key", _str, None), tls_ca=tls.get("ca", _str, None), plain=tls.get("plain", _bool, True))
+    tls.done()
+    if given and (out.tls_cert is None or out.tls_key is None):
+        raise ConfigError(sec.source, tls.key("cert" if out.tls_cert is None else "key"),
+                          "missing; the entity's TLS needs its certificate and key (PEM files)")
+    if given and out.tls_port == out.port:
+        raise ConfigError(sec.source, tls.key("port"), f"must differ from doip.port ({out.port})")
+    return out
+
+
 def deploy_over_doip(sec: _Section, cfg: DeployConfig, doip: DoipConfig | None) -> DeployConfig:
     """The deploy section's DoIP keys (``transport: doip``): the TBOX reaches the gateway's deploy
     server at the entity's logical address, with its own source address."""
     if cfg.transport != "doip":
-        for key in ("host", "source_address"):
+        for key in ("host", "source_address", "tls"):
             if sec.data.get(key) is not None:
                 raise ConfigError(sec.source, sec.key(key), "only with transport: doip")
         return cfg
@@ -136,5 +152,18 @@ def deploy_over_doip(sec: _Section, cfg: DeployConfig, doip: DoipConfig | None) 
         raise ConfigError(sec.source, sec.key("source_address"),
                           f"0x{source:04X} is outside doip.testers (0x{doip.testers[0]:04X}..0x{doip.testers[1]:04X}): "
                           "the gateway would refuse its routing activation")
-    return dataclasses.replace(cfg, doip_host=host, doip_port=doip.port, doip_source=source,
-                               doip_target=doip.logical_address)
+    given = sec.data.get("tls") is not None
+    tls = sec.section("tls", {})
+    ca, cert, key = tls.get("ca", _str, None), tls.get("cert", _str, None), tls.get("key", _str, None)
+    tls.done()
+    if given and doip.tls_cert is None:
+        raise ConfigError(sec.source, sec.key("tls"), "the doip section has no tls: the entity does not offer it")
+    if given and ca is None:
+        raise ConfigError(sec.source, tls.key("ca"), "missing; the CA that signed the gateway's certificate")
+    if (cert is None) != (key is None):
+        raise ConfigError(sec.source, tls.key("key" if key is None else "cert"), "missing; give both cert and key")
+    if not given and not doip.plain:
+        raise ConfigError(sec.source, sec.key("tls"), "missing; doip.tls.plain is false: the entity takes TLS only")
+    return dataclasses.replace(cfg, doip_host=host, doip_port=doip.tls_port if given else doip.port, doip_source=source,
+                               doip_target=doip.logical_address, doip_tls=given, doip_tls_ca=ca, doip_tls_cert=cert,
+                               doip_tls_key=key)

@@ -226,6 +226,13 @@ class DoipConfig:
     activation_secret: str | None = None  # activation type 0xE0 (central security) needs its authentication
     max_request: int = 0x10000  # the largest UDS request taken (bytes)
     vin: str = ""  # filled from gateway.vin or tbox.vin
+    # TLS (ISO 13400-2's port 3496): the entity's certificate and key; a CA: testers must show a
+    # certificate it signed; plain false: a routing activation on the plain port is refused (0x07)
+    tls_port: int = 3496
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    plain: bool = True
 
     def ecu_address(self, ecu: "EcuConfig") -> int:
         return ecu.logical_address if ecu.logical_address is not None else ecu.request_id & 0x0FFF
@@ -279,6 +286,10 @@ class DeployConfig:
     doip_port: int = 13400  # ... its port (doip.port)
     doip_source: int = 0x0E80  # ... the TBOX's logical address (within doip.testers)
     doip_target: int = 0x1010  # ... the gateway's (doip.logical_address)
+    doip_tls: bool = False  # ... over TLS (the port doip.tls.port), verifying the gateway with doip_tls_ca
+    doip_tls_ca: str | None = None
+    doip_tls_cert: str | None = None  # the TBOX's own certificate, when the entity asks for one
+    doip_tls_key: str | None = None
 
     @property
     def secured(self) -> bool:

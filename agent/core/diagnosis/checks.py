@@ -337,6 +337,8 @@ def _doip_failure(said: dict[str, object], client: str, server: str) -> tuple[st
         return "doip.alive_check", f"{client} did not answer {server}'s alive check in time: the entity closed the connection"
     if closed == "peer":
         return "doip.connection", f"{server}'s DoIP entity closed the connection"
+    if said.get("conn") == "tls":
+        return "doip.connection", f"the TLS handshake with {server}'s DoIP entity failed (certificates, CA)"
     if said.get("conn") == "unreachable":
         return "doip.connection", f"{server}'s DoIP entity could not be reached (TCP connection refused or timed out)"
     if said.get("timeout") == "ack":
