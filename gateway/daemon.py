@@ -110,7 +110,8 @@ class GatewayDaemon:
 
     def status(self) -> str:
         """One line for systemd's STATUS=."""
-        return f"deploy server on {self._where()}; {self.installer.describe()}"
+        testers = f"; DoIP: {len(self.doip.testers())} tester(s)" if self.doip is not None else ""
+        return f"deploy server on {self._where()}{testers}; {self.installer.describe()}"
 
     def _where(self) -> str:
         link = self.link

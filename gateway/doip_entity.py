@@ -14,6 +14,7 @@ closed; the entity itself never stops for what a tester sends.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import logging
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 from agent.adapters.tls_stream import TlsStream, server_context
 from agent.core.config import DoipConfig, VehicleConfig
-from agent.errors import ConfigError
+from agent.errors import ConfigError, VotaError
 from agent.protocol import doip
 from agent.protocol.doip import PayloadType as T
 from agent.protocol.doip import RoutingCode
@@ -119,6 +120,9 @@ class DoipEntity:
             for other in [getattr(self, "_udp", None), *(s for s, _ in getattr(self, "_listeners", []))]:
                 if other is not None:
                     other.close()
+            if exc.errno == errno.EADDRNOTAVAIL:  # not a configuration error: the address comes later at boot
+                raise VotaError(f"doip.address {self.doip.address} is not (yet) an address of this machine: "
+                                f"{exc.strerror}") from None
             raise ConfigError(self.config.source, "doip.address",
                               f"cannot listen on {self.doip.address} port {port}: {exc.strerror}") from None
         return sock
@@ -355,8 +359,9 @@ class DoipEntity:
             except OSError:
                 o.close()
         deadline = time.monotonic() + ALIVE_CHECK_S
-        for o in connections:
-            o.alive.wait(max(0.0, deadline - time.monotonic()))
+        for o in connections:  # one that closes meanwhile (a tester that just went) is not waited for
+            while not (o.alive.is_set() or o.closed.is_set()) and time.monotonic() < deadline:
+                o.alive.wait(0.01)
         answered = False
         for o in connections:
             if o.alive.is_set() and not o.closed.is_set():

@@ -175,6 +175,29 @@ def test_a_doip_client_finds_the_vehicle_reads_every_segment_and_flashes_an_ecu(
         DoipChannel(ip, doip.TCP_PORT, 0x0A00, GATEWAY)
     with DoipChannel(ip, doip.TCP_PORT, 0x0E81, 0x0123) as channel, pytest.raises(DoipRefused, match="code 0x03"):
         channel.send(bytes.fromhex("22f189"))  # unknown target: the send fails as a transmit error does
+
+    # vota deploy over DoIP, from the vehicle's file with deploy.transport doip: this gateway (deploy
+    # link on CAN) serves its deploy server on its logical address as well
+    import json
+
+    import yaml
+
+    from agent.protocol.files import packet_payload
+    from tests.conftest import vota
+
+    data = yaml.safe_load(gateway["config"].read_text())
+    data["deploy"] = {k: v for k, v in data["deploy"].items() if k != "segment"} | {"transport": "doip"}
+    config = gateway["config"].with_name("tbox-doip.yaml")
+    config.write_text(yaml.safe_dump(data))
+    package = config.with_name("map-7.bin")
+    package.write_bytes(random.randbytes(100 * 1024))
+    run = vota("deploy", "-c", str(config), "--out", str(config.with_name("deployed")), "--json", str(package))
+    assert run.returncode == 0, run.stdout + run.stderr
+    (result,) = json.loads(run.stdout)
+    assert result["result"] == "success" and result["packets"] == -(-len(package.read_bytes()) // packet_payload(4095))
+    assert (config.with_name("gw") / "packages" / "map-7.bin").read_bytes() == package.read_bytes()
+    header = json.loads((config.with_name("deployed") / "map-7.bin.deploy.trace.jsonl").read_text().splitlines()[0])
+    assert header["transport"] == "doip" and header["doip"]["target"] == GATEWAY
     assert "Traceback" not in gateway["gw"].text()
 
 
@@ -360,6 +383,7 @@ def test_a_campaign_deployed_over_doip_and_a_tester_told_busy_for_the_ecu_it_fla
 
     from agent.core.trace import parse_trace
     from cloud_sim.pki import bench_pki
+    from tests.vehicle import VIN as VIN_OF_VEHICLE
     from tests.vehicle import Vehicle
 
     ip = loopback()
@@ -429,6 +453,16 @@ def test_a_campaign_deployed_over_doip_and_a_tester_told_busy_for_the_ecu_it_fla
         installing = json.loads(next(campaigns.glob("*/link/installing.link.trace.jsonl")).read_text().splitlines()[0])
         assert installing["transport"] == "doip" and installing["request_id"] == 0x0E80
         assert backbone.recv(0.5) is None
+
+        # owner content over the same link: the boot animation deployed to the gateway, shown by bcm
+        boot = {"bundle_id": "boot-doip", "bundle_version": 1, "owner": "owner-42", "title": "boot animation",
+                "config": {"mode": "any", "start": "2026-01-01T00:00:00", "expiry": "2099-01-01T00:00:00", "tz": "UTC"},
+                "items": [{"id": "anim", "class": "resource", "target": "boot_animation", "policy": "auto"}]}
+        v.cloud.trust.submit(boot, {"anim": b"frames " * 3000})
+        assert v.cloud.trust.review("boot-doip").status == "approved"
+        v.cloud.offer_content("boot-doip", VIN_OF_VEHICLE, request=True)
+        v.wait_content("boot-doip", lambda s: s.get("anim") == "active")
+        assert v.shown("bcm") == "c-boot-doip-v1-anim.bin"
 
         # the gateway restarted with a configuration whose testers leave out the TBOX's address:
         # every activation is refused, and the diagnosis names DoIP's refusal and the TBOX's side
@@ -603,3 +637,14 @@ def test_an_entity_certificate_that_cannot_be_read_is_named(tmp_path) -> None:  
     config = parse_vehicle_config(data, "vehicle.yaml")
     with Buses(config) as buses, pytest.raises(ConfigError, match="doip.tls: cannot use .*none.pem"):
         DoipEntity(config, buses)
+
+
+def test_an_entity_address_not_there_yet_is_retried_by_systemd_not_a_configuration_error(tmp_path, write_config) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import vota
+
+    data = doip_config(tmp_path, "192.0.2.1", {"bb": virtual_bus(), "pt": virtual_bus(), "body": virtual_bus()},
+                       announce_to=False)  # TEST-NET-1: an address of no interface here
+    run = vota("gateway", "-c", str(write_config(data)), timeout=60)
+    assert run.returncode == 1, run.stdout + run.stderr  # exit 1: systemd starts it again; 2 would be final
+    assert "doip.address 192.0.2.1 is not (yet) an address of this machine" in run.stderr
+    assert "Traceback" not in run.stderr
