@@ -32,7 +32,7 @@ from agent.protocol import doip
 from agent.protocol.doip import PayloadType as T
 from agent.protocol.doip import RoutingCode
 from gateway.buses import Buses
-from gateway.doip_routing import LocalServer, TesterRoutes
+from gateway.doip_routing import GatewayOwner, LocalServer, TesterRoutes
 
 __all__ = ["DoipEntity", "activation_key", "ACTIVATION_TYPES"]
 
@@ -90,6 +90,7 @@ class DoipEntity:
         self._lock = threading.Lock()
         self._connections: list[_Connection] = []
         self._threads: list[threading.Thread] = []
+        self._gateway_owner = GatewayOwner(self.doip.hold_s)  # the gateway's own services: one tester at a time
         tls: ssl.SSLContext | None = None
         if self.doip.tls_cert is not None and self.doip.tls_key is not None:
             try:
@@ -315,7 +316,7 @@ class DoipEntity:
         source, kind, oem = doip.parse_routing_activation(payload)
         code = self._activation_code(c, source, kind, oem)
         if code == RoutingCode.SUCCESS and c.tester is None:  # active before the tester hears it
-            c.routes = TesterRoutes(self.config, self.buses, source, c.send, self.local)
+            c.routes = TesterRoutes(self.config, self.buses, source, c.send, self.local, self._gateway_owner)
             c.tester = source
         c.send(T.ROUTING_ACTIVATION_RESPONSE, doip.routing_activation_response(source, self.doip.logical_address, code))
         log.info("DoIP %s: routing activation 0x%04X type 0x%02X: 0x%02X", c.peer[0], source, kind, code)

@@ -16,7 +16,9 @@ logical address, with the UDS negative response busyRepeatRequest (``7F <SID> 21
 documented busy answer (docs/doip.md). A message to the functional address goes, as a physical
 request, to every ECU of ``doip.functional_group`` that is free; the negative responses an ECU
 keeps to itself for a functional request (ISO 14229-1: 0x11, 0x12, 0x31, 0x7E, 0x7F) are dropped.
-The gateway's own logical address reaches the deploy server, as the TBOX reaches it on CAN.
+The gateway's own logical address reaches the deploy server, as the TBOX reaches it on CAN, one
+tester at a time (``GatewayOwner``): the TBOX's deploy link and a workshop tester are never
+interleaved there either.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from agent.protocol import doip
 from agent.protocol.uds import Nrc, negative
 from gateway.buses import Buses, EcuBusy
 
-__all__ = ["TesterRoutes", "LocalServer", "SUPPRESSIBLE", "FUNCTIONAL_SILENT"]
+__all__ = ["TesterRoutes", "GatewayOwner", "LocalServer", "SUPPRESSIBLE", "FUNCTIONAL_SILENT"]
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +182,44 @@ class _Channel:
             self._held.close()
 
 
+class GatewayOwner:
+    """Who talks to the gateway's own services over DoIP (the TBOX's deploy link, a workshop
+    tester): one tester at a time, as with an ECU, kept while it talks and ``hold_s`` after its last
+    answer, let go when its connection closes; another is answered busy (``7F <SID> 21``)."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._until = 0.0
+
+    def take(self, tester: int) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if self._owner not in (None, tester) and now < self._until:
+                return False
+            self._owner, self._until = tester, now + self.hold_s
+            return True
+
+    def touch(self, tester: int) -> None:
+        with self._lock:
+            if self._owner == tester:
+                self._until = time.monotonic() + self.hold_s
+
+    def release(self, tester: int) -> None:
+        with self._lock:
+            if self._owner == tester:
+                self._owner = None
+
+
 class TesterRoutes:
     """The routes of one routing-activated tester (one TCP connection): its ECU channels, opened
     on its first request to an ECU and closed when it is let go or the connection ends."""
 
     def __init__(self, config: VehicleConfig, buses: Buses, tester: int, send: Send,
-                 local: LocalServer | None) -> None:
+                 local: LocalServer | None, owner: GatewayOwner | None = None) -> None:
         self.config, self.buses, self.tester, self.send, self.local = config, buses, tester, send, local
+        self.owner = owner or GatewayOwner(config.doip_entity().hold_s)
         self.doip: DoipConfig = config.doip_entity()
         self.by_address = {self.doip.ecu_address(e): e for e in config.ecus.values()}
         self._channels: dict[str, _Channel] = {}
@@ -251,7 +284,14 @@ class TesterRoutes:
         address = self.doip.logical_address
 
         def reply(answer: bytes) -> None:
+            self.owner.touch(self.tester)
             self.send(doip.PayloadType.DIAGNOSTIC_MESSAGE, doip.diagnostic_message(address, self.tester, answer))
+
+        if not self.owner.take(self.tester):  # another tester talks to the gateway: never interleaved with it
+            log.info("DoIP 0x%04X -> gateway: busy", self.tester)
+            reply_busy = negative(data[0], Nrc.BusyRepeatRequest)
+            self.send(doip.PayloadType.DIAGNOSTIC_MESSAGE, doip.diagnostic_message(address, self.tester, reply_busy))
+            return
 
         def run() -> None:
             try:
@@ -278,3 +318,4 @@ class TesterRoutes:
             channel.close()
         if local is not None:
             local.shutdown(wait=False, cancel_futures=True)
+        self.owner.release(self.tester)

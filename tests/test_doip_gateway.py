@@ -212,6 +212,13 @@ def test_one_tester_at_a_time_per_ecu_the_other_is_told_busy(gateway: dict[str, 
         assert raw(a, 0x07E1, bytes.fromhex("22f189")) == bytes.fromhex("62f189") + b"1.0.0"
         time.sleep(1.6)  # a quiet for longer than hold_s: bms let go
         assert raw(b, 0x07E1, bytes.fromhex("22f189")) == bytes.fromhex("62f189") + b"1.0.0"
+        # the gateway's own services (the deploy server) are one tester's at a time too, let go with its connection
+        assert raw(a, GATEWAY, bytes.fromhex("22f1b0"))[:3] == bytes.fromhex("62f1b0")
+        assert raw(b, GATEWAY, bytes.fromhex("22f1b0")) == bytes.fromhex("7f2221")
+        with DoIPClient(ip, GATEWAY, client_logical_address=0x0E02) as c:
+            assert raw(c, GATEWAY, bytes.fromhex("1003")) == bytes.fromhex("7f1021")
+        time.sleep(1.6)  # a quiet for longer than hold_s
+        assert raw(b, GATEWAY, bytes.fromhex("22f1b0"))[:3] == bytes.fromhex("62f1b0")
         # a functional TesterPresent, wanting no answer, and a functional read: every free ECU answers
         b.send_diagnostic_to_address(0xE400, bytes.fromhex("3e80"))
         b.send_diagnostic_to_address(0xE400, bytes.fromhex("22f187"))
@@ -584,8 +591,11 @@ def test_over_tls_a_tester_with_a_certificate_is_routed_and_the_plain_port_says_
     assert plain.activate(0x0E00) == doip.RoutingCode.TLS_REQUIRED and plain.closed()
     mutual = client_context(str(pki / "ca.pem"), str(pki / "tbox.pem"), str(pki / "tbox.key"))
     with DoipChannel(ip, doip.TLS_PORT, 0x0E80, 0x07E0, tls=mutual) as channel:
-        channel.send(bytes.fromhex("3e00"))  # acknowledged over TLS (no ECU plays on these buses)
-        assert entity.testers() == {0x0E80: ["vcu"]}
+        channel.send(bytes.fromhex("3e00"))  # acknowledged over TLS (no ECU plays on these buses), then routed
+        deadline = time.monotonic() + 5
+        while entity.testers() != {0x0E80: ["vcu"]}:
+            assert time.monotonic() < deadline, entity.testers()
+            time.sleep(0.02)
     # python-doipclient, a client we did not write, over TLS with the tester's certificate
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False  # it passes no server name; the CA still verifies the entity
