@@ -155,7 +155,8 @@ class DoipEntity:
     def testers(self) -> dict[int, list[str]]:
         """The active testers and the ECUs each holds (status, tests)."""
         with self._lock:
-            return {c.tester: (c.routes.holding() if c.routes else []) for c in self._connections if c.tester is not None}
+            active = [c for c in self._connections if c.tester is not None and not c.closed.is_set()]
+        return {c.tester: (c.routes.holding() if c.routes else []) for c in active if c.tester is not None}
 
     # ---- UDP: identification, status, power mode ----------------------------------------
     def identification(self) -> bytes:
@@ -218,7 +219,7 @@ class DoipEntity:
 
     def _status(self) -> bytes:
         with self._lock:
-            active = sum(1 for c in self._connections if c.tester is not None)
+            active = sum(1 for c in self._connections if c.tester is not None and not c.closed.is_set())
         return doip.entity_status(NODE_GATEWAY, min(self.doip.max_testers, 255), min(active, 255),
                                   self.doip.max_request + 4)
 
