@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 from agent.adapters.canbus import Segment
 from agent.core.config import VehicleConfig
@@ -21,7 +22,9 @@ from agent.errors import VotaError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Buses", "EcuBusy", "TesterPresentKeeper"]
+__all__ = ["Buses", "EcuBusy", "TesterPresentKeeper", "WAIT_SLICE_S"]
+
+WAIT_SLICE_S = 1.0  # how often work waiting for an ECU says so (``Buses.on_wait``)
 
 
 class EcuBusy(VotaError):
@@ -41,6 +44,9 @@ class Buses:
         self._holders: dict[str, str] = {}
         self._waiting: dict[str, int] = {}  # work waiting for each ECU (a tester gives way to it: gateway/doip_routing.py)
         self._pinned: set[str] = set()  # segments whose bus must stay open (the deploy server listens on it)
+        # told every WAIT_SLICE_S while work waits for an ECU other work holds (ECU, holder): the
+        # install keeps its heartbeat (a DoIP tester programming an ECU is waited for, not killed)
+        self.on_wait: Callable[[str, str], None] = lambda ecu, holder: None
 
     def pin(self, name: str) -> None:
         """Keep this process's bus on segment ``name`` open, also while the segment is lent."""
@@ -65,7 +71,7 @@ class Buses:
             with self._lock:
                 self._waiting[name] = self._waiting.get(name, 0) + 1
             try:
-                if wait == 0 or not lock.acquire(timeout=-1 if wait is None else wait):
+                if wait == 0 or not self._acquire(lock, name, wait):
                     raise EcuBusy(name, self._holders.get(name, "other work"))
             finally:
                 with self._lock:
@@ -76,6 +82,16 @@ class Buses:
         finally:
             self._holders.pop(name, None)
             lock.release()
+
+    def _acquire(self, lock: threading.Lock, name: str, wait: float | None) -> bool:
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic()))
+            if lock.acquire(timeout=left):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self.on_wait(name, self._holders.get(name, "other work"))
 
     @contextlib.contextmanager
     def lend(self, segment: str, what: str) -> Iterator[None]:

@@ -98,6 +98,7 @@ class GatewayInstaller:
         self._status_lock = threading.Lock()
         self._statuses: dict[str, dict[str, Any]] = {}  # the statuses written since the start, newest per campaign
         self.heartbeats = Heartbeats(config.gateway.worker_stale_s)  # the install thread, while one runs
+        self.buses.on_wait = self._ecu_held  # an install waiting for an ECU (a DoIP tester has it) is alive
         self.owed = OwedDiscards(config, self.buses, results_dir, stop)  # staged images a failed install left
         self.rxswin = RxswinSet(config, results_dir)  # the vehicle's RXSWIN set (gateway/rxswin.py)
         self.bus_signals = None  # the vehicle's state from its broadcast frames (vehicle_signals)
@@ -269,6 +270,15 @@ class GatewayInstaller:
             self._write_status(campaign, InstallStatus.FAILED, str(exc))
         finally:
             self.heartbeats.forget("install")
+
+    def _ecu_held(self, ecu: str, holder: str) -> None:
+        """Work waits for ``ecu`` that ``holder`` has (a workshop tester programming it): while an
+        install runs it is alive, and its status says what it waits for."""
+        with self._lock:
+            running = self._thread is not None and self._thread.is_alive()
+        if running:
+            self.heartbeats.beat("install")
+            self._step = f"waiting for {ecu} ({holder})"
 
     def _wait(self, out: Path, check: dict[str, Any] | None) -> None:
         """The install waits for its preconditions (the check, kept for the TBOX), or goes on (None)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
+
 from agent.adapters.canbus import Segment
 from agent.core.config import SegmentConfig
 from tests.conftest import virtual_bus
@@ -90,4 +92,46 @@ def test_a_segment_lent_to_a_worker_closes_this_process_bus_unless_it_is_pinned(
         assert buses.segment("bb") is bb  # pinned: the same open bus
         assert buses.segment("pt") is not pt  # closed while lent, opened again on its next use
     finally:
+        buses.shutdown()
+
+
+def test_work_waiting_for_an_ecu_says_so_until_it_gets_it_or_its_wait_ends() -> None:
+    """A tester holds an ECU; an install waiting for it is told every second who holds it (the
+    installer keeps its heartbeat with that), gets it when it is let go; a bounded wait ends busy."""
+    import threading
+    import time
+
+    from agent.core.config import parse_vehicle_config
+    from gateway.buses import Buses, EcuBusy
+
+    config = parse_vehicle_config({"segments": {"pt": {"bus": virtual_bus()}},
+                                   "ecus": {"a": {"segment": "pt", "request_id": 0x7E0, "response_id": 0x7E8}}}, "test")
+    buses = Buses(config)
+    told: list[tuple[str, str]] = []
+    buses.on_wait = lambda ecu, holder: told.append((ecu, holder))
+    taken = threading.Event()
+    let_go = threading.Event()
+
+    def tester() -> None:
+        with buses.ecu("a", "DoIP tester 0x0E00"):
+            taken.set()
+            let_go.wait(10)
+
+    thread = threading.Thread(target=tester)
+    thread.start()
+    try:
+        assert taken.wait(5)
+        with pytest.raises(EcuBusy, match=r"a is busy \(DoIP tester 0x0E00\)"):
+            with buses.ecu("a", "content", wait=1.5):
+                pass
+        assert set(told) <= {("a", "DoIP tester 0x0E00")} and len(told) <= 1  # a slice of 1 s, then the end
+        told.clear()
+        began = time.monotonic()
+        threading.Timer(2.5, let_go.set).start()
+        with buses.ecu("a", "flash"):
+            assert time.monotonic() - began >= 2.5  # waited for the tester, as long as it took
+        assert len(told) >= 2 and set(told) == {("a", "DoIP tester 0x0E00")}  # told at every slice of 1 s
+    finally:
+        let_go.set()
+        thread.join(5)
         buses.shutdown()
