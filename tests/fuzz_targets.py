@@ -635,7 +635,17 @@ class Traces(Target):
                                                             st.integers(-1, 600), st.text(max_size=12)).map(list)),
                         max_size=8).map(lambda rs: "\n".join(json.dumps(r) for r in [_TRACE_HEAD, *rs]).encode())
         nested = st.integers(1, 20000).map(lambda n: json.dumps(_TRACE_HEAD).encode() + b"\n" + b"[" * n + b"]" * n)
-        self.strategy = st.one_of(mutated(valid), rows, nested, st.binary(max_size=300))
+        # a link over DoIP: what its channel says of its own failure (x.doip), any values at all
+        said = st.one_of(json_values(), st.fixed_dictionaries({}, optional={
+            k: st.one_of(json_values(), st.integers(0, 0x110), st.sampled_from(["alive_check", "peer", "client",
+                                                                                "unreachable", "tls", "ack"]))
+            for k in ("act", "nack", "gnack", "closed", "conn", "timeout")}))
+        doip_rows = st.lists(st.tuples(st.integers(0, 10**5), st.sampled_from(["1003", "3601", "37", "2701", "3801"]),
+                                       st.integers(1, 4095), st.none(), st.none(),
+                                       st.fixed_dictionaries({"doip": said}, optional={"sent": st.booleans()})).map(list),
+                             min_size=1, max_size=6)
+        doip = doip_rows.map(lambda rs: "\n".join(json.dumps(r) for r in [{**_TRACE_HEAD, "transport": "doip"}, *rs]).encode())
+        self.strategy = st.one_of(mutated(valid), rows, nested, doip, st.binary(max_size=300))
 
     def feed(self, example: bytes) -> None:
         from agent.core.diagnosis import StageInput, diagnose, render_markdown
