@@ -101,6 +101,25 @@ def test_an_ecu_with_a_memory_map_and_a_profile(tmp_path: Any) -> None:
                               "ecus": {"a": {"segment": "pt", "request_id": 1, "response_id": 2, "profile": "nope"}}})
 
 
+@pytest.mark.parametrize("change, why", [
+    (lambda p: p["steps"]["pre"].append({"name": "w", "service": 0x2E, "did": 1,
+                                         "record": [{"field": "version", "length": 2**34}]}),
+     r"record\[0\]\.length: expected .*outside 1\.\.4095"),
+    (lambda p: p.update(version={"did": 0xF189, "length": 10**12}), r"version\.length: expected .*outside 0\.\.4092"),
+])
+def test_a_length_no_uds_message_carries_is_refused_before_anything_is_built(change: Any, why: str) -> None:
+    """Found by the flash-profiles fuzzing: a field 2**34 bytes long was built (the process died of memory)."""
+    import copy
+
+    from agent.errors import ConfigError
+
+    profile = copy.deepcopy(ACME_PROFILE)
+    change(profile)
+    with pytest.raises(ConfigError, match=why):
+        parse_vehicle_config({"segments": {"pt": {"bus": {"interface": "virtual"}}}, "flash_profiles": {"acme": profile},
+                              "ecus": {"a": {"segment": "pt", "request_id": 1, "response_id": 2, "profile": "acme"}}})
+
+
 @pytest.mark.slow
 def test_an_ecu_that_answers_but_refuses_its_version_is_in_boot_mode(tmp_path: Any, write_config: Any, procs: list[Any]) -> None:
     """The bootloader runs (no valid application): it answers every read, refusing them. That

@@ -26,6 +26,22 @@ def _word(value: Any) -> int:
     return number
 
 
+def _field_length(value: Any) -> int:
+    """A record field's length: within what one UDS request on ISO-TP carries."""
+    number = _int(value)
+    if not 1 <= number <= 4095:
+        raise ValueError("outside 1..4095 (a UDS request on ISO-TP)")
+    return number
+
+
+def _did_length(value: Any) -> int:
+    """A fixed-length DID's length (0: as long as the answer): within a ReadDataByIdentifier answer."""
+    number = _int(value)
+    if not 0 <= number <= 4092:
+        raise ValueError("outside 0..4092 (a DID's data in one UDS answer on ISO-TP)")
+    return number
+
+
 def _hex(value: Any) -> bytes:
     """``"0x0102"`` or ``"01 02"``: bytes."""
     text = _str(value).strip()
@@ -72,7 +88,7 @@ def _item(source: str, key: str, raw: Any) -> RecordItem:
     if name not in FIELDS:
         raise ConfigError(source, sec.key("field") if isinstance(raw, dict) and len(raw) > 1 else key,
                           f"unknown field {name!r} (known: {', '.join(FIELDS)})")
-    item = RecordItem(field=name, length=sec.get("length", _positive, None), pad=sec.get("pad", _pad, b"\x00"),
+    item = RecordItem(field=name, length=sec.get("length", _field_length, None), pad=sec.get("pad", _pad, b"\x00"),
                       align=sec.get("align", _choice("left", "right"), "left" if name == "version" else "right"))
     sec.done()
     return item
@@ -121,7 +137,7 @@ def _step(source: str, key: str, raw: Any, phase: str) -> ProfileStep:
 
 def _version(sec: _Section) -> VersionSpec:
     d = VersionSpec()
-    spec = VersionSpec(did=sec.get("did", _word, d.did), length=sec.get("length", _nonneg, d.length),
+    spec = VersionSpec(did=sec.get("did", _word, d.did), length=sec.get("length", _did_length, d.length),
                        encoding=sec.get("encoding", _choice("ascii", "utf-8", "latin-1"), d.encoding),
                        strip=sec.get("strip", _str, d.strip))
     sec.done()
