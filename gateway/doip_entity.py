@@ -90,7 +90,7 @@ class DoipEntity:
         self._lock = threading.Lock()
         self._connections: list[_Connection] = []
         self._threads: list[threading.Thread] = []
-        self._gateway_owner = GatewayOwner(self.doip.hold_s)  # the gateway's own services: one tester at a time
+        self._gateway_owner = GatewayOwner(self.doip.hold_s, local)  # the gateway's own services: one tester at a time
         tls: ssl.SSLContext | None = None
         if self.doip.tls_cert is not None and self.doip.tls_key is not None:
             try:

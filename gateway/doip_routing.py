@@ -47,6 +47,7 @@ FUNCTIONAL_SILENT = frozenset({Nrc.ServiceNotSupported, Nrc.SubFunctionNotSuppor
                                Nrc.SubFunctionNotSupportedInActiveSession, Nrc.ServiceNotSupportedInActiveSession})
 GIVE_WAY_S = 0.1  # a tester in the default session lets an ECU go this soon when other work waits for it
 FUNCTIONAL_HOLD_S = 1.0  # an ECU taken for a functional request is let go this long after its last answer
+SEGMENT_WINDOW_S = 0.5  # the gateway's server spoken to on CAN this recently: a DoIP tester waits (its calls are ms apart)
 ISOTP_MAX = 0xFFFF  # the longest message can-isotp sends (the escape sequence of the first frame)
 
 Send = Callable[[int, bytes], None]  # (payload type, payload) to the tester
@@ -56,6 +57,8 @@ class LocalServer(Protocol):
     """The gateway's own services (the deploy server) as a DoIP target."""
 
     def serve(self, data: bytes, reply: Callable[[bytes], None]) -> None: ...
+
+    def busy_on_segment(self, within: float) -> bool: ...
 
 
 def suppressed(data: bytes) -> bool:
@@ -185,15 +188,20 @@ class _Channel:
 class GatewayOwner:
     """Who talks to the gateway's own services over DoIP (the TBOX's deploy link, a workshop
     tester): one tester at a time, as with an ECU, kept while it talks and ``hold_s`` after its last
-    answer, let go when its connection closes; another is answered busy (``7F <SID> 21``)."""
+    answer, let go when its connection closes; another is answered busy (``7F <SID> 21``), and so
+    is every tester while a client on the CAN backbone (the TBOX's deploy link there) talks to it."""
 
-    def __init__(self, hold_s: float) -> None:
-        self.hold_s = hold_s
+    def __init__(self, hold_s: float, local: LocalServer | None = None) -> None:
+        """``local``: the server; a request it had on its CAN segment within SEGMENT_WINDOW_S (the
+        TBOX's deploy link on CAN) makes it busy for DoIP testers too."""
+        self.hold_s, self.local = hold_s, local
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._until = 0.0
 
     def take(self, tester: int) -> bool:
+        if self.local is not None and self.local.busy_on_segment(SEGMENT_WINDOW_S):
+            return False
         with self._lock:
             now = time.monotonic()
             if self._owner not in (None, tester) and now < self._until:

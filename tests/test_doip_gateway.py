@@ -219,6 +219,33 @@ def test_one_tester_at_a_time_per_ecu_the_other_is_told_busy(gateway: dict[str, 
             assert raw(c, GATEWAY, bytes.fromhex("1003")) == bytes.fromhex("7f1021")
         time.sleep(1.6)  # a quiet for longer than hold_s
         assert raw(b, GATEWAY, bytes.fromhex("22f1b0"))[:3] == bytes.fromhex("62f1b0")
+        time.sleep(1.6)
+        # ... and a TBOX on the CAN backbone that talks to the deploy server keeps the DoIP testers out meanwhile
+        import threading
+
+        import can
+        import yaml
+
+        backbone = can.Bus(**yaml.safe_load(gateway["config"].read_text())["segments"]["bb"]["bus"])
+        talking = threading.Event()
+        talking.set()
+
+        def tbox() -> None:
+            while talking.is_set():
+                backbone.send(can.Message(arbitration_id=0x7D0, data=bytes.fromhex("023e00cccccccccc"), is_extended_id=False))
+                time.sleep(0.1)
+
+        thread = threading.Thread(target=tbox)
+        thread.start()
+        try:
+            time.sleep(0.5)
+            assert raw(b, GATEWAY, bytes.fromhex("22f1b0")) == bytes.fromhex("7f2221")
+        finally:
+            talking.clear()
+            thread.join(5)
+            backbone.shutdown()
+        time.sleep(0.8)
+        assert raw(b, GATEWAY, bytes.fromhex("22f1b0"))[:3] == bytes.fromhex("62f1b0")
         # a functional TesterPresent, wanting no answer, and a functional read: every free ECU answers
         b.send_diagnostic_to_address(0xE400, bytes.fromhex("3e80"))
         b.send_diagnostic_to_address(0xE400, bytes.fromhex("22f187"))

@@ -108,6 +108,7 @@ class UdsServer(Generic[S]):
         self._stop = threading.Event()
         self._silent_until = 0.0
         self._last_activity = self.clock()
+        self._segment_at = float("-inf")  # the last request that came on the segment (not by ``serve``)
         self._faults = FaultCounter(self.faults, self.fault_targets)
         self._threads: list[threading.Thread] = []
         self._beats = Heartbeats(0.0, self.clock)  # every serving thread, each loop turn and pending
@@ -151,6 +152,11 @@ class UdsServer(Generic[S]):
         with self._lock:
             self._silent_until = max(self._silent_until, self.clock() + seconds)
 
+    def busy_on_segment(self, within: float) -> bool:
+        """A client on the segment sent a request within ``within`` s: a client of another
+        transport waits (the gateway's DoIP testers, gateway/doip_routing.py)."""
+        return self.clock() - self._segment_at < within
+
     # ---- serving ----------------------------------------------------------------------
     def serve(self, data: bytes, reply: Callable[[bytes], None]) -> None:
         """A request that came by another transport (the gateway's DoIP entity), handled as one on
@@ -167,6 +173,7 @@ class UdsServer(Generic[S]):
                 continue
             if not data:
                 continue
+            self._segment_at = self.clock()
             try:
                 self._handle(self.physical, bytes(data), functional)  # every answer is physical
             except isotp.errors.BlockingSendFailure as exc:  # the bus, not this server: e.g. an overflow flow control
