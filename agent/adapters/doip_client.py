@@ -223,11 +223,6 @@ class DoipChannel:
             self._control.put(message)
 
 
-class _Name:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
 class DoipLink:
     """The deploy link over DoIP, handing out channels the way a CAN segment hands out ISO-TP
     stacks (``stack``/``release``): each UDS link its own connection, to the gateway's logical
@@ -237,7 +232,6 @@ class DoipLink:
 
     def __init__(self, link: DeployConfig, source: str = "<config>") -> None:
         self.link = link
-        self.config = _Name(f"doip{'s' if link.doip_tls else ''}:{link.doip_host}:{link.doip_port}")
         self.tls: ssl.SSLContext | None = None
         if link.doip_tls and link.doip_tls_ca is not None:
             try:

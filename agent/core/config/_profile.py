@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.core.config._values import _bool, _choice, _int, _nonneg, _positive, _Section, _str
+from agent.core.config._values import _bool, _choice, _int, _nonneg, _positive, _ranged, _Section, _str
 from agent.core.flash_profile import FIELDS, PHASES, FlashProfile, MemoryBlock, ProfileStep, RecordItem, VersionSpec
 from agent.errors import ConfigError
 
@@ -26,20 +26,9 @@ def _word(value: Any) -> int:
     return number
 
 
-def _field_length(value: Any) -> int:
-    """A record field's length: within what one UDS request on ISO-TP carries."""
-    number = _int(value)
-    if not 1 <= number <= 4095:
-        raise ValueError("outside 1..4095 (a UDS request on ISO-TP)")
-    return number
-
-
-def _did_length(value: Any) -> int:
-    """A fixed-length DID's length (0: as long as the answer): within a ReadDataByIdentifier answer."""
-    number = _int(value)
-    if not 0 <= number <= 4092:
-        raise ValueError("outside 0..4092 (a DID's data in one UDS answer on ISO-TP)")
-    return number
+# within one UDS message on ISO-TP: a request's record field; a DID's data in its answer
+_field_length = _ranged(1, 4095, "a UDS request on ISO-TP")
+_did_length = _ranged(0, 4092, "a DID's data in one UDS answer on ISO-TP")
 
 
 def _hex(value: Any) -> bytes:

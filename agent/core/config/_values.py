@@ -95,6 +95,19 @@ def _positive(value: Any) -> int:
     return number
 
 
+def _ranged(low: int, high: int, why: str) -> Callable[[Any], int]:
+    """An integer within ``low..high``; ``why`` says where the bounds come from."""
+
+    def conv(value: Any) -> int:
+        number = _int(value)
+        if not low <= number <= high:
+            raise ValueError(f"outside {low}..{high} ({why})")
+        return number
+
+    conv.__name__ = f"a number {low}..{high}"
+    return conv
+
+
 def _nibble(value: Any) -> int:
     number = _int(value)
     if not 1 <= number <= 15:
